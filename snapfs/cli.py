@@ -1,0 +1,71 @@
+"""The ``snapfs`` command line. Each area registers its own sub-commands:
+store administration here, ``mount``/``umount``/``wait`` in ``snapfs.fs.commands``,
+``serve`` in ``snapfs.http.commands``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import SnapfsError
+
+
+def default_store() -> Path:
+    env = os.environ.get("SNAPFS_STORE")
+    if env:
+        return Path(env)
+    return Path.home() / ".local" / "share" / "snapfs"
+
+
+def add_store_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", type=Path, default=None, metavar="DIR",
+                        help="store directory (default: $SNAPFS_STORE, else ~/.local/share/snapfs)")
+
+
+def store_path(args: argparse.Namespace) -> Path:
+    return args.store if getattr(args, "store", None) else default_store()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like argparse but terse
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import admin
+    from .fs import commands as fs_commands
+    from .http import commands as http_commands
+
+    parser = _Parser(prog="snapfs", description="The snapshot service as a filesystem.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
+    admin.register(sub)
+    fs_commands.register(sub)
+    http_commands.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="snapfs: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except SnapfsError as exc:
+        print(f"snapfs: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("snapfs: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        print(f"snapfs: {exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

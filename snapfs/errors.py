@@ -1,0 +1,164 @@
+"""Domain errors, and the one table that turns each into an errno and an HTTP status.
+
+Everything below the FUSE handlers and the HTTP layer raises these, never
+``pyfuse3.FUSEError`` or an HTTP exception: the kinds mirror the Scaleway API's
+error types (``invalid_arguments``, ``not_found``, ``precondition_failed``,
+``permissions_denied``, transient 5xx/429) so that an HTTP front end maps them
+1:1 and the filesystem maps each to exactly one errno, here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class SnapfsError(Exception):
+    """Base of every refusal; ``str(exc)`` is the one line a user sees."""
+
+    #: The Scaleway API error ``type`` this kind is reported as over HTTP.
+    api_type = "unknown_error"
+
+
+class InvalidArgument(SnapfsError):
+    """A request field is malformed or not allowed; names the field and why."""
+
+    api_type = "invalid_arguments"
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"invalid {field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class NotFound(SnapfsError):
+    """The named resource does not exist (in that zone)."""
+
+    api_type = "not_found"
+
+    def __init__(self, resource: str, ident: str) -> None:
+        super().__init__(f"{resource} {ident!r} not found")
+        self.resource = resource
+        self.ident = ident
+
+
+class AlreadyExists(SnapfsError):
+    """A name is already taken where names must be unique (a directory entry)."""
+
+    api_type = "conflict"
+
+
+class PreconditionFailed(SnapfsError):
+    """The resource's state forbids the operation now (exporting, importing...)."""
+
+    api_type = "precondition_failed"
+
+
+class PermissionDenied(SnapfsError):
+    """The caller may not do this (bad credentials, foreign project)."""
+
+    api_type = "permissions_denied"
+
+
+class NotPermitted(SnapfsError):
+    """The operation has no meaning at this place in the tree (mkdir in a zone,
+    a rename across views, setting a read-only attribute)."""
+
+    api_type = "invalid_request_error"
+
+
+class ReadOnly(SnapfsError):
+    """Snapshot data is immutable: opening an image for writing."""
+
+    api_type = "invalid_request_error"
+
+
+class SnapshotUnusable(SnapfsError):
+    """The snapshot ended in ``error``/``invalid_data``: it has no bytes to give."""
+
+    api_type = "precondition_failed"
+
+
+class CorruptData(SnapfsError):
+    """Stored bytes do not match their hash, or a reference points at nothing.
+    Reads fail with this rather than returning wrong bytes."""
+
+    api_type = "internal_error"
+
+
+class InvalidData(SnapfsError):
+    """An image to import is not valid QCOW2 (bad magic, truncated, unsupported
+    feature, size mismatch); the message says exactly what is wrong."""
+
+    api_type = "invalid_arguments"
+
+
+class Transient(SnapfsError):
+    """A backend failed in a way worth retrying (timeouts, 429, 5xx)."""
+
+    api_type = "transient_error"
+
+
+class Interrupted(SnapfsError):
+    """A wait (for a snapshot to become available) was interrupted by the caller."""
+
+    api_type = "internal_error"
+
+
+class NoSuchAttribute(SnapfsError):
+    """An extended attribute that the node does not carry."""
+
+    api_type = "not_found"
+
+
+# The one table: every refusal is decided here. Order matters only through
+# the class hierarchy (most specific class first in ``errno_for``'s MRO walk).
+ERRNO: dict[type[SnapfsError], int] = {
+    InvalidArgument: errno.EINVAL,
+    NotFound: errno.ENOENT,
+    AlreadyExists: errno.EEXIST,
+    PreconditionFailed: errno.EBUSY,
+    PermissionDenied: errno.EACCES,
+    NotPermitted: errno.EPERM,
+    ReadOnly: errno.EROFS,
+    SnapshotUnusable: errno.EIO,
+    CorruptData: errno.EIO,
+    InvalidData: errno.EINVAL,
+    Transient: errno.EAGAIN,
+    Interrupted: errno.EINTR,
+    NoSuchAttribute: errno.ENODATA,
+    SnapfsError: errno.EIO,
+}
+
+HTTP_STATUS: dict[type[SnapfsError], int] = {
+    InvalidArgument: 400,
+    NotFound: 404,
+    AlreadyExists: 409,
+    PreconditionFailed: 412,
+    PermissionDenied: 403,
+    NotPermitted: 400,
+    ReadOnly: 400,
+    SnapshotUnusable: 412,
+    CorruptData: 500,
+    InvalidData: 400,
+    Transient: 503,
+    Interrupted: 500,
+    NoSuchAttribute: 404,
+    SnapfsError: 500,
+}
+
+
+def _lookup(table: dict[type[SnapfsError], int], exc: SnapfsError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in table:
+            return table[cls]  # type: ignore[index]
+    return table[SnapfsError]
+
+
+def errno_for(exc: SnapfsError) -> int:
+    """The errno a filesystem handler answers with for this refusal."""
+    return _lookup(ERRNO, exc)
+
+
+def http_status_for(exc: SnapfsError) -> int:
+    """The HTTP status an API front end answers with for this refusal."""
+    return _lookup(HTTP_STATUS, exc)

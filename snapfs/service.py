@@ -1,0 +1,108 @@
+"""The backend-neutral snapshot service: what the filesystem, the HTTP front end
+and the CLI call, whichever backend (local store, Scaleway API) answers.
+
+Every method is async and raises only ``snapfs.errors`` kinds. Arguments use
+the Scaleway Instance API's names so that a cloud backend passes them through.
+"""
+
+from __future__ import annotations
+
+import abc
+
+from .model import Page, Project, Snapshot, Task, Volume
+
+
+class ImageReader(abc.ABC):
+    """Random access to one snapshot's bytes; holes read as zeros."""
+
+    size: int
+
+    @abc.abstractmethod
+    async def read(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset`` (short only at the end of the image).
+        Corrupt stored data raises ``CorruptData``, never returns wrong bytes."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        ...
+
+
+class SnapshotService(abc.ABC):
+    """One backend. Zones and projects are the hierarchy; snapshots the resource."""
+
+    # --- hierarchy -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def list_zones(self) -> list[str]:
+        """The zones this backend serves, default zone first."""
+
+    @abc.abstractmethod
+    async def list_projects(self) -> list[Project]:
+        ...
+
+    @abc.abstractmethod
+    async def list_volumes(self, zone: str, *, project: str | None = None,
+                           name: str | None = None, per_page: int | None = None,
+                           page: int | None = None) -> Page[Volume]:
+        ...
+
+    @abc.abstractmethod
+    async def get_volume(self, zone: str, volume_id: str) -> Volume:
+        ...
+
+    # --- snapshots -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def list_snapshots(self, zone: str, *, organization: str | None = None,
+                             project: str | None = None, name: str | None = None,
+                             tags: list[str] | None = None, base_volume_id: str | None = None,
+                             per_page: int | None = None, page: int | None = None
+                             ) -> Page[Snapshot]:
+        """One page in a stable order (creation, then id). ``name`` matches as a
+        substring, like the API; ``tags`` requires every listed tag."""
+
+    @abc.abstractmethod
+    async def create_snapshot(self, zone: str, *, name: str, volume_id: str | None = None,
+                              tags: list[str] | None = None, project: str | None = None,
+                              organization: str | None = None, volume_type: str | None = None,
+                              bucket: str | None = None, key: str | None = None,
+                              size: int | None = None) -> Snapshot:
+        """From a volume (``volume_id``; state ``snapshotting``) or from a QCOW2 object
+        (``bucket``/``key``/``size``; state ``importing``). Returns at once; the data
+        is captured in the background."""
+
+    @abc.abstractmethod
+    async def get_snapshot(self, zone: str, snapshot_id: str) -> Snapshot:
+        ...
+
+    @abc.abstractmethod
+    async def set_snapshot(self, zone: str, snapshot: Snapshot) -> Snapshot:
+        """Replace all mutable properties; immutable ones must be unchanged."""
+
+    @abc.abstractmethod
+    async def update_snapshot(self, zone: str, snapshot_id: str, *, name: str | None = None,
+                              tags: list[str] | None = None) -> Snapshot:
+        ...
+
+    @abc.abstractmethod
+    async def delete_snapshot(self, zone: str, snapshot_id: str) -> None:
+        """Refused (PreconditionFailed) while exporting or importing."""
+
+    @abc.abstractmethod
+    async def export_snapshot(self, zone: str, snapshot_id: str, *, bucket: str,
+                              key: str) -> Task:
+        ...
+
+    @abc.abstractmethod
+    async def get_task(self, zone: str, task_id: str) -> Task:
+        ...
+
+    # --- data ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def open_image(self, zone: str, snapshot_id: str) -> ImageReader:
+        """A reader of an ``available`` snapshot's bytes. Raises SnapshotUnusable for
+        ``error``/``invalid_data`` and PreconditionFailed while still being produced."""
+
+    async def aclose(self) -> None:
+        """Stop background work (captures, uploads) leaving the store consistent."""

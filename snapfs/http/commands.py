@@ -1,9 +1,78 @@
-"""Sub-commands of this area (placeholder until the area lands)."""
+"""``snapfs serve``: the local store as the Scaleway Instance API over HTTP."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import signal
+import sys
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .. import cli
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    pass
+    p = sub.add_parser(
+        "serve", help="serve the local store as the Scaleway Instance API v1 over HTTP",
+        description="Serve the local store as the Scaleway Instance API v1 (snapshots, "
+                    "volumes, tasks) and the Account v3 project list. Clients send "
+                    "X-Auth-Token; when SCW_SECRET_KEY is set it must equal it. The first "
+                    "line on stdout is 'serving URL' once the socket is bound.")
+    p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
+                   help="address to bind (default 127.0.0.1:8080; port 0 picks a free one)")
+    p.add_argument("--s3-endpoint", default=None, metavar="URL",
+                   help="Object Storage endpoint for export/import (default: the S3 "
+                        "configuration, if any)")
+    cli.add_store_option(p)
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    trio.run(_serve, cli.store_path(args), args.listen, args.s3_endpoint)
+    return 0
+
+
+async def _open_objects(stack: AsyncExitStack, endpoint: str | None) -> Any:
+    """The Object Storage for export/import when the S3 area provides one; None
+    otherwise (the service then refuses export/import with a clear reason)."""
+    try:
+        config = importlib.import_module("snapfs.s3.config")
+    except ModuleNotFoundError:
+        return None
+    objects = config.object_storage_from_config(endpoint)
+    if objects is not None:
+        stack.push_async_callback(objects.aclose)
+    return objects
+
+
+async def _serve(store: Path, listen: str, s3_endpoint: str | None) -> None:
+    from ..local import open_local_service  # type: ignore[attr-defined]
+    from .server import parse_listen, serve
+
+    parse_listen(listen)
+    async with AsyncExitStack() as stack:
+        objects = await _open_objects(stack, s3_endpoint)
+        service = await stack.enter_async_context(open_local_service(store, objects=objects))
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+
+                async def on_signal() -> None:
+                    async for _ in signals:
+                        stop.set()  # graceful: hypercorn finishes in-flight requests
+                        return
+
+                async def run_server(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                    try:
+                        await serve(service, listen, shutdown=stop.wait, task_status=task_status)
+                    finally:
+                        nursery.cancel_scope.cancel()  # also ends the signal watcher
+
+                nursery.start_soon(on_signal)
+                binds = await nursery.start(run_server)
+                print(f"serving {binds[0]}", flush=True)
+                print(f"snapfs: serving {store} on {binds[0]}", file=sys.stderr, flush=True)

@@ -1,0 +1,203 @@
+"""A minimal ASGI layer: request/response objects, a regex routing table, auth,
+and domain errors turned into API error bodies.
+
+Why not a framework: the API surface is ten routes with JSON in and out; the
+ASGI contract for that is ~100 lines, and owning them keeps every status and
+body under the one error table instead of a framework's own exception mapping.
+HTTP parsing itself is hypercorn's (see ``snapfs.http.server``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+from urllib.parse import parse_qs
+
+from ..errors import InvalidArgument, SnapfsError
+from .api_errors import error_body, unauthenticated_body
+
+log = logging.getLogger("snapfs.http")
+
+#: Request bodies are small JSON objects; anything bigger is refused unread.
+MAX_BODY = 1 << 20
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    body: bytes
+    args: dict[str, str] = field(default_factory=dict)
+
+    def json(self) -> dict[str, Any]:
+        """The body as a JSON object (an empty body is an empty object)."""
+        if not self.body.strip():
+            return {}
+        try:
+            data = json.loads(self.body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidArgument("body", f"not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidArgument("body", "must be a JSON object")
+        return data
+
+    def param(self, name: str) -> str | None:
+        values = self.query.get(name)
+        if not values:
+            return None
+        if len(values) > 1:
+            raise InvalidArgument(name, "given more than once")
+        return values[0]
+
+    def int_param(self, name: str) -> int | None:
+        value = self.param(name)
+        if value is None or value == "":
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise InvalidArgument(name, f"{value!r} is not an integer") from None
+
+    def list_param(self, name: str) -> list[str] | None:
+        """Repeated (``tags=a&tags=b``) and comma-separated (``tags=a,b``) forms,
+        both of which the SDKs send depending on the endpoint."""
+        values = self.query.get(name)
+        if not values:
+            return None
+        return [v for value in values for v in value.split(",") if v]
+
+
+@dataclass
+class Response:
+    status: int
+    body: Any = None
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class Router:
+    """(method, path regex) -> handler. Path arguments are named groups."""
+
+    def __init__(self) -> None:
+        self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
+
+    def add(self, method: str, pattern: str, handler: Handler) -> None:
+        regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern)
+        self._routes.append((method, re.compile(f"^{regex}/?$"), handler))
+
+    def match(self, method: str, path: str) -> tuple[Handler, dict[str, str]] | int:
+        """The handler and its path arguments, else 404 (no such path) or 405."""
+        path_known = False
+        for route_method, regex, handler in self._routes:
+            m = regex.match(path)
+            if m is None:
+                continue
+            path_known = True
+            if route_method == method:
+                return handler, m.groupdict()
+        return 405 if path_known else 404
+
+
+def json_response(status: int, body: Any, extra: list[tuple[bytes, bytes]] | None = None
+                  ) -> Response:
+    return Response(status, body, extra or [])
+
+
+class App:
+    """The ASGI callable. ``secret``: when set, X-Auth-Token must equal it."""
+
+    def __init__(self, router: Router, secret: str | None) -> None:
+        self.router = router
+        self.secret = secret
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Awaitable[Any]],
+                       send: Callable[..., Awaitable[None]]) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        response = await self._handle(scope, receive)
+        await self._send(send, response)
+
+    async def _lifespan(self, receive: Callable[..., Awaitable[Any]],
+                        send: Callable[..., Awaitable[None]]) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _handle(self, scope: dict[str, Any],
+                      receive: Callable[..., Awaitable[Any]]) -> Response:
+        method, path = scope["method"], scope["path"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers", [])}
+        token = headers.get("x-auth-token")
+        if not token:
+            log.info("%s %s -> 401: no X-Auth-Token", method, path)
+            return Response(401, unauthenticated_body())
+        if self.secret is not None and not hmac.compare_digest(token.encode(),
+                                                               self.secret.encode()):
+            log.info("%s %s -> 403: X-Auth-Token does not match SCW_SECRET_KEY", method, path)
+            return Response(403, {"type": "permissions_denied",
+                                  "message": "insufficient permissions",
+                                  "details": [{"resource": "instance", "action": "access"}]})
+        found = self.router.match(method, path)
+        if isinstance(found, int):
+            log.info("%s %s -> %d: no such route", method, path, found)
+            kind = "not_found" if found == 404 else "method_not_allowed"
+            return Response(found, {"type": kind, "message": f"{method} {path}: no such route"})
+        handler, args = found
+        try:
+            body = await _read_body(receive)
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"),
+                             keep_blank_values=True)
+            request = Request(method, path, query, headers, body, args)
+            return await handler(request)
+        except SnapfsError as exc:
+            status, err = error_body(exc)
+            log.info("%s %s -> %d: %s", method, path, status, exc)
+            return Response(status, err)
+        except Exception:  # a bug: answer 500 like the API, keep serving, keep the trace
+            log.exception("%s %s -> 500", method, path)
+            return Response(500, {"type": "internal_error", "message": "internal error"})
+
+    @staticmethod
+    async def _send(send: Callable[..., Awaitable[None]], response: Response) -> None:
+        headers = list(response.headers)
+        payload = b""
+        if response.body is not None:
+            payload = json.dumps(response.body).encode()
+            headers.append((b"content-type", b"application/json"))
+        headers.append((b"content-length", str(len(payload)).encode()))
+        await send({"type": "http.response.start", "status": response.status,
+                    "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
+async def _read_body(receive: Callable[..., Awaitable[Any]]) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise InvalidArgument("body", f"larger than {MAX_BODY} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)

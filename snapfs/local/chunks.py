@@ -1,0 +1,173 @@
+"""Pack files: where chunk bytes live. Synchronous; callers run it in threads.
+
+Why pack files rather than one file per chunk: a 1 TiB volume is a million
+1 MiB chunks, and a million small files cost a million inodes plus directory
+fan-out, and make fsck and GC walk a huge tree. Packs of up to PACK_LIMIT bytes
+keep that to ~1000 files per TiB. Space of deleted chunks is returned at once
+by punching holes (fallocate PUNCH_HOLE) at 4 KiB-aligned offsets, so packs
+never need rewriting; a pack with no live chunk left is unlinked.
+
+Integrity: every read is verified against the chunk's blake3 digest, so a
+flipped bit reads as CorruptData, never as wrong bytes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import threading
+from pathlib import Path
+
+import blake3
+
+from ..errors import CorruptData
+
+CHUNK_SIZE = 1 << 20
+#: A pack stops taking new chunks past this size.
+PACK_LIMIT = 1 << 30
+ALIGN = 4096
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+ZERO_CHUNK = bytes(CHUNK_SIZE)
+
+
+def digest(data: bytes | memoryview) -> bytes:
+    return blake3.blake3(data).digest()
+
+
+def is_zero(data: bytes | memoryview) -> bool:
+    n = len(data)
+    return data == (ZERO_CHUNK if n == CHUNK_SIZE else bytes(n))
+
+
+def align_up(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Free the blocks of [offset, offset+length) keeping the file size.
+    Returns False where the filesystem cannot (the bytes then stay as dead space)."""
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                       offset, length) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+            return False
+        raise OSError(err, os.strerror(err))
+    return True
+
+
+class PackFiles:
+    """Read access to all packs (cached descriptors) plus pack-level maintenance."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def path(self, pack: int) -> Path:
+        return self.dir / f"{pack:08d}.pack"
+
+    def _fd(self, pack: int) -> int:
+        with self._lock:
+            fd = self._fds.get(pack)
+            if fd is None:
+                fd = os.open(self.path(pack), os.O_RDONLY | os.O_CLOEXEC)
+                self._fds[pack] = fd
+            return fd
+
+    def read(self, pack: int, offset: int, length: int, expected: bytes) -> bytes:
+        """The chunk's bytes, verified against its digest."""
+        try:
+            data = os.pread(self._fd(pack), length, offset)
+        except FileNotFoundError:
+            raise CorruptData(f"pack {pack} is missing (chunk at {offset})") from None
+        if len(data) != length or digest(data) != expected:
+            raise CorruptData(f"chunk {expected.hex()[:16]} in pack {pack} at offset "
+                              f"{offset} does not match its hash")
+        return data
+
+    def punch(self, pack: int, offset: int, length: int) -> None:
+        try:
+            fd = os.open(self.path(pack), os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            punch_hole(fd, offset, align_up(length))
+        finally:
+            os.close(fd)
+
+    def remove(self, pack: int) -> None:
+        with self._lock:
+            fd = self._fds.pop(pack, None)
+        if fd is not None:
+            os.close(fd)
+        try:
+            os.unlink(self.path(pack))
+        except FileNotFoundError:
+            pass
+
+    def truncate(self, pack: int, length: int) -> None:
+        """Cut an interrupted write's tail off (recovery)."""
+        p = self.path(pack)
+        if p.exists() and p.stat().st_size > length:
+            os.truncate(p, length)
+
+    def existing(self) -> set[int]:
+        return {int(p.stem) for p in self.dir.glob("*.pack") if p.stem.isdigit()}
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+class PackWriter:
+    """Appends chunks to one pack; used by one capture at a time.
+
+    ``append`` writes without syncing; ``sync`` makes everything appended so far
+    durable, and only then may the caller commit rows pointing at it.
+    """
+
+    def __init__(self, packs: PackFiles, pack: int, committed: int) -> None:
+        self.pack = pack
+        self.fd = os.open(packs.path(pack), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Whatever lies past the committed length is an earlier interrupted tail.
+        os.ftruncate(self.fd, committed)
+        self.end = committed
+        self._synced_dir = committed > 0
+        self._dir = packs.dir
+
+    @property
+    def full(self) -> bool:
+        return self.end >= PACK_LIMIT
+
+    def append(self, data: bytes | memoryview) -> int:
+        """Write ``data`` at the aligned end; returns its offset."""
+        offset = self.end
+        view = memoryview(data)
+        written = 0
+        while written < len(view):
+            written += os.pwrite(self.fd, view[written:], offset + written)
+        self.end = align_up(offset + len(view))
+        return offset
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+        if not self._synced_dir:  # the new file's directory entry must be durable too
+            dfd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            self._synced_dir = True
+
+    def close(self) -> None:
+        os.close(self.fd)

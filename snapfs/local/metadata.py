@@ -1,0 +1,264 @@
+"""Short, synchronous metadata operations on the store's SQLite database.
+
+Each method is one small query or one short transaction, cheap enough to run on
+the trio thread; bulk data never passes through here.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any, ContextManager, Iterable
+
+import sqlite_utils
+
+from ..errors import InvalidArgument, NotFound
+from ..model import BaseVolume, Page, Project, Snapshot, Task, Volume, new_id, now
+from .schema import migrate
+
+_SNAPSHOT_COLS = ("rowid, id, name, zone, project, organization, tags, volume_type, size, state, "
+                  "base_volume_id, base_volume_name, creation_date, modification_date, "
+                  "error_reason, progress")
+
+
+def _snapshot(row: sqlite3.Row) -> Snapshot:
+    bv = (BaseVolume(row["base_volume_id"], row["base_volume_name"])
+          if row["base_volume_id"] else None)
+    return Snapshot(
+        id=row["id"], name=row["name"], organization=row["organization"],
+        project=row["project"], tags=json.loads(row["tags"]), volume_type=row["volume_type"],
+        size=row["size"], state=row["state"], base_volume=bv,
+        creation_date=row["creation_date"], modification_date=row["modification_date"],
+        error_reason=row["error_reason"], zone=row["zone"], progress=row["progress"])
+
+
+def _volume(row: sqlite3.Row) -> Volume:
+    return Volume(
+        id=row["id"], name=row["name"], size=row["size"], volume_type=row["volume_type"],
+        zone=row["zone"], project=row["project"], organization=row["organization"],
+        state=row["state"], creation_date=row["creation_date"],
+        modification_date=row["modification_date"], tags=json.loads(row["tags"]),
+        path=row["path"])
+
+
+def _task(row: sqlite3.Row) -> Task:
+    return Task(
+        id=row["id"], description=row["description"], progress=row["progress"],
+        status=row["status"], zone=row["zone"], started_at=row["started_at"],
+        terminated_at=row["terminated_at"],
+        href_from=f"/snapshots/{row['snapshot_id']}/export", href_result="",
+        error=row["error"], bucket=row["bucket"], key=row["key"], bytes=row["bytes"])
+
+
+class Metadata:
+    """The store's database: projects, volumes, snapshots, chunk map, tasks."""
+
+    def __init__(self, path: Path) -> None:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode = WAL")
+        # FULL: a commit is durable on return, so a reference never outlives a crash
+        # while the data it points at was fsynced before it.
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        migrate(conn)
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn)
+        self.organization = self._ensure_defaults()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def transaction(self) -> ContextManager[sqlite_utils.Database]:
+        """``with md.transaction():`` -- one atomic write (nested: a savepoint)."""
+        return self.db.atomic()
+
+    def _ensure_defaults(self) -> str:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'organization'").fetchone()
+        if row:
+            return str(row[0])
+        org = new_id()
+        with self.transaction():
+            self.db["meta"].insert({"key": "organization", "value": org})
+            t = now()
+            self.db["projects"].insert({"id": org, "name": "default", "organization": org,
+                                        "description": "", "created_at": t, "updated_at": t})
+        return org
+
+    # --- projects --------------------------------------------------------------------
+
+    def projects(self) -> list[Project]:
+        return [Project(r["id"], r["name"], r["organization"], r["created_at"],
+                        r["updated_at"], r["description"])
+                for r in self.conn.execute("SELECT * FROM projects ORDER BY rowid")]
+
+    def add_project(self, name: str) -> Project:
+        if self.conn.execute("SELECT 1 FROM projects WHERE name = ?", (name,)).fetchone():
+            raise InvalidArgument("name", f"a project named {name!r} already exists")
+        t = now()
+        p = Project(new_id(), name, self.organization, t, t, "")
+        self.db["projects"].insert({"id": p.id, "name": p.name, "organization": p.organization,
+                                    "description": "", "created_at": t, "updated_at": t})
+        return p
+
+    def project(self, ref: str) -> Project:
+        """A project by ID or by name."""
+        for p in self.projects():
+            if ref in (p.id, p.name):
+                return p
+        raise NotFound("project", ref)
+
+    # --- volumes ---------------------------------------------------------------------
+
+    def add_volume(self, v: Volume, managed: bool) -> None:
+        if self.conn.execute("SELECT 1 FROM volumes WHERE zone = ? AND name = ?",
+                             (v.zone, v.name)).fetchone():
+            raise InvalidArgument("name", f"a volume named {v.name!r} already exists in {v.zone}")
+        row = v.to_api()
+        for k in ("export_uri", "server"):
+            row.pop(k)
+        row.update(tags=json.dumps(v.tags), managed=int(managed))
+        self.db["volumes"].insert(row)
+
+    def volume(self, zone: str | None, ref: str) -> Volume:
+        """A volume by ID, or by name within ``zone`` (any zone when None)."""
+        rows = self.conn.execute(
+            "SELECT * FROM volumes WHERE (id = ? OR name = ?) AND (? IS NULL OR zone = ?) "
+            "ORDER BY id = ? DESC", (ref, ref, zone, zone, ref)).fetchall()
+        if not rows:
+            raise NotFound("volume", ref)
+        if len(rows) > 1 and rows[0]["id"] != ref:
+            raise InvalidArgument("volume", f"{ref!r} names volumes in several zones; "
+                                            "give --zone or the ID")
+        return _volume(rows[0])
+
+    def volume_managed(self, volume_id: str) -> bool:
+        row = self.conn.execute("SELECT managed FROM volumes WHERE id = ?",
+                                (volume_id,)).fetchone()
+        return bool(row and row[0])
+
+    def list_volumes(self, zone: str, project: str | None, name: str | None,
+                     per_page: int, page: int) -> Page[Volume]:
+        where = "zone = ? AND (? IS NULL OR project = ?) AND (? IS NULL OR instr(name, ?) > 0)"
+        args = (zone, project, project, name, name)
+        total = self.conn.execute(f"SELECT count(*) FROM volumes WHERE {where}", args).fetchone()[0]
+        rows = self.conn.execute(f"SELECT * FROM volumes WHERE {where} ORDER BY rowid "
+                                 "LIMIT ? OFFSET ?", args + (per_page, (page - 1) * per_page))
+        return Page([_volume(r) for r in rows], total)
+
+    def all_volumes(self) -> list[Volume]:
+        return [_volume(r) for r in self.conn.execute("SELECT * FROM volumes ORDER BY rowid")]
+
+    def remove_volume(self, volume_id: str) -> None:
+        self.conn.execute("DELETE FROM volumes WHERE id = ?", (volume_id,))
+
+    def set_volume_size(self, volume_id: str, size: int) -> None:
+        self.conn.execute("UPDATE volumes SET size = ? WHERE id = ?", (size, volume_id))
+
+    # --- snapshots -------------------------------------------------------------------
+
+    def insert_snapshot(self, s: Snapshot, source: dict[str, Any] | None) -> int:
+        cur = self.conn.execute(
+            "INSERT INTO snapshots (id, name, zone, project, organization, tags, volume_type, "
+            "size, state, base_volume_id, base_volume_name, creation_date, modification_date, "
+            "error_reason, progress, source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (s.id, s.name, s.zone, s.project, s.organization, json.dumps(s.tags),
+             s.volume_type, s.size, s.state, s.base_volume.id if s.base_volume else None,
+             s.base_volume.name if s.base_volume else None, s.creation_date,
+             s.modification_date, s.error_reason, s.progress,
+             json.dumps(source) if source else None))
+        return int(cur.lastrowid or 0)
+
+    def _snapshot_row(self, snapshot_id: str) -> sqlite3.Row:
+        row = self.conn.execute(f"SELECT {_SNAPSHOT_COLS} FROM snapshots WHERE id = ?",
+                                (snapshot_id,)).fetchone()
+        if row is None:
+            raise NotFound("snapshot", snapshot_id)
+        return row
+
+    def snapshot(self, zone: str | None, snapshot_id: str) -> Snapshot:
+        row = self._snapshot_row(snapshot_id)
+        if zone is not None and row["zone"] != zone:
+            raise NotFound("snapshot", snapshot_id)
+        return _snapshot(row)
+
+    def snap_key(self, snapshot_id: str) -> int:
+        return int(self._snapshot_row(snapshot_id)["rowid"])
+
+    def list_snapshots(self, zone: str, organization: str | None, project: str | None,
+                       name: str | None, tags: list[str] | None, base_volume_id: str | None,
+                       per_page: int, page: int) -> Page[Snapshot]:
+        where = ["zone = ?"]
+        args: list[Any] = [zone]
+        for col, val in (("organization", organization), ("project", project),
+                         ("base_volume_id", base_volume_id)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        if name:
+            where.append("instr(name, ?) > 0")
+            args.append(name)
+        for tag in tags or ():
+            where.append("EXISTS (SELECT 1 FROM json_each(snapshots.tags) WHERE value = ?)")
+            args.append(tag)
+        clause = " AND ".join(where)
+        total = self.conn.execute(f"SELECT count(*) FROM snapshots WHERE {clause}",
+                                  args).fetchone()[0]
+        rows = self.conn.execute(
+            f"SELECT {_SNAPSHOT_COLS} FROM snapshots WHERE {clause} ORDER BY rowid "
+            "LIMIT ? OFFSET ?", args + [per_page, (page - 1) * per_page])
+        return Page([_snapshot(r) for r in rows], total)
+
+    def snapshots_in_states(self, states: Iterable[str]) -> list[Snapshot]:
+        states = list(states)
+        marks = ",".join("?" * len(states))
+        rows = self.conn.execute(f"SELECT {_SNAPSHOT_COLS} FROM snapshots "
+                                 f"WHERE state IN ({marks})", states)
+        return [_snapshot(r) for r in rows]
+
+    def snapshot_source(self, snapshot_id: str) -> dict[str, Any] | None:
+        row = self.conn.execute("SELECT source FROM snapshots WHERE id = ?",
+                                (snapshot_id,)).fetchone()
+        return json.loads(row[0]) if row and row[0] else None
+
+    def update_snapshot(self, snapshot_id: str, **fields: Any) -> None:
+        """Set columns; ``tags`` is given as a list. Touches modification_date unless
+        the change is only progress."""
+        if "tags" in fields:
+            fields["tags"] = json.dumps(fields["tags"])
+        if set(fields) - {"progress"}:
+            fields.setdefault("modification_date", now())
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        self.conn.execute(f"UPDATE snapshots SET {cols} WHERE id = ?",
+                          list(fields.values()) + [snapshot_id])
+
+    def delete_snapshot_row(self, snapshot_id: str) -> None:
+        self.conn.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
+
+    # --- tasks -----------------------------------------------------------------------
+
+    def insert_task(self, t: Task, snapshot_id: str) -> None:
+        self.db["tasks"].insert({
+            "id": t.id, "snapshot_id": snapshot_id, "zone": t.zone,
+            "description": t.description, "status": t.status, "progress": t.progress,
+            "started_at": t.started_at, "terminated_at": t.terminated_at,
+            "bucket": t.bucket, "key": t.key, "bytes": t.bytes, "error": t.error})
+
+    def update_task(self, task_id: str, **fields: Any) -> None:
+        self.db["tasks"].update(task_id, fields)
+
+    def task(self, zone: str, task_id: str) -> Task:
+        row = self.conn.execute("SELECT * FROM tasks WHERE id = ? AND zone = ?",
+                                (task_id, zone)).fetchone()
+        if row is None:
+            raise NotFound("task", task_id)
+        return _task(row)
+
+    def unfinished_tasks(self) -> list[Task]:
+        return [_task(r) for r in self.conn.execute(
+            "SELECT * FROM tasks WHERE status IN ('pending', 'started')")]
+
+    def task_snapshot(self, task_id: str) -> str:
+        return str(self.conn.execute("SELECT snapshot_id FROM tasks WHERE id = ?",
+                                     (task_id,)).fetchone()[0])

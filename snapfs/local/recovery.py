@@ -1,0 +1,52 @@
+"""What an open does when no other process has the store: finish what a killed
+process left half done, so that every existing snapshot reads as before and
+nothing leaks. Each step is idempotent (a crash during recovery is recovered
+by the next open)."""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from .chunkindex import ChunkIndex
+from .chunks import PackFiles
+from .metadata import Metadata
+
+log = logging.getLogger(__name__)
+
+INTERRUPTED = "capture interrupted: the service stopped before it finished"
+
+
+async def recover(md: Metadata, index: ChunkIndex, packs: PackFiles) -> None:
+    # 1. Captures and imports that never finished: error, partial map released.
+    for snap in md.snapshots_in_states(("snapshotting", "importing")):
+        log.warning("snapshot %s (%s) was %s when the service stopped: marking it error",
+                    snap.id, snap.name, snap.state)
+        index.release(md.snap_key(snap.id))
+        md.update_snapshot(snap.id, state="error", error_reason=INTERRUPTED)
+    # 2. Exports that never finished: the snapshot's data was never touched.
+    for task in md.unfinished_tasks():
+        with md.transaction():
+            md.update_task(task.id, status="failure", terminated_at=task.started_at,
+                           error="export interrupted: the service stopped")
+            snapshot_id = md.task_snapshot(task.id)
+            md.conn.execute("UPDATE snapshots SET state = 'available' "
+                            "WHERE id = ? AND state = 'exporting'", (snapshot_id,))
+    # 3. Pack bytes past the committed length, extents queued for punching, packs
+    #    without a live chunk, pack files no row knows.
+    committed = index.packs()
+
+    def fix_files() -> None:
+        for pack, length in committed.items():
+            packs.truncate(pack, length)
+        for _, pack, offset, length in index.free_extents():
+            packs.punch(pack, offset, length)
+        for pack in packs.existing() - set(committed):
+            log.warning("removing pack %d: no metadata refers to it", pack)
+            packs.remove(pack)
+    await trio.to_thread.run_sync(fix_files)
+    index.extents_done([e[0] for e in index.free_extents()])
+    for pack in index.empty_packs(exclude=set()):
+        await trio.to_thread.run_sync(packs.remove, pack)
+        index.drop_pack(pack)

@@ -1,0 +1,155 @@
+"""The local store's SQLite schema, documented beside its DDL, and its migrations.
+
+The database (``<store>/metadata.db``, WAL mode) holds all metadata; snapshot
+bytes live in pack files (see ``chunks.py``). A chunk row is committed only after
+the pack bytes it points at are fsynced, so every committed reference is backed
+by durable data; pack bytes that no row points at are garbage that recovery
+truncates (at a pack's tail) or punches out (``free_extents``).
+
+``MIGRATIONS[i]`` takes the schema from version ``i`` to ``i + 1``; the current
+version is stored in ``meta.schema_version``. Never edit a released migration:
+append a new one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+MIGRATIONS: list[str] = [
+    # --- version 1 -----------------------------------------------------------------
+    """
+    -- Key/value facts about the store.
+    --   schema_version: the number of migrations applied.
+    --   organization:   the default organization's ID (made on first run).
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+
+    -- Projects. A project named 'default' exists from the first run.
+    CREATE TABLE projects (
+        id           TEXT PRIMARY KEY,          -- UUID
+        name         TEXT NOT NULL UNIQUE,
+        organization TEXT NOT NULL,             -- organization UUID
+        description  TEXT NOT NULL DEFAULT '',
+        created_at   TEXT NOT NULL,             -- RFC 3339
+        updated_at   TEXT NOT NULL
+    );
+
+    -- Volumes: raw image files or block devices snapshots are captured from.
+    CREATE TABLE volumes (
+        id                TEXT PRIMARY KEY,     -- UUID
+        name              TEXT NOT NULL,
+        zone              TEXT NOT NULL,
+        project           TEXT NOT NULL REFERENCES projects(id),
+        organization      TEXT NOT NULL,
+        size              INTEGER NOT NULL,     -- bytes; refreshed from the file at capture
+        volume_type       TEXT NOT NULL,        -- l_ssd | b_ssd | unified
+        state             TEXT NOT NULL,        -- always 'available' locally
+        path              TEXT NOT NULL,        -- absolute path of the image / device
+        managed           INTEGER NOT NULL,     -- 1: file made by 'volume create' inside
+                                                --    the store (removed with the volume)
+        tags              TEXT NOT NULL,        -- JSON list of strings
+        creation_date     TEXT NOT NULL,
+        modification_date TEXT NOT NULL,
+        UNIQUE (zone, name)                     -- the CLI names volumes
+    );
+
+    -- Snapshots, in the API's shape. The implicit rowid is the stable List
+    -- order (creation order) and the compact key of the chunk map.
+    CREATE TABLE snapshots (
+        id                TEXT NOT NULL UNIQUE, -- UUID
+        name              TEXT NOT NULL,
+        zone              TEXT NOT NULL,
+        project           TEXT NOT NULL,
+        organization      TEXT NOT NULL,
+        tags              TEXT NOT NULL,        -- JSON list of strings, order kept
+        volume_type       TEXT NOT NULL,
+        size              INTEGER NOT NULL,     -- bytes (import: 0 until the header is read)
+        state             TEXT NOT NULL,        -- available | snapshotting | error |
+                                                -- invalid_data | importing | exporting
+        base_volume_id    TEXT,                 -- NULL: imported (no base volume)
+        base_volume_name  TEXT,
+        creation_date     TEXT NOT NULL,
+        modification_date TEXT NOT NULL,
+        error_reason      TEXT,                 -- NULL unless state is error/invalid_data
+        progress          INTEGER NOT NULL,     -- 0-100 while capturing/importing, else 100
+        source            TEXT                  -- import: JSON {bucket, key}; else NULL
+    );
+    CREATE INDEX snapshots_zone ON snapshots (zone, project);
+    CREATE INDEX snapshots_base ON snapshots (base_volume_id);
+
+    -- Pack files <store>/packs/<id>.pack: chunks appended back to back at
+    -- 4 KiB-aligned offsets. 'committed' is the length up to which the file's
+    -- bytes are described by committed rows; anything past it is the tail of an
+    -- interrupted write and is truncated at the next open.
+    CREATE TABLE packs (
+        id        INTEGER PRIMARY KEY,
+        committed INTEGER NOT NULL
+    );
+
+    -- Distinct stored chunks (content-addressed). All-zero chunks are never
+    -- stored: a missing map entry reads as zeros.
+    CREATE TABLE chunks (
+        id     INTEGER PRIMARY KEY,
+        hash   BLOB NOT NULL UNIQUE,            -- blake3 digest, 32 bytes
+        pack   INTEGER NOT NULL REFERENCES packs(id),
+        offset INTEGER NOT NULL,                -- byte offset in the pack file
+        length INTEGER NOT NULL                 -- bytes (<= chunk size; last chunk shorter)
+    );
+    CREATE INDEX chunks_pack ON chunks (pack);
+
+    -- The chunk map: snapshot rowid x chunk index -> chunk. Absent = hole.
+    CREATE TABLE snapshot_chunks (
+        snap  INTEGER NOT NULL,                 -- snapshots.rowid
+        idx   INTEGER NOT NULL,                 -- offset // chunk size
+        chunk INTEGER NOT NULL,                 -- chunks.id
+        PRIMARY KEY (snap, idx)
+    ) WITHOUT ROWID;
+    CREATE INDEX snapshot_chunks_chunk ON snapshot_chunks (chunk);
+
+    -- Pack ranges whose chunk rows were deleted in a committed transaction but
+    -- whose space is not yet punched out; processed after each delete and at open,
+    -- so a crash between the commit and the punch leaks nothing.
+    CREATE TABLE free_extents (
+        pack   INTEGER NOT NULL,
+        offset INTEGER NOT NULL,
+        length INTEGER NOT NULL
+    );
+
+    -- Export tasks (the API's Task), kept for status reads.
+    CREATE TABLE tasks (
+        id            TEXT PRIMARY KEY,         -- UUID
+        snapshot_id   TEXT NOT NULL,
+        zone          TEXT NOT NULL,
+        description   TEXT NOT NULL,
+        status        TEXT NOT NULL,            -- pending | started | success | failure
+        progress      INTEGER NOT NULL,         -- 0-100
+        started_at    TEXT,
+        terminated_at TEXT,
+        bucket        TEXT NOT NULL,
+        key           TEXT NOT NULL,
+        bytes         INTEGER NOT NULL,         -- object bytes uploaded so far / in all
+        error         TEXT                      -- NULL unless status is failure
+    );
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring the database to SCHEMA_VERSION, one migration per transaction."""
+    has_meta = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+    version = 0
+    if has_meta:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        version = int(row[0]) if row else 0
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(f"store schema version {version} is newer than this snapfs "
+                           f"({SCHEMA_VERSION}); upgrade snapfs")
+    for i in range(version, SCHEMA_VERSION):
+        conn.executescript("BEGIN;" + MIGRATIONS[i] + ";" +
+                               "INSERT OR REPLACE INTO meta (key, value) VALUES "
+                               f"('schema_version', '{i + 1}'); COMMIT;")

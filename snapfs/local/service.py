@@ -1,0 +1,445 @@
+"""The local backend: the snapshot service on an embedded store.
+
+``<store>/metadata.db`` (SQLite, see schema.py), ``<store>/packs/`` (chunk
+bytes, see chunks.py), ``<store>/volumes/`` (files made by ``volume create``).
+Captures, imports and exports run as tasks in the service's nursery.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import AsyncIterator
+
+import trio
+
+from ..errors import (InvalidArgument, InvalidData, PreconditionFailed, SnapfsError,
+                      SnapshotUnusable)
+from ..model import (DEFAULT_ZONE, FAILED_STATES, ZONES, BaseVolume, Page,
+                     Project, Snapshot, Task, Volume, check_name, check_paging, check_tags,
+                     check_uuid, check_volume_type, check_zone, new_id, now)
+from ..objects import ObjectStorage
+from ..service import ImageReader, SnapshotService
+from .capture import FileSource, PackPool, ReaderSource, capture
+from .chunkindex import ChunkIndex
+from .chunks import PackFiles
+from .image import LocalImageReader
+from .metadata import Metadata
+from .recovery import recover
+
+log = logging.getLogger(__name__)
+
+NO_OBJECT_STORAGE = ("Object Storage is not configured (set AWS_ENDPOINT_URL or "
+                     "snapfs mount --s3-endpoint, and credentials)")
+
+
+class LocalService(SnapshotService):
+    def __init__(self, store: Path, objects: ObjectStorage | None) -> None:
+        self.store = store
+        self.objects = objects
+        self.md = Metadata(store / "metadata.db")
+        self.index = ChunkIndex(self.md)
+        self.packs = PackFiles(store / "packs")
+        self.pool = PackPool(self.packs, self.index)
+        self.index_lock = trio.Lock()
+        self.io_limiter = trio.CapacityLimiter(4)
+        self.hash_limiter = trio.CapacityLimiter(2)
+        self._nursery: trio.Nursery | None = None
+        self._jobs: dict[str, trio.CancelScope] = {}
+
+    @property
+    def organization(self) -> str:
+        return self.md.organization
+
+    # --- hierarchy -------------------------------------------------------------------
+
+    async def list_zones(self) -> list[str]:
+        return [DEFAULT_ZONE] + [z for z in ZONES if z != DEFAULT_ZONE]
+
+    async def list_projects(self) -> list[Project]:
+        return self.md.projects()
+
+    async def create_project(self, name: str) -> Project:
+        return self.md.add_project(check_name(name))
+
+    async def list_volumes(self, zone: str, *, project: str | None = None,
+                           name: str | None = None, per_page: int | None = None,
+                           page: int | None = None) -> Page[Volume]:
+        per_page, page = check_paging(per_page, page)
+        return self.md.list_volumes(check_zone(zone), project, name, per_page, page)
+
+    async def get_volume(self, zone: str, volume_id: str) -> Volume:
+        return self.md.volume(check_zone(zone), volume_id)
+
+    async def add_volume(self, name: str, path: str | os.PathLike[str], *,
+                         zone: str = DEFAULT_ZONE, project: str | None = None,
+                         volume_type: str = "b_ssd") -> Volume:
+        """Register an existing raw image file or block device."""
+        path = os.path.abspath(path)
+        size = await trio.to_thread.run_sync(_device_size, path)
+        return self._add_volume(name, path, size, zone, project, volume_type, managed=False)
+
+    async def create_volume(self, name: str, size: int, *, zone: str = DEFAULT_ZONE,
+                            project: str | None = None, volume_type: str = "b_ssd") -> Volume:
+        """A new sparse raw file inside the store."""
+        if not isinstance(size, int) or size <= 0 or size % 512:
+            raise InvalidArgument("size", "must be a positive multiple of 512 bytes")
+        vid = new_id()
+        vdir = self.store / "volumes"
+        vdir.mkdir(mode=0o700, exist_ok=True)
+        path = vdir / f"{vid}.raw"
+        self._check_new_volume(name, zone, project, volume_type)
+        with open(path, "xb") as f:
+            f.truncate(size)
+        try:
+            return self._add_volume(name, str(path), size, zone, project, volume_type,
+                                    managed=True, vid=vid)
+        except BaseException:
+            path.unlink()
+            raise
+
+    def _check_new_volume(self, name: str, zone: str, project: str | None,
+                          volume_type: str) -> None:
+        check_name(name)
+        check_zone(zone)
+        check_volume_type(volume_type)
+        if project is not None:
+            self.md.project(project)
+
+    def _add_volume(self, name: str, path: str, size: int, zone: str, project: str | None,
+                    volume_type: str, managed: bool, vid: str | None = None) -> Volume:
+        self._check_new_volume(name, zone, project, volume_type)
+        proj = self.md.project(project) if project else self.md.project("default")
+        t = now()
+        v = Volume(id=vid or new_id(), name=name, size=size, volume_type=volume_type, zone=zone,
+                   project=proj.id, organization=proj.organization, state="available",
+                   creation_date=t, modification_date=t, tags=[], path=path)
+        self.md.add_volume(v, managed)
+        return v
+
+    async def remove_volume(self, ref: str, zone: str | None = None) -> Volume:
+        v = self.md.volume(zone, ref)
+        managed = self.md.volume_managed(v.id)
+        self.md.remove_volume(v.id)
+        if managed and v.path:
+            Path(v.path).unlink(missing_ok=True)
+        return v
+
+    async def list_all_volumes(self) -> list[Volume]:
+        return self.md.all_volumes()
+
+    # --- snapshots -------------------------------------------------------------------
+
+    async def list_snapshots(self, zone: str, *, organization: str | None = None,
+                             project: str | None = None, name: str | None = None,
+                             tags: list[str] | None = None, base_volume_id: str | None = None,
+                             per_page: int | None = None, page: int | None = None
+                             ) -> Page[Snapshot]:
+        per_page, page = check_paging(per_page, page)
+        return self.md.list_snapshots(check_zone(zone), organization, project, name, tags,
+                                      base_volume_id, per_page, page)
+
+    async def get_snapshot(self, zone: str, snapshot_id: str) -> Snapshot:
+        return self.md.snapshot(check_zone(zone), snapshot_id)
+
+    async def create_snapshot(self, zone: str, *, name: str, volume_id: str | None = None,
+                              tags: list[str] | None = None, project: str | None = None,
+                              organization: str | None = None, volume_type: str | None = None,
+                              bucket: str | None = None, key: str | None = None,
+                              size: int | None = None) -> Snapshot:
+        check_zone(zone)
+        check_name(name)
+        tags = check_tags(tags if tags is not None else [])
+        if project is not None and organization is not None:
+            raise InvalidArgument("project", "give project or organization, not both")
+        if volume_type is not None:
+            check_volume_type(volume_type)
+        if volume_id is not None and (bucket is not None or key is not None):
+            raise InvalidArgument("volume_id", "give a volume or a bucket/key, not both")
+        if volume_id is None:
+            return self._create_import(zone, name, tags, project, organization, volume_type,
+                                       bucket, key, size)
+        vol = self.md.volume(zone, check_uuid("volume_id", volume_id))
+        proj = self._owner(project, organization, default=vol.project)
+        size = await trio.to_thread.run_sync(_device_size, vol.path)
+        if size != vol.size:
+            self.md.set_volume_size(vol.id, size)
+        t = now()
+        snap = Snapshot(id=new_id(), name=name, organization=proj.organization, project=proj.id,
+                        tags=tags, volume_type=volume_type or vol.volume_type, size=size,
+                        state="snapshotting", base_volume=BaseVolume(vol.id, vol.name),
+                        creation_date=t, modification_date=t, error_reason=None, zone=zone,
+                        progress=0)
+        key_ = self.md.insert_snapshot(snap, None)
+        log.info("snapshot %s (%s): capturing volume %s", snap.id, name, vol.name)
+        self._start(snap.id, self._run_capture, snap.id, key_, str(vol.path))
+        return snap
+
+    def _owner(self, project: str | None, organization: str | None,
+               default: str | None = None) -> Project:
+        if project is not None:
+            return self.md.project(check_uuid("project", project))
+        if organization is not None and organization != self.organization:
+            raise InvalidArgument("organization", f"unknown organization {organization!r}")
+        return self.md.project(default or "default")
+
+    def _create_import(self, zone: str, name: str, tags: list[str], project: str | None,
+                       organization: str | None, volume_type: str | None,
+                       bucket: str | None, key: str | None, size: int | None) -> Snapshot:
+        if not bucket or not isinstance(bucket, str):
+            raise InvalidArgument("bucket", "must be a non-empty string")
+        if not key or not isinstance(key, str):
+            raise InvalidArgument("key", "must be a non-empty string")
+        if size is not None and (not isinstance(size, int) or size <= 0 or size % 512):
+            raise InvalidArgument("size", "must be a positive multiple of 512")
+        proj = self._owner(project, organization)
+        t = now()
+        snap = Snapshot(id=new_id(), name=name, organization=proj.organization, project=proj.id,
+                        tags=tags, volume_type=volume_type or "b_ssd", size=size or 0,
+                        state="importing", base_volume=None, creation_date=t,
+                        modification_date=t, error_reason=None, zone=zone, progress=0)
+        key_ = self.md.insert_snapshot(snap, {"bucket": bucket, "key": key, "size": size})
+        log.info("snapshot %s (%s): importing s3://%s/%s", snap.id, name, bucket, key)
+        self._start(snap.id, self._run_import, snap.id, key_, bucket, key, size)
+        return snap
+
+    async def set_snapshot(self, zone: str, snapshot: Snapshot) -> Snapshot:
+        cur = await self.get_snapshot(zone, snapshot.id)
+        for field in Snapshot.IMMUTABLE:
+            if getattr(snapshot, field) != getattr(cur, field):
+                raise InvalidArgument(field, "cannot be changed")
+        return await self.update_snapshot(zone, snapshot.id, name=snapshot.name,
+                                          tags=snapshot.tags)
+
+    async def update_snapshot(self, zone: str, snapshot_id: str, *, name: str | None = None,
+                              tags: list[str] | None = None) -> Snapshot:
+        self.md.snapshot(check_zone(zone), snapshot_id)
+        fields: dict[str, object] = {}
+        if name is not None:
+            fields["name"] = check_name(name)
+        if tags is not None:
+            fields["tags"] = check_tags(tags)
+        if fields:
+            self.md.update_snapshot(snapshot_id, **fields)
+        return self.md.snapshot(zone, snapshot_id)
+
+    async def delete_snapshot(self, zone: str, snapshot_id: str) -> None:
+        snap = self.md.snapshot(check_zone(zone), snapshot_id)
+        if snap.state in ("exporting", "importing"):
+            raise PreconditionFailed(f"snapshot {snap.name!r} is {snap.state}; "
+                                     "it can be deleted once that ends")
+        scope = self._jobs.get(snapshot_id)
+        if scope is not None:  # a capture in flight: stop it, it cleans up after itself
+            scope.cancel()
+            while snapshot_id in self._jobs:
+                await trio.sleep(0.01)
+        key = self.md.snap_key(snapshot_id)
+        async with self.index_lock:
+            self.index.release(key)
+            self.md.delete_snapshot_row(snapshot_id)
+        log.info("snapshot %s (%s) deleted", snapshot_id, snap.name)
+        await self._reclaim()
+
+    async def _reclaim(self) -> None:
+        """Punch out the space of deleted chunks (queued in free_extents)."""
+        extents = self.index.free_extents()
+        if not extents:
+            return
+
+        def punch() -> None:
+            for _, pack, offset, length in extents:
+                self.packs.punch(pack, offset, length)
+        await trio.to_thread.run_sync(punch, limiter=self.io_limiter)
+        self.index.extents_done([e[0] for e in extents])
+
+    # --- export ----------------------------------------------------------------------
+
+    async def export_snapshot(self, zone: str, snapshot_id: str, *, bucket: str,
+                              key: str) -> Task:
+        snap = self.md.snapshot(check_zone(zone), snapshot_id)
+        if not bucket or not isinstance(bucket, str):
+            raise InvalidArgument("bucket", "must be a non-empty string")
+        if not key or not isinstance(key, str):
+            raise InvalidArgument("key", "must be a non-empty string")
+        if snap.state != "available":
+            raise PreconditionFailed(f"snapshot {snap.name!r} is {snap.state}, not available")
+        task = Task(id=new_id(), description="export_snapshot", progress=0, status="pending",
+                    zone=zone, started_at=now(), bucket=bucket, key=key)
+        with self.md.transaction():
+            self.md.insert_task(task, snapshot_id)
+            self.md.update_snapshot(snapshot_id, state="exporting")
+        log.info("snapshot %s: exporting to s3://%s/%s (task %s)", snapshot_id, bucket, key,
+                 task.id)
+        self._start(snapshot_id, self._run_export, snapshot_id, task.id, bucket, key)
+        return task
+
+    async def get_task(self, zone: str, task_id: str) -> Task:
+        return self.md.task(check_zone(zone), task_id)
+
+    # --- data ------------------------------------------------------------------------
+
+    async def open_image(self, zone: str, snapshot_id: str) -> ImageReader:
+        snap = self.md.snapshot(check_zone(zone), snapshot_id)
+        if snap.state in FAILED_STATES:
+            raise SnapshotUnusable(f"snapshot {snap.name!r} is in state {snap.state}: "
+                                   f"{snap.error_reason or 'no data'}")
+        if snap.state in ("snapshotting", "importing"):
+            raise PreconditionFailed(f"snapshot {snap.name!r} is still {snap.state}")
+        return LocalImageReader(self.md.snap_key(snapshot_id), snap.size, self.index,
+                                self.packs, self.io_limiter)
+
+    # --- background jobs -------------------------------------------------------------
+
+    def _start(self, snapshot_id: str, fn, *args: object) -> None:  # type: ignore[no-untyped-def]
+        assert self._nursery is not None, "service used outside open_local_service()"
+        scope = trio.CancelScope()
+        self._jobs[snapshot_id] = scope
+
+        async def job() -> None:
+            try:
+                with scope:
+                    await fn(*args)
+            finally:
+                self._jobs.pop(snapshot_id, None)
+        self._nursery.start_soon(job)
+
+    async def _capture_into(self, snapshot_id: str, key: int, source_factory) -> None:  # type: ignore[no-untyped-def]
+        """Run a capture; on any failure or cancellation, leave the snapshot in
+        ``error`` (or ``invalid_data``) with the reason and its partial map released."""
+        failed_state, reason = "error", "capture interrupted: the service stopped"
+        try:
+            source = await source_factory()
+            try:
+                await capture(source, snapshot_id, key, self.index, self.pool,
+                              self.index_lock, self.hash_limiter)
+            finally:
+                await source.aclose()
+            self.md.update_snapshot(snapshot_id, state="available", progress=100)
+            log.info("snapshot %s available", snapshot_id)
+            return
+        except trio.Cancelled:
+            raise
+        except SnapfsError as exc:
+            failed_state = "invalid_data" if isinstance(exc, InvalidData) else "error"
+            reason = str(exc)
+        except OSError as exc:
+            reason = f"reading the source failed: {exc.strerror or exc}"
+        finally:
+            if self.md.snapshot(None, snapshot_id).state in ("snapshotting", "importing"):
+                with trio.CancelScope(shield=True):
+                    log.warning("snapshot %s failed: %s", snapshot_id, reason)
+                    async with self.index_lock:
+                        self.index.release(key)
+                    self.md.update_snapshot(snapshot_id, state=failed_state,
+                                            error_reason=reason)
+                    await self._reclaim()
+
+    async def _run_capture(self, snapshot_id: str, key: int, path: str) -> None:
+        async def source() -> FileSource:
+            return await trio.to_thread.run_sync(FileSource, path, self.hash_limiter)
+        await self._capture_into(snapshot_id, key, source)
+
+    async def _run_import(self, snapshot_id: str, key: int, bucket: str, obj: str,
+                          size: int | None) -> None:
+        async def source() -> ReaderSource:
+            if self.objects is None:
+                raise PreconditionFailed(NO_OBJECT_STORAGE)
+            reader = await self.objects.open_qcow2(bucket, obj)
+            if size is not None and reader.size != size:
+                await reader.aclose()
+                raise InvalidData(f"size {size} does not match the image's virtual size "
+                                  f"{reader.size}")
+            self.md.update_snapshot(snapshot_id, size=reader.size)
+            return ReaderSource(reader, self.hash_limiter)
+        await self._capture_into(snapshot_id, key, source)
+
+    async def _run_export(self, snapshot_id: str, task_id: str, bucket: str, key: str) -> None:
+        self.md.update_task(task_id, status="started")
+        status, error, nbytes = "failure", "export interrupted: the service stopped", 0
+
+        def progress(done: int, total: int) -> None:
+            self.md.update_task(task_id, progress=min(99, done * 100 // max(total, 1)),
+                                bytes=done)
+        try:
+            if self.objects is None:
+                raise PreconditionFailed(NO_OBJECT_STORAGE)
+            snap = self.md.snapshot(None, snapshot_id)
+            reader = LocalImageReader(self.md.snap_key(snapshot_id), snap.size, self.index,
+                                      self.packs, self.io_limiter)
+            try:
+                nbytes = await self.objects.export_qcow2(reader, bucket, key, progress)
+            finally:
+                await reader.aclose()
+            status, error = "success", None
+        except SnapfsError as exc:
+            error = str(exc)
+        finally:
+            with trio.CancelScope(shield=True):
+                fields = dict(status=status, error=error, terminated_at=now())
+                if status == "success":
+                    fields.update(progress=100, bytes=nbytes)
+                with self.md.transaction():
+                    self.md.update_task(task_id, **fields)
+                    self.md.update_snapshot(snapshot_id, state="available")
+                if error:
+                    log.warning("export of %s failed: %s", snapshot_id, error)
+                else:
+                    log.info("export of %s done: %d bytes", snapshot_id, nbytes)
+
+    async def aclose(self) -> None:
+        for scope in list(self._jobs.values()):
+            scope.cancel()
+        while self._jobs:
+            await trio.sleep(0.01)
+
+
+def _device_size(path: str | None) -> int:
+    if not path:
+        raise InvalidArgument("path", "no path")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise InvalidArgument("path", f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise InvalidArgument("path", f"{path} is a directory") from None
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+@asynccontextmanager
+async def open_local_service(store: Path | str, objects: ObjectStorage | None = None
+                             ) -> AsyncIterator[LocalService]:
+    """Open (creating, mode 0700) the store at ``store``. When no other process has
+    it open, interrupted work of an earlier process is recovered first."""
+    store = Path(store)
+    store.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock_fd = os.open(store / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        svc = LocalService(store, objects)
+        try:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                exclusive = True
+            except BlockingIOError:
+                exclusive = False
+            if exclusive:
+                await recover(svc.md, svc.index, svc.packs)
+            fcntl.flock(lock_fd, fcntl.LOCK_SH)  # others may open it beside us now
+            async with trio.open_nursery() as nursery:
+                svc._nursery = nursery
+                try:
+                    yield svc
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await svc.aclose()
+        finally:
+            svc.pool.close()
+            svc.packs.close()
+            svc.md.close()
+    finally:
+        os.close(lock_fd)

@@ -1,0 +1,185 @@
+"""A streaming QCOW2 v3 encoder: guest data in, image bytes out, in one pass.
+
+Layout of the image it produces (every piece cluster-aligned, 64 KiB clusters)::
+
+    [header][L1 table][refcount table]          <- the "head", sized up front
+    [data clusters of guest range 0][L2 table 0]
+    [data clusters of guest range 1][L2 table 1] ...   <- the "body", streamed
+    [refcount blocks]                           <- the "tail", at the end
+
+Data clusters are appended in guest order as they are fed; all-zero clusters
+stay unallocated. Each L2 table (one per 512 MiB of guest space) is appended
+right after the last data cluster it maps, as soon as the feed passes its range,
+so only one L2 table is ever held. The head's size depends only on the virtual
+size (the refcount table is sized for the worst case: every guest cluster
+allocated), so the body's host offsets are known before any byte of it is
+produced; the head's *contents* (the L1 table) are only known at the end, which
+is why a multipart upload sends the head's part last. The refcount blocks go at
+the tail because only then is the number of host clusters known.
+
+Memory: the L1 table (8 bytes per 512 MiB of virtual size), one L2 table
+(64 KiB) and whatever output the caller has not consumed yet. No I/O here.
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+
+from .format import (CLUSTER_BITS, CLUSTER_SIZE, HEADER_V3_WRITTEN_LEN, OFLAG_COPIED,
+                     REFCOUNT_ORDER, Header, div_round_up)
+
+L2_ENTRIES = CLUSTER_SIZE // 8
+REFCOUNT_BITS = 1 << REFCOUNT_ORDER
+REFBLOCK_ENTRIES = CLUSTER_SIZE * 8 // REFCOUNT_BITS
+REFTABLE_ENTRIES_PER_CLUSTER = CLUSTER_SIZE // 8
+_ZERO_CLUSTER = bytes(CLUSTER_SIZE)
+
+
+def _be64(values: array) -> bytes:
+    out = array("Q", values)
+    if out.itemsize != 8:  # pragma: no cover - every platform we run on
+        raise RuntimeError("array('Q') is not 64-bit")
+    if sys.byteorder == "little":
+        out.byteswap()
+    return out.tobytes()
+
+
+class StreamingEncoder:
+    """Feed guest bytes in order with :meth:`feed`, append what it returns to the
+    image body, then :meth:`finish` gives the tail (appended last) and the head
+    (the first ``head_size`` bytes of the image)."""
+
+    def __init__(self, virtual_size: int) -> None:
+        if virtual_size < 0:
+            raise ValueError("virtual size must be >= 0")
+        self.virtual_size = virtual_size
+        self.guest_clusters = div_round_up(virtual_size, CLUSTER_SIZE)
+        self.l1_size = div_round_up(self.guest_clusters, L2_ENTRIES)
+        self.l1_clusters = max(1, div_round_up(self.l1_size * 8, CLUSTER_SIZE))
+        # Worst case host clusters: head + every guest cluster + every L2 table +
+        # the refcount blocks covering all of those (and themselves).
+        front_guess = 1 + self.l1_clusters + 1
+        while True:
+            bound = front_guess + self.guest_clusters + self.l1_size
+            blocks = div_round_up(bound, REFBLOCK_ENTRIES - 1) + 1
+            rt_clusters = max(1, div_round_up(blocks, REFTABLE_ENTRIES_PER_CLUSTER))
+            front = 1 + self.l1_clusters + rt_clusters
+            if front == front_guess:
+                break
+            front_guess = front
+        self.reftable_clusters = rt_clusters
+        self.max_refblocks = rt_clusters * REFTABLE_ENTRIES_PER_CLUSTER
+        self.head_size = front * CLUSTER_SIZE
+        self._l1 = array("Q", bytes(8 * self.l1_size))
+        self._l2: array | None = None
+        self._l2_index = -1
+        self._host_next = self.head_size  # host offset of the next body cluster
+        self._guest_pos = 0
+        self.data_clusters = 0
+        self._finished = False
+
+    @property
+    def body_size(self) -> int:
+        """Bytes of body produced so far."""
+        return self._host_next - self.head_size
+
+    @property
+    def guest_pos(self) -> int:
+        return self._guest_pos
+
+    def feed(self, data: bytes | bytearray | memoryview) -> bytes:
+        """Guest bytes at the current guest position (every call but the last must
+        be a whole number of clusters). Returns the body bytes to append."""
+        if self._finished:
+            raise ValueError("encoder already finished")
+        if self._guest_pos % CLUSTER_SIZE:
+            raise ValueError("only the last feed may end inside a cluster")
+        n = len(data)
+        if self._guest_pos + n > self.virtual_size:
+            raise ValueError("fed past the virtual size")
+        view = memoryview(data).cast("B")
+        out: list[bytes | memoryview] = []
+        cluster = self._guest_pos // CLUSTER_SIZE
+        for start in range(0, n, CLUSTER_SIZE):
+            piece = view[start:start + CLUSTER_SIZE]
+            if len(piece) < CLUSTER_SIZE:
+                if piece == _ZERO_CLUSTER[:len(piece)]:
+                    cluster += 1
+                    continue
+                piece = bytes(piece) + bytes(CLUSTER_SIZE - len(piece))
+            elif piece == _ZERO_CLUSTER:
+                cluster += 1
+                continue
+            l1i, l2i = divmod(cluster, L2_ENTRIES)
+            if l1i != self._l2_index:
+                self._flush_l2(out)
+                self._l2 = array("Q", bytes(CLUSTER_SIZE))
+                self._l2_index = l1i
+            assert self._l2 is not None
+            self._l2[l2i] = self._host_next | OFLAG_COPIED
+            out.append(piece)
+            self._host_next += CLUSTER_SIZE
+            self.data_clusters += 1
+            cluster += 1
+        self._guest_pos += n
+        return b"".join(out)
+
+    def _flush_l2(self, out: list) -> None:
+        """Append the current L2 table (if it maps anything) and point L1 at it."""
+        if self._l2 is None:
+            return
+        self._l1[self._l2_index] = self._host_next | OFLAG_COPIED
+        out.append(_be64(self._l2))
+        self._host_next += CLUSTER_SIZE
+        self._l2 = None
+        self._l2_index = -1
+
+    def finish(self) -> tuple[bytes, bytes]:
+        """(tail, head): the tail is appended after the body; the head is the
+        image's first ``head_size`` bytes. Guest bytes not fed read as zeros."""
+        if self._finished:
+            raise ValueError("encoder already finished")
+        self._finished = True
+        out: list = []
+        self._flush_l2(out)
+        body_tail = b"".join(out)
+        # Refcount blocks cover every host cluster, themselves included.
+        used = self._host_next // CLUSTER_SIZE
+        blocks = div_round_up(used, REFBLOCK_ENTRIES)
+        while div_round_up(used + blocks, REFBLOCK_ENTRIES) > blocks:
+            blocks += 1
+        if blocks > self.max_refblocks:  # the bound in __init__ makes this impossible
+            raise AssertionError("refcount table sized too small")
+        total_clusters = used + blocks
+        first_block_offset = self._host_next
+        reftable = array("Q", bytes(self.reftable_clusters * CLUSTER_SIZE))
+        refblocks: list[bytes] = []
+        one = (1).to_bytes(REFCOUNT_BITS // 8, "big")
+        for b in range(blocks):
+            reftable[b] = first_block_offset + b * CLUSTER_SIZE
+            n = min(REFBLOCK_ENTRIES, total_clusters - b * REFBLOCK_ENTRIES)
+            refblocks.append(one * n + bytes((REFBLOCK_ENTRIES - n) * len(one)))
+        self._host_next += blocks * CLUSTER_SIZE
+        tail = body_tail + b"".join(refblocks)
+
+        header = Header(
+            version=3, backing_file_offset=0, backing_file_size=0,
+            cluster_bits=CLUSTER_BITS, size=self.virtual_size, crypt_method=0,
+            l1_size=self.l1_size, l1_table_offset=CLUSTER_SIZE,
+            refcount_table_offset=(1 + self.l1_clusters) * CLUSTER_SIZE,
+            refcount_table_clusters=self.reftable_clusters, nb_snapshots=0,
+            snapshots_offset=0, refcount_order=REFCOUNT_ORDER,
+            header_length=HEADER_V3_WRITTEN_LEN)
+        hbytes = header.pack()
+        l1bytes = _be64(self._l1)
+        head = (hbytes + bytes(CLUSTER_SIZE - len(hbytes))
+                + l1bytes + bytes(self.l1_clusters * CLUSTER_SIZE - len(l1bytes))
+                + _be64(reftable))
+        assert len(head) == self.head_size
+        return tail, head
+
+    @property
+    def image_size(self) -> int:
+        """The image's total size (valid after :meth:`finish`)."""
+        return self._host_next

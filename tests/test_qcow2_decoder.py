@@ -1,0 +1,202 @@
+"""The QCOW2 decoder on images qemu-img made (plain, deflate, zstd, v2, other
+cluster sizes) and on every kind of bad image: each refusal is InvalidData with
+a message naming what is wrong."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from snapfs.errors import InvalidData
+from snapfs.qcow2.decoder import read_file
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sparse raw image: compressible text, random data, holes, a partial end."""
+    path = tmp_path_factory.mktemp("raw") / "image.raw"
+    size = 24 * MiB + 4096
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.seek(0)
+        f.write(b"snapfs qcow2 decoder test line\n" * 40000)  # ~1.2 MiB compressible
+        f.seek(7 * MiB + 12345)
+        f.write(os.urandom(3 * MiB))  # incompressible: stored uncompressed by -c
+        f.seek(size - 1000)
+        f.write(os.urandom(1000))
+    return path
+
+
+def convert(raw: Path, out: Path, *opts: str) -> Path:
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", *opts,
+                    str(raw), str(out)], check=True, capture_output=True)
+    return out
+
+
+def decode(path: Path, block: int = MiB) -> bytes:
+    img = read_file(str(path))
+    try:
+        parts = []
+        for off in range(0, img.size, block):
+            parts.append(img.read(off, block))
+        return b"".join(parts)
+    finally:
+        img.close()
+
+
+@pytest.mark.parametrize("opts", [
+    (),
+    ("-c",),
+    ("-c", "-o", "compression_type=zstd"),
+    ("-o", "compat=0.10"),
+    ("-c", "-o", "compat=0.10"),
+    ("-o", "cluster_size=4096"),
+    ("-c", "-o", "cluster_size=2M"),
+    ("-o", "refcount_bits=64"),
+], ids=["plain", "deflate", "zstd", "v2", "v2-deflate", "4k", "2M-deflate", "rc64"])
+def test_decodes_qemu_images(raw: Path, tmp_path: Path, opts: tuple[str, ...]) -> None:
+    img = convert(raw, tmp_path / "img.qcow2", *opts)
+    assert decode(img) == raw.read_bytes()
+
+
+def test_unaligned_reads(raw: Path, tmp_path: Path) -> None:
+    img = convert(raw, tmp_path / "img.qcow2", "-c")
+    data = raw.read_bytes()
+    r = read_file(str(img))
+    try:
+        for off, n in [(1, 100), (65535, 2), (7 * MiB, 200_000), (len(data) - 10, 100)]:
+            assert r.read(off, n) == data[off:off + n]
+    finally:
+        r.close()
+
+
+def test_zero_flag_clusters(tmp_path: Path) -> None:
+    """qemu-io 'write -z' leaves v3 zero-flag entries over previously written data."""
+    img = tmp_path / "z.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(img), "4M"], check=True,
+                   capture_output=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xab 0 2M",
+                    "-c", "write -z 64k 128k", str(img)], check=True, capture_output=True)
+    data = decode(img)
+    assert data[:65536] == b"\xab" * 65536
+    assert data[65536:196608] == bytes(131072)
+    assert data[196608:2 * MiB] == b"\xab" * (2 * MiB - 196608)
+    assert data[2 * MiB:] == bytes(2 * MiB)
+
+
+def refuse(path: Path, match: str) -> None:
+    with pytest.raises(InvalidData, match=match):
+        decode(path)
+
+
+def patch(src: Path, dst: Path, offset: int, data: bytes) -> Path:
+    buf = bytearray(src.read_bytes())
+    buf[offset:offset + len(data)] = data
+    dst.write_bytes(bytes(buf))
+    return dst
+
+
+@pytest.fixture
+def good(raw: Path, tmp_path: Path) -> Path:
+    return convert(raw, tmp_path / "good.qcow2")
+
+
+def test_refuses_garbage(tmp_path: Path) -> None:
+    p = tmp_path / "garbage"
+    p.write_bytes(os.urandom(100_000))
+    refuse(p, "not a QCOW2 image: bad magic")
+    e = tmp_path / "empty"
+    e.write_bytes(b"")
+    refuse(e, "not a QCOW2 image: bad magic")
+
+
+def test_refuses_truncated_header(good: Path, tmp_path: Path) -> None:
+    p = tmp_path / "t.qcow2"
+    p.write_bytes(good.read_bytes()[:50])
+    refuse(p, "truncated QCOW2 image: 50 bytes")
+
+
+def test_refuses_truncated_data(good: Path, tmp_path: Path) -> None:
+    p = tmp_path / "t.qcow2"
+    data = good.read_bytes()
+    p.write_bytes(data[:len(data) // 2])
+    refuse(p, "truncated QCOW2 image: .* beyond the object's")
+
+
+def test_refuses_truncated_compressed(raw: Path, tmp_path: Path) -> None:
+    img = convert(raw, tmp_path / "c.qcow2", "-c")
+    p = tmp_path / "t.qcow2"
+    data = img.read_bytes()
+    p.write_bytes(data[:len(data) - 3 * 65536])
+    refuse(p, "truncated QCOW2 image|does not decompress|decompresses to")
+
+
+def test_refuses_bad_version(good: Path, tmp_path: Path) -> None:
+    refuse(patch(good, tmp_path / "v.qcow2", 4, struct.pack(">I", 4)),
+           "unsupported QCOW2 version 4")
+
+
+def test_refuses_backing_file(raw: Path, tmp_path: Path) -> None:
+    base = convert(raw, tmp_path / "base.qcow2")
+    over = tmp_path / "over.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
+                    str(over)], check=True, capture_output=True)
+    refuse(over, "has a backing file")
+
+
+def test_refuses_encryption(tmp_path: Path) -> None:
+    p = tmp_path / "enc.qcow2"
+    r = subprocess.run(["qemu-img", "create", "-f", "qcow2", "--object",
+                    "secret,id=sec0,data=hunter2", "-o",
+                    "encrypt.format=aes,encrypt.key-secret=sec0",
+                    str(p), "1M"], capture_output=True, text=True)
+    assert p.exists(), r.stderr
+    refuse(p, r"is encrypted \(AES\)")
+
+
+def test_refuses_luks(good: Path, tmp_path: Path) -> None:
+    # (qemu-img's LUKS creation times PBKDF and fails on a busy machine: patch instead)
+    refuse(patch(good, tmp_path / "l.qcow2", 32, struct.pack(">I", 2)),
+           r"is encrypted \(LUKS\)")
+
+
+def test_refuses_extended_l2(tmp_path: Path) -> None:
+    p = tmp_path / "ext.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-o", "extended_l2=on",
+                    str(p), "1M"], check=True, capture_output=True)
+    refuse(p, "extended L2 entries")
+
+
+def test_refuses_unknown_incompatible_feature(good: Path, tmp_path: Path) -> None:
+    refuse(patch(good, tmp_path / "f.qcow2", 72, struct.pack(">Q", 1 << 40)),
+           "unknown incompatible features 0x10000000000")
+
+
+def test_refuses_corrupt_bit(good: Path, tmp_path: Path) -> None:
+    refuse(patch(good, tmp_path / "c.qcow2", 72, struct.pack(">Q", 2)), "marked corrupt")
+
+
+def test_refuses_compression_type_without_bit(good: Path, tmp_path: Path) -> None:
+    refuse(patch(good, tmp_path / "c.qcow2", 104, b"\x01"),
+           "compression_type 1 without the compression type feature bit")
+
+
+def test_refuses_l1_beyond_end(good: Path, tmp_path: Path) -> None:
+    refuse(patch(good, tmp_path / "l1.qcow2", 40, struct.pack(">Q", 1 << 40)),
+           "truncated QCOW2 image: L1 table ends at byte")
+
+
+def test_refuses_small_l1(good: Path, tmp_path: Path) -> None:
+    refuse(patch(good, tmp_path / "l1.qcow2", 24, struct.pack(">Q", 1 << 40)),
+           "L1 table has 1 entries; the virtual size")
+
+
+def test_refuses_odd_size(good: Path, tmp_path: Path) -> None:
+    refuse(patch(good, tmp_path / "s.qcow2", 24, struct.pack(">Q", 1000)),
+           "virtual size 1000 is not a positive multiple of 512")

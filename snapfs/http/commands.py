@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import signal
 import sys
 from contextlib import AsyncExitStack
@@ -32,6 +33,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def _run(args: argparse.Namespace) -> int:
+    # A server's log is its stderr: one line per refusal (4xx/5xx) and per background
+    # job, at INFO; cli.main's default of WARNING would hide the refusals.
+    logging.getLogger("snapfs").setLevel(logging.INFO)
     trio.run(_serve, cli.store_path(args), args.listen, args.s3_endpoint)
     return 0
 

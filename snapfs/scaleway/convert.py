@@ -1,0 +1,61 @@
+"""SDK objects (scaleway.instance.v1 / account.v3 dataclasses) -> our model.
+
+The SDK parses dates into datetimes and states into str-enums; the model keeps
+the API's JSON forms (RFC 3339 strings, plain strings), so ``to_api()`` of a
+converted object equals what the API sent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from ..model import BaseVolume, Project, Snapshot, Task, Volume
+
+
+def _date(value: dt.datetime | str | None) -> str:
+    if value is None:
+        return ""
+    return value.isoformat() if isinstance(value, dt.datetime) else str(value)
+
+
+def _opt_date(value: dt.datetime | str | None) -> str | None:
+    return _date(value) or None
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def snapshot(s: Any) -> Snapshot:
+    bv = s.base_volume
+    return Snapshot(
+        id=s.id, name=_text(s.name), organization=_text(s.organization),
+        project=_text(s.project), tags=list(s.tags or []), volume_type=_text(s.volume_type),
+        size=int(s.size or 0), state=_text(s.state),
+        base_volume=None if bv is None else BaseVolume(id=_text(bv.id), name=_text(bv.name)),
+        creation_date=_date(s.creation_date), modification_date=_date(s.modification_date),
+        error_reason=s.error_reason, zone=_text(s.zone),
+        progress=0 if _text(s.state) in ("snapshotting", "importing") else 100)
+
+
+def volume(v: Any) -> Volume:
+    return Volume(
+        id=v.id, name=_text(v.name), size=int(v.size or 0), volume_type=_text(v.volume_type),
+        zone=_text(v.zone), project=_text(v.project), organization=_text(v.organization),
+        state=_text(v.state), creation_date=_date(v.creation_date),
+        modification_date=_date(v.modification_date), tags=list(v.tags or []))
+
+
+def task(t: Any, zone: str) -> Task:
+    return Task(
+        id=_text(t.id), description=_text(t.description), progress=int(t.progress or 0),
+        status=_text(t.status), zone=_text(t.zone) or zone,
+        started_at=_opt_date(t.started_at), terminated_at=_opt_date(t.terminated_at),
+        href_from=_text(t.href_from), href_result=_text(t.href_result))
+
+
+def project(p: Any) -> Project:
+    return Project(id=p.id, name=_text(p.name), organization=_text(p.organization_id),
+                   created_at=_date(p.created_at), updated_at=_date(p.updated_at),
+                   description=_text(p.description))

@@ -1,0 +1,100 @@
+"""Scaleway API errors (the SDK's ScalewayException) read back as domain errors.
+
+The API's error body carries a ``type`` (invalid_arguments, not_found,
+permissions_denied, precondition_failed, transient_state...) and the status;
+both choose one domain kind here, and the errno then comes from the one table
+in ``snapfs.errors`` like for every other backend. This is the inverse of
+``snapfs.http.api_errors`` (tests check the round trip through ``snapfs serve``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import requests
+from scaleway_core.api import ScalewayException, ValidationError
+
+from ..errors import (AlreadyExists, InvalidArgument, NotFound, NotPermitted, PermissionDenied,
+                      PreconditionFailed, SnapfsError, SnapshotUnusable, Transient)
+from ..http.api_errors import API_RESOURCE, UNUSABLE_PRECONDITION
+
+_OUR_RESOURCE = {api: ours for ours, api in API_RESOURCE.items()}
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """429, 5xx and connection-level failures are worth another try."""
+    if isinstance(exc, ScalewayException):
+        status = exc.status_code or 0
+        return status == 429 or status >= 500
+    return isinstance(exc, (requests.ConnectionError, requests.Timeout))
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """The server's Retry-After in seconds, when it sent one."""
+    if isinstance(exc, ScalewayException):
+        value = exc.response.headers.get("retry-after")
+        if value and value.strip().isdigit():
+            return float(value)
+    return None
+
+
+def _body(exc: ScalewayException) -> dict[str, Any]:
+    try:
+        data = exc.response.json()
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def to_domain(exc: BaseException, what: str) -> SnapfsError:
+    """The domain error for a failed SDK call; ``what`` names the call for messages."""
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+        return Transient(f"{what}: cannot reach the Scaleway API: {exc}")
+    if isinstance(exc, ValueError) and not isinstance(exc, ScalewayException):
+        # The SDK validates path parameters and client settings with ValueError.
+        return InvalidArgument("request", f"{what}: {exc}")
+    if not isinstance(exc, ScalewayException):
+        return SnapfsError(f"{what}: {exc}")
+    status = exc.status_code or 0
+    body = _body(exc)
+    kind = body.get("type")
+    message = str(body.get("message") or exc.response.reason or f"HTTP {status}")
+    if isinstance(exc, ValidationError) and exc.errors:
+        field, reason = next(iter(exc.errors.items()))
+        return InvalidArgument(str(field), str(reason))
+    if kind == "invalid_arguments":
+        details = body.get("details") or [{}]
+        first = details[0] if isinstance(details[0], dict) else {}
+        return InvalidArgument(str(first.get("argument_name") or "request"),
+                               str(first.get("help_message") or first.get("reason")
+                                   or message))
+    if kind == "not_found" or (kind is None and status == 404):
+        resource = str(body.get("resource") or "resource")
+        return NotFound(_OUR_RESOURCE.get(resource, resource),
+                        str(body.get("resource_id") or what))
+    if kind in ("permissions_denied", "denied_authentication", "authorization_required") \
+            or status in (401, 403):
+        return PermissionDenied(f"{what}: {message}")
+    if kind == "precondition_failed":
+        reason = str(body.get("help_message") or message)
+        if body.get("precondition") == UNUSABLE_PRECONDITION:
+            return SnapshotUnusable(reason)
+        return PreconditionFailed(f"{what}: {reason}")
+    if kind == "transient_state":
+        return PreconditionFailed(f"{what}: {body.get('resource', 'resource')} "
+                                  f"{body.get('resource_id', '')} is "
+                                  f"{body.get('current_state', 'busy')}")
+    if kind == "conflict":
+        return AlreadyExists(f"{what}: {message}")
+    if kind == "invalid_request_error":
+        return NotPermitted(f"{what}: {message}")
+    if status in (429, 502, 503, 504) or kind == "transient_error":
+        return Transient(f"{what}: HTTP {status}: {message}")
+    if status >= 500:
+        # Still failing after the retries: the server's own error (EIO), not EAGAIN.
+        return SnapfsError(f"{what}: HTTP {status}: {message}")
+    if status in (409, 412):
+        return PreconditionFailed(f"{what}: {message}")
+    if status == 400:
+        return InvalidArgument("request", f"{what}: {message}")
+    return SnapfsError(f"{what}: HTTP {status}: {message}")

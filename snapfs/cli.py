@@ -54,13 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="snapfs: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        try:
+            return int(args.func(args) or 0)
+        except BaseExceptionGroup as group:  # one failure inside a trio nursery
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
     except SnapfsError as exc:
         print(f"snapfs: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("snapfs: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into head & co.
+        return 0
     except OSError as exc:
         print(f"snapfs: {exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}",
               file=sys.stderr)

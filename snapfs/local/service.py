@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import stat
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator
@@ -302,6 +303,8 @@ class LocalService(SnapshotService):
             try:
                 with scope:
                     await fn(*args)
+            except Exception:  # a bug in one job must not take the whole service down
+                log.exception("background job for snapshot %s failed", snapshot_id)
             finally:
                 self._jobs.pop(snapshot_id, None)
         self._nursery.start_soon(job)
@@ -403,9 +406,9 @@ def _device_size(path: str | None) -> int:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise InvalidArgument("path", f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise InvalidArgument("path", f"{path} is a directory") from None
     try:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise InvalidArgument("path", f"{path} is a directory, not an image or device")
         return os.lseek(fd, 0, os.SEEK_END)
     finally:
         os.close(fd)
@@ -430,13 +433,18 @@ async def open_local_service(store: Path | str, objects: ObjectStorage | None = 
             if exclusive:
                 await recover(svc.md, svc.index, svc.packs)
             fcntl.flock(lock_fd, fcntl.LOCK_SH)  # others may open it beside us now
+            body_error: Exception | None = None
             async with trio.open_nursery() as nursery:
                 svc._nursery = nursery
                 try:
                     yield svc
+                except Exception as exc:  # re-raised below, not wrapped in an ExceptionGroup
+                    body_error = exc
                 finally:
                     with trio.CancelScope(shield=True):
                         await svc.aclose()
+            if body_error is not None:
+                raise body_error
         finally:
             svc.pool.close()
             svc.packs.close()

@@ -1,0 +1,154 @@
+"""Store administration commands of the local backend: volume, project, fsck."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from .cli import add_store_option, store_path
+from .errors import InvalidArgument
+from .model import DEFAULT_ZONE, VOLUME_TYPES, ZONES
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'4096', '512M', '2G', '1TiB', '10GB' -> bytes (binary units, like truncate -s)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise InvalidArgument("size", f"{text!r} is not a size like 4096, 512M or 2G")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def _run(args: argparse.Namespace, fn: Callable[[Any], Awaitable[int | None]]) -> int:
+    from .local import open_local_service
+
+    async def main() -> int | None:
+        async with open_local_service(store_path(args)) as svc:
+            return await fn(svc)
+    return int(trio.run(main) or 0)
+
+
+def _print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    for r in [header] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _volume_add(args: argparse.Namespace) -> int:
+    async def go(svc: Any) -> None:
+        v = await svc.add_volume(args.name, args.path, zone=args.zone, project=args.project,
+                                 volume_type=args.type)
+        print(v.id)
+    return _run(args, go)
+
+
+def _volume_create(args: argparse.Namespace) -> int:
+    async def go(svc: Any) -> None:
+        v = await svc.create_volume(args.name, parse_size(args.size), zone=args.zone,
+                                    project=args.project, volume_type=args.type)
+        print(v.id)
+    return _run(args, go)
+
+
+def _volume_list(args: argparse.Namespace) -> int:
+    async def go(svc: Any) -> None:
+        vols = await svc.list_all_volumes()
+        if args.json:
+            json.dump([v.to_api() for v in vols], sys.stdout, indent=2)
+            print()
+        else:
+            _print_table([[v.name, v.id, str(v.size), v.zone, v.volume_type, v.path or ""]
+                          for v in vols], ["NAME", "ID", "SIZE", "ZONE", "TYPE", "PATH"])
+    return _run(args, go)
+
+
+def _volume_rm(args: argparse.Namespace) -> int:
+    async def go(svc: Any) -> None:
+        await svc.remove_volume(args.name, zone=args.zone)
+    return _run(args, go)
+
+
+def _project_create(args: argparse.Namespace) -> int:
+    async def go(svc: Any) -> None:
+        print((await svc.create_project(args.name)).id)
+    return _run(args, go)
+
+
+def _project_list(args: argparse.Namespace) -> int:
+    async def go(svc: Any) -> None:
+        projects = await svc.list_projects()
+        if args.json:
+            json.dump([p.to_api() for p in projects], sys.stdout, indent=2)
+            print()
+        else:
+            _print_table([[p.name, p.id] for p in projects], ["NAME", "ID"])
+    return _run(args, go)
+
+
+def _fsck(args: argparse.Namespace) -> int:
+    from .local.fsck import fsck
+
+    async def go(svc: Any) -> int:
+        rep = await fsck(svc)
+        for p in rep.problems:
+            print(f"problem: {p}")
+        print(f"{rep.snapshots} snapshots, {rep.chunks} chunks ({rep.bytes} bytes) checked: "
+              + ("clean" if rep.ok else f"{len(rep.problems)} problem(s)"))
+        return 0 if rep.ok else 1
+    return _run(args, go)
+
+
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    vol = sub.add_parser("volume", help="manage local volumes")
+    vsub = vol.add_subparsers(dest="volume_command", required=True, metavar="COMMAND")
+
+    def placement(p: argparse.ArgumentParser) -> None:
+        add_store_option(p)
+        p.add_argument("--zone", default=DEFAULT_ZONE, choices=ZONES, metavar="ZONE",
+                       help=f"zone (default {DEFAULT_ZONE})")
+        p.add_argument("--project", default=None, help="project name or ID (default: default)")
+        p.add_argument("--type", default="b_ssd", choices=VOLUME_TYPES, help="volume type")
+
+    p = vsub.add_parser("add", help="register an existing raw image file or block device")
+    p.add_argument("name")
+    p.add_argument("path")
+    placement(p)
+    p.set_defaults(func=_volume_add)
+
+    p = vsub.add_parser("create", help="make a new sparse raw volume file inside the store")
+    p.add_argument("name")
+    p.add_argument("--size", required=True, help="size, e.g. 10G")
+    placement(p)
+    p.set_defaults(func=_volume_create)
+
+    p = vsub.add_parser("list", help="list volumes")
+    p.add_argument("--json", action="store_true", help="print a JSON list of volume objects")
+    add_store_option(p)
+    p.set_defaults(func=_volume_list)
+
+    p = vsub.add_parser("rm", help="forget a volume (a file made by 'create' is deleted)")
+    p.add_argument("name", help="volume name or ID")
+    p.add_argument("--zone", default=None, choices=ZONES, metavar="ZONE")
+    add_store_option(p)
+    p.set_defaults(func=_volume_rm)
+
+    proj = sub.add_parser("project", help="manage projects")
+    psub = proj.add_subparsers(dest="project_command", required=True, metavar="COMMAND")
+    p = psub.add_parser("create", help="create a project")
+    p.add_argument("name")
+    add_store_option(p)
+    p.set_defaults(func=_project_create)
+    p = psub.add_parser("list", help="list projects")
+    p.add_argument("--json", action="store_true")
+    add_store_option(p)
+    p.set_defaults(func=_project_list)
+
+    p = sub.add_parser("fsck", help="verify every chunk and reference of the store")
+    add_store_option(p)
+    p.set_defaults(func=_fsck)

@@ -1,0 +1,75 @@
+"""``snapfs fsck``: verify every chunk against its hash and every reference.
+
+Reads every stored chunk once, pack by pack in offset order (sequential I/O),
+hashing in worker threads. Reports problems; fixes nothing (recovery at open
+does the safe repairs).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import trio
+
+from ..errors import CorruptData
+from .service import LocalService
+
+
+@dataclass
+class FsckReport:
+    chunks: int = 0
+    bytes: int = 0
+    snapshots: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+async def fsck(svc: LocalService) -> FsckReport:
+    rep = FsckReport()
+    conn = svc.md.conn
+    packs = svc.index.packs()
+    rep.snapshots = conn.execute("SELECT count(*) FROM snapshots").fetchone()[0]
+
+    # References: every map entry names an existing chunk, of an existing snapshot.
+    for snap, idx, chunk in conn.execute(
+            "SELECT snap, idx, chunk FROM snapshot_chunks m WHERE NOT EXISTS "
+            "(SELECT 1 FROM chunks c WHERE c.id = m.chunk)"):
+        rep.problems.append(f"snapshot #{snap} chunk {idx} refers to missing chunk {chunk}")
+    for (snap,) in conn.execute("SELECT DISTINCT snap FROM snapshot_chunks m WHERE NOT EXISTS "
+                                "(SELECT 1 FROM snapshots s WHERE s.rowid = m.snap)"):
+        rep.problems.append(f"chunk map rows of a deleted snapshot #{snap}")
+    for sid, name, size, n in conn.execute(
+            "SELECT s.id, s.name, s.size, max(m.idx) FROM snapshots s "
+            "JOIN snapshot_chunks m ON m.snap = s.rowid GROUP BY s.rowid"):
+        if n * (1 << 20) >= size:
+            rep.problems.append(f"snapshot {sid} ({name}) maps chunk {n} beyond its size {size}")
+    for (cid,) in conn.execute("SELECT id FROM chunks c WHERE NOT EXISTS "
+                               "(SELECT 1 FROM snapshot_chunks m WHERE m.chunk = c.id)"):
+        rep.problems.append(f"chunk {cid} is not referenced by any snapshot (leaked)")
+    for (cid, pack) in conn.execute("SELECT id, pack FROM chunks c WHERE NOT EXISTS "
+                                    "(SELECT 1 FROM packs p WHERE p.id = c.pack)"):
+        rep.problems.append(f"chunk {cid} lies in unknown pack {pack}")
+    for pack in sorted(svc.packs.existing() - set(packs)):
+        rep.problems.append(f"pack file {svc.packs.path(pack).name} has no metadata")
+
+    # Data: every chunk's bytes against its hash.
+    rows = conn.execute("SELECT id, pack, offset, length, hash FROM chunks "
+                        "ORDER BY pack, offset").fetchall()
+    for cid, pack, offset, length, digest in rows:
+        if pack in packs and offset + length > packs[pack]:
+            rep.problems.append(f"chunk {cid} ends past pack {pack}'s committed length")
+            continue
+        try:
+            await trio.to_thread.run_sync(svc.packs.read, pack, offset, length, bytes(digest),
+                                          limiter=svc.io_limiter)
+        except CorruptData as exc:
+            rep.problems.append(f"chunk {cid}: {exc}")
+        except OSError as exc:
+            rep.problems.append(f"chunk {cid}: cannot read pack {pack}: {os.strerror(exc.errno or 0)}")
+        rep.chunks += 1
+        rep.bytes += length
+    return rep

@@ -1,0 +1,90 @@
+"""The store administration CLI, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fixtures_store import snapfs_cli, write_volume
+
+
+def test_volume_add_create_list_rm(tmp_path: Path, store_dir: Path) -> None:
+    img = write_volume(tmp_path / "disk.raw", 1 << 20, [(0, b"hello")])
+    res = snapfs_cli("volume", "add", "disk", str(img), "--zone", "nl-ams-1", store=store_dir)
+    assert res.returncode == 0, res.stderr
+    vid = res.stdout.strip()
+    res = snapfs_cli("volume", "create", "scratch", "--size", "64M", "--type", "l_ssd",
+                     store=store_dir)
+    assert res.returncode == 0, res.stderr
+    vols = json.loads(snapfs_cli("volume", "list", "--json", store=store_dir, check=True).stdout)
+    by_name = {v["name"]: v for v in vols}
+    assert by_name["disk"]["id"] == vid
+    assert by_name["disk"]["zone"] == "nl-ams-1" and by_name["disk"]["size"] == 1 << 20
+    assert by_name["disk"]["path"] == str(img)
+    scratch = Path(by_name["scratch"]["path"])
+    assert scratch.parent == store_dir / "volumes" and scratch.stat().st_size == 64 << 20
+    assert scratch.stat().st_blocks == 0  # sparse
+    assert by_name["scratch"]["volume_type"] == "l_ssd"
+    assert {"id", "name", "size", "zone", "project", "path"} <= set(by_name["scratch"])
+    assert snapfs_cli("volume", "rm", "scratch", store=store_dir).returncode == 0
+    assert not scratch.exists()
+    assert snapfs_cli("volume", "rm", "disk", store=store_dir).returncode == 0
+    assert img.exists()  # a registered file is never deleted
+    assert json.loads(snapfs_cli("volume", "list", "--json", store=store_dir).stdout) == []
+
+
+def test_projects(store_dir: Path) -> None:
+    res = snapfs_cli("project", "create", "web", store=store_dir)
+    assert res.returncode == 0, res.stderr
+    projects = json.loads(snapfs_cli("project", "list", "--json", store=store_dir).stdout)
+    assert [p["name"] for p in projects] == ["default", "web"]
+    assert projects[1]["id"] == res.stdout.strip()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["volume", "add", "x", "/nonexistent/disk.raw"], "does not exist"),
+    (["volume", "create", "x", "--size", "12x"], "not a size"),
+    (["volume", "create", "x", "--size", "1000"], "multiple of 512"),
+    (["volume", "create", "a/b", "--size", "1M"], "invalid name"),
+    (["volume", "create", "x", "--size", "1M", "--project", "nope"], "not found"),
+    (["volume", "rm", "nope"], "not found"),
+    (["project", "create", "default"], "already exists"),
+    (["volume", "add"], "required"),
+    (["volume", "create", "x", "--size", "1M", "--zone", "mars-1"], "invalid choice"),
+])
+def test_bad_input_is_one_line_and_changes_nothing(store_dir: Path, args: list[str],
+                                                   message: str) -> None:
+    before = snapfs_cli("volume", "list", "--json", store=store_dir, check=True).stdout
+    res = snapfs_cli(*args, store=store_dir)
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert snapfs_cli("volume", "list", "--json", store=store_dir).stdout == before
+    projects = json.loads(snapfs_cli("project", "list", "--json", store=store_dir).stdout)
+    assert [p["name"] for p in projects] == ["default"]
+
+
+def test_every_command_has_help() -> None:
+    for args in (["--help"], ["volume", "--help"], ["volume", "add", "--help"],
+                 ["volume", "create", "--help"], ["volume", "list", "--help"],
+                 ["volume", "rm", "--help"], ["project", "create", "--help"],
+                 ["project", "list", "--help"], ["fsck", "--help"]):
+        res = snapfs_cli(*args)
+        assert res.returncode == 0 and "usage:" in res.stdout, args
+
+
+def test_store_from_option_env_and_default(tmp_path: Path) -> None:
+    opt, env = tmp_path / "opt", tmp_path / "env"
+    assert snapfs_cli("project", "create", "p", "--store", str(opt)).returncode == 0
+    assert (opt / "metadata.db").exists()
+    assert snapfs_cli("project", "list", store=env).returncode == 0
+    assert (env / "metadata.db").exists()
+    home = tmp_path / "home"
+    res = snapfs_cli("project", "list", env={"HOME": str(home), "SNAPFS_STORE": ""})
+    assert res.returncode == 0, res.stderr
+    default = home / ".local" / "share" / "snapfs"
+    assert (default / "metadata.db").exists()
+    assert default.stat().st_mode & 0o777 == 0o700

@@ -1,0 +1,305 @@
+"""The snapshot service's rules on the local backend: real SQLite, real chunk store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import trio
+
+from fixtures_store import MiB, ZONE, random_bytes, read_all, wait_state
+from snapfs.errors import InvalidArgument, NotFound, PreconditionFailed, SnapshotUnusable
+from snapfs.local import LocalService, open_local_service
+from snapfs.local.service import NO_OBJECT_STORAGE
+from snapfs.model import ZONES, Snapshot
+from snapfs.objects import ObjectStorage, ProgressFn
+from snapfs.service import ImageReader
+
+
+async def snapshot_of(svc: LocalService, path: Path, name: str = "snap",
+                      **kw: object) -> Snapshot:
+    vols = {v.path: v for v in await svc.list_all_volumes()}
+    vol = vols.get(str(path)) or await svc.add_volume(path.stem, path)
+    snap = await svc.create_snapshot(ZONE, name=name, volume_id=vol.id, **kw)  # type: ignore[arg-type]
+    return await wait_state(svc, snap.id)
+
+
+async def state_of_store(svc: LocalService) -> tuple[object, ...]:
+    """Everything a refused call must leave unchanged."""
+    snaps = await svc.list_snapshots(ZONE, per_page=100)
+    chunks = svc.md.conn.execute("SELECT count(*) FROM chunks").fetchone()[0]
+    tasks = svc.md.conn.execute("SELECT count(*) FROM tasks").fetchone()[0]
+    return (tuple(tuple(sorted((k, str(v)) for k, v in s.to_api().items()))
+                  for s in snaps.items),
+        snaps.total_count, chunks, tasks, len(await svc.list_all_volumes()))
+
+
+async def test_defaults_exist_from_the_first_run(service: LocalService) -> None:
+    projects = await service.list_projects()
+    assert [p.name for p in projects] == ["default"]
+    assert projects[0].organization == service.organization
+    zones = await service.list_zones()
+    assert zones[0] == "fr-par-1" and sorted(zones) == sorted(ZONES)
+
+
+async def test_capture_reads_back_byte_identical_and_stores_no_holes(
+        service: LocalService, volume_file: Callable[..., Path]) -> None:
+    data = random_bytes(3 * MiB + 4096, seed=1)
+    path = volume_file("vol", 64 * MiB, [(5 * MiB + 100, data), (60 * MiB, b"tail")])
+    snap = await snapshot_of(service, path, tags=["b", "a"])
+    assert snap.state == "available" and snap.progress == 100
+    assert snap.size == 64 * MiB and snap.tags == ["b", "a"]
+    assert snap.base_volume is not None and snap.base_volume.name == "vol"
+    assert await read_all(service, snap.id) == path.read_bytes()
+    # Only chunks holding data were stored: 4 for the random run, 1 for "tail".
+    assert service.md.conn.execute("SELECT count(*) FROM chunks").fetchone()[0] == 5
+
+
+async def test_unaligned_size_and_random_access(service: LocalService,
+                                                volume_file: Callable[..., Path]) -> None:
+    data = random_bytes(3 * MiB + 512, seed=2)
+    path = volume_file("odd", len(data), [(0, data)])
+    snap = await snapshot_of(service, path)
+    reader = await service.open_image(ZONE, snap.id)
+    assert reader.size == len(data)
+    for off, n in ((0, 1), (MiB - 3, 10), (2 * MiB + 7, MiB + 100), (len(data) - 5, 100)):
+        assert await reader.read(off, n) == data[off:off + n]
+    assert await reader.read(len(data), 10) == b""
+    await reader.aclose()
+
+
+async def test_dedup_second_snapshot_stores_only_changed_chunks(
+        service: LocalService, volume_file: Callable[..., Path]) -> None:
+    path = volume_file("vol", 32 * MiB, [(0, random_bytes(16 * MiB, seed=3))])
+    first = await snapshot_of(service, path, "first")
+    with open(path, "r+b") as f:
+        f.seek(4 * MiB)
+        f.write(random_bytes(2 * MiB, seed=4))
+    second = await snapshot_of(service, path, "second")
+    assert service.md.conn.execute("SELECT count(*) FROM chunks").fetchone()[0] == 18
+    assert await read_all(service, second.id) == path.read_bytes()
+    assert (await read_all(service, first.id))[4 * MiB:6 * MiB] != path.read_bytes()[4 * MiB:6 * MiB]
+
+
+async def test_progress_is_visible_while_capturing(service: LocalService,
+                                                   volume_file: Callable[..., Path]) -> None:
+    path = volume_file("big", 192 * MiB, [(0, random_bytes(192 * MiB, seed=5))])
+    vol = await service.add_volume("big", path)
+    snap = await service.create_snapshot(ZONE, name="s", volume_id=vol.id)
+    assert snap.state == "snapshotting" and snap.progress == 0
+    seen = set()
+    while (cur := await service.get_snapshot(ZONE, snap.id)).state == "snapshotting":
+        seen.add(cur.progress)
+        await trio.sleep(0.005)
+    assert cur.state == "available" and cur.progress == 100
+    assert any(0 < p < 100 for p in seen), seen
+
+
+async def test_list_pages_filters_and_total_count(service: LocalService,
+                                                  volume_file: Callable[..., Path]) -> None:
+    a = await service.add_volume("a", volume_file("a", MiB, [(0, b"a")]))
+    b = await service.add_volume("b", volume_file("b", MiB, [(0, b"b")]))
+    other = await service.create_project("other")
+    made = []
+    for i in range(7):
+        vol = a if i % 2 == 0 else b
+        tags = ["even"] if i % 2 == 0 else ["odd", f"n{i}"]
+        kw = {"project": other.id} if i == 6 else {}
+        s = await service.create_snapshot(ZONE, name=f"snap-{i}", volume_id=vol.id, tags=tags,
+                                          **kw)  # type: ignore[arg-type]
+        made.append(s.id)
+    pages = [await service.list_snapshots(ZONE, per_page=3, page=p) for p in (1, 2, 3, 4)]
+    assert [p.total_count for p in pages] == [7] * 4
+    assert [s.id for p in pages for s in p.items] == made  # stable creation order
+    assert pages[3].items == []
+    assert (await service.list_snapshots(ZONE, name="snap-3")).total_count == 1
+    assert (await service.list_snapshots(ZONE, name="snap")).total_count == 7  # substring
+    assert (await service.list_snapshots(ZONE, tags=["odd"])).total_count == 3
+    assert (await service.list_snapshots(ZONE, tags=["odd", "n3"])).total_count == 1
+    assert (await service.list_snapshots(ZONE, base_volume_id=b.id)).total_count == 3
+    assert (await service.list_snapshots(ZONE, project=other.id)).total_count == 1
+    assert (await service.list_snapshots(ZONE, organization=service.organization)
+            ).total_count == 7
+    assert (await service.list_snapshots("nl-ams-1")).total_count == 0
+    for bad in ({"per_page": 101}, {"per_page": 0, "page": -1}):
+        with pytest.raises(InvalidArgument):
+            await service.list_snapshots(ZONE, **bad)  # type: ignore[arg-type]
+
+
+async def test_create_refusals_change_nothing(service: LocalService,
+                                              volume_file: Callable[..., Path]) -> None:
+    vol = await service.add_volume("v", volume_file("v", MiB, [(0, b"x")]))
+    before = await state_of_store(service)
+    cases = [
+        (NotFound, dict(name="s", volume_id="00000000-0000-0000-0000-000000000000")),
+        (InvalidArgument, dict(name="s", volume_id="not-a-uuid")),
+        (InvalidArgument, dict(name="a/b", volume_id=vol.id)),
+        (InvalidArgument, dict(name="s", volume_id=vol.id, volume_type="floppy")),
+        (InvalidArgument, dict(name="s", volume_id=vol.id, tags=["a,b"])),
+        (InvalidArgument, dict(name="s", volume_id=vol.id, project=service.organization,
+                               organization=service.organization)),
+        (InvalidArgument, dict(name="s", bucket="b", key="k", size=1000)),
+        (InvalidArgument, dict(name="s", bucket="b", key="k", size=0)),
+        (InvalidArgument, dict(name="s", bucket="", key="k")),
+        (InvalidArgument, dict(name="s", bucket="b", key="")),
+    ]
+    for kind, kw in cases:
+        with pytest.raises(kind):
+            await service.create_snapshot(ZONE, **kw)  # type: ignore[arg-type]
+    with pytest.raises(NotFound):  # the volume lives in fr-par-1
+        await service.create_snapshot("nl-ams-1", name="s", volume_id=vol.id)
+    assert await state_of_store(service) == before
+
+
+async def test_import_without_object_storage_ends_in_error_saying_so(
+        service: LocalService) -> None:
+    snap = await service.create_snapshot(ZONE, name="imp", bucket="b", key="k.qcow2",
+                                         size=512 * 1024)
+    assert snap.state == "importing" and snap.base_volume is None
+    done = await wait_state(service, snap.id)
+    assert done.state == "error"
+    assert done.error_reason == NO_OBJECT_STORAGE
+    with pytest.raises(SnapshotUnusable):
+        await service.open_image(ZONE, snap.id)
+
+
+async def test_set_applies_mutable_fields_and_refuses_immutable_ones(
+        service: LocalService, volume_file: Callable[..., Path]) -> None:
+    snap = await snapshot_of(service, volume_file("v", MiB, [(0, b"x")]), tags=["t"])
+    for field, value in (("size", snap.size + 512), ("volume_type", "l_ssd"),
+                         ("project", "00000000-0000-0000-0000-000000000000"),
+                         ("creation_date", "2020-01-01T00:00:00+00:00"), ("base_volume", None),
+                         ("zone", "nl-ams-1")):
+        bad = Snapshot.from_api({**snap.to_api(), field: value})
+        with pytest.raises(InvalidArgument) as info:
+            await service.set_snapshot(ZONE, bad)
+        assert info.value.field == field
+        assert await service.get_snapshot(ZONE, snap.id) == snap
+    new = Snapshot.from_api({**snap.to_api(), "name": "renamed", "tags": ["x", "y"]})
+    got = await service.set_snapshot(ZONE, new)
+    assert (got.name, got.tags) == ("renamed", ["x", "y"])
+    assert got.modification_date >= snap.modification_date
+
+
+async def test_update_name_and_tags(service: LocalService,
+                                    volume_file: Callable[..., Path]) -> None:
+    snap = await snapshot_of(service, volume_file("v", MiB, [(0, b"x")]))
+    got = await service.update_snapshot(ZONE, snap.id, tags=["z", "a"])
+    assert (got.name, got.tags) == ("snap", ["z", "a"])
+    got = await service.update_snapshot(ZONE, snap.id, name="new")
+    assert (got.name, got.tags) == ("new", ["z", "a"])
+    with pytest.raises(InvalidArgument):
+        await service.update_snapshot(ZONE, snap.id, name="")
+    with pytest.raises(NotFound):
+        await service.update_snapshot(ZONE, "00000000-0000-0000-0000-000000000000", name="x")
+    assert await service.get_snapshot(ZONE, snap.id) == got
+
+
+async def test_delete_reclaims_chunks_and_space(service: LocalService,
+                                                volume_file: Callable[..., Path],
+                                                store_dir: Path) -> None:
+    path = volume_file("v", 16 * MiB, [(0, random_bytes(8 * MiB, seed=6))])
+    first = await snapshot_of(service, path, "first")
+    with open(path, "r+b") as f:
+        f.write(random_bytes(2 * MiB, seed=7))
+    second = await snapshot_of(service, path, "second")
+    packs = list((store_dir / "packs").glob("*.pack"))
+    blocks = sum(p.stat().st_blocks for p in packs)
+    await service.delete_snapshot(ZONE, first.id)
+    # The 2 chunks only the first snapshot had are gone, their space punched out.
+    assert service.md.conn.execute("SELECT count(*) FROM chunks").fetchone()[0] == 8
+    assert sum(p.stat().st_blocks for p in packs) <= blocks - (2 * MiB) // 512
+    assert await read_all(service, second.id) == path.read_bytes()
+    await service.delete_snapshot(ZONE, second.id)
+    assert service.md.conn.execute("SELECT count(*) FROM chunks").fetchone()[0] == 0
+    assert service.md.conn.execute("SELECT count(*) FROM snapshot_chunks").fetchone()[0] == 0
+    with pytest.raises(NotFound):
+        await service.get_snapshot(ZONE, first.id)
+
+
+class GatedStorage(ObjectStorage):
+    """Holds an export open until released, then fails: lets a test observe the
+    service's own `exporting` state machine. The real S3 path is tested against
+    SeaweedFS in the Object Storage tests."""
+
+    def __init__(self) -> None:
+        self.release = trio.Event()
+        self.started = trio.Event()
+
+    async def export_qcow2(self, image: ImageReader, bucket: str, key: str,
+                           progress: ProgressFn) -> int:
+        self.started.set()
+        progress(1, 2)
+        await self.release.wait()
+        raise NotFound("bucket", bucket)
+
+    async def open_qcow2(self, bucket: str, key: str) -> ImageReader:
+        self.started.set()
+        await self.release.wait()
+        raise NotFound("bucket", bucket)
+
+
+async def test_delete_refused_while_exporting_or_importing(
+        store_dir: Path, volume_file: Callable[..., Path]) -> None:
+    gate = GatedStorage()
+    async with open_local_service(store_dir, objects=gate) as svc:
+        snap = await snapshot_of(svc, volume_file("v", MiB, [(0, b"x")]))
+        task = await svc.export_snapshot(ZONE, snap.id, bucket="bkt", key="k.qcow2")
+        assert task.status == "pending" and task.description == "export_snapshot"
+        await gate.started.wait()
+        assert (await svc.get_snapshot(ZONE, snap.id)).state == "exporting"
+        imp = await svc.create_snapshot(ZONE, name="imp", bucket="bkt", key="k")
+        before = await state_of_store(svc)
+        for sid in (snap.id, imp.id):
+            with pytest.raises(PreconditionFailed):
+                await svc.delete_snapshot(ZONE, sid)
+        with pytest.raises(PreconditionFailed):  # one export at a time
+            await svc.export_snapshot(ZONE, snap.id, bucket="bkt", key="again")
+        assert await state_of_store(svc) == before
+        t = await svc.get_task(ZONE, task.id)
+        assert t.status == "started" and t.progress == 50
+        gate.release.set()
+        done = await wait_state(svc, snap.id)
+        assert done.state == "available"
+        t = await svc.get_task(ZONE, task.id)
+        assert t.status == "failure" and "not found" in (t.error or "")
+        assert t.terminated_at is not None
+        failed_import = await wait_state(svc, imp.id)
+        assert failed_import.state == "error"
+        await svc.delete_snapshot(ZONE, snap.id)
+
+
+async def test_export_without_object_storage_fails_and_leaves_snapshot_available(
+        service: LocalService, volume_file: Callable[..., Path]) -> None:
+    snap = await snapshot_of(service, volume_file("v", MiB, [(0, b"x")]))
+    task = await service.export_snapshot(ZONE, snap.id, bucket="b", key="k")
+    await wait_state(service, snap.id)
+    with trio.fail_after(10):
+        while (t := await service.get_task(ZONE, task.id)).status in ("pending", "started"):
+            await trio.sleep(0.01)
+    assert t.status == "failure" and t.error == NO_OBJECT_STORAGE
+    assert (await service.get_snapshot(ZONE, snap.id)).state == "available"
+    with pytest.raises(InvalidArgument):
+        await service.export_snapshot(ZONE, snap.id, bucket="", key="k")
+
+
+async def test_snapshot_of_a_vanished_volume_is_refused(
+        service: LocalService, volume_file: Callable[..., Path]) -> None:
+    path = volume_file("gone", MiB, [(0, b"x")])
+    vol = await service.add_volume("gone", path)
+    path.unlink()
+    with pytest.raises(InvalidArgument, match="does not exist"):
+        await service.create_snapshot(ZONE, name="s", volume_id=vol.id)
+    assert (await service.list_snapshots(ZONE)).total_count == 0
+
+
+async def test_restart_keeps_everything(store_dir: Path,
+                                        volume_file: Callable[..., Path]) -> None:
+    path = volume_file("v", 8 * MiB, [(MiB, random_bytes(3 * MiB, seed=8))])
+    async with open_local_service(store_dir) as svc:
+        snap = await snapshot_of(svc, path)
+    async with open_local_service(store_dir) as svc:
+        assert await svc.get_snapshot(ZONE, snap.id) == snap
+        assert await read_all(svc, snap.id) == path.read_bytes()
+        assert [v.name for v in await svc.list_all_volumes()] == ["v"]

@@ -1,0 +1,135 @@
+"""The chunk store under the service: corruption, crashes, fsck, reclaiming."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from fixtures_store import MiB, ZONE, random_bytes, read_all, snapfs_cli, wait_state
+from snapfs.errors import CorruptData
+from snapfs.local import open_local_service
+
+
+async def test_corrupt_chunk_reads_as_an_error_and_fsck_reports_it(
+        store_dir: Path, volume_file: Callable[..., Path]) -> None:
+    path = volume_file("v", 4 * MiB, [(0, random_bytes(4 * MiB, seed=10))])
+    async with open_local_service(store_dir) as svc:
+        vol = await svc.add_volume("v", path)
+        snap = await wait_state(svc, (await svc.create_snapshot(
+            ZONE, name="s", volume_id=vol.id)).id)
+        pack, offset = svc.md.conn.execute(
+            "SELECT c.pack, c.offset FROM chunks c JOIN snapshot_chunks m ON m.chunk = c.id "
+            "WHERE m.idx = 2").fetchone()
+    assert snapfs_cli("fsck", store=store_dir).returncode == 0
+    with open(store_dir / "packs" / f"{pack:08d}.pack", "r+b") as f:
+        f.seek(offset + 1234)
+        byte = f.read(1)
+        f.seek(offset + 1234)
+        f.write(bytes([byte[0] ^ 0x01]))
+    async with open_local_service(store_dir) as svc:
+        reader = await svc.open_image(ZONE, snap.id)
+        assert await reader.read(0, MiB) == path.read_bytes()[:MiB]  # other chunks fine
+        with pytest.raises(CorruptData, match="does not match its hash"):
+            await reader.read(2 * MiB + 10, 100)
+        await reader.aclose()
+    res = snapfs_cli("fsck", store=store_dir)
+    assert res.returncode == 1
+    assert "does not match its hash" in res.stdout
+    assert "1 problem(s)" in res.stdout
+
+
+async def test_fsck_reports_a_dangling_reference(store_dir: Path,
+                                                 volume_file: Callable[..., Path]) -> None:
+    path = volume_file("v", 2 * MiB, [(0, random_bytes(2 * MiB, seed=11))])
+    async with open_local_service(store_dir) as svc:
+        vol = await svc.add_volume("v", path)
+        await wait_state(svc, (await svc.create_snapshot(ZONE, name="s", volume_id=vol.id)).id)
+    conn = sqlite3.connect(store_dir / "metadata.db")
+    with conn:
+        conn.execute("PRAGMA foreign_keys = OFF")
+        conn.execute("UPDATE snapshot_chunks SET chunk = 999 WHERE idx = 1")
+    conn.close()
+    res = snapfs_cli("fsck", store=store_dir)
+    assert res.returncode == 1
+    assert "refers to missing chunk 999" in res.stdout
+
+
+KILLED_CAPTURE = textwrap.dedent("""
+    import sys, trio
+    from snapfs.local import open_local_service
+
+    async def main():
+        async with open_local_service(sys.argv[1]) as svc:
+            vol = await svc.add_volume("big", sys.argv[2])
+            await svc.create_snapshot("fr-par-1", name="doomed", volume_id=vol.id)
+            print("started", flush=True)
+            await trio.sleep_forever()
+    trio.run(main)
+""")
+
+
+def test_sigkill_mid_capture_damages_nothing(store_dir: Path, tmp_path: Path,
+                                             volume_file: Callable[..., Path]) -> None:
+    import trio
+
+    keep = volume_file("keep", 6 * MiB, [(0, random_bytes(6 * MiB, seed=12))])
+    big = volume_file("big", 384 * MiB, [(0, random_bytes(384 * MiB, seed=13))])
+
+    async def first() -> str:
+        async with open_local_service(store_dir) as svc:
+            vol = await svc.add_volume("keep", keep)
+            return (await wait_state(svc, (await svc.create_snapshot(
+                ZONE, name="keeper", volume_id=vol.id)).id)).id
+    keeper = trio.run(first)
+    keep_bytes = keep.read_bytes()
+    blocks_before = sum(p.stat().st_blocks for p in (store_dir / "packs").glob("*.pack"))
+
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_CAPTURE, str(store_dir), str(big)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
+        db = sqlite3.connect(store_dir / "metadata.db")
+        deadline = time.monotonic() + 60
+        progress = 0
+        while progress < 10 and time.monotonic() < deadline:
+            row = db.execute("SELECT progress FROM snapshots WHERE name = 'doomed'").fetchone()
+            progress = row[0] if row else 0
+            time.sleep(0.01)
+        db.close()
+        assert 10 <= progress < 100, progress
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    async def after() -> None:
+        async with open_local_service(store_dir) as svc:
+            doomed = (await svc.list_snapshots(ZONE, name="doomed")).items[0]
+            assert doomed.state == "error"
+            assert "interrupted" in (doomed.error_reason or "")
+            assert await read_all(svc, keeper) == keep_bytes
+            # Its partial chunks were reclaimed: only the keeper's 6 remain.
+            assert svc.md.conn.execute("SELECT count(*) FROM chunks").fetchone()[0] == 6
+    trio.run(after)
+    blocks_after = sum(p.stat().st_blocks for p in (store_dir / "packs").glob("*.pack"))
+    assert blocks_after <= blocks_before + 64  # metadata noise only, no leaked chunk data
+    res = snapfs_cli("fsck", store=store_dir)
+    assert res.returncode == 0, res.stdout
+    assert "clean" in res.stdout
+
+
+def test_store_directory_is_private(tmp_path: Path) -> None:
+    store = tmp_path / "fresh"
+    res = snapfs_cli("project", "list", store=store)
+    assert res.returncode == 0
+    assert (os.stat(store).st_mode & 0o777) == 0o700

@@ -1,0 +1,110 @@
+"""The resource model: API JSON shape (checked by the official SDK), validators,
+and the one errno/HTTP table."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from scaleway.instance.v1.marshalling import unmarshal_Snapshot, unmarshal_Task
+
+from snapfs import errors
+from snapfs.errors import InvalidArgument, errno_for, http_status_for
+from snapfs.model import (BaseVolume, Snapshot, Task, check_name, check_paging, check_tags,
+                          check_zone)
+
+
+def make_snapshot(**over: object) -> Snapshot:
+    base = dict(id="6f1b4a3e-7d3c-4c55-9a53-0d6f3f8b7c01", name="db-nightly",
+                organization="11111111-2222-3333-4444-555555555555",
+                project="11111111-2222-3333-4444-555555555555", tags=["prod", "db"],
+                volume_type="b_ssd", size=20 << 30, state="available",
+                base_volume=BaseVolume("aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee", "db-vol"),
+                creation_date="2026-11-27T10:00:00.123456+00:00",
+                modification_date="2026-11-27T10:05:00+00:00", error_reason=None,
+                zone="fr-par-1")
+    base.update(over)
+    return Snapshot(**base)  # type: ignore[arg-type]
+
+
+def test_snapshot_json_is_what_the_official_sdk_reads() -> None:
+    snap = make_snapshot()
+    sdk = unmarshal_Snapshot(snap.to_api())
+    assert sdk.id == snap.id
+    assert sdk.name == snap.name
+    assert sdk.organization == snap.organization
+    assert sdk.project == snap.project
+    assert sdk.tags == ["prod", "db"]
+    assert sdk.volume_type == "b_ssd"
+    assert sdk.size == 20 << 30
+    assert sdk.state == "available"
+    assert sdk.base_volume is not None
+    assert (sdk.base_volume.id, sdk.base_volume.name) == ("aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee",
+                                                          "db-vol")
+    assert sdk.creation_date is not None and sdk.creation_date.isoformat() == snap.creation_date
+    assert sdk.modification_date is not None
+    assert sdk.modification_date.isoformat() == snap.modification_date
+    assert sdk.error_reason is None
+    assert sdk.zone == "fr-par-1"
+
+
+def test_imported_snapshot_has_null_base_volume_and_error_reason_round_trips() -> None:
+    snap = make_snapshot(base_volume=None, state="invalid_data", error_reason="bad magic")
+    sdk = unmarshal_Snapshot(snap.to_api())
+    assert sdk.base_volume is None
+    assert sdk.state == "invalid_data"
+    assert sdk.error_reason == "bad magic"
+    assert Snapshot.from_api(snap.to_api()) == snap
+
+
+def test_task_json_is_what_the_official_sdk_reads() -> None:
+    task = Task(id="6f1b4a3e-7d3c-4c55-9a53-0d6f3f8b7c02", description="export_snapshot",
+                progress=40, status="started", zone="fr-par-1",
+                started_at="2026-11-27T10:00:00+00:00")
+    sdk = unmarshal_Task(task.to_api())
+    assert (sdk.id, sdk.progress, sdk.status, sdk.zone) == (task.id, 40, "started", "fr-par-1")
+
+
+@pytest.mark.parametrize("data, field", [
+    ([], "snapshot"),
+    ({"name": "x"}, "base_volume"),
+    ({**make_snapshot().to_api(), "extra": 1}, "extra"),
+    ({**make_snapshot().to_api(), "size": "big"}, "size"),
+    ({**make_snapshot().to_api(), "tags": "a,b"}, "tags"),
+    ({**make_snapshot().to_api(), "name": "a/b"}, "name"),
+])
+def test_from_api_rejects_wrong_shapes(data: object, field: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        Snapshot.from_api(data)
+    assert info.value.field == field
+
+
+def test_validators() -> None:
+    assert check_name("ok name") == "ok name"
+    for bad in ("", ".", "..", "a/b", "x" * 256, 5):
+        with pytest.raises(InvalidArgument):
+            check_name(bad)
+    assert check_tags(["b", "a"]) == ["b", "a"]
+    for bad_tags in (["a,b"], [""], "a", [1]):
+        with pytest.raises(InvalidArgument):
+            check_tags(bad_tags)
+    assert check_paging(None, None) == (50, 1)
+    assert check_paging(100, 3) == (100, 3)
+    for pp, pg in ((101, 1), (-1, 1), (10, -2)):
+        with pytest.raises(InvalidArgument):
+            check_paging(pp, pg)
+    with pytest.raises(InvalidArgument):
+        check_zone("mars-1")
+
+
+def test_every_error_kind_has_one_errno_and_one_http_status() -> None:
+    kinds = [c for c in vars(errors).values()
+             if isinstance(c, type) and issubclass(c, errors.SnapfsError)]
+    for kind in kinds:
+        assert kind in errors.ERRNO, kind
+        assert kind in errors.HTTP_STATUS, kind
+    assert errno_for(errors.PreconditionFailed("exporting")) == errno.EBUSY
+    assert errno_for(errors.NotFound("snapshot", "x")) == errno.ENOENT
+    assert errno_for(InvalidArgument("size", "odd")) == errno.EINVAL
+    assert http_status_for(InvalidArgument("size", "odd")) == 400
+    assert http_status_for(errors.NotFound("snapshot", "x")) == 404

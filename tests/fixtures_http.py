@@ -91,7 +91,12 @@ async def _populate(store: Path, data_dir: Path) -> dict[str, Any]:
 def start_server(store: Path, log: Path, env: dict[str, str] | None = None,
                  extra_args: list[str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
     """Start `snapfs serve --listen 127.0.0.1:0`; returns the process and its URL."""
-    full_env = dict(os.environ)
+    # No Object Storage unless the caller configures one: nothing inherited may point
+    # the server at a real endpoint (SCW keys would select Scaleway's S3).
+    full_env = {k: v for k, v in os.environ.items()
+                if not k.startswith(("SCW_", "AWS_"))}
+    full_env.update(AWS_CONFIG_FILE="/nonexistent/aws-config",
+                    AWS_SHARED_CREDENTIALS_FILE="/nonexistent/aws-credentials")
     full_env.update(env or {})
     with open(log, "ab") as err:
         proc = subprocess.Popen(

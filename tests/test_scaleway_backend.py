@@ -261,6 +261,13 @@ async def test_retries_429_and_5xx(flaky: Flaky) -> None:
         await _refusal(lambda: svc.get_snapshot("fr-par-1", str(uuid.uuid4())))
         assert flaky.seen == 1
 
+        # An attempt that hangs is abandoned after call_timeout and retried.
+        svc.call_timeout = 0.3
+        flaky.script, flaky.delay, flaky.seen = [503], 3.0, 0
+        with trio.fail_after(2.5):
+            assert (await svc.list_snapshots("fr-par-1")).total_count == 0
+        assert flaky.seen == 2
+
 
 async def test_sdk_calls_leave_the_trio_thread_free(flaky: Flaky) -> None:
     """While a slow API call is in flight the trio loop keeps running."""

@@ -43,6 +43,8 @@ MAX_THREADS = 8
 RETRIES = 5
 BACKOFF = 0.25  # seconds, doubled per attempt, capped at BACKOFF_CAP
 BACKOFF_CAP = 8.0
+#: One attempt of one call (the SDK's requests carry no timeout of their own).
+CALL_TIMEOUT = 120.0
 
 #: Exceptions an SDK call raises for API, transport or client-side validation
 #: failures; anything else is a bug and propagates as is.
@@ -68,6 +70,7 @@ class ScalewayService(SnapshotService):
         self._limiter = trio.CapacityLimiter(MAX_THREADS)
         self.retries = RETRIES
         self.backoff = BACKOFF
+        self.call_timeout = CALL_TIMEOUT
         self.calls = 0  # SDK calls made (retries included); tests and benchmarks read it
         self._images: Any = None  # snapfs.scaleway.images.CloudImages, made on first use
 
@@ -76,24 +79,30 @@ class ScalewayService(SnapshotService):
         attempt = 0
         while True:
             self.calls += 1
+            failure: BaseException
             try:
-                return await trio.to_thread.run_sync(
-                    functools.partial(fn, **kwargs), limiter=self._limiter,
-                    abandon_on_cancel=True)
+                # The SDK sets no timeout on its requests: give up on (abandon) an
+                # attempt that hangs, so a stuck connection costs a retry, not a mount.
+                with trio.move_on_after(self.call_timeout):
+                    return await trio.to_thread.run_sync(
+                        functools.partial(fn, **kwargs), limiter=self._limiter,
+                        abandon_on_cancel=True)
+                failure = requests.Timeout(f"no answer within {self.call_timeout:g}s")
             except _SDK_ERRORS as exc:
-                if attempt < self.retries and is_retryable(exc):
-                    delay = retry_after(exc)
-                    if delay is None:
-                        delay = min(self.backoff * 2 ** attempt, BACKOFF_CAP)
-                        delay *= 0.5 + random.random() / 2
-                    log.info("%s: %s; retry %d/%d in %.2fs", what, _short(exc), attempt + 1,
-                             self.retries, delay)
-                    attempt += 1
-                    await trio.sleep(delay)
-                    continue
-                err = to_domain(exc, what)
-                log.info("%s refused: %s", what, err)
-                raise err from None
+                failure = exc
+            if attempt < self.retries and is_retryable(failure):
+                delay = retry_after(failure)
+                if delay is None:
+                    delay = min(self.backoff * 2 ** attempt, BACKOFF_CAP)
+                    delay *= 0.5 + random.random() / 2
+                log.info("%s: %s; retry %d/%d in %.2fs", what, _short(failure), attempt + 1,
+                         self.retries, delay)
+                attempt += 1
+                await trio.sleep(delay)
+                continue
+            err = to_domain(failure, what)
+            log.info("%s refused: %s", what, err)
+            raise err from None
 
     def _zone(self, zone: str) -> str:
         check_zone(zone)

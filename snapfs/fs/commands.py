@@ -1,9 +1,188 @@
-"""Sub-commands of this area (placeholder until the area lands)."""
+"""``snapfs mount``, ``snapfs umount`` and ``snapfs wait``."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..cli import add_store_option, store_path
+from ..errors import InvalidArgument, SnapfsError
+
+BUSY = ("snapshotting", "importing", "exporting")
+FAILED = ("error", "invalid_data")
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    pass
+    p = sub.add_parser("mount", help="show the snapshot service as a filesystem",
+                       description="Mount the snapshot service at MOUNTPOINT. Returns once "
+                       "the mount is live; the daemon logs to mount.log in the store "
+                       "directory (to stderr with --foreground).")
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    add_store_option(p)
+    p.add_argument("--backend", choices=("local", "scaleway"), default="local",
+                   help="which service to show (default: the local store)")
+    p.add_argument("--s3-endpoint", metavar="URL", default=None,
+                   help="Object Storage endpoint for export and import")
+    p.add_argument("--foreground", "-f", action="store_true",
+                   help="stay in the foreground, log to stderr")
+    p.add_argument("--debug", action="store_true", help="log every request")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT",
+                   help="mount option: allow_other (then default_permissions applies), ro")
+    p.add_argument("--page-cache", action="store_true",
+                   help="serve image.raw through the kernel page cache instead of direct I/O")
+    p.add_argument("--readahead", type=int, default=4, metavar="N",
+                   help="chunks read ahead for sequential image readers (default 4, 0 = off)")
+    p.add_argument("--zones", default=None, metavar="Z1,Z2",
+                   help="scaleway backend: extra zones to show")
+    p.add_argument("--profile", default=None, help="scaleway backend: config profile")
+    p.add_argument("--staging-bucket", default=None, metavar="BUCKET",
+                   help="scaleway backend: bucket image.raw exports are staged in")
+    p.set_defaults(func=_mount)
+
+    p = sub.add_parser("umount", help="unmount a snapfs mount",
+                       description="Unmount MOUNTPOINT (lazily when its daemon died) and "
+                       "wait for the daemon to finish.")
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    p.set_defaults(func=_umount)
+
+    p = sub.add_parser("wait", help="wait for a snapshot to be ready",
+                       description="Wait until the snapshot at PATH (its directory or a file "
+                       "in it) leaves snapshotting/importing/exporting. Exits 1 if it ends "
+                       "in error or invalid_data.")
+    p.add_argument("path", type=Path, metavar="PATH")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
+    p.set_defaults(func=_wait)
+
+
+def _mount(args: argparse.Namespace) -> int:
+    from .daemon import MountConfig, run_daemon, run_foreground
+
+    if args.readahead < 0:
+        raise InvalidArgument("readahead", "must be >= 0")
+    cfg = MountConfig(
+        mountpoint=args.mountpoint.resolve(), store=store_path(args).resolve(),
+        backend=args.backend, s3_endpoint=args.s3_endpoint, options=args.options,
+        foreground=args.foreground, debug=args.debug, direct_io=not args.page_cache,
+        readahead=args.readahead,
+        zones=args.zones.split(",") if args.zones else None, profile=args.profile,
+        staging_bucket=args.staging_bucket)
+    if not cfg.mountpoint.is_dir():
+        raise InvalidArgument("mountpoint", f"{cfg.mountpoint} is not a directory")
+    if is_mounted(cfg.mountpoint):
+        raise InvalidArgument("mountpoint", f"{cfg.mountpoint} is already a mount point")
+    return run_foreground(cfg) if args.foreground else run_daemon(cfg)
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 1 and _unescape(fields[1]) == target:
+                return True
+    return False
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n") \
+        .replace("\\134", "\\")
+
+
+def daemon_pid(mountpoint: Path) -> int | None:
+    """The serving daemon's pid (the root directory's user.pid), if it answers."""
+    try:
+        return int(os.getxattr(mountpoint, "user.pid"))
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _umount(args: argparse.Namespace) -> int:
+    mnt = args.mountpoint.absolute()
+    if not is_mounted(mnt):
+        raise InvalidArgument("mountpoint", f"{mnt} is not mounted")
+    pid = daemon_pid(mnt)
+    res = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        if pid is not None and _alive(pid):
+            # The daemon is alive: the mount is in use (EBUSY); say so.
+            raise SnapfsError(res.stderr.strip() or f"cannot unmount {mnt}")
+        lazy = subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True,
+                              text=True)
+        if lazy.returncode != 0:
+            raise SnapfsError(lazy.stderr.strip() or f"cannot unmount {mnt}")
+        print(f"snapfs: {mnt}: the daemon was gone; unmounted lazily", file=sys.stderr)
+    if pid is not None:
+        deadline = time.monotonic() + 30
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return 0
+
+
+def _snapshot_dir(path: Path) -> Path:
+    if path.is_dir():
+        return path
+    return path.parent
+
+
+def _wait(args: argparse.Namespace) -> int:
+    target = _snapshot_dir(args.path)
+    try:
+        state = os.getxattr(target, "user.state").decode()
+    except OSError as exc:
+        raise InvalidArgument("path", f"{args.path} is not a snapshot in a snapfs mount "
+                              f"({exc.strerror})") from None
+    bar = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    while state in BUSY:
+        if bar is not None:
+            try:
+                progress = int(os.getxattr(target, "user.progress"))
+            except (OSError, ValueError):
+                progress = 0
+            bar.show(state, progress)
+        if deadline is not None and time.monotonic() > deadline:
+            if bar is not None:
+                bar.done()
+            raise SnapfsError(f"{args.path}: still {state} after {args.timeout:g}s")
+        time.sleep(0.2)
+        state = os.getxattr(target, "user.state").decode()
+    if bar is not None:
+        bar.show(state, 100)
+        bar.done()
+    if state in FAILED:
+        reason = os.getxattr(target, "user.error_reason").decode()
+        raise SnapfsError(f"{args.path}: {state}{': ' + reason if reason else ''}")
+    print(state)
+    return 0
+
+
+class ProgressBar:
+    WIDTH = 30
+
+    def __init__(self, stream: "object") -> None:
+        self.stream = stream
+
+    def show(self, state: str, percent: int) -> None:
+        percent = max(0, min(100, percent))
+        filled = self.WIDTH * percent // 100
+        line = f"\r{state:<13} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {percent:3d}%"
+        self.stream.write(line)  # type: ignore[attr-defined]
+        self.stream.flush()  # type: ignore[attr-defined]
+
+    def done(self) -> None:
+        self.stream.write("\n")  # type: ignore[attr-defined]
+        self.stream.flush()  # type: ignore[attr-defined]

@@ -1,0 +1,219 @@
+"""The mount's cached view of the service: listings and resources with a short TTL.
+
+Directory listings page through the service's List (``per_page`` 100) and are
+kept for ``ttl`` seconds, so ``ls -l`` (readdir, then a stat of every entry) asks
+the service once; changes made outside the mount appear within the TTL.
+The mount's own changes invalidate the listings of their project at once.
+Concurrent requests for the same listing share one fetch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Generic, TypeVar
+
+import trio
+
+from ..errors import NotFound
+from ..model import MAX_PER_PAGE, Page, Project, Snapshot, Volume
+from ..service import SnapshotService
+from . import names
+from .keys import Kind, View
+
+T = TypeVar("T")
+N = TypeVar("N", bound=names.Named)
+
+DEFAULT_TTL = 2.0
+
+
+@dataclass
+class Listing(Generic[N]):
+    """One directory's resources and their entry names, as fetched at ``fetched``."""
+
+    items: list[N]
+    by_label: dict[str, N]
+    fetched: float
+    generation: int
+
+
+@dataclass
+class _Cached(Generic[T]):
+    value: T
+    fetched: float
+    generation: int = 0
+
+
+async def list_all(fetch: Callable[[int, int], Awaitable[Page[T]]]) -> list[T]:
+    """Every item of a paged List, 100 per call."""
+    items: list[T] = []
+    page_no = 1
+    while True:
+        page = await fetch(MAX_PER_PAGE, page_no)
+        items.extend(page.items)
+        if not page.items or len(items) >= page.total_count:
+            return items
+        page_no += 1
+
+
+@dataclass
+class Catalog:
+    svc: SnapshotService
+    ttl: float = DEFAULT_TTL
+    _listings: dict[tuple, Listing] = field(default_factory=dict)
+    _locks: dict[tuple, trio.Lock] = field(default_factory=dict)
+    _snapshots: dict[str, _Cached[Snapshot]] = field(default_factory=dict)
+    _zones: _Cached[list[str]] | None = None
+    _generation: int = 0
+
+    # --- freshness -----------------------------------------------------------------
+
+    def _fresh(self, fetched: float, generation: int) -> bool:
+        return generation == self._generation and time.monotonic() - fetched < self.ttl
+
+    def invalidate(self) -> None:
+        """Forget every listing (the mount changed something). Cheap: listings
+        are refetched on demand, and fetches already running are not stored."""
+        self._generation += 1
+        self._listings.clear()
+
+    def remember(self, snap: Snapshot) -> Snapshot:
+        self._snapshots[snap.id] = _Cached(snap, time.monotonic(), self._generation)
+        return snap
+
+    def forget(self, snapshot_id: str) -> None:
+        self._snapshots.pop(snapshot_id, None)
+
+    async def _listing(self, key: tuple, fetch: Callable[[], Awaitable[list[N]]]) -> Listing[N]:
+        cached = self._listings.get(key)
+        if cached is not None and self._fresh(cached.fetched, cached.generation):
+            return cached
+        lock = self._locks.setdefault(key, trio.Lock())
+        async with lock:
+            cached = self._listings.get(key)
+            if cached is not None and self._fresh(cached.fetched, cached.generation):
+                return cached
+            generation, started = self._generation, time.monotonic()
+            items = await fetch()
+            listing = Listing(items, names.labels(items), started, generation)
+            if generation == self._generation:
+                self._listings[key] = listing
+            return listing
+
+    # --- hierarchy -----------------------------------------------------------------
+
+    async def zones(self) -> list[str]:
+        if self._zones is None or time.monotonic() - self._zones.fetched > 60:
+            self._zones = _Cached(await self.svc.list_zones(), time.monotonic())
+        return self._zones.value
+
+    async def projects(self) -> Listing[Project]:
+        async def fetch() -> list[Project]:
+            return list(await self.svc.list_projects())
+        return await self._listing(("projects",), fetch)
+
+    async def volumes(self, zone: str, project: str) -> Listing[Volume]:
+        async def fetch() -> list[Volume]:
+            return await list_all(lambda per_page, page: self.svc.list_volumes(
+                zone, project=project, per_page=per_page, page=page))
+        return await self._listing(("volumes", zone, project), fetch)
+
+    async def project(self, project_id: str) -> Project:
+        for p in (await self.projects()).items:
+            if p.id == project_id:
+                return p
+        raise NotFound("project", project_id)
+
+    async def volume(self, zone: str, project: str, volume_id: str) -> Volume:
+        listing = await self.volumes(zone, project)
+        for v in listing.items:
+            if v.id == volume_id:
+                return v
+        vol = await self.svc.get_volume(zone, volume_id)
+        if vol.project != project:
+            raise NotFound("volume", volume_id)
+        return vol
+
+    # --- snapshots -----------------------------------------------------------------
+
+    async def _list_snapshots(self, zone: str, project: str, view: View,
+                              name: str | None = None) -> list[Snapshot]:
+        filters = view.filters()
+        items = await list_all(lambda per_page, page: self.svc.list_snapshots(
+            zone, project=project, name=name, per_page=per_page, page=page,
+            **filters))  # type: ignore[arg-type]
+        now, gen = time.monotonic(), self._generation
+        for s in items:
+            self._snapshots[s.id] = _Cached(s, now, gen)
+        return items
+
+    async def snapshots(self, zone: str, project: str, view: View) -> Listing[Snapshot]:
+        return await self._listing(("snapshots", zone, project, view),
+                                   lambda: self._list_snapshots(zone, project, view))
+
+    def fresh_snapshots(self, zone: str, project: str, view: View) -> Listing[Snapshot] | None:
+        cached = self._listings.get(("snapshots", zone, project, view))
+        if cached is not None and self._fresh(cached.fetched, cached.generation):
+            return cached
+        return None
+
+    async def find_snapshot(self, zone: str, project: str, view: View,
+                            entry: str) -> Snapshot | None:
+        """The snapshot that entry name ``entry`` designates in ``view``. Uses the
+        listing when fresh; otherwise asks only for the snapshots with that name
+        (labels depend on nothing else), or for the ID."""
+        listing = self.fresh_snapshots(zone, project, view)
+        if listing is not None:
+            return names.resolve(entry, listing.items)
+        ident = names.as_uuid(entry)
+        if ident is not None:
+            try:
+                snap = await self.snapshot(zone, ident)
+            except NotFound:
+                return None
+            return snap if in_view(snap, project, view) else None
+        base = names.candidates_name(entry)
+        same = names.exact(await self._list_snapshots(zone, project, view, name=base),
+                           [base, entry])
+        return names.resolve(entry, same)
+
+    async def named(self, zone: str, project: str, view: View, name: str) -> list[Snapshot]:
+        """The snapshots of ``view`` named exactly ``name``, from the service."""
+        return names.exact(await self._list_snapshots(zone, project, view, name=name), [name])
+
+    async def label(self, snap: Snapshot, view: View) -> str:
+        """The entry name ``snap`` is listed under in ``view`` now."""
+        listing = self.fresh_snapshots(snap.zone, snap.project, view)
+        if listing is not None:
+            for label, item in listing.by_label.items():
+                if item.id == snap.id:
+                    return label
+        same = names.exact(await self._list_snapshots(snap.zone, snap.project, view,
+                                                      name=snap.name), [snap.name])
+        return names.label_of(snap, same)
+
+    async def snapshot(self, zone: str, snapshot_id: str, max_age: float | None = None) -> Snapshot:
+        cached = self._snapshots.get(snapshot_id)
+        age = self.ttl if max_age is None else max_age
+        if cached is not None and time.monotonic() - cached.fetched < age:
+            return cached.value
+        try:
+            return self.remember(await self.svc.get_snapshot(zone, snapshot_id))
+        except NotFound:
+            self.forget(snapshot_id)
+            raise
+
+    async def tags(self, zone: str, project: str) -> list[str]:
+        """The distinct tags of the project's snapshots, sorted."""
+        listing = await self.snapshots(zone, project, View(Kind.SNAPSHOTS))
+        return sorted({t for s in listing.items for t in s.tags})
+
+
+def in_view(snap: Snapshot, project: str, view: View) -> bool:
+    if snap.project != project:
+        return False
+    if view.kind is Kind.VOLUME:
+        return snap.base_volume is not None and snap.base_volume.id == view.arg
+    if view.kind is Kind.TAG:
+        return view.arg in snap.tags
+    return True

@@ -1,0 +1,100 @@
+"""What every node of a mount shares: the service, the caches, the inode table,
+the background nursery, and the in-memory records of transfers started here."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import stat as stat_mod
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from ..service import SnapshotService
+from .catalog import DEFAULT_TTL, Catalog
+from .inodes import InodeTable
+from .transfer import Target
+
+#: Reported as st_blksize of image.raw: cp/cat size their buffers from it, so
+#: sequential readers reach the daemon with 1 MiB requests (one chunk each).
+IMAGE_BLKSIZE = 1 << 20
+
+
+@dataclass
+class Stat:
+    """The attributes of a node, before it has an inode number."""
+
+    mode: int
+    size: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    blksize: int = 4096
+    #: How long the kernel may keep these attributes (and the entry).
+    timeout: float = 1.0
+
+    @property
+    def is_dir(self) -> bool:
+        return stat_mod.S_ISDIR(self.mode)
+
+
+def dir_stat(writable: bool, mtime_ns: int = 0, ctime_ns: int = 0,
+             timeout: float = 1.0) -> Stat:
+    return Stat(stat_mod.S_IFDIR | (0o755 if writable else 0o555), 0, mtime_ns, ctime_ns,
+                timeout=timeout)
+
+
+def file_stat(writable: bool, size: int, mtime_ns: int = 0, ctime_ns: int = 0,
+              blksize: int = 4096, timeout: float = 1.0) -> Stat:
+    return Stat(stat_mod.S_IFREG | (0o644 if writable else 0o444), size, mtime_ns, ctime_ns,
+                blksize, timeout)
+
+
+def ns(rfc3339: str | None, default: int = 0) -> int:
+    """An API date as nanoseconds since the epoch (0 when absent or unparsable)."""
+    if not rfc3339:
+        return default
+    try:
+        when = dt.datetime.fromisoformat(rfc3339.replace("Z", "+00:00"))
+    except ValueError:
+        return default
+    return int(when.timestamp() * 1_000_000_000)
+
+
+@dataclass
+class ImportRecord:
+    """An ``imports/<name>`` file made in this mount: what was written, and the
+    snapshot the import created (None until the text was written)."""
+
+    zone: str
+    project: str
+    name: str
+    target: Target | None = None
+    snapshot_id: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class FsContext:
+    svc: SnapshotService
+    catalog: Catalog
+    inodes: InodeTable = field(default_factory=InodeTable)
+    #: Background work of the mount (read-ahead); set when the mount runs.
+    nursery: trio.Nursery | None = None
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+    mounted_ns: int = field(default_factory=time.time_ns)
+    #: Latest export task started through this mount, by snapshot ID.
+    exports: dict[str, str] = field(default_factory=dict)
+    #: Imports started through this mount, by (zone, project, name).
+    imports: dict[tuple[str, str, str], ImportRecord] = field(default_factory=dict)
+    #: Read-ahead depth in chunks for sequential readers of image.raw (0 = off).
+    readahead: int = 4
+    #: Serve image.raw with direct_io (see the README's design notes).
+    direct_io: bool = True
+    #: How often a wait (open of a snapshotting image, mkdir) polls the state.
+    poll_interval: float = 0.2
+
+    @classmethod
+    def create(cls, svc: SnapshotService, ttl: float = DEFAULT_TTL) -> "FsContext":
+        return cls(svc=svc, catalog=Catalog(svc, ttl))

@@ -1,0 +1,247 @@
+"""Running a mount: opening the backend, serving FUSE on trio, daemonizing.
+
+``snapfs mount`` forks before anything starts (no threads, no trio loop yet):
+the child opens the backend, mounts, and reports "ready" (or the one-line
+reason it failed) on a pipe; the parent returns only then, so the mount is
+live when the command exits. SIGTERM/SIGINT end the FUSE loop, unmount, and
+close the service, which stops background captures leaving the store consistent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+import pyfuse3
+import trio
+
+from ..errors import InvalidArgument, SnapfsError
+from ..objects import ObjectStorage
+from ..service import SnapshotService
+from .context import FsContext
+from .ops import SnapfsOperations
+
+log = logging.getLogger("snapfs.fs")
+
+LOG_NAME = "mount.log"
+#: After SIGTERM, requests still running (a reader waiting for a capture) get
+#: this long before they are cancelled.
+GRACE_SECONDS = 5.0
+READY_TIMEOUT = 120.0
+
+
+@dataclass
+class MountConfig:
+    mountpoint: Path
+    store: Path
+    backend: str = "local"
+    s3_endpoint: str | None = None
+    options: list[str] = field(default_factory=list)
+    foreground: bool = False
+    debug: bool = False
+    direct_io: bool = True
+    readahead: int = 4
+    ttl: float = 2.0
+    #: Scaleway backend settings (see snapfs.scaleway).
+    zones: list[str] | None = None
+    profile: str | None = None
+    staging_bucket: str | None = None
+
+
+def object_storage(endpoint: str | None) -> ObjectStorage | None:
+    """Object Storage for export/import, or None (the service then refuses them
+    with a clear reason)."""
+    try:
+        from ..s3.config import object_storage_from_config
+    except ImportError:
+        log.warning("Object Storage support is not installed; export/import will fail")
+        return None
+    return object_storage_from_config(endpoint)
+
+
+@asynccontextmanager
+async def open_backend(cfg: MountConfig) -> AsyncIterator[SnapshotService]:
+    """The one place that knows the backends: the filesystem only sees the
+    SnapshotService it yields."""
+    objects = object_storage(cfg.s3_endpoint)
+    if cfg.backend == "local":
+        from ..local import open_local_service
+        async with open_local_service(cfg.store, objects=objects) as svc:
+            yield svc
+    elif cfg.backend == "scaleway":
+        from ..scaleway import open_scaleway_service
+        async with open_scaleway_service(cfg.zones, staging_bucket=cfg.staging_bucket,
+                                         profile=cfg.profile, objects=objects) as svc:
+            yield svc
+    else:
+        raise InvalidArgument("backend", f"unknown backend {cfg.backend!r} (local, scaleway)")
+
+
+def fuse_options(cfg: MountConfig) -> set[str]:
+    options = set(pyfuse3.default_options)
+    options.add("fsname=snapfs")
+    options.add("subtype=snapfs")
+    options.discard("default_permissions")
+    for opt in cfg.options:
+        for part in opt.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if part not in ("allow_other", "ro"):
+                raise InvalidArgument("-o", f"unsupported mount option {part!r} "
+                                      "(allow_other, ro)")
+            options.add(part)
+    if "allow_other" in options:
+        # Shared with other users: let the kernel check the modes we report.
+        options.add("default_permissions")
+    if cfg.debug:
+        options.add("debug")
+    return options
+
+
+async def serve(cfg: MountConfig, ready: Callable[[], None] | None = None) -> None:
+    """Mount and serve until unmounted or signalled."""
+    mnt = str(cfg.mountpoint)
+    if not os.path.isdir(mnt):
+        raise InvalidArgument("mountpoint", f"{mnt} is not a directory")
+    async with open_backend(cfg) as svc:
+        ctx = FsContext.create(svc, ttl=cfg.ttl)
+        ctx.direct_io, ctx.readahead = cfg.direct_io, cfg.readahead
+        ops = SnapfsOperations(ctx)
+        try:
+            pyfuse3.init(ops, mnt, fuse_options(cfg))
+        except RuntimeError as exc:
+            raise SnapfsError(f"cannot mount {mnt}: {exc}") from None
+        log.info("mounted %s (backend %s, store %s, pid %d)", mnt, cfg.backend, cfg.store,
+                 os.getpid())
+        try:
+            async with trio.open_nursery() as nursery:
+                ctx.nursery = nursery
+                nursery.start_soon(_on_signals, nursery)
+                if ready is not None:
+                    ready()
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", mnt)
+
+
+async def _on_signals(nursery: trio.Nursery) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        async for signum in sigs:
+            log.info("%s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            # Requests still waiting (for a capture, say) must not hold the exit.
+            await trio.sleep(GRACE_SECONDS)
+            nursery.cancel_scope.cancel()
+            return
+
+
+def setup_logging(cfg: MountConfig, stream: object | None = None) -> None:
+    level = logging.DEBUG if cfg.debug else logging.INFO
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    if stream is None:
+        handler: logging.Handler = logging.FileHandler(cfg.store / LOG_NAME)
+    else:
+        handler = logging.StreamHandler(stream)  # type: ignore[arg-type]
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    if not cfg.debug:
+        for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_foreground(cfg: MountConfig) -> int:
+    setup_logging(cfg, sys.stderr)
+    trio.run(serve, cfg)
+    return 0
+
+
+def run_daemon(cfg: MountConfig) -> int:
+    """Fork; the parent waits for the child's "ready" and returns 0, or prints
+    the child's one-line reason and returns 1."""
+    cfg.store.mkdir(mode=0o700, parents=True, exist_ok=True)
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(wfd)
+        return _wait_ready(rfd, pid, cfg)
+    # The child: detach, log to the store, serve.
+    os.close(rfd)
+    code = 1
+    try:
+        os.setsid()
+        _redirect_stdio(cfg.store / LOG_NAME)
+        setup_logging(cfg)
+
+        def ready() -> None:
+            os.write(wfd, b"ready\n")
+            os.close(wfd)
+        trio.run(serve, cfg, ready)
+        code = 0
+    except SnapfsError as exc:
+        _report(wfd, str(exc))
+    except BaseException as exc:  # the parent must hear about any failure
+        log.exception("mount failed")
+        _report(wfd, f"{type(exc).__name__}: {exc}")
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def _report(wfd: int, message: str) -> None:
+    log.error("%s", message)
+    try:
+        os.write(wfd, f"error {message}\n".encode())
+        os.close(wfd)
+    except OSError:
+        pass  # already reported ready: the reason is in the log
+
+
+def _redirect_stdio(log_path: Path) -> None:
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(null)
+    os.close(out)
+
+
+def _wait_ready(rfd: int, pid: int, cfg: MountConfig) -> int:
+    import select
+    data = b""
+    ready, _, _ = select.select([rfd], [], [], READY_TIMEOUT)
+    if ready:
+        while True:
+            part = os.read(rfd, 4096)
+            if not part or b"\n" in part:
+                data += part
+                break
+            data += part
+    os.close(rfd)
+    if data.startswith(b"ready"):
+        return 0
+    if not ready:
+        os.kill(pid, signal.SIGTERM)
+        message = f"the mount did not come up within {READY_TIMEOUT:.0f}s"
+    else:
+        message = data.decode(errors="replace").strip().removeprefix("error ") or \
+            f"the mount daemon exited (see {cfg.store / LOG_NAME})"
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+    print(f"snapfs: {message}", file=sys.stderr)
+    return 1

@@ -1,0 +1,151 @@
+"""The node protocol: what the Operations core asks of each place in the tree.
+
+A node is built from its key on each request (it holds no state of its own;
+state lives in the shared context's caches), answers what its place allows,
+and refuses everything else with a domain error saying why.
+"""
+
+from __future__ import annotations
+
+from ...errors import NoSuchAttribute, NotPermitted, ReadOnly
+from ..context import FsContext, Stat
+from ..keys import Key
+
+#: (entry name, key, attributes) of one directory entry.
+Entry = tuple[str, Key, Stat]
+
+
+class Node:
+    def __init__(self, ctx: FsContext, key: Key) -> None:
+        self.ctx = ctx
+        self.key = key
+
+    def describe(self) -> str:
+        return self.key.kind.value
+
+    async def stat(self) -> Stat:
+        raise NotImplementedError
+
+    # --- directories -----------------------------------------------------------------
+
+    async def lookup(self, name: str) -> Entry:
+        raise NotPermitted(f"{self.describe()} is not a directory")
+
+    async def entries(self) -> list[Entry]:
+        raise NotPermitted(f"{self.describe()} is not a directory")
+
+    async def mkdir(self, name: str) -> Entry:
+        raise NotPermitted(f"mkdir {name!r}: snapshots are made only in volumes/<volume>/")
+
+    async def rmdir(self, name: str) -> None:
+        raise NotPermitted(f"rmdir {name!r}: only snapshot directories can be removed")
+
+    async def rename(self, old: str, new_parent: Key, new: str) -> None:
+        raise NotPermitted(f"rename {old!r}: only snapshot directories can be renamed, "
+                           "within one directory")
+
+    async def create(self, name: str) -> Entry:
+        raise NotPermitted(f"create {name!r}: files are made only in imports/")
+
+    async def unlink(self, name: str) -> None:
+        raise NotPermitted(f"unlink {name!r}: nothing here can be removed that way")
+
+    # --- extended attributes ---------------------------------------------------------
+
+    async def xattrs(self) -> dict[str, str]:
+        """Every attribute the node carries (names without ``user.``)."""
+        return {}
+
+    #: Attributes ``setfattr`` may change.
+    writable_xattrs: frozenset[str] = frozenset()
+
+    async def getxattr(self, name: str) -> str:
+        attrs = await self.xattrs()
+        if name not in attrs:
+            raise NoSuchAttribute(f"{self.describe()} has no attribute user.{name}")
+        return attrs[name]
+
+    async def setxattr(self, name: str, value: str) -> None:
+        await self._refuse_xattr(name)
+
+    async def removexattr(self, name: str) -> None:
+        await self._refuse_xattr(name)
+
+    async def _refuse_xattr(self, name: str) -> None:
+        if name in await self.xattrs():
+            raise NotPermitted(f"user.{name} of {self.describe()} is read-only")
+        raise NotPermitted(f"{self.describe()} has no attribute user.{name} to set")
+
+    # --- files -----------------------------------------------------------------------
+
+    async def open(self, flags: int, pid: int) -> "Handle":
+        raise NotPermitted(f"{self.describe()} cannot be opened as a file")
+
+
+class Handle:
+    """An open file. ``direct_io``: reads always reach the daemon (contents that
+    change, or that must come in large requests)."""
+
+    direct_io = True
+    keep_cache = False
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def read(self, offset: int, size: int) -> bytes:
+        raise ReadOnly("not open for reading")
+
+    async def write(self, offset: int, data: bytes) -> int:
+        raise ReadOnly(f"{self.node.describe()} is read-only")
+
+    async def truncate(self, size: int) -> None:
+        raise ReadOnly(f"{self.node.describe()} is read-only")
+
+    async def flush(self) -> None:
+        """On every close(2); errors raised here are what close(2) returns."""
+
+    async def release(self) -> None:
+        """When the last descriptor is gone (errors here reach nobody)."""
+
+
+class BufferHandle(Handle):
+    """Reads of a document rendered at open (one consistent version per open),
+    writes gathered in a buffer and applied by ``apply`` on close (flush)."""
+
+    def __init__(self, node: Node, content: bytes, writable: bool) -> None:
+        super().__init__(node)
+        self.content = content
+        self.writable = writable
+        self.buffer = bytearray()
+        self.dirty = False
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return self.content[offset:offset + size]
+
+    async def write(self, offset: int, data: bytes) -> int:
+        if not self.writable:
+            raise ReadOnly("not open for writing")
+        if offset > len(self.buffer):
+            self.buffer.extend(bytes(offset - len(self.buffer)))
+        self.buffer[offset:offset + len(data)] = data
+        self.dirty = True
+        await self.written()
+        return len(data)
+
+    async def truncate(self, size: int) -> None:
+        if not self.writable:
+            raise ReadOnly(f"{self.node.describe()} is not open for writing")
+        del self.buffer[size:]
+        self.dirty = True
+
+    async def written(self) -> None:
+        """Called after each write (a complete line may be acted on at once)."""
+
+    async def flush(self) -> None:
+        if self.dirty:
+            data, self.dirty = bytes(self.buffer), False
+            self.buffer.clear()
+            await self.apply(data)
+
+    async def apply(self, data: bytes) -> None:
+        raise NotImplementedError

@@ -1,0 +1,185 @@
+"""The files of a snapshot directory: ``image.raw`` (the bytes), ``snapshot.json``
+(the API object; writing it = Set) and ``export`` (writing BUCKET/KEY = Export)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import trio
+
+from ...errors import InvalidArgument, Interrupted, NotFound, ReadOnly, SnapshotUnusable
+from ...model import BUSY_STATES, FAILED_STATES, Snapshot
+from .. import transfer
+from ..context import IMAGE_BLKSIZE, FsContext, Stat, file_stat, ns
+from ..keys import EXPORT, IMAGE, JSON, Key
+from ..prefetch import Prefetcher
+from .base import BufferHandle, Handle, Node
+from .snapshot import SnapshotNode
+
+log = logging.getLogger(__name__)
+
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
+
+
+def wants_write(flags: int) -> bool:
+    return bool(flags & WRITE_FLAGS) or bool(flags & os.O_TRUNC)
+
+
+def render_json(s: Snapshot) -> bytes:
+    return (json.dumps(s.to_api(), indent=2) + "\n").encode()
+
+
+class FileNode(Node):
+    name = ""
+
+    def describe(self) -> str:
+        return f"{self.key.name} of snapshot {self.key.snapshot}"
+
+    @property
+    def snapshot_node(self) -> SnapshotNode:
+        return SnapshotNode(self.ctx, self.key.parent())
+
+    async def snapshot(self, max_age: float | None = None) -> Snapshot:
+        return await self.snapshot_node.snapshot(max_age)
+
+
+class ImageNode(FileNode):
+    async def stat(self) -> Stat:
+        s = await self.snapshot()
+        # The size of a snapshot never changes: the kernel may keep it.
+        return file_stat(False, s.size, ns(s.modification_date), ns(s.creation_date),
+                         IMAGE_BLKSIZE, timeout=10.0)
+
+    async def open(self, flags: int, pid: int) -> Handle:
+        if wants_write(flags):
+            raise ReadOnly(f"image.raw of snapshot {self.key.snapshot} is read-only")
+        snap = await wait_until_readable(self.ctx, self.key, pid)
+        reader = await self.ctx.svc.open_image(snap.zone, snap.id)
+        return ImageHandle(self, Prefetcher(reader, self.ctx.nursery, self.ctx.readahead),
+                           self.ctx.direct_io)
+
+
+async def wait_until_readable(ctx: FsContext, key: Key, pid: int) -> Snapshot:
+    """The snapshot once its bytes can be read: waits while it is being captured
+    or imported; gives up when the process that asked is gone (it was killed or
+    interrupted: FUSE delivers no interrupts to pyfuse3, but a waiting process
+    that gets a fatal signal dies and its /proc entry with it)."""
+    node = SnapshotNode(ctx, key.parent())
+    while True:
+        snap = await node.snapshot(max_age=0)
+        if snap.state in FAILED_STATES:
+            raise SnapshotUnusable(f"snapshot {snap.id} is in state {snap.state}: "
+                                   f"{snap.error_reason or 'no data'}")
+        if snap.state not in BUSY_STATES or snap.state == "exporting":
+            return snap
+        if pid and not os.path.exists(f"/proc/{pid}"):
+            raise Interrupted(f"process {pid} stopped waiting for snapshot {snap.id}")
+        await trio.sleep(ctx.poll_interval)
+
+
+class ImageHandle(Handle):
+    def __init__(self, node: Node, reader: Prefetcher, direct_io: bool) -> None:
+        super().__init__(node)
+        self.reader = reader
+        self.direct_io = direct_io
+        # The bytes never change: with the page cache, keep what was read.
+        self.keep_cache = not direct_io
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return await self.reader.read(offset, size)
+
+    async def release(self) -> None:
+        await self.reader.aclose()
+
+
+class JsonNode(FileNode):
+    async def stat(self) -> Stat:
+        s = await self.snapshot()
+        return file_stat(True, len(render_json(s)), ns(s.modification_date),
+                         ns(s.creation_date))
+
+    async def open(self, flags: int, pid: int) -> Handle:
+        s = await self.snapshot(max_age=0)
+        return JsonHandle(self, render_json(s), wants_write(flags))
+
+
+class JsonHandle(BufferHandle):
+    """The whole object written is applied as Set when the file is closed."""
+
+    async def apply(self, data: bytes) -> None:
+        node = self.node
+        assert isinstance(node, JsonNode)
+        try:
+            obj = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidArgument("snapshot.json", f"not valid JSON: {exc}") from None
+        snap = Snapshot.from_api(obj)
+        if snap.id != node.key.snapshot:
+            raise InvalidArgument("id", "cannot be changed")
+        updated = await node.ctx.svc.set_snapshot(node.key.zone, snap)
+        node.ctx.catalog.invalidate()
+        node.ctx.catalog.remember(updated)
+        log.info("snapshot.json of %s written: name %r, tags %r", updated.id, updated.name,
+                 updated.tags)
+
+
+class ExportNode(FileNode):
+    async def status(self) -> bytes:
+        task_id = self.ctx.exports.get(self.key.snapshot)
+        if task_id is None:
+            await self.snapshot()  # ENOENT for a gone snapshot
+            return transfer.status_json(transfer.no_export_status())
+        try:
+            task = await self.ctx.svc.get_task(self.key.zone, task_id)
+        except NotFound:
+            return transfer.status_json(transfer.no_export_status())
+        return transfer.status_json(transfer.task_status(task))
+
+    async def stat(self) -> Stat:
+        s = await self.snapshot()
+        return file_stat(True, len(await self.status()), ns(s.modification_date),
+                         ns(s.creation_date))
+
+    async def open(self, flags: int, pid: int) -> Handle:
+        return ExportHandle(self, await self.status(), wants_write(flags))
+
+
+class TargetHandle(BufferHandle):
+    """Writes of ``BUCKET/KEY``: checked as soon as a whole line is there (so
+    ``echo`` sees EINVAL from write), else at close."""
+
+    async def written(self) -> None:
+        if transfer.line_complete(bytes(self.buffer)):
+            data = bytes(self.buffer)
+            self.buffer.clear()
+            self.dirty = False
+            await self.apply(data)
+
+    async def apply(self, data: bytes) -> None:
+        await self.start(transfer.parse_target(data))
+
+    async def start(self, target: transfer.Target) -> None:
+        raise NotImplementedError
+
+
+class ExportHandle(TargetHandle):
+    async def start(self, target: transfer.Target) -> None:
+        node = self.node
+        assert isinstance(node, ExportNode)
+        task = await node.ctx.svc.export_snapshot(node.key.zone, node.key.snapshot,
+                                                  bucket=target.bucket, key=target.key)
+        node.ctx.exports[node.key.snapshot] = task.id
+        node.ctx.catalog.invalidate()
+        node.ctx.catalog.forget(node.key.snapshot)
+        log.info("export of snapshot %s to s3://%s/%s: task %s", node.key.snapshot,
+                 target.bucket, target.key, task.id)
+
+
+FILE_NODES: dict[str, type[FileNode]] = {IMAGE: ImageNode, JSON: JsonNode, EXPORT: ExportNode}
+
+
+def file_node(ctx: FsContext, key: Key) -> FileNode:
+    return FILE_NODES[key.name](ctx, key)
+

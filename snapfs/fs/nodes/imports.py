@@ -1,0 +1,125 @@
+"""``imports/``: writing ``BUCKET/KEY`` to ``imports/<name>`` creates snapshot
+``<name>`` from that QCOW2 object; reading the file gives the import's status.
+
+The API has no import task: an import is the snapshot it creates, whose state
+(importing -> available, or error/invalid_data with a reason) is the status.
+The directory lists the imports started through this mount, and any snapshot
+of the project still ``importing`` (started elsewhere, or before a restart).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ...errors import AlreadyExists, NotFound
+from ...model import Snapshot, check_name
+from .. import transfer
+from ..context import ImportRecord, Stat, file_stat
+from ..keys import Kind, View, import_file
+from .base import Entry, Handle, Node
+from .files import TargetHandle, wants_write
+from .hierarchy import ProjectNode, section_stat
+
+log = logging.getLogger(__name__)
+
+
+class ImportsNode(Node):
+    def describe(self) -> str:
+        return "imports/"
+
+    async def stat(self) -> Stat:
+        return section_stat(self.key, await ProjectNode(self.ctx, self.key.parent()).stat())
+
+    async def _importing(self) -> dict[str, Snapshot]:
+        listing = await self.ctx.catalog.snapshots(self.key.zone, self.key.project,
+                                                   View(Kind.SNAPSHOTS))
+        return {s.name: s for s in listing.items if s.state == "importing"}
+
+    def _records(self) -> dict[str, ImportRecord]:
+        return {r.name: r for (z, p, _), r in self.ctx.imports.items()
+                if z == self.key.zone and p == self.key.project}
+
+    async def entries(self) -> list[Entry]:
+        names = list(self._records())
+        names += [n for n in await self._importing() if n not in names]
+        out = []
+        for name in names:
+            key = import_file(self.key.zone, self.key.project, name)
+            out.append((name, key, await ImportNode(self.ctx, key).stat()))
+        return out
+
+    async def lookup(self, name: str) -> Entry:
+        if name not in self._records() and name not in await self._importing():
+            raise NotFound("import", name)
+        key = import_file(self.key.zone, self.key.project, name)
+        return name, key, await ImportNode(self.ctx, key).stat()
+
+    async def create(self, name: str) -> Entry:
+        check_name(name)
+        if name in self._records():
+            raise AlreadyExists(f"imports/{name} already exists")
+        self.ctx.imports[(self.key.zone, self.key.project, name)] = ImportRecord(
+            self.key.zone, self.key.project, name)
+        key = import_file(self.key.zone, self.key.project, name)
+        return name, key, await ImportNode(self.ctx, key).stat()
+
+    async def unlink(self, name: str) -> None:
+        """Forgets the record of an import (the snapshot stays)."""
+        if self.ctx.imports.pop((self.key.zone, self.key.project, name), None) is None:
+            raise NotFound("import", name)
+
+
+class ImportNode(Node):
+    def describe(self) -> str:
+        return f"imports/{self.key.name}"
+
+    @property
+    def record(self) -> ImportRecord | None:
+        return self.ctx.imports.get((self.key.zone, self.key.project, self.key.name))
+
+    async def _snapshot(self) -> Snapshot | None:
+        rec = self.record
+        if rec is not None and rec.snapshot_id is not None:
+            try:
+                return await self.ctx.catalog.snapshot(self.key.zone, rec.snapshot_id)
+            except NotFound:
+                return None
+        if rec is None:
+            for s in (await self.ctx.catalog.snapshots(self.key.zone, self.key.project,
+                                                       View(Kind.SNAPSHOTS))).items:
+                if s.name == self.key.name and s.state == "importing":
+                    return s
+            raise NotFound("import", self.key.name)
+        return None
+
+    async def status(self) -> bytes:
+        rec = self.record
+        snap = await self._snapshot()
+        return transfer.status_json(transfer.import_status(
+            rec.target if rec else None, snap, rec.error if rec else None))
+
+    async def stat(self) -> Stat:
+        return file_stat(True, len(await self.status()), self.ctx.mounted_ns,
+                         self.ctx.mounted_ns)
+
+    async def open(self, flags: int, pid: int) -> Handle:
+        return ImportHandle(self, await self.status(), wants_write(flags))
+
+
+class ImportHandle(TargetHandle):
+    async def start(self, target: transfer.Target) -> None:
+        node = self.node
+        assert isinstance(node, ImportNode)
+        rec = node.record
+        if rec is None or rec.snapshot_id is not None:
+            raise AlreadyExists(f"imports/{node.key.name} was already started; remove the "
+                                "file to import again")
+        snap = await node.ctx.svc.create_snapshot(
+            node.key.zone, name=node.key.name, bucket=target.bucket, key=target.key,
+            project=node.key.project)
+        rec.target, rec.snapshot_id = target, snap.id
+        node.ctx.catalog.invalidate()
+        node.ctx.catalog.remember(snap)
+        log.info("import %s from s3://%s/%s: snapshot %s", node.key.name, target.bucket,
+                 target.key, snap.id)
+

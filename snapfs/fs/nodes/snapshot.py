@@ -1,0 +1,97 @@
+"""A snapshot's directory: its files, and its properties as extended attributes
+(``user.name`` and ``user.tags`` writable = Update; the rest read-only)."""
+
+from __future__ import annotations
+
+import logging
+
+from ...errors import NotFound, NotPermitted
+from ...model import Snapshot
+from ..keys import SNAPSHOT_FILES, Key, static_child
+from .base import Entry, Node
+from .views import snapshot_stat
+from ..context import Stat
+
+log = logging.getLogger(__name__)
+
+
+def snapshot_xattrs(s: Snapshot) -> dict[str, str]:
+    return {
+        "id": s.id, "name": s.name, "tags": ",".join(s.tags), "state": s.state,
+        "size": str(s.size), "volume_type": s.volume_type,
+        "base_volume_id": s.base_volume.id if s.base_volume else "",
+        "base_volume_name": s.base_volume.name if s.base_volume else "",
+        "organization": s.organization, "project": s.project, "zone": s.zone,
+        "creation_date": s.creation_date, "modification_date": s.modification_date,
+        "error_reason": s.error_reason or "", "progress": str(s.progress),
+    }
+
+
+def parse_tags(value: str) -> list[str]:
+    """``"a,b"`` -> ``["a", "b"]`` in that order; the empty string clears them."""
+    return [] if value == "" else value.split(",")
+
+
+class SnapshotNode(Node):
+    writable_xattrs = frozenset({"name", "tags"})
+
+    def describe(self) -> str:
+        return f"snapshot {self.key.snapshot}"
+
+    async def snapshot(self, max_age: float | None = None) -> Snapshot:
+        snap = await self.ctx.catalog.snapshot(self.key.zone, self.key.snapshot, max_age)
+        if snap.project != self.key.project:
+            raise NotFound("snapshot", self.key.snapshot)
+        return snap
+
+    async def stat(self) -> Stat:
+        return snapshot_stat(await self.snapshot())
+
+    async def entries(self) -> list[Entry]:
+        from .files import file_node  # files.py imports this module
+        out = []
+        for name in SNAPSHOT_FILES:
+            key = static_child(self.key, name)
+            assert key is not None
+            out.append((name, key, await file_node(self.ctx, key).stat()))
+        return out
+
+    async def lookup(self, name: str) -> Entry:
+        from .files import file_node
+        key = static_child(self.key, name)
+        if key is None:
+            await self.snapshot()  # a gone snapshot answers ENOENT for itself first
+            raise NotFound("file", name)
+        return name, key, await file_node(self.ctx, key).stat()
+
+    async def xattrs(self) -> dict[str, str]:
+        return snapshot_xattrs(await self.snapshot())
+
+    async def setxattr(self, name: str, value: str) -> None:
+        if name not in self.writable_xattrs:
+            await self._refuse_xattr(name)
+        snap = await self.snapshot(max_age=0)
+        if name == "name":
+            updated = await self.ctx.svc.update_snapshot(snap.zone, snap.id, name=value)
+        else:
+            updated = await self.ctx.svc.update_snapshot(snap.zone, snap.id,
+                                                         tags=parse_tags(value))
+        self._changed(updated)
+        log.info("setfattr user.%s on snapshot %s: %r", name, snap.id, value)
+
+    async def removexattr(self, name: str) -> None:
+        if name != "tags":
+            if name == "name":
+                raise NotPermitted("user.name cannot be removed: a snapshot always has a name")
+            await self._refuse_xattr(name)
+        snap = await self.snapshot(max_age=0)
+        self._changed(await self.ctx.svc.update_snapshot(snap.zone, snap.id, tags=[]))
+        log.info("setfattr -x user.tags on snapshot %s", snap.id)
+
+    def _changed(self, snap: Snapshot) -> None:
+        self.ctx.catalog.invalidate()
+        self.ctx.catalog.remember(snap)
+
+
+def parent_snapshot(ctx, key: Key) -> SnapshotNode:  # type: ignore[no-untyped-def]
+    return SnapshotNode(ctx, key.parent())

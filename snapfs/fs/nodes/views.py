@@ -1,0 +1,120 @@
+"""Directories whose entries are snapshots: ``snapshots/``, ``volumes/<volume>/``
+and ``tags/<tag>/``. mkdir (in a volume's directory only) creates a snapshot,
+rmdir deletes one, a rename within the directory changes its name."""
+
+from __future__ import annotations
+
+import logging
+
+from ...errors import AlreadyExists, NotFound, NotPermitted
+from ...model import Snapshot
+from ..context import Stat, dir_stat, ns
+from ..keys import Key, Kind, View, may_create_snapshot_in, same_place, snapshot_dir
+from .base import Entry, Node
+from .hierarchy import ProjectNode, section_stat, volume_stat, volume_xattrs
+
+log = logging.getLogger(__name__)
+
+
+def snapshot_stat(s: Snapshot) -> Stat:
+    # Writable: its name and tags change through rename and setfattr.
+    return dir_stat(True, ns(s.modification_date), ns(s.creation_date))
+
+
+class ViewNode(Node):
+    @property
+    def view(self) -> View:
+        assert self.key.view is not None
+        return self.key.view
+
+    def describe(self) -> str:
+        if self.key.kind is Kind.VOLUME:
+            return f"volumes/{self.view.arg}/"
+        if self.key.kind is Kind.TAG:
+            return f"tags/{self.view.arg}/"
+        return "snapshots/"
+
+    async def stat(self) -> Stat:
+        if self.key.kind is Kind.VOLUME:
+            vol = await self.ctx.catalog.volume(self.key.zone, self.key.project, self.view.arg)
+            return volume_stat(vol)
+        if self.key.kind is Kind.TAG:
+            return dir_stat(False)
+        return section_stat(self.key, await ProjectNode(self.ctx, self.key.parent()).stat())
+
+    async def xattrs(self) -> dict[str, str]:
+        if self.key.kind is Kind.VOLUME:
+            return volume_xattrs(await self.ctx.catalog.volume(
+                self.key.zone, self.key.project, self.view.arg))
+        if self.key.kind is Kind.TAG:
+            return {"name": self.view.arg}
+        return {}
+
+    async def entries(self) -> list[Entry]:
+        listing = await self.ctx.catalog.snapshots(self.key.zone, self.key.project, self.view)
+        return [(label, snapshot_dir(self.key, s.id), snapshot_stat(s))
+                for label, s in listing.by_label.items()]
+
+    async def find(self, name: str) -> Snapshot:
+        snap = await self.ctx.catalog.find_snapshot(self.key.zone, self.key.project,
+                                                    self.view, name)
+        if snap is None:
+            raise NotFound("snapshot", name)
+        return snap
+
+    async def lookup(self, name: str) -> Entry:
+        snap = await self.find(name)
+        return name, snapshot_dir(self.key, snap.id), snapshot_stat(snap)
+
+    async def _check_free(self, name: str) -> None:
+        """Refuse a name this directory already lists, or that a snapshot here
+        already has (asking the service, not the cache: the name may have been
+        taken outside the mount a moment ago)."""
+        catalog = self.ctx.catalog
+        catalog.invalidate()
+        same = await catalog.named(self.key.zone, self.key.project, self.view, name)
+        taken = same[0] if same else await catalog.find_snapshot(
+            self.key.zone, self.key.project, self.view, name)
+        if taken is not None:
+            raise AlreadyExists(f"{self.describe()}{name} already exists "
+                                f"(snapshot {taken.id})")
+
+    async def mkdir(self, name: str) -> Entry:
+        if not may_create_snapshot_in(self.key):
+            raise NotPermitted(f"mkdir {name!r} in {self.describe()}: snapshots are made "
+                               "only in volumes/<volume>/")
+        await self._check_free(name)
+        snap = await self.ctx.svc.create_snapshot(
+            self.key.zone, name=name, volume_id=self.view.arg, project=self.key.project)
+        # create_snapshot returns once the snapshot exists (snapshotting or later).
+        self.ctx.catalog.invalidate()
+        self.ctx.catalog.remember(snap)
+        log.info("mkdir %s%s: snapshot %s created (%s)", self.describe(), name, snap.id,
+                 snap.state)
+        return name, snapshot_dir(self.key, snap.id), snapshot_stat(snap)
+
+    async def rmdir(self, name: str) -> None:
+        snap = await self.find(name)
+        await self.ctx.svc.delete_snapshot(self.key.zone, snap.id)
+        self.ctx.catalog.invalidate()
+        self.ctx.catalog.forget(snap.id)
+        log.info("rmdir %s%s: snapshot %s deleted", self.describe(), name, snap.id)
+
+    async def rename(self, old: str, new_parent: Key, new: str) -> None:
+        if not same_place(self.key, new_parent):
+            raise NotPermitted(f"rename {self.describe()}{old}: a snapshot can only be "
+                               "renamed within its directory (zone, project and view stay)")
+        snap = await self.find(old)
+        if new == old:
+            return
+        catalog = self.ctx.catalog
+        same = await catalog.named(self.key.zone, self.key.project, self.view, new)
+        taken = next((s for s in same if s.id != snap.id), None) or \
+            await catalog.find_snapshot(self.key.zone, self.key.project, self.view, new)
+        if taken is not None and taken.id != snap.id:
+            raise AlreadyExists(f"{self.describe()}{new} already exists (snapshot {taken.id}); "
+                                "a rename never replaces a snapshot")
+        updated = await self.ctx.svc.update_snapshot(self.key.zone, snap.id, name=new)
+        self.ctx.catalog.invalidate()
+        self.ctx.catalog.remember(updated)
+        log.info("rename %s%s -> %s: snapshot %s", self.describe(), old, new, snap.id)

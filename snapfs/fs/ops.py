@@ -1,0 +1,268 @@
+"""The pyfuse3 Operations: turns kernel requests into node calls.
+
+This is the only place where domain errors become ``FUSEError``: every handler
+goes through ``refusals``, which answers with the errno of the one table in
+``snapfs.errors`` and logs one line saying why. Nodes below raise only domain
+errors.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from typing import Any, Awaitable, Callable, TypeVar
+
+import pyfuse3
+
+from ..errors import (InvalidArgument, NoSuchAttribute, NotPermitted, ReadOnly, SnapfsError,
+                      errno_for)
+from .context import FsContext, Stat
+from .keys import Key
+from .nodes import Entry, Handle, Node, node_for
+
+log = logging.getLogger("snapfs.fs")
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+XATTR_PREFIX = "user."
+#: Lookups of absent names and attributes are questions, not refusals: they are
+#: logged at debug level only (ls, shells and editors ask for many of them).
+QUIET = frozenset({errno.ENOENT, errno.ENODATA})
+
+
+def _arg(value: object) -> str:
+    if isinstance(value, bytes):
+        return repr(os.fsdecode(value))
+    return str(value)
+
+
+def refusals(fn: F) -> F:
+    """Domain errors -> FUSEError(errno_for(exc)), with one log line; anything
+    unexpected is logged with its traceback and answered as the table's default."""
+    op = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self: "SnapfsOperations", *args: Any) -> Any:
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except SnapfsError as exc:
+            code, reason = errno_for(exc), str(exc)
+        except Exception as exc:
+            log.exception("%s(%s) failed unexpectedly", op, ", ".join(map(_arg, args[:3])))
+            code = errno_for(SnapfsError(str(exc)))
+            raise pyfuse3.FUSEError(code) from None
+        log.log(logging.DEBUG if code in QUIET else logging.INFO, "%s(%s): %s: %s", op,
+                ", ".join(_arg(a) for a in args if not isinstance(a, pyfuse3.RequestContext)),
+                errno.errorcode.get(code, code), reason)
+        raise pyfuse3.FUSEError(code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class SnapfsOperations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, ctx: FsContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self._handles: dict[int, Handle] = {}
+        self._dirs: dict[int, list[Entry]] = {}
+        self._next_fh = 1
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def node(self, inode: int) -> Node:
+        return node_for(self.ctx, self.ctx.inodes.key(inode))
+
+    def attrs(self, key: Key, st: Stat) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = self.ctx.inodes.inode(key)
+        a.generation = 0
+        a.st_mode = st.mode
+        a.st_nlink = 2 if st.is_dir else 1
+        a.st_uid, a.st_gid = self.ctx.uid, self.ctx.gid
+        a.st_size = st.size
+        a.st_blksize = st.blksize
+        a.st_blocks = (st.size + 511) // 512
+        a.st_mtime_ns = a.st_atime_ns = st.mtime_ns
+        a.st_ctime_ns = st.ctime_ns
+        a.attr_timeout = a.entry_timeout = st.timeout
+        return a
+
+    def _fh(self) -> int:
+        fh, self._next_fh = self._next_fh, self._next_fh + 1
+        return fh
+
+    def handle(self, fh: int) -> Handle:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise InvalidArgument("fh", f"no open file {fh}") from None
+
+    @staticmethod
+    def name(raw: bytes) -> str:
+        return os.fsdecode(raw)
+
+    # --- attributes and lookup -------------------------------------------------------
+
+    @refusals
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
+                     ) -> pyfuse3.EntryAttributes:
+        parent = self.ctx.inodes.key(parent_inode)
+        n = self.name(name)
+        if n in (".", ".."):
+            key = parent if n == "." else parent.parent()
+            return self.attrs(key, await node_for(self.ctx, key).stat())
+        _, key, st = await node_for(self.ctx, parent).lookup(n)
+        return self.attrs(key, st)
+
+    @refusals
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        key = self.ctx.inodes.key(inode)
+        return self.attrs(key, await node_for(self.ctx, key).stat())
+
+    @refusals
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None, ctx: Any
+                      ) -> pyfuse3.EntryAttributes:
+        key = self.ctx.inodes.key(inode)
+        node = node_for(self.ctx, key)
+        if fields.update_size:
+            handle = self._handles.get(fh) if fh else None
+            if handle is None or handle.node.key != key:
+                raise ReadOnly(f"{node.describe()} can only be written through an open file")
+            await handle.truncate(attr.st_size)
+        elif (fields.update_mode or fields.update_uid or fields.update_gid):
+            raise NotPermitted(f"the mode and owner of {node.describe()} are fixed")
+        # Times (touch) are accepted and ignored: they come from the service.
+        return self.attrs(key, await node.stat())
+
+    async def forget(self, inode_list: Any) -> None:
+        pass  # inode numbers stay assigned for the life of the mount (see inodes.py)
+
+    @refusals
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = st.f_frsize = 4096
+        st.f_namemax = 255
+        st.f_files = len(self.ctx.inodes)
+        return st
+
+    # --- directories -----------------------------------------------------------------
+
+    @refusals
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        node = self.node(inode)
+        entries = await node.entries()
+        fh = self._fh()
+        self._dirs[fh] = entries
+        return fh
+
+    @refusals
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._dirs.get(fh, [])
+        for i in range(start_id, len(entries)):
+            name, key, st = entries[i]
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self.attrs(key, st), i + 1):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @refusals
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any
+                    ) -> pyfuse3.EntryAttributes:
+        _, key, st = await self.node(parent_inode).mkdir(self.name(name))
+        return self.attrs(key, st)
+
+    @refusals
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.node(parent_inode).rmdir(self.name(name))
+
+    @refusals
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: Any) -> None:
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise NotPermitted("snapshots cannot be exchanged")
+        await self.node(parent_inode_old).rename(
+            self.name(name_old), self.ctx.inodes.key(parent_inode_new), self.name(name_new))
+
+    @refusals
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.node(parent_inode).unlink(self.name(name))
+
+    # --- files -----------------------------------------------------------------------
+
+    def _open_handle(self, handle: Handle) -> pyfuse3.FileInfo:
+        fh = self._fh()
+        self._handles[fh] = handle
+        return pyfuse3.FileInfo(fh=fh, direct_io=handle.direct_io, keep_cache=handle.keep_cache)
+
+    @refusals
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        _, key, st = await self.node(parent_inode).create(self.name(name))
+        handle = await node_for(self.ctx, key).open(flags | os.O_WRONLY, ctx.pid)
+        return self._open_handle(handle), self.attrs(key, st)
+
+    @refusals
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        return self._open_handle(await self.node(inode).open(flags, ctx.pid if ctx else 0))
+
+    @refusals
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.handle(fh).read(off, size)
+
+    @refusals
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self.handle(fh).write(off, buf)
+
+    @refusals
+    async def flush(self, fh: int) -> None:
+        await self.handle(fh).flush()
+
+    @refusals
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is not None:
+            await handle.release()
+
+    # --- extended attributes ---------------------------------------------------------
+
+    @staticmethod
+    def _xattr_name(raw: bytes) -> str:
+        name = os.fsdecode(raw)
+        if not name.startswith(XATTR_PREFIX):
+            raise NoSuchAttribute(f"only user.* attributes exist here, not {name}")
+        return name[len(XATTR_PREFIX):]
+
+    @refusals
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        return (await self.node(inode).getxattr(self._xattr_name(name))).encode()
+
+    @refusals
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return [(XATTR_PREFIX + n).encode() for n in await self.node(inode).xattrs()]
+
+    @refusals
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        raw = os.fsdecode(name)
+        if not raw.startswith(XATTR_PREFIX):
+            raise NotPermitted(f"only user.* attributes can be set, not {raw}")
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidArgument(raw, "must be UTF-8 text") from None
+        await self.node(inode).setxattr(raw[len(XATTR_PREFIX):], text)
+
+    @refusals
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        raw = os.fsdecode(name)
+        if not raw.startswith(XATTR_PREFIX):
+            raise NotPermitted(f"only user.* attributes can be removed, not {raw}")
+        await self.node(inode).removexattr(raw[len(XATTR_PREFIX):])

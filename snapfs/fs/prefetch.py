@@ -1,0 +1,85 @@
+"""Read-ahead for sequential readers of an image.
+
+A FUSE read is one request at a time per reader (``dd``, ``cat``): while the
+kernel copies one reply out and sends the next request, the daemon would sit
+idle. When a reader's requests follow each other, the next ``depth`` requests
+(same size, following offsets) are started in the background, so that the store's
+pread + hash check of chunk N+1.. runs in worker threads while chunk N travels
+through the kernel. Random readers (debugfs, e2fsck) never trigger it. Memory
+is bounded by ``depth`` requests per open file.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import outcome
+import trio
+
+from ..errors import Interrupted
+from ..service import ImageReader
+
+
+class _Slot:
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: outcome.Outcome | None = None
+
+
+class Prefetcher:
+    def __init__(self, reader: ImageReader, nursery: trio.Nursery | None, depth: int) -> None:
+        self.reader = reader
+        self.nursery = nursery
+        self.depth = depth if nursery is not None else 0
+        self._slots: OrderedDict[tuple[int, int], _Slot] = OrderedDict()
+        self._last_end = -1
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return self.reader.size
+
+    async def read(self, offset: int, size: int) -> bytes:
+        sequential = offset == self._last_end
+        self._last_end = offset + size
+        slot = self._slots.pop((offset, size), None)
+        if sequential and self.depth:
+            self._schedule(offset + size, size)
+        elif not sequential and self._slots:
+            self._slots.clear()  # the reader jumped: what was read ahead is not wanted
+        if slot is not None:
+            await slot.done.wait()
+            assert slot.result is not None
+            return slot.result.unwrap()  # type: ignore[no-any-return]
+        return await self.reader.read(offset, size)
+
+    def _schedule(self, start: int, size: int) -> None:
+        assert self.nursery is not None
+        for i in range(self.depth):
+            offset = start + i * size
+            if offset >= self.reader.size:
+                break
+            if (offset, size) in self._slots:
+                continue
+            slot = _Slot()
+            self._slots[(offset, size)] = slot
+            self.nursery.start_soon(self._fill, slot, offset, size)
+        while len(self._slots) > self.depth:
+            self._slots.popitem(last=False)
+
+    async def _fill(self, slot: _Slot, offset: int, size: int) -> None:
+        try:
+            if self._closed:
+                raise Interrupted("file closed")
+            slot.result = outcome.Value(await self.reader.read(offset, size))
+        except Exception as exc:  # handed to the reader that asks for these bytes
+            slot.result = outcome.Error(exc)
+        finally:
+            if slot.result is None:  # cancelled (unmount): never hand out short data
+                slot.result = outcome.Error(Interrupted("read-ahead cancelled"))
+            slot.done.set()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._slots.clear()
+        await self.reader.aclose()

@@ -1,0 +1,177 @@
+"""Where the Object Storage is and how to reach it: boto3's own configuration
+(AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,
+AWS_DEFAULT_REGION, AWS_PROFILE, ~/.aws/config and ~/.aws/credentials), an
+explicit endpoint (``snapfs mount --s3-endpoint``), and, when no endpoint is
+configured but Scaleway credentials are (SCW_ACCESS_KEY / SCW_SECRET_KEY), the
+Scaleway Object Storage of the region: ``https://s3.<region>.scw.cloud``.
+
+Secrets stay in the settings object (never in its repr) and in boto3; nothing
+here logs them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..errors import InvalidArgument
+from ..objects import ObjectStorage
+from .calls import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+DEFAULT_SCW_REGION = "fr-par"
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Everything the S3 layer needs. ``None`` fields are left to boto3."""
+
+    endpoint: str | None = None
+    region: str | None = None
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    profile: str | None = None
+    #: Upload part size (grown for huge images to stay under 10 000 parts).
+    part_size: int = 8 * MiB
+    #: Parallel part uploads / ranged GETs of one export or import.
+    concurrency: int = 4
+    #: Largest single ranged GET of an import.
+    max_get: int = 4 * MiB
+    #: Import read-ahead window for sequential reads.
+    readahead: int = 16 * MiB
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    retry: RetryPolicy = RetryPolicy()
+    #: Retries for abort_multipart_upload: longer, so no part is left behind
+    #: when the server comes back within this time.
+    abort_retry: RetryPolicy = RetryPolicy(attempts=20, budget=300.0)
+
+    def replace(self, **changes: Any) -> "S3Settings":
+        return dataclasses.replace(self, **changes)
+
+
+def region_of_zone(zone: str) -> str:
+    """fr-par-1 -> fr-par (Scaleway zones are region + '-N')."""
+    head, _, tail = zone.rpartition("-")
+    return head if tail.isdigit() and head else zone
+
+
+def _configured_endpoint(profile: str | None) -> str | None:
+    """An endpoint boto3 would use by itself (environment or profile)."""
+    for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if os.environ.get(var):
+            return os.environ[var]
+    try:
+        import botocore.session
+        sess = botocore.session.Session(profile=profile)
+        scoped = sess.get_scoped_config()
+    except Exception:  # a broken or missing profile: boto3 will say so on use
+        return None
+    if scoped.get("endpoint_url"):
+        return str(scoped["endpoint_url"])
+    s3 = scoped.get("s3")
+    if isinstance(s3, dict) and s3.get("endpoint_url"):
+        return str(s3["endpoint_url"])
+    return None
+
+
+def _aws_configured() -> bool:
+    if os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE"):
+        return True
+    for var, default in (("AWS_CONFIG_FILE", "~/.aws/config"),
+                         ("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")):
+        if Path(os.path.expanduser(os.environ.get(var) or default)).is_file():
+            return True
+    return False
+
+
+def resolve_settings(endpoint: str | None = None, region: str | None = None
+                     ) -> S3Settings | None:
+    """The settings from the environment, or None when nothing at all is
+    configured (no endpoint, no AWS credentials or config, no Scaleway keys)."""
+    if endpoint is not None:
+        check_endpoint(endpoint)
+    profile = os.environ.get("AWS_PROFILE") or None
+    configured = endpoint or _configured_endpoint(profile)
+    scw_key, scw_secret = os.environ.get("SCW_ACCESS_KEY"), os.environ.get("SCW_SECRET_KEY")
+    if not configured and scw_key and scw_secret:
+        reg = (region or os.environ.get("SCW_DEFAULT_REGION")
+               or region_of_zone(os.environ.get("SCW_DEFAULT_ZONE", "")) or DEFAULT_SCW_REGION)
+        url = f"https://s3.{reg}.scw.cloud"
+        log.info("Object Storage: Scaleway %s", url)
+        return S3Settings(endpoint=url, region=reg, access_key=scw_key, secret_key=scw_secret)
+    if not configured and not _aws_configured():
+        return None
+    # Leave endpoint/credentials/region to boto3 unless given here.
+    log.info("Object Storage: %s", endpoint or configured or "AWS default endpoint")
+    return S3Settings(endpoint=endpoint, region=region, profile=profile)
+
+
+def check_endpoint(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InvalidArgument("s3-endpoint", f"{url!r} is not an http(s) URL")
+    return url
+
+
+def make_client(settings: S3Settings) -> Any:
+    """A boto3 S3 client (thread-safe; shared by all calls). Blocking: call it
+    from a worker thread."""
+    import boto3
+    from botocore.config import Config
+
+    session = boto3.Session(profile_name=settings.profile) if settings.profile \
+        else boto3.Session()
+    s3_options: dict[str, Any] = {}
+    if settings.endpoint:
+        host = urlsplit(settings.endpoint).hostname or ""
+        try:
+            ipaddress.ip_address(host)
+            is_ip = True
+        except ValueError:
+            is_ip = host == "localhost"
+        if is_ip:  # no virtual-hosted buckets on an IP address
+            s3_options["addressing_style"] = "path"
+    config = Config(
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        # Our own retry loop (calls.py) decides; botocore tries once.
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        max_pool_connections=max(10, settings.concurrency * 2 + 2),
+        # Scaleway and other S3-compatible stores refuse boto3's newer default
+        # CRC trailers on uploads; only send checksums the operation requires.
+        request_checksum_calculation=os.environ.get(
+            "AWS_REQUEST_CHECKSUM_CALCULATION", "when_required"),
+        response_checksum_validation=os.environ.get(
+            "AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required"),
+        s3=s3_options or None,
+    )
+    kwargs: dict[str, Any] = {"config": config}
+    if settings.endpoint:
+        kwargs["endpoint_url"] = settings.endpoint
+    if settings.region:
+        kwargs["region_name"] = settings.region
+    if settings.access_key and settings.secret_key:
+        kwargs["aws_access_key_id"] = settings.access_key
+        kwargs["aws_secret_access_key"] = settings.secret_key
+    return session.client("s3", **kwargs)
+
+
+def object_storage_from_config(endpoint: str | None = None, region: str | None = None
+                               ) -> ObjectStorage | None:
+    """The ObjectStorage the daemon uses, or None when nothing is configured.
+    ``endpoint`` is ``snapfs mount --s3-endpoint``; ``region`` the zone's region
+    (used for the Scaleway endpoint and as the signing region)."""
+    settings = resolve_settings(endpoint, region)
+    if settings is None:
+        return None
+    from .storage import S3ObjectStorage
+    return S3ObjectStorage(settings)

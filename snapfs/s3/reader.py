@@ -1,0 +1,184 @@
+"""Import: a QCOW2 object read with ranged GETs, as an ImageReader of its guest data.
+
+Opening fetches the header and the L1 table and validates them. Reads map the
+guest range through cached L2 tables (LRU, a bounded number of bytes), fetch the
+host bytes they need with ranged GETs -- neighbouring ranges merged (compressed
+clusters are packed back to back), large ones split into ``max_get`` pieces, all
+in parallel under the S3 limiter -- and assemble (decompress) off the trio
+thread. Sequential reads (the capture reads in order) grow a read-ahead window
+up to ``readahead`` bytes, so each window costs one round of parallel GETs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from array import array
+from collections import OrderedDict
+
+import trio
+
+from ..errors import InvalidData
+from ..qcow2.decoder import (COMPRESSED, DATA, HEADER_PROBE, Qcow2Map, assemble,
+                             parse_header)
+from ..service import ImageReader
+from .calls import S3Calls
+from .config import S3Settings
+from .export import first_error
+
+log = logging.getLogger(__name__)
+
+L2_CACHE_BYTES = 32 << 20
+MERGE_GAP = 64 << 10  # fetch small gaps rather than issue another request
+
+
+async def _get_range(calls: S3Calls, bucket: str, key: str, offset: int,
+                     length: int) -> bytes:
+    client = calls.client
+
+    def fetch() -> bytes:
+        resp = client.get_object(Bucket=bucket, Key=key,
+                                 Range=f"bytes={offset}-{offset + length - 1}")
+        body = resp["Body"]
+        try:
+            return body.read()
+        finally:
+            body.close()
+    data = await calls.call("get_object", bucket, key, fetch)
+    if len(data) != length:
+        raise InvalidData(f"object {bucket}/{key} returned {len(data)} bytes at offset "
+                          f"{offset}, expected {length} (changed during import?)")
+    return data
+
+
+async def open_reader(calls: S3Calls, settings: S3Settings, bucket: str, key: str,
+                      cpu_limiter: trio.CapacityLimiter) -> "S3Qcow2Reader":
+    client = calls.client
+    head = await calls.call("head_object", bucket, key,
+                            lambda: client.head_object(Bucket=bucket, Key=key))
+    size = int(head["ContentLength"])
+    if size == 0:
+        raise InvalidData(f"object {bucket}/{key} is empty, not a QCOW2 image")
+    probe = await _get_range(calls, bucket, key, 0, min(HEADER_PROBE, size))
+    header = parse_header(probe, size)
+    l1_len = header.l1_size * 8
+    l1 = await _get_range(calls, bucket, key, header.l1_table_offset, l1_len) \
+        if l1_len else b""
+    qmap = Qcow2Map(header, l1, size)
+    log.info("import from %s/%s: QCOW2 v%d, %d bytes virtual, %d-byte clusters%s",
+             bucket, key, header.version, header.size, header.cluster_size,
+             ", zstd" if header.compression_type else "")
+    return S3Qcow2Reader(calls, settings, bucket, key, qmap, cpu_limiter)
+
+
+class S3Qcow2Reader(ImageReader):
+    def __init__(self, calls: S3Calls, settings: S3Settings, bucket: str, key: str,
+                 qmap: Qcow2Map, cpu_limiter: trio.CapacityLimiter) -> None:
+        self.calls = calls
+        self.settings = settings
+        self.bucket = bucket
+        self.key = key
+        self.map = qmap
+        self.header = qmap.header
+        self.size = qmap.size
+        self.cpu_limiter = cpu_limiter
+        self._l2: OrderedDict[int, array] = OrderedDict()
+        self._l2_max = max(4, L2_CACHE_BYTES // self.header.cluster_size)
+        self._win_off = 0
+        self._win = b""
+        self._next = -1  # where a sequential read would start
+        self._ra = 0
+
+    async def read(self, offset: int, length: int) -> bytes:
+        if offset >= self.size or length <= 0:
+            return b""
+        end = min(offset + length, self.size)
+        win_end = self._win_off + len(self._win)
+        if not (self._win_off <= offset and end <= win_end):
+            if offset == self._next:  # sequential: grow the read-ahead
+                self._ra = min(self.settings.readahead, max(2 * self._ra, end - offset))
+            else:
+                self._ra = 0
+            want = max(end - offset, self._ra)
+            self._win = b""  # drop the old window before fetching the new one
+            self._win = await self._fetch(offset, min(want, self.size - offset))
+            self._win_off = offset
+        self._next = end
+        start = offset - self._win_off
+        return self._win[start:start + (end - offset)]
+
+    async def _fetch(self, offset: int, length: int) -> bytes:
+        """Guest bytes offset..+length, from one round of parallel GETs."""
+        missing = [o for o in dict.fromkeys(self.map.l2_offsets(offset, length))
+                   if o not in self._l2]
+        if missing:
+            tables = await self._parallel([(o, self.header.cluster_size) for o in missing])
+            for o in missing:
+                self._remember_l2(o, self.map.parse_l2(tables[o]))
+        extents = self.map.extents(offset, length, self._table_for)
+        wanted: list[tuple[int, int]] = []
+        for e in extents:
+            if e.kind == DATA:
+                wanted.append((e.host_offset, e.length))
+            elif e.kind == COMPRESSED:
+                wanted.append((e.host_offset, e.host_length))
+        got = await self._parallel(self._plan(wanted)) if wanted else {}
+        starts = sorted(got)
+
+        def host_bytes(off: int, n: int) -> bytes:
+            # A wanted range lies in one merged range, maybe across its pieces.
+            i = bisect.bisect_right(starts, off) - 1
+            pieces = []
+            while n > 0 and 0 <= i < len(starts):
+                base = starts[i]
+                piece = got[base][off - base:off - base + n]
+                if not piece:
+                    break
+                pieces.append(piece)
+                off += len(piece)
+                n -= len(piece)
+                i += 1
+            return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return await trio.to_thread.run_sync(assemble, extents, self.header, host_bytes,
+                                             limiter=self.cpu_limiter)
+
+    def _table_for(self, off: int) -> array:
+        table = self._l2.get(off)
+        if table is None:  # evicted while planning a very large window
+            raise AssertionError("L2 table not loaded")
+        self._l2.move_to_end(off)
+        return table
+
+    def _remember_l2(self, off: int, table: array) -> None:
+        self._l2[off] = table
+        while len(self._l2) > self._l2_max:
+            self._l2.popitem(last=False)
+
+    def _plan(self, wanted: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Merge neighbouring host ranges (compressed clusters sit back to back),
+        then cut the merged ranges into ``max_get`` pieces fetched in parallel."""
+        merged: list[list[int]] = []
+        for off, n in sorted(wanted):
+            if merged and off <= merged[-1][1] + MERGE_GAP:
+                merged[-1][1] = max(merged[-1][1], off + n)
+            else:
+                merged.append([off, off + n])
+        cap = self.settings.max_get
+        return [(o, min(cap, hi - o)) for lo, hi in merged for o in range(lo, hi, cap)]
+
+    async def _parallel(self, ranges: list[tuple[int, int]]) -> dict[int, bytes]:
+        got: dict[int, bytes] = {}
+
+        async def one(off: int, n: int) -> None:
+            got[off] = await _get_range(self.calls, self.bucket, self.key, off, n)
+        try:
+            async with trio.open_nursery() as nursery:
+                for off, n in ranges:
+                    nursery.start_soon(one, off, n)
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
+        return got
+
+    async def aclose(self) -> None:
+        self._win = b""
+        self._l2.clear()

@@ -8,6 +8,7 @@ import served``) so the file works with or without a conftest entry.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import signal
@@ -138,20 +139,41 @@ def stop_server(proc: subprocess.Popen[bytes]) -> int:
     return proc.returncode
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """A running `snapfs serve` (SCW_SECRET_KEY=SECRET) over a populated store."""
-    base = tmp_path_factory.mktemp("served")
+@contextlib.contextmanager
+def serve_store(base: Path, s3: Any = None) -> Iterator[Served]:
+    """A populated store under ``base`` served by `snapfs serve` (SCW_SECRET_KEY=SECRET);
+    ``s3``: a fixtures_s3.SeaweedServer to give the server as Object Storage."""
     store, data = base / "store", base / "volumes"
     data.mkdir()
     info = trio.run(_populate, store, data)
     log = base / "serve.log"
-    proc, url = start_server(store, log, {"SCW_SECRET_KEY": SECRET})
+    env = {"SCW_SECRET_KEY": SECRET}
+    args: list[str] = []
+    if s3 is not None:
+        from fixtures_s3 import ADMIN
+        env.update(AWS_ACCESS_KEY_ID=ADMIN[0], AWS_SECRET_ACCESS_KEY=ADMIN[1],
+                   AWS_DEFAULT_REGION="us-east-1")
+        args = ["--s3-endpoint", s3.endpoint]
+    proc, url = start_server(store, log, env, args)
     try:
         yield Served(url=url, store=store, log=log, **info)
     finally:
         code = stop_server(proc)
     assert code == 0, f"snapfs serve exited {code} on SIGTERM: {log.read_text()}"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """A running `snapfs serve` over a populated store, without Object Storage."""
+    with serve_store(tmp_path_factory.mktemp("served")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def served_s3(tmp_path_factory: pytest.TempPathFactory, s3_server: Any) -> Iterator[Served]:
+    """Like ``served``, with the session's SeaweedFS as the server's Object Storage."""
+    with serve_store(tmp_path_factory.mktemp("served-s3"), s3_server) as s:
+        yield s
 
 
 def wait_state(api: Any, snapshot_id: str, state: str = "available",

@@ -1,23 +1,149 @@
-"""image.raw for cloud snapshots (export to a staging bucket, read back as QCOW2)."""
+"""image.raw for cloud snapshots.
+
+The Instance API has no block read. The first open of a snapshot's image
+exports it (Export snapshot -> a QCOW2 object) to the staging bucket, and reads
+are then served from that object by the Object Storage layer's QCOW2 reader
+(``ObjectStorage.open_qcow2``: ranged GETs, L1/L2 tables cached, read-ahead,
+parallel ranges -- never a whole download).
+
+Snapshot data is immutable, so an export is named by the snapshot's id and
+creation date: any later open -- from this process or another one -- that finds
+the object reuses it. An export only appears once complete (multipart upload),
+so an object that opens is a whole image; one of the wrong size is stale and
+replaced. Concurrent opens of one snapshot share one export.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import logging
+from typing import TYPE_CHECKING
 
-from ..errors import NotPermitted
+import trio
+
+from ..errors import NotFound, NotPermitted, PreconditionFailed, SnapfsError, SnapshotUnusable
+from ..model import FAILED_STATES, Snapshot
 from ..objects import ObjectStorage
 from ..service import ImageReader
 
+if TYPE_CHECKING:
+    from .service import ScalewayService
+
+log = logging.getLogger("snapfs.scaleway")
+
+#: Object key prefix of staging exports inside the staging bucket.
+STAGING_PREFIX = "snapfs-staging/"
+#: Polling an export: first interval, growth, cap (seconds); and how long to wait
+#: for a snapshot busy with someone else's export before trying again.
+POLL_FIRST, POLL_GROWTH, POLL_CAP = 0.1, 1.5, 5.0
+EXPORT_TIMEOUT = 6 * 3600.0
+
+
+def staging_key(snap: Snapshot) -> str:
+    """The staging object of one snapshot's data (id + creation date: immutable)."""
+    token = hashlib.sha256(f"{snap.id}\0{snap.creation_date}".encode()).hexdigest()[:16]
+    return f"{STAGING_PREFIX}{snap.zone}/{snap.id}-{token}.qcow2"
+
 
 class CloudImages:
-    def __init__(self, service: Any, bucket: str | None, objects: ObjectStorage | None) -> None:
+    def __init__(self, service: "ScalewayService", bucket: str | None,
+                 objects: ObjectStorage | None) -> None:
         self.service = service
         self.bucket = bucket
         self.objects = objects
+        self._exports: dict[str, trio.Event] = {}
+        self.exports_started = 0  # tests and the benchmark read it
 
     async def open(self, zone: str, snapshot_id: str) -> ImageReader:
-        raise NotPermitted("image.raw of a cloud snapshot needs --staging-bucket "
-                           "(not implemented yet)")
+        if not self.bucket or self.objects is None:
+            raise NotPermitted("image.raw of a cloud snapshot needs --staging-bucket (and "
+                               "Object Storage credentials) to export it to")
+        snap = await self.service.get_snapshot(zone, snapshot_id)
+        _check_readable(snap)
+        key = staging_key(snap)
+        with trio.fail_after(EXPORT_TIMEOUT):
+            while True:
+                reader = await self._open_existing(snap, key)
+                if reader is not None:
+                    return reader
+                pending = self._exports.get(key)
+                if pending is not None:  # another open is exporting it: share that one
+                    await pending.wait()
+                    continue
+                done = self._exports[key] = trio.Event()
+                try:
+                    await self._export(snap, key)
+                finally:
+                    del self._exports[key]
+                    done.set()
+                reader = await self._open_existing(snap, key)
+                if reader is None:
+                    raise SnapfsError(f"export of snapshot {snap.name!r} reported success "
+                                      f"but s3://{self.bucket}/{key} is missing")
+                return reader
+
+    async def _open_existing(self, snap: Snapshot, key: str) -> ImageReader | None:
+        assert self.objects is not None and self.bucket is not None
+        try:
+            reader = await self.objects.open_qcow2(self.bucket, key)
+        except NotFound as exc:
+            if getattr(exc, "resource", "") == "bucket":
+                raise  # the staging bucket itself is missing: say so, do not export
+            return None
+        if reader.size != snap.size:
+            log.info("staging export %s has %d bytes, snapshot %s has %d: exporting again",
+                     key, reader.size, snap.id, snap.size)
+            await reader.aclose()
+            return None
+        return reader
+
+    async def _export(self, snap: Snapshot, key: str) -> None:
+        """Export ``snap`` to the staging key and wait for it to finish."""
+        svc = self.service
+        delay = POLL_FIRST
+        while True:
+            try:
+                task = await svc.export_snapshot(snap.zone, snap.id, bucket=self.bucket or "",
+                                                 key=key)
+                break
+            except PreconditionFailed:
+                # Busy (someone else's export): wait for it to become available again.
+                current = await svc.get_snapshot(snap.zone, snap.id)
+                _check_readable(current)
+                await trio.sleep(delay)
+                delay = min(delay * POLL_GROWTH, POLL_CAP)
+        self.exports_started += 1
+        log.info("snapshot %s: exporting to s3://%s/%s for image.raw (task %s)", snap.id,
+                 self.bucket, key, task.id)
+        use_task = True
+        delay = POLL_FIRST
+        while True:
+            await trio.sleep(delay)
+            delay = min(delay * POLL_GROWTH, POLL_CAP)
+            if use_task:
+                try:
+                    task = await svc.get_task(snap.zone, task.id)
+                except NotFound:
+                    use_task = False  # an API without Get task: follow the snapshot state
+                else:
+                    if task.status == "success":
+                        return
+                    if task.status == "failure":
+                        raise SnapfsError(f"export of snapshot {snap.name!r} to "
+                                          f"s3://{self.bucket}/{key} failed")
+                    continue
+            current = await svc.get_snapshot(snap.zone, snap.id)
+            if current.state != "exporting":
+                _check_readable(current)
+                return  # the caller opens the object: missing means it failed
 
     async def aclose(self) -> None:
         pass
+
+
+def _check_readable(snap: Snapshot) -> None:
+    if snap.state in FAILED_STATES:
+        raise SnapshotUnusable(f"snapshot {snap.name!r} is in state {snap.state}: "
+                               f"{snap.error_reason or 'no data'}")
+    if snap.state in ("snapshotting", "importing"):
+        raise PreconditionFailed(f"snapshot {snap.name!r} is still {snap.state}")

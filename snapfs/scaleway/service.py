@@ -11,6 +11,7 @@ jitter, honouring Retry-After; what still fails becomes a domain error
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import functools
 import logging
@@ -72,6 +73,7 @@ class ScalewayService(SnapshotService):
         self.backoff = BACKOFF
         self.call_timeout = CALL_TIMEOUT
         self.calls = 0  # SDK calls made (retries included); tests and benchmarks read it
+        self._targets: dict[str, tuple[str, str]] = {}  # export task id -> (bucket, key)
         self._images: Any = None  # snapfs.scaleway.images.CloudImages, made on first use
 
     async def call(self, what: str, fn: Callable[..., T], **kwargs: Any) -> T:
@@ -221,7 +223,10 @@ class ScalewayService(SnapshotService):
         res = await self.call("export snapshot", self.instance.export_snapshot,
                               zone=self._zone(zone), snapshot_id=snapshot_id, bucket=bucket,
                               key=key)
-        return convert.task(res.task, zone)
+        task = convert.task(res.task, zone)
+        # The API's Task does not say where it writes; remember it for get_task.
+        self._targets[task.id] = (bucket, key)
+        return dataclasses.replace(task, bucket=bucket, key=key)
 
     async def get_task(self, zone: str, task_id: str) -> Task:
         # The generated SDK has no Get Task; the Instance API serves it at /tasks/{id}.
@@ -233,7 +238,12 @@ class ScalewayService(SnapshotService):
             self.instance._throw_on_error(res)
             return unmarshal_Task(res.json()["task"])
 
-        return convert.task(await self.call("get task", get), zone)
+        task = convert.task(await self.call("get task", get), zone)
+        bucket, key = self._targets.get(task.id, ("", ""))
+        error = None
+        if task.status == "failure":
+            error = "the export failed (the API does not say why)"
+        return dataclasses.replace(task, bucket=bucket, key=key, error=error)
 
     # --- data ----------------------------------------------------------------------
 

@@ -1,0 +1,115 @@
+"""`snapfs mount --backend scaleway` through the kernel, against `snapfs serve`
+(real HTTP, the official SDK) with SeaweedFS as Object Storage: mkdir, tags,
+rename, export, image.raw bytes, rmdir -- each checked on the server's side too."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from fixtures_http import ACCESS_KEY, SECRET, Served, served_s3  # noqa: F401 (fixture)
+from fixtures_mount import Mount, run
+from fixtures_s3 import ADMIN
+
+pytestmark = [pytest.mark.mount, pytest.mark.s3]
+
+
+def ls(path: Path) -> list[str]:
+    return run("ls", "-1", path).stdout.split()
+
+
+@pytest.fixture
+def cloud_mount(served_s3: Served, s3_server: Any, bucket: str, tmp_path: Path,
+                monkeypatch: pytest.MonkeyPatch,
+                mount_factory: Callable[..., Mount]) -> Mount:
+    """A scaleway-backend mount (zones fr-par-1 + nl-ams-1) of the served store."""
+    for name in list(os.environ):
+        if name.startswith(("SCW_", "AWS_")):
+            monkeypatch.delenv(name)
+    env = {"SCW_ACCESS_KEY": ACCESS_KEY, "SCW_SECRET_KEY": SECRET,
+           "SCW_API_URL": served_s3.url, "SCW_DEFAULT_ZONE": "fr-par-1",
+           "SCW_DEFAULT_ORGANIZATION_ID": served_s3.organization,
+           "SCW_CONFIG_PATH": str(tmp_path / "absent.yaml"),
+           "AWS_ACCESS_KEY_ID": ADMIN[0], "AWS_SECRET_ACCESS_KEY": ADMIN[1],
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return mount_factory(tmp_path / "mount-state", "--backend", "scaleway",
+                         "--zones", "nl-ams-1", "--staging-bucket", bucket,
+                         "--s3-endpoint", s3_server.endpoint)
+
+
+def test_cloud_tree_end_to_end(cloud_mount: Mount, served_s3: Served, s3_server: Any,
+                               bucket: str, tmp_path: Path) -> None:
+    m = cloud_mount
+    api = served_s3.instance(default_project_id=None)
+    assert ls(m.path) == ["fr-par-1", "nl-ams-1"]
+    assert set(ls(m.path / "fr-par-1")) >= {"default", "other"}
+    assert ls(m.project / "volumes") == ["vol-a"]
+    assert ls(m.path / "nl-ams-1" / "default" / "volumes") == ["vol-c"]
+
+    # mkdir: a snapshot through the API.
+    name = f"c{uuid.uuid4().hex[:8]}"
+    run("mkdir", m.volume("vol-a") / name)
+    snap_dir = m.snapshots() / name
+    assert m.wait_state(snap_dir) == "available"
+    sid = m.xattr(snap_dir, "id")
+    on_server = api.get_snapshot(snapshot_id=sid).snapshot
+    assert on_server.name == name and on_server.base_volume.name == "vol-a"
+
+    # Tags and rename land on the server.
+    run("setfattr", "-n", "user.tags", "-v", "daily,prod", snap_dir)
+    assert api.get_snapshot(snapshot_id=sid).snapshot.tags == ["daily", "prod"]
+    assert name in ls(m.project / "tags" / "prod")
+    renamed = m.snapshots() / f"{name}-r"
+    run("mv", snap_dir, renamed)
+    assert api.get_snapshot(snapshot_id=sid).snapshot.name == f"{name}-r"
+    assert not snap_dir.exists() and m.xattr(renamed, "id") == sid
+
+    # image.raw: exported to the staging bucket, read back with ranged GETs.
+    volume_file = served_s3.volumes["vol-a"]["path"]
+    run("cmp", renamed / "image.raw", volume_file)
+    staged = s3_server.client().list_objects_v2(Bucket=bucket, Prefix="snapfs-staging/")
+    assert [o["Key"] for o in staged.get("Contents", []) if sid in o["Key"]]
+
+    # export: a QCOW2 object of the same bytes.
+    (renamed / "export").write_text(f"{bucket}/exports/{name}.qcow2\n")
+    deadline = time.monotonic() + 120
+    while True:
+        status = json.loads((renamed / "export").read_text())
+        if status["state"] in ("success", "failure"):
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
+    assert status["state"] == "success", status
+    local = tmp_path / "exported.qcow2"
+    s3_server.client().download_file(bucket, f"exports/{name}.qcow2", str(local))
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", local, volume_file)
+
+    # rmdir: deleted on the server.
+    m.wait_state(renamed)
+    run("rmdir", renamed)
+    assert name + "-r" not in ls(m.snapshots())
+    res = api.list_snapshots_all(name=name)
+    assert res == []
+
+
+def test_cloud_refusals_keep_the_server_unchanged(cloud_mount: Mount,
+                                                  served_s3: Served) -> None:
+    m = cloud_mount
+    api = served_s3.instance(default_project_id=None)
+    before = int(api.list_snapshots().total_count)
+    # No such volume: ENOENT; a snapshot name with a bad character never reaches it.
+    r = run("mkdir", m.project / "volumes" / "no-such-volume" / "x", check=False)
+    assert r.returncode != 0 and "No such file" in r.stderr
+    with pytest.raises(OSError) as exc:
+        os.rmdir(m.snapshots() / "does-not-exist")
+    assert exc.value.errno == errno.ENOENT
+    assert int(api.list_snapshots().total_count) == before

@@ -195,6 +195,17 @@ class Qcow2Map:
             raise InvalidData("truncated QCOW2 image: short L2 table")
         return _be64_array(buf[:self.header.cluster_size])
 
+    def check_l2(self, l1_index: int, table: array) -> None:
+        """Validate every entry of one L2 table (reserved bits, alignment, host
+        ranges inside the object), so an import refuses a truncated or corrupt
+        image before storing anything."""
+        cs = self.header.cluster_size
+        base = l1_index * self.l2_span()
+        for i, entry in enumerate(table):
+            guest = base + i * cs
+            if entry and guest < self.size:
+                self._entry_extent(entry, guest, 0, min(cs, self.size - guest))
+
     def extents(self, offset: int, length: int,
                 l2_tables: Callable[[int], array]) -> list[Extent]:
         """The pieces of guest ``offset``..+``length`` (clipped to the virtual

@@ -18,9 +18,10 @@ from collections import OrderedDict
 
 import trio
 
-from ..errors import InvalidData
+from ..errors import InvalidData, NotFound
 from ..qcow2.decoder import (COMPRESSED, DATA, HEADER_PROBE, Qcow2Map, assemble,
                              parse_header)
+from ..qcow2.format import OFFSET_MASK
 from ..service import ImageReader
 from .calls import S3Calls
 from .config import S3Settings
@@ -54,8 +55,14 @@ async def _get_range(calls: S3Calls, bucket: str, key: str, offset: int,
 async def open_reader(calls: S3Calls, settings: S3Settings, bucket: str, key: str,
                       cpu_limiter: trio.CapacityLimiter) -> "S3Qcow2Reader":
     client = calls.client
-    head = await calls.call("head_object", bucket, key,
-                            lambda: client.head_object(Bucket=bucket, Key=key))
+    try:
+        head = await calls.call("head_object", bucket, key,
+                                lambda: client.head_object(Bucket=bucket, Key=key))
+    except NotFound:
+        # A HEAD's 404 has no body: ask whether it is the bucket that is missing.
+        await calls.call("head_bucket", bucket, None,
+                         lambda: client.head_bucket(Bucket=bucket))
+        raise
     size = int(head["ContentLength"])
     if size == 0:
         raise InvalidData(f"object {bucket}/{key} is empty, not a QCOW2 image")
@@ -65,10 +72,12 @@ async def open_reader(calls: S3Calls, settings: S3Settings, bucket: str, key: st
     l1 = await _get_range(calls, bucket, key, header.l1_table_offset, l1_len) \
         if l1_len else b""
     qmap = Qcow2Map(header, l1, size)
+    reader = S3Qcow2Reader(calls, settings, bucket, key, qmap, cpu_limiter)
+    await reader.validate_tables()
     log.info("import from %s/%s: QCOW2 v%d, %d bytes virtual, %d-byte clusters%s",
              bucket, key, header.version, header.size, header.cluster_size,
              ", zstd" if header.compression_type else "")
-    return S3Qcow2Reader(calls, settings, bucket, key, qmap, cpu_limiter)
+    return reader
 
 
 class S3Qcow2Reader(ImageReader):
@@ -88,6 +97,21 @@ class S3Qcow2Reader(ImageReader):
         self._win = b""
         self._next = -1  # where a sequential read would start
         self._ra = 0
+
+    async def validate_tables(self) -> None:
+        """Fetch and check every L2 table once (cluster_size / 8192 of the virtual
+        size, in parallel batches), so truncated or corrupt mappings are refused
+        before the import stores anything. The last tables stay cached."""
+        tables = [(i, e & OFFSET_MASK) for i, e in enumerate(self.map.l1) if e & OFFSET_MASK]
+        step = max(1, 4 * self.settings.concurrency)
+        for b in range(0, len(tables), step):
+            batch = tables[b:b + step]
+            got = await self._parallel([(off, self.header.cluster_size) for _, off in batch])
+            for i, off in batch:
+                table = self.map.parse_l2(got[off])
+                await trio.to_thread.run_sync(self.map.check_l2, i, table,
+                                              limiter=self.cpu_limiter)
+                self._remember_l2(off, table)
 
     async def read(self, offset: int, length: int) -> bytes:
         if offset >= self.size or length <= 0:

@@ -1,0 +1,126 @@
+"""Object Storage configuration (boto3's own environment and files, the explicit
+endpoint, the Scaleway fallback) and the transient-failure classifier."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import botocore.exceptions as bex
+import pytest
+
+from fixtures_s3 import ADMIN, SeaweedServer
+from snapfs.errors import InvalidArgument, NotFound, PermissionDenied, SnapfsError, Transient
+from snapfs.s3.calls import is_temp_failure, map_error
+from snapfs.s3.config import object_storage_from_config, region_of_zone, resolve_settings
+from snapfs.s3.storage import S3ObjectStorage
+
+AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE",
+            "AWS_SHARED_CREDENTIALS_FILE", "SCW_ACCESS_KEY", "SCW_SECRET_KEY",
+            "SCW_DEFAULT_REGION", "SCW_DEFAULT_ZONE")
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    for var in AWS_VARS:
+        monkeypatch.delenv(var, raising=False)
+    # No ~/.aws files either: point boto3 at paths that do not exist.
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none-credentials"))
+    return monkeypatch
+
+
+def test_nothing_configured_gives_none(clean_env: pytest.MonkeyPatch) -> None:
+    assert object_storage_from_config() is None
+
+
+def test_scaleway_keys_pick_the_region_endpoint(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("SCW_ACCESS_KEY", "SCWXXXXXXXXXXXXXXXXX")
+    clean_env.setenv("SCW_SECRET_KEY", "11111111-2222-3333-4444-555555555555")
+    s = resolve_settings(region="nl-ams")
+    assert s is not None and s.endpoint == "https://s3.nl-ams.scw.cloud"
+    assert s.region == "nl-ams" and s.access_key == "SCWXXXXXXXXXXXXXXXXX"
+    clean_env.setenv("SCW_DEFAULT_ZONE", "pl-waw-2")
+    s = resolve_settings()
+    assert s is not None and s.endpoint == "https://s3.pl-waw.scw.cloud"
+    assert "5555" not in repr(s) and "5555" not in repr(S3ObjectStorage(s))
+    # An explicit or configured endpoint wins over the Scaleway fallback.
+    s = resolve_settings(endpoint="http://127.0.0.1:9")
+    assert s is not None and s.endpoint == "http://127.0.0.1:9" and s.access_key is None
+    clean_env.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:10")
+    s = resolve_settings()
+    assert s is not None and s.endpoint is None  # left to boto3, which reads the variable
+
+
+def test_region_of_zone() -> None:
+    assert region_of_zone("fr-par-1") == "fr-par"
+    assert region_of_zone("nl-ams") == "nl-ams"
+
+
+def test_bad_endpoint_is_refused(clean_env: pytest.MonkeyPatch) -> None:
+    with pytest.raises(InvalidArgument, match="s3-endpoint"):
+        object_storage_from_config(endpoint="ftp://example")
+
+
+@pytest.mark.s3
+async def test_boto3_environment_reaches_the_server(
+        clean_env: pytest.MonkeyPatch, s3_server: SeaweedServer, bucket: str) -> None:
+    """AWS_ENDPOINT_URL + AWS_ACCESS_KEY_ID/SECRET, nothing passed explicitly."""
+    s3_server.client().put_object(Bucket=bucket, Key="x", Body=b"not qcow2")
+    clean_env.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    clean_env.setenv("AWS_ACCESS_KEY_ID", ADMIN[0])
+    clean_env.setenv("AWS_SECRET_ACCESS_KEY", ADMIN[1])
+    clean_env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    objects = object_storage_from_config()
+    assert objects is not None
+    try:
+        with pytest.raises(SnapfsError, match="bad magic"):
+            await objects.open_qcow2(bucket, "x")
+    finally:
+        await objects.aclose()
+
+
+@pytest.mark.s3
+async def test_profile_in_aws_config_files(clean_env: pytest.MonkeyPatch, tmp_path: Path,
+                                           s3_server: SeaweedServer, bucket: str) -> None:
+    cfg, creds = tmp_path / "config", tmp_path / "credentials"
+    cfg.write_text(f"[profile snap]\nregion = us-east-1\nendpoint_url = {s3_server.endpoint}\n")
+    creds.write_text(f"[snap]\naws_access_key_id = {ADMIN[0]}\n"
+                     f"aws_secret_access_key = {ADMIN[1]}\n")
+    clean_env.setenv("AWS_CONFIG_FILE", str(cfg))
+    clean_env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+    clean_env.setenv("AWS_PROFILE", "snap")
+    objects = object_storage_from_config()
+    assert objects is not None
+    try:
+        with pytest.raises(NotFound, match="missing"):
+            await objects.open_qcow2(bucket, "missing")
+    finally:
+        await objects.aclose()
+
+
+def _client_error(code: str, status: int) -> bex.ClientError:
+    return bex.ClientError({"Error": {"Code": code, "Message": "m"},
+                            "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+
+def test_is_temp_failure() -> None:
+    assert is_temp_failure(bex.EndpointConnectionError(endpoint_url="http://x"))
+    assert is_temp_failure(bex.ReadTimeoutError(endpoint_url="http://x"))
+    assert is_temp_failure(_client_error("SlowDown", 503))
+    assert is_temp_failure(_client_error("InternalError", 500))
+    assert is_temp_failure(_client_error("", 502))
+    assert not is_temp_failure(_client_error("AccessDenied", 403))
+    assert not is_temp_failure(_client_error("NoSuchBucket", 404))
+    assert not is_temp_failure(ValueError("x"))
+
+
+def test_map_error() -> None:
+    assert isinstance(map_error(_client_error("NoSuchBucket", 404), "op", "b", "k"), NotFound)
+    e = map_error(_client_error("NoSuchKey", 404), "op", "b", "k")
+    assert isinstance(e, NotFound) and "b/k" in str(e)
+    assert isinstance(map_error(_client_error("AccessDenied", 403), "op", "b", "k"),
+                      PermissionDenied)
+    t = map_error(_client_error("SlowDown", 503), "upload_part", "b", "k", attempts=5)
+    assert isinstance(t, Transient) and "after 5 attempts" in str(t)
+    assert "SlowDown" in str(t)

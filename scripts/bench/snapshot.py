@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Snapshot benchmark: snapfs capture vs `cp --sparse=always` vs `restic backup`.
+
+A 2 GiB raw volume holding 1 GiB of random data in three runs (the rest holes);
+a first snapshot, then a second after overwriting 20 MiB. Each tool works on the
+same file in the same run, page cache dropped before each timed step so that
+every tool reads from disk alike. snapfs runs in its own process (as the daemon
+would) so that its peak RSS is its own.
+
+Targets (issue 2): first <= 1.0x cp; second <= 0.3x cp; both <= 0.5x restic's
+matching backup; store <= 1.1x distinct data; peak RSS <= 200 MB.
+
+    .venv/bin/python scripts/bench/snapshot.py [--dir DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MiB = 1 << 20
+GiB = 1 << 30
+RUNS = [(0, 400 * MiB), (800 * MiB, 300 * MiB), (1536 * MiB, 324 * MiB)]  # 1 GiB in all
+OVERWRITE = (900 * MiB, 20 * MiB)
+
+CAPTURE = """
+import json, resource, sys, time, trio
+from snapfs.local import open_local_service
+
+async def main():
+    store, path, name = sys.argv[1:4]
+    async with open_local_service(store) as svc:
+        vols = {v.path: v for v in await svc.list_all_volumes()}
+        vol = vols.get(path) or await svc.add_volume("bench", path)
+        t = time.perf_counter()
+        snap = await svc.create_snapshot("fr-par-1", name=name, volume_id=vol.id)
+        while (await svc.get_snapshot("fr-par-1", snap.id)).state == "snapshotting":
+            await trio.sleep(0.005)
+        dt = time.perf_counter() - t
+        state = (await svc.get_snapshot("fr-par-1", snap.id)).state
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"seconds": dt, "state": state, "rss": rss}))
+trio.run(main)
+"""
+
+
+WARM: Path | None = None  # --warm: the volume is read into the page cache instead
+
+
+def drop_caches() -> None:
+    subprocess.run(["sync"], check=True)
+    if WARM is not None:
+        subprocess.run(["cat", str(WARM)], check=True, stdout=subprocess.DEVNULL)
+        return
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        print("(could not drop the page cache: timings are warm)", file=sys.stderr)
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
+    drop_caches()
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
+    return time.perf_counter() - t
+
+
+def snapfs_capture(store: Path, vol: Path, name: str) -> dict[str, float]:
+    drop_caches()
+    out = subprocess.run([sys.executable, "-c", CAPTURE, str(store), str(vol), name],
+                         check=True, capture_output=True, text=True).stdout
+    res = json.loads(out)
+    assert res["state"] == "available", res
+    return res
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--warm", action="store_true",
+                    help="every tool reads the volume from the page cache (a volume in use)")
+    args = ap.parse_args()
+    global WARM
+    work = Path(tempfile.mkdtemp(prefix="snapfs-bench-", dir=args.dir))
+    try:
+        import blake3
+        vol = work / "volume.raw"
+        with open(vol, "wb") as f:
+            f.truncate(2 * GiB)
+            for i, (off, n) in enumerate(RUNS):
+                f.seek(off)
+                for j in range(0, n, 64 * MiB):
+                    f.write(blake3.blake3(bytes([i, j >> 20 & 255, j >> 28])).digest(
+                        length=min(64 * MiB, n - j)))
+        WARM = vol if args.warm else None
+        print("page cache:", "warm (volume cached before each step)" if args.warm
+              else "cold (dropped before each step)")
+        env = dict(os.environ, RESTIC_PASSWORD="bench", RESTIC_CACHE_DIR=str(work / "rcache"))
+        subprocess.run(["restic", "init", "--repo", str(work / "restic")], check=True,
+                       stdout=subprocess.DEVNULL, env=env)
+        restic = ["restic", "--repo", str(work / "restic"), "backup", "--quiet", str(vol)]
+
+        cp1 = timed(["cp", "--sparse=always", str(vol), str(work / "copy1.raw")])
+        r1 = timed(restic, env)
+        s1 = snapfs_capture(work / "store", vol, "first")
+
+        with open(vol, "r+b") as f:
+            f.seek(OVERWRITE[0])
+            f.write(os.urandom(OVERWRITE[1]))
+        cp2 = timed(["cp", "--sparse=always", str(vol), str(work / "copy2.raw")])
+        r2 = timed(restic, env)
+        s2 = snapfs_capture(work / "store", vol, "second")
+
+        distinct = sum(n for _, n in RUNS) + OVERWRITE[1]
+        store_bytes = du(work / "store" / "packs")
+        rows = [
+            ("first snapshot", s1["seconds"], cp1, r1, 1.0),
+            ("second snapshot", s2["seconds"], cp2, r2, 0.3),
+        ]
+        print(f"{'step':<16} {'snapfs s':>9} {'cp s':>7} {'restic s':>9} "
+              f"{'vs cp':>7} {'target':>7} {'vs restic':>10} {'target':>7}")
+        for name, s, c, r, target in rows:
+            print(f"{name:<16} {s:9.2f} {c:7.2f} {r:9.2f} {s / c:7.2f} {'<=' + str(target):>7} "
+                  f"{s / r:10.2f} {'<=0.5':>7}")
+        peak = max(s1["rss"], s2["rss"])
+        print(f"store size {store_bytes / MiB:.0f} MiB for {distinct / MiB:.0f} MiB distinct: "
+              f"{store_bytes / distinct:.3f}x (target <= 1.1)")
+        print(f"peak RSS {peak / 1e6:.0f} MB (target <= 200)")
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Pure naming and tree rules of the mount (no FUSE, no store)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from snapfs.errors import InvalidArgument
+from snapfs.fs import names, transfer
+from snapfs.fs.inodes import InodeTable
+from snapfs.fs.keys import (ROOT, Key, Kind, View, import_file, may_create_snapshot_in,
+                            project_dir, same_place, snapshot_dir, static_child, tag_dir,
+                            view_dir, volume_dir, zone_dir)
+
+
+@dataclass(frozen=True)
+class R:
+    id: str
+    name: str
+
+
+A = R("aaaaaaaa-0000-4000-8000-000000000001", "web")
+B = R("bbbbbbbb-0000-4000-8000-000000000002", "web")
+C = R("cccccccc-0000-4000-8000-000000000003", "db")
+
+
+def test_unique_names_are_listed_as_is() -> None:
+    assert list(names.labels([C, R("d" * 8 + "-0000-4000-8000-000000000004", "x")])) == \
+        ["db", "x"]
+
+
+def test_duplicates_get_the_first_8_hex_digits_of_their_id() -> None:
+    assert list(names.labels([A, B, C])) == ["web~aaaaaaaa", "web~bbbbbbbb", "db"]
+
+
+def test_a_label_colliding_with_a_real_name_uses_the_full_id() -> None:
+    squatter = R("dddddddd-0000-4000-8000-000000000004", "web~aaaaaaaa")
+    labels = names.labels([A, B, squatter])
+    assert labels["web~aaaaaaaa"] is squatter
+    assert labels[f"web~{A.id}"] is A and labels["web~bbbbbbbb"] is B
+
+
+def test_resolve_by_label_id_and_stale_label() -> None:
+    items = [A, B, C]
+    assert names.resolve("web~bbbbbbbb", items) is B
+    assert names.resolve(A.id, items) is A
+    assert names.resolve(A.id.upper(), items) is A
+    assert names.resolve("db", items) is C
+    assert names.resolve("web", items) is None  # ambiguous: not listed, not resolved
+    # Once B is gone, A is listed as "web" and its old label still resolves.
+    assert names.resolve("web~aaaaaaaa", [A, C]) is A
+    assert names.resolve("web", [A, C]) is A
+    assert names.resolve("db~aaaaaaaa", items) is None
+    assert names.resolve("nothing", items) is None
+
+
+def test_label_of_depends_only_on_same_named_items() -> None:
+    assert names.label_of(A, [A, B]) == "web~aaaaaaaa"
+    assert names.label_of(C, [C]) == "db"
+    assert names.candidates_name("web~aaaaaaaa") == "web"
+    assert names.candidates_name(f"web~{A.id}") == "web"
+    assert names.candidates_name("plain~name") == "plain~name"
+    assert names.exact([A, B, C, R("x", "website")], ["web"]) == [A, B]
+
+
+def test_keys_structure() -> None:
+    p = project_dir("fr-par-1", "P")
+    snaps = static_child(p, "snapshots")
+    assert snaps == view_dir("fr-par-1", "P", View(Kind.SNAPSHOTS))
+    assert static_child(p, "volumes") == Key(Kind.VOLUMES, "fr-par-1", "P")
+    assert static_child(p, "nope") is None
+    vol = volume_dir("fr-par-1", "P", "V")
+    s = snapshot_dir(vol, "S")
+    image = static_child(s, "image.raw")
+    assert image is not None and not image.is_dir
+    assert image.parent() == s and s.parent() == vol
+    assert vol.parent().parent() == p and p.parent() == zone_dir("fr-par-1")
+    assert zone_dir("fr-par-1").parent() == ROOT and ROOT.parent() == ROOT
+    assert import_file("fr-par-1", "P", "n").parent() == static_child(p, "imports")
+    assert static_child(s, "other") is None
+
+
+def test_where_snapshots_are_made_and_renamed() -> None:
+    vol = volume_dir("z", "P", "V")
+    snaps = view_dir("z", "P", View(Kind.SNAPSHOTS))
+    assert may_create_snapshot_in(vol)
+    assert not may_create_snapshot_in(snaps)
+    assert not may_create_snapshot_in(tag_dir("z", "P", "t"))
+    assert same_place(snaps, view_dir("z", "P", View(Kind.SNAPSHOTS)))
+    assert not same_place(snaps, vol)
+    assert not same_place(snaps, view_dir("z", "Q", View(Kind.SNAPSHOTS)))
+    assert not same_place(tag_dir("z", "P", "a"), tag_dir("z", "P", "b"))
+    assert not same_place(project_dir("z", "P"), project_dir("z", "P"))  # not a view
+
+
+def test_view_filters() -> None:
+    assert View(Kind.SNAPSHOTS).filters() == {}
+    assert View(Kind.VOLUME, "V").filters() == {"base_volume_id": "V"}
+    assert View(Kind.TAG, "t").filters() == {"tags": ["t"]}
+
+
+def test_inode_table_is_stable_and_never_reuses() -> None:
+    t = InodeTable()
+    a, b = Key(Kind.ZONE, "a"), Key(Kind.ZONE, "b")
+    ia, ib = t.inode(a), t.inode(b)
+    assert ia != ib and t.inode(a) == ia and t.key(ib) == b
+    assert t.inode(ROOT) == 1 and t.key(1) == ROOT
+    with pytest.raises(Exception):
+        t.key(999)
+
+
+@pytest.mark.parametrize("text,bucket,key", [
+    (b"bucket/key\n", "bucket", "key"),
+    (b"s3://my.bucket-1/dir/disk.qcow2", "my.bucket-1", "dir/disk.qcow2"),
+    (b"  abc/k  \n", "abc", "k"),
+])
+def test_targets(text: bytes, bucket: str, key: str) -> None:
+    assert transfer.parse_target(text) == transfer.Target(bucket, key)
+
+
+@pytest.mark.parametrize("text", [b"", b"\n", b"bucket", b"bucket/", b"Bad_Bucket/k",
+                                  b"http://b/k", b"ab/k\nmore\n", b"b\xff/k", b"a/k",
+                                  b"a..b/k", b"x" * 5000])
+def test_bad_targets(text: bytes) -> None:
+    with pytest.raises(InvalidArgument):
+        transfer.parse_target(text)
+
+
+def test_import_status_follows_the_snapshot() -> None:
+    from snapfs.model import Snapshot
+    target = transfer.Target("b", "k")
+    assert transfer.import_status(target, None)["state"] == "pending"
+    base = dict(id="i", name="n", organization="o", project="p", tags=[], volume_type="b_ssd",
+                size=1024, base_volume=None, creation_date="", modification_date="",
+                zone="fr-par-1")
+    importing = Snapshot(state="importing", error_reason=None, progress=50, **base)
+    st = transfer.import_status(target, importing)
+    assert (st["state"], st["progress"], st["bytes"]) == ("started", 50, 512)
+    failed = Snapshot(state="invalid_data", error_reason="bad magic", **base)
+    st = transfer.import_status(target, failed)
+    assert (st["state"], st["error"]) == ("failure", "bad magic")
+    done = Snapshot(state="available", error_reason=None, **base)
+    assert transfer.import_status(target, done)["state"] == "success"

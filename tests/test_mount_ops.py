@@ -1,0 +1,308 @@
+"""Operations through the kernel, and every refusal: the errno AND that nothing
+changed (listings, attributes and snapshot.json compared before and after)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import trio
+
+from fixtures_mount import MiB, ZONE, Mount, run, snapfs
+from snapfs.local import open_local_service
+
+pytestmark = pytest.mark.mount
+
+
+def ls(path: Path) -> list[str]:
+    return sorted(run("ls", "-1", path).stdout.split())
+
+
+def snap(m: Mount, name: str = "s1", volume: str = "vol1") -> Path:
+    run("mkdir", m.volume(volume) / name)
+    path = m.snapshots() / name
+    assert m.wait_state(path) == "available"
+    return path
+
+
+def state_of(m: Mount) -> dict[str, object]:
+    """Everything a refusal must leave alone: every view's listing and every
+    snapshot's attributes and API object."""
+    out: dict[str, object] = {"snapshots": ls(m.snapshots()), "tags": ls(m.project / "tags"),
+                              "volumes": ls(m.project / "volumes"),
+                              "imports": ls(m.project / "imports")}
+    for v in out["volumes"]:  # type: ignore[union-attr]
+        out[f"volumes/{v}"] = ls(m.volume(v))
+    for s in out["snapshots"]:  # type: ignore[union-attr]
+        d = m.snapshots() / s
+        out[s] = (run("getfattr", "-d", d).stdout, (d / "snapshot.json").read_text())
+    return out
+
+
+def refused(code: int, fn: Callable[..., object], *args: object) -> None:
+    with pytest.raises(OSError) as info:
+        fn(*args)
+    assert info.value.errno == code, f"{fn.__name__}{args}: {info.value}"
+
+
+# --- operations --------------------------------------------------------------------------
+
+def test_mkdir_creates_a_snapshot_in_snapshotting_or_available(mounted: Mount) -> None:
+    run("mkdir", mounted.volume("vol1") / "first")
+    s = mounted.snapshots() / "first"
+    assert mounted.xattr(s, "state") in ("snapshotting", "available")
+    assert mounted.wait_state(s) == "available"
+    assert ls(mounted.volume("vol1")) == ["first"]
+    assert "mkdir volumes/" in mounted.log()
+
+
+def test_rmdir_deletes_in_any_view(mounted: Mount) -> None:
+    snap(mounted, "a")
+    snap(mounted, "b")
+    run("setfattr", "-n", "user.tags", "-v", "t", mounted.snapshots() / "b")
+    run("rmdir", mounted.snapshots() / "a")
+    assert ls(mounted.snapshots()) == ["b"]
+    run("rmdir", mounted.project / "tags" / "t" / "b")
+    assert ls(mounted.snapshots()) == [] and ls(mounted.volume("vol1")) == []
+
+
+def test_mv_renames(mounted: Mount) -> None:
+    s = snap(mounted, "old")
+    sid = mounted.xattr(s, "id")
+    run("mv", s, mounted.snapshots() / "new")
+    assert ls(mounted.snapshots()) == ["new"]
+    assert mounted.xattr(mounted.snapshots() / "new", "id") == sid
+    run("mv", mounted.volume("vol1") / "new", mounted.volume("vol1") / "newer")
+    assert mounted.xattr(mounted.snapshots() / sid, "name") == "newer"
+
+
+def test_setfattr_name_and_tags(mounted: Mount) -> None:
+    s = snap(mounted)
+    sid = mounted.xattr(s, "id")
+    run("setfattr", "-n", "user.tags", "-v", "b,a,c", s)
+    assert mounted.xattr(s, "tags") == "b,a,c"  # order kept
+    assert json.loads((s / "snapshot.json").read_text())["tags"] == ["b", "a", "c"]
+    run("setfattr", "-x", "user.tags", s)
+    assert mounted.xattr(s, "tags") == ""
+    run("setfattr", "-n", "user.name", "-v", "renamed", s)
+    assert ls(mounted.snapshots()) == ["renamed"]
+    assert mounted.xattr(mounted.snapshots() / sid, "name") == "renamed"
+
+
+def test_snapshot_json_write_is_set(mounted: Mount) -> None:
+    s = snap(mounted)
+    obj = json.loads((s / "snapshot.json").read_text())
+    obj["name"], obj["tags"] = "via-json", ["x", "y"]
+    run("tee", s / "snapshot.json", input=json.dumps(obj, indent=2))
+    assert ls(mounted.snapshots()) == ["via-json"]
+    assert mounted.xattr(mounted.snapshots() / "via-json", "tags") == "x,y"
+
+
+def test_outside_changes_appear_within_the_ttl(mounted: Mount) -> None:
+    snap(mounted, "inside")
+    assert ls(mounted.snapshots()) == ["inside"]
+
+    async def outside() -> None:
+        async with open_local_service(mounted.store) as svc:
+            vol = (await svc.list_volumes(ZONE)).items[0]
+            await svc.create_snapshot(ZONE, name="outside", volume_id=vol.id)
+    trio.run(outside)
+    deadline = time.monotonic() + 5
+    while "outside" not in ls(mounted.snapshots()):
+        assert time.monotonic() < deadline, "a snapshot made outside never appeared"
+        time.sleep(0.2)
+
+
+def test_open_of_a_snapshotting_image_waits(mount_factory: Callable[..., Mount],
+                                            tmp_path: Path) -> None:
+    data = os.urandom(96 * MiB)
+    vol = tmp_path / "big.raw"
+    vol.write_bytes(data)
+    store = tmp_path / "store"
+    snapfs("volume", "add", "big", vol, "--store", store)
+    m = mount_factory(store)
+    run("mkdir", m.volume("big") / "s")
+    s = m.snapshots() / "s"
+    seen = m.xattr(s, "state")
+    run("cmp", s / "image.raw", vol)  # opened at once: waits until available
+    assert m.xattr(s, "state") == "available"
+    assert seen in ("snapshotting", "available")
+
+
+# --- refusals ----------------------------------------------------------------------------
+
+def test_mkdir_elsewhere_is_eperm(mounted: Mount) -> None:
+    s = snap(mounted)
+    before = state_of(mounted)
+    for where in (mounted.snapshots(), mounted.project / "tags", mounted.project,
+                  mounted.path / ZONE, mounted.path, s, mounted.project / "volumes",
+                  mounted.project / "imports"):
+        refused(errno.EPERM, os.mkdir, where / "new")
+    res = run("mkdir", mounted.snapshots() / "new", check=False)
+    assert res.returncode != 0 and "Operation not permitted" in res.stderr
+    assert state_of(mounted) == before
+    assert "EPERM: mkdir 'new'" in mounted.log()
+
+
+def test_mkdir_of_a_listed_name_is_eexist(mounted: Mount) -> None:
+    snap(mounted)
+    before = state_of(mounted)
+    refused(errno.EEXIST, os.mkdir, mounted.volume("vol1") / "s1")
+    assert state_of(mounted) == before
+
+
+def test_rename_across_views_is_eperm(mounted: Mount) -> None:
+    s = snap(mounted)
+    run("setfattr", "-n", "user.tags", "-v", "t", s)
+    before = state_of(mounted)
+    for dst in (mounted.volume("vol1") / "s2", mounted.project / "tags" / "t" / "s2",
+                mounted.path / "fr-par-2" / "default" / "snapshots" / "s1",
+                mounted.project / "s1"):
+        refused(errno.EPERM, os.rename, s, dst)
+    res = run("mv", s, mounted.volume("vol1") / "s2", check=False)
+    assert res.returncode != 0 and "Operation not permitted" in res.stderr
+    refused(errno.EPERM, os.rename, s / "image.raw", s / "other.raw")
+    assert state_of(mounted) == before
+
+
+def test_rename_onto_an_existing_snapshot_is_eexist(mounted: Mount) -> None:
+    a = snap(mounted, "a")
+    snap(mounted, "b")
+    before = state_of(mounted)
+    refused(errno.EEXIST, os.rename, a, mounted.snapshots() / "b")
+    assert state_of(mounted) == before
+
+
+def test_read_only_xattrs_are_eperm(mounted: Mount) -> None:
+    s = snap(mounted)
+    before = state_of(mounted)
+    for name in ("id", "state", "size", "volume_type", "base_volume_id", "base_volume_name",
+                 "organization", "project", "zone", "creation_date", "modification_date",
+                 "error_reason", "progress"):
+        refused(errno.EPERM, os.setxattr, s, f"user.{name}", b"x")
+    refused(errno.EPERM, os.removexattr, s, "user.name")
+    for node in (mounted.project, mounted.volume("vol1"), mounted.path / ZONE):
+        refused(errno.EPERM, os.setxattr, node, "user.name", b"x")
+    res = run("setfattr", "-n", "user.id", "-v", "x", s, check=False)
+    assert res.returncode != 0 and "Operation not permitted" in res.stderr
+    assert state_of(mounted) == before
+    assert "user.id of snapshot" in mounted.log()
+
+
+def test_bad_tags_and_names_are_einval(mounted: Mount) -> None:
+    s = snap(mounted)
+    before = state_of(mounted)
+    refused(errno.EINVAL, os.setxattr, s, "user.tags", b"a,,b")
+    refused(errno.EINVAL, os.setxattr, s, "user.name", b"")
+    assert state_of(mounted) == before
+
+
+def test_image_raw_opened_for_writing_is_erofs(mounted: Mount) -> None:
+    s = snap(mounted)
+    digest = run("sha256sum", s / "image.raw").stdout.split()[0]
+    before = state_of(mounted)
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_WRONLY | os.O_TRUNC):
+        refused(errno.EROFS, os.open, s / "image.raw", flags)
+    res = run("dd", "if=/dev/zero", f"of={s / 'image.raw'}", "bs=4096", "count=1",
+              "conv=notrunc", check=False)
+    assert res.returncode != 0 and "Read-only file system" in res.stderr
+    assert state_of(mounted) == before
+    assert run("sha256sum", s / "image.raw").stdout.split()[0] == digest
+
+
+def test_error_snapshot_image_is_eio(mounted: Mount) -> None:
+    # Without Object Storage an import ends in error: a snapshot with no bytes.
+    (mounted.project / "imports" / "broken").write_text("bucket/disk.qcow2\n")
+    s = mounted.snapshots() / "broken"
+    assert mounted.wait_state(s) == "error"
+    assert mounted.xattr(s, "error_reason")
+    before = state_of(mounted)
+    refused(errno.EIO, os.open, s / "image.raw", os.O_RDONLY)
+    res = run("cat", s / "image.raw", check=False)
+    assert res.returncode != 0 and "Input/output error" in res.stderr
+    wait = snapfs("wait", s, check=False)
+    assert wait.returncode == 1 and "error" in wait.stderr and "Traceback" not in wait.stderr
+    assert state_of(mounted) == before
+    assert "EIO: snapshot" in mounted.log()
+
+
+def test_snapshot_json_bad_writes_are_einval_at_close(mounted: Mount) -> None:
+    s = snap(mounted)
+    obj = json.loads((s / "snapshot.json").read_text())
+    before = state_of(mounted)
+
+    def write(data: bytes) -> None:
+        fd = os.open(s / "snapshot.json", os.O_WRONLY | os.O_TRUNC)
+        try:
+            assert os.write(fd, data) == len(data)  # accepted...
+        finally:
+            os.close(fd)  # ...and refused here, where Set is applied
+
+    refused(errno.EINVAL, write, b"{not json")
+    for field, value in (("size", 1), ("id", "00000000-0000-0000-0000-000000000000"),
+                         ("zone", "nl-ams-1"), ("volume_type", "l_ssd"),
+                         ("creation_date", "2020-01-01T00:00:00+00:00"), ("project", "x"),
+                         ("base_volume", None), ("organization", "y")):
+        changed = dict(obj, **{field: value})
+        refused(errno.EINVAL, write, json.dumps(changed).encode())
+    refused(errno.EINVAL, write, json.dumps(dict(obj, extra=1)).encode())
+    res = run("tee", s / "snapshot.json", input="{", check=False)
+    assert res.returncode != 0 and "Invalid argument" in res.stderr
+    assert state_of(mounted) == before
+    assert "EINVAL: invalid size: cannot be changed" in mounted.log()
+
+
+def test_export_text_is_validated_at_once(mounted: Mount) -> None:
+    s = snap(mounted)
+    before = state_of(mounted)
+    status = json.loads((s / "export").read_text())
+    assert status["state"] is None
+    for text in (b"\n", b"no-key\n", b"Bad_Bucket/key\n", b"http://b/k\n", b"bucket/\n",
+                 b"s3://bucket\n"):
+        fd = os.open(s / "export", os.O_WRONLY | os.O_TRUNC)
+        try:
+            refused(errno.EINVAL, os.write, fd, text)
+        finally:
+            os.close(fd)
+    res = run("tee", s / "export", input="garbage\n", check=False)
+    assert res.returncode != 0 and "Invalid argument" in res.stderr
+    assert state_of(mounted) == before
+    assert json.loads((s / "export").read_text()) == status
+
+
+def test_export_without_object_storage_fails_visibly(mounted: Mount) -> None:
+    s = snap(mounted)
+    (s / "export").write_text("bucket/key.qcow2\n")
+    deadline = time.monotonic() + 30
+    while (status := json.loads((s / "export").read_text()))["state"] in ("pending", "started"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert status["state"] == "failure" and "Object Storage" in status["error"]
+    assert status["bucket"] == "bucket" and status["key"] == "key.qcow2" and status["task_id"]
+    assert mounted.wait_state(s) == "available"
+
+
+def test_import_without_object_storage_fails_visibly(mounted: Mount) -> None:
+    imports = mounted.project / "imports"
+    before = state_of(mounted)
+    fd = os.open(imports / "bad", os.O_WRONLY | os.O_CREAT)
+    try:
+        refused(errno.EINVAL, os.write, fd, b"nokey\n")
+    finally:
+        os.close(fd)
+    assert state_of(mounted)["snapshots"] == before["snapshots"]
+    (imports / "restored").write_text("bucket/disk.qcow2\n")
+    deadline = time.monotonic() + 30
+    while (status := json.loads((imports / "restored").read_text()))["state"] in (
+            "pending", "started"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert status["state"] == "failure" and "Object Storage" in status["error"]
+    s = mounted.snapshots() / "restored"
+    assert mounted.xattr(s, "state") == "error"
+    refused(errno.EIO, os.open, s / "image.raw", os.O_RDONLY)

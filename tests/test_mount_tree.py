@@ -114,8 +114,8 @@ def test_duplicate_names_are_disambiguated(mounted: Mount) -> None:
     run("mkdir", mounted.snapshots().parent / "volumes" / "vol1" / "other")
     other = mounted.snapshots() / "other"
     mounted.wait_state(other)
+    bid = mounted.xattr(other, "id")
     run("setfattr", "-n", "user.name", "-v", "dup", other)
-    bid = mounted.xattr(mounted.snapshots() / mounted.xattr(other, "id"), "id")
     listed = ls(mounted.snapshots())
     assert sorted(listed) == sorted([f"dup~{aid[:8]}", f"dup~{bid[:8]}"])
     assert mounted.xattr(mounted.snapshots() / f"dup~{aid[:8]}", "id") == aid

@@ -1,0 +1,115 @@
+"""Export and import through the mount against a real S3 server (SeaweedFS)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from fixtures_mount import Mount, run
+from fixtures_s3 import ADMIN, SeaweedServer
+
+pytestmark = [pytest.mark.mount, pytest.mark.s3]
+
+
+def s3_env(server: SeaweedServer) -> dict[str, str]:
+    return {"AWS_ACCESS_KEY_ID": ADMIN[0], "AWS_SECRET_ACCESS_KEY": ADMIN[1],
+            "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def mount_with_s3(factory: Callable[..., Mount], store: Path, server: SeaweedServer) -> Mount:
+    return factory(store, "--s3-endpoint", server.endpoint, env=s3_env(server))
+
+
+def snap(m: Mount, name: str = "s1") -> Path:
+    run("mkdir", m.volume("vol1") / name)
+    path = m.snapshots() / name
+    assert m.wait_state(path) == "available"
+    return path
+
+
+def status(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def wait_done(path: Path, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while (st := status(path))["state"] in ("pending", "started"):
+        assert time.monotonic() < deadline, st
+        time.sleep(0.1)
+    return st
+
+
+def test_export_then_import_round_trip(mount_factory: Callable[..., Mount],
+                                       store_with_volume: Path, s3_server: SeaweedServer,
+                                       ext4_volume: tuple[Path, dict], tmp_path: Path,
+                                       ) -> None:
+    image, _ = ext4_volume
+    bucket = s3_server.new_bucket()
+    m = mount_with_s3(mount_factory, store_with_volume, s3_server)
+    s = snap(m)
+    (s / "export").write_text(f"s3://{bucket}/exports/s1.qcow2\n")
+    st = wait_done(s / "export")
+    assert st["state"] == "success", st
+    assert st["bucket"] == bucket and st["key"] == "exports/s1.qcow2" and st["bytes"] > 0
+    assert m.wait_state(s) == "available"
+    # The object is a QCOW2 image with the volume's bytes (qemu-img says so).
+    local = tmp_path / "s1.qcow2"
+    s3_server.client().download_file(bucket, "exports/s1.qcow2", str(local))
+    info = json.loads(run("qemu-img", "info", "--output=json", local).stdout)
+    assert info["format"] == "qcow2" and info["virtual-size"] == image.stat().st_size
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", local, image)
+    # Import it back as a new snapshot.
+    imp = m.project / "imports" / "restored"
+    imp.write_text(f"{bucket}/exports/s1.qcow2\n")
+    st = wait_done(imp)
+    assert st["state"] == "success", st
+    assert "restored" in os.listdir(m.project / "imports")
+    restored = m.snapshots() / "restored"
+    assert m.xattr(restored, "state") == "available"
+    run("cmp", restored / "image.raw", image)
+    res = run("e2fsck", "-fn", restored / "image.raw", check=False)
+    assert res.returncode == 0, res.stdout
+
+
+def test_import_of_a_missing_object_fails_with_the_reason(
+        mount_factory: Callable[..., Mount], store_with_volume: Path,
+        s3_server: SeaweedServer) -> None:
+    bucket = s3_server.new_bucket()
+    m = mount_with_s3(mount_factory, store_with_volume, s3_server)
+    imp = m.project / "imports" / "nothing"
+    imp.write_text(f"{bucket}/no/such.qcow2\n")
+    st = wait_done(imp)
+    assert st["state"] == "failure" and st["error"], st
+    assert m.xattr(m.snapshots() / "nothing", "state") in ("error", "invalid_data")
+
+
+def test_rmdir_while_exporting_or_importing_is_ebusy(mount_factory: Callable[..., Mount],
+                                                     store_with_volume: Path,
+                                                     private_s3_server: SeaweedServer) -> None:
+    server = private_s3_server
+    bucket = server.new_bucket()
+    m = mount_with_s3(mount_factory, store_with_volume, server)
+    s = snap(m)
+    server.stop()  # uploads now retry with backoff: the export stays in flight
+    (s / "export").write_text(f"{bucket}/k.qcow2\n")
+    assert m.xattr(s, "state") == "exporting"
+    (m.project / "imports" / "incoming").write_text(f"{bucket}/other.qcow2\n")
+    incoming = m.snapshots() / "incoming"
+    assert m.xattr(incoming, "state") == "importing"
+    before = sorted(os.listdir(m.snapshots()))
+    for path in (s, m.volume("vol1") / "s1", incoming):
+        with pytest.raises(OSError) as info:
+            os.rmdir(path)
+        assert info.value.errno == errno.EBUSY, path
+    res = run("rmdir", s, check=False)
+    assert res.returncode != 0 and "busy" in res.stderr
+    assert sorted(os.listdir(m.snapshots())) == before
+    assert m.xattr(s, "state") == "exporting" and m.xattr(incoming, "state") == "importing"
+    assert status(s / "export")["state"] in ("pending", "started")
+    assert "EBUSY" in m.log()

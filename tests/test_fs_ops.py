@@ -1,0 +1,195 @@
+"""The Operations object called directly (no kernel) on a real local store: the
+error wrapper, lookups, mkdir/rename/rmdir, xattrs, reads with read-ahead, and
+the listing cache."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import pyfuse3
+import pytest
+import trio
+
+from fixtures_store import MiB, ZONE, random_bytes, wait_state
+from snapfs.fs.context import FsContext
+from snapfs.fs.keys import Kind, View
+from snapfs.fs.nodes import node_for
+from snapfs.fs.ops import SnapfsOperations
+from snapfs.fs.prefetch import Prefetcher
+
+
+@dataclass
+class Ctx:
+    """Stands in for pyfuse3.RequestContext (which only the kernel side makes)."""
+
+    pid: int = os.getpid()
+    uid: int = 0
+    gid: int = 0
+    umask: int = 0o022
+
+
+CTX: Any = Ctx()
+
+
+async def child(ops: SnapfsOperations, inode: int, *names: str) -> int:
+    for name in names:
+        inode = (await ops.lookup(inode, name.encode(), CTX)).st_ino
+    return inode
+
+
+async def fuse_errno(coro: Any) -> int:
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await coro
+    return info.value.errno
+
+
+@pytest.fixture
+async def fs(service: Any, volume_file: Any, nursery: trio.Nursery) -> SnapfsOperations:
+    data = random_bytes(3 * MiB + 4096, seed=7)
+    path = volume_file("vol1", len(data), [(0, data)])
+    await service.add_volume("vol1", path)
+    ctx = FsContext.create(service)
+    ctx.nursery = nursery
+    ops = SnapfsOperations(ctx)
+    ops.volume_data = data  # type: ignore[attr-defined]
+    return ops
+
+
+async def make_snapshot(fs: SnapfsOperations, name: str) -> int:
+    vol = await child(fs, pyfuse3.ROOT_INODE, ZONE, "default", "volumes", "vol1")
+    attrs = await fs.mkdir(vol, name.encode(), 0o755, CTX)
+    sid = (await fs.getxattr(attrs.st_ino, b"user.id", CTX)).decode()
+    await wait_state(fs.ctx.svc, sid)  # type: ignore[arg-type]
+    return attrs.st_ino
+
+
+async def test_tree_and_refusal_wrapper(fs: SnapfsOperations, caplog: Any) -> None:
+    project = await child(fs, pyfuse3.ROOT_INODE, ZONE, "default")
+    assert (await fs.getattr(project, CTX)).st_mode & 0o170000 == 0o040000
+    snaps = await child(fs, project, "snapshots")
+    assert await fuse_errno(fs.lookup(snaps, b"missing", CTX)) == errno.ENOENT
+    with caplog.at_level(logging.INFO, logger="snapfs.fs"):
+        assert await fuse_errno(fs.mkdir(snaps, b"x", 0o755, CTX)) == errno.EPERM
+    lines = [r.getMessage() for r in caplog.records if r.name == "snapfs.fs"]
+    assert len(lines) == 1 and "EPERM" in lines[0] and "volumes/<volume>/" in lines[0]
+    assert await fuse_errno(fs.getattr(999999, CTX)) == errno.ENOENT
+    assert await fuse_errno(fs.getxattr(project, b"security.selinux", CTX)) == errno.ENODATA
+    assert await fuse_errno(fs.setxattr(project, b"user.name", b"x", CTX)) == errno.EPERM
+
+
+async def test_mkdir_rename_setxattr_rmdir(fs: SnapfsOperations) -> None:
+    ino = await make_snapshot(fs, "one")
+    snaps = await child(fs, pyfuse3.ROOT_INODE, ZONE, "default", "snapshots")
+    assert await child(fs, snaps, "one") != ino  # another view: another inode
+    vol = await child(fs, pyfuse3.ROOT_INODE, ZONE, "default", "volumes", "vol1")
+    assert await fuse_errno(fs.mkdir(vol, b"one", 0o755, CTX)) == errno.EEXIST
+    await fs.rename(snaps, b"one", snaps, b"two", 0, CTX)
+    assert await fuse_errno(fs.lookup(snaps, b"one", CTX)) == errno.ENOENT
+    two = await child(fs, snaps, "two")
+    assert await fuse_errno(fs.rename(snaps, b"two", vol, b"three", 0, CTX)) == errno.EPERM
+    await fs.setxattr(two, b"user.tags", b"a,b", CTX)
+    assert await fs.getxattr(two, b"user.tags", CTX) == b"a,b"
+    assert b"user.state" in await fs.listxattr(two, CTX)
+    tagged = await child(fs, pyfuse3.ROOT_INODE, ZONE, "default", "tags", "b", "two")
+    assert await fs.getxattr(tagged, b"user.name", CTX) == b"two"
+    await fs.removexattr(two, b"user.tags", CTX)
+    assert await fs.getxattr(two, b"user.tags", CTX) == b""
+    await fs.rmdir(snaps, b"two", CTX)
+    assert await fuse_errno(fs.lookup(snaps, b"two", CTX)) == errno.ENOENT
+    assert await fuse_errno(fs.getattr(two, CTX)) == errno.ENOENT
+
+
+async def test_image_reads_sequential_and_random(fs: SnapfsOperations) -> None:
+    snap = await make_snapshot(fs, "img")
+    image = await child(fs, snap, "image.raw")
+    st = await fs.getattr(image, CTX)
+    data: bytes = fs.volume_data  # type: ignore[attr-defined]
+    assert st.st_size == len(data) and st.st_blksize == MiB
+    assert await fuse_errno(fs.open(image, os.O_WRONLY, CTX)) == errno.EROFS
+    info = await fs.open(image, os.O_RDONLY, CTX)
+    assert info.direct_io
+    got = b"".join([await fs.read(info.fh, off, MiB) for off in range(0, len(data), MiB)])
+    assert got == data
+    assert await fs.read(info.fh, 5, 10) == data[5:15]
+    assert await fs.read(info.fh, len(data) - 3, 100) == data[-3:]
+    assert await fs.read(info.fh, len(data) + 10, 100) == b""
+    await fs.release(info.fh)
+
+
+async def test_snapshot_json_applied_at_flush(fs: SnapfsOperations) -> None:
+    import json
+    snap = await make_snapshot(fs, "j")
+    f = await child(fs, snap, "snapshot.json")
+    info = await fs.open(f, os.O_RDONLY, CTX)
+    obj = json.loads(await fs.read(info.fh, 0, 1 << 16))
+    await fs.release(info.fh)
+    info = await fs.open(f, os.O_WRONLY | os.O_TRUNC, CTX)
+    await fs.write(info.fh, 0, json.dumps(dict(obj, size=1)).encode())
+    assert await fuse_errno(fs.flush(info.fh)) == errno.EINVAL
+    await fs.write(info.fh, 0, json.dumps(dict(obj, name="k")).encode())
+    await fs.flush(info.fh)
+    await fs.release(info.fh)
+    assert await fs.getxattr(snap, b"user.name", CTX) == b"k"
+
+
+class CountingReader:
+    """A real image reader that records the requests it serves."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.size, self.calls = inner, inner.size, []
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self.calls.append(offset)
+        return await self.inner.read(offset, length)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_prefetcher_reads_ahead_only_for_sequential_readers(
+        fs: SnapfsOperations, nursery: trio.Nursery) -> None:
+    await make_snapshot(fs, "p")
+    listing = await fs.ctx.catalog.snapshots(ZONE, (await fs.ctx.svc.list_projects())[0].id,
+                                             View(Kind.SNAPSHOTS))
+    sid = listing.items[0].id
+    reader = CountingReader(await fs.ctx.svc.open_image(ZONE, sid))
+    pf = Prefetcher(reader, nursery, depth=2)
+    data: bytes = fs.volume_data  # type: ignore[attr-defined]
+    assert await pf.read(0, MiB) == data[:MiB]
+    assert await pf.read(MiB, MiB) == data[MiB:2 * MiB]   # sequential: 2 MiB, 3 MiB started
+    await trio.sleep(0.05)
+    assert 2 * MiB in reader.calls and 3 * MiB in reader.calls
+    n = len(reader.calls)
+    assert await pf.read(2 * MiB, MiB) == data[2 * MiB:3 * MiB]  # served from read-ahead
+    assert reader.calls.count(2 * MiB) == 1
+    assert await pf.read(100, 50) == data[100:150]  # a jump: no read-ahead
+    await trio.sleep(0.05)
+    assert reader.calls[n:] == [100]  # just this read (4 MiB is past the end)
+    await pf.aclose()
+
+
+async def test_listing_cache_and_invalidation(fs: SnapfsOperations) -> None:
+    calls = 0
+    svc = fs.ctx.svc
+    original = svc.list_snapshots
+
+    async def counting(*a: Any, **kw: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await original(*a, **kw)
+
+    svc.list_snapshots = counting  # type: ignore[method-assign]
+    snaps_key = (await node_for(fs.ctx, fs.ctx.inodes.key(
+        await child(fs, pyfuse3.ROOT_INODE, ZONE, "default", "snapshots"))).entries())
+    assert snaps_key == []
+    first = calls
+    snaps = await child(fs, pyfuse3.ROOT_INODE, ZONE, "default", "snapshots")
+    await node_for(fs.ctx, fs.ctx.inodes.key(snaps)).entries()
+    assert calls == first  # within the TTL: no new List
+    await make_snapshot(fs, "c")  # the mount's own change invalidates
+    entries = await node_for(fs.ctx, fs.ctx.inodes.key(snaps)).entries()
+    assert [e[0] for e in entries] == ["c"]

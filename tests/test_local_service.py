@@ -303,3 +303,20 @@ async def test_restart_keeps_everything(store_dir: Path,
         assert await svc.get_snapshot(ZONE, snap.id) == snap
         assert await read_all(svc, snap.id) == path.read_bytes()
         assert [v.name for v in await svc.list_all_volumes()] == ["v"]
+
+
+async def test_a_1_tib_sparse_volume_is_captured_without_reading_its_holes(
+        service: LocalService, volume_file: Callable[..., Path]) -> None:
+    TiB = 1 << 40
+    runs = [(0, random_bytes(2 * MiB, seed=20)), (TiB // 2 + 12345, b"middle"),
+            (TiB - MiB, random_bytes(MiB, seed=21))]
+    path = volume_file("huge", TiB, runs)
+    with trio.fail_after(30):
+        snap = await snapshot_of(service, path)
+    assert snap.state == "available" and snap.size == TiB
+    assert service.md.conn.execute("SELECT count(*) FROM chunks").fetchone()[0] == 4
+    reader = await service.open_image(ZONE, snap.id)
+    for off, data in runs:
+        assert await reader.read(off, len(data)) == data
+    assert await reader.read(TiB // 4, 1 << 20) == bytes(1 << 20)
+    await reader.aclose()

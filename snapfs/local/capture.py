@@ -43,6 +43,11 @@ class CaptureSource(abc.ABC):
     async def read_batch(self, first: int, count: int) -> list[Hashed]:
         """Chunks first..first+count-1, read and hashed off the trio thread."""
 
+    async def next_data(self, offset: int) -> int:
+        """The first offset >= ``offset`` that may hold data (size when none):
+        lets a capture jump over the holes of a huge sparse volume."""
+        return offset
+
     async def aclose(self) -> None:
         pass
 
@@ -100,6 +105,19 @@ class FileSource(CaptureSource):
 
     async def read_batch(self, first: int, count: int) -> list[Hashed]:
         return await trio.to_thread.run_sync(self._read, first, count, limiter=self.limiter)
+
+    async def next_data(self, offset: int) -> int:
+        def seek() -> int:
+            if not self._seek_data:
+                return offset
+            try:
+                return os.lseek(self.fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    return self.size
+                self._seek_data = False
+                return offset
+        return await trio.to_thread.run_sync(seek, limiter=self.limiter)
 
     async def aclose(self) -> None:
         self._pool.shutdown()
@@ -256,8 +274,14 @@ async def capture(source: CaptureSource, snapshot_id: str, snap: int, index: Chu
 
     async def produce() -> None:
         async with send:
-            for first in range(0, total, BATCH_CHUNKS):
-                await send.send(await source.read_batch(first, min(BATCH_CHUNKS, total - first)))
+            first = 0
+            while first < total:
+                first = max(first, await source.next_data(first * CHUNK_SIZE) // CHUNK_SIZE)
+                if first >= total:
+                    break
+                count = min(BATCH_CHUNKS, total - first)
+                await send.send(await source.read_batch(first, count))
+                first += count
 
     ok = False
     try:

@@ -91,6 +91,11 @@ class StreamingEncoder:
     def feed(self, data: bytes | bytearray | memoryview) -> bytes:
         """Guest bytes at the current guest position (every call but the last must
         be a whole number of clusters). Returns the body bytes to append."""
+        return b"".join(self.feed_pieces(data))
+
+    def feed_pieces(self, data: bytes | bytearray | memoryview) -> list[bytes | memoryview]:
+        """Like :meth:`feed`, but the body bytes as pieces (views into ``data`` and
+        L2 tables) for a caller that copies them into its own buffers."""
         if self._finished:
             raise ValueError("encoder already finished")
         if self._guest_pos % CLUSTER_SIZE:
@@ -123,7 +128,7 @@ class StreamingEncoder:
             self.data_clusters += 1
             cluster += 1
         self._guest_pos += n
-        return b"".join(out)
+        return out
 
     def _flush_l2(self, out: list) -> None:
         """Append the current L2 table (if it maps anything) and point L1 at it."""

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 DEFAULT_SCW_REGION = "fr-par"
+#: Scaleway Object Storage accepts at most 1000 parts per multipart upload.
+SCW_MAX_PARTS = 1000
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,11 @@ class S3Settings:
     secret_key: str | None = field(default=None, repr=False)
     profile: str | None = None
     #: Upload part size (grown for huge images to stay under 10 000 parts).
-    part_size: int = 8 * MiB
+    part_size: int = 6 * MiB
+    #: The server's limit on parts per upload (S3: 10 000; Scaleway: 1000).
+    max_parts: int = 10_000
     #: Parallel part uploads / ranged GETs of one export or import.
-    concurrency: int = 4
+    concurrency: int = 6
     #: Largest single ranged GET of an import.
     max_get: int = 4 * MiB
     #: Import read-ahead window for sequential reads.
@@ -107,12 +111,15 @@ def resolve_settings(endpoint: str | None = None, region: str | None = None
                or region_of_zone(os.environ.get("SCW_DEFAULT_ZONE", "")) or DEFAULT_SCW_REGION)
         url = f"https://s3.{reg}.scw.cloud"
         log.info("Object Storage: Scaleway %s", url)
-        return S3Settings(endpoint=url, region=reg, access_key=scw_key, secret_key=scw_secret)
+        return S3Settings(endpoint=url, region=reg, access_key=scw_key, secret_key=scw_secret,
+                          max_parts=SCW_MAX_PARTS)
     if not configured and not _aws_configured():
         return None
     # Leave endpoint/credentials/region to boto3 unless given here.
-    log.info("Object Storage: %s", endpoint or configured or "AWS default endpoint")
-    return S3Settings(endpoint=endpoint, region=region, profile=profile)
+    shown = endpoint or configured or "AWS default endpoint"
+    log.info("Object Storage: %s", shown)
+    max_parts = SCW_MAX_PARTS if ".scw.cloud" in (urlsplit(shown).hostname or "") else 10_000
+    return S3Settings(endpoint=endpoint, region=region, profile=profile, max_parts=max_parts)
 
 
 def check_endpoint(url: str) -> str:

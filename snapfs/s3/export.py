@@ -9,10 +9,12 @@ S3's 5 MiB minimum; it is held back and uploaded last. Any failure or
 cancellation aborts the upload (with its own, longer retries) so no part is
 left behind on the server.
 
-Memory bound: part 1 (<= 5 MiB) + (concurrency + 1) x part_size + one read
-block; with the defaults (8 MiB parts, 4 in flight, 4 MiB reads) about 50 MiB,
-whatever the image's size up to 80 GB; beyond that part_size grows as
-size / 9000 to stay under S3's 10 000 parts.
+Memory bound: part 1 (<= 5 MiB) + (concurrency + 1) reused part buffers +
+three read blocks (one being read, one queued, one being encoded); with the
+defaults (6 MiB parts, 6 in flight, 2 MiB reads) about 53 MiB whatever the
+image's size up to 54 GiB of virtual size; beyond that part_size grows as
+size / 9000 to stay under S3's 10 000 parts (Scaleway: 1000, see
+``max_parts``), and so does the bound.
 """
 
 from __future__ import annotations
@@ -33,16 +35,39 @@ log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 MIN_PART = 5 * MiB  # S3: every part but the last
-MAX_PARTS = 10_000
-READ_BLOCK = 4 * MiB
+READ_BLOCK = 2 * MiB
 
 
 def part_size_for(settings: S3Settings, virtual_size: int) -> int:
     """Parts big enough that even an image with every cluster allocated fits
-    in 10 000 parts (with a margin for metadata)."""
-    need = -(-virtual_size // (MAX_PARTS - 1000))
+    in ``max_parts`` parts (with a 10 % margin for metadata and part 1)."""
+    max_parts = settings.max_parts
+    need = -(-virtual_size // (max_parts - max(1, max_parts // 10)))
     size = max(settings.part_size, MIN_PART, need)
     return -(-size // MiB) * MiB
+
+
+class _Buffers:
+    """Part buffers, reused: at most ``limit`` exist, allocated on demand, so
+    memory stays bounded and the allocator is not churned by 8 MiB blocks."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        self.made = 0
+        self._send, self._recv = trio.open_memory_channel[bytearray](limit)
+
+    async def get(self) -> bytearray:
+        try:
+            return self._recv.receive_nowait()
+        except trio.WouldBlock:
+            if self.made < self.limit:
+                self.made += 1
+                return bytearray(self.size)
+            return await self._recv.receive()
+
+    def put(self, buf: bytearray) -> None:
+        self._send.send_nowait(buf)
 
 
 async def export_qcow2(calls: S3Calls, settings: S3Settings, image: ImageReader,
@@ -51,6 +76,7 @@ async def export_qcow2(calls: S3Calls, settings: S3Settings, image: ImageReader,
     client = calls.client
     size = image.size
     part_size = part_size_for(settings, size)
+    concurrency = max(1, settings.concurrency)
     enc = StreamingEncoder(size)
     created = await calls.call(
         "create_multipart_upload", bucket, key,
@@ -60,8 +86,9 @@ async def export_qcow2(calls: S3Calls, settings: S3Settings, image: ImageReader,
     log.info("export to %s/%s: upload started (%d bytes virtual, %d MiB parts)",
              bucket, key, size, part_size // MiB)
     etags: dict[int, str] = {}
+    buffers = _Buffers(part_size, concurrency + 1)
 
-    async def upload(recv: trio.MemoryReceiveChannel[tuple[int, bytes]]) -> None:
+    async def upload(recv: trio.MemoryReceiveChannel[tuple[int, Any]]) -> None:
         async with recv:
             async for number, body in recv:
                 resp = await calls.call(
@@ -69,16 +96,21 @@ async def export_qcow2(calls: S3Calls, settings: S3Settings, image: ImageReader,
                     lambda n=number, b=body: client.upload_part(
                         Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=n, Body=b))
                 etags[number] = resp["ETag"]
+                if isinstance(body, bytearray) and len(body) == part_size:
+                    buffers.put(body)
 
     try:
         try:
             async with trio.open_nursery() as nursery:
-                send, recv = trio.open_memory_channel[tuple[int, bytes]](0)
+                send, recv = trio.open_memory_channel[tuple[int, Any]](0)
                 async with recv:
-                    for _ in range(max(1, settings.concurrency)):
+                    for _ in range(concurrency):
                         nursery.start_soon(upload, recv.clone())
-                async with send:
-                    await _produce(image, enc, send, part_size, progress, cpu_limiter)
+                blocks_send, blocks_recv = trio.open_memory_channel[bytes](1)
+                nursery.start_soon(_read_blocks, image, blocks_send)
+                async with send, blocks_recv:
+                    await _produce(enc, blocks_recv, send, buffers, size, progress,
+                                   cpu_limiter)
         except BaseExceptionGroup as group:
             raise first_error(group) from None
         parts = [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
@@ -122,51 +154,64 @@ def first_error(group: BaseExceptionGroup) -> BaseException:
     return group
 
 
-async def _produce(image: ImageReader, enc: StreamingEncoder,
-                   send: trio.MemorySendChannel[tuple[int, bytes]], part_size: int,
-                   progress: ProgressFn, cpu_limiter: trio.CapacityLimiter) -> None:
-    """Read, encode and cut into parts; part 1 (head + first body bytes) last."""
+async def _read_blocks(image: ImageReader, send: trio.MemorySendChannel[bytes]) -> None:
+    """The snapshot in guest order, one block ahead of the encoder."""
     size = image.size
-    first_body = max(0, MIN_PART - enc.head_size)  # body bytes that join the head
-    first: list[bytes] = []
-    first_len = 0
-    pending: list[bytes] = []  # body bytes of the part being filled
-    pending_len = 0
+    async with send:
+        for offset in range(0, size, READ_BLOCK):
+            want = min(READ_BLOCK, size - offset)
+            data = await image.read(offset, want)
+            if len(data) != want:
+                raise SnapfsError(f"snapshot read returned {len(data)} bytes at {offset}, "
+                                  f"expected {want}")
+            await send.send(data)
+
+
+async def _produce(enc: StreamingEncoder, blocks: trio.MemoryReceiveChannel[bytes],
+                   send: trio.MemorySendChannel[tuple[int, Any]], buffers: _Buffers,
+                   size: int, progress: ProgressFn,
+                   cpu_limiter: trio.CapacityLimiter) -> None:
+    """Encode and cut into parts; part 1 (head + first body bytes) goes last."""
+    part_size = buffers.size
+    first = bytearray(max(0, MIN_PART - enc.head_size))  # body bytes joining the head
+    first_fill = 0
+    cur: bytearray | None = None
+    fill = 0
     number = 2
-    offset = 0
-    while offset < size:
-        want = min(READ_BLOCK, size - offset)
-        data = await image.read(offset, want)
-        if len(data) != want:
-            raise SnapfsError(f"snapshot read returned {len(data)} bytes at {offset}, "
-                              f"expected {want}")
-        out = await trio.to_thread.run_sync(enc.feed, data, limiter=cpu_limiter)
-        del data
-        offset += want
-        progress(offset, size)
-        if first_len < first_body and out:
-            take = out[:first_body - first_len]
-            first.append(take)
-            first_len += len(take)
-            out = out[len(take):]
-        if out:
-            pending.append(out)
-            pending_len += len(out)
-        while pending_len >= part_size:
-            blob = b"".join(pending)
-            await send.send((number, blob[:part_size]))
-            number += 1
-            rest = blob[part_size:]
-            pending, pending_len = ([rest] if rest else []), len(rest)
+    done = 0
+    async for data in blocks:
+        pieces = await trio.to_thread.run_sync(enc.feed_pieces, data, limiter=cpu_limiter)
+        done += len(data)
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                if first_fill < len(first):
+                    n = min(len(view), len(first) - first_fill)
+                    first[first_fill:first_fill + n] = view[:n]
+                    first_fill += n
+                    view = view[n:]
+                    continue
+                if cur is None:
+                    cur, fill = await buffers.get(), 0
+                n = min(len(view), part_size - fill)
+                cur[fill:fill + n] = view[:n]
+                fill += n
+                view = view[n:]
+                if fill == part_size:
+                    await send.send((number, cur))
+                    number += 1
+                    cur = None
+        del pieces, data
+        progress(done, size)
     tail, head = await trio.to_thread.run_sync(enc.finish, limiter=cpu_limiter)
-    if number == 2 and first_len < first_body:
+    rest = bytes(cur[:fill]) if cur is not None else b""
+    if number == 2 and first_fill < len(first):
         # Everything fits in one part (small images): head + body + tail.
-        await send.send((1, head + b"".join(first) + b"".join(pending) + tail))
+        await send.send((1, head + bytes(first[:first_fill]) + rest + tail))
         return
-    last = b"".join(pending) + tail
-    if last:
-        await send.send((number, last))
-    await send.send((1, head + b"".join(first)))
+    if rest or tail:
+        await send.send((number, rest + tail))
+    await send.send((1, head + bytes(first)))
 
 
 async def _abort(calls: S3Calls, settings: S3Settings, bucket: str, key: str,

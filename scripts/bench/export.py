@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Export benchmark: snapfs export (streamed QCOW2 multipart upload) vs `aws s3 cp`
+of the raw volume file, both to the same SeaweedFS server in the same run.
+
+A 2 GiB raw volume holding 1 GiB of random data in three runs (the rest holes)
+is snapshotted (not timed), then exported by the local service through the S3
+ObjectStorage in its own process (as the daemon would), then the raw file is
+uploaded with `aws s3 cp` (awscli, installed into a venv of its own under .venv
+if missing: its pinned botocore must not replace the project's).
+
+Targets (issue 4): aws time / export time >= 1.0; object size / data <= 1.05;
+peak RSS of the exporting process <= 200 MB.
+
+    .venv/bin/python scripts/bench/export.py [--dir DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from fixtures_s3 import ADMIN, SeaweedServer  # noqa: E402
+
+MiB = 1 << 20
+GiB = 1 << 30
+SIZE = 2 * GiB
+RUNS = [(0, 400 * MiB), (800 * MiB, 300 * MiB), (1536 * MiB, 324 * MiB)]  # 1 GiB in all
+DATA = sum(n for _, n in RUNS)
+
+EXPORT = """
+import json, resource, sys, time, trio
+from snapfs.local import open_local_service
+from snapfs.s3.storage import S3ObjectStorage
+from snapfs.s3.config import S3Settings
+
+def rss_peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
+async def main():
+    store, path, endpoint, ak, sk, bucket, conc = sys.argv[1:8]
+    settings = S3Settings(endpoint=endpoint, region="us-east-1", access_key=ak, secret_key=sk)
+    if int(conc):
+        settings = settings.replace(concurrency=int(conc))
+    objects = S3ObjectStorage(settings)
+    async with open_local_service(store, objects=objects) as svc:
+        vol = await svc.add_volume("bench", path)
+        snap = await svc.create_snapshot("fr-par-1", name="s", volume_id=vol.id)
+        while (await svc.get_snapshot("fr-par-1", snap.id)).state == "snapshotting":
+            await trio.sleep(0.01)
+        capture_peak = rss_peak()
+        with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM: the export's own peak
+            f.write("5")
+        t = time.perf_counter()
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        task = await svc.export_snapshot("fr-par-1", snap.id, bucket=bucket, key="snap.qcow2")
+        while (task := await svc.get_task("fr-par-1", task.id)).status in ("pending", "started"):
+            await trio.sleep(0.01)
+        dt = time.perf_counter() - t
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    await objects.aclose()
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    print(json.dumps({"seconds": dt, "status": task.status, "error": task.error,
+                      "bytes": task.bytes, "cpu": cpu, "export_rss": rss_peak(),
+                      "capture_rss": capture_peak}))
+trio.run(main)
+"""
+
+
+def aws_cli() -> Path:
+    """`aws` from a venv of its own (awscli pins an exact botocore)."""
+    venv = ROOT / ".venv" / "awscli-venv"
+    exe = venv / "bin" / "aws"
+    if not exe.exists():
+        print("bench: installing awscli into", venv, file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q",
+                        "--disable-pip-version-check", "awscli"], check=True)
+    return exe
+
+
+def make_volume(path: Path) -> None:
+    import blake3
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+        for i, (off, n) in enumerate(RUNS):
+            f.seek(off)
+            f.write(blake3.blake3(i.to_bytes(8, "little")).digest(length=n))
+    subprocess.run(["sync"], check=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--concurrency", type=int, default=0,
+                    help="parallel part uploads (default: the S3 settings' default)")
+    args = ap.parse_args()
+    aws = aws_cli()
+    work = Path(tempfile.mkdtemp(prefix="snapfs-bench-export-", dir=args.dir))
+    server = SeaweedServer(work / "seaweedfs")
+    try:
+        vol = work / "volume.raw"
+        make_volume(vol)
+        server.start()
+        bucket = server.new_bucket()
+        r = subprocess.run([sys.executable, "-c", EXPORT, str(work / "store"), str(vol),
+                            server.endpoint, ADMIN[0], ADMIN[1], bucket,
+                            str(args.concurrency)],
+                           capture_output=True, text=True, check=True)
+        ours = json.loads(r.stdout.strip().splitlines()[-1])
+        if ours["status"] != "success":
+            print(f"bench: export failed: {ours['error']}", file=sys.stderr)
+            return 1
+        size = server.client().head_object(Bucket=bucket, Key="snap.qcow2")["ContentLength"]
+
+        env = dict(os.environ, AWS_ACCESS_KEY_ID=ADMIN[0], AWS_SECRET_ACCESS_KEY=ADMIN[1],
+                   AWS_DEFAULT_REGION="us-east-1", AWS_REQUEST_CHECKSUM_CALCULATION="when_required",
+                   AWS_RESPONSE_CHECKSUM_VALIDATION="when_required")
+        subprocess.run(["sync"], check=True)
+        t = time.perf_counter()
+        subprocess.run([str(aws), "s3", "cp", "--only-show-errors", "--endpoint-url",
+                        server.endpoint, str(vol), f"s3://{bucket}/volume.raw"],
+                       check=True, env=env)
+        aws_s = time.perf_counter() - t
+
+        print(f"volume: {SIZE / GiB:.0f} GiB, data {DATA / GiB:.2f} GiB")
+        print(f"snapfs export : {ours['seconds']:7.2f} s  object {size / MiB:8.1f} MiB  "
+              f"CPU {ours['cpu']:.1f} s  "
+              f"peak RSS export {ours['export_rss'] / MiB:.0f} MiB "
+              f"(process incl. capture {ours['capture_rss'] / MiB:.0f} MiB)")
+        print(f"aws s3 cp raw : {aws_s:7.2f} s  object {SIZE / MiB:8.1f} MiB")
+        ratio = aws_s / ours["seconds"]
+        peak = max(ours["export_rss"], ours["capture_rss"])
+        print(f"time ratio aws/export: {ratio:.2f} (target >= 1.0) "
+              f"{'OK' if ratio >= 1.0 else 'MISSED'}")
+        print(f"object/data: {size / DATA:.3f} (target <= 1.05) "
+              f"{'OK' if size / DATA <= 1.05 else 'MISSED'}")
+        print(f"peak RSS: {peak / 1e6:.0f} MB (target <= 200 MB) "
+              f"{'OK' if peak <= 200e6 else 'MISSED'}")
+        return 0
+    finally:
+        server.stop()
+        if args.keep:
+            print("kept", work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

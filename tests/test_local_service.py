@@ -320,3 +320,17 @@ async def test_a_1_tib_sparse_volume_is_captured_without_reading_its_holes(
         assert await reader.read(off, len(data)) == data
     assert await reader.read(TiB // 4, 1 << 20) == bytes(1 << 20)
     await reader.aclose()
+
+
+async def test_delete_refused_while_the_image_is_open(service: LocalService,
+                                                      volume_file: Callable[..., Path]) -> None:
+    path = volume_file("v", 2 * MiB, [(0, random_bytes(2 * MiB, seed=22))])
+    snap = await snapshot_of(service, path)
+    reader = await service.open_image(ZONE, snap.id)
+    with pytest.raises(PreconditionFailed, match="open for reading"):
+        await service.delete_snapshot(ZONE, snap.id)
+    assert await reader.read(0, 2 * MiB) == path.read_bytes()
+    await reader.aclose()
+    await service.delete_snapshot(ZONE, snap.id)
+    with pytest.raises(NotFound):
+        await service.get_snapshot(ZONE, snap.id)

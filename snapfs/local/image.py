@@ -5,6 +5,7 @@ so that small sequential reads do not re-read and re-verify a whole chunk."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Callable
 
 import trio
 
@@ -17,8 +18,10 @@ CACHED_CHUNKS = 4
 
 class LocalImageReader(ImageReader):
     def __init__(self, snap: int, size: int, index: ChunkIndex, packs: PackFiles,
-                 limiter: trio.CapacityLimiter) -> None:
+                 limiter: trio.CapacityLimiter,
+                 on_close: Callable[[], None] | None = None) -> None:
         self.snap = snap
+        self._on_close = on_close
         self.size = size
         self.index = index
         self.packs = packs
@@ -55,3 +58,6 @@ class LocalImageReader(ImageReader):
 
     async def aclose(self) -> None:
         self._cache.clear()
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None

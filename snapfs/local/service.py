@@ -50,6 +50,7 @@ class LocalService(SnapshotService):
         self.hash_limiter = trio.CapacityLimiter(2)
         self._nursery: trio.Nursery | None = None
         self._jobs: dict[str, trio.CancelScope] = {}
+        self._readers: dict[str, int] = {}  # open image readers by snapshot id
 
     @property
     def organization(self) -> str:
@@ -232,6 +233,8 @@ class LocalService(SnapshotService):
         if snap.state in ("exporting", "importing"):
             raise PreconditionFailed(f"snapshot {snap.name!r} is {snap.state}; "
                                      "it can be deleted once that ends")
+        if self._readers.get(snapshot_id):
+            raise PreconditionFailed(f"snapshot {snap.name!r} is open for reading")
         scope = self._jobs.get(snapshot_id)
         if scope is not None:  # a capture in flight: stop it, it cleans up after itself
             scope.cancel()
@@ -289,8 +292,19 @@ class LocalService(SnapshotService):
                                    f"{snap.error_reason or 'no data'}")
         if snap.state in ("snapshotting", "importing"):
             raise PreconditionFailed(f"snapshot {snap.name!r} is still {snap.state}")
-        return LocalImageReader(self.md.snap_key(snapshot_id), snap.size, self.index,
-                                self.packs, self.io_limiter)
+        return self._reader(snapshot_id, snap.size)
+
+    def _reader(self, snapshot_id: str, size: int) -> LocalImageReader:
+        """A reader that keeps the snapshot from being deleted under it: deleting
+        punches its chunks out, which a reader would see as corruption."""
+        self._readers[snapshot_id] = self._readers.get(snapshot_id, 0) + 1
+
+        def closed() -> None:
+            self._readers[snapshot_id] -= 1
+            if not self._readers[snapshot_id]:
+                del self._readers[snapshot_id]
+        return LocalImageReader(self.md.snap_key(snapshot_id), size, self.index, self.packs,
+                                self.io_limiter, on_close=closed)
 
     # --- background jobs -------------------------------------------------------------
 
@@ -370,8 +384,7 @@ class LocalService(SnapshotService):
             if self.objects is None:
                 raise PreconditionFailed(NO_OBJECT_STORAGE)
             snap = self.md.snapshot(None, snapshot_id)
-            reader = LocalImageReader(self.md.snap_key(snapshot_id), snap.size, self.index,
-                                      self.packs, self.io_limiter)
+            reader = self._reader(snapshot_id, snap.size)
             try:
                 nbytes = await self.objects.export_qcow2(reader, bucket, key, progress)
             finally:

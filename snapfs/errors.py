@@ -110,6 +110,13 @@ class NoSuchAttribute(SnapfsError):
     api_type = "not_found"
 
 
+class NotSupported(SnapfsError):
+    """A whole kind of request this place does not support (extended attributes
+    outside ``user.*``): tools cache this answer instead of asking per file."""
+
+    api_type = "invalid_request_error"
+
+
 # The one table: every refusal is decided here. Order matters only through
 # the class hierarchy (most specific class first in ``errno_for``'s MRO walk).
 ERRNO: dict[type[SnapfsError], int] = {
@@ -126,6 +133,7 @@ ERRNO: dict[type[SnapfsError], int] = {
     Transient: errno.EAGAIN,
     Interrupted: errno.EINTR,
     NoSuchAttribute: errno.ENODATA,
+    NotSupported: errno.EOPNOTSUPP,
     SnapfsError: errno.EIO,
 }
 
@@ -143,6 +151,7 @@ HTTP_STATUS: dict[type[SnapfsError], int] = {
     Transient: 503,
     Interrupted: 500,
     NoSuchAttribute: 404,
+    NotSupported: 501,
     SnapfsError: 500,
 }
 

@@ -77,7 +77,8 @@ async def test_tree_and_refusal_wrapper(fs: SnapfsOperations, caplog: Any) -> No
     lines = [r.getMessage() for r in caplog.records if r.name == "snapfs.fs"]
     assert len(lines) == 1 and "EPERM" in lines[0] and "volumes/<volume>/" in lines[0]
     assert await fuse_errno(fs.getattr(999999, CTX)) == errno.ENOENT
-    assert await fuse_errno(fs.getxattr(project, b"security.selinux", CTX)) == errno.ENODATA
+    assert await fuse_errno(fs.getxattr(project, b"security.selinux", CTX)) == errno.EOPNOTSUPP
+    assert await fuse_errno(fs.getxattr(project, b"user.nothing", CTX)) == errno.ENODATA
     assert await fuse_errno(fs.setxattr(project, b"user.name", b"x", CTX)) == errno.EPERM
 
 

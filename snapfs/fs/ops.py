@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 import pyfuse3
 
-from ..errors import (InvalidArgument, NoSuchAttribute, NotPermitted, ReadOnly, SnapfsError,
+from ..errors import (InvalidArgument, NotPermitted, NotSupported, ReadOnly, SnapfsError,
                       errno_for)
 from .context import FsContext, Stat
 from .keys import Key
@@ -29,7 +29,7 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 XATTR_PREFIX = "user."
 #: Lookups of absent names and attributes are questions, not refusals: they are
 #: logged at debug level only (ls, shells and editors ask for many of them).
-QUIET = frozenset({errno.ENOENT, errno.ENODATA})
+QUIET = frozenset({errno.ENOENT, errno.ENODATA, errno.EOPNOTSUPP})
 
 
 def _arg(value: object) -> str:
@@ -238,7 +238,9 @@ class SnapfsOperations(pyfuse3.Operations):
     def _xattr_name(raw: bytes) -> str:
         name = os.fsdecode(raw)
         if not name.startswith(XATTR_PREFIX):
-            raise NoSuchAttribute(f"only user.* attributes exist here, not {name}")
+            # ENOTSUP (not ENODATA): ls -l and cp -a then stop asking for ACLs and
+            # SELinux labels on this filesystem after the first file.
+            raise NotSupported(f"only user.* attributes exist here, not {name}")
         return name[len(XATTR_PREFIX):]
 
     @refusals

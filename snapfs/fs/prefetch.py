@@ -11,6 +11,7 @@ is bounded by ``depth`` requests per open file.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 
 import outcome
@@ -18,6 +19,8 @@ import trio
 
 from ..errors import Interrupted
 from ..service import ImageReader
+
+log = logging.getLogger(__name__)
 
 
 class _Slot:
@@ -34,6 +37,8 @@ class Prefetcher:
         self._slots: OrderedDict[tuple[int, int], _Slot] = OrderedDict()
         self._last_end = -1
         self._closed = False
+        #: ready / waited for / not read ahead: logged at close (tuning aid).
+        self.stats = {"ready": 0, "waited": 0, "direct": 0}
 
     @property
     def size(self) -> int:
@@ -48,9 +53,11 @@ class Prefetcher:
         elif not sequential and self._slots:
             self._slots.clear()  # the reader jumped: what was read ahead is not wanted
         if slot is not None:
+            self.stats["ready" if slot.done.is_set() else "waited"] += 1
             await slot.done.wait()
             assert slot.result is not None
             return slot.result.unwrap()  # type: ignore[no-any-return]
+        self.stats["direct"] += 1
         return await self.reader.read(offset, size)
 
     def _schedule(self, start: int, size: int) -> None:
@@ -80,6 +87,7 @@ class Prefetcher:
             slot.done.set()
 
     async def aclose(self) -> None:
+        log.debug("read-ahead: %s", self.stats)
         self._closed = True
         self._slots.clear()
         await self.reader.aclose()

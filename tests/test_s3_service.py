@@ -200,3 +200,32 @@ async def test_server_stopped_mid_export(private_s3_server: SeaweedServer, tmp_p
     c = server.client()
     assert c.list_multipart_uploads(Bucket=bucket).get("Uploads") is None
     assert c.list_objects_v2(Bucket=bucket).get("Contents") is None
+
+
+async def test_service_stopping_mid_export_aborts_the_upload(
+        s3_server: SeaweedServer, bucket: str, tmp_path: Path,
+        volume_file: Callable[..., Path], caplog: pytest.LogCaptureFixture) -> None:
+    """Closing the service cancels the export: the upload is aborted (shielded),
+    nothing is left in the bucket, and no log line carries the secret key."""
+    caplog.set_level(logging.DEBUG, logger="snapfs")
+    vol = volume_file("c", 96 * MiB, [(0, random_bytes(96 * MiB, 10))])
+    objects = s3_server.objects(part_size=5 * MiB, concurrency=2)
+    async with open_local_service(tmp_path / "store", objects=objects) as svc:
+        snap = await snapshot_of(svc, vol)
+        task = await svc.export_snapshot(ZONE, snap.id, bucket=bucket, key="c.qcow2")
+        with trio.fail_after(60):
+            while (await svc.get_task(ZONE, task.id)).progress < 10:
+                await trio.sleep(0.005)
+        assert s3_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
+    # (leaving the block closed the service: the export was cancelled)
+    await objects.aclose()
+    async with open_local_service(tmp_path / "store") as svc:
+        t = await svc.get_task(ZONE, task.id)
+        assert t.status == "failure"
+        assert (await svc.get_snapshot(ZONE, snap.id)).state == "available"
+    c = s3_server.client()
+    assert c.list_multipart_uploads(Bucket=bucket).get("Uploads") is None
+    assert c.list_objects_v2(Bucket=bucket).get("Contents") is None
+    assert any("aborting the upload" in r.getMessage() for r in caplog.records)
+    secret = objects.settings.secret_key
+    assert secret and all(secret not in r.getMessage() for r in caplog.records)

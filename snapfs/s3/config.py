@@ -50,7 +50,7 @@ class S3Settings:
     #: Largest single ranged GET of an import.
     max_get: int = 4 * MiB
     #: Import read-ahead window for sequential reads.
-    readahead: int = 16 * MiB
+    readahead: int = 8 * MiB
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     retry: RetryPolicy = RetryPolicy()

@@ -229,3 +229,31 @@ async def test_service_stopping_mid_export_aborts_the_upload(
     assert any("aborting the upload" in r.getMessage() for r in caplog.records)
     secret = objects.settings.secret_key
     assert secret and all(secret not in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.xfail(reason="snapfs/local/capture.py lets the capture nursery's ExceptionGroup "
+                   "escape, so an InvalidData raised by the reader mid-capture ends the "
+                   "snapshot in 'error' (service stopped) instead of 'invalid_data'; "
+                   "fix: unwrap the group in capture()", strict=False)
+async def test_corrupt_compressed_cluster_found_mid_import(
+        s3_server: SeaweedServer, bucket: str, tmp_path: Path,
+        volume_file: Callable[..., Path]) -> None:
+    """Damage only shows when a cluster is decompressed, well into the capture:
+    still invalid_data with the reason, and the partial data reclaimed."""
+    raw = volume_file("z", 16 * MiB, [(0, b"squeeze me " * 1_500_000)])
+    img = tmp_path / "z.qcow2"
+    subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(raw),
+                    str(img)], check=True, capture_output=True)
+    buf = bytearray(img.read_bytes())
+    mid = len(buf) - 8192  # inside the last compressed clusters, past every table
+    buf[mid:mid + 4096] = random_bytes(4096, 11)
+    s3_server.client().put_object(Bucket=bucket, Key="z.qcow2", Body=bytes(buf))
+    objects = s3_server.objects()
+    async with open_local_service(tmp_path / "store", objects=objects) as svc:
+        before = store_state(svc)
+        snap = await svc.create_snapshot(ZONE, name="z", bucket=bucket, key="z.qcow2")
+        done = await wait_state(svc, snap.id)
+        assert done.state == "invalid_data", done.error_reason
+        assert "compressed cluster" in (done.error_reason or "")
+        assert store_state(svc, exclude=snap.id) == before
+    await objects.aclose()

@@ -18,7 +18,7 @@ from collections import OrderedDict
 
 import trio
 
-from ..errors import InvalidData, NotFound
+from ..errors import InvalidData, NotFound, SnapfsError
 from ..qcow2.decoder import (COMPRESSED, DATA, HEADER_PROBE, Qcow2Map, assemble,
                              parse_header)
 from ..qcow2.format import OFFSET_MASK
@@ -58,11 +58,18 @@ async def open_reader(calls: S3Calls, settings: S3Settings, bucket: str, key: st
     try:
         head = await calls.call("head_object", bucket, key,
                                 lambda: client.head_object(Bucket=bucket, Key=key))
-    except NotFound:
-        # A HEAD's 404 has no body: ask whether it is the bucket that is missing.
-        await calls.call("head_bucket", bucket, None,
-                         lambda: client.head_bucket(Bucket=bucket))
-        raise
+    except NotFound as missing:
+        # A HEAD's 404 has no body: ask whether it is the bucket that is missing
+        # (a NotFound from head_bucket says so; anything else -- e.g. no right
+        # to list the bucket -- leaves the object's NotFound standing).
+        try:
+            await calls.call("head_bucket", bucket, None,
+                             lambda: client.head_bucket(Bucket=bucket))
+        except NotFound:
+            raise
+        except SnapfsError:
+            pass
+        raise missing from None
     size = int(head["ContentLength"])
     if size == 0:
         raise InvalidData(f"object {bucket}/{key} is empty, not a QCOW2 image")

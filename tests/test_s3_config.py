@@ -138,3 +138,14 @@ def test_part_size_stays_under_the_part_limit(clean_env: pytest.MonkeyPatch) -> 
     scw = resolve_settings()
     assert scw is not None and scw.max_parts == 1000
     assert part_size_for(scw, 100 << 30) * 900 >= 100 << 30
+
+
+def test_scaleway_endpoint_uses_scaleway_keys(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("SCW_ACCESS_KEY", "SCWYYYYYYYYYYYYYYYYY")
+    clean_env.setenv("SCW_SECRET_KEY", "secret")
+    s = resolve_settings(endpoint="https://s3.nl-ams.scw.cloud")
+    assert s is not None and s.region == "nl-ams" and s.max_parts == 1000
+    assert s.access_key == "SCWYYYYYYYYYYYYYYYYY"
+    clean_env.setenv("AWS_ACCESS_KEY_ID", "AKIA")  # boto3's own credentials win
+    s = resolve_settings(endpoint="https://s3.nl-ams.scw.cloud")
+    assert s is not None and s.access_key is None

@@ -118,8 +118,17 @@ def resolve_settings(endpoint: str | None = None, region: str | None = None
     # Leave endpoint/credentials/region to boto3 unless given here.
     shown = endpoint or configured or "AWS default endpoint"
     log.info("Object Storage: %s", shown)
-    max_parts = SCW_MAX_PARTS if ".scw.cloud" in (urlsplit(shown).hostname or "") else 10_000
-    return S3Settings(endpoint=endpoint, region=region, profile=profile, max_parts=max_parts)
+    host = urlsplit(shown).hostname or ""
+    if not host.endswith(".scw.cloud"):
+        return S3Settings(endpoint=endpoint, region=region, profile=profile)
+    # A Scaleway endpoint: its 1000-part limit, its region (s3.<region>.scw.cloud),
+    # and the Scaleway keys when boto3 has no credentials of its own in the env.
+    reg = region or (host.split(".")[1] if host.count(".") == 3 else None)
+    use_scw = bool(scw_key and scw_secret and not os.environ.get("AWS_ACCESS_KEY_ID")
+                   and not profile)
+    return S3Settings(endpoint=endpoint, region=reg, profile=profile,
+                      access_key=scw_key if use_scw else None,
+                      secret_key=scw_secret if use_scw else None, max_parts=SCW_MAX_PARTS)
 
 
 def check_endpoint(url: str) -> str:

@@ -123,6 +123,11 @@ class SeaweedServer:
         except ProcessLookupError:
             pass
         proc.wait(timeout=30)
+        # weed leaves unix sockets named by port in /tmp: remove this server's.
+        for port in self.ports.values():
+            for p in (port, port + GRPC_OFFSET):
+                for sock in Path("/tmp").glob(f"seaweedfs-*-{p}.sock"):
+                    sock.unlink(missing_ok=True)
         # The ports must be free again before a restart binds them.
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not all(

@@ -125,28 +125,42 @@ class S3Qcow2Reader(ImageReader):
             return b""
         end = min(offset + length, self.size)
         win_end = self._win_off + len(self._win)
-        if not (self._win_off <= offset and end <= win_end):
-            if offset == self._next:  # sequential: grow the read-ahead
-                self._ra = min(self.settings.readahead, max(2 * self._ra, end - offset))
-            else:
-                self._ra = 0
-            want = max(end - offset, self._ra)
-            self._win = b""  # drop the old window before fetching the new one
-            self._win = await self._fetch(offset, min(want, self.size - offset))
-            self._win_off = offset
-        self._next = end
-        start = offset - self._win_off
-        return self._win[start:start + (end - offset)]
+        if self._win_off <= offset and end <= win_end:
+            self._next = end
+            start = offset - self._win_off
+            return self._win[start:start + (end - offset)]
+        # Sequential (the capture; FUSE reads in order, maybe several in flight):
+        # grow the read-ahead window; anything else fetches just what it asks.
+        if offset == self._next or offset == win_end:
+            self._ra = min(self.settings.readahead, max(2 * self._ra, end - offset))
+        else:
+            self._ra = 0
+        want = min(max(end - offset, self._ra), self.size - offset)
+        self._next = end  # before the await: a concurrent next read is sequential too
+        data = await self._fetch(offset, want)
+        self._win_off, self._win = offset, data
+        return data[:end - offset]
 
     async def _fetch(self, offset: int, length: int) -> bytes:
         """Guest bytes offset..+length, from one round of parallel GETs."""
-        missing = [o for o in dict.fromkeys(self.map.l2_offsets(offset, length))
-                   if o not in self._l2]
+        # The tables this range needs, held locally: concurrent reads may evict
+        # them from the shared LRU while this one awaits.
+        tables: dict[int, array] = {}
+        missing = []
+        for o in dict.fromkeys(self.map.l2_offsets(offset, length)):
+            cached = self._l2.get(o)
+            if cached is None:
+                missing.append(o)
+            else:
+                self._l2.move_to_end(o)
+                tables[o] = cached
         if missing:
-            tables = await self._parallel([(o, self.header.cluster_size) for o in missing])
+            got_tables = await self._parallel([(o, self.header.cluster_size)
+                                               for o in missing])
             for o in missing:
-                self._remember_l2(o, self.map.parse_l2(tables[o]))
-        extents = self.map.extents(offset, length, self._table_for)
+                tables[o] = self.map.parse_l2(got_tables[o])
+                self._remember_l2(o, tables[o])
+        extents = self.map.extents(offset, length, tables.__getitem__)
         wanted: list[tuple[int, int]] = []
         for e in extents:
             if e.kind == DATA:
@@ -172,13 +186,6 @@ class S3Qcow2Reader(ImageReader):
             return pieces[0] if len(pieces) == 1 else b"".join(pieces)
         return await trio.to_thread.run_sync(assemble, extents, self.header, host_bytes,
                                              limiter=self.cpu_limiter)
-
-    def _table_for(self, off: int) -> array:
-        table = self._l2.get(off)
-        if table is None:  # evicted while planning a very large window
-            raise AssertionError("L2 table not loaded")
-        self._l2.move_to_end(off)
-        return table
 
     def _remember_l2(self, off: int, table: array) -> None:
         self._l2[off] = table

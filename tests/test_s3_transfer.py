@@ -264,3 +264,35 @@ async def test_server_gone_mid_export_aborts_upload(private_s3_server: SeaweedSe
     assert "after" in str(outcome[0]) and "attempts" in str(outcome[0])
     assert uploads(server, bucket) == []
     assert keys(server, bucket) == []
+
+
+async def test_concurrent_reads_share_fetches(s3_server: SeaweedServer, bucket: str,
+                                              tmp_path: Path) -> None:
+    """FUSE sends several 128 KiB reads of one stream at once: all correct, and the
+    read-ahead windows serve them with far fewer GETs than reads."""
+    raw = make_raw(tmp_path / "c.raw", 16 * MiB, [(0, 16 * MiB)])
+    img = tmp_path / "c.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(img)],
+                   check=True, capture_output=True)
+    s3_server.client().upload_file(str(img), bucket, "c.qcow2")
+    objects = s3_server.objects()
+    expected = raw.read_bytes()
+    gets: list[str] = []
+    try:
+        reader = await objects.open_qcow2(bucket, "c.qcow2")
+        objects._client.meta.events.register(  # count the real requests
+            "before-send.s3.GetObject", lambda **kw: gets.append(kw["request"].url))
+        chunk = 128 * 1024
+        results: dict[int, bytes] = {}
+
+        async def one(off: int) -> None:
+            results[off] = await reader.read(off, chunk)
+        for base in range(0, len(expected), 8 * chunk):  # 8 reads in flight at a time
+            async with trio.open_nursery() as nursery:
+                for off in range(base, base + 8 * chunk, chunk):
+                    nursery.start_soon(one, off)
+        assert b"".join(results[o] for o in sorted(results)) == expected
+        assert len(gets) < len(results) // 4, (len(gets), len(results))
+        await reader.aclose()
+    finally:
+        await objects.aclose()

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 L2_CACHE_BYTES = 32 << 20
 MERGE_GAP = 64 << 10  # fetch small gaps rather than issue another request
+SEQ_SLACK = 1 << 20  # a read this close to the last one continues the stream
 
 
 async def _get_range(calls: S3Calls, bucket: str, key: str, offset: int,
@@ -100,9 +101,12 @@ class S3Qcow2Reader(ImageReader):
         self.cpu_limiter = cpu_limiter
         self._l2: OrderedDict[int, array] = OrderedDict()
         self._l2_max = max(4, L2_CACHE_BYTES // self.header.cluster_size)
-        self._win_off = 0
-        self._win = b""
-        self._next = -1  # where a sequential read would start
+        #: Recently fetched guest windows, start -> bytes (LRU, a few read-aheads).
+        self._windows: OrderedDict[int, bytes] = OrderedDict()
+        self._window_bytes = 0
+        #: Windows being fetched, start -> (end, done): readers inside wait for them.
+        self._inflight: dict[int, tuple[int, trio.Event]] = {}
+        self._next = 0  # where a sequential read would start
         self._ra = 0
 
     async def validate_tables(self) -> None:
@@ -124,22 +128,53 @@ class S3Qcow2Reader(ImageReader):
         if offset >= self.size or length <= 0:
             return b""
         end = min(offset + length, self.size)
-        win_end = self._win_off + len(self._win)
-        if self._win_off <= offset and end <= win_end:
-            self._next = end
-            start = offset - self._win_off
-            return self._win[start:start + (end - offset)]
-        # Sequential (the capture; FUSE reads in order, maybe several in flight):
-        # grow the read-ahead window; anything else fetches just what it asks.
-        if offset == self._next or offset == win_end:
+        while True:
+            hit = self._cached(offset, end)
+            if hit is not None:
+                self._next = max(self._next, end)
+                return hit
+            pending = next((ev for o, (e, ev) in self._inflight.items()
+                            if o <= offset and end <= e), None)
+            if pending is None:
+                break
+            await pending.wait()  # FUSE's parallel reads of one stream share a fetch
+        # Sequential (the capture; FUSE reads in order, several in flight): grow
+        # the read-ahead window; anything else fetches just what it asks for.
+        # "In order" allows some slack: concurrent reads reach us shuffled.
+        slack = max(self._ra, SEQ_SLACK)
+        if self._next - slack <= offset <= self._next + slack:
             self._ra = min(self.settings.readahead, max(2 * self._ra, end - offset))
         else:
             self._ra = 0
         want = min(max(end - offset, self._ra), self.size - offset)
-        self._next = end  # before the await: a concurrent next read is sequential too
-        data = await self._fetch(offset, want)
-        self._win_off, self._win = offset, data
+        # Before the await: the next read is sequential too.
+        self._next = max(self._next, offset + want) if self._ra else offset + want
+        done = trio.Event()
+        self._inflight[offset] = (offset + want, done)
+        try:
+            data = await self._fetch(offset, want)
+        finally:
+            del self._inflight[offset]
+            done.set()
+        self._remember_window(offset, data)
         return data[:end - offset]
+
+    def _cached(self, offset: int, end: int) -> bytes | None:
+        for start, data in self._windows.items():
+            if start <= offset and end <= start + len(data):
+                self._windows.move_to_end(start)
+                return data[offset - start:end - start]
+        return None
+
+    def _remember_window(self, offset: int, data: bytes) -> None:
+        old = self._windows.pop(offset, None)
+        if old is not None:
+            self._window_bytes -= len(old)
+        self._windows[offset] = data
+        self._window_bytes += len(data)
+        while self._window_bytes > 2 * self.settings.readahead and len(self._windows) > 1:
+            _, dropped = self._windows.popitem(last=False)
+            self._window_bytes -= len(dropped)
 
     async def _fetch(self, offset: int, length: int) -> bytes:
         """Guest bytes offset..+length, from one round of parallel GETs."""
@@ -218,5 +253,6 @@ class S3Qcow2Reader(ImageReader):
         return got
 
     async def aclose(self) -> None:
-        self._win = b""
+        self._windows.clear()
+        self._window_bytes = 0
         self._l2.clear()

@@ -7,10 +7,13 @@ same bytes, in the same run.
 
 A volume of --size-mib (random bytes; --hole-percent of it left as holes) is
 registered in a fresh store, snapshotted through the mount (mkdir), then read
-with ``dd bs=1M`` and with ``cat`` from both mounts: one warm-up pass each (both
-read from the page cache afterwards: the ceiling's backing file, snapfs's pack
-files), then --runs timed passes; the median is reported. Targets: snapfs >= 0.8x
-the ceiling for both tools; the daemon's peak RSS <= 200 MB.
+with ``dd bs=1M`` and with ``cat`` from both mounts, after one warm-up pass each
+(so both sources are in the page cache: the ceiling's backing file, snapfs's pack
+files). snapfs is timed twice per run: the first read on a freshly started mount
+(every byte through the daemon) and the same read again (served by the kernel's
+page cache, as snapfs keeps image.raw cached: its bytes never change). Medians of
+--runs. Targets: snapfs >= 0.8x the ceiling for both tools; the daemon's peak RSS
+<= 200 MB. ``--mount-args=--direct-io`` measures the other mode.
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ def main() -> int:
         snapfs("wait", vdir / "snap")
         print(f"snapshot taken through the mount in {time.perf_counter() - t0:.2f}s")
         image = vdir / "snap" / "image.raw"
+        rss = peak_rss_mb(pid)
 
         ceiling = subprocess.Popen([sys.executable, str(CEILING), str(cmnt), str(vol)])
         deadline = time.monotonic() + 30
@@ -111,22 +115,33 @@ def main() -> int:
 
         tools = {"dd bs=1M": "dd if={} of=/dev/null bs=1M status=none",
                  "cat": "cat {} > /dev/null"}
-        results: dict[tuple[str, str], float] = {}
-        for tool, tmpl in tools.items():
-            for label, path in (("ceiling", cimage), ("snapfs", image)):
-                timed(tmpl.format(path))  # warm-up
-            samples: dict[str, list[float]] = {"ceiling": [], "snapfs": []}
-            for _ in range(args.runs):  # interleaved: both see the same machine load
-                for label, path in (("ceiling", cimage), ("snapfs", image)):
-                    samples[label].append(timed(tmpl.format(path)))
-            for label in samples:
-                results[(tool, label)] = size / statistics.median(samples[label]) / 1e9
+        for path in (cimage, image):  # both sources warm in the page cache
+            timed(tools["cat"].format(path))
+        first: dict[str, list[float]] = {t: [] for t in tools}
+        again: dict[str, list[float]] = {t: [] for t in tools}
+        ceil: dict[str, list[float]] = {t: [] for t in tools}
+        for _ in range(args.runs):  # interleaved: all see the same machine load
+            for tool, tmpl in tools.items():
+                # A fresh mount: nothing of the image in the mount's page cache,
+                # every byte comes through the daemon (chunk lookup + hash check).
+                snapfs("umount", mnt)
+                snapfs("mount", mnt, "--store", store, *args.mount_args.split())
+                pid = int(os.getxattr(mnt, "user.pid"))
+                first[tool].append(timed(tmpl.format(image)))
+                again[tool].append(timed(tmpl.format(image)))
+                ceil[tool].append(timed(tmpl.format(cimage)))
+                rss = max(rss, peak_rss_mb(pid))
+        gbps = {k: {t: size / statistics.median(v[t]) / 1e9 for t in tools}
+                for k, v in (("first", first), ("again", again), ("ceiling", ceil))}
         print()
-        print(f"{'tool':<10} {'ceiling GB/s':>13} {'snapfs GB/s':>12} {'ratio':>6}")
+        print(f"{'tool':<9} {'ceiling':>8} {'snapfs 1st':>11} {'ratio':>6} "
+              f"{'snapfs again':>13} {'ratio':>6}   (GB/s, median of {args.runs})")
         for tool in tools:
-            c, s = results[(tool, "ceiling")], results[(tool, "snapfs")]
-            print(f"{tool:<10} {c:>13.2f} {s:>12.2f} {s / c:>6.2f}  (target >= 0.80)")
-        print(f"daemon peak RSS: {peak_rss_mb(pid):.0f} MB (target <= 200)")
+            c, f1, f2 = gbps["ceiling"][tool], gbps["first"][tool], gbps["again"][tool]
+            print(f"{tool:<9} {c:>8.2f} {f1:>11.2f} {f1 / c:>6.2f} {f2:>13.2f} {f2 / c:>6.2f}")
+        print("1st: first read on a fresh mount (through the daemon); again: the same file "
+              "read again (kernel page cache). Target >= 0.80.")
+        print(f"daemon peak RSS: {rss:.0f} MB (target <= 200)")
     finally:
         if ceiling is not None:
             ceiling.send_signal(signal.SIGTERM)

@@ -32,8 +32,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--debug", action="store_true", help="log every request")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT",
                    help="mount option: allow_other (then default_permissions applies), ro")
-    p.add_argument("--page-cache", action="store_true",
-                   help="serve image.raw through the kernel page cache instead of direct I/O")
+    p.add_argument("--direct-io", action="store_true",
+                   help="serve image.raw with direct I/O instead of through the kernel page "
+                   "cache (every read reaches the daemon; see the README's notes)")
     p.add_argument("--readahead", type=int, default=4, metavar="N",
                    help="chunks read ahead for sequential image readers (default 4, 0 = off)")
     p.add_argument("--zones", default=None, metavar="Z1,Z2",
@@ -66,7 +67,7 @@ def _mount(args: argparse.Namespace) -> int:
     cfg = MountConfig(
         mountpoint=args.mountpoint.resolve(), store=store_path(args).resolve(),
         backend=args.backend, s3_endpoint=args.s3_endpoint, options=args.options,
-        foreground=args.foreground, debug=args.debug, direct_io=not args.page_cache,
+        foreground=args.foreground, debug=args.debug, direct_io=args.direct_io,
         readahead=args.readahead,
         zones=args.zones.split(",") if args.zones else None, profile=args.profile,
         staging_bucket=args.staging_bucket)

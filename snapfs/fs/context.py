@@ -90,8 +90,8 @@ class FsContext:
     imports: dict[tuple[str, str, str], ImportRecord] = field(default_factory=dict)
     #: Read-ahead depth in chunks for sequential readers of image.raw (0 = off).
     readahead: int = 4
-    #: Serve image.raw with direct_io (see the README's design notes).
-    direct_io: bool = True
+    #: Serve image.raw with direct_io instead of the page cache (README design notes).
+    direct_io: bool = False
     #: How often a wait (open of a snapshotting image, mkdir) polls the state.
     poll_interval: float = 0.2
 

@@ -285,9 +285,14 @@ async def capture(source: CaptureSource, snapshot_id: str, snap: int, index: Chu
 
     ok = False
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(produce)
-            nursery.start_soon(cap.consume, recv)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(produce)
+                nursery.start_soon(cap.consume, recv)
+        except BaseExceptionGroup as group:
+            # One stage failed and the other was cancelled because of it: the caller
+            # wants that one failure (an InvalidData from an import, an OSError...).
+            raise _root_cause(group) from None
         ok = True
     finally:
         if cap.writer is not None:
@@ -295,3 +300,17 @@ async def capture(source: CaptureSource, snapshot_id: str, snap: int, index: Chu
                 pool.give_back(cap.writer)
             else:  # its tail may hold uncommitted bytes: the next exclusive open cuts them
                 pool.retire(cap.writer)
+
+
+def _root_cause(group: BaseExceptionGroup) -> BaseException:
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for e in exc.exceptions:
+                walk(e)
+        else:
+            leaves.append(exc)
+    walk(group)
+    real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    return (real or leaves)[0]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -306,3 +308,27 @@ def test_import_without_object_storage_fails_visibly(mounted: Mount) -> None:
     s = mounted.snapshots() / "restored"
     assert mounted.xattr(s, "state") == "error"
     refused(errno.EIO, os.open, s / "image.raw", os.O_RDONLY)
+
+
+def test_open_waiting_for_a_capture_is_interruptible(mount_factory: Callable[..., Mount],
+                                                     tmp_path: Path) -> None:
+    vol = tmp_path / "slow.raw"
+    with open(vol, "wb") as f:
+        for _ in range(12):
+            f.write(os.urandom(32 * MiB))
+    store = tmp_path / "store"
+    snapfs("volume", "add", "slow", vol, "--store", store)
+    m = mount_factory(store)
+    run("mkdir", m.volume("slow") / "s")
+    s = m.snapshots() / "s"
+    reader = subprocess.Popen(["cat", str(s / "image.raw")], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+    state_at_signal = m.xattr(s, "state")
+    reader.send_signal(signal.SIGINT)
+    reader.wait(timeout=5)  # Ctrl-C ends the wait at once, not when the capture ends
+    if state_at_signal == "snapshotting":
+        assert m.xattr(s, "state") == "snapshotting"
+        assert "EINTR: process" in m.log() and "was signalled while waiting" in m.log()
+    assert m.wait_state(s) == "available"
+    run("cmp", s / "image.raw", vol)

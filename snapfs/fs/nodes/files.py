@@ -63,9 +63,8 @@ class ImageNode(FileNode):
 
 async def wait_until_readable(ctx: FsContext, key: Key, pid: int) -> Snapshot:
     """The snapshot once its bytes can be read: waits while it is being captured
-    or imported; gives up when the process that asked is gone (it was killed or
-    interrupted: FUSE delivers no interrupts to pyfuse3, but a waiting process
-    that gets a fatal signal dies and its /proc entry with it)."""
+    or imported, and stops waiting when the caller gets a signal (see
+    ``signalled``)."""
     node = SnapshotNode(ctx, key.parent())
     while True:
         snap = await node.snapshot(max_age=0)
@@ -74,9 +73,30 @@ async def wait_until_readable(ctx: FsContext, key: Key, pid: int) -> Snapshot:
                                    f"{snap.error_reason or 'no data'}")
         if snap.state not in BUSY_STATES or snap.state == "exporting":
             return snap
-        if pid and not os.path.exists(f"/proc/{pid}"):
-            raise Interrupted(f"process {pid} stopped waiting for snapshot {snap.id}")
+        if pid and signalled(pid):
+            raise Interrupted(f"process {pid} was signalled while waiting for snapshot "
+                              f"{snap.id} to be {snap.state.replace('ing', 'ed')}")
         await trio.sleep(ctx.poll_interval)
+
+
+def signalled(pid: int) -> bool:
+    """Whether the thread that made a request has a signal pending (or is gone).
+
+    pyfuse3 does not pass on FUSE interrupts, and once a request has reached the
+    daemon the kernel keeps the caller waiting for the answer, even for Ctrl-C or
+    SIGKILL. The caller's pending, unblocked signals in /proc tell us instead;
+    answering EINTR then lets it handle the signal (or die of it)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    try:
+        pending = int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+        blocked = int(fields["SigBlk"], 16)
+    except (KeyError, ValueError):
+        return False
+    return bool(pending & ~blocked)
 
 
 class ImageHandle(Handle):

@@ -58,7 +58,8 @@ class ZoneNode(Node):
         return name, project_dir(self.key.zone, p.id), project_stat(p)
 
     async def xattrs(self) -> dict[str, str]:
-        return {"name": self.key.zone, "zone": self.key.zone}
+        # A zone has no ID in the API: its name is its identifier.
+        return {"id": self.key.zone, "name": self.key.zone, "zone": self.key.zone}
 
 
 def project_stat(p: Project) -> Stat:

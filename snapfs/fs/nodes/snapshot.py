@@ -7,10 +7,10 @@ import logging
 
 from ...errors import NotFound, NotPermitted
 from ...model import Snapshot
-from ..keys import SNAPSHOT_FILES, Key, static_child
+from ..keys import SNAPSHOT_FILES, static_child
+from ..context import Stat
 from .base import Entry, Node
 from .views import snapshot_stat
-from ..context import Stat
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,3 @@ class SnapshotNode(Node):
         self.ctx.catalog.invalidate()
         self.ctx.catalog.remember(snap)
 
-
-def parent_snapshot(ctx, key: Key) -> SnapshotNode:  # type: ignore[no-untyped-def]
-    return SnapshotNode(ctx, key.parent())

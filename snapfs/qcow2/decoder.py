@@ -274,7 +274,8 @@ class Qcow2Map:
         return Extent(DATA, pos, n, host + within)
 
 
-def decompress_cluster(data: bytes, header: Header, guest_offset: int) -> bytes:
+def decompress_cluster(data: bytes | memoryview, header: Header,
+                       guest_offset: int) -> bytes:
     """One compressed cluster's guest bytes (exactly one cluster)."""
     cs = header.cluster_size
     try:
@@ -295,25 +296,27 @@ def decompress_cluster(data: bytes, header: Header, guest_offset: int) -> bytes:
 
 
 def assemble(extents: list[Extent], header: Header,
-             host_bytes: Callable[[int, int], bytes]) -> bytes:
+             host_bytes: Callable[[int, int], bytes | memoryview]) -> bytes:
     """The guest bytes of ``extents``; ``host_bytes(offset, length)`` returns bytes
-    the caller already fetched. Decompression is CPU work: run this off the trio
-    thread."""
-    out = bytearray()
+    (or a memoryview of them) the caller already fetched. The result is built with
+    one copy. Decompression is CPU work: run this off the trio thread."""
+    parts: list[bytes | memoryview] = []
     for e in extents:
         if e.kind == ZERO:
-            out += bytes(e.length)
+            parts.append(bytes(e.length))
         elif e.kind == DATA:
             data = host_bytes(e.host_offset, e.length)
             if len(data) != e.length:
                 raise InvalidData(f"truncated QCOW2 image: data for guest offset "
                                   f"{e.guest_offset} is short")
-            out += data
+            parts.append(data)
         else:
             cluster = decompress_cluster(host_bytes(e.host_offset, e.host_length), header,
                                          e.guest_offset - e.skip)
-            out += cluster[e.skip:e.skip + e.length]
-    return bytes(out)
+            parts.append(memoryview(cluster)[e.skip:e.skip + e.length])
+    if len(parts) == 1 and isinstance(parts[0], bytes):
+        return parts[0]
+    return b"".join(parts)
 
 
 def read_file(path: str) -> "FileImage":

@@ -34,6 +34,7 @@ REFCOUNT_BITS = 1 << REFCOUNT_ORDER
 REFBLOCK_ENTRIES = CLUSTER_SIZE * 8 // REFCOUNT_BITS
 REFTABLE_ENTRIES_PER_CLUSTER = CLUSTER_SIZE // 8
 _ZERO_CLUSTER = bytes(CLUSTER_SIZE)
+_ZERO_BLOCK = bytes(4 << 20)  # feeds up to this size are checked for holes at once
 
 
 def _be64(values: array) -> bytes:
@@ -106,16 +107,19 @@ class StreamingEncoder:
         view = memoryview(data).cast("B")
         out: list[bytes | memoryview] = []
         cluster = self._guest_pos // CLUSTER_SIZE
+        self._guest_pos += n
+        # Compare as bytes: bytes == bytes is a memcmp, while memoryview == bytes
+        # goes element by element (35x slower). A whole block of holes is one memcmp.
+        raw = data if isinstance(data, (bytes, bytearray)) else view.tobytes()
+        if n <= len(_ZERO_BLOCK) and raw == _ZERO_BLOCK[:n]:
+            return out
         for start in range(0, n, CLUSTER_SIZE):
             piece = view[start:start + CLUSTER_SIZE]
-            if len(piece) < CLUSTER_SIZE:
-                if piece == _ZERO_CLUSTER[:len(piece)]:
-                    cluster += 1
-                    continue
-                piece = bytes(piece) + bytes(CLUSTER_SIZE - len(piece))
-            elif piece == _ZERO_CLUSTER:
+            if raw[start:start + CLUSTER_SIZE] == _ZERO_CLUSTER[:len(piece)]:
                 cluster += 1
                 continue
+            if len(piece) < CLUSTER_SIZE:
+                piece = bytes(piece) + bytes(CLUSTER_SIZE - len(piece))
             l1i, l2i = divmod(cluster, L2_ENTRIES)
             if l1i != self._l2_index:
                 self._flush_l2(out)
@@ -127,7 +131,6 @@ class StreamingEncoder:
             self._host_next += CLUSTER_SIZE
             self.data_clusters += 1
             cluster += 1
-        self._guest_pos += n
         return out
 
     def _flush_l2(self, out: list) -> None:

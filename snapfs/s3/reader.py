@@ -157,7 +157,7 @@ class S3Qcow2Reader(ImageReader):
             del self._inflight[offset]
             done.set()
         self._remember_window(offset, data)
-        return data[:end - offset]
+        return data if len(data) == end - offset else data[:end - offset]
 
     def _cached(self, offset: int, end: int) -> bytes | None:
         for start, data in self._windows.items():
@@ -205,13 +205,16 @@ class S3Qcow2Reader(ImageReader):
         got = await self._parallel(self._plan(wanted)) if wanted else {}
         starts = sorted(got)
 
-        def host_bytes(off: int, n: int) -> bytes:
-            # A wanted range lies in one merged range, maybe across its pieces.
+        views = {base: memoryview(data) for base, data in got.items()}
+
+        def host_bytes(off: int, n: int) -> bytes | memoryview:
+            # A wanted range lies in one merged range, maybe across its pieces;
+            # views, not copies: assemble() copies once into the result.
             i = bisect.bisect_right(starts, off) - 1
-            pieces = []
+            pieces: list[memoryview] = []
             while n > 0 and 0 <= i < len(starts):
                 base = starts[i]
-                piece = got[base][off - base:off - base + n]
+                piece = views[base][off - base:off - base + n]
                 if not piece:
                     break
                 pieces.append(piece)

@@ -3,6 +3,7 @@ against a real local store (see fixtures_http)."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import uuid
@@ -286,9 +287,15 @@ def test_http_edges(served: Served) -> None:
 
 
 def test_serve_cli_refuses_bad_listen(tmp_path: Any) -> None:
-    r = subprocess.run([sys.executable, "-m", "snapfs", "serve", "--store",
-                        str(tmp_path / "s"), "--listen", "nowhere"],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1
-    assert r.stderr.strip().count("\n") == 0 and "listen" in r.stderr
-    assert "Traceback" not in r.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for listen, why in (("nowhere", "not HOST:PORT"),
+                            (f"127.0.0.1:{port}", "Address already in use")):
+            r = subprocess.run([sys.executable, "-m", "snapfs", "serve", "--store",
+                                str(tmp_path / "s"), "--listen", listen],
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode == 1, r.stderr
+            assert r.stderr.strip().count("\n") == 0 and why in r.stderr, r.stderr
+            assert "Traceback" not in r.stderr

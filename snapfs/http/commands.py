@@ -14,6 +14,7 @@ from typing import Any
 import trio
 
 from .. import cli
+from ..errors import SnapfsError
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -36,8 +37,24 @@ def _run(args: argparse.Namespace) -> int:
     # A server's log is its stderr: one line per refusal (4xx/5xx) and per background
     # job, at INFO; cli.main's default of WARNING would hide the refusals.
     logging.getLogger("snapfs").setLevel(logging.INFO)
-    trio.run(_serve, cli.store_path(args), args.listen, args.s3_endpoint)
+    try:
+        trio.run(_serve, cli.store_path(args), args.listen, args.s3_endpoint)
+    except BaseExceptionGroup as group:
+        # A refusal from inside a task group: give cli.main the one error it reports.
+        leaf = _single_leaf(group)
+        if isinstance(leaf, (SnapfsError, OSError)):
+            raise leaf from None
+        raise
     return 0
+
+
+def _single_leaf(group: BaseExceptionGroup) -> BaseException | None:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        if len(exc.exceptions) != 1:
+            return None
+        exc = exc.exceptions[0]
+    return exc
 
 
 async def _open_objects(stack: AsyncExitStack, endpoint: str | None) -> Any:
@@ -55,10 +72,11 @@ async def _open_objects(stack: AsyncExitStack, endpoint: str | None) -> Any:
 
 async def _serve(store: Path, listen: str, s3_endpoint: str | None) -> None:
     from ..local import open_local_service  # type: ignore[attr-defined]
-    from .server import parse_listen, serve
+    from .server import bind, serve
 
-    parse_listen(listen)
+    sock = bind(listen)
     async with AsyncExitStack() as stack:
+        stack.callback(sock.close)
         objects = await _open_objects(stack, s3_endpoint)
         service = await stack.enter_async_context(open_local_service(store, objects=objects))
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -72,7 +90,7 @@ async def _serve(store: Path, listen: str, s3_endpoint: str | None) -> None:
 
                 async def run_server(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
                     try:
-                        await serve(service, listen, shutdown=stop.wait, task_status=task_status)
+                        await serve(service, sock, shutdown=stop.wait, task_status=task_status)
                     finally:
                         nursery.cancel_scope.cancel()  # also ends the signal watcher
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Awaitable, Callable
 
 import trio
@@ -17,23 +18,45 @@ from .routes import make_app
 log = logging.getLogger("snapfs.http")
 
 
-def parse_listen(listen: str) -> str:
-    """``HOST:PORT`` (IPv6 as ``[::1]:PORT``) checked before hypercorn sees it."""
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 as ``[::1]:PORT``) -> (host, port)."""
     host, sep, port = listen.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise InvalidArgument("listen", f"{listen!r} is not HOST:PORT")
-    return listen
+    return host, int(port)
 
 
-async def serve(service: SnapshotService, listen: str, *,
+def bind(listen: str) -> socket.socket:
+    """The listening socket, bound here so that a taken port or an unknown host is
+    one clear refusal rather than an error deep inside the server's task group."""
+    host, port = parse_listen(listen)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise InvalidArgument("listen", f"{listen}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise InvalidArgument("listen", f"{listen}: {exc.strerror or exc}") from None
+    return sock
+
+
+async def serve(service: SnapshotService, listen: str | socket.socket, *,
                 shutdown: Callable[[], Awaitable[None]] | None = None,
                 secret: str | None = None,
                 task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``service`` on ``listen`` until ``shutdown`` returns (or cancellation).
-    ``task_status.started`` receives the bound URLs (port 0 picks a free port).
-    ``secret`` defaults to the server's SCW_SECRET_KEY."""
+    """Serve ``service`` on ``listen`` (HOST:PORT, or a socket from ``bind``) until
+    ``shutdown`` returns (or cancellation). ``task_status.started`` receives the
+    bound URLs (port 0 picks a free port). ``secret`` defaults to SCW_SECRET_KEY."""
+    sock = bind(listen) if isinstance(listen, str) else listen
     config = Config()
-    config.bind = [parse_listen(listen)]
+    # hypercorn adopts the descriptor (fd://), so it is detached from ``sock`` here.
+    config.bind = [f"fd://{sock.detach()}"]
     config.accesslog = None
     config.errorlog = log
     config.graceful_timeout = 2.0

@@ -231,10 +231,6 @@ async def test_service_stopping_mid_export_aborts_the_upload(
     assert secret and all(secret not in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.xfail(reason="snapfs/local/capture.py lets the capture nursery's ExceptionGroup "
-                   "escape, so an InvalidData raised by the reader mid-capture ends the "
-                   "snapshot in 'error' (service stopped) instead of 'invalid_data'; "
-                   "fix: unwrap the group in capture()", strict=False)
 async def test_corrupt_compressed_cluster_found_mid_import(
         s3_server: SeaweedServer, bucket: str, tmp_path: Path,
         volume_file: Callable[..., Path]) -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from snapfs.errors import InvalidArgument
+from snapfs.errors import InvalidArgument, NotFound
 from snapfs.fs import names, transfer
 from snapfs.fs.inodes import InodeTable
 from snapfs.fs.keys import (ROOT, Key, Kind, View, import_file, may_create_snapshot_in,
@@ -106,7 +106,7 @@ def test_inode_table_is_stable_and_never_reuses() -> None:
     ia, ib = t.inode(a), t.inode(b)
     assert ia != ib and t.inode(a) == ia and t.key(ib) == b
     assert t.inode(ROOT) == 1 and t.key(1) == ROOT
-    with pytest.raises(Exception):
+    with pytest.raises(NotFound):
         t.key(999)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Generic, TypeVar
+from typing import Any, Awaitable, Callable, Generic, TypeVar
 
 import trio
 
@@ -60,8 +60,8 @@ async def list_all(fetch: Callable[[int, int], Awaitable[Page[T]]]) -> list[T]:
 class Catalog:
     svc: SnapshotService
     ttl: float = DEFAULT_TTL
-    _listings: dict[tuple, Listing] = field(default_factory=dict)
-    _locks: dict[tuple, trio.Lock] = field(default_factory=dict)
+    _listings: dict[tuple[object, ...], Listing[Any]] = field(default_factory=dict)
+    _locks: dict[tuple[object, ...], trio.Lock] = field(default_factory=dict)
     _snapshots: dict[str, _Cached[Snapshot]] = field(default_factory=dict)
     _zones: _Cached[list[str]] | None = None
     _generation: int = 0
@@ -84,7 +84,7 @@ class Catalog:
     def forget(self, snapshot_id: str) -> None:
         self._snapshots.pop(snapshot_id, None)
 
-    async def _listing(self, key: tuple, fetch: Callable[[], Awaitable[list[N]]]) -> Listing[N]:
+    async def _listing(self, key: tuple[object, ...], fetch: Callable[[], Awaitable[list[N]]]) -> Listing[N]:
         cached = self._listings.get(key)
         if cached is not None and self._fresh(cached.fetched, cached.generation):
             return cached

@@ -16,7 +16,7 @@ import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, TextIO
 
 import pyfuse3
 import trio
@@ -174,7 +174,7 @@ async def _on_signals(nursery: trio.Nursery) -> None:
             return
 
 
-def setup_logging(cfg: MountConfig, stream: object | None = None) -> None:
+def setup_logging(cfg: MountConfig, stream: TextIO | None = None) -> None:
     level = logging.DEBUG if cfg.debug else logging.INFO
     root = logging.getLogger()
     for h in list(root.handlers):
@@ -182,7 +182,7 @@ def setup_logging(cfg: MountConfig, stream: object | None = None) -> None:
     if stream is None:
         handler: logging.Handler = logging.FileHandler(cfg.store / LOG_NAME)
     else:
-        handler = logging.StreamHandler(stream)  # type: ignore[arg-type]
+        handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter(
         "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)

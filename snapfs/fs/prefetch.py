@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class _Slot:
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.result: outcome.Outcome | None = None
+        self.result: outcome.Outcome[bytes] | None = None
 
 
 class Prefetcher:
@@ -56,7 +56,7 @@ class Prefetcher:
             self.stats["ready" if slot.done.is_set() else "waited"] += 1
             await slot.done.wait()
             assert slot.result is not None
-            return slot.result.unwrap()  # type: ignore[no-any-return]
+            return slot.result.unwrap()
         self.stats["direct"] += 1
         return await self.reader.read(offset, size)
 

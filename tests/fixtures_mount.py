@@ -87,7 +87,16 @@ class Mount:
             time.sleep(0.05)
 
     def start(self) -> None:
-        snapfs("mount", self.path, "--store", self.store, *self.extra, env=self.env)
+        # Nothing inherited may give the daemon Object Storage or a cloud account:
+        # only what the test passes in ``env``.
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("SCW_", "AWS_"))}
+        base.update(AWS_CONFIG_FILE="/nonexistent/aws-config",
+                    AWS_SHARED_CREDENTIALS_FILE="/nonexistent/aws-credentials")
+        res = subprocess.run([sys.executable, "-m", "snapfs", "mount", str(self.path),
+                              "--store", str(self.store), *self.extra],
+                             capture_output=True, text=True, timeout=120,
+                             env={**base, **self.env})
+        assert res.returncode == 0, f"snapfs mount -> {res.returncode}: {res.stderr.strip()}"
         self.pid = int(os.getxattr(self.path, "user.pid"))
 
     def stop(self) -> None:

@@ -14,6 +14,9 @@ from .views import snapshot_stat
 
 log = logging.getLogger(__name__)
 
+#: How old the snapshot behind its extended attributes may be, in seconds.
+XATTR_MAX_AGE = 0.25
+
 
 def snapshot_xattrs(s: Snapshot) -> dict[str, str]:
     return {
@@ -65,7 +68,9 @@ class SnapshotNode(Node):
         return name, key, await file_node(self.ctx, key).stat()
 
     async def xattrs(self) -> dict[str, str]:
-        return snapshot_xattrs(await self.snapshot())
+        # Fresher than listings: user.state and user.progress are what `snapfs wait`
+        # and scripts poll; a burst (getfattr -d) still costs one Get.
+        return snapshot_xattrs(await self.snapshot(max_age=XATTR_MAX_AGE))
 
     async def setxattr(self, name: str, value: str) -> None:
         if name not in self.writable_xattrs:

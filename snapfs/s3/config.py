@@ -46,7 +46,7 @@ class S3Settings:
     #: The server's limit on parts per upload (S3: 10 000; Scaleway: 1000).
     max_parts: int = 10_000
     #: Parallel part uploads / ranged GETs of one export or import.
-    concurrency: int = 6
+    concurrency: int = 4
     #: Largest single ranged GET of an import.
     max_get: int = 4 * MiB
     #: Import read-ahead window for sequential reads.

@@ -11,7 +11,7 @@ left behind on the server.
 
 Memory bound: part 1 (<= 5 MiB) + (concurrency + 1) reused part buffers +
 three read blocks (one being read, one queued, one being encoded); with the
-defaults (6 MiB parts, 6 in flight, 2 MiB reads) about 53 MiB whatever the
+defaults (6 MiB parts, 4 in flight, 2 MiB reads) about 41 MiB whatever the
 image's size up to 54 GiB of virtual size; beyond that part_size grows as
 size / 9000 to stay under S3's 10 000 parts (Scaleway: 1000, see
 ``max_parts``), and so does the bound.

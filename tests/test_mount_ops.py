@@ -73,6 +73,21 @@ def test_rmdir_deletes_in_any_view(mounted: Mount) -> None:
     assert ls(mounted.snapshots()) == [] and ls(mounted.volume("vol1")) == []
 
 
+def test_rmdir_while_image_raw_is_open_is_ebusy(mounted: Mount) -> None:
+    s = snap(mounted)
+    fd = os.open(s / "image.raw", os.O_RDONLY)
+    try:
+        before = state_of(mounted)
+        refused(errno.EBUSY, os.rmdir, s)
+        refused(errno.EBUSY, os.rmdir, mounted.volume("vol1") / "s1")
+        assert state_of(mounted) == before
+        assert len(os.pread(fd, 4096, 0)) == 4096
+    finally:
+        os.close(fd)
+    run("rmdir", s)  # right after close: the daemon may see RELEASE a moment later
+    assert ls(mounted.snapshots()) == []
+
+
 def test_mv_renames(mounted: Mount) -> None:
     s = snap(mounted, "old")
     sid = mounted.xattr(s, "id")

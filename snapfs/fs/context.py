@@ -7,6 +7,7 @@ import datetime as dt
 import os
 import stat as stat_mod
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import trio
@@ -86,6 +87,8 @@ class FsContext:
     mounted_ns: int = field(default_factory=time.time_ns)
     #: Latest export task started through this mount, by snapshot ID.
     exports: dict[str, str] = field(default_factory=dict)
+    #: Open image.raw files of this mount, by snapshot ID (rmdir waits for none).
+    open_images: Counter[str] = field(default_factory=Counter)
     #: Imports started through this mount, by (zone, project, name).
     imports: dict[tuple[str, str, str], ImportRecord] = field(default_factory=dict)
     #: Read-ahead depth in chunks for sequential readers of image.raw (0 = off).

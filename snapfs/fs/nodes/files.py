@@ -57,6 +57,7 @@ class ImageNode(FileNode):
             raise ReadOnly(f"image.raw of snapshot {self.key.snapshot} is read-only")
         snap = await wait_until_readable(self.ctx, self.key, pid)
         reader = await self.ctx.svc.open_image(snap.zone, snap.id)
+        self.ctx.open_images[snap.id] += 1
         return ImageHandle(self, Prefetcher(reader, self.ctx.nursery, self.ctx.readahead),
                            self.ctx.direct_io)
 
@@ -111,6 +112,10 @@ class ImageHandle(Handle):
         return await self.reader.read(offset, size)
 
     async def release(self) -> None:
+        ctx, sid = self.node.ctx, self.node.key.snapshot
+        ctx.open_images[sid] -= 1
+        if ctx.open_images[sid] <= 0:
+            del ctx.open_images[sid]
         await self.reader.aclose()
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 
-from ...errors import AlreadyExists, NotFound, NotPermitted
+import trio
+
+from ...errors import AlreadyExists, NotFound, NotPermitted, PreconditionFailed
 from ...model import Snapshot
 from ..context import Stat, dir_stat, ns
 from ..keys import Key, Kind, View, may_create_snapshot_in, same_place, snapshot_dir
@@ -14,6 +16,9 @@ from .base import Entry, Node
 from .hierarchy import ProjectNode, section_stat, volume_stat, volume_xattrs
 
 log = logging.getLogger(__name__)
+
+#: Seconds rmdir waits for the RELEASE of an image.raw closed just before.
+RELEASE_GRACE = 1.0
 
 
 def snapshot_stat(s: Snapshot) -> Stat:
@@ -95,6 +100,18 @@ class ViewNode(Node):
 
     async def rmdir(self, name: str) -> None:
         snap = await self.find(name)
+        # close(2) returns before the kernel sends RELEASE: give a reader that
+        # just closed the image a moment to be counted out.
+        with trio.move_on_after(RELEASE_GRACE):
+            while self.ctx.open_images.get(snap.id, 0):
+                await trio.sleep(0.01)
+        readers = self.ctx.open_images.get(snap.id, 0)
+        if readers:
+            # Deleting would pull the bytes from under a reader (a backup in
+            # progress): refuse, like the service does while exporting.
+            raise PreconditionFailed(f"image.raw of snapshot {snap.id} is open "
+                                     f"({readers} open file{'s' if readers > 1 else ''}); "
+                                     "close it first")
         await self.ctx.svc.delete_snapshot(self.key.zone, snap.id)
         self.ctx.catalog.invalidate()
         self.ctx.catalog.forget(snap.id)

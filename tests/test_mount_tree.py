@@ -9,6 +9,7 @@ import os
 import stat
 import subprocess
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -140,3 +141,35 @@ def test_snapshot_json_is_the_api_object(mounted: Mount) -> None:
     assert obj["state"] == "available" and obj["size"] == 16 * MiB
     assert obj["base_volume"]["name"] == "vol1" and obj["zone"] == ZONE
     assert os.stat(s / "snapshot.json").st_size == len(run("cat", s / "snapshot.json").stdout)
+
+
+def test_listing_pages_through_the_service(mount_factory: Callable[..., Mount],
+                                           tmp_path: Path) -> None:
+    """More snapshots than one List page (100): all listed, duplicates labelled."""
+    import trio
+
+    from snapfs.local import open_local_service
+
+    vol = tmp_path / "tiny.raw"
+    vol.write_bytes(os.urandom(64 * 1024))
+    store = tmp_path / "store"
+
+    async def populate() -> list[str]:
+        async with open_local_service(store) as svc:
+            v = await svc.add_volume("tiny", vol)
+            ids = [(await svc.create_snapshot(ZONE, name=f"n{i:03d}" if i < 240 else "same",
+                                              volume_id=v.id)).id for i in range(250)]
+            for sid in ids:
+                while (await svc.get_snapshot(ZONE, sid)).state == "snapshotting":
+                    await trio.sleep(0.01)
+            return ids
+    ids = trio.run(populate)
+    m = mount_factory(store)
+    names = ls(m.snapshots())
+    assert len(names) == 250
+    assert sorted(n for n in names if n.startswith("same~")) == \
+        sorted(f"same~{i[:8]}" for i in ids[240:])
+    assert ls(m.volume("tiny")) == names
+    out = run("ls", "-l", m.snapshots()).stdout
+    assert out.count("\nd") == 250
+    assert m.xattr(m.snapshots() / ids[123], "name") == "n123"

@@ -253,3 +253,32 @@ async def test_corrupt_compressed_cluster_found_mid_import(
         assert "compressed cluster" in (done.error_reason or "")
         assert store_state(svc, exclude=snap.id) == before
     await objects.aclose()
+
+
+async def test_export_of_corrupt_snapshot_fails_and_aborts(
+        s3_server: SeaweedServer, bucket: str, tmp_path: Path,
+        volume_file: Callable[..., Path]) -> None:
+    """A chunk that no longer matches its hash, met after parts went up: the task
+    fails naming the corruption, and the upload is aborted (no object, no parts)."""
+    vol = volume_file("v", 32 * MiB, [(0, random_bytes(32 * MiB, 12))])
+    store = tmp_path / "store"
+    async with open_local_service(store) as svc:
+        snap = await snapshot_of(svc, vol)
+        pack, offset = svc.md.conn.execute(
+            "SELECT c.pack, c.offset FROM chunks c JOIN snapshot_chunks m ON m.chunk = c.id "
+            "WHERE m.idx = 24").fetchone()
+    with open(store / "packs" / f"{pack:08d}.pack", "r+b") as f:
+        f.seek(offset + 99)
+        byte = f.read(1)
+        f.seek(offset + 99)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    objects = s3_server.objects(part_size=5 * MiB)
+    async with open_local_service(store, objects=objects) as svc:
+        task = await svc.export_snapshot(ZONE, snap.id, bucket=bucket, key="bad.qcow2")
+        t = await wait_task(svc, task.id)
+        assert t.status == "failure" and "does not match its hash" in (t.error or "")
+        assert (await svc.get_snapshot(ZONE, snap.id)).state == "available"
+    await objects.aclose()
+    c = s3_server.client()
+    assert c.list_multipart_uploads(Bucket=bucket).get("Uploads") is None
+    assert c.list_objects_v2(Bucket=bucket).get("Contents") is None

@@ -156,8 +156,10 @@ class S3Qcow2Reader(ImageReader):
         finally:
             del self._inflight[offset]
             done.set()
+        if len(data) == end - offset:
+            return data  # all of it goes to the caller (the capture): nothing to keep
         self._remember_window(offset, data)
-        return data if len(data) == end - offset else data[:end - offset]
+        return data[:end - offset]
 
     def _cached(self, offset: int, end: int) -> bytes | None:
         for start, data in self._windows.items():

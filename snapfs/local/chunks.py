@@ -33,6 +33,8 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_SYNC_FILE_RANGE_WRITE = 2
 
 ZERO_CHUNK = bytes(CHUNK_SIZE)
 
@@ -157,6 +159,10 @@ class PackWriter:
         while written < len(view):
             written += os.pwrite(self.fd, view[written:], offset + written)
         self.end = align_up(offset + len(view))
+        # Start writeback now, without waiting: the group's fdatasync then finds
+        # most of it on disk already, and reading overlaps writing. (O_DIRECT writes
+        # were tried: half the CPU, but synchronous, and no faster overall here.)
+        _libc.sync_file_range(self.fd, offset, len(view), _SYNC_FILE_RANGE_WRITE)
         return offset
 
     def sync(self) -> None:

@@ -56,7 +56,7 @@ class S3Settings:
     retry: RetryPolicy = RetryPolicy()
     #: Retries for abort_multipart_upload: longer, so no part is left behind
     #: when the server comes back within this time.
-    abort_retry: RetryPolicy = RetryPolicy(attempts=20, budget=300.0)
+    abort_retry: RetryPolicy = RetryPolicy(attempts=12, budget=60.0)
 
     def replace(self, **changes: Any) -> "S3Settings":
         return dataclasses.replace(self, **changes)

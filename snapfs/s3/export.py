@@ -36,6 +36,14 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 MIN_PART = 5 * MiB  # S3: every part but the last
 READ_BLOCK = 2 * MiB
+#: How long a cancelled export keeps trying to abort its upload.
+CANCELLED_ABORT_TIME = 10.0
+
+
+def _cancelled(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_cancelled(e) for e in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
 
 
 def part_size_for(settings: S3Settings, virtual_size: int) -> int:
@@ -49,7 +57,7 @@ def part_size_for(settings: S3Settings, virtual_size: int) -> int:
 
 class _Buffers:
     """Part buffers, reused: at most ``limit`` exist, allocated on demand, so
-    memory stays bounded and the allocator is not churned by 8 MiB blocks."""
+    memory stays bounded and the allocator is not churned by part-sized blocks."""
 
     def __init__(self, size: int, limit: int) -> None:
         self.size = size
@@ -120,8 +128,11 @@ async def export_qcow2(calls: S3Calls, settings: S3Settings, image: ImageReader,
                 Bucket=bucket, Key=key, UploadId=upload_id,
                 MultipartUpload={"Parts": parts}))
     except BaseException as exc:
+        # Shielded: a cancelled export (the service stopping) still aborts, but
+        # then only briefly, so that shutting down is not held up by a dead server.
         with trio.CancelScope(shield=True):
-            await _abort(calls, settings, bucket, key, upload_id, exc)
+            with trio.move_on_after(CANCELLED_ABORT_TIME if _cancelled(exc) else float("inf")):
+                await _abort(calls, settings, bucket, key, upload_id, exc)
         raise
     head = await calls.call("head_object", bucket, key,
                             lambda: client.head_object(Bucket=bucket, Key=key))

@@ -45,6 +45,7 @@ from fixtures_s3 import ADMIN, SeaweedServer  # noqa: E402
 MiB = 1 << 20
 BUCKET = "snapfs-bench"
 STEP_TIMEOUT = 900.0
+STALL = 15.0  # seconds without qemu-img progress output: a hang
 
 
 class BenchSeaweed(SeaweedServer):
@@ -94,29 +95,53 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
     return time.perf_counter() - t
 
 
-def qemu_convert(src: str, size: int, hang_after: float) -> tuple[float, str, int]:
-    """qemu-img convert with its defaults (8 coroutines); this qemu's curl driver
+def qemu_convert(src: str, size: int) -> tuple[float, str, int]:
+    """qemu-img convert with its defaults (8 coroutines). This qemu's curl driver
     sometimes hangs with several coroutines (the known qemu-img convert hang that
-    osbuild works around with -m 1), so a run that outlives ``hang_after`` is
-    killed and retried, and after three hangs -m 1 is used. (seconds, mode, hangs)"""
+    osbuild works around with -m 1): a run whose progress (-p) stalls for
+    STALL seconds is killed and rerun, and after three hangs -m 1 is used.
+    Returns (seconds, mode, hangs)."""
     hangs = 0
     for coroutines in (None, None, None, 1):
-        cmd = ["qemu-img", "convert", "-n", "-f", "qcow2", src,
+        cmd = ["qemu-img", "convert", "-p", "-n", "-f", "qcow2", src,
                "--target-image-opts", f"driver=null-co,size={size}"]
         if coroutines:
             cmd[2:2] = ["-m", str(coroutines)]
         step(" ".join(cmd)[:120])
         t = time.perf_counter()
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=hang_after)
-        except subprocess.TimeoutExpired:
+        elapsed = _run_watching_progress(cmd)
+        if elapsed is None:
             hangs += 1
-            print(f"    qemu-img hung (> {hang_after:.0f} s), killed", file=sys.stderr)
+            print(f"    qemu-img stalled for {STALL:.0f} s: killed", file=sys.stderr)
             continue
-        if res.returncode:
-            raise SystemExit(f"qemu-img failed: {res.stderr.strip()[-2000:]}")
-        return time.perf_counter() - t, f"-m {coroutines}" if coroutines else "default", hangs
+        return elapsed, f"-m {coroutines}" if coroutines else "default", hangs
     raise SystemExit("qemu-img hung every time, even with -m 1")
+
+
+def _run_watching_progress(cmd: list[str]) -> float | None:
+    """Run ``cmd``; its seconds, or None if its output stalled (then it is killed)."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    os.set_blocking(proc.stdout.fileno(), False)
+    last = time.monotonic()
+    while proc.poll() is None:
+        time.sleep(0.05)
+        try:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+        except BlockingIOError:
+            chunk = b""
+        if chunk:
+            last = time.monotonic()
+        elif time.monotonic() - last > STALL:
+            proc.kill()
+            proc.wait()
+            return None
+    elapsed = time.perf_counter() - t
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if proc.returncode:
+        raise SystemExit(f"qemu-img failed: {err.strip()[-2000:]}")
+    return elapsed
 
 
 def peak_rss(pid: int) -> int:
@@ -190,7 +215,7 @@ def main() -> None:
         hangs = 0
         for _ in range(args.rounds):
             cloud.append(timed(["dd", f"if={image}", "of=/dev/null", "bs=1M", "status=none"]))
-            q, mode, h = qemu_convert(qemu_src, size, hang_after=30 + 10 * cloud[-1])
+            q, mode, h = qemu_convert(qemu_src, size)
             qemu.append(q)
             modes.append(mode)
             hangs += h

@@ -200,3 +200,43 @@ def test_refuses_small_l1(good: Path, tmp_path: Path) -> None:
 def test_refuses_odd_size(good: Path, tmp_path: Path) -> None:
     refuse(patch(good, tmp_path / "s.qcow2", 24, struct.pack(">Q", 1000)),
            "virtual size 1000 is not a positive multiple of 512")
+
+
+@pytest.mark.parametrize("opts", [(), ("-c",), ("-c", "-o", "compression_type=zstd")],
+                         ids=["plain", "deflate", "zstd"])
+def test_damaged_metadata_is_refused_or_read_never_crashes(tmp_path: Path,
+                                                           opts: tuple[str, ...]) -> None:
+    """Random damage to the header and tables: every outcome is either data or
+    InvalidData -- never another exception (IndexError, struct.error, ...)."""
+    import random
+    raw = tmp_path / "small.raw"
+    with open(raw, "wb") as f:
+        f.truncate(3 * MiB)
+        f.write(b"0123456789abcdef" * 20000)
+        f.seek(2 * MiB)
+        f.write(os.urandom(200_000))
+    good = convert(raw, tmp_path / "small.qcow2", *opts).read_bytes()
+    hdr = struct.unpack(">4sIQIIQIIQQIIQ", good[:72])
+    l1_off, rt_off = hdr[8], hdr[9]
+    # Metadata worth hitting: header, L1, refcount table, and the first L2 table.
+    l2_off = struct.unpack(">Q", good[l1_off:l1_off + 8])[0] & ((1 << 56) - 512)
+    regions = [(0, 112), (l1_off, l1_off + 8), (rt_off, rt_off + 16), (l2_off, l2_off + 400)]
+    rng = random.Random(1234)
+    outcomes = {"ok": 0, "refused": 0}
+    for _ in range(150):
+        buf = bytearray(good)
+        for _ in range(rng.randint(1, 4)):
+            lo, hi = rng.choice(regions)
+            pos = rng.randrange(lo, hi)
+            buf[pos] = rng.randrange(256)
+        if rng.random() < 0.2:
+            del buf[rng.randrange(len(buf) // 2, len(buf)):]
+        p = tmp_path / "damaged.qcow2"
+        p.write_bytes(bytes(buf))
+        try:
+            decode(p)
+            outcomes["ok"] += 1
+        except InvalidData as exc:
+            assert str(exc)
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 20, outcomes

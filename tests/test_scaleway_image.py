@@ -129,10 +129,12 @@ async def test_image_refusals(cloud: tuple[ScalewayService, str], scw_env: Serve
     missing_bucket = f"nope-{uuid.uuid4().hex[:8]}"
     async with open_scaleway_service(staging_bucket=missing_bucket,
                                      objects=svc.objects) as wrong:
-        # The export task fails (the API gives no reason): EIO, naming the bucket.
-        with pytest.raises(SnapfsError) as exc2:
+        # A missing staging bucket is named (ENOENT) before any export is started.
+        with pytest.raises(NotFound) as exc2:
             await wrong.open_image("fr-par-1", snap.id)
-        assert missing_bucket in str(exc2.value) and errno_for(exc2.value) == errno.EIO
+        assert exc2.value.resource == "bucket" and exc2.value.ident == missing_bucket
+        assert errno_for(exc2.value) == errno.ENOENT
+        assert wrong._images.exports_started == 0
     # Nothing was left behind: the snapshot is still available, not exporting.
     assert (await svc.get_snapshot("fr-par-1", snap.id)).state == "available"
     with pytest.raises(SnapfsError) as exc3:

@@ -27,23 +27,18 @@ def ls(path: Path) -> list[str]:
 
 @pytest.fixture
 def cloud_mount(served_s3: Served, s3_server: Any, bucket: str, tmp_path: Path,
-                monkeypatch: pytest.MonkeyPatch,
                 mount_factory: Callable[..., Mount]) -> Mount:
-    """A scaleway-backend mount (zones fr-par-1 + nl-ams-1) of the served store."""
-    for name in list(os.environ):
-        if name.startswith(("SCW_", "AWS_")):
-            monkeypatch.delenv(name)
+    """A scaleway-backend mount (zones fr-par-1 + nl-ams-1) of the served store; the
+    daemon's SCW_*/AWS_* settings are exactly these (fixtures_mount drops inherited ones)."""
     env = {"SCW_ACCESS_KEY": ACCESS_KEY, "SCW_SECRET_KEY": SECRET,
            "SCW_API_URL": served_s3.url, "SCW_DEFAULT_ZONE": "fr-par-1",
            "SCW_DEFAULT_ORGANIZATION_ID": served_s3.organization,
            "SCW_CONFIG_PATH": str(tmp_path / "absent.yaml"),
            "AWS_ACCESS_KEY_ID": ADMIN[0], "AWS_SECRET_ACCESS_KEY": ADMIN[1],
            "AWS_DEFAULT_REGION": "us-east-1"}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
     return mount_factory(tmp_path / "mount-state", "--backend", "scaleway",
                          "--zones", "nl-ams-1", "--staging-bucket", bucket,
-                         "--s3-endpoint", s3_server.endpoint)
+                         "--s3-endpoint", s3_server.endpoint, env=env)
 
 
 def test_cloud_tree_end_to_end(cloud_mount: Mount, served_s3: Served, s3_server: Any,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import trio
 
 from ..service import ImageReader
+from ..taskgroups import first_error
 from .chunkindex import ChunkIndex
 from .chunks import CHUNK_SIZE, PackFiles, PackWriter, digest, is_zero
 
@@ -292,7 +293,7 @@ async def capture(source: CaptureSource, snapshot_id: str, snap: int, index: Chu
         except BaseExceptionGroup as group:
             # One stage failed and the other was cancelled because of it: the caller
             # wants that one failure (an InvalidData from an import, an OSError...).
-            raise _root_cause(group) from None
+            raise first_error(group) from None
         ok = True
     finally:
         if cap.writer is not None:
@@ -301,16 +302,3 @@ async def capture(source: CaptureSource, snapshot_id: str, snap: int, index: Chu
             else:  # its tail may hold uncommitted bytes: the next exclusive open cuts them
                 pool.retire(cap.writer)
 
-
-def _root_cause(group: BaseExceptionGroup) -> BaseException:
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for e in exc.exceptions:
-                walk(e)
-        else:
-            leaves.append(exc)
-    walk(group)
-    real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-    return (real or leaves)[0]

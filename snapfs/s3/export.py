@@ -28,6 +28,7 @@ from ..errors import SnapfsError
 from ..objects import ProgressFn
 from ..qcow2.encoder import StreamingEncoder
 from ..service import ImageReader
+from ..taskgroups import first_error
 from .calls import S3Calls
 from .config import S3Settings
 
@@ -142,27 +143,6 @@ async def export_qcow2(calls: S3Calls, settings: S3Settings, image: ImageReader,
     log.info("export to %s/%s done: %d bytes in %d parts", bucket, key, enc.image_size,
              len(etags))
     return enc.image_size
-
-
-def first_error(group: BaseExceptionGroup) -> BaseException:
-    """The domain error that made a task group fail (siblings only add Cancelled),
-    so callers see one SnapfsError, not a group."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                walk(sub)
-        else:
-            leaves.append(e)
-    walk(group)
-    for e in leaves:
-        if isinstance(e, SnapfsError):
-            return e
-    for e in leaves:
-        if not isinstance(e, trio.Cancelled):
-            return e
-    return group
 
 
 async def _read_blocks(image: ImageReader, send: trio.MemorySendChannel[bytes]) -> None:

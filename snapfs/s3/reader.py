@@ -24,9 +24,9 @@ from ..qcow2.decoder import (COMPRESSED, DATA, HEADER_PROBE, Qcow2Map, assemble,
                              parse_header)
 from ..qcow2.format import OFFSET_MASK
 from ..service import ImageReader
+from ..taskgroups import first_error
 from .calls import S3Calls
 from .config import S3Settings
-from .export import first_error
 
 log = logging.getLogger(__name__)
 

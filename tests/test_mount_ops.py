@@ -327,6 +327,8 @@ def test_import_without_object_storage_fails_visibly(mounted: Mount) -> None:
 
 def test_open_waiting_for_a_capture_is_interruptible(mount_factory: Callable[..., Mount],
                                                      tmp_path: Path) -> None:
+    """Ctrl-C on a reader waiting for a capture ends its wait at once (the
+    deterministic version, on an import that cannot finish, is in test_mount_s3)."""
     vol = tmp_path / "slow.raw"
     with open(vol, "wb") as f:
         for _ in range(12):
@@ -339,11 +341,10 @@ def test_open_waiting_for_a_capture_is_interruptible(mount_factory: Callable[...
     reader = subprocess.Popen(["cat", str(s / "image.raw")], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     time.sleep(0.3)
-    state_at_signal = m.xattr(s, "state")
     reader.send_signal(signal.SIGINT)
-    reader.wait(timeout=5)  # Ctrl-C ends the wait at once, not when the capture ends
-    if state_at_signal == "snapshotting":
-        assert m.xattr(s, "state") == "snapshotting"
-        assert "EINTR: process" in m.log() and "was signalled while waiting" in m.log()
+    reader.wait(timeout=5)
+    assert reader.returncode != 0
+    if "was signalled while waiting" in m.log():  # (the capture may have won the race)
+        assert "EINTR: process" in m.log()
     assert m.wait_state(s) == "available"
     run("cmp", s / "image.raw", vol)

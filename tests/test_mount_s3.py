@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -113,3 +115,25 @@ def test_rmdir_while_exporting_or_importing_is_ebusy(mount_factory: Callable[...
     assert m.xattr(s, "state") == "exporting" and m.xattr(incoming, "state") == "importing"
     assert status(s / "export")["state"] in ("pending", "started")
     assert "EBUSY" in m.log()
+
+
+def test_open_of_an_importing_image_waits_and_is_interruptible(
+        mount_factory: Callable[..., Mount], store_with_volume: Path,
+        private_s3_server: SeaweedServer) -> None:
+    server = private_s3_server
+    bucket = server.new_bucket()
+    m = mount_with_s3(mount_factory, store_with_volume, server)
+    server.stop()  # the import retries with backoff: it stays importing
+    (m.project / "imports" / "pending").write_text(f"{bucket}/disk.qcow2\n")
+    s = m.snapshots() / "pending"
+    assert m.xattr(s, "state") == "importing"
+    reader = subprocess.Popen(["cat", str(s / "image.raw")], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    assert reader.poll() is None  # open() is waiting for the import
+    t0 = time.monotonic()
+    reader.send_signal(signal.SIGINT)
+    reader.wait(timeout=5)
+    assert time.monotonic() - t0 < 2 and reader.returncode != 0
+    assert m.xattr(s, "state") == "importing"
+    assert "EINTR: process" in m.log() and "was signalled while waiting" in m.log()

@@ -81,8 +81,8 @@ def check_tags(value: object) -> list[str]:
 
 
 def check_paging(per_page: int | None, page: int | None) -> tuple[int, int]:
-    per_page = DEFAULT_PER_PAGE if per_page in (None, 0) else per_page
-    page = 1 if page in (None, 0) else page
+    per_page = DEFAULT_PER_PAGE if per_page is None else per_page
+    page = 1 if page is None else page
     if not isinstance(per_page, int) or not 1 <= per_page <= MAX_PER_PAGE:
         raise InvalidArgument("per_page", f"must be between 1 and {MAX_PER_PAGE}")
     if not isinstance(page, int) or page < 1:

@@ -52,6 +52,7 @@ def test_projects(store_dir: Path) -> None:
     (["volume", "rm", "nope"], "not found"),
     (["project", "create", "default"], "already exists"),
     (["volume", "add"], "required"),
+    (["volume", "create", "x", "--size", "99999999T"], "cannot make"),
     (["volume", "create", "x", "--size", "1M", "--zone", "mars-1"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_and_changes_nothing(store_dir: Path, args: list[str],
@@ -88,3 +89,17 @@ def test_store_from_option_env_and_default(tmp_path: Path) -> None:
     default = home / ".local" / "share" / "snapfs"
     assert (default / "metadata.db").exists()
     assert default.stat().st_mode & 0o777 == 0o700
+
+
+def test_refused_volume_create_leaves_no_file(store_dir: Path) -> None:
+    res = snapfs_cli("volume", "create", "x", "--size", "99999999T", store=store_dir)
+    assert res.returncode == 1
+    assert list((store_dir / "volumes").glob("*")) == []
+
+
+def test_a_store_that_is_not_a_database_is_one_line(store_dir: Path) -> None:
+    store_dir.mkdir()
+    (store_dir / "metadata.db").write_bytes(b"this is not sqlite" * 1000)
+    res = snapfs_cli("volume", "list", store=store_dir)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.count("\n") == 1 and "not a usable snapfs store" in res.stderr

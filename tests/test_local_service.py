@@ -334,3 +334,22 @@ async def test_delete_refused_while_the_image_is_open(service: LocalService,
     await service.delete_snapshot(ZONE, snap.id)
     with pytest.raises(NotFound):
         await service.get_snapshot(ZONE, snap.id)
+
+
+async def test_no_reader_or_export_starts_while_a_delete_waits(
+        service: LocalService, volume_file: Callable[..., Path]) -> None:
+    snap = await snapshot_of(service, volume_file("v", 2 * MiB, [(0, random_bytes(MiB, 23))]))
+    before = await state_of_store(service)
+    async with trio.open_nursery() as nursery:
+        await service.index_lock.acquire()  # as a capture's write group would
+        nursery.start_soon(service.delete_snapshot, ZONE, snap.id)
+        await trio.sleep(0.05)
+        for attempt in (service.open_image(ZONE, snap.id),
+                        service.export_snapshot(ZONE, snap.id, bucket="b", key="k"),
+                        service.delete_snapshot(ZONE, snap.id)):
+            with pytest.raises(PreconditionFailed, match="being deleted"):
+                await attempt
+        assert await state_of_store(service) == before
+        service.index_lock.release()
+    with pytest.raises(NotFound):
+        await service.get_snapshot(ZONE, snap.id)

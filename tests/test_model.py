@@ -90,7 +90,7 @@ def test_validators() -> None:
             check_tags(bad_tags)
     assert check_paging(None, None) == (50, 1)
     assert check_paging(100, 3) == (100, 3)
-    for pp, pg in ((101, 1), (-1, 1), (10, -2)):
+    for pp, pg in ((101, 1), (-1, 1), (10, -2), (0, 1), (10, 0)):
         with pytest.raises(InvalidArgument):
             check_paging(pp, pg)
     with pytest.raises(InvalidArgument):

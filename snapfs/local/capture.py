@@ -26,7 +26,9 @@ from .chunks import CHUNK_SIZE, PackFiles, PackWriter, digest, is_zero
 BATCH_CHUNKS = 16
 #: Fresh bytes (and map entries) per fdatasync + commit.
 GROUP_BYTES = 128 << 20
-GROUP_REFS = 2048
+#: Map entries per commit when little is new: bounds how long a delete waits for
+#: the index lock behind a capture (256 MiB of reading).
+GROUP_REFS = 256
 READ_THREADS = 2
 
 
@@ -66,9 +68,12 @@ def _hash_chunks(first: int, blocks: list[bytes | None]) -> list[Hashed]:
 class FileSource(CaptureSource):
     """A raw image file or block device, read with pread (holes skipped)."""
 
-    def __init__(self, path: str, limiter: trio.CapacityLimiter) -> None:
+    def __init__(self, path: str, limiter: trio.CapacityLimiter, size: int | None = None
+                 ) -> None:
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        # The size the snapshot was created with: a volume growing meanwhile must
+        # not map chunks past the snapshot's size.
+        self.size = size if size is not None else os.lseek(self.fd, 0, os.SEEK_END)
         self.limiter = limiter
         self._seek_data = True
         self._pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="capture")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
+from ..errors import CorruptData
 from .metadata import Metadata
 
 
@@ -58,6 +59,11 @@ class ChunkIndex:
                                   (pack_end, pack))
             if refs:
                 ids = self.known(list({h for _, h in refs}))
+                if len(ids) != len({h for _, h in refs}):
+                    # Only another process on the same store can do this (deletes here
+                    # wait for the index lock): fail this capture, not the store.
+                    raise CorruptData("a chunk this capture reuses was deleted meanwhile by "
+                                      "another process on the same store; take it again")
                 self.conn.executemany(
                     "INSERT OR REPLACE INTO snapshot_chunks (snap, idx, chunk) VALUES (?, ?, ?)",
                     [(snap, idx, ids[h]) for idx, h in refs])

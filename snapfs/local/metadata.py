@@ -13,7 +13,7 @@ from typing import Any, ContextManager, Iterable
 
 import sqlite_utils
 
-from ..errors import InvalidArgument, NotFound
+from ..errors import CorruptData, InvalidArgument, NotFound, SnapfsError
 from ..model import BaseVolume, Page, Project, Snapshot, Task, Volume, new_id, now
 from .schema import migrate
 
@@ -57,12 +57,19 @@ class Metadata:
     def __init__(self, path: Path) -> None:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode = WAL")
-        # FULL: a commit is durable on return, so a reference never outlives a crash
-        # while the data it points at was fsynced before it.
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA foreign_keys = ON")
-        migrate(conn)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            # FULL: a commit is durable on return, so a reference never outlives a
+            # crash while the data it points at was fsynced before it.
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            migrate(conn)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise CorruptData(f"{path} is not a usable snapfs store database: {exc}") from None
+        except SnapfsError:
+            conn.close()
+            raise
         self.conn = conn
         self.db = sqlite_utils.Database(conn)
         self.organization = self._ensure_defaults()

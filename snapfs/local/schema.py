@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import sqlite3
 
+from ..errors import SnapfsError
+
 MIGRATIONS: list[str] = [
     # --- version 1 -----------------------------------------------------------------
     """
@@ -147,8 +149,8 @@ def migrate(conn: sqlite3.Connection) -> None:
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         version = int(row[0]) if row else 0
     if version > SCHEMA_VERSION:
-        raise RuntimeError(f"store schema version {version} is newer than this snapfs "
-                           f"({SCHEMA_VERSION}); upgrade snapfs")
+        raise SnapfsError(f"store schema version {version} is newer than this snapfs "
+                          f"({SCHEMA_VERSION}); upgrade snapfs")
     for i in range(version, SCHEMA_VERSION):
         conn.executescript("BEGIN;" + MIGRATIONS[i] + ";" +
                                "INSERT OR REPLACE INTO meta (key, value) VALUES "

@@ -51,6 +51,9 @@ class LocalService(SnapshotService):
         self._nursery: trio.Nursery | None = None
         self._jobs: dict[str, trio.CancelScope] = {}
         self._readers: dict[str, int] = {}  # open image readers by snapshot id
+        #: Snapshots whose delete has begun: no new reader or export may start on them
+        #: while the delete waits for the index lock.
+        self._deleting: set[str] = set()
 
     @property
     def organization(self) -> str:
@@ -94,13 +97,17 @@ class LocalService(SnapshotService):
         vdir.mkdir(mode=0o700, exist_ok=True)
         path = vdir / f"{vid}.raw"
         self._check_new_volume(name, zone, project, volume_type)
-        with open(path, "xb") as f:
-            f.truncate(size)
         try:
+            with open(path, "xb") as f:
+                f.truncate(size)
             return self._add_volume(name, str(path), size, zone, project, volume_type,
                                     managed=True, vid=vid)
+        except (OverflowError, OSError) as exc:
+            path.unlink(missing_ok=True)
+            reason = exc.strerror if isinstance(exc, OSError) else "too large"
+            raise InvalidArgument("size", f"cannot make a {size}-byte file: {reason}") from None
         except BaseException:
-            path.unlink()
+            path.unlink(missing_ok=True)
             raise
 
     def _check_new_volume(self, name: str, zone: str, project: str | None,
@@ -177,7 +184,7 @@ class LocalService(SnapshotService):
                         progress=0)
         key_ = self.md.insert_snapshot(snap, None)
         log.info("snapshot %s (%s): capturing volume %s", snap.id, name, vol.name)
-        self._start(snap.id, self._run_capture, snap.id, key_, str(vol.path))
+        self._start(snap.id, self._run_capture, snap.id, key_, str(vol.path), size)
         return snap
 
     def _owner(self, project: str | None, organization: str | None,
@@ -235,15 +242,21 @@ class LocalService(SnapshotService):
                                      "it can be deleted once that ends")
         if self._readers.get(snapshot_id):
             raise PreconditionFailed(f"snapshot {snap.name!r} is open for reading")
-        scope = self._jobs.get(snapshot_id)
-        if scope is not None:  # a capture in flight: stop it, it cleans up after itself
-            scope.cancel()
-            while snapshot_id in self._jobs:
-                await trio.sleep(0.01)
-        key = self.md.snap_key(snapshot_id)
-        async with self.index_lock:
-            self.index.release(key)
-            self.md.delete_snapshot_row(snapshot_id)
+        if snapshot_id in self._deleting:
+            raise PreconditionFailed(f"snapshot {snap.name!r} is already being deleted")
+        self._deleting.add(snapshot_id)
+        try:
+            scope = self._jobs.get(snapshot_id)
+            if scope is not None:  # a capture in flight: stop it, it cleans up after itself
+                scope.cancel()
+                while snapshot_id in self._jobs:
+                    await trio.sleep(0.01)
+            key = self.md.snap_key(snapshot_id)
+            async with self.index_lock:
+                self.index.release(key)
+                self.md.delete_snapshot_row(snapshot_id)
+        finally:
+            self._deleting.discard(snapshot_id)
         log.info("snapshot %s (%s) deleted", snapshot_id, snap.name)
         await self._reclaim()
 
@@ -270,6 +283,8 @@ class LocalService(SnapshotService):
             raise InvalidArgument("key", "must be a non-empty string")
         if snap.state != "available":
             raise PreconditionFailed(f"snapshot {snap.name!r} is {snap.state}, not available")
+        if snapshot_id in self._deleting:
+            raise PreconditionFailed(f"snapshot {snap.name!r} is being deleted")
         task = Task(id=new_id(), description="export_snapshot", progress=0, status="pending",
                     zone=zone, started_at=now(), bucket=bucket, key=key)
         with self.md.transaction():
@@ -292,6 +307,8 @@ class LocalService(SnapshotService):
                                    f"{snap.error_reason or 'no data'}")
         if snap.state in ("snapshotting", "importing"):
             raise PreconditionFailed(f"snapshot {snap.name!r} is still {snap.state}")
+        if snapshot_id in self._deleting:
+            raise PreconditionFailed(f"snapshot {snap.name!r} is being deleted")
         return self._reader(snapshot_id, snap.size)
 
     def _reader(self, snapshot_id: str, size: int) -> LocalImageReader:
@@ -344,6 +361,9 @@ class LocalService(SnapshotService):
             reason = str(exc)
         except OSError as exc:
             reason = f"reading the source failed: {exc.strerror or exc}"
+        except Exception as exc:  # a bug or an unexpected failure: say what it was
+            log.exception("capture of %s failed", snapshot_id)
+            reason = f"internal error: {exc!r}"
         finally:
             if self.md.snapshot(None, snapshot_id).state in ("snapshotting", "importing"):
                 with trio.CancelScope(shield=True):
@@ -354,9 +374,9 @@ class LocalService(SnapshotService):
                                             error_reason=reason)
                     await self._reclaim()
 
-    async def _run_capture(self, snapshot_id: str, key: int, path: str) -> None:
+    async def _run_capture(self, snapshot_id: str, key: int, path: str, size: int) -> None:
         async def source() -> FileSource:
-            return await trio.to_thread.run_sync(FileSource, path, self.hash_limiter)
+            return await trio.to_thread.run_sync(FileSource, path, self.hash_limiter, size)
         await self._capture_into(snapshot_id, key, source)
 
     async def _run_import(self, snapshot_id: str, key: int, bucket: str, obj: str,
@@ -392,6 +412,9 @@ class LocalService(SnapshotService):
             status, error = "success", None
         except SnapfsError as exc:
             error = str(exc)
+        except Exception as exc:  # a bug or an unexpected failure: say what it was
+            log.exception("export of %s failed", snapshot_id)
+            error = f"internal error: {exc!r}"
         finally:
             with trio.CancelScope(shield=True):
                 fields = dict(status=status, error=error, terminated_at=now())

@@ -320,6 +320,8 @@ def test_import_without_object_storage_fails_visibly(mounted: Mount) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert status["state"] == "failure" and "Object Storage" in status["error"]
+    wait = snapfs("wait", imports / "restored", check=False)
+    assert wait.returncode == 1 and "failure: Object Storage" in wait.stderr
     s = mounted.snapshots() / "restored"
     assert mounted.xattr(s, "state") == "error"
     refused(errno.EIO, os.open, s / "image.raw", os.O_RDONLY)

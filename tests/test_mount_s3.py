@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import pytest
 
-from fixtures_mount import Mount, run
+from fixtures_mount import Mount, run, snapfs
 from fixtures_s3 import ADMIN, SeaweedServer
 
 pytestmark = [pytest.mark.mount, pytest.mark.s3]
@@ -66,9 +66,10 @@ def test_export_then_import_round_trip(mount_factory: Callable[..., Mount],
     info = json.loads(run("qemu-img", "info", "--output=json", local).stdout)
     assert info["format"] == "qcow2" and info["virtual-size"] == image.stat().st_size
     run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", local, image)
-    # Import it back as a new snapshot.
+    # Import it back as a new snapshot; snapfs wait follows the import file.
     imp = m.project / "imports" / "restored"
     imp.write_text(f"{bucket}/exports/s1.qcow2\n")
+    assert snapfs("wait", imp).stdout == "success\n"
     st = wait_done(imp)
     assert st["state"] == "success", st
     assert "restored" in os.listdir(m.project / "imports")

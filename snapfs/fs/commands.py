@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from ..cli import add_store_option, store_path
 from ..errors import InvalidArgument, SnapfsError
@@ -53,8 +55,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
     p = sub.add_parser("wait", help="wait for a snapshot to be ready",
                        description="Wait until the snapshot at PATH (its directory or a file "
-                       "in it) leaves snapshotting/importing/exporting. Exits 1 if it ends "
-                       "in error or invalid_data.")
+                       "in it) leaves snapshotting/importing/exporting, or until the import "
+                       "imports/<name> ends. Exits 1 if it ends in error, invalid_data or "
+                       "failure.")
     p.add_argument("path", type=Path, metavar="PATH")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
     p.set_defaults(func=_wait)
@@ -136,39 +139,68 @@ def _umount(args: argparse.Namespace) -> int:
     return 0
 
 
-def _snapshot_dir(path: Path) -> Path:
-    if path.is_dir():
-        return path
-    return path.parent
+#: state, progress (0-100), reason (for a failure) of what `snapfs wait` watches.
+Status = tuple[str, int, str]
+
+
+def _snapshot_probe(target: Path) -> Callable[[], Status]:
+    def probe() -> Status:
+        state = os.getxattr(target, "user.state").decode()
+        try:
+            progress = int(os.getxattr(target, "user.progress"))
+        except (OSError, ValueError):
+            progress = 0
+        reason = os.getxattr(target, "user.error_reason").decode() if state in FAILED else ""
+        return state, progress, reason
+    return probe
+
+
+def _import_probe(path: Path) -> Callable[[], Status]:
+    """imports/<name>: the import's status JSON (pending/started/success/failure)."""
+    def probe() -> Status:
+        st = json.loads(path.read_text())
+        return str(st["state"]), int(st.get("progress") or 0), str(st.get("error") or "")
+    return probe
+
+
+def _probe_for(path: Path) -> tuple[Callable[[], Status], frozenset[str], frozenset[str]]:
+    """What to poll for PATH: a snapshot directory (or a file in it) by its
+    user.state, or an imports/<name> file by its status."""
+    target = path if path.is_dir() else path.parent
+    try:
+        os.getxattr(target, "user.state")
+        return _snapshot_probe(target), frozenset(BUSY), frozenset(FAILED)
+    except OSError as exc:
+        error = exc.strerror
+    if path.parent.name == "imports" and path.is_file():
+        try:
+            _import_probe(path)()
+            return _import_probe(path), frozenset({"pending", "started"}), \
+                frozenset({"failure"})
+        except (OSError, ValueError, KeyError) as exc:
+            error = str(exc)
+    raise InvalidArgument("path", f"{path} is not a snapshot (or an import) in a snapfs "
+                          f"mount ({error})")
 
 
 def _wait(args: argparse.Namespace) -> int:
-    target = _snapshot_dir(args.path)
-    try:
-        state = os.getxattr(target, "user.state").decode()
-    except OSError as exc:
-        raise InvalidArgument("path", f"{args.path} is not a snapshot in a snapfs mount "
-                              f"({exc.strerror})") from None
+    probe, busy, failed = _probe_for(args.path)
+    state, progress, reason = probe()
     bar = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
-    while state in BUSY:
+    while state in busy:
         if bar is not None:
-            try:
-                progress = int(os.getxattr(target, "user.progress"))
-            except (OSError, ValueError):
-                progress = 0
             bar.show(state, progress)
         if deadline is not None and time.monotonic() > deadline:
             if bar is not None:
                 bar.done()
             raise SnapfsError(f"{args.path}: still {state} after {args.timeout:g}s")
         time.sleep(0.2)
-        state = os.getxattr(target, "user.state").decode()
+        state, progress, reason = probe()
     if bar is not None:
         bar.show(state, 100)
         bar.done()
-    if state in FAILED:
-        reason = os.getxattr(target, "user.error_reason").decode()
+    if state in failed:
         raise SnapfsError(f"{args.path}: {state}{': ' + reason if reason else ''}")
     print(state)
     return 0

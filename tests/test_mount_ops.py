@@ -211,6 +211,43 @@ def test_read_only_xattrs_are_eperm(mounted: Mount) -> None:
     assert "user.id of snapshot" in mounted.log()
 
 
+def test_files_cannot_be_made_removed_or_rechmodded(mounted: Mount) -> None:
+    s = snap(mounted)
+    before = state_of(mounted)
+    for where in (s, mounted.snapshots(), mounted.project, mounted.volume("vol1")):
+        refused(errno.EPERM, os.open, where / "new-file", os.O_WRONLY | os.O_CREAT, 0o644)
+    refused(errno.EPERM, os.unlink, s / "image.raw")
+    refused(errno.EPERM, os.unlink, s / "snapshot.json")
+    refused(errno.EPERM, os.chmod, s / "image.raw", 0o666)
+    refused(errno.EPERM, os.chmod, s, 0o700)
+    refused(errno.EPERM, os.rmdir, mounted.volume("vol1"))
+    refused(errno.EPERM, os.rmdir, mounted.project / "tags")
+    res = run("rm", "-f", s / "export", check=False)
+    assert res.returncode != 0 and "Operation not permitted" in res.stderr
+    assert state_of(mounted) == before
+
+
+def test_an_import_is_started_once(mounted: Mount) -> None:
+    imp = mounted.project / "imports" / "once"
+    imp.write_text("bucket/a.qcow2\n")
+    first = json.loads(imp.read_text())
+    before = state_of(mounted)
+    fd = os.open(imp, os.O_WRONLY | os.O_TRUNC)
+    try:
+        refused(errno.EEXIST, os.write, fd, b"bucket/b.qcow2\n")
+    finally:
+        os.close(fd)
+    refused(errno.EEXIST, os.open, imp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    after = state_of(mounted)
+    for snap_state in (before, after):  # the snapshot may finish failing meanwhile
+        snap_state.pop("once", None)
+    assert after == before
+    assert json.loads(imp.read_text())["key"] == first["key"] == "a.qcow2"
+    os.unlink(imp)  # forgets the record; the snapshot stays
+    assert "once" not in ls(mounted.project / "imports")
+    assert "once" in ls(mounted.snapshots())
+
+
 def test_bad_tags_and_names_are_einval(mounted: Mount) -> None:
     s = snap(mounted)
     before = state_of(mounted)

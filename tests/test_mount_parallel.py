@@ -20,8 +20,9 @@ READERS = 8
 SIZE = 24 * MiB
 
 
+@pytest.mark.parametrize("mode", [[], ["--direct-io"]], ids=["page-cache", "direct-io"])
 def test_parallel_readers_with_changes_going_on(mount_factory: Callable[..., Mount],
-                                                tmp_path: Path) -> None:
+                                                tmp_path: Path, mode: list[str]) -> None:
     store = tmp_path / "store"
     digests = {}
     for i in range(READERS):
@@ -31,7 +32,7 @@ def test_parallel_readers_with_changes_going_on(mount_factory: Callable[..., Mou
         vol.write_bytes(data)
         digests[i] = hashlib.sha256(data).hexdigest()
         snapfs("volume", "add", f"v{i}", vol, "--store", store)
-    m = mount_factory(store)
+    m = mount_factory(store, *mode)  # direct-io: the daemon's read-ahead serves them
     for i in range(READERS):
         run("mkdir", m.volume(f"v{i}") / f"s{i}")
     for i in range(READERS):

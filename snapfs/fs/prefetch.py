@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 
-import outcome
 import trio
 
 from ..errors import Interrupted
@@ -26,7 +25,8 @@ log = logging.getLogger(__name__)
 class _Slot:
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.result: outcome.Outcome[bytes] | None = None
+        self.data: bytes | None = None
+        self.error: Exception | None = None
 
 
 class Prefetcher:
@@ -55,8 +55,10 @@ class Prefetcher:
         if slot is not None:
             self.stats["ready" if slot.done.is_set() else "waited"] += 1
             await slot.done.wait()
-            assert slot.result is not None
-            return slot.result.unwrap()
+            if slot.error is not None:
+                raise slot.error
+            assert slot.data is not None
+            return slot.data
         self.stats["direct"] += 1
         return await self.reader.read(offset, size)
 
@@ -78,12 +80,12 @@ class Prefetcher:
         try:
             if self._closed:
                 raise Interrupted("file closed")
-            slot.result = outcome.Value(await self.reader.read(offset, size))
+            slot.data = await self.reader.read(offset, size)
         except Exception as exc:  # handed to the reader that asks for these bytes
-            slot.result = outcome.Error(exc)
+            slot.error = exc
         finally:
-            if slot.result is None:  # cancelled (unmount): never hand out short data
-                slot.result = outcome.Error(Interrupted("read-ahead cancelled"))
+            if slot.data is None and slot.error is None:  # cancelled (unmount)
+                slot.error = Interrupted("read-ahead cancelled")
             slot.done.set()
 
     async def aclose(self) -> None:

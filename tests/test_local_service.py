@@ -228,13 +228,14 @@ class GatedStorage(ObjectStorage):
         self.started = trio.Event()
 
     async def export_qcow2(self, image: ImageReader, bucket: str, key: str,
-                           progress: ProgressFn) -> int:
+                           progress: ProgressFn, *, zone: str | None = None) -> int:
         self.started.set()
         progress(1, 2)
         await self.release.wait()
         raise NotFound("bucket", bucket)
 
-    async def open_qcow2(self, bucket: str, key: str) -> ImageReader:
+    async def open_qcow2(self, bucket: str, key: str, *, zone: str | None = None
+                         ) -> ImageReader:
         self.started.set()
         await self.release.wait()
         raise NotFound("bucket", bucket)
@@ -247,7 +248,8 @@ async def test_delete_refused_while_exporting_or_importing(
         snap = await snapshot_of(svc, volume_file("v", MiB, [(0, b"x")]))
         task = await svc.export_snapshot(ZONE, snap.id, bucket="bkt", key="k.qcow2")
         assert task.status == "pending" and task.description == "export_snapshot"
-        await gate.started.wait()
+        with trio.fail_after(10):
+            await gate.started.wait()
         assert (await svc.get_snapshot(ZONE, snap.id)).state == "exporting"
         imp = await svc.create_snapshot(ZONE, name="imp", bucket="bkt", key="k")
         before = await state_of_store(svc)

@@ -133,3 +133,24 @@ def test_store_directory_is_private(tmp_path: Path) -> None:
     res = snapfs_cli("project", "list", store=store)
     assert res.returncode == 0
     assert (os.stat(store).st_mode & 0o777) == 0o700
+
+
+async def test_chunks_without_a_fast_check_are_verified_by_their_digest(
+        store_dir: Path, volume_file: Callable[..., Path]) -> None:
+    """Chunks stored before schema v2 have no xxh3 check: reads fall back to blake3."""
+    path = volume_file("v", 2 * MiB, [(0, random_bytes(2 * MiB, seed=14))])
+    async with open_local_service(store_dir) as svc:
+        vol = await svc.add_volume("v", path)
+        snap = await wait_state(svc, (await svc.create_snapshot(
+            ZONE, name="s", volume_id=vol.id)).id)
+        assert svc.md.conn.execute("SELECT count(*) FROM chunks WHERE xxh IS NULL"
+                                   ).fetchone()[0] == 0
+        svc.md.conn.execute("UPDATE chunks SET xxh = NULL")
+        assert await read_all(svc, snap.id) == path.read_bytes()
+        pack, offset = svc.md.conn.execute("SELECT pack, offset FROM chunks LIMIT 1").fetchone()
+    with open(store_dir / "packs" / f"{pack:08d}.pack", "r+b") as f:
+        f.seek(offset + 7)
+        f.write(b"\xff\x00")
+    async with open_local_service(store_dir) as svc:
+        with pytest.raises(CorruptData):
+            await read_all(svc, snap.id)

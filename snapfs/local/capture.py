@@ -21,7 +21,7 @@ import trio
 from ..service import ImageReader
 from ..taskgroups import first_error
 from .chunkindex import ChunkIndex
-from .chunks import CHUNK_SIZE, PackFiles, PackWriter, digest, is_zero
+from .chunks import CHUNK_SIZE, PackFiles, PackWriter, check, digest, is_zero
 
 BATCH_CHUNKS = 16
 #: Fresh bytes (and map entries) per fdatasync + commit.
@@ -189,7 +189,7 @@ class _Group:
     """Chunks appended since the last commit (not yet synced) and map entries."""
 
     def __init__(self) -> None:
-        self.new: list[tuple[bytes, int, int]] = []
+        self.new: list[tuple[bytes, int, int, bytes]] = []
         self.refs: list[tuple[int, bytes]] = []
         self.fresh: set[bytes] = set()
         self.bytes = 0
@@ -240,8 +240,8 @@ class _Capture:
                 self.writer = self.pool.take()
             w = self.writer
 
-            def write_all() -> list[tuple[bytes, int, int]]:
-                return [(hh, w.append(d), len(d)) for hh, d in fresh.items()]
+            def write_all() -> list[tuple[bytes, int, int, bytes]]:
+                return [(hh, w.append(d), len(d), check(d)) for hh, d in fresh.items()]
             g.new += await trio.to_thread.run_sync(write_all, limiter=self.io)
             g.fresh.update(fresh)
             g.bytes += sum(len(d) for d in fresh.values())

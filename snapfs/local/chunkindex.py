@@ -21,6 +21,7 @@ class Location:
     offset: int
     length: int
     hash: bytes
+    xxh: bytes | None
 
 
 class ChunkIndex:
@@ -43,17 +44,17 @@ class ChunkIndex:
         return int(self.conn.execute("INSERT INTO packs (committed) VALUES (0)").lastrowid or 0)
 
     def commit_batch(self, snap: int, pack: int | None, pack_end: int,
-                     new: list[tuple[bytes, int, int]], refs: list[tuple[int, bytes]],
+                     new: list[tuple[bytes, int, int, bytes]], refs: list[tuple[int, bytes]],
                      progress: tuple[str, int] | None) -> None:
-        """One atomic step of a capture: new chunks (hash, offset, length) already
+        """One atomic step of a capture: new chunks (hash, offset, length, xxh) already
         fsynced in ``pack`` up to ``pack_end``, and the snapshot's map entries
         (idx, hash). The caller guarantees (by holding the index lock since
         ``known``) that every hash in refs is either stored or in ``new``."""
         with self.md.transaction():
             if new:
                 self.conn.executemany(
-                    "INSERT INTO chunks (hash, pack, offset, length) VALUES (?, ?, ?, ?)",
-                    [(h, pack, off, ln) for h, off, ln in new])
+                    "INSERT INTO chunks (hash, pack, offset, length, xxh) VALUES (?, ?, ?, ?, ?)",
+                    [(h, pack, off, ln, x) for h, off, ln, x in new])
             if pack is not None:
                 self.conn.execute("UPDATE packs SET committed = max(committed, ?) WHERE id = ?",
                                   (pack_end, pack))
@@ -74,10 +75,11 @@ class ChunkIndex:
     def locate(self, snap: int, first: int, last: int) -> dict[int, Location]:
         """Map entries for chunk indices first..last (inclusive); absent = hole."""
         rows = self.conn.execute(
-            "SELECT m.idx, c.pack, c.offset, c.length, c.hash FROM snapshot_chunks m "
+            "SELECT m.idx, c.pack, c.offset, c.length, c.hash, c.xxh FROM snapshot_chunks m "
             "JOIN chunks c ON c.id = m.chunk WHERE m.snap = ? AND m.idx BETWEEN ? AND ?",
             (snap, first, last))
-        return {r[0]: Location(r[1], r[2], r[3], bytes(r[4])) for r in rows}
+        return {r[0]: Location(r[1], r[2], r[3], bytes(r[4]), r[5] and bytes(r[5]))
+                for r in rows}
 
     def release(self, snap: int) -> None:
         """Drop a snapshot's map; chunks nobody else references are deleted and their

@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 
 import blake3
+import xxhash
 
 from ..errors import CorruptData
 
@@ -40,7 +41,13 @@ ZERO_CHUNK = bytes(CHUNK_SIZE)
 
 
 def digest(data: bytes | memoryview) -> bytes:
+    """The content address (dedup identity): collision-resistant."""
     return blake3.blake3(data).digest()
+
+
+def check(data: bytes | memoryview) -> bytes:
+    """The read-path integrity check: catches corruption at memory speed."""
+    return xxhash.xxh3_128_digest(data)
 
 
 def is_zero(data: bytes | memoryview) -> bool:
@@ -84,13 +91,17 @@ class PackFiles:
                 self._fds[pack] = fd
             return fd
 
-    def read(self, pack: int, offset: int, length: int, expected: bytes) -> bytes:
-        """The chunk's bytes, verified against its digest."""
+    def read(self, pack: int, offset: int, length: int, expected: bytes,
+             xxh: bytes | None = None) -> bytes:
+        """The chunk's bytes, verified against its xxh3 check when it has one
+        (every read), else against its blake3 digest (fsck passes xxh=None)."""
         try:
             data = os.pread(self._fd(pack), length, offset)
         except FileNotFoundError:
             raise CorruptData(f"pack {pack} is missing (chunk at {offset})") from None
-        if len(data) != length or digest(data) != expected:
+        ok = len(data) == length and (check(data) == xxh if xxh is not None
+                                      else digest(data) == expected)
+        if not ok:
             raise CorruptData(f"chunk {expected.hex()[:16]} in pack {pack} at offset "
                               f"{offset} does not match its hash")
         return data

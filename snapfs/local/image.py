@@ -28,33 +28,39 @@ class LocalImageReader(ImageReader):
         self.limiter = limiter
         self._cache: OrderedDict[int, bytes] = OrderedDict()
 
-    async def _chunk(self, idx: int, loc: Location | None) -> bytes:
-        data = self._cache.get(idx)
-        if data is not None:
-            self._cache.move_to_end(idx)
-            return data
-        if loc is None:
-            length = min(CHUNK_SIZE, self.size - idx * CHUNK_SIZE)
-            return bytes(length)
-        data = await trio.to_thread.run_sync(
-            self.packs.read, loc.pack, loc.offset, loc.length, loc.hash, limiter=self.limiter)
-        self._cache[idx] = data
-        while len(self._cache) > CACHED_CHUNKS:
-            self._cache.popitem(last=False)
-        return data
-
     async def read(self, offset: int, length: int) -> bytes:
         if offset >= self.size or length <= 0:
             return b""
         end = min(offset + length, self.size)
         first, last = offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE
-        locs = self.index.locate(self.snap, first, last)
+        wanted = [i for i in range(first, last + 1) if i not in self._cache]
+        fetched: dict[int, bytes] = {}
+        if wanted:
+            locs = self.index.locate(self.snap, wanted[0], wanted[-1])
+            stored = [(i, locs[i]) for i in wanted if i in locs]
+            if stored:  # one thread hand-off for all of this request's chunks
+                fetched = await trio.to_thread.run_sync(self._fetch, stored,
+                                                        limiter=self.limiter)
         parts = []
         for idx in range(first, last + 1):
-            data = await self._chunk(idx, locs.get(idx))
+            data = self._cache.get(idx) or fetched.get(idx)
+            if data is None:  # a hole
+                data = bytes(min(CHUNK_SIZE, self.size - idx * CHUNK_SIZE))
+            else:
+                self._remember(idx, data)
             base = idx * CHUNK_SIZE
             parts.append(data[max(offset, base) - base:min(end, base + CHUNK_SIZE) - base])
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _fetch(self, stored: list[tuple[int, Location]]) -> dict[int, bytes]:
+        return {i: self.packs.read(loc.pack, loc.offset, loc.length, loc.hash, loc.xxh)
+                for i, loc in stored}
+
+    def _remember(self, idx: int, data: bytes) -> None:
+        self._cache[idx] = data
+        self._cache.move_to_end(idx)
+        while len(self._cache) > CACHED_CHUNKS:
+            self._cache.popitem(last=False)
 
     async def aclose(self) -> None:
         self._cache.clear()

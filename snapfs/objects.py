@@ -19,17 +19,28 @@ ProgressFn = Callable[[int, int], None]
 class ObjectStorage(abc.ABC):
     @abc.abstractmethod
     async def export_qcow2(self, image: ImageReader, bucket: str, key: str,
-                           progress: ProgressFn) -> int:
+                           progress: ProgressFn, *, zone: str | None = None) -> int:
         """Upload ``image`` as a QCOW2 v3 object at bucket/key, streamed; returns the
         object's size. On failure the multipart upload is aborted and a SnapfsError
         naming the cause is raised (NotFound for a missing bucket, PermissionDenied,
-        Transient once retries are exhausted)."""
+        Transient once retries are exhausted). ``zone`` is the snapshot's zone: an
+        implementation without a configured endpoint may use it to pick the
+        Object Storage of that zone's region."""
 
     @abc.abstractmethod
-    async def open_qcow2(self, bucket: str, key: str) -> ImageReader:
+    async def open_qcow2(self, bucket: str, key: str, *, zone: str | None = None
+                         ) -> ImageReader:
         """A reader of the guest data of the QCOW2 object at bucket/key; raises
         InvalidData (with the exact reason) for anything that is not a valid,
-        supported QCOW2 image, NotFound for a missing bucket or key."""
+        supported QCOW2 image, NotFound for a missing bucket or key. ``zone`` as
+        for export_qcow2."""
+
+    async def abort_uploads(self, bucket: str, key: str, zone: str | None = None) -> int:
+        """Abort every unfinished multipart upload to exactly bucket/key (what a
+        killed export left behind); returns how many were aborted. Raises a
+        SnapfsError when the storage cannot be asked. Storage without multipart
+        uploads has nothing to abort."""
+        return 0
 
     async def aclose(self) -> None:
         ...

@@ -52,6 +52,37 @@ def test_scaleway_keys_pick_the_region_endpoint(clean_env: pytest.MonkeyPatch) -
     assert s is not None and s.endpoint is None  # left to boto3, which reads the variable
 
 
+async def test_scaleway_fallback_uses_each_zones_region(clean_env: pytest.MonkeyPatch) -> None:
+    """No endpoint + Scaleway keys: a snapshot of nl-ams-1 goes to s3.nl-ams, one of
+    fr-par-2 to s3.fr-par, whatever the default region. Clients are only built
+    here (boto3 makes no request until a call), so no network is needed."""
+    clean_env.setenv("SCW_ACCESS_KEY", "SCWXXXXXXXXXXXXXXXXX")
+    clean_env.setenv("SCW_SECRET_KEY", "11111111-2222-3333-4444-555555555555")
+    clean_env.setenv("SCW_DEFAULT_REGION", "pl-waw")
+    objects = object_storage_from_config()
+    assert isinstance(objects, S3ObjectStorage)
+    try:
+        for zone, region in (("nl-ams-1", "nl-ams"), ("fr-par-2", "fr-par"), (None, "pl-waw")):
+            s = objects.settings_for(zone)
+            assert s.endpoint == f"https://s3.{region}.scw.cloud" and s.region == region
+            assert s.access_key == "SCWXXXXXXXXXXXXXXXXX" and s.max_parts == 1000
+            client = (await objects.calls_for(zone)).client
+            assert client.meta.endpoint_url == f"https://s3.{region}.scw.cloud"
+            assert client.meta.region_name == region
+        # One client per region, made once: nl-ams-2 shares nl-ams-1's.
+        assert (await objects.calls_for("nl-ams-2")).client is \
+            (await objects.calls_for("nl-ams-1")).client
+        assert (await objects.calls_for("fr-par-1")).client is not \
+            (await objects.calls_for("nl-ams-1")).client
+    finally:
+        await objects.aclose()
+    # An explicit endpoint: the zone changes nothing.
+    explicit = object_storage_from_config("http://127.0.0.1:9")
+    assert isinstance(explicit, S3ObjectStorage)
+    assert explicit.settings_for("nl-ams-1") is explicit.settings
+    assert explicit.settings.endpoint == "http://127.0.0.1:9"
+
+
 def test_region_of_zone() -> None:
     assert region_of_zone("fr-par-1") == "fr-par"
     assert region_of_zone("nl-ams") == "nl-ams"

@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import trio
 
-from fixtures_s3 import SeaweedServer
+from fixtures_s3 import ADMIN, SeaweedServer
 from fixtures_store import MiB, ZONE, random_bytes, read_all, wait_state
 from snapfs.local import LocalService, open_local_service
 from snapfs.model import Snapshot, Task
 from snapfs.s3.calls import RetryPolicy
+from snapfs.s3.storage import S3ObjectStorage
 
 pytestmark = pytest.mark.s3
 
@@ -282,3 +288,162 @@ async def test_export_of_corrupt_snapshot_fails_and_aborts(
     c = s3_server.client()
     assert c.list_multipart_uploads(Bucket=bucket).get("Uploads") is None
     assert c.list_objects_v2(Bucket=bucket).get("Contents") is None
+
+
+async def test_zone_is_ignored_with_an_explicit_endpoint(
+        s3_server: SeaweedServer, bucket: str, tmp_path: Path,
+        volume_file: Callable[..., Path]) -> None:
+    """A snapshot of nl-ams-1 exports to, and imports from, the configured endpoint
+    (the zone only picks the region in the Scaleway fallback)."""
+    zone = "nl-ams-1"
+    vol = volume_file("ams", 8 * MiB, [(MiB, random_bytes(3 * MiB, 13))])
+    objects = s3_server.objects()
+    assert objects.settings_for(zone) is objects.settings
+    async with open_local_service(tmp_path / "store", objects=objects) as svc:
+        v = await svc.add_volume("ams", vol, zone=zone)
+        snap = await wait_state(svc, (await svc.create_snapshot(
+            zone, name="ams", volume_id=v.id)).id, zone=zone)
+        assert snap.state == "available" and snap.zone == zone
+        task = await svc.export_snapshot(zone, snap.id, bucket=bucket, key="ams.qcow2")
+        with trio.fail_after(60):
+            while (t := await svc.get_task(zone, task.id)).status in ("pending", "started"):
+                await trio.sleep(0.02)
+        assert t.status == "success", t.error
+        imp = await svc.create_snapshot(zone, name="back", bucket=bucket, key="ams.qcow2")
+        done = await wait_state(svc, imp.id, zone=zone)
+        assert done.state == "available", done.error_reason
+        assert await read_all(svc, done.id, zone=zone) == vol.read_bytes()
+    await objects.aclose()
+    out = tmp_path / "ams.qcow2"
+    s3_server.client().download_file(bucket, "ams.qcow2", str(out))
+    qemu_img_judges(out, vol)
+
+
+#: A daemon exporting one snapshot, whose reads stall past 16 MiB so that the
+#: SIGKILL lands while the upload is open with parts on the server.
+EXPORTER = """
+import sys, trio
+from snapfs.local import open_local_service
+from snapfs.s3.config import S3Settings
+from snapfs.s3.storage import S3ObjectStorage
+from snapfs.service import ImageReader
+
+store, endpoint, zone, snap_id, bucket, key = sys.argv[1:7]
+STALL = 16 << 20
+
+class Stalling(ImageReader):
+    def __init__(self, inner):
+        self.inner, self.size = inner, inner.size
+    async def read(self, offset, length):
+        if offset >= STALL:
+            await trio.sleep_forever()
+        return await self.inner.read(offset, length)
+    async def aclose(self):
+        await self.inner.aclose()
+
+class Objects(S3ObjectStorage):
+    async def export_qcow2(self, image, bucket, key, progress, *, zone=None):
+        return await super().export_qcow2(Stalling(image), bucket, key, progress, zone=zone)
+
+async def main():
+    settings = S3Settings(endpoint=endpoint, region="us-east-1", part_size=5 << 20)
+    async with open_local_service(store, objects=Objects(settings)) as svc:
+        await svc.export_snapshot(zone, snap_id, bucket=bucket, key=key)
+        await trio.sleep_forever()
+
+trio.run(main)
+"""
+
+
+def kill_mid_export(server: SeaweedServer, store: Path, snap: Snapshot, bucket: str,
+                    key: str) -> str:
+    """Run EXPORTER, SIGKILL it once a part of its upload is on the server; the
+    upload id it left behind."""
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=ADMIN[0], AWS_SECRET_ACCESS_KEY=ADMIN[1])
+    proc = subprocess.Popen([sys.executable, "-c", EXPORTER, str(store), server.endpoint,
+                             snap.zone, snap.id, bucket, key], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    c = server.client()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+            assert time.monotonic() < deadline, "no part uploaded in 60 s"
+            ups = c.list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads") or []
+            if ups and c.list_parts(Bucket=bucket, Key=key,
+                                    UploadId=ups[0]["UploadId"]).get("Parts"):
+                break
+            time.sleep(0.05)
+    finally:
+        proc.kill()  # SIGKILL: no cleanup of any kind in the exporter
+        proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    return str(ups[0]["UploadId"])
+
+
+async def killed_export_store(server: SeaweedServer, bucket: str, tmp_path: Path,
+                              volume_file: Callable[..., Path]) -> tuple[Path, Snapshot, Path]:
+    vol = volume_file("k", 32 * MiB, [(0, random_bytes(32 * MiB, 14))])
+    store = tmp_path / "store"
+    async with open_local_service(store) as svc:
+        snap = await snapshot_of(svc, vol)
+    await trio.to_thread.run_sync(kill_mid_export, server, store, snap, bucket, "k.qcow2")
+    return store, snap, vol
+
+
+async def test_upload_of_a_killed_export_is_aborted_on_the_next_open(
+        s3_server: SeaweedServer, bucket: str, tmp_path: Path,
+        volume_file: Callable[..., Path], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="snapfs")
+    store, snap, vol = await killed_export_store(s3_server, bucket, tmp_path, volume_file)
+    c = s3_server.client()
+    # Another upload to a longer key with the same prefix: not the export's.
+    other = c.create_multipart_upload(Bucket=bucket, Key="k.qcow2.other")["UploadId"]
+    objects = s3_server.objects()
+    try:
+        async with open_local_service(store, objects=objects) as svc:
+            [task] = svc.md.conn.execute("SELECT id FROM tasks").fetchall()
+            t = await svc.get_task(ZONE, task[0])
+            assert t.status == "failure" and "interrupted" in (t.error or "")
+            assert (await svc.get_snapshot(ZONE, snap.id)).state == "available"
+            assert await read_all(svc, snap.id) == vol.read_bytes()
+        assert c.list_multipart_uploads(Bucket=bucket, Prefix="k.qcow2")["Uploads"] == [
+            u for u in c.list_multipart_uploads(Bucket=bucket)["Uploads"]
+            if u["UploadId"] == other]
+        assert c.list_objects_v2(Bucket=bucket).get("Contents") is None
+        assert any("1 unfinished upload(s) aborted" in r.getMessage() for r in caplog.records)
+        # Nothing left to abort: asking again is harmless.
+        assert await objects.abort_uploads(bucket, "k.qcow2") == 0
+    finally:
+        await objects.aclose()
+        c.abort_multipart_upload(Bucket=bucket, Key="k.qcow2.other", UploadId=other)
+
+
+async def test_unreachable_storage_does_not_stop_the_open(
+        s3_server: SeaweedServer, bucket: str, tmp_path: Path,
+        volume_file: Callable[..., Path], caplog: pytest.LogCaptureFixture) -> None:
+    """Recovery cannot abort the upload (Object Storage unreachable): one log line
+    says so, and the store opens with the task failed and the snapshot intact."""
+    store, snap, vol = await killed_export_store(s3_server, bucket, tmp_path, volume_file)
+    c = s3_server.client()
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    quick = RetryPolicy(attempts=2, first_delay=0.05, budget=1.0)
+    objects = S3ObjectStorage(s3_server.settings().replace(
+        endpoint=dead, retry=quick, abort_retry=quick, connect_timeout=1.0))
+    try:
+        with trio.fail_after(20):
+            async with open_local_service(store, objects=objects) as svc:
+                [task] = svc.md.conn.execute("SELECT id FROM tasks").fetchall()
+                assert (await svc.get_task(ZONE, task[0])).status == "failure"
+                assert (await svc.get_snapshot(ZONE, snap.id)).state == "available"
+                assert await read_all(svc, snap.id) == vol.read_bytes()
+        lines = [r.getMessage() for r in caplog.records if "could not abort" in r.getMessage()]
+        assert len(lines) == 1 and "k.qcow2" in lines[0], lines
+        # The orphan is still there (recovery claimed nothing it did not do).
+        assert c.list_multipart_uploads(Bucket=bucket, Prefix="k.qcow2").get("Uploads")
+    finally:
+        await objects.aclose()
+        for u in c.list_multipart_uploads(Bucket=bucket).get("Uploads") or []:
+            c.abort_multipart_upload(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])

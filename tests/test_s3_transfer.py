@@ -280,7 +280,7 @@ async def test_concurrent_reads_share_fetches(s3_server: SeaweedServer, bucket: 
     gets: list[str] = []
     try:
         reader = await objects.open_qcow2(bucket, "c.qcow2")
-        objects._client.meta.events.register(  # count the real requests
+        (await objects.calls_for()).client.meta.events.register(  # count real requests
             "before-send.s3.GetObject", lambda **kw: gets.append(kw["request"].url))
         chunk = 128 * 1024
         results: dict[int, bytes] = {}

@@ -9,6 +9,8 @@ import logging
 
 import trio
 
+from ..errors import SnapfsError
+from ..objects import ObjectStorage
 from .chunkindex import ChunkIndex
 from .chunks import PackFiles
 from .metadata import Metadata
@@ -16,17 +18,27 @@ from .metadata import Metadata
 log = logging.getLogger(__name__)
 
 INTERRUPTED = "capture interrupted: the service stopped before it finished"
+#: How long an open may spend aborting the uploads of interrupted exports, in all
+#: (a dead Object Storage must not keep the store closed for long).
+ABORT_TIME = 30.0
 
 
-async def recover(md: Metadata, index: ChunkIndex, packs: PackFiles) -> None:
+async def recover(md: Metadata, index: ChunkIndex, packs: PackFiles,
+                  objects: ObjectStorage | None = None) -> None:
     # 1. Captures and imports that never finished: error, partial map released.
     for snap in md.snapshots_in_states(("snapshotting", "importing")):
         log.warning("snapshot %s (%s) was %s when the service stopped: marking it error",
                     snap.id, snap.name, snap.state)
         index.release(md.snap_key(snap.id))
         md.update_snapshot(snap.id, state="error", error_reason=INTERRUPTED)
-    # 2. Exports that never finished: the snapshot's data was never touched.
-    for task in md.unfinished_tasks():
+    # 2. Exports that never finished: the snapshot's data was never touched, but
+    #    the multipart upload the killed process started is still on the server
+    #    (its parts are billed): abort it first, so that a crash now retries it.
+    tasks = md.unfinished_tasks()
+    deadline = trio.current_time() + ABORT_TIME
+    for task in tasks:
+        await _abort_upload(objects, task.bucket, task.key, task.zone, deadline)
+    for task in tasks:
         with md.transaction():
             md.update_task(task.id, status="failure", terminated_at=task.started_at,
                            error="export interrupted: the service stopped")
@@ -50,3 +62,26 @@ async def recover(md: Metadata, index: ChunkIndex, packs: PackFiles) -> None:
     for pack in index.empty_packs(exclude=set()):
         await trio.to_thread.run_sync(packs.remove, pack)
         index.drop_pack(pack)
+
+
+async def _abort_upload(objects: ObjectStorage | None, bucket: str, key: str, zone: str,
+                        deadline: float) -> None:
+    """Best effort: any failure is one log line, never a failed open."""
+    where = f"{bucket}/{key}"
+    if objects is None:
+        log.warning("interrupted export to %s: no Object Storage configured, its "
+                    "unfinished upload (if any) is not aborted", where)
+        return
+    with trio.move_on_at(deadline) as scope:
+        try:
+            n = await objects.abort_uploads(bucket, key, zone=zone)
+        except SnapfsError as exc:
+            log.warning("interrupted export to %s: could not abort its upload: %s", where, exc)
+            return
+        except Exception as exc:  # unexpected: still no reason to refuse the store
+            log.warning("interrupted export to %s: could not abort its upload: %r", where, exc)
+            return
+        log.info("interrupted export to %s: %d unfinished upload(s) aborted", where, n)
+    if scope.cancelled_caught:
+        log.warning("interrupted export to %s: no answer from Object Storage within %.0fs, "
+                    "its upload is not aborted", where, ABORT_TIME)

@@ -13,7 +13,7 @@ import os
 import stat
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 import trio
 
@@ -321,7 +321,11 @@ class LocalService(SnapshotService):
             if not self._readers[snapshot_id]:
                 del self._readers[snapshot_id]
         return LocalImageReader(self.md.snap_key(snapshot_id), size, self.index, self.packs,
-                                self.io_limiter, on_close=closed)
+                                self.io_limiter, on_close=closed, spawn=self._spawn)
+
+    def _spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(fn)
 
     # --- background jobs -------------------------------------------------------------
 
@@ -384,7 +388,8 @@ class LocalService(SnapshotService):
         async def source() -> ReaderSource:
             if self.objects is None:
                 raise PreconditionFailed(NO_OBJECT_STORAGE)
-            reader = await self.objects.open_qcow2(bucket, obj)
+            zone = self.md.snapshot(None, snapshot_id).zone
+            reader = await self.objects.open_qcow2(bucket, obj, zone=zone)
             if size is not None and reader.size != size:
                 await reader.aclose()
                 raise InvalidData(f"size {size} does not match the image's virtual size "
@@ -406,7 +411,8 @@ class LocalService(SnapshotService):
             snap = self.md.snapshot(None, snapshot_id)
             reader = self._reader(snapshot_id, snap.size)
             try:
-                nbytes = await self.objects.export_qcow2(reader, bucket, key, progress)
+                nbytes = await self.objects.export_qcow2(reader, bucket, key, progress,
+                                                         zone=snap.zone)
             finally:
                 await reader.aclose()
             status, error = "success", None
@@ -467,7 +473,7 @@ async def open_local_service(store: Path | str, objects: ObjectStorage | None = 
             except BlockingIOError:
                 exclusive = False
             if exclusive:
-                await recover(svc.md, svc.index, svc.packs)
+                await recover(svc.md, svc.index, svc.packs, svc.objects)
             fcntl.flock(lock_fd, fcntl.LOCK_SH)  # others may open it beside us now
             body_error: Exception | None = None
             async with trio.open_nursery() as nursery:

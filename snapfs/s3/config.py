@@ -57,9 +57,20 @@ class S3Settings:
     #: Retries for abort_multipart_upload: longer, so no part is left behind
     #: when the server comes back within this time.
     abort_retry: RetryPolicy = RetryPolicy(attempts=12, budget=60.0)
+    #: No endpoint configured, Scaleway keys: each zone's region has its own
+    #: endpoint (``for_region``); ``endpoint``/``region`` are the default region's.
+    scw_fallback: bool = False
+
+    def for_region(self, region: str) -> "S3Settings":
+        """These settings for the Scaleway Object Storage of ``region``."""
+        return self.replace(endpoint=scaleway_endpoint(region), region=region)
 
     def replace(self, **changes: Any) -> "S3Settings":
         return dataclasses.replace(self, **changes)
+
+
+def scaleway_endpoint(region: str) -> str:
+    return f"https://s3.{region}.scw.cloud"
 
 
 def region_of_zone(zone: str) -> str:
@@ -109,10 +120,10 @@ def resolve_settings(endpoint: str | None = None, region: str | None = None
     if not configured and scw_key and scw_secret:
         reg = (region or os.environ.get("SCW_DEFAULT_REGION")
                or region_of_zone(os.environ.get("SCW_DEFAULT_ZONE", "")) or DEFAULT_SCW_REGION)
-        url = f"https://s3.{reg}.scw.cloud"
-        log.info("Object Storage: Scaleway %s", url)
+        url = scaleway_endpoint(reg)
+        log.info("Object Storage: Scaleway, the zone's region (default %s)", url)
         return S3Settings(endpoint=url, region=reg, access_key=scw_key, secret_key=scw_secret,
-                          max_parts=SCW_MAX_PARTS)
+                          max_parts=SCW_MAX_PARTS, scw_fallback=True)
     if not configured and not _aws_configured():
         return None
     # Leave endpoint/credentials/region to boto3 unless given here.

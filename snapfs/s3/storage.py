@@ -12,7 +12,7 @@ from ..errors import InvalidArgument
 from ..objects import ObjectStorage, ProgressFn
 from ..service import ImageReader
 from .calls import S3Calls
-from .config import S3Settings, make_client
+from .config import S3Settings, make_client, region_of_zone
 from .export import export_qcow2
 from .reader import open_reader
 
@@ -20,13 +20,19 @@ log = logging.getLogger(__name__)
 
 
 class S3ObjectStorage(ObjectStorage):
-    """One boto3 client (created on first use, in a thread: it reads config files)
+    """boto3 clients (created on first use, in a thread: they read config files)
     shared by all exports and imports; every call runs in a worker thread under
-    one CapacityLimiter sized for ``concurrency`` parallel requests per transfer."""
+    one CapacityLimiter sized for ``concurrency`` parallel requests per transfer.
+
+    With an endpoint (explicit or boto3's own) there is one client and the zone
+    is ignored. In the Scaleway fallback (``settings.scw_fallback``: Scaleway keys
+    and no endpoint) each zone's region has its own client, for
+    ``https://s3.<region>.scw.cloud``; calls without a zone use the settings'
+    default region."""
 
     def __init__(self, settings: S3Settings) -> None:
         self.settings = settings
-        self._client: Any = None
+        self._clients: dict[str | None, Any] = {}  # region (None: the default) -> client
         self._client_lock = trio.Lock()
         # Room for two transfers at full parallelism before they queue.
         self.limiter = trio.CapacityLimiter(max(2, 2 * settings.concurrency))
@@ -36,28 +42,65 @@ class S3ObjectStorage(ObjectStorage):
     def __repr__(self) -> str:
         return f"S3ObjectStorage({self.settings!r})"
 
-    async def _calls(self) -> S3Calls:
+    def settings_for(self, zone: str | None) -> S3Settings:
+        """The settings of the client that serves ``zone``."""
+        if zone is None or not self.settings.scw_fallback:
+            return self.settings
+        return self.settings.for_region(region_of_zone(zone))
+
+    async def calls_for(self, zone: str | None = None) -> S3Calls:
+        settings = self.settings_for(zone)
+        region = settings.region if self.settings.scw_fallback else None
         async with self._client_lock:
-            if self._client is None:
-                self._client = await trio.to_thread.run_sync(make_client, self.settings)
-        return S3Calls(self._client, self.limiter, self.settings.retry)
+            client = self._clients.get(region)
+            if client is None:
+                client = await trio.to_thread.run_sync(make_client, settings)
+                self._clients[region] = client
+        return S3Calls(client, self.limiter, settings.retry)
 
     async def export_qcow2(self, image: ImageReader, bucket: str, key: str,
-                           progress: ProgressFn) -> int:
+                           progress: ProgressFn, *, zone: str | None = None) -> int:
         _check(bucket, key)
-        calls = await self._calls()
+        calls = await self.calls_for(zone)
         return await export_qcow2(calls, self.settings, image, bucket, key, progress,
                                   self.cpu_limiter)
 
-    async def open_qcow2(self, bucket: str, key: str) -> ImageReader:
+    async def open_qcow2(self, bucket: str, key: str, *, zone: str | None = None
+                         ) -> ImageReader:
         _check(bucket, key)
-        calls = await self._calls()
+        calls = await self.calls_for(zone)
         return await open_reader(calls, self.settings, bucket, key, self.cpu_limiter)
 
+    async def abort_uploads(self, bucket: str, key: str, zone: str | None = None) -> int:
+        _check(bucket, key)
+        calls = await self.calls_for(zone)
+        client = calls.client
+        # Prefix=key also lists longer keys (key + "x"): only exactly ``key`` is ours.
+        found: list[str] = []
+        markers: dict[str, str] = {}
+        while True:
+            page = await calls.call(
+                "list_multipart_uploads", bucket, key,
+                lambda m=dict(markers): client.list_multipart_uploads(
+                    Bucket=bucket, Prefix=key, **m))
+            found += [u["UploadId"] for u in page.get("Uploads") or () if u["Key"] == key]
+            if not page.get("IsTruncated"):
+                break
+            markers = {"KeyMarker": page.get("NextKeyMarker") or "",
+                       "UploadIdMarker": page.get("NextUploadIdMarker") or ""}
+        for upload_id in found:
+            await calls.call("abort_multipart_upload", bucket, key,
+                             lambda u=upload_id: client.abort_multipart_upload(
+                                 Bucket=bucket, Key=key, UploadId=u),
+                             policy=self.settings.abort_retry)
+            log.info("aborted unfinished upload %s to %s/%s", upload_id, bucket, key)
+        return len(found)
+
     async def aclose(self) -> None:
-        client, self._client = self._client, None
-        if client is not None and hasattr(client, "close"):
-            await trio.to_thread.run_sync(client.close)
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            if hasattr(client, "close"):
+                await trio.to_thread.run_sync(client.close)
 
 
 def _check(bucket: str, key: str) -> None:

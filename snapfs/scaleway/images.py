@@ -85,7 +85,7 @@ class CloudImages:
     async def _open_existing(self, snap: Snapshot, key: str) -> ImageReader | None:
         assert self.objects is not None and self.bucket is not None
         try:
-            reader = await self.objects.open_qcow2(self.bucket, key)
+            reader = await self.objects.open_qcow2(self.bucket, key, zone=snap.zone)
         except NotFound as exc:
             if getattr(exc, "resource", "") == "bucket":
                 raise  # the staging bucket itself is missing: say so, do not export

@@ -13,7 +13,7 @@ import os
 import stat
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 import trio
 
@@ -321,7 +321,11 @@ class LocalService(SnapshotService):
             if not self._readers[snapshot_id]:
                 del self._readers[snapshot_id]
         return LocalImageReader(self.md.snap_key(snapshot_id), size, self.index, self.packs,
-                                self.io_limiter, on_close=closed)
+                                self.io_limiter, on_close=closed, spawn=self._spawn)
+
+    def _spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(fn)
 
     # --- background jobs -------------------------------------------------------------
 

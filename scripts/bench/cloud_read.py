@@ -49,6 +49,34 @@ STEP_TIMEOUT = 900.0
 STALL = 15.0  # seconds without qemu-img progress output: a hang
 
 
+#: The cloud backend's image reader without FUSE, in a process of its own: where
+#: the time goes (backend + S3 reader vs the mount's FUSE path).
+BACKEND_READ = """
+import sys, time, trio
+from snapfs.s3.config import object_storage_from_config
+from snapfs.scaleway import open_scaleway_service
+
+async def main():
+    endpoint, bucket, sid = sys.argv[1:4]
+    objects = object_storage_from_config(endpoint)
+    async with open_scaleway_service(staging_bucket=bucket, objects=objects) as svc:
+        t = time.perf_counter()
+        r = await svc.open_image("fr-par-1", sid)
+        off = 0
+        while off < r.size:
+            b = await r.read(off, 1 << 20)
+            if not b:
+                raise SystemExit(f"short read at {off}")
+            off += len(b)
+        print(time.perf_counter() - t)
+        await r.aclose()
+        assert svc._images.exports_started == 0  # the staged export was reused
+    await objects.aclose()
+
+trio.run(main)
+"""
+
+
 class BenchSeaweed(SeaweedServer):
     """The test SeaweedFS, plus anonymous read of the bench bucket (for qemu)."""
 
@@ -243,7 +271,15 @@ def main() -> None:
         modes: list[str] = []
         hangs = 0
         fetched: list[int] = []
+        backend: list[float] = []
+        sid = os.getxattr(snap_dir, "user.id").decode()
         for _ in range(args.rounds):
+            step("backend read without FUSE")
+            res = subprocess.run([sys.executable, "-c", BACKEND_READ, s3.endpoint, BUCKET, sid],
+                                 capture_output=True, text=True, env=env, timeout=STEP_TIMEOUT)
+            if res.returncode:
+                raise SystemExit(f"backend read failed: {res.stderr.strip()[-2000:]}")
+            backend.append(float(res.stdout.split()[-1]))
             before = loopback_bytes()
             cloud.append(dd_read(image, size))
             fetched.append(loopback_bytes() - before)
@@ -263,10 +299,11 @@ def main() -> None:
         print(f"capture (mkdir -> available) {capture_s:6.2f} s")
         print(f"first open (export to staging) {export_s:6.2f} s")
         print(f"{'round':<6} {'snapfs s':>9} {'MiB/s':>7} {'lo MiB':>8} "
-              f"{'qemu-img s':>11} {'MiB/s':>7}")
-        for i, (c, n, q, mode) in enumerate(zip(cloud, fetched, qemu, modes), 1):
+              f"{'qemu-img s':>11} {'MiB/s':>7} {'no-FUSE s':>10}")
+        for i, (c, n, q, mode, b) in enumerate(zip(cloud, fetched, qemu, modes, backend), 1):
             print(f"{i:<6} {c:9.2f} {size / MiB / c:7.0f} {n / MiB:8.0f} {q:11.2f} "
-                  f"{size / MiB / q:7.0f}  (qemu-img {mode})")
+                  f"{size / MiB / q:7.0f} {b:10.2f}  (qemu-img {mode})")
+        print("(no-FUSE: the cloud backend's image reader read directly, 1 MiB reads)")
         print("(lo MiB: loopback traffic during the round, all processes: at least the "
               "data fetched)")
         if hangs:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import SnapfsError
+from .memory import limit_malloc_arenas
 
 
 def default_store() -> Path:
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    limit_malloc_arenas()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:

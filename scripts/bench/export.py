@@ -40,8 +40,10 @@ DATA = sum(n for _, n in RUNS)
 EXPORT = """
 import json, resource, sys, time, trio
 from snapfs.local import open_local_service
+from snapfs.memory import limit_malloc_arenas
 from snapfs.s3.storage import S3ObjectStorage
 from snapfs.s3.config import S3Settings
+limit_malloc_arenas()  # as snapfs mount / serve do
 
 def rss_peak():
     for line in open("/proc/self/status"):
@@ -82,8 +84,10 @@ trio.run(main)
 IMPORT = """
 import json, sys, time, trio
 from snapfs.local import open_local_service
+from snapfs.memory import limit_malloc_arenas
 from snapfs.s3.storage import S3ObjectStorage
 from snapfs.s3.config import S3Settings
+limit_malloc_arenas()  # as snapfs mount / serve do
 
 async def main():
     store, endpoint, ak, sk, bucket = sys.argv[1:6]

@@ -33,6 +33,8 @@ OVERWRITE = (900 * MiB, 20 * MiB)
 CAPTURE = """
 import json, resource, sys, time, trio
 from snapfs.local import open_local_service
+from snapfs.memory import limit_malloc_arenas
+limit_malloc_arenas()  # as snapfs mount / serve do
 
 async def main():
     store, path, name = sys.argv[1:4]

@@ -97,6 +97,12 @@ class SnapshotService(abc.ABC):
     async def get_task(self, zone: str, task_id: str) -> Task:
         ...
 
+    async def latest_export(self, zone: str, snapshot_id: str) -> Task | None:
+        """The snapshot's most recent export task, where the backend keeps them (the
+        local store does; the Scaleway API has no such query): lets ``export``
+        show a status across restarts. None when unknown."""
+        return None
+
     # --- data ----------------------------------------------------------------------
 
     @abc.abstractmethod

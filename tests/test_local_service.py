@@ -281,6 +281,7 @@ async def test_export_without_object_storage_fails_and_leaves_snapshot_available
         while (t := await service.get_task(ZONE, task.id)).status in ("pending", "started"):
             await trio.sleep(0.01)
     assert t.status == "failure" and t.error == NO_OBJECT_STORAGE
+    assert await service.latest_export(ZONE, snap.id) == t
     assert (await service.get_snapshot(ZONE, snap.id)).state == "available"
     with pytest.raises(InvalidArgument):
         await service.export_snapshot(ZONE, snap.id, bucket="", key="k")

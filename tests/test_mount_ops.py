@@ -339,6 +339,10 @@ def test_export_without_object_storage_fails_visibly(mounted: Mount) -> None:
     assert status["state"] == "failure" and "Object Storage" in status["error"]
     assert status["bucket"] == "bucket" and status["key"] == "key.qcow2" and status["task_id"]
     assert mounted.wait_state(s) == "available"
+    # The status outlives the mount: the store keeps its export tasks.
+    snapfs("umount", mounted.path)
+    mounted.start()
+    assert json.loads((s / "export").read_text()) == status
 
 
 def test_import_without_object_storage_fails_visibly(mounted: Mount) -> None:

@@ -262,6 +262,11 @@ class Metadata:
             raise NotFound("task", task_id)
         return _task(row)
 
+    def latest_task(self, snapshot_id: str) -> Task | None:
+        row = self.conn.execute("SELECT * FROM tasks WHERE snapshot_id = ? "
+                                "ORDER BY rowid DESC LIMIT 1", (snapshot_id,)).fetchone()
+        return _task(row) if row else None
+
     def unfinished_tasks(self) -> list[Task]:
         return [_task(r) for r in self.conn.execute(
             "SELECT * FROM tasks WHERE status IN ('pending', 'started')")]

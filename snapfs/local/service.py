@@ -298,6 +298,10 @@ class LocalService(SnapshotService):
     async def get_task(self, zone: str, task_id: str) -> Task:
         return self.md.task(check_zone(zone), task_id)
 
+    async def latest_export(self, zone: str, snapshot_id: str) -> Task | None:
+        self.md.snapshot(check_zone(zone), snapshot_id)
+        return self.md.latest_task(snapshot_id)
+
     # --- data ------------------------------------------------------------------------
 
     async def open_image(self, zone: str, snapshot_id: str) -> ImageReader:

@@ -155,7 +155,11 @@ class ExportNode(FileNode):
         task_id = self.ctx.exports.get(self.key.snapshot)
         if task_id is None:
             await self.snapshot()  # ENOENT for a gone snapshot
-            return transfer.status_json(transfer.no_export_status())
+            # Started before this mount (or by another client): ask the backend.
+            task = await self.ctx.svc.latest_export(self.key.zone, self.key.snapshot)
+            if task is None:
+                return transfer.status_json(transfer.no_export_status())
+            return transfer.status_json(transfer.task_status(task))
         try:
             task = await self.ctx.svc.get_task(self.key.zone, task_id)
         except NotFound:

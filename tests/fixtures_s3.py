@@ -190,3 +190,14 @@ def private_s3_server(tmp_path: Path) -> Iterator[SeaweedServer]:
 def bucket(s3_server: SeaweedServer) -> str:
     """A fresh, empty bucket on the shared server."""
     return s3_server.new_bucket()
+
+
+def qemu_img_judges(img: Path, raw: Path) -> None:
+    """qemu-img finds the QCOW2 image valid and identical to the raw bytes."""
+    r = subprocess.run(["qemu-img", "check", "--output=json", "-f", "qcow2", str(img)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)["check-errors"] == 0
+    r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(img),
+                        str(raw)], capture_output=True, text=True)
+    assert r.returncode == 0 and "Images are identical" in r.stdout, r.stdout + r.stderr

@@ -128,7 +128,7 @@ def test_list_filters(served: Served) -> None:
     assert ids(tags=tag) == {s1.id, s2.id, s3.id}
     assert ids(name=f"beta-{tag}") == {s2.id}
     assert ids(name=tag) == {s1.id, s2.id, s3.id}  # name matches as a substring
-    assert ids(name=f"alp") >= {s1.id} and s2.id not in ids(name="alp")
+    assert ids(name="alp") >= {s1.id} and s2.id not in ids(name="alp")
     assert ids(tags="red") >= {s1.id, s3.id} and s2.id not in ids(tags="red")
     assert ids(base_volume_id=b["id"]) >= {s3.id}
     assert not ids(base_volume_id=b["id"]) & {s1.id, s2.id}

@@ -3,7 +3,6 @@ ObjectStorage on a real SeaweedFS, judged by qemu-img."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -17,7 +16,7 @@ from typing import Any, Callable
 import pytest
 import trio
 
-from fixtures_s3 import ADMIN, SeaweedServer
+from fixtures_s3 import ADMIN, SeaweedServer, qemu_img_judges
 from fixtures_store import MiB, ZONE, random_bytes, read_all, wait_state
 from snapfs.local import LocalService, open_local_service
 from snapfs.model import Snapshot, Task
@@ -40,16 +39,6 @@ async def wait_task(svc: LocalService, task_id: str, timeout: float = 120) -> Ta
         while (t := await svc.get_task(ZONE, task_id)).status in ("pending", "started"):
             await trio.sleep(0.02)
     return t
-
-
-def qemu_img_judges(img: Path, raw: Path) -> None:
-    r = subprocess.run(["qemu-img", "check", "--output=json", "-f", "qcow2", str(img)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert json.loads(r.stdout)["check-errors"] == 0
-    r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(img),
-                        str(raw)], capture_output=True, text=True)
-    assert r.returncode == 0 and "Images are identical" in r.stdout, r.stdout + r.stderr
 
 
 def store_state(svc: LocalService, exclude: str | None = None) -> tuple[Any, ...]:

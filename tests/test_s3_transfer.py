@@ -7,7 +7,6 @@ The export source here is a plain file read through the ImageReader interface
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from fixtures_s3 import READER, SeaweedServer
+from fixtures_s3 import READER, SeaweedServer, qemu_img_judges
 from snapfs.errors import InvalidData, NotFound, PermissionDenied, Transient
 from snapfs.s3.calls import RetryPolicy
 from snapfs.service import ImageReader
@@ -61,16 +60,6 @@ def make_raw(path: Path, size: int, pieces: list[tuple[int, int]]) -> Path:
 def download(server: SeaweedServer, bucket: str, key: str, dest: Path) -> Path:
     server.client().download_file(bucket, key, str(dest))
     return dest
-
-
-def qemu_img_judges(img: Path, raw: Path) -> None:
-    r = subprocess.run(["qemu-img", "check", "--output=json", "-f", "qcow2", str(img)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert json.loads(r.stdout)["check-errors"] == 0
-    r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(img),
-                        str(raw)], capture_output=True, text=True)
-    assert r.returncode == 0 and "Images are identical" in r.stdout, r.stdout + r.stderr
 
 
 def uploads(server: SeaweedServer, bucket: str) -> list:

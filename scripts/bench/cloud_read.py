@@ -161,7 +161,6 @@ def qemu_convert(src: str, size: int) -> tuple[float, str, int]:
         if coroutines:
             cmd[2:2] = ["-m", str(coroutines)]
         step(" ".join(cmd)[:120])
-        t = time.perf_counter()
         elapsed = _run_watching_progress(cmd)
         if elapsed is None:
             hangs += 1

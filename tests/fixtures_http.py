@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import pytest
 import trio
 
+from fixtures_s3 import die_with_parent
 from snapfs.local import open_local_service
 
 #: The token the server demands (its SCW_SECRET_KEY) and a well-formed access key.
@@ -103,7 +104,7 @@ def start_server(store: Path, log: Path, env: dict[str, str] | None = None,
         proc = subprocess.Popen(
             [sys.executable, "-m", "snapfs", "serve", "--store", str(store),
              "--listen", "127.0.0.1:0", *(extra_args or [])],
-            stdout=subprocess.PIPE, stderr=err, env=full_env)
+            stdout=subprocess.PIPE, stderr=err, env=full_env, preexec_fn=die_with_parent)
     assert proc.stdout is not None
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)

@@ -59,6 +59,14 @@ def free_port_pairs(n: int, taken: set[int]) -> list[int]:
     raise RuntimeError("no free loopback ports")
 
 
+
+def die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the test run that started it dies,
+    so a killed pytest (timeout, Ctrl-C twice) leaves no server behind."""
+    import ctypes
+    import signal
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
 class SeaweedServer:
     """One `weed mini` process group; start/stop/restart keep ports and data."""
 
@@ -92,7 +100,7 @@ class SeaweedServer:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
-                                         cwd=self.root)
+                                         cwd=self.root, preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -141,9 +141,11 @@ class ReaderSource(CaptureSource):
     async def read_batch(self, first: int, count: int) -> list[Hashed]:
         start = first * CHUNK_SIZE
         data = await self.reader.read(start, min(count * CHUNK_SIZE, self.size - start))
-        blocks: list[bytes | None] = [data[i:i + CHUNK_SIZE]
-                                      for i in range(0, len(data), CHUNK_SIZE)]
-        return await trio.to_thread.run_sync(_hash_chunks, first, blocks, limiter=self.limiter)
+
+        def split_and_hash() -> list[Hashed]:  # slicing copies: not on the trio thread
+            return _hash_chunks(first, [data[i:i + CHUNK_SIZE]
+                                        for i in range(0, len(data), CHUNK_SIZE)])
+        return await trio.to_thread.run_sync(split_and_hash, limiter=self.limiter)
 
     async def aclose(self) -> None:
         await self.reader.aclose()

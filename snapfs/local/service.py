@@ -406,9 +406,15 @@ class LocalService(SnapshotService):
         self.md.update_task(task_id, status="started")
         status, error, nbytes = "failure", "export interrupted: the service stopped", 0
 
+        shown = -1
+
         def progress(done: int, total: int) -> None:
-            self.md.update_task(task_id, progress=min(99, done * 100 // max(total, 1)),
-                                bytes=done)
+            # One short commit per percent, not per part: each commit is a sync.
+            nonlocal shown
+            pct = min(99, done * 100 // max(total, 1))
+            if pct != shown:
+                shown = pct
+                self.md.update_task(task_id, progress=pct, bytes=done)
         try:
             if self.objects is None:
                 raise PreconditionFailed(NO_OBJECT_STORAGE)

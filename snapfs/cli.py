@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from .errors import SnapfsError
 from .memory import limit_malloc_arenas
@@ -31,7 +32,7 @@ def store_path(args: argparse.Namespace) -> Path:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, like argparse but terse
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, like argparse but terse
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -41,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .http import commands as http_commands
 
     parser = _Parser(prog="snapfs", description="The snapshot service as a filesystem.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                parser_class=_Parser)
+    sub: argparse._SubParsersAction[argparse.ArgumentParser] = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     admin.register(sub)
     fs_commands.register(sub)
     http_commands.register(sub)

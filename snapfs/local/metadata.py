@@ -87,9 +87,9 @@ class Metadata:
             return str(row[0])
         org = new_id()
         with self.transaction():
-            self.db["meta"].insert({"key": "organization", "value": org})
+            self.db.table("meta").insert({"key": "organization", "value": org})
             t = now()
-            self.db["projects"].insert({"id": org, "name": "default", "organization": org,
+            self.db.table("projects").insert({"id": org, "name": "default", "organization": org,
                                         "description": "", "created_at": t, "updated_at": t})
         return org
 
@@ -105,7 +105,7 @@ class Metadata:
             raise InvalidArgument("name", f"a project named {name!r} already exists")
         t = now()
         p = Project(new_id(), name, self.organization, t, t, "")
-        self.db["projects"].insert({"id": p.id, "name": p.name, "organization": p.organization,
+        self.db.table("projects").insert({"id": p.id, "name": p.name, "organization": p.organization,
                                     "description": "", "created_at": t, "updated_at": t})
         return p
 
@@ -126,7 +126,7 @@ class Metadata:
         for k in ("export_uri", "server"):
             row.pop(k)
         row.update(tags=json.dumps(v.tags), managed=int(managed))
-        self.db["volumes"].insert(row)
+        self.db.table("volumes").insert(row)
 
     def volume(self, zone: str | None, ref: str) -> Volume:
         """A volume by ID, or by name within ``zone`` (any zone when None)."""
@@ -246,14 +246,14 @@ class Metadata:
     # --- tasks -----------------------------------------------------------------------
 
     def insert_task(self, t: Task, snapshot_id: str) -> None:
-        self.db["tasks"].insert({
+        self.db.table("tasks").insert({
             "id": t.id, "snapshot_id": snapshot_id, "zone": t.zone,
             "description": t.description, "status": t.status, "progress": t.progress,
             "started_at": t.started_at, "terminated_at": t.terminated_at,
             "bucket": t.bucket, "key": t.key, "bytes": t.bytes, "error": t.error})
 
     def update_task(self, task_id: str, **fields: Any) -> None:
-        self.db["tasks"].update(task_id, fields)
+        self.db.table("tasks").update(task_id, fields)
 
     def task(self, zone: str, task_id: str) -> Task:
         row = self.conn.execute("SELECT * FROM tasks WHERE id = ? AND zone = ?",

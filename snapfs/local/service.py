@@ -24,7 +24,7 @@ from ..model import (DEFAULT_ZONE, FAILED_STATES, ZONES, BaseVolume, Page,
                      check_uuid, check_volume_type, check_zone, new_id, now)
 from ..objects import ObjectStorage
 from ..service import ImageReader, SnapshotService
-from .capture import FileSource, PackPool, ReaderSource, capture
+from .capture import CaptureSource, FileSource, PackPool, ReaderSource, capture
 from .chunkindex import ChunkIndex
 from .chunks import PackFiles
 from .image import LocalImageReader
@@ -333,7 +333,8 @@ class LocalService(SnapshotService):
 
     # --- background jobs -------------------------------------------------------------
 
-    def _start(self, snapshot_id: str, fn, *args: object) -> None:  # type: ignore[no-untyped-def]
+    def _start(self, snapshot_id: str, fn: Callable[..., Awaitable[None]], *args: object
+               ) -> None:
         assert self._nursery is not None, "service used outside open_local_service()"
         scope = trio.CancelScope()
         self._jobs[snapshot_id] = scope
@@ -348,7 +349,8 @@ class LocalService(SnapshotService):
                 self._jobs.pop(snapshot_id, None)
         self._nursery.start_soon(job)
 
-    async def _capture_into(self, snapshot_id: str, key: int, source_factory) -> None:  # type: ignore[no-untyped-def]
+    async def _capture_into(self, snapshot_id: str, key: int,
+                            source_factory: Callable[[], Awaitable[CaptureSource]]) -> None:
         """Run a capture; on any failure or cancellation, leave the snapshot in
         ``error`` (or ``invalid_data``) with the reason and its partial map released."""
         failed_state, reason = "error", "capture interrupted: the service stopped"
@@ -404,8 +406,8 @@ class LocalService(SnapshotService):
 
     async def _run_export(self, snapshot_id: str, task_id: str, bucket: str, key: str) -> None:
         self.md.update_task(task_id, status="started")
-        status, error, nbytes = "failure", "export interrupted: the service stopped", 0
-
+        status, nbytes = "failure", 0
+        error: str | None = "export interrupted: the service stopped"
         shown = -1
 
         def progress(done: int, total: int) -> None:
@@ -433,7 +435,8 @@ class LocalService(SnapshotService):
             error = f"internal error: {exc!r}"
         finally:
             with trio.CancelScope(shield=True):
-                fields = dict(status=status, error=error, terminated_at=now())
+                fields: dict[str, object] = dict(status=status, error=error,
+                                                 terminated_at=now())
                 if status == "success":
                     fields.update(progress=100, bytes=nbytes)
                 with self.md.transaction():

@@ -154,3 +154,30 @@ async def test_chunks_without_a_fast_check_are_verified_by_their_digest(
     async with open_local_service(store_dir) as svc:
         with pytest.raises(CorruptData):
             await read_all(svc, snap.id)
+
+
+async def test_a_version_1_store_is_migrated_and_reads_the_same(
+        store_dir: Path, volume_file: Callable[..., Path]) -> None:
+    """Migrations run on open, one per transaction, and keep the data readable."""
+    from snapfs.local.schema import MIGRATIONS, SCHEMA_VERSION
+    path = volume_file("v", 3 * MiB, [(0, random_bytes(3 * MiB, seed=15))])
+    async with open_local_service(store_dir) as svc:
+        vol = await svc.add_volume("v", path)
+        snap = await wait_state(svc, (await svc.create_snapshot(
+            ZONE, name="s", volume_id=vol.id)).id)
+    # Turn the store back into what version 1 wrote: no xxh column.
+    conn = sqlite3.connect(store_dir / "metadata.db")
+    with conn:
+        conn.execute("ALTER TABLE chunks DROP COLUMN xxh")
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    conn.close()
+    assert SCHEMA_VERSION == len(MIGRATIONS) >= 2
+    async with open_local_service(store_dir) as svc:
+        version = svc.md.conn.execute(
+            "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+        assert int(version) == SCHEMA_VERSION
+        assert svc.md.conn.execute("SELECT count(*) FROM chunks WHERE xxh IS NULL"
+                                   ).fetchone()[0] == 3
+        assert await read_all(svc, snap.id) == path.read_bytes()
+    res = snapfs_cli("fsck", store=store_dir)
+    assert res.returncode == 0, res.stdout

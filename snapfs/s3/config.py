@@ -48,7 +48,7 @@ class S3Settings:
     #: Parallel part uploads / ranged GETs of one export or import.
     concurrency: int = 4
     #: Largest single ranged GET of an import.
-    max_get: int = 4 * MiB
+    max_get: int = 8 * MiB
     #: Import read-ahead window for sequential reads.
     readahead: int = 8 * MiB
     connect_timeout: float = 10.0

@@ -7,7 +7,10 @@ host bytes they need with ranged GETs -- neighbouring ranges merged (compressed
 clusters are packed back to back), large ones split into ``max_get`` pieces, all
 in parallel under the S3 limiter -- and assemble (decompress) off the trio
 thread. Sequential reads (the capture reads in order) grow a read-ahead window
-up to ``readahead`` bytes, so each window costs one round of parallel GETs.
+up to ``readahead`` bytes and keep the next ``AHEAD_WINDOWS`` windows in flight
+in background tasks, so the stream never waits for a whole round of GETs.
+Contiguous data clusters are read by their GETs straight into the window buffer
+(no per-cluster work, no join); a read is then one copy out of the window.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import bisect
 import logging
 from array import array
 from collections import OrderedDict
+from typing import Any
 
 import trio
+from urllib3.exceptions import ProtocolError
 
 from ..errors import InvalidData, NotFound, SnapfsError
-from ..qcow2.decoder import (COMPRESSED, DATA, HEADER_PROBE, Qcow2Map, assemble,
-                             parse_header)
+from ..qcow2.decoder import (COMPRESSED, DATA, HEADER_PROBE, ZERO, Extent, Qcow2Map,
+                             decompress_cluster, parse_header)
 from ..qcow2.format import OFFSET_MASK
 from ..service import ImageReader
 from ..taskgroups import first_error
@@ -33,38 +38,74 @@ log = logging.getLogger(__name__)
 L2_CACHE_BYTES = 32 << 20
 MERGE_GAP = 64 << 10  # fetch small gaps rather than issue another request
 SEQ_SLACK = 1 << 20  # a read this close to the last one continues the stream
+#: Read-ahead windows kept in flight ahead of a sequential reader.
+AHEAD_WINDOWS = 2
+_ZEROS = memoryview(bytes(1 << 20))  # holes written into reused window buffers
 
 
-async def _get_range(calls: S3Calls, bucket: str, key: str, offset: int,
-                     length: int) -> bytearray:
+def _read_body(resp: dict[str, Any], view: memoryview) -> int:
+    """Read a GET's body into ``view``; the byte count (one more than
+    ``len(view)`` when the server sent more). A plain (not chunked, not encoded)
+    body is read straight from http.client into ``view``: urllib3's readinto
+    reads into a temporary bytes and copies, two passes over every byte and a
+    fresh allocation (page faults) per GET -- the reader's main CPU cost."""
+    body = resp["Body"]
+    length = len(view)
+    raw: Any = getattr(body, "_raw_stream", None)
+    fp: Any = getattr(raw, "_fp", None)
+    headers = getattr(raw, "headers", None) or {}
+    direct = (hasattr(fp, "readinto") and hasattr(raw, "release_conn")
+              and not getattr(fp, "chunked", True) and not headers.get("content-encoding")
+              and int(resp.get("ContentLength", -1)) == length)
+    got = 0
+    try:
+        if direct:
+            while got < length:
+                n = fp.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+            if got < length:  # cut mid-body: transient, as urllib3 would report it
+                raise ProtocolError(f"body ended after {got} of {length} bytes")
+            if fp.isclosed():
+                raw.release_conn()  # fully read: the connection goes back to the pool
+            return got
+        while got < length:
+            n = body.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        if got == length and body.read(1):
+            got += 1  # more than asked for: reported by the caller
+        return got
+    finally:
+        body.close()
+
+
+async def _get_into(calls: S3Calls, bucket: str, key: str, offset: int,
+                    buf: bytearray | memoryview) -> None:
+    """Fill ``buf`` with the object's bytes at ``offset`` (one ranged GET)."""
     client = calls.client
-    # Allocated here, filled by the worker thread with readinto: big buffers made
-    # in worker threads land in per-thread malloc arenas and fragment the heap
-    # (a 512 MiB import measured 191 MiB peak RSS with read(), 170 with readinto).
-    buf = bytearray(length)
+    length = len(buf)
 
     def fetch() -> int:
         resp = client.get_object(Bucket=bucket, Key=key,
                                  Range=f"bytes={offset}-{offset + length - 1}")
-        body = resp["Body"]
-        view = memoryview(buf)
-        got = 0
-        try:
-            while got < length:
-                n = body.readinto(view[got:])
-                if not n:
-                    break
-                got += n
-            if got == length and body.read(1):
-                got += 1  # more than asked for: reported below
-            return got
-        finally:
-            view.release()
-            body.close()
+        with memoryview(buf) as view:
+            return _read_body(resp, view)
     got = await calls.call("get_object", bucket, key, fetch)
     if got != length:
         raise InvalidData(f"object {bucket}/{key} returned {got} bytes at offset "
                           f"{offset}, expected {length} (changed during import?)")
+
+
+async def _get_range(calls: S3Calls, bucket: str, key: str, offset: int,
+                     length: int) -> bytearray:
+    # Allocated here, filled by the worker thread with readinto: big buffers made
+    # in worker threads land in per-thread malloc arenas and fragment the heap
+    # (a 512 MiB import measured 191 MiB peak RSS with read(), 170 with readinto).
+    buf = bytearray(length)
+    await _get_into(calls, bucket, key, offset, buf)
     return buf
 
 
@@ -117,12 +158,16 @@ class S3Qcow2Reader(ImageReader):
         self._l2: OrderedDict[int, array] = OrderedDict()
         self._l2_max = max(4, L2_CACHE_BYTES // self.header.cluster_size)
         #: Recently fetched guest windows, start -> bytes (LRU, a few read-aheads).
-        self._windows: OrderedDict[int, bytes] = OrderedDict()
+        self._windows: OrderedDict[int, bytearray] = OrderedDict()
         self._window_bytes = 0
         #: Windows being fetched, done -> (start, end): readers inside wait for them.
         self._inflight: dict[trio.Event, tuple[int, int]] = {}
-        self._next = 0  # where a sequential read would start
+        self._pos = 0  # where a sequential read would start
+        self._ahead = 0  # end of the windows fetched or in flight for the stream
         self._ra = 0
+        self._prefetches: set[trio.CancelScope] = set()
+        self._spare: list[bytearray] = []  # buffers of dropped windows, for reuse
+        self._closed = False
 
     async def validate_tables(self) -> None:
         """Fetch and check every allocated L2 table once (8 bytes per guest
@@ -144,58 +189,125 @@ class S3Qcow2Reader(ImageReader):
         if offset >= self.size or length <= 0:
             return b""
         end = min(offset + length, self.size)
+        # Sequential (the capture; FUSE reads in order, several in flight): grow
+        # the read-ahead window and keep the next windows in flight behind the
+        # reader's back; anything else fetches just what it asks for. "In order"
+        # allows some slack: concurrent reads reach us shuffled.
+        slack = max(self._ra, SEQ_SLACK)
+        sequential = self._pos - slack <= offset <= self._pos + slack
+        self._pos = max(self._pos, end) if sequential else end
+        if not sequential:
+            self._ra = 0
         while True:
             hit = self._cached(offset, end)
             if hit is not None:
-                self._next = max(self._next, end)
-                return hit
-            pending = next((ev for ev, (o, e) in self._inflight.items()
-                            if o <= offset and end <= e), None)
-            if pending is None:
                 break
-            await pending.wait()  # FUSE's parallel reads of one stream share a fetch
-        # Sequential (the capture; FUSE reads in order, several in flight): grow
-        # the read-ahead window; anything else fetches just what it asks for.
-        # "In order" allows some slack: concurrent reads reach us shuffled.
-        slack = max(self._ra, SEQ_SLACK)
-        if self._next - slack <= offset <= self._next + slack:
-            self._ra = min(self.settings.readahead, max(2 * self._ra, end - offset))
-        else:
-            self._ra = 0
-        want = min(max(end - offset, self._ra), self.size - offset)
-        # Before the await: the next read is sequential too.
-        self._next = max(self._next, offset + want) if self._ra else offset + want
+            pending = next((ev for ev, (o, e) in self._inflight.items()
+                            if o < end and offset < e), None)
+            if pending is not None:
+                await pending.wait()  # FUSE's parallel reads of one stream share a fetch
+                continue
+            if sequential:
+                self._ra = min(self.settings.readahead, max(2 * self._ra, end - offset))
+            want = min(max(end - offset, self._ra), self.size - offset)
+            if sequential:
+                self._ahead = max(self._ahead, offset + want)
+            await self._fetch_window(offset, want)  # remembered: the loop finds it
+        if sequential and self._ra:
+            self._read_ahead(offset, end)
+        return hit
+
+    def _read_ahead(self, offset: int, end: int) -> None:
+        """Keep ``AHEAD_WINDOWS`` read-ahead windows past ``end`` fetched or in
+        flight (background tasks), so the GETs of the next windows overlap with
+        the reader's use of this one instead of starting when it runs dry."""
+        # Windows the stream has left behind are not read again: free them now.
+        for start in [s for s, d in self._windows.items() if s + len(d) <= offset - SEQ_SLACK]:
+            self._drop(self._windows.pop(start))
+        self._ahead = max(self._ahead, end)
+        while (not self._closed and self._ahead < self.size
+               and self._ahead - end < AHEAD_WINDOWS * self._ra):
+            self._ra = min(self.settings.readahead, 2 * self._ra)
+            start, n = self._ahead, min(self._ra, self.size - self._ahead)
+            self._ahead += n
+            self._spawn_fetch(start, n)
+
+    def _spawn_fetch(self, offset: int, length: int) -> None:
+        scope = trio.CancelScope()
+        self._prefetches.add(scope)
+
+        async def fetch() -> None:
+            try:
+                with scope:
+                    await self._fetch_window(offset, length)
+            except Exception as exc:  # noqa: BLE001 -- the read that needs these bytes refetches and reports
+                log.debug("read-ahead of %s/%s at %d failed: %s", self.bucket, self.key,
+                          offset, exc)
+            finally:
+                self._prefetches.discard(scope)
+        # The reader has no nursery of its own (ImageReader is opened and closed
+        # by its user); a system task it cancels in aclose() does the job.
+        trio.lowlevel.spawn_system_task(fetch, name="snapfs.s3 read-ahead")
+
+    async def _fetch_window(self, offset: int, length: int) -> None:
         done = trio.Event()
-        self._inflight[done] = (offset, offset + want)
+        self._inflight[done] = (offset, offset + length)
         try:
-            data = await self._fetch(offset, want)
+            data = await self._fetch(offset, length)
+            if not self._closed:
+                self._remember_window(offset, data)
         finally:
             del self._inflight[done]
             done.set()
-        if len(data) == end - offset:
-            return data  # all of it goes to the caller (the capture): nothing to keep
-        self._remember_window(offset, data)
-        return data[:end - offset]
 
     def _cached(self, offset: int, end: int) -> bytes | None:
-        for start, data in self._windows.items():
-            if start <= offset and end <= start + len(data):
-                self._windows.move_to_end(start)
-                return data[offset - start:end - start]
-        return None
+        """Guest bytes offset..end from the cached windows (maybe across
+        neighbouring ones), copied once; None unless all of them are cached."""
+        pieces: list[memoryview] = []
+        pos = offset
+        while pos < end:
+            for start, data in self._windows.items():
+                if start <= pos < start + len(data):
+                    break
+            else:
+                return None
+            self._windows.move_to_end(start)
+            stop = min(end, start + len(data))
+            pieces.append(memoryview(data)[pos - start:stop - start])
+            pos = stop
+        return b"".join(pieces)
 
-    def _remember_window(self, offset: int, data: bytes) -> None:
+    def _remember_window(self, offset: int, data: bytearray) -> None:
         old = self._windows.pop(offset, None)
         if old is not None:
-            self._window_bytes -= len(old)
+            self._drop(old)
         self._windows[offset] = data
         self._window_bytes += len(data)
-        while self._window_bytes > 2 * self.settings.readahead and len(self._windows) > 1:
-            _, dropped = self._windows.popitem(last=False)
-            self._window_bytes -= len(dropped)
+        limit = (AHEAD_WINDOWS + 2) * self.settings.readahead
+        while self._window_bytes > limit and len(self._windows) > 1:
+            self._drop(self._windows.popitem(last=False)[1])
 
-    async def _fetch(self, offset: int, length: int) -> bytes:
-        """Guest bytes offset..+length, from one round of parallel GETs."""
+    def _drop(self, window: bytearray) -> None:
+        """A window leaves the cache: its buffer is kept for the next window
+        (nothing else holds it: reads copy out of it). A fresh multi-MiB
+        bytearray per window costs zero-filling and page faults on the trio
+        thread -- measured as the largest item left after direct GETs."""
+        self._window_bytes -= len(window)
+        # Only full-size windows (a sequential stream's), a few: bounded memory.
+        if len(window) == self.settings.readahead and len(self._spare) <= AHEAD_WINDOWS:
+            self._spare.append(window)
+
+    def _buffer(self, length: int) -> bytearray:
+        for i, buf in enumerate(self._spare):
+            if len(buf) == length:
+                return self._spare.pop(i)
+        return bytearray(length)  # on the trio thread: see _get_range
+
+    async def _fetch(self, offset: int, length: int) -> bytearray:
+        """Guest bytes offset..+length, from one round of parallel GETs. Data
+        clusters contiguous on the host are read by their GETs straight into
+        the result (holes stay its zeros); only compressed clusters and merged
+        scattered ones go through a scratch buffer and a copy."""
         # The tables this range needs, held locally: concurrent reads may evict
         # them from the shared LRU while this one awaits.
         tables: dict[int, array] = {}
@@ -214,20 +326,53 @@ class S3Qcow2Reader(ImageReader):
                 tables[o] = self.map.parse_l2(got_tables[o])
                 self._remember_l2(o, tables[o])
         extents = self.map.extents(offset, length, tables.__getitem__)
-        wanted: list[tuple[int, int]] = []
-        for e in extents:
-            if e.kind == DATA:
-                wanted.append((e.host_offset, e.length))
-            elif e.kind == COMPRESSED:
-                wanted.append((e.host_offset, e.host_length))
-        got = await self._parallel(self._plan(wanted)) if wanted else {}
-        starts = sorted(got)
+        out = self._buffer(length)
+        view = memoryview(out)
+        direct: list[tuple[int, memoryview]] = []
+        scratch: list[tuple[int, int]] = []
+        copied: list[Extent] = []
+        cap = self.settings.max_get
+        for e in extents:  # every byte is written: holes too (the buffer may be reused)
+            if e.kind == ZERO:
+                pos = e.guest_offset - offset
+                for o in range(pos, pos + e.length, len(_ZEROS)):
+                    view[o:min(pos + e.length, o + len(_ZEROS))] = \
+                        _ZEROS[:min(pos + e.length - o, len(_ZEROS))]
+        for lo, hi, members in self._plan(extents):
+            if len(members) == 1 and members[0].kind == DATA:
+                pos = members[0].guest_offset - offset - lo
+                direct += [(o, view[pos + o:pos + min(hi, o + cap)])
+                           for o in range(lo, hi, cap)]
+            else:
+                scratch += [(o, min(cap, hi - o)) for o in range(lo, hi, cap)]
+                copied += members
+        got: dict[int, bytearray] = {}
 
+        async def one(off: int, n: int) -> None:
+            got[off] = await _get_range(self.calls, self.bucket, self.key, off, n)
+        try:
+            async with trio.open_nursery() as nursery:
+                for off, piece in direct:
+                    nursery.start_soon(_get_into, self.calls, self.bucket, self.key,
+                                       off, piece)
+                for off, n in scratch:
+                    nursery.start_soon(one, off, n)
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
+        if copied:
+            await trio.to_thread.run_sync(self._copy_in, copied, got, view, offset,
+                                          limiter=self.cpu_limiter)
+        return out
+
+    def _copy_in(self, extents: list[Extent], got: dict[int, bytearray],
+                 view: memoryview, offset: int) -> None:
+        """Copy (decompress) ``extents`` from the scratch GETs into ``view``
+        (guest bytes from ``offset``). CPU work: runs in a worker thread."""
+        starts = sorted(got)
         views = {base: memoryview(data) for base, data in got.items()}
 
         def host_bytes(off: int, n: int) -> bytes | memoryview:
-            # A wanted range lies in one merged range, maybe across its pieces;
-            # views, not copies: assemble() copies once into the result.
+            # A wanted range lies in one merged range, maybe across its pieces.
             i = bisect.bisect_right(starts, off) - 1
             pieces: list[memoryview] = []
             while n > 0 and 0 <= i < len(starts):
@@ -240,25 +385,40 @@ class S3Qcow2Reader(ImageReader):
                 n -= len(piece)
                 i += 1
             return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        return await trio.to_thread.run_sync(assemble, extents, self.header, host_bytes,
-                                             limiter=self.cpu_limiter)
+        for e in extents:
+            pos = e.guest_offset - offset
+            if e.kind == DATA:
+                data = host_bytes(e.host_offset, e.length)
+                if len(data) != e.length:
+                    raise InvalidData(f"truncated QCOW2 image: data for guest offset "
+                                      f"{e.guest_offset} is short")
+                view[pos:pos + e.length] = data
+            else:
+                cluster = decompress_cluster(host_bytes(e.host_offset, e.host_length),
+                                             self.header, e.guest_offset - e.skip)
+                view[pos:pos + e.length] = memoryview(cluster)[e.skip:e.skip + e.length]
 
     def _remember_l2(self, off: int, table: array) -> None:
         self._l2[off] = table
         while len(self._l2) > self._l2_max:
             self._l2.popitem(last=False)
 
-    def _plan(self, wanted: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """Merge neighbouring host ranges (compressed clusters sit back to back),
-        then cut the merged ranges into ``max_get`` pieces fetched in parallel."""
-        merged: list[list[int]] = []
-        for off, n in sorted(wanted):
+    def _plan(self, extents: list[Extent]) -> list[tuple[int, int, list[Extent]]]:
+        """The host ranges to GET for ``extents`` (DATA and COMPRESSED), each with
+        the extents it holds: neighbouring ranges merged (compressed clusters sit
+        back to back; small gaps are cheaper fetched than asked for again)."""
+        wanted = sorted(((e.host_offset, e.length if e.kind == DATA else e.host_length, e)
+                         for e in extents if e.kind in (DATA, COMPRESSED)),
+                        key=lambda w: w[0])
+        merged: list[tuple[int, int, list[Extent]]] = []
+        for off, n, e in wanted:
             if merged and off <= merged[-1][1] + MERGE_GAP:
-                merged[-1][1] = max(merged[-1][1], off + n)
+                lo, hi, members = merged[-1]
+                members.append(e)
+                merged[-1] = (lo, max(hi, off + n), members)
             else:
-                merged.append([off, off + n])
-        cap = self.settings.max_get
-        return [(o, min(cap, hi - o)) for lo, hi in merged for o in range(lo, hi, cap)]
+                merged.append((off, off + n, [e]))
+        return merged
 
     async def _parallel(self, ranges: list[tuple[int, int]]) -> dict[int, bytes]:
         got: dict[int, bytes] = {}
@@ -274,6 +434,10 @@ class S3Qcow2Reader(ImageReader):
         return got
 
     async def aclose(self) -> None:
+        self._closed = True
+        for scope in list(self._prefetches):
+            scope.cancel()
         self._windows.clear()
+        self._spare.clear()
         self._window_bytes = 0
         self._l2.clear()

@@ -165,10 +165,12 @@ async def test_a_version_1_store_is_migrated_and_reads_the_same(
         vol = await svc.add_volume("v", path)
         snap = await wait_state(svc, (await svc.create_snapshot(
             ZONE, name="s", volume_id=vol.id)).id)
-    # Turn the store back into what version 1 wrote: no xxh column.
+    # Turn the store back into what version 1 wrote: no later columns.
     conn = sqlite3.connect(store_dir / "metadata.db")
     with conn:
         conn.execute("ALTER TABLE chunks DROP COLUMN xxh")
+        conn.execute("ALTER TABLE snapshots DROP COLUMN owner")
+        conn.execute("ALTER TABLE tasks DROP COLUMN owner")
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     conn.close()
     assert SCHEMA_VERSION == len(MIGRATIONS) >= 2
@@ -181,3 +183,66 @@ async def test_a_version_1_store_is_migrated_and_reads_the_same(
         assert await read_all(svc, snap.id) == path.read_bytes()
     res = snapfs_cli("fsck", store=store_dir)
     assert res.returncode == 0, res.stdout
+
+
+HOLDER = textwrap.dedent("""
+    import sys, trio
+    from snapfs.local import open_local_service
+
+    async def main():
+        async with open_local_service(sys.argv[1]):
+            print("open", flush=True)
+            await trio.sleep_forever()
+    trio.run(main)
+""")
+
+
+def test_a_dead_processs_capture_fails_while_others_keep_the_store_open(
+        store_dir: Path, volume_file: Callable[..., Path]) -> None:
+    """The open that follows a SIGKILL is not exclusive here (another process holds
+    the store), yet the killed process's capture is failed at once, not left
+    `snapshotting` until everyone closes the store."""
+    import trio
+
+    big = volume_file("big", 384 * MiB, [(0, random_bytes(384 * MiB, seed=16))])
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(store_dir)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        proc = subprocess.Popen([sys.executable, "-c", KILLED_CAPTURE, str(store_dir),
+                                 str(big)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
+            db = sqlite3.connect(store_dir / "metadata.db")
+            deadline = time.monotonic() + 60
+            progress = 0
+            while progress < 10 and time.monotonic() < deadline:
+                row = db.execute("SELECT progress FROM snapshots").fetchone()
+                progress = row[0] if row else 0
+                time.sleep(0.01)
+            db.close()
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+        async def reopen() -> None:
+            async with open_local_service(store_dir) as svc:
+                doomed = (await svc.list_snapshots(ZONE, name="doomed")).items[0]
+                assert doomed.state == "error" and "interrupted" in (doomed.error_reason or "")
+                assert svc.md.conn.execute("SELECT count(*) FROM snapshot_chunks"
+                                           ).fetchone()[0] == 0
+                # A capture of a live process (this one) is left alone by another open.
+                vol = (await svc.list_all_volumes())[0]
+                live = await svc.create_snapshot(ZONE, name="live", volume_id=vol.id)
+                async with open_local_service(store_dir) as other:
+                    assert (await other.get_snapshot(ZONE, live.id)).state in (
+                        "snapshotting", "available")
+                assert (await wait_state(svc, live.id)).state == "available"
+        trio.run(reopen)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()

@@ -15,6 +15,7 @@ import sqlite_utils
 
 from ..errors import CorruptData, InvalidArgument, NotFound, SnapfsError
 from ..model import BaseVolume, Page, Project, Snapshot, Task, Volume, new_id, now
+from .owner import this_process
 from .schema import migrate
 
 _SNAPSHOT_COLS = ("rowid, id, name, zone, project, organization, tags, volume_type, size, state, "
@@ -169,12 +170,13 @@ class Metadata:
         cur = self.conn.execute(
             "INSERT INTO snapshots (id, name, zone, project, organization, tags, volume_type, "
             "size, state, base_volume_id, base_volume_name, creation_date, modification_date, "
-            "error_reason, progress, source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "error_reason, progress, source, owner) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (s.id, s.name, s.zone, s.project, s.organization, json.dumps(s.tags),
              s.volume_type, s.size, s.state, s.base_volume.id if s.base_volume else None,
              s.base_volume.name if s.base_volume else None, s.creation_date,
              s.modification_date, s.error_reason, s.progress,
-             json.dumps(source) if source else None))
+             json.dumps(source) if source else None,
+             this_process() if s.state in ("snapshotting", "importing") else None))
         return int(cur.lastrowid or 0)
 
     def _snapshot_row(self, snapshot_id: str) -> sqlite3.Row:
@@ -217,12 +219,13 @@ class Metadata:
             "LIMIT ? OFFSET ?", args + [per_page, (page - 1) * per_page])
         return Page([_snapshot(r) for r in rows], total)
 
-    def snapshots_in_states(self, states: Iterable[str]) -> list[Snapshot]:
+    def snapshots_in_states(self, states: Iterable[str]) -> list[tuple[Snapshot, str | None]]:
+        """(snapshot, owner token) of the snapshots in those states."""
         states = list(states)
         marks = ",".join("?" * len(states))
-        rows = self.conn.execute(f"SELECT {_SNAPSHOT_COLS} FROM snapshots "
+        rows = self.conn.execute(f"SELECT {_SNAPSHOT_COLS}, owner FROM snapshots "
                                  f"WHERE state IN ({marks})", states)
-        return [_snapshot(r) for r in rows]
+        return [(_snapshot(r), r["owner"]) for r in rows]
 
     def snapshot_source(self, snapshot_id: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT source FROM snapshots WHERE id = ?",
@@ -236,6 +239,8 @@ class Metadata:
             fields["tags"] = json.dumps(fields["tags"])
         if set(fields) - {"progress"}:
             fields.setdefault("modification_date", now())
+        if fields.get("state") not in (None, "snapshotting", "importing"):
+            fields["owner"] = None
         cols = ", ".join(f"{k} = ?" for k in fields)
         self.conn.execute(f"UPDATE snapshots SET {cols} WHERE id = ?",
                           list(fields.values()) + [snapshot_id])
@@ -250,7 +255,8 @@ class Metadata:
             "id": t.id, "snapshot_id": snapshot_id, "zone": t.zone,
             "description": t.description, "status": t.status, "progress": t.progress,
             "started_at": t.started_at, "terminated_at": t.terminated_at,
-            "bucket": t.bucket, "key": t.key, "bytes": t.bytes, "error": t.error})
+            "bucket": t.bucket, "key": t.key, "bytes": t.bytes, "error": t.error,
+            "owner": this_process()})
 
     def update_task(self, task_id: str, **fields: Any) -> None:
         self.db.table("tasks").update(task_id, fields)
@@ -267,8 +273,9 @@ class Metadata:
                                 "ORDER BY rowid DESC LIMIT 1", (snapshot_id,)).fetchone()
         return _task(row) if row else None
 
-    def unfinished_tasks(self) -> list[Task]:
-        return [_task(r) for r in self.conn.execute(
+    def unfinished_tasks(self) -> list[tuple[Task, str | None]]:
+        """(task, owner token) of the exports not finished."""
+        return [(_task(r), r["owner"]) for r in self.conn.execute(
             "SELECT * FROM tasks WHERE status IN ('pending', 'started')")]
 
     def task_snapshot(self, task_id: str) -> str:

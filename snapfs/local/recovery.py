@@ -1,7 +1,8 @@
-"""What an open does when no other process has the store: finish what a killed
-process left half done, so that every existing snapshot reads as before and
-nothing leaks. Each step is idempotent (a crash during recovery is recovered
-by the next open)."""
+"""What an open does about work a killed process left half done, so that every
+existing snapshot reads as before and nothing leaks. Any open fails the captures,
+imports and exports whose owner process died (owner.py); an open that finds no
+other process on the store also repairs the files (pack tails, queued punches).
+Each step is idempotent (a crash during recovery is recovered by the next open)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ..objects import ObjectStorage
 from .chunkindex import ChunkIndex
 from .chunks import PackFiles
 from .metadata import Metadata
+from .owner import alive
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +26,17 @@ ABORT_TIME = 30.0
 
 
 async def recover(md: Metadata, index: ChunkIndex, packs: PackFiles,
-                  objects: ObjectStorage | None = None) -> None:
+                  objects: ObjectStorage | None = None, exclusive: bool = True) -> None:
+    """``exclusive``: no other process has the store open, so every unfinished job
+    is orphaned and the files may be repaired; otherwise only the jobs whose
+    owner process is gone are failed."""
+    def orphaned(owner: str | None) -> bool:
+        return exclusive or (owner is not None and not alive(owner))
+
     # 1. Captures and imports that never finished: error, partial map released.
-    for snap in md.snapshots_in_states(("snapshotting", "importing")):
+    for snap, owner in md.snapshots_in_states(("snapshotting", "importing")):
+        if not orphaned(owner):
+            continue
         log.warning("snapshot %s (%s) was %s when the service stopped: marking it error",
                     snap.id, snap.name, snap.state)
         index.release(md.snap_key(snap.id))
@@ -34,7 +44,7 @@ async def recover(md: Metadata, index: ChunkIndex, packs: PackFiles,
     # 2. Exports that never finished: the snapshot's data was never touched, but
     #    the multipart upload the killed process started is still on the server
     #    (its parts are billed): abort it first, so that a crash now retries it.
-    tasks = md.unfinished_tasks()
+    tasks = [t for t, owner in md.unfinished_tasks() if orphaned(owner)]
     deadline = trio.current_time() + ABORT_TIME
     for task in tasks:
         await _abort_upload(objects, task.bucket, task.key, task.zone, deadline)
@@ -46,7 +56,10 @@ async def recover(md: Metadata, index: ChunkIndex, packs: PackFiles,
             md.conn.execute("UPDATE snapshots SET state = 'available' "
                             "WHERE id = ? AND state = 'exporting'", (snapshot_id,))
     # 3. Pack bytes past the committed length, extents queued for punching, packs
-    #    without a live chunk, pack files no row knows.
+    #    without a live chunk, pack files no row knows: only with the store to
+    #    ourselves, as other processes may be appending to their packs.
+    if not exclusive:
+        return
     committed = index.packs()
 
     def fix_files() -> None:

@@ -143,6 +143,15 @@ MIGRATIONS: list[str] = [
     -- blake3 digest instead.
     ALTER TABLE chunks ADD COLUMN xxh BLOB;
     """,
+    # --- version 3 -----------------------------------------------------------------
+    """
+    -- The process doing a snapshot's capture/import or a task's export
+    -- ("<boot id>:<pid>:<start time>", see owner.py); NULL once it ended. Any
+    -- process opening the store fails the work of owners that died, even while
+    -- other processes keep the store open.
+    ALTER TABLE snapshots ADD COLUMN owner TEXT;
+    ALTER TABLE tasks ADD COLUMN owner TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -485,8 +485,7 @@ async def open_local_service(store: Path | str, objects: ObjectStorage | None = 
                 exclusive = True
             except BlockingIOError:
                 exclusive = False
-            if exclusive:
-                await recover(svc.md, svc.index, svc.packs, svc.objects)
+            await recover(svc.md, svc.index, svc.packs, svc.objects, exclusive=exclusive)
             fcntl.flock(lock_fd, fcntl.LOCK_SH)  # others may open it beside us now
             body_error: Exception | None = None
             async with trio.open_nursery() as nursery:

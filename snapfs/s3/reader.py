@@ -235,30 +235,42 @@ class S3Qcow2Reader(ImageReader):
     def _spawn_fetch(self, offset: int, length: int) -> None:
         scope = trio.CancelScope()
         self._prefetches.add(scope)
+        # In flight from now on, not from when the task first runs: a read
+        # arriving meanwhile waits for it instead of fetching the same bytes.
+        done = self._start_fetch(offset, length)
 
         async def fetch() -> None:
             try:
                 with scope:
-                    await self._fetch_window(offset, length)
+                    await self._fetch_window(offset, length, done)
             except Exception as exc:  # noqa: BLE001 -- the read that needs these bytes refetches and reports
                 log.debug("read-ahead of %s/%s at %d failed: %s", self.bucket, self.key,
                           offset, exc)
             finally:
                 self._prefetches.discard(scope)
+                self._end_fetch(done)  # also when cancelled before it started
         # The reader has no nursery of its own (ImageReader is opened and closed
         # by its user); a system task it cancels in aclose() does the job.
         trio.lowlevel.spawn_system_task(fetch, name="snapfs.s3 read-ahead")
 
-    async def _fetch_window(self, offset: int, length: int) -> None:
+    def _start_fetch(self, offset: int, length: int) -> trio.Event:
         done = trio.Event()
         self._inflight[done] = (offset, offset + length)
+        return done
+
+    def _end_fetch(self, done: trio.Event) -> None:
+        self._inflight.pop(done, None)
+        done.set()
+
+    async def _fetch_window(self, offset: int, length: int,
+                            done: trio.Event | None = None) -> None:
+        done = done or self._start_fetch(offset, length)
         try:
             data = await self._fetch(offset, length)
             if not self._closed:
                 self._remember_window(offset, data)
         finally:
-            del self._inflight[done]
-            done.set()
+            self._end_fetch(done)
 
     def _cached(self, offset: int, end: int) -> bytes | None:
         """Guest bytes offset..end from the cached windows (maybe across
@@ -283,9 +295,15 @@ class S3Qcow2Reader(ImageReader):
             self._drop(old)
         self._windows[offset] = data
         self._window_bytes += len(data)
-        limit = (AHEAD_WINDOWS + 2) * self.settings.readahead
+        # The stream holds the window it reads, the one it just left (kept
+        # SEQ_SLACK longer for shuffled reads) and AHEAD_WINDOWS + 1 ahead.
+        limit = (AHEAD_WINDOWS + 3) * self.settings.readahead
         while self._window_bytes > limit and len(self._windows) > 1:
-            self._drop(self._windows.popitem(last=False)[1])
+            # Windows the stream has passed go first, then the least recently used:
+            # plain LRU would drop a read-ahead window before the reader gets to it.
+            behind = [s for s, d in self._windows.items() if s + len(d) <= self._pos]
+            self._drop(self._windows.pop(behind[0]) if behind
+                       else self._windows.popitem(last=False)[1])
 
     def _drop(self, window: bytearray) -> None:
         """A window leaves the cache: its buffer is kept for the next window

@@ -37,9 +37,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--direct-io", action="store_true",
                    help="serve image.raw with direct I/O instead of through the kernel page "
                    "cache (every read reaches the daemon; see the README's notes)")
-    p.add_argument("--readahead", type=int, default=None, metavar="N",
-                   help="chunks the daemon reads ahead for sequential image readers "
-                   "(default: 4 with --direct-io; 0 otherwise, the kernel reads ahead)")
+    p.add_argument("--readahead", type=int, default=0, metavar="N",
+                   help="requests the filesystem reads ahead for sequential image readers "
+                   "(default 0: both backends' readers read ahead themselves, and the "
+                   "kernel does with the page cache)")
     p.add_argument("--zones", default=None, metavar="Z1,Z2",
                    help="scaleway backend: extra zones to show")
     p.add_argument("--profile", default=None, help="scaleway backend: config profile")
@@ -66,8 +67,6 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 def _mount(args: argparse.Namespace) -> int:
     from .daemon import MountConfig, run_daemon, run_foreground
 
-    if args.readahead is None:
-        args.readahead = 4 if args.direct_io else 0
     if args.readahead < 0:
         raise InvalidArgument("readahead", "must be >= 0")
     cfg = MountConfig(

@@ -92,7 +92,7 @@ class FsContext:
     #: Imports started through this mount, by (zone, project, name).
     imports: dict[tuple[str, str, str], ImportRecord] = field(default_factory=dict)
     #: Read-ahead depth in chunks for sequential readers of image.raw (0 = off).
-    readahead: int = 4
+    readahead: int = 0
     #: Serve image.raw with direct_io instead of the page cache (README design notes).
     direct_io: bool = False
     #: How often a wait (open of a snapshotting image, mkdir) polls the state.

@@ -48,7 +48,7 @@ class MountConfig:
     foreground: bool = False
     debug: bool = False
     direct_io: bool = False
-    readahead: int = 4
+    readahead: int = 0
     ttl: float = 2.0
     #: Scaleway backend settings (see snapfs.scaleway).
     zones: list[str] | None = None

@@ -5,7 +5,9 @@ that stop and restart it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+import trio
 
 ADMIN = ("snapfs-admin", "snapfs-admin-secret-key")
 READER = ("snapfs-reader", "snapfs-reader-secret-key")
@@ -209,3 +212,21 @@ def qemu_img_judges(img: Path, raw: Path) -> None:
     r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(img),
                         str(raw)], capture_output=True, text=True)
     assert r.returncode == 0 and "Images are identical" in r.stdout, r.stdout + r.stderr
+
+
+@contextlib.contextmanager
+def logged(logger: str, text: str) -> Iterator[trio.Event]:
+    """An event set as soon as ``logger`` logs a record containing ``text``
+    (lets a test wait for a moment inside the code under test)."""
+    seen = trio.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if text in record.getMessage():
+                seen.set()
+    handler = Watch()
+    logging.getLogger(logger).addHandler(handler)
+    try:
+        yield seen
+    finally:
+        logging.getLogger(logger).removeHandler(handler)

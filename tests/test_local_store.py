@@ -77,6 +77,29 @@ KILLED_CAPTURE = textwrap.dedent("""
 """)
 
 
+def kill_capture_mid_way(store_dir: Path, volume: Path) -> int:
+    """Run KILLED_CAPTURE of ``volume`` in a subprocess and SIGKILL it once the
+    snapshot 'doomed' shows >= 10% progress; returns the progress last seen."""
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_CAPTURE, str(store_dir),
+                             str(volume)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
+        db = sqlite3.connect(store_dir / "metadata.db")
+        deadline = time.monotonic() + 60
+        progress = 0
+        while progress < 10 and time.monotonic() < deadline:
+            row = db.execute("SELECT progress FROM snapshots WHERE name = 'doomed'").fetchone()
+            progress = row[0] if row else 0
+            time.sleep(0.01)
+        db.close()
+        return progress
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
 def test_sigkill_mid_capture_damages_nothing(store_dir: Path, tmp_path: Path,
                                              volume_file: Callable[..., Path]) -> None:
     import trio
@@ -93,24 +116,8 @@ def test_sigkill_mid_capture_damages_nothing(store_dir: Path, tmp_path: Path,
     keep_bytes = keep.read_bytes()
     blocks_before = sum(p.stat().st_blocks for p in (store_dir / "packs").glob("*.pack"))
 
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_CAPTURE, str(store_dir), str(big)],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
-        db = sqlite3.connect(store_dir / "metadata.db")
-        deadline = time.monotonic() + 60
-        progress = 0
-        while progress < 10 and time.monotonic() < deadline:
-            row = db.execute("SELECT progress FROM snapshots WHERE name = 'doomed'").fetchone()
-            progress = row[0] if row else 0
-            time.sleep(0.01)
-        db.close()
-        assert 10 <= progress < 100, progress
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    progress = kill_capture_mid_way(store_dir, big)
+    assert 10 <= progress < 100, progress
 
     async def after() -> None:
         async with open_local_service(store_dir) as svc:
@@ -209,23 +216,7 @@ def test_a_dead_processs_capture_fails_while_others_keep_the_store_open(
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
-        proc = subprocess.Popen([sys.executable, "-c", KILLED_CAPTURE, str(store_dir),
-                                 str(big)], stdout=subprocess.PIPE, text=True)
-        try:
-            assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
-            db = sqlite3.connect(store_dir / "metadata.db")
-            deadline = time.monotonic() + 60
-            progress = 0
-            while progress < 10 and time.monotonic() < deadline:
-                row = db.execute("SELECT progress FROM snapshots").fetchone()
-                progress = row[0] if row else 0
-                time.sleep(0.01)
-            db.close()
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
+        kill_capture_mid_way(store_dir, big)
 
         async def reopen() -> None:
             async with open_local_service(store_dir) as svc:

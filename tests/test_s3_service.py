@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pytest
 import trio
 
-from fixtures_s3 import ADMIN, SeaweedServer, qemu_img_judges
+from fixtures_s3 import ADMIN, SeaweedServer, logged, qemu_img_judges
 from fixtures_store import MiB, ZONE, random_bytes, read_all, wait_state
 from snapfs.local import LocalService, open_local_service
 from snapfs.model import Snapshot, Task
@@ -160,38 +160,29 @@ async def test_server_stopped_mid_export(private_s3_server: SeaweedServer, tmp_p
                              retry=RetryPolicy(attempts=3, first_delay=0.1, budget=2.0),
                              abort_retry=RetryPolicy(attempts=200, first_delay=0.2,
                                                      max_delay=1.0, budget=120.0))
-    aborting = trio.Event()
-
-    class Watch(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if "aborting the upload" in record.getMessage():
-                aborting.set()
-    handler = Watch()
-    logger = logging.getLogger("snapfs.s3.export")
-    logger.addHandler(handler)
-    try:
-        async with open_local_service(tmp_path / "store", objects=objects) as svc:
-            snap = await snapshot_of(svc, vol)
-            task = await svc.export_snapshot(ZONE, snap.id, bucket=bucket, key="big.qcow2")
-            with trio.fail_after(60):
-                while (t := await svc.get_task(ZONE, task.id)).progress < 5:
-                    assert t.status in ("pending", "started"), t
-                    await trio.sleep(0.005)
-            assert (await svc.get_snapshot(ZONE, snap.id)).state == "exporting"
-            assert t.progress < 100
-            await trio.to_thread.run_sync(server.stop)
-            with trio.fail_after(60):
-                await aborting.wait()
-            await trio.to_thread.run_sync(server.start)
-            t = await wait_task(svc, task.id)
-            assert t.status == "failure"
-            assert "failed after" in (t.error or "") and "attempts" in (t.error or "")
-            snap = await svc.get_snapshot(ZONE, snap.id)
-            assert snap.state == "available"
-            assert await read_all(svc, snap.id) == vol.read_bytes()
-    finally:
-        logger.removeHandler(handler)
-        await objects.aclose()
+    with logged("snapfs.s3.export", "aborting the upload") as aborting:
+        try:
+            async with open_local_service(tmp_path / "store", objects=objects) as svc:
+                snap = await snapshot_of(svc, vol)
+                task = await svc.export_snapshot(ZONE, snap.id, bucket=bucket, key="big.qcow2")
+                with trio.fail_after(60):
+                    while (t := await svc.get_task(ZONE, task.id)).progress < 5:
+                        assert t.status in ("pending", "started"), t
+                        await trio.sleep(0.005)
+                assert (await svc.get_snapshot(ZONE, snap.id)).state == "exporting"
+                assert t.progress < 100
+                await trio.to_thread.run_sync(server.stop)
+                with trio.fail_after(60):
+                    await aborting.wait()
+                await trio.to_thread.run_sync(server.start)
+                t = await wait_task(svc, task.id)
+                assert t.status == "failure"
+                assert "failed after" in (t.error or "") and "attempts" in (t.error or "")
+                snap = await svc.get_snapshot(ZONE, snap.id)
+                assert snap.state == "available"
+                assert await read_all(svc, snap.id) == vol.read_bytes()
+        finally:
+            await objects.aclose()
     c = server.client()
     assert c.list_multipart_uploads(Bucket=bucket).get("Uploads") is None
     assert c.list_objects_v2(Bucket=bucket).get("Contents") is None

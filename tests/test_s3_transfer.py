@@ -7,7 +7,6 @@ The export source here is a plain file read through the ImageReader interface
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from fixtures_s3 import READER, SeaweedServer, qemu_img_judges
+from fixtures_s3 import READER, SeaweedServer, logged, qemu_img_judges
 from snapfs.errors import InvalidData, NotFound, PermissionDenied, Transient
 from snapfs.s3.calls import RetryPolicy
 from snapfs.service import ImageReader
@@ -221,34 +220,26 @@ async def test_server_gone_mid_export_aborts_upload(private_s3_server: SeaweedSe
                              retry=RetryPolicy(attempts=3, first_delay=0.1, budget=2.0),
                              abort_retry=RetryPolicy(attempts=100, first_delay=0.2,
                                                      max_delay=1.0, budget=120.0))
-    aborting = trio.Event()
-
-    class Watch(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if "aborting the upload" in record.getMessage():
-                aborting.set()
-    handler = Watch()
-    logging.getLogger("snapfs.s3.export").addHandler(handler)
     outcome: list[BaseException] = []
-    try:
-        async with trio.open_nursery() as nursery:
-            async def run() -> None:
-                try:
-                    await objects.export_qcow2(image, bucket, "g.qcow2", lambda d, t: None)
-                except Exception as exc:
-                    outcome.append(exc)
-            nursery.start_soon(run)
-            with trio.fail_after(60):
-                await image.paused.wait()
-            assert len(uploads(server, bucket)) == 1  # parts went up already
-            await trio.to_thread.run_sync(server.stop)
-            image.resume.set()
-            with trio.fail_after(60):
-                await aborting.wait()
-            await trio.to_thread.run_sync(server.start)
-    finally:
-        logging.getLogger("snapfs.s3.export").removeHandler(handler)
-        await objects.aclose()
+    with logged("snapfs.s3.export", "aborting the upload") as aborting:
+        try:
+            async with trio.open_nursery() as nursery:
+                async def run() -> None:
+                    try:
+                        await objects.export_qcow2(image, bucket, "g.qcow2", lambda d, t: None)
+                    except Exception as exc:
+                        outcome.append(exc)
+                nursery.start_soon(run)
+                with trio.fail_after(60):
+                    await image.paused.wait()
+                assert len(uploads(server, bucket)) == 1  # parts went up already
+                await trio.to_thread.run_sync(server.stop)
+                image.resume.set()
+                with trio.fail_after(60):
+                    await aborting.wait()
+                await trio.to_thread.run_sync(server.start)
+        finally:
+            await objects.aclose()
     assert len(outcome) == 1 and isinstance(outcome[0], Transient), outcome
     assert "after" in str(outcome[0]) and "attempts" in str(outcome[0])
     assert uploads(server, bucket) == []

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import trio
 
 from ..errors import CorruptData
+from .chunks import CHUNK_SIZE
 from .service import LocalService
 
 
@@ -45,7 +46,7 @@ async def fsck(svc: LocalService) -> FsckReport:
     for sid, name, size, n in conn.execute(
             "SELECT s.id, s.name, s.size, max(m.idx) FROM snapshots s "
             "JOIN snapshot_chunks m ON m.snap = s.rowid GROUP BY s.rowid"):
-        if n * (1 << 20) >= size:
+        if n * CHUNK_SIZE >= size:
             rep.problems.append(f"snapshot {sid} ({name}) maps chunk {n} beyond its size {size}")
     for (cid,) in conn.execute("SELECT id FROM chunks c WHERE NOT EXISTS "
                                "(SELECT 1 FROM snapshot_chunks m WHERE m.chunk = c.id)"):

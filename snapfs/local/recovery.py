@@ -20,6 +20,7 @@ from .owner import alive
 log = logging.getLogger(__name__)
 
 INTERRUPTED = "capture interrupted: the service stopped before it finished"
+EXPORT_INTERRUPTED = "export interrupted: the service stopped"
 #: How long an open may spend aborting the uploads of interrupted exports, in all
 #: (a dead Object Storage must not keep the store closed for long).
 ABORT_TIME = 30.0
@@ -51,7 +52,7 @@ async def recover(md: Metadata, index: ChunkIndex, packs: PackFiles,
     for task in tasks:
         with md.transaction():
             md.update_task(task.id, status="failure", terminated_at=task.started_at,
-                           error="export interrupted: the service stopped")
+                           error=EXPORT_INTERRUPTED)
             snapshot_id = md.task_snapshot(task.id)
             md.conn.execute("UPDATE snapshots SET state = 'available' "
                             "WHERE id = ? AND state = 'exporting'", (snapshot_id,))

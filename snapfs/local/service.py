@@ -29,7 +29,7 @@ from .chunkindex import ChunkIndex
 from .chunks import PackFiles
 from .image import LocalImageReader
 from .metadata import Metadata
-from .recovery import recover
+from .recovery import EXPORT_INTERRUPTED, INTERRUPTED, recover
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +353,7 @@ class LocalService(SnapshotService):
                             source_factory: Callable[[], Awaitable[CaptureSource]]) -> None:
         """Run a capture; on any failure or cancellation, leave the snapshot in
         ``error`` (or ``invalid_data``) with the reason and its partial map released."""
-        failed_state, reason = "error", "capture interrupted: the service stopped"
+        failed_state, reason = "error", INTERRUPTED
         try:
             source = await source_factory()
             try:
@@ -407,7 +407,7 @@ class LocalService(SnapshotService):
     async def _run_export(self, snapshot_id: str, task_id: str, bucket: str, key: str) -> None:
         self.md.update_task(task_id, status="started")
         status, nbytes = "failure", 0
-        error: str | None = "export interrupted: the service stopped"
+        error: str | None = EXPORT_INTERRUPTED
         shown = -1
 
         def progress(done: int, total: int) -> None:

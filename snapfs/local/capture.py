@@ -79,16 +79,20 @@ class FileSource(CaptureSource):
         self._pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="capture")
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # bigger kernel readahead
 
-    def _has_data(self, start: int, end: int) -> bool:
+    def _seek_data_from(self, offset: int) -> int:
+        """The first offset >= ``offset`` that may hold data (size when none)."""
         if not self._seek_data:
-            return True
+            return offset
         try:
-            return os.lseek(self.fd, start, os.SEEK_DATA) < end
+            return os.lseek(self.fd, offset, os.SEEK_DATA)
         except OSError as exc:
-            if exc.errno == errno.ENXIO:  # no data at or after start
-                return False
+            if exc.errno == errno.ENXIO:  # no data at or after offset
+                return self.size
             self._seek_data = False  # device or filesystem without SEEK_DATA
-            return True
+            return offset
+
+    def _has_data(self, start: int, end: int) -> bool:
+        return self._seek_data_from(start) < end
 
     def _read_one(self, idx: int) -> Hashed:
         start = idx * CHUNK_SIZE
@@ -113,17 +117,8 @@ class FileSource(CaptureSource):
         return await trio.to_thread.run_sync(self._read, first, count, limiter=self.limiter)
 
     async def next_data(self, offset: int) -> int:
-        def seek() -> int:
-            if not self._seek_data:
-                return offset
-            try:
-                return os.lseek(self.fd, offset, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    return self.size
-                self._seek_data = False
-                return offset
-        return await trio.to_thread.run_sync(seek, limiter=self.limiter)
+        return await trio.to_thread.run_sync(self._seek_data_from, offset,
+                                             limiter=self.limiter)
 
     async def aclose(self) -> None:
         self._pool.shutdown()

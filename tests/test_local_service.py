@@ -83,7 +83,10 @@ async def test_dedup_second_snapshot_stores_only_changed_chunks(
 
 
 async def test_progress_is_visible_while_capturing(service: LocalService,
-                                                   volume_file: Callable[..., Path]) -> None:
+                                                   volume_file: Callable[..., Path],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # Commit every 16 MiB, so progress moves in many visible steps on any machine.
+    monkeypatch.setattr("snapfs.local.capture.GROUP_BYTES", 16 * MiB)
     path = volume_file("big", 192 * MiB, [(0, random_bytes(192 * MiB, seed=5))])
     vol = await service.add_volume("big", path)
     snap = await service.create_snapshot(ZONE, name="s", volume_id=vol.id)

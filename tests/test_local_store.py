@@ -65,7 +65,16 @@ async def test_fsck_reports_a_dangling_reference(store_dir: Path,
 
 KILLED_CAPTURE = textwrap.dedent("""
     import sys, trio
-    from snapfs.local import open_local_service
+    from snapfs.local import capture, open_local_service
+
+    # Pace the real capture after its first group commit, so that the kill always
+    # lands mid-way however fast the machine is.
+    _read = capture.FileSource.read_batch
+    async def paced(self, first, count):
+        if first >= capture.GROUP_BYTES // capture.CHUNK_SIZE:
+            await trio.sleep(0.05)
+        return await _read(self, first, count)
+    capture.FileSource.read_batch = paced
 
     async def main():
         async with open_local_service(sys.argv[1]) as svc:

@@ -12,15 +12,29 @@ import abc
 from .model import Page, Project, Snapshot, Task, Volume
 
 
+#: What ImageReader.read_transient returns: bytes, or a read-only view.
+Buffer = bytes | memoryview
+
+
 class ImageReader(abc.ABC):
     """Random access to one snapshot's bytes; holes read as zeros."""
 
     size: int
+    #: Reads are served from a local page cache already (the local store's pack
+    #: files): a second copy in the kernel's cache of image.raw would cost memory
+    #: and a copy per read for nothing, so the mount uses direct I/O for them.
+    cached_locally: bool = False
 
     @abc.abstractmethod
     async def read(self, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes at ``offset`` (short only at the end of the image).
         Corrupt stored data raises ``CorruptData``, never returns wrong bytes."""
+
+    async def read_transient(self, offset: int, length: int) -> Buffer:
+        """As read(), for a caller that is done with the bytes before it next
+        awaits (a FUSE reply): a reader may then lend a view of a buffer it
+        reuses later, and save a copy per request."""
+        return await self.read(offset, length)
 
     @abc.abstractmethod
     async def aclose(self) -> None:

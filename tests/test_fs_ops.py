@@ -20,6 +20,7 @@ from snapfs.fs.keys import Kind, View
 from snapfs.fs.nodes import node_for
 from snapfs.fs.ops import SnapfsOperations
 from snapfs.fs.prefetch import Prefetcher
+from snapfs.service import ImageReader
 
 
 @dataclass
@@ -104,6 +105,15 @@ async def test_mkdir_rename_setxattr_rmdir(fs: SnapfsOperations) -> None:
     assert await fuse_errno(fs.getattr(two, CTX)) == errno.ENOENT
 
 
+async def test_image_cache_mode_follows_the_mount_option(fs: SnapfsOperations) -> None:
+    image = await child(fs, await make_snapshot(fs, "mode"), "image.raw")
+    for option, direct in ((None, True), (True, True), (False, False)):
+        fs.ctx.direct_io = option
+        info = await fs.open(image, os.O_RDONLY, CTX)
+        assert (info.direct_io, info.keep_cache) == (direct, not direct)
+        await fs.release(info.fh)
+
+
 async def test_image_reads_sequential_and_random(fs: SnapfsOperations) -> None:
     snap = await make_snapshot(fs, "img")
     image = await child(fs, snap, "image.raw")
@@ -112,8 +122,10 @@ async def test_image_reads_sequential_and_random(fs: SnapfsOperations) -> None:
     assert st.st_size == len(data) and st.st_blksize == MiB
     assert await fuse_errno(fs.open(image, os.O_WRONLY, CTX)) == errno.EROFS
     info = await fs.open(image, os.O_RDONLY, CTX)
-    assert info.keep_cache and not info.direct_io  # immutable bytes: page cache
-    got = b"".join([await fs.read(info.fh, off, MiB) for off in range(0, len(data), MiB)])
+    assert info.direct_io  # the packs' page cache is the cache: no second copy
+    # bytes(): a read's result is lent until the next await (pyfuse3 replies at once)
+    got = b"".join([bytes(await fs.read(info.fh, off, MiB))
+                    for off in range(0, len(data), MiB)])
     assert got == data
     assert await fs.read(info.fh, 5, 10) == data[5:15]
     assert await fs.read(info.fh, len(data) - 3, 100) == data[-3:]
@@ -137,7 +149,7 @@ async def test_snapshot_json_applied_at_flush(fs: SnapfsOperations) -> None:
     assert await fs.getxattr(snap, b"user.name", CTX) == b"k"
 
 
-class CountingReader:
+class CountingReader(ImageReader):
     """A real image reader that records the requests it serves."""
 
     def __init__(self, inner: Any) -> None:

@@ -34,9 +34,14 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--debug", action="store_true", help="log every request")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT",
                    help="mount option: allow_other (then default_permissions applies), ro")
-    p.add_argument("--direct-io", action="store_true",
-                   help="serve image.raw with direct I/O instead of through the kernel page "
-                   "cache (every read reaches the daemon; see the README's notes)")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--direct-io", dest="direct_io", action="store_const", const=True,
+                       default=None, help="serve image.raw with direct I/O: every read "
+                       "reaches the daemon (the default for the local store, whose pack "
+                       "files are cached by the kernel already)")
+    cache.add_argument("--page-cache", dest="direct_io", action="store_const", const=False,
+                       help="serve image.raw through the kernel page cache (the default for "
+                       "the scaleway backend; see the README's notes)")
     p.add_argument("--readahead", type=int, default=0, metavar="N",
                    help="requests the filesystem reads ahead for sequential image readers "
                    "(default 0: both backends' readers read ahead themselves, and the "

@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 import pyfuse3
 
+from ..service import Buffer
 from ..errors import (InvalidArgument, NotPermitted, NotSupported, ReadOnly, SnapfsError,
                       errno_for)
 from .context import FsContext, Stat
@@ -214,8 +215,8 @@ class SnapfsOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         return self._open_handle(await self.node(inode).open(flags, ctx.pid if ctx else 0))
 
-    @refusals
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    @refusals  # pyfuse3 replies with any buffer, at once: a view saves a copy
+    async def read(self, fh: int, off: int, size: int) -> Buffer:  # type: ignore[override]
         return await self.handle(fh).read(off, size)
 
     @refusals

@@ -17,7 +17,7 @@ from collections import OrderedDict
 import trio
 
 from ..errors import Interrupted
-from ..service import ImageReader
+from ..service import Buffer, ImageReader
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,9 @@ class Prefetcher:
     def size(self) -> int:
         return self.reader.size
 
-    async def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int) -> Buffer:
+        """The bytes for a FUSE reply: the caller must be done with them before
+        it next awaits (see ImageReader.read_transient)."""
         sequential = offset == self._last_end
         self._last_end = offset + size
         slot = self._slots.pop((offset, size), None)
@@ -60,7 +62,7 @@ class Prefetcher:
             assert slot.data is not None
             return slot.data
         self.stats["direct"] += 1
-        return await self.reader.read(offset, size)
+        return await self.reader.read_transient(offset, size)
 
     def _schedule(self, start: int, size: int) -> None:
         assert self.nursery is not None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 import threading
 from pathlib import Path
@@ -40,12 +41,12 @@ _SYNC_FILE_RANGE_WRITE = 2
 ZERO_CHUNK = bytes(CHUNK_SIZE)
 
 
-def digest(data: bytes | memoryview) -> bytes:
+def digest(data: bytes | bytearray | memoryview) -> bytes:
     """The content address (dedup identity): collision-resistant."""
     return blake3.blake3(data).digest()
 
 
-def check(data: bytes | memoryview) -> bytes:
+def check(data: bytes | bytearray | memoryview) -> bytes:
     """The read-path integrity check: catches corruption at memory speed."""
     return xxhash.xxh3_128_digest(data)
 
@@ -53,6 +54,16 @@ def check(data: bytes | memoryview) -> bytes:
 def is_zero(data: bytes | memoryview) -> bool:
     n = len(data)
     return data == (ZERO_CHUNK if n == CHUNK_SIZE else bytes(n))
+
+
+def chunk_buffer() -> mmap.mmap:
+    """A page-aligned, writable chunk-sized buffer to read chunks into.
+
+    Page alignment is not cosmetic: the kernel copies page-cache bytes into it,
+    and a destination just past a page boundary (where malloc puts a large
+    bytearray's bytes: page + 16) runs that copy at half speed or worse on this
+    class of machine (4K aliasing; measured 140-350 vs 70 us per MiB)."""
+    return mmap.mmap(-1, CHUNK_SIZE)
 
 
 def align_up(n: int) -> int:
@@ -79,9 +90,17 @@ class PackFiles:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._fds: dict[int, int] = {}
         self._lock = threading.Lock()
+        self._nowait = hasattr(os, "RWF_NOWAIT")
 
     def path(self, pack: int) -> Path:
         return self.dir / f"{pack:08d}.pack"
+
+    def is_open(self, pack: int) -> bool:
+        return pack in self._fds
+
+    def open(self, pack: int) -> None:
+        """Open the pack's descriptor now (a file-system call: from a worker thread)."""
+        self._fd(pack)
 
     def _fd(self, pack: int) -> int:
         with self._lock:
@@ -99,12 +118,51 @@ class PackFiles:
             data = os.pread(self._fd(pack), length, offset)
         except FileNotFoundError:
             raise CorruptData(f"pack {pack} is missing (chunk at {offset})") from None
+        self._verify(data, pack, offset, length, expected, xxh)
+        return data
+
+    def read_into(self, pack: int, offset: int, length: int, expected: bytes,
+                  xxh: bytes | None, into: memoryview) -> None:
+        """Read the chunk into ``into`` and verify it, as read() does."""
+        try:
+            n = os.preadv(self._fd(pack), [into], offset)
+        except FileNotFoundError:
+            raise CorruptData(f"pack {pack} is missing (chunk at {offset})") from None
+        self._verify(into[:n], pack, offset, length, expected, xxh)
+
+    def read_if_cached(self, pack: int, offset: int, length: int, expected: bytes,
+                       xxh: bytes | None, into: memoryview) -> bool:
+        """Read the chunk into ``into`` and verify it, if all of its bytes are in
+        the page cache and the pack is already open; otherwise return False,
+        having waited for nothing.
+
+        RWF_NOWAIT makes the read fail instead of waiting for the disk, so this
+        is safe on the trio thread: it costs a memory copy and a hash (~0.1 ms per
+        MiB), less than handing the read to a worker thread and back."""
+        fd = self._fds.get(pack)
+        if fd is None or not self._nowait:
+            return False
+        try:
+            n = os.preadv(fd, [into], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        except OSError as exc:  # e.g. a filesystem without RWF_NOWAIT: stop trying
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._nowait = False
+            return False  # anything else: read_into() reports it
+        if n != length:  # partly cached: read_into() reads it all
+            return False
+        self._verify(into, pack, offset, length, expected, xxh)
+        return True
+
+    @staticmethod
+    def _verify(data: bytes | memoryview, pack: int, offset: int, length: int,
+                expected: bytes, xxh: bytes | None) -> None:
         ok = len(data) == length and (check(data) == xxh if xxh is not None
                                       else digest(data) == expected)
         if not ok:
             raise CorruptData(f"chunk {expected.hex()[:16]} in pack {pack} at offset "
                               f"{offset} does not match its hash")
-        return data
 
     def punch(self, pack: int, offset: int, length: int) -> None:
         try:

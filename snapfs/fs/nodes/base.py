@@ -8,6 +8,7 @@ and refuses everything else with a domain error saying why.
 from __future__ import annotations
 
 from ...errors import NoSuchAttribute, NotPermitted, ReadOnly
+from ...service import Buffer
 from ..context import FsContext, Stat
 from ..keys import Key
 
@@ -92,7 +93,7 @@ class Handle:
     def __init__(self, node: Node) -> None:
         self.node = node
 
-    async def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int) -> Buffer:
         raise ReadOnly("not open for reading")
 
     async def write(self, offset: int, data: bytes) -> int:

@@ -11,6 +11,7 @@ import trio
 
 from ...errors import InvalidArgument, Interrupted, NotFound, ReadOnly, SnapshotUnusable
 from ...model import BUSY_STATES, FAILED_STATES, Snapshot
+from ...service import Buffer
 from .. import transfer
 from ..context import IMAGE_BLKSIZE, FsContext, Stat, file_stat, ns
 from ..keys import EXPORT, IMAGE, JSON, Key
@@ -58,8 +59,11 @@ class ImageNode(FileNode):
         snap = await wait_until_readable(self.ctx, self.key, pid)
         reader = await self.ctx.svc.open_image(snap.zone, snap.id)
         self.ctx.open_images[snap.id] += 1
+        direct_io = self.ctx.direct_io
+        if direct_io is None:  # the default: no second cache over a local one
+            direct_io = reader.cached_locally
         return ImageHandle(self, Prefetcher(reader, self.ctx.nursery, self.ctx.readahead),
-                           self.ctx.direct_io)
+                           direct_io)
 
 
 async def wait_until_readable(ctx: FsContext, key: Key, pid: int) -> Snapshot:
@@ -108,8 +112,8 @@ class ImageHandle(Handle):
         # The bytes never change: with the page cache, keep what was read.
         self.keep_cache = not direct_io
 
-    async def read(self, offset: int, size: int) -> bytes:
-        return await self.reader.read(offset, size)
+    async def read(self, offset: int, size: int) -> Buffer:
+        return await self.reader.read(offset, size)  # replied to before the next await
 
     async def release(self) -> None:
         ctx, sid = self.node.ctx, self.node.key.snapshot

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import mmap
 from array import array
 from collections import OrderedDict
 from typing import Any
@@ -28,7 +29,7 @@ from ..errors import InvalidData, NotFound, SnapfsError
 from ..qcow2.decoder import (COMPRESSED, DATA, HEADER_PROBE, ZERO, Extent, Qcow2Map,
                              decompress_cluster, parse_header)
 from ..qcow2.format import OFFSET_MASK
-from ..service import ImageReader
+from ..service import Buffer, ImageReader
 from ..taskgroups import first_error
 from .calls import S3Calls
 from .config import S3Settings
@@ -41,6 +42,8 @@ SEQ_SLACK = 1 << 20  # a read this close to the last one continues the stream
 #: Read-ahead windows kept in flight ahead of a sequential reader.
 AHEAD_WINDOWS = 2
 _ZEROS = memoryview(bytes(1 << 20))  # holes written into reused window buffers
+#: A window's buffer: page-aligned (mmap), see ``_buffer``.
+Window = bytearray | mmap.mmap
 
 
 def _read_body(resp: dict[str, Any], view: memoryview) -> int:
@@ -158,7 +161,7 @@ class S3Qcow2Reader(ImageReader):
         self._l2: OrderedDict[int, array] = OrderedDict()
         self._l2_max = max(4, L2_CACHE_BYTES // self.header.cluster_size)
         #: Recently fetched guest windows, start -> bytes (LRU, a few read-aheads).
-        self._windows: OrderedDict[int, bytearray] = OrderedDict()
+        self._windows: OrderedDict[int, Window] = OrderedDict()
         self._window_bytes = 0
         #: Windows being fetched, done -> (start, end): readers inside wait for them.
         self._inflight: dict[trio.Event, tuple[int, int]] = {}
@@ -166,7 +169,7 @@ class S3Qcow2Reader(ImageReader):
         self._ahead = 0  # end of the windows fetched or in flight for the stream
         self._ra = 0
         self._prefetches: set[trio.CancelScope] = set()
-        self._spare: list[bytearray] = []  # buffers of dropped windows, for reuse
+        self._spare: list[Window] = []  # buffers of dropped windows, for reuse
         self._closed = False
 
     async def validate_tables(self) -> None:
@@ -186,6 +189,12 @@ class S3Qcow2Reader(ImageReader):
                 self._remember_l2(off, table)
 
     async def read(self, offset: int, length: int) -> bytes:
+        return bytes(await self.read_transient(offset, length))
+
+    async def read_transient(self, offset: int, length: int) -> Buffer:
+        """As read(); a range inside one window comes back as a view of it (no
+        copy), valid until the caller next awaits: a window's buffer is only
+        reused by a fetch, which starts at an await."""
         if offset >= self.size or length <= 0:
             return b""
         end = min(offset + length, self.size)
@@ -272,9 +281,9 @@ class S3Qcow2Reader(ImageReader):
         finally:
             self._end_fetch(done)
 
-    def _cached(self, offset: int, end: int) -> bytes | None:
-        """Guest bytes offset..end from the cached windows (maybe across
-        neighbouring ones), copied once; None unless all of them are cached."""
+    def _cached(self, offset: int, end: int) -> Buffer | None:
+        """Guest bytes offset..end from the cached windows: a view into one, or
+        joined from neighbouring ones; None unless all of them are cached."""
         pieces: list[memoryview] = []
         pos = offset
         while pos < end:
@@ -287,9 +296,9 @@ class S3Qcow2Reader(ImageReader):
             stop = min(end, start + len(data))
             pieces.append(memoryview(data)[pos - start:stop - start])
             pos = stop
-        return b"".join(pieces)
+        return pieces[0].toreadonly() if len(pieces) == 1 else b"".join(pieces)
 
-    def _remember_window(self, offset: int, data: bytearray) -> None:
+    def _remember_window(self, offset: int, data: Window) -> None:
         old = self._windows.pop(offset, None)
         if old is not None:
             self._drop(old)
@@ -305,7 +314,7 @@ class S3Qcow2Reader(ImageReader):
             self._drop(self._windows.pop(behind[0]) if behind
                        else self._windows.popitem(last=False)[1])
 
-    def _drop(self, window: bytearray) -> None:
+    def _drop(self, window: Window) -> None:
         """A window leaves the cache: its buffer is kept for the next window
         (nothing else holds it: reads copy out of it). A fresh multi-MiB
         bytearray per window costs zero-filling and page faults on the trio
@@ -315,13 +324,16 @@ class S3Qcow2Reader(ImageReader):
         if len(window) == self.settings.readahead and len(self._spare) <= AHEAD_WINDOWS:
             self._spare.append(window)
 
-    def _buffer(self, length: int) -> bytearray:
+    def _buffer(self, length: int) -> Window:
+        """A spare window buffer, else a new page-aligned one: the kernel copies
+        GET bodies into it, and a bytearray's bytes (malloc: page + 16) make that
+        copy run at half speed (see snapfs.local.chunks.chunk_buffer)."""
         for i, buf in enumerate(self._spare):
             if len(buf) == length:
                 return self._spare.pop(i)
-        return bytearray(length)  # on the trio thread: see _get_range
+        return mmap.mmap(-1, length)
 
-    async def _fetch(self, offset: int, length: int) -> bytearray:
+    async def _fetch(self, offset: int, length: int) -> Window:
         """Guest bytes offset..+length, from one round of parallel GETs. Data
         clusters contiguous on the host are read by their GETs straight into
         the result (holes stay its zeros); only compressed clusters and merged

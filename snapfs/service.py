@@ -20,10 +20,6 @@ class ImageReader(abc.ABC):
     """Random access to one snapshot's bytes; holes read as zeros."""
 
     size: int
-    #: Reads are served from a local page cache already (the local store's pack
-    #: files): a second copy in the kernel's cache of image.raw would cost memory
-    #: and a copy per read for nothing, so the mount uses direct I/O for them.
-    cached_locally: bool = False
 
     @abc.abstractmethod
     async def read(self, offset: int, length: int) -> bytes:

@@ -107,7 +107,7 @@ async def test_mkdir_rename_setxattr_rmdir(fs: SnapfsOperations) -> None:
 
 async def test_image_cache_mode_follows_the_mount_option(fs: SnapfsOperations) -> None:
     image = await child(fs, await make_snapshot(fs, "mode"), "image.raw")
-    for option, direct in ((None, True), (True, True), (False, False)):
+    for option, direct in ((True, True), (False, False)):
         fs.ctx.direct_io = option
         info = await fs.open(image, os.O_RDONLY, CTX)
         assert (info.direct_io, info.keep_cache) == (direct, not direct)

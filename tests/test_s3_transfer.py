@@ -276,3 +276,29 @@ async def test_concurrent_reads_share_fetches(s3_server: SeaweedServer, bucket: 
         await reader.aclose()
     finally:
         await objects.aclose()
+
+
+async def test_sequential_reads_are_served_by_read_ahead(s3_server: SeaweedServer, bucket: str,
+                                                         tmp_path: Path) -> None:
+    """A streaming reader (dd through the mount, an import) finds the next windows
+    fetched in the background: a read-ahead that silently failed would leave every
+    window to be fetched while the reader waits (it once did, and went unnoticed)."""
+    raw = make_raw(tmp_path / "s.raw", 96 * MiB, [(0, 96 * MiB)])
+    img = tmp_path / "s.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(img)],
+                   check=True, capture_output=True)
+    s3_server.client().upload_file(str(img), bucket, "s.qcow2")
+    objects = s3_server.objects()
+    expected = raw.read_bytes()
+    try:
+        reader = await objects.open_qcow2(bucket, "s.qcow2")
+        for off in range(0, len(expected), MiB):
+            assert await reader.read(off, MiB) == expected[off:off + MiB]
+            await trio.sleep(0.002)  # a consumer slower than the network
+        stats = dict(reader.stats)  # type: ignore[attr-defined]
+        await reader.aclose()
+    finally:
+        await objects.aclose()
+    # The window grows 1, 2, 4, 8, 16 MiB on demand at the start; the rest ahead.
+    assert stats["read_ahead"] >= 4, stats
+    assert stats["on_demand"] <= 5, stats

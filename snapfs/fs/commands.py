@@ -36,12 +36,11 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="mount option: allow_other (then default_permissions applies), ro")
     cache = p.add_mutually_exclusive_group()
     cache.add_argument("--direct-io", dest="direct_io", action="store_const", const=True,
-                       default=None, help="serve image.raw with direct I/O: every read "
-                       "reaches the daemon (the default for the local store, whose pack "
-                       "files are cached by the kernel already)")
+                       default=True, help="serve image.raw with direct I/O: every read "
+                       "reaches the daemon (the default: streams fastest)")
     cache.add_argument("--page-cache", dest="direct_io", action="store_const", const=False,
-                       help="serve image.raw through the kernel page cache (the default for "
-                       "the scaleway backend; see the README's notes)")
+                       help="serve image.raw through the kernel page cache: re-reads "
+                       "and shared mmaps, at a slower first read (see the README)")
     p.add_argument("--readahead", type=int, default=0, metavar="N",
                    help="requests the filesystem reads ahead for sequential image readers "
                    "(default 0: both backends' readers read ahead themselves, and the "

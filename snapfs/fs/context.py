@@ -93,10 +93,9 @@ class FsContext:
     imports: dict[tuple[str, str, str], ImportRecord] = field(default_factory=dict)
     #: Read-ahead depth in chunks for sequential readers of image.raw (0 = off).
     readahead: int = 0
-    #: Serve image.raw with direct_io (True) or through the page cache (False);
-    #: None: direct_io exactly when the backend's reads come from a local cache
-    #: (README design notes).
-    direct_io: bool | None = None
+    #: Serve image.raw with direct_io, or through the page cache (README design
+    #: notes: direct I/O streams faster, measured on both backends).
+    direct_io: bool = True
     #: How often a wait (open of a snapshotting image, mkdir) polls the state.
     poll_interval: float = 0.2
 

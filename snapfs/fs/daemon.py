@@ -47,7 +47,7 @@ class MountConfig:
     options: list[str] = field(default_factory=list)
     foreground: bool = False
     debug: bool = False
-    direct_io: bool | None = None  # None: chosen per backend (FsContext.direct_io)
+    direct_io: bool = True
     readahead: int = 0
     ttl: float = 2.0
     #: Scaleway backend settings (see snapfs.scaleway).
@@ -138,7 +138,7 @@ async def _when_live(cfg: MountConfig, ready: Callable[[], None] | None) -> None
     """Once the kernel has finished the FUSE handshake (a stat of the mount point,
     answered by our own loop, proves it), tune it and report ready."""
     await trio.to_thread.run_sync(os.stat, cfg.mountpoint)
-    if cfg.direct_io is not True:  # some image.raw may go through the page cache
+    if not cfg.direct_io:
         raise_readahead(str(cfg.mountpoint), READAHEAD_KB)
     if ready is not None:
         ready()

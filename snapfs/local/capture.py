@@ -35,7 +35,7 @@ READ_THREADS = 2
 @dataclass
 class Hashed:
     idx: int
-    data: bytes | None  # None: all zeros (a hole)
+    data: bytes | memoryview | None  # None: all zeros (a hole)
     hash: bytes | None
 
 
@@ -55,7 +55,7 @@ class CaptureSource(abc.ABC):
         pass
 
 
-def _hash_chunks(first: int, blocks: list[bytes | None]) -> list[Hashed]:
+def _hash_chunks(first: int, blocks: list[bytes | memoryview | None]) -> list[Hashed]:
     out = []
     for i, data in enumerate(blocks):
         if data is None or is_zero(data):
@@ -137,8 +137,10 @@ class ReaderSource(CaptureSource):
         start = first * CHUNK_SIZE
         data = await self.reader.read(start, min(count * CHUNK_SIZE, self.size - start))
 
-        def split_and_hash() -> list[Hashed]:  # slicing copies: not on the trio thread
-            return _hash_chunks(first, [data[i:i + CHUNK_SIZE]
+        def split_and_hash() -> list[Hashed]:
+            # Views, not slices: a slice would copy the batch once more (import RSS).
+            view = memoryview(data)
+            return _hash_chunks(first, [view[i:i + CHUNK_SIZE]
                                         for i in range(0, len(data), CHUNK_SIZE)])
         return await trio.to_thread.run_sync(split_and_hash, limiter=self.limiter)
 

@@ -39,8 +39,6 @@ LOC_WINDOW = 256
 
 
 class LocalImageReader(ImageReader):
-    cached_locally = True  # the packs' page cache
-
     def __init__(self, snap: int, size: int, index: ChunkIndex, packs: PackFiles,
                  limiter: trio.CapacityLimiter,
                  on_close: Callable[[], None] | None = None,

@@ -47,10 +47,12 @@ class S3Settings:
     max_parts: int = 10_000
     #: Parallel part uploads / ranged GETs of one export or import.
     concurrency: int = 4
-    #: Largest single ranged GET of an import.
-    max_get: int = 8 * MiB
+    #: Largest single ranged GET of an import. Per-request cost dominates below
+    #: ~16 MiB (SeaweedFS, measured: 1 GiB in 1.6-2.1 s with 8 MiB GETs, 1.3-1.5 s
+    #: with 16 MiB ones, more GETs in parallel no faster).
+    max_get: int = 16 * MiB
     #: Import read-ahead window for sequential reads.
-    readahead: int = 8 * MiB
+    readahead: int = 16 * MiB
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     retry: RetryPolicy = RetryPolicy()

@@ -41,6 +41,9 @@ MERGE_GAP = 64 << 10  # fetch small gaps rather than issue another request
 SEQ_SLACK = 1 << 20  # a read this close to the last one continues the stream
 #: Read-ahead windows kept in flight ahead of a sequential reader.
 AHEAD_WINDOWS = 2
+#: Buffers of dropped windows kept for the next ones (each readahead bytes):
+#: enough for a stream's steady state, few enough for the RSS budget.
+SPARE_WINDOWS = 2
 _ZEROS = memoryview(bytes(1 << 20))  # holes written into reused window buffers
 #: A window's buffer: page-aligned (mmap), see ``_buffer``.
 Window = bytearray | mmap.mmap
@@ -171,6 +174,8 @@ class S3Qcow2Reader(ImageReader):
         self._prefetches: set[trio.CancelScope] = set()
         self._spare: list[Window] = []  # buffers of dropped windows, for reuse
         self._closed = False
+        #: windows fetched by background read-ahead / while a read waited
+        self.stats = {"read_ahead": 0, "on_demand": 0}
 
     async def validate_tables(self) -> None:
         """Fetch and check every allocated L2 table once (8 bytes per guest
@@ -252,9 +257,12 @@ class S3Qcow2Reader(ImageReader):
             try:
                 with scope:
                     await self._fetch_window(offset, length, done)
-            except Exception as exc:  # noqa: BLE001 -- the read that needs these bytes refetches and reports
+            except SnapfsError as exc:  # the read that needs these bytes refetches and reports
                 log.debug("read-ahead of %s/%s at %d failed: %s", self.bucket, self.key,
                           offset, exc)
+            except Exception:  # a bug, not the network: it must not pass unseen
+                log.exception("read-ahead of %s/%s at %d failed", self.bucket, self.key,
+                              offset)
             finally:
                 self._prefetches.discard(scope)
                 self._end_fetch(done)  # also when cancelled before it started
@@ -273,11 +281,14 @@ class S3Qcow2Reader(ImageReader):
 
     async def _fetch_window(self, offset: int, length: int,
                             done: trio.Event | None = None) -> None:
-        done = done or self._start_fetch(offset, length)
+        ahead = done is not None
+        if done is None:  # (not ``done or``: a trio.Event refuses to be a bool)
+            done = self._start_fetch(offset, length)
         try:
             data = await self._fetch(offset, length)
             if not self._closed:
                 self._remember_window(offset, data)
+                self.stats["read_ahead" if ahead else "on_demand"] += 1
         finally:
             self._end_fetch(done)
 
@@ -305,8 +316,8 @@ class S3Qcow2Reader(ImageReader):
         self._windows[offset] = data
         self._window_bytes += len(data)
         # The stream holds the window it reads, the one it just left (kept
-        # SEQ_SLACK longer for shuffled reads) and AHEAD_WINDOWS + 1 ahead.
-        limit = (AHEAD_WINDOWS + 3) * self.settings.readahead
+        # SEQ_SLACK longer for shuffled reads) and AHEAD_WINDOWS ahead.
+        limit = (AHEAD_WINDOWS + 2) * self.settings.readahead
         while self._window_bytes > limit and len(self._windows) > 1:
             # Windows the stream has passed go first, then the least recently used:
             # plain LRU would drop a read-ahead window before the reader gets to it.
@@ -321,7 +332,7 @@ class S3Qcow2Reader(ImageReader):
         thread -- measured as the largest item left after direct GETs."""
         self._window_bytes -= len(window)
         # Only full-size windows (a sequential stream's), a few: bounded memory.
-        if len(window) == self.settings.readahead and len(self._spare) <= AHEAD_WINDOWS:
+        if len(window) == self.settings.readahead and len(self._spare) < SPARE_WINDOWS:
             self._spare.append(window)
 
     def _buffer(self, length: int) -> Window:

@@ -59,11 +59,8 @@ class ImageNode(FileNode):
         snap = await wait_until_readable(self.ctx, self.key, pid)
         reader = await self.ctx.svc.open_image(snap.zone, snap.id)
         self.ctx.open_images[snap.id] += 1
-        direct_io = self.ctx.direct_io
-        if direct_io is None:  # the default: no second cache over a local one
-            direct_io = reader.cached_locally
         return ImageHandle(self, Prefetcher(reader, self.ctx.nursery, self.ctx.readahead),
-                           direct_io)
+                           self.ctx.direct_io)
 
 
 async def wait_until_readable(ctx: FsContext, key: Key, pid: int) -> Snapshot:

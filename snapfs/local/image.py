@@ -123,8 +123,8 @@ class LocalImageReader(ImageReader):
             return
         try:  # chunks the reader went past meanwhile are not wanted any more
             await self._fetch_missing(max(first, self._next), last)
-        except Exception:  # reported (again) to the request that wants those bytes
-            pass
+        except Exception:  # chunk errors are kept for their readers: this is a bug
+            log.exception("read-ahead of chunks %d-%d failed", first, last)
 
     async def _fetch_missing(self, first: int, last: int) -> None:
         """Fetch the chunks of first..last that are neither cached nor being

@@ -114,6 +114,18 @@ async def test_image_cache_mode_follows_the_mount_option(fs: SnapfsOperations) -
         await fs.release(info.fh)
 
 
+async def test_image_reads_with_fs_read_ahead(fs: SnapfsOperations,
+                                              nursery: trio.Nursery) -> None:
+    fs.ctx.nursery, fs.ctx.readahead = nursery, 2  # snapfs mount --readahead 2
+    image = await child(fs, await make_snapshot(fs, "ra"), "image.raw")
+    data: bytes = fs.volume_data  # type: ignore[attr-defined]
+    info = await fs.open(image, os.O_RDONLY, CTX)
+    got = b"".join([bytes(await fs.read(info.fh, off, MiB))
+                    for off in range(0, len(data), MiB)])
+    await fs.release(info.fh)
+    assert got == data
+
+
 async def test_image_reads_sequential_and_random(fs: SnapfsOperations) -> None:
     snap = await make_snapshot(fs, "img")
     image = await child(fs, snap, "image.raw")
@@ -172,14 +184,15 @@ async def test_prefetcher_reads_ahead_only_for_sequential_readers(
     reader = CountingReader(await fs.ctx.svc.open_image(ZONE, sid))
     pf = Prefetcher(reader, nursery, depth=2)
     data: bytes = fs.volume_data  # type: ignore[attr-defined]
-    assert await pf.read(0, MiB) == data[:MiB]
-    assert await pf.read(MiB, MiB) == data[MiB:2 * MiB]   # sequential: 2 MiB, 3 MiB started
+    assert await pf.read_transient(0, MiB) == data[:MiB]
+    # sequential: 2 MiB and 3 MiB are started
+    assert await pf.read_transient(MiB, MiB) == data[MiB:2 * MiB]
     await trio.sleep(0.05)
     assert 2 * MiB in reader.calls and 3 * MiB in reader.calls
     n = len(reader.calls)
-    assert await pf.read(2 * MiB, MiB) == data[2 * MiB:3 * MiB]  # served from read-ahead
+    assert await pf.read_transient(2 * MiB, MiB) == data[2 * MiB:3 * MiB]  # served from read-ahead
     assert reader.calls.count(2 * MiB) == 1
-    assert await pf.read(100, 50) == data[100:150]  # a jump: no read-ahead
+    assert await pf.read_transient(100, 50) == data[100:150]  # a jump: no read-ahead
     await trio.sleep(0.05)
     assert reader.calls[n:] == [100]  # just this read (4 MiB is past the end)
     await pf.aclose()

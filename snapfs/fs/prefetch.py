@@ -44,7 +44,7 @@ class Prefetcher:
     def size(self) -> int:
         return self.reader.size
 
-    async def read(self, offset: int, size: int) -> Buffer:
+    async def read_transient(self, offset: int, size: int) -> Buffer:
         """The bytes for a FUSE reply: the caller must be done with them before
         it next awaits (see ImageReader.read_transient)."""
         sequential = offset == self._last_end

@@ -34,6 +34,9 @@ CACHED_CHUNKS = 12
 #: fetched in one thread hand-off once fewer than AHEAD_LOW are ready ahead of it.
 READ_AHEAD = 6
 AHEAD_LOW = 2
+#: Released chunk buffers kept for reuse (a streaming reader needs one or two;
+#: the rest are unmapped, so many open images do not pin their peak memory).
+SPARE_BUFFERS = 4
 #: Chunk-map entries looked up per query.
 LOC_WINDOW = 256
 
@@ -243,7 +246,7 @@ class LocalImageReader(ImageReader):
         the caller awaits: nothing refills it before the next read."""
         data = self._cache.pop(idx, None)
         if (data is not None and isinstance(data.obj, mmap.mmap)
-                and len(self._free) < CACHED_CHUNKS):
+                and len(self._free) < SPARE_BUFFERS):
             self._free.append(data.obj)
 
     async def aclose(self) -> None:

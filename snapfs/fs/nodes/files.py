@@ -11,7 +11,7 @@ import trio
 
 from ...errors import InvalidArgument, Interrupted, NotFound, ReadOnly, SnapshotUnusable
 from ...model import BUSY_STATES, FAILED_STATES, Snapshot
-from ...service import Buffer
+from ...service import Buffer, ImageReader
 from .. import transfer
 from ..context import IMAGE_BLKSIZE, FsContext, Stat, file_stat, ns
 from ..keys import EXPORT, IMAGE, JSON, Key
@@ -59,8 +59,11 @@ class ImageNode(FileNode):
         snap = await wait_until_readable(self.ctx, self.key, pid)
         reader = await self.ctx.svc.open_image(snap.zone, snap.id)
         self.ctx.open_images[snap.id] += 1
-        return ImageHandle(self, Prefetcher(reader, self.ctx.nursery, self.ctx.readahead),
-                           self.ctx.direct_io)
+        # Without fs-level read-ahead (the default) the reader serves FUSE directly.
+        source: ImageReader | Prefetcher = reader
+        if self.ctx.readahead:
+            source = Prefetcher(reader, self.ctx.nursery, self.ctx.readahead)
+        return ImageHandle(self, source, self.ctx.direct_io)
 
 
 async def wait_until_readable(ctx: FsContext, key: Key, pid: int) -> Snapshot:
@@ -102,7 +105,8 @@ def signalled(pid: int) -> bool:
 
 
 class ImageHandle(Handle):
-    def __init__(self, node: Node, reader: Prefetcher, direct_io: bool) -> None:
+    def __init__(self, node: Node, reader: ImageReader | Prefetcher, direct_io: bool
+                 ) -> None:
         super().__init__(node)
         self.reader = reader
         self.direct_io = direct_io
@@ -110,7 +114,7 @@ class ImageHandle(Handle):
         self.keep_cache = not direct_io
 
     async def read(self, offset: int, size: int) -> Buffer:
-        return await self.reader.read(offset, size)  # replied to before the next await
+        return await self.reader.read_transient(offset, size)  # replied before any await
 
     async def release(self) -> None:
         ctx, sid = self.node.ctx, self.node.key.snapshot

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import signal
 import subprocess
@@ -267,6 +268,30 @@ def test_image_raw_opened_for_writing_is_erofs(mounted: Mount) -> None:
     assert res.returncode != 0 and "Read-only file system" in res.stderr
     assert state_of(mounted) == before
     assert run("sha256sum", s / "image.raw").stdout.split()[0] == digest
+
+
+def test_image_raw_mmap_private_by_default_shared_with_page_cache(
+        mount_factory: Callable[..., Mount], store_with_volume: Path) -> None:
+    """Direct I/O (the default): the kernel refuses shared mmaps (ENODEV) and
+    serves private ones; --page-cache serves both (the README says so)."""
+    m = mount_factory(store_with_volume)
+    image = snap(m) / "image.raw"
+    data = image.read_bytes()
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        refused(errno.ENODEV, mmap.mmap, fd, len(data), mmap.MAP_SHARED, mmap.PROT_READ)
+        with mmap.mmap(fd, len(data), mmap.MAP_PRIVATE, mmap.PROT_READ) as private:
+            assert private[:] == data
+    finally:
+        os.close(fd)
+    m.stop()
+    m = mount_factory(store_with_volume, "--page-cache")
+    fd = os.open(m.snapshots() / "s1" / "image.raw", os.O_RDONLY)
+    try:
+        with mmap.mmap(fd, len(data), mmap.MAP_SHARED, mmap.PROT_READ) as shared:
+            assert shared[:] == data
+    finally:
+        os.close(fd)
 
 
 def test_error_snapshot_image_is_eio(mounted: Mount) -> None:

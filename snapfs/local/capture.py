@@ -240,7 +240,9 @@ class _Capture:
             w = self.writer
 
             def write_all() -> list[tuple[bytes, int, int, bytes]]:
-                return [(hh, w.append(d), len(d), check(d)) for hh, d in fresh.items()]
+                written = [(hh, w.append(d), len(d), check(d)) for hh, d in fresh.items()]
+                w.start_writeback()
+                return written
             g.new += await trio.to_thread.run_sync(write_all, limiter=self.io)
             g.fresh.update(fresh)
             g.bytes += sum(len(d) for d in fresh.values())

@@ -213,6 +213,7 @@ class PackWriter:
         # Whatever lies past the committed length is an earlier interrupted tail.
         os.ftruncate(self.fd, committed)
         self.end = committed
+        self._written_back = committed
         self._synced_dir = committed > 0
         self._dir = packs.dir
 
@@ -228,11 +229,20 @@ class PackWriter:
         while written < len(view):
             written += os.pwrite(self.fd, view[written:], offset + written)
         self.end = align_up(offset + len(view))
-        # Start writeback now, without waiting: the group's fdatasync then finds
-        # most of it on disk already, and reading overlaps writing. (O_DIRECT writes
-        # were tried: half the CPU, but synchronous, and no faster overall here.)
-        _libc.sync_file_range(self.fd, offset, len(view), _SYNC_FILE_RANGE_WRITE)
         return offset
+
+    def start_writeback(self) -> None:
+        """Start writing back what was appended since the last call, without
+        waiting: the group's fdatasync then finds most of it on disk already, and
+        reading the volume overlaps writing. Once per batch of chunks, not per
+        chunk: per-MiB calls made a capture of a cached volume 2.5x slower
+        (2.4-2.6 s vs 0.9-1.0 s for 1 GiB, measured), many small writebacks
+        each waiting for the device queue. (O_DIRECT writes were tried: half the
+        CPU, but synchronous, and no faster overall here.)"""
+        if self.end > self._written_back:
+            _libc.sync_file_range(self.fd, self._written_back, self.end - self._written_back,
+                                  _SYNC_FILE_RANGE_WRITE)
+            self._written_back = self.end
 
     def sync(self) -> None:
         os.fdatasync(self.fd)

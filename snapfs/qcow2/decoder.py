@@ -32,7 +32,7 @@ HEADER_PROBE = 4096
 ZERO, DATA, COMPRESSED = "zero", "data", "compressed"
 
 
-def parse_header(buf: bytes, file_size: int) -> Header:
+def parse_header(buf: bytes | bytearray, file_size: int) -> Header:
     """Validate the image header (the first bytes of the object)."""
     if len(buf) < 4 or buf[:4] != MAGIC:
         raise InvalidData(f"not a QCOW2 image: bad magic {bytes(buf[:4])!r} "
@@ -125,7 +125,7 @@ def _check_header(h: Header, file_size: int) -> None:
                           f"object has {file_size} bytes")
 
 
-def _be64_array(buf: bytes) -> array:
+def _be64_array(buf: bytes | bytearray) -> array:
     out = array("Q")
     out.frombytes(bytes(buf))
     if sys.byteorder == "little":
@@ -152,7 +152,7 @@ class Qcow2Map:
     """Guest-to-host mapping of one image: the validated header and L1 table; the
     L2 tables are supplied by the caller (who fetches and caches them)."""
 
-    def __init__(self, header: Header, l1_bytes: bytes, file_size: int) -> None:
+    def __init__(self, header: Header, l1_bytes: bytes | bytearray, file_size: int) -> None:
         self.header = header
         self.file_size = file_size
         self.size = header.size
@@ -190,7 +190,7 @@ class Qcow2Map:
                 out.append(off)
         return out
 
-    def parse_l2(self, buf: bytes) -> array:
+    def parse_l2(self, buf: bytes | bytearray) -> array:
         if len(buf) < self.header.cluster_size:
             raise InvalidData("truncated QCOW2 image: short L2 table")
         return _be64_array(buf[:self.header.cluster_size])

@@ -114,7 +114,7 @@ class StreamingEncoder:
         if n <= len(_ZERO_BLOCK) and raw == _ZERO_BLOCK[:n]:
             return out
         for start in range(0, n, CLUSTER_SIZE):
-            piece = view[start:start + CLUSTER_SIZE]
+            piece: bytes | memoryview = view[start:start + CLUSTER_SIZE]
             if raw[start:start + CLUSTER_SIZE] == _ZERO_CLUSTER[:len(piece)]:
                 cluster += 1
                 continue

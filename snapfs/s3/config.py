@@ -136,10 +136,10 @@ def resolve_settings(endpoint: str | None = None, region: str | None = None
         return S3Settings(endpoint=endpoint, region=region, profile=profile)
     # A Scaleway endpoint: its 1000-part limit, its region (s3.<region>.scw.cloud),
     # and the Scaleway keys when boto3 has no credentials of its own in the env.
-    reg = region or (host.split(".")[1] if host.count(".") == 3 else None)
+    scw_region = region or (host.split(".")[1] if host.count(".") == 3 else None)
     use_scw = bool(scw_key and scw_secret and not os.environ.get("AWS_ACCESS_KEY_ID")
                    and not profile)
-    return S3Settings(endpoint=endpoint, region=reg, profile=profile,
+    return S3Settings(endpoint=endpoint, region=scw_region, profile=profile,
                       access_key=scw_key if use_scw else None,
                       secret_key=scw_secret if use_scw else None, max_parts=SCW_MAX_PARTS)
 

@@ -19,6 +19,7 @@ size / 9000 to stay under S3's 10 000 parts (Scaleway: 1000, see
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -102,8 +103,8 @@ async def export_qcow2(calls: S3Calls, settings: S3Settings, image: ImageReader,
             async for number, body in recv:
                 resp = await calls.call(
                     "upload_part", bucket, key,
-                    lambda n=number, b=body: client.upload_part(
-                        Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=n, Body=b))
+                    functools.partial(client.upload_part, Bucket=bucket, Key=key,
+                                      UploadId=upload_id, PartNumber=number, Body=body))
                 etags[number] = resp["ETag"]
                 if isinstance(body, bytearray) and len(body) == part_size:
                     buffers.put(body)

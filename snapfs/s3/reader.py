@@ -461,8 +461,8 @@ class S3Qcow2Reader(ImageReader):
                 merged.append((off, off + n, [e]))
         return merged
 
-    async def _parallel(self, ranges: list[tuple[int, int]]) -> dict[int, bytes]:
-        got: dict[int, bytes] = {}
+    async def _parallel(self, ranges: list[tuple[int, int]]) -> dict[int, bytearray]:
+        got: dict[int, bytearray] = {}
 
         async def one(off: int, n: int) -> None:
             got[off] = await _get_range(self.calls, self.bucket, self.key, off, n)

@@ -3,6 +3,7 @@ Storage in production, SeaweedFS in tests)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -81,8 +82,8 @@ class S3ObjectStorage(ObjectStorage):
         while True:
             page = await calls.call(
                 "list_multipart_uploads", bucket, key,
-                lambda m=dict(markers): client.list_multipart_uploads(
-                    Bucket=bucket, Prefix=key, **m))
+                functools.partial(client.list_multipart_uploads, Bucket=bucket, Prefix=key,
+                                  **markers))
             found += [u["UploadId"] for u in page.get("Uploads") or () if u["Key"] == key]
             if not page.get("IsTruncated"):
                 break
@@ -90,8 +91,8 @@ class S3ObjectStorage(ObjectStorage):
                        "UploadIdMarker": page.get("NextUploadIdMarker") or ""}
         for upload_id in found:
             await calls.call("abort_multipart_upload", bucket, key,
-                             lambda u=upload_id: client.abort_multipart_upload(
-                                 Bucket=bucket, Key=key, UploadId=u),
+                             functools.partial(client.abort_multipart_upload,
+                                               Bucket=bucket, Key=key, UploadId=upload_id),
                              policy=self.settings.abort_retry)
             log.info("aborted unfinished upload %s to %s/%s", upload_id, bucket, key)
         return len(found)

@@ -65,7 +65,8 @@ def check_name(value: object, field_name: str = "name") -> str:
     if not isinstance(value, str) or not value:
         raise InvalidArgument(field_name, "must be a non-empty string")
     if "/" in value or "\0" in value or value in (".", ".."):
-        raise InvalidArgument(field_name, f"{value!r} cannot contain '/' or NUL, nor be '.' or '..'")
+        raise InvalidArgument(field_name,
+                              f"{value!r} cannot contain '/' or NUL, nor be '.' or '..'")
     if len(value.encode()) > 255:
         raise InvalidArgument(field_name, "longer than 255 bytes")
     return value

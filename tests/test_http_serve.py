@@ -15,7 +15,7 @@ from scaleway.account.v3 import AccountV3ProjectAPI
 from scaleway.instance.v1.types import SnapshotBaseVolume
 from scaleway_core.api import ScalewayException
 
-from fixtures_http import SECRET, Served, served, wait_state  # noqa: F401 (fixture)
+from fixtures_http import SECRET, Served, wait_state
 
 
 def _tag() -> str:

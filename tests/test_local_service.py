@@ -79,7 +79,8 @@ async def test_dedup_second_snapshot_stores_only_changed_chunks(
     second = await snapshot_of(service, path, "second")
     assert service.md.conn.execute("SELECT count(*) FROM chunks").fetchone()[0] == 18
     assert await read_all(service, second.id) == path.read_bytes()
-    assert (await read_all(service, first.id))[4 * MiB:6 * MiB] != path.read_bytes()[4 * MiB:6 * MiB]
+    first_bytes = await read_all(service, first.id)
+    assert first_bytes[4 * MiB:6 * MiB] != path.read_bytes()[4 * MiB:6 * MiB]
 
 
 async def test_progress_is_visible_while_capturing(service: LocalService,

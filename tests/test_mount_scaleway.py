@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import pytest
 
-from fixtures_http import ACCESS_KEY, SECRET, Served, served, served_s3  # noqa: F401
+from fixtures_http import ACCESS_KEY, SECRET, Served
 from fixtures_mount import Mount, run
 
 pytestmark = pytest.mark.mount

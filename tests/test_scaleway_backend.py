@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import pytest
 import trio
 
-from fixtures_http import ACCESS_KEY, SECRET, Served, served  # noqa: F401 (fixture)
+from fixtures_http import ACCESS_KEY, SECRET, Served
 from snapfs.errors import (InvalidArgument, NotFound, PermissionDenied, SnapfsError,
                            Transient, errno_for)
 from snapfs.local import open_local_service

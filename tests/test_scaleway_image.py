@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator
 import pytest
 import trio
 
-from fixtures_http import ACCESS_KEY, SECRET, Served, served_s3  # noqa: F401 (fixture)
+from fixtures_http import ACCESS_KEY, SECRET, Served
 from snapfs.errors import NotFound, NotPermitted, SnapfsError, errno_for
 from snapfs.scaleway import ScalewayService, open_scaleway_service
 from snapfs.scaleway.images import STAGING_PREFIX

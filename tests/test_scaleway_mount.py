@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import pytest
 
-from fixtures_http import ACCESS_KEY, SECRET, Served, served_s3  # noqa: F401 (fixture)
+from fixtures_http import ACCESS_KEY, SECRET, Served
 from fixtures_mount import Mount, run
 from fixtures_s3 import ADMIN
 

@@ -84,7 +84,8 @@ class Catalog:
     def forget(self, snapshot_id: str) -> None:
         self._snapshots.pop(snapshot_id, None)
 
-    async def _listing(self, key: tuple[object, ...], fetch: Callable[[], Awaitable[list[N]]]) -> Listing[N]:
+    async def _listing(self, key: tuple[object, ...],
+                       fetch: Callable[[], Awaitable[list[N]]]) -> Listing[N]:
         cached = self._listings.get(key)
         if cached is not None and self._fresh(cached.fetched, cached.generation):
             return cached

@@ -70,7 +70,8 @@ async def fsck(svc: LocalService) -> FsckReport:
         except CorruptData as exc:
             rep.problems.append(f"chunk {cid}: {exc}")
         except OSError as exc:
-            rep.problems.append(f"chunk {cid}: cannot read pack {pack}: {os.strerror(exc.errno or 0)}")
+            reason = os.strerror(exc.errno or 0)
+            rep.problems.append(f"chunk {cid}: cannot read pack {pack}: {reason}")
         rep.chunks += 1
         rep.bytes += length
     return rep

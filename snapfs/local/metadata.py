@@ -106,8 +106,9 @@ class Metadata:
             raise InvalidArgument("name", f"a project named {name!r} already exists")
         t = now()
         p = Project(new_id(), name, self.organization, t, t, "")
-        self.db.table("projects").insert({"id": p.id, "name": p.name, "organization": p.organization,
-                                    "description": "", "created_at": t, "updated_at": t})
+        self.db.table("projects").insert({"id": p.id, "name": p.name,
+                                          "organization": p.organization, "description": "",
+                                          "created_at": t, "updated_at": t})
         return p
 
     def project(self, ref: str) -> Project:

@@ -75,6 +75,24 @@ async def read_all(svc: LocalService, snapshot_id: str, zone: str = ZONE) -> byt
         await reader.aclose()
 
 
+def chunk_place(svc: LocalService, idx: int) -> tuple[int, int]:
+    """(pack, offset) of the chunk mapped at ``idx`` (in a store of one snapshot)."""
+    pack, offset = svc.md.conn.execute(
+        "SELECT c.pack, c.offset FROM chunks c JOIN snapshot_chunks m ON m.chunk = c.id "
+        "WHERE m.idx = ?", (idx,)).fetchone()
+    return int(pack), int(offset)
+
+
+def flip_bits(store: Path, place: tuple[int, int], at: int, mask: int) -> None:
+    """Corrupt one stored byte of a chunk, as a failing disk would."""
+    pack, offset = place
+    with open(store / "packs" / f"{pack:08d}.pack", "r+b") as f:
+        f.seek(offset + at)
+        byte = f.read(1)
+        f.seek(offset + at)
+        f.write(bytes([byte[0] ^ mask]))
+
+
 def snapfs_cli(*args: str, store: Path | None = None, check: bool = False,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the real `snapfs` command (this interpreter's package) in a subprocess."""

@@ -11,7 +11,7 @@ from typing import Callable
 import pytest
 import trio
 
-from fixtures_store import MiB, ZONE, random_bytes, wait_state
+from fixtures_store import MiB, ZONE, chunk_place, flip_bits, random_bytes, wait_state
 from snapfs.errors import CorruptData
 from snapfs.local import LocalService, open_local_service
 from snapfs.local.image import LocalImageReader
@@ -111,14 +111,8 @@ async def test_a_corrupt_chunk_is_an_error_on_both_read_paths(
     path = volume_file("v", len(data), [(0, data)])
     async with open_local_service(store_dir) as svc:
         sid = await snapshot_of(svc, path)
-        pack, offset = svc.md.conn.execute(
-            "SELECT c.pack, c.offset FROM chunks c JOIN snapshot_chunks m ON m.chunk = c.id "
-            "WHERE m.idx = 1").fetchone()
-    with open(store_dir / "packs" / f"{pack:08d}.pack", "r+b") as f:
-        f.seek(offset + 99)
-        byte = f.read(1)
-        f.seek(offset + 99)
-        f.write(bytes([byte[0] ^ 0x80]))
+        place = chunk_place(svc, 1)
+    flip_bits(store_dir, place, at=99, mask=0x80)
     if cold:
         evict_packs(store_dir)
     async with open_local_service(store_dir) as svc:

@@ -14,7 +14,8 @@ from typing import Callable
 
 import pytest
 
-from fixtures_store import MiB, ZONE, random_bytes, read_all, snapfs_cli, wait_state
+from fixtures_store import (MiB, ZONE, chunk_place, flip_bits, random_bytes, read_all,
+                            snapfs_cli, wait_state)
 from snapfs.errors import CorruptData
 from snapfs.local import open_local_service
 
@@ -26,15 +27,9 @@ async def test_corrupt_chunk_reads_as_an_error_and_fsck_reports_it(
         vol = await svc.add_volume("v", path)
         snap = await wait_state(svc, (await svc.create_snapshot(
             ZONE, name="s", volume_id=vol.id)).id)
-        pack, offset = svc.md.conn.execute(
-            "SELECT c.pack, c.offset FROM chunks c JOIN snapshot_chunks m ON m.chunk = c.id "
-            "WHERE m.idx = 2").fetchone()
+        place = chunk_place(svc, 2)
     assert snapfs_cli("fsck", store=store_dir).returncode == 0
-    with open(store_dir / "packs" / f"{pack:08d}.pack", "r+b") as f:
-        f.seek(offset + 1234)
-        byte = f.read(1)
-        f.seek(offset + 1234)
-        f.write(bytes([byte[0] ^ 0x01]))
+    flip_bits(store_dir, place, at=1234, mask=0x01)
     async with open_local_service(store_dir) as svc:
         reader = await svc.open_image(ZONE, snap.id)
         assert await reader.read(0, MiB) == path.read_bytes()[:MiB]  # other chunks fine

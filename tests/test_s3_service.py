@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from fixtures_s3 import ADMIN, SeaweedServer, logged, qemu_img_judges
-from fixtures_store import MiB, ZONE, random_bytes, read_all, wait_state
+from fixtures_store import MiB, ZONE, chunk_place, flip_bits, random_bytes, read_all, wait_state
 from snapfs.local import LocalService, open_local_service
 from snapfs.model import Snapshot, Task
 from snapfs.s3.calls import RetryPolicy
@@ -250,14 +250,8 @@ async def test_export_of_corrupt_snapshot_fails_and_aborts(
     store = tmp_path / "store"
     async with open_local_service(store) as svc:
         snap = await snapshot_of(svc, vol)
-        pack, offset = svc.md.conn.execute(
-            "SELECT c.pack, c.offset FROM chunks c JOIN snapshot_chunks m ON m.chunk = c.id "
-            "WHERE m.idx = 24").fetchone()
-    with open(store / "packs" / f"{pack:08d}.pack", "r+b") as f:
-        f.seek(offset + 99)
-        byte = f.read(1)
-        f.seek(offset + 99)
-        f.write(bytes([byte[0] ^ 0xFF]))
+        place = chunk_place(svc, 24)
+    flip_bits(store, place, at=99, mask=0xFF)
     objects = s3_server.objects(part_size=5 * MiB)
     async with open_local_service(store, objects=objects) as svc:
         task = await svc.export_snapshot(ZONE, snap.id, bucket=bucket, key="bad.qcow2")

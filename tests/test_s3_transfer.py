@@ -56,6 +56,14 @@ def make_raw(path: Path, size: int, pieces: list[tuple[int, int]]) -> Path:
     return path
 
 
+def qcow2_of(raw: Path, *opts: str) -> Path:
+    """qemu-img's QCOW2 of a raw file (the reference encoder), beside it."""
+    img = raw.with_suffix(".qcow2")
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", *opts, str(raw),
+                    str(img)], check=True, capture_output=True)
+    return img
+
+
 def download(server: SeaweedServer, bucket: str, key: str, dest: Path) -> Path:
     server.client().download_file(bucket, key, str(dest))
     return dest
@@ -112,9 +120,7 @@ async def test_import_qemu_images(s3_server: SeaweedServer, bucket: str, tmp_pat
         f.write(b"compressible text, compressible text\n" * 100_000)
         f.seek(20 * MiB + 4096)
         f.write(os.urandom(6 * MiB))
-    img = tmp_path / "image.qcow2"
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", *opts, str(raw),
-                    str(img)], check=True, capture_output=True)
+    img = qcow2_of(raw, *opts)
     s3_server.client().upload_file(str(img), bucket, "in.qcow2")
     objects = s3_server.objects(max_get=1 * MiB, readahead=8 * MiB)
     expected = raw.read_bytes()
@@ -190,9 +196,7 @@ async def test_garbage_and_truncated_objects(s3_server: SeaweedServer, bucket: s
     c.put_object(Bucket=bucket, Key="garbage", Body=os.urandom(200_000))
     c.put_object(Bucket=bucket, Key="empty", Body=b"")
     raw = make_raw(tmp_path / "t.raw", 16 * MiB, [(0, 12 * MiB)])
-    img = tmp_path / "t.qcow2"
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(img)],
-                   check=True, capture_output=True)
+    img = qcow2_of(raw)
     c.put_object(Bucket=bucket, Key="truncated", Body=img.read_bytes()[:6 * MiB])
     objects = s3_server.objects()
     try:
@@ -251,10 +255,7 @@ async def test_concurrent_reads_share_fetches(s3_server: SeaweedServer, bucket: 
     """FUSE sends several 128 KiB reads of one stream at once: all correct, and the
     read-ahead windows serve them with far fewer GETs than reads."""
     raw = make_raw(tmp_path / "c.raw", 16 * MiB, [(0, 16 * MiB)])
-    img = tmp_path / "c.qcow2"
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(img)],
-                   check=True, capture_output=True)
-    s3_server.client().upload_file(str(img), bucket, "c.qcow2")
+    s3_server.client().upload_file(str(qcow2_of(raw)), bucket, "c.qcow2")
     objects = s3_server.objects()
     expected = raw.read_bytes()
     gets: list[str] = []
@@ -284,10 +285,7 @@ async def test_sequential_reads_are_served_by_read_ahead(s3_server: SeaweedServe
     fetched in the background: a read-ahead that silently failed would leave every
     window to be fetched while the reader waits (it once did, and went unnoticed)."""
     raw = make_raw(tmp_path / "s.raw", 96 * MiB, [(0, 96 * MiB)])
-    img = tmp_path / "s.qcow2"
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(img)],
-                   check=True, capture_output=True)
-    s3_server.client().upload_file(str(img), bucket, "s.qcow2")
+    s3_server.client().upload_file(str(qcow2_of(raw)), bucket, "s.qcow2")
     objects = s3_server.objects()
     expected = raw.read_bytes()
     try:

@@ -164,15 +164,21 @@ class PackFiles:
             raise CorruptData(f"chunk {expected.hex()[:16]} in pack {pack} at offset "
                               f"{offset} does not match its hash")
 
-    def punch(self, pack: int, offset: int, length: int) -> None:
-        try:
-            fd = os.open(self.path(pack), os.O_WRONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return
-        try:
-            punch_hole(fd, offset, align_up(length))
-        finally:
-            os.close(fd)
+    def punch(self, extents: list[tuple[int, int, int]]) -> None:
+        """Free the (pack, offset, length) extents, opening each pack once."""
+        by_pack: dict[int, list[tuple[int, int]]] = {}
+        for pack, offset, length in extents:
+            by_pack.setdefault(pack, []).append((offset, length))
+        for pack, ranges in by_pack.items():
+            try:
+                fd = os.open(self.path(pack), os.O_WRONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                for offset, length in ranges:
+                    punch_hole(fd, offset, align_up(length))
+            finally:
+                os.close(fd)
 
     def remove(self, pack: int) -> None:
         with self._lock:

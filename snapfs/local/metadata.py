@@ -56,6 +56,7 @@ class Metadata:
     """The store's database: projects, volumes, snapshots, chunk map, tasks."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         try:
@@ -77,6 +78,15 @@ class Metadata:
 
     def close(self) -> None:
         self.conn.close()
+
+    def worker_connection(self) -> sqlite3.Connection:
+        """A connection of its own for long jobs in a worker thread (releasing a
+        million-chunk map): WAL lets the trio thread's connection keep reading, and
+        the job's short transactions let its writes in between."""
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=60.0)
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        return conn
 
     def transaction(self) -> ContextManager[sqlite_utils.Database]:
         """``with md.transaction():`` -- one atomic write (nested: a savepoint)."""
@@ -245,9 +255,6 @@ class Metadata:
         cols = ", ".join(f"{k} = ?" for k in fields)
         self.conn.execute(f"UPDATE snapshots SET {cols} WHERE id = ?",
                           list(fields.values()) + [snapshot_id])
-
-    def delete_snapshot_row(self, snapshot_id: str) -> None:
-        self.conn.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
 
     # --- tasks -----------------------------------------------------------------------
 

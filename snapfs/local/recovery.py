@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 INTERRUPTED = "capture interrupted: the service stopped before it finished"
 EXPORT_INTERRUPTED = "export interrupted: the service stopped"
+#: The reason a snapshot carries while it is being deleted; it stays only if the
+#: delete was cut short (the rest of it is gone: delete it again).
+DELETING = "being deleted; if this stays, the delete was interrupted: delete it again"
 #: How long an open may spend aborting the uploads of interrupted exports, in all
 #: (a dead Object Storage must not keep the store closed for long).
 ABORT_TIME = 30.0
@@ -66,8 +69,7 @@ async def recover(md: Metadata, index: ChunkIndex, packs: PackFiles,
     def fix_files() -> None:
         for pack, length in committed.items():
             packs.truncate(pack, length)
-        for _, pack, offset, length in index.free_extents():
-            packs.punch(pack, offset, length)
+        packs.punch([(pack, offset, length) for _, pack, offset, length in index.free_extents()])
         for pack in packs.existing() - set(committed):
             log.warning("removing pack %d: no metadata refers to it", pack)
             packs.remove(pack)

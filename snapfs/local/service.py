@@ -29,7 +29,7 @@ from .chunkindex import ChunkIndex
 from .chunks import PackFiles
 from .image import LocalImageReader
 from .metadata import Metadata
-from .recovery import EXPORT_INTERRUPTED, INTERRUPTED, recover
+from .recovery import DELETING, EXPORT_INTERRUPTED, INTERRUPTED, recover
 
 log = logging.getLogger(__name__)
 
@@ -253,8 +253,11 @@ class LocalService(SnapshotService):
                     await trio.sleep(0.01)
             key = self.md.snap_key(snapshot_id)
             async with self.index_lock:
-                self.index.release(key)
-                self.md.delete_snapshot_row(snapshot_id)
+                # First, durably: a crash while the map is half released leaves a
+                # snapshot that reads as an error (delete it again), never as holes.
+                self.md.update_snapshot(snapshot_id, state="error", error_reason=DELETING)
+                await trio.to_thread.run_sync(self.index.release_in_steps, key, snapshot_id,
+                                              limiter=self.io_limiter)
         finally:
             self._deleting.discard(snapshot_id)
         log.info("snapshot %s (%s) deleted", snapshot_id, snap.name)
@@ -262,15 +265,8 @@ class LocalService(SnapshotService):
 
     async def _reclaim(self) -> None:
         """Punch out the space of deleted chunks (queued in free_extents)."""
-        extents = self.index.free_extents()
-        if not extents:
-            return
-
-        def punch() -> None:
-            for _, pack, offset, length in extents:
-                self.packs.punch(pack, offset, length)
-        await trio.to_thread.run_sync(punch, limiter=self.io_limiter)
-        self.index.extents_done([e[0] for e in extents])
+        await trio.to_thread.run_sync(self.index.reclaim_in_steps, self.packs.punch,
+                                      limiter=self.io_limiter)
 
     # --- export ----------------------------------------------------------------------
 
@@ -378,10 +374,11 @@ class LocalService(SnapshotService):
             if self.md.snapshot(None, snapshot_id).state in ("snapshotting", "importing"):
                 with trio.CancelScope(shield=True):
                     log.warning("snapshot %s failed: %s", snapshot_id, reason)
-                    async with self.index_lock:
-                        self.index.release(key)
                     self.md.update_snapshot(snapshot_id, state=failed_state,
                                             error_reason=reason)
+                    async with self.index_lock:
+                        await trio.to_thread.run_sync(self.index.release_in_steps, key,
+                                                      limiter=self.io_limiter)
                     await self._reclaim()
 
     async def _run_capture(self, snapshot_id: str, key: int, path: str, size: int) -> None:

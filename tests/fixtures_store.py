@@ -64,6 +64,18 @@ async def wait_state(svc: LocalService, snapshot_id: str, zone: str = ZONE,
             await trio.sleep(0.02)
 
 
+async def snapshot_of(svc: LocalService, path: Path, name: str = "snap",
+                      **kw: object) -> Snapshot:
+    """A snapshot of the volume file at ``path`` (registered on first use), once
+    its capture is done; it must be available."""
+    vols = {v.path: v for v in await svc.list_all_volumes()}
+    vol = vols.get(str(path)) or await svc.add_volume(path.stem, path)
+    snap = await svc.create_snapshot(ZONE, name=name, volume_id=vol.id, **kw)  # type: ignore[arg-type]
+    snap = await wait_state(svc, snap.id)
+    assert snap.state == "available", snap.error_reason
+    return snap
+
+
 async def read_all(svc: LocalService, snapshot_id: str, zone: str = ZONE) -> bytes:
     reader = await svc.open_image(zone, snapshot_id)
     try:

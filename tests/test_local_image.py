@@ -11,7 +11,7 @@ from typing import Callable
 import pytest
 import trio
 
-from fixtures_store import MiB, ZONE, chunk_place, flip_bits, random_bytes, wait_state
+from fixtures_store import MiB, ZONE, chunk_place, flip_bits, random_bytes, snapshot_of
 from snapfs.errors import CorruptData
 from snapfs.local import LocalService, open_local_service
 from snapfs.local.image import LocalImageReader
@@ -28,10 +28,8 @@ def evict_packs(store_dir: Path) -> None:
             os.close(fd)
 
 
-async def snapshot_of(svc: LocalService, path: Path) -> str:
-    vol = await svc.add_volume(path.stem, path)
-    snap = await svc.create_snapshot(ZONE, name="s", volume_id=vol.id)
-    return (await wait_state(svc, snap.id)).id
+async def snapshot_id(svc: LocalService, path: Path) -> str:
+    return (await snapshot_of(svc, path, "s")).id
 
 
 async def open_reader(svc: LocalService, sid: str) -> LocalImageReader:
@@ -44,7 +42,7 @@ async def test_cached_chunks_are_read_inline_and_cold_ones_by_workers_same_bytes
         service: LocalService, store_dir: Path, volume_file: Callable[..., Path]) -> None:
     data = random_bytes(8 * MiB, seed=1)
     path = volume_file("v", 10 * MiB, [(0, data)])  # 2 MiB of hole at the end
-    sid = await snapshot_of(service, path)
+    sid = await snapshot_id(service, path)
     expected = path.read_bytes()
 
     reader = await open_reader(service, sid)
@@ -67,7 +65,7 @@ async def test_cached_chunks_are_read_inline_and_cold_ones_by_workers_same_bytes
 async def test_bytes_from_read_stay_intact_while_chunk_buffers_are_reused(
         service: LocalService, volume_file: Callable[..., Path]) -> None:
     data = random_bytes(40 * MiB, seed=2)
-    sid = await snapshot_of(service, volume_file("v", len(data), [(0, data)]))
+    sid = await snapshot_id(service, volume_file("v", len(data), [(0, data)]))
     reader = await open_reader(service, sid)
     kept = [await reader.read(i * MiB + 7, 1000) for i in range(3)]
     for off in range(0, len(data), MiB):  # cycles every pooled buffer several times
@@ -82,7 +80,7 @@ async def test_concurrent_unaligned_reads_of_one_reader_get_their_own_bytes(
     data = random_bytes(24 * MiB, seed=3)
     path = volume_file("v", 32 * MiB, [(0, data[:12 * MiB]), (16 * MiB, data[12 * MiB:])])
     expected = path.read_bytes()
-    sid = await snapshot_of(service, path)
+    sid = await snapshot_id(service, path)
     reader = await open_reader(service, sid)
     bad: list[tuple[int, int]] = []
 
@@ -110,7 +108,7 @@ async def test_a_corrupt_chunk_is_an_error_on_both_read_paths(
     data = random_bytes(4 * MiB, seed=4)
     path = volume_file("v", len(data), [(0, data)])
     async with open_local_service(store_dir) as svc:
-        sid = await snapshot_of(svc, path)
+        sid = await snapshot_id(svc, path)
         place = chunk_place(svc, 1)
     flip_bits(store_dir, place, at=99, mask=0x80)
     if cold:

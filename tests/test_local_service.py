@@ -8,21 +8,13 @@ from typing import Callable
 import pytest
 import trio
 
-from fixtures_store import MiB, ZONE, random_bytes, read_all, wait_state
+from fixtures_store import MiB, ZONE, random_bytes, read_all, snapshot_of, wait_state
 from snapfs.errors import InvalidArgument, NotFound, PreconditionFailed, SnapshotUnusable
 from snapfs.local import LocalService, open_local_service
 from snapfs.local.service import NO_OBJECT_STORAGE
 from snapfs.model import ZONES, Snapshot
 from snapfs.objects import ObjectStorage, ProgressFn
 from snapfs.service import ImageReader
-
-
-async def snapshot_of(svc: LocalService, path: Path, name: str = "snap",
-                      **kw: object) -> Snapshot:
-    vols = {v.path: v for v in await svc.list_all_volumes()}
-    vol = vols.get(str(path)) or await svc.add_volume(path.stem, path)
-    snap = await svc.create_snapshot(ZONE, name=name, volume_id=vol.id, **kw)  # type: ignore[arg-type]
-    return await wait_state(svc, snap.id)
 
 
 async def state_of_store(svc: LocalService) -> tuple[object, ...]:

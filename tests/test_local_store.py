@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from fixtures_store import (MiB, ZONE, chunk_place, flip_bits, random_bytes, read_all,
-                            snapfs_cli, wait_state)
+                            snapfs_cli, snapshot_of, wait_state)
 from snapfs.errors import CorruptData, SnapshotUnusable
 from snapfs.local import LocalService, open_local_service
 from snapfs.local.chunkindex import _release_step
@@ -27,9 +27,7 @@ async def test_corrupt_chunk_reads_as_an_error_and_fsck_reports_it(
         store_dir: Path, volume_file: Callable[..., Path]) -> None:
     path = volume_file("v", 4 * MiB, [(0, random_bytes(4 * MiB, seed=10))])
     async with open_local_service(store_dir) as svc:
-        vol = await svc.add_volume("v", path)
-        snap = await wait_state(svc, (await svc.create_snapshot(
-            ZONE, name="s", volume_id=vol.id)).id)
+        snap = await snapshot_of(svc, path, "s")
         place = chunk_place(svc, 2)
     assert snapfs_cli("fsck", store=store_dir).returncode == 0
     flip_bits(store_dir, place, at=1234, mask=0x01)
@@ -49,8 +47,7 @@ async def test_fsck_reports_a_dangling_reference(store_dir: Path,
                                                  volume_file: Callable[..., Path]) -> None:
     path = volume_file("v", 2 * MiB, [(0, random_bytes(2 * MiB, seed=11))])
     async with open_local_service(store_dir) as svc:
-        vol = await svc.add_volume("v", path)
-        await wait_state(svc, (await svc.create_snapshot(ZONE, name="s", volume_id=vol.id)).id)
+        await snapshot_of(svc, path, "s")
     conn = sqlite3.connect(store_dir / "metadata.db")
     with conn:
         conn.execute("PRAGMA foreign_keys = OFF")
@@ -154,9 +151,7 @@ async def test_chunks_without_a_fast_check_are_verified_by_their_digest(
     """Chunks stored before schema v2 have no xxh3 check: reads fall back to blake3."""
     path = volume_file("v", 2 * MiB, [(0, random_bytes(2 * MiB, seed=14))])
     async with open_local_service(store_dir) as svc:
-        vol = await svc.add_volume("v", path)
-        snap = await wait_state(svc, (await svc.create_snapshot(
-            ZONE, name="s", volume_id=vol.id)).id)
+        snap = await snapshot_of(svc, path, "s")
         assert svc.md.conn.execute("SELECT count(*) FROM chunks WHERE xxh IS NULL"
                                    ).fetchone()[0] == 0
         svc.md.conn.execute("UPDATE chunks SET xxh = NULL")
@@ -176,9 +171,7 @@ async def test_a_version_1_store_is_migrated_and_reads_the_same(
     from snapfs.local.schema import MIGRATIONS, SCHEMA_VERSION
     path = volume_file("v", 3 * MiB, [(0, random_bytes(3 * MiB, seed=15))])
     async with open_local_service(store_dir) as svc:
-        vol = await svc.add_volume("v", path)
-        snap = await wait_state(svc, (await svc.create_snapshot(
-            ZONE, name="s", volume_id=vol.id)).id)
+        snap = await snapshot_of(svc, path, "s")
     # Turn the store back into what version 1 wrote: no later columns.
     conn = sqlite3.connect(store_dir / "metadata.db")
     with conn:
@@ -268,9 +261,7 @@ async def test_deleting_a_huge_map_keeps_the_service_responsive(
         store_dir: Path, volume_file: Callable[..., Path]) -> None:
     path = volume_file("v", 4 * MiB, [(0, random_bytes(4 * MiB, seed=20))])
     async with open_local_service(store_dir) as svc:
-        vol = await svc.add_volume("v", path)
-        snap = await wait_state(svc, (await svc.create_snapshot(
-            ZONE, name="s", volume_id=vol.id)).id)
+        snap = await snapshot_of(svc, path, "s")
         add_synthetic_chunks(svc, snap.id, 200_000)
         stalls: list[float] = []
         done = False
@@ -298,9 +289,7 @@ async def test_an_interrupted_delete_reads_as_an_error_and_can_be_redone(
         store_dir: Path, volume_file: Callable[..., Path]) -> None:
     path = volume_file("v", 8 * MiB, [(0, random_bytes(8 * MiB, seed=21))])
     async with open_local_service(store_dir) as svc:
-        vol = await svc.add_volume("v", path)
-        snap = await wait_state(svc, (await svc.create_snapshot(
-            ZONE, name="s", volume_id=vol.id)).id)
+        snap = await snapshot_of(svc, path, "s")
         # What a crash mid-delete leaves: the mark, then the first steps only.
         svc.md.update_snapshot(snap.id, state="error", error_reason=DELETING)
         with svc.md.transaction():

@@ -17,21 +17,14 @@ import pytest
 import trio
 
 from fixtures_s3 import ADMIN, SeaweedServer, logged, qemu_img_judges
-from fixtures_store import MiB, ZONE, chunk_place, flip_bits, random_bytes, read_all, wait_state
+from fixtures_store import (MiB, ZONE, chunk_place, flip_bits, random_bytes, read_all,
+                            snapshot_of, wait_state)
 from snapfs.local import LocalService, open_local_service
 from snapfs.model import Snapshot, Task
 from snapfs.s3.calls import RetryPolicy
 from snapfs.s3.storage import S3ObjectStorage
 
 pytestmark = pytest.mark.s3
-
-
-async def snapshot_of(svc: LocalService, path: Path, name: str = "snap") -> Snapshot:
-    vol = await svc.add_volume(path.stem, path)
-    snap = await svc.create_snapshot(ZONE, name=name, volume_id=vol.id)
-    snap = await wait_state(svc, snap.id)
-    assert snap.state == "available", snap.error_reason
-    return snap
 
 
 async def wait_task(svc: LocalService, task_id: str, timeout: float = 120) -> Task:

@@ -26,6 +26,7 @@ import trio
 from urllib3.exceptions import ProtocolError
 
 from ..errors import InvalidData, NotFound, SnapfsError
+from ..memory import aligned_buffer
 from ..qcow2.decoder import (COMPRESSED, DATA, HEADER_PROBE, ZERO, Extent, Qcow2Map,
                              decompress_cluster, parse_header)
 from ..qcow2.format import OFFSET_MASK
@@ -45,8 +46,6 @@ AHEAD_WINDOWS = 2
 #: enough for a stream's steady state, few enough for the RSS budget.
 SPARE_WINDOWS = 2
 _ZEROS = memoryview(bytes(1 << 20))  # holes written into reused window buffers
-#: A window's buffer: page-aligned (mmap), see ``_buffer``.
-Window = bytearray | mmap.mmap
 
 
 def _read_body(resp: dict[str, Any], view: memoryview) -> int:
@@ -164,7 +163,7 @@ class S3Qcow2Reader(ImageReader):
         self._l2: OrderedDict[int, array] = OrderedDict()
         self._l2_max = max(4, L2_CACHE_BYTES // self.header.cluster_size)
         #: Recently fetched guest windows, start -> bytes (LRU, a few read-aheads).
-        self._windows: OrderedDict[int, Window] = OrderedDict()
+        self._windows: OrderedDict[int, mmap.mmap] = OrderedDict()
         self._window_bytes = 0
         #: Windows being fetched, done -> (start, end): readers inside wait for them.
         self._inflight: dict[trio.Event, tuple[int, int]] = {}
@@ -172,7 +171,7 @@ class S3Qcow2Reader(ImageReader):
         self._ahead = 0  # end of the windows fetched or in flight for the stream
         self._ra = 0
         self._prefetches: set[trio.CancelScope] = set()
-        self._spare: list[Window] = []  # buffers of dropped windows, for reuse
+        self._spare: list[mmap.mmap] = []  # buffers of dropped windows, for reuse
         self._closed = False
         #: windows fetched by background read-ahead / while a read waited
         self.stats = {"read_ahead": 0, "on_demand": 0}
@@ -309,7 +308,7 @@ class S3Qcow2Reader(ImageReader):
             pos = stop
         return pieces[0].toreadonly() if len(pieces) == 1 else b"".join(pieces)
 
-    def _remember_window(self, offset: int, data: Window) -> None:
+    def _remember_window(self, offset: int, data: mmap.mmap) -> None:
         old = self._windows.pop(offset, None)
         if old is not None:
             self._drop(old)
@@ -325,26 +324,25 @@ class S3Qcow2Reader(ImageReader):
             self._drop(self._windows.pop(behind[0]) if behind
                        else self._windows.popitem(last=False)[1])
 
-    def _drop(self, window: Window) -> None:
-        """A window leaves the cache: its buffer is kept for the next window
-        (nothing else holds it: reads copy out of it). A fresh multi-MiB
-        bytearray per window costs zero-filling and page faults on the trio
-        thread -- measured as the largest item left after direct GETs."""
+    def _drop(self, window: mmap.mmap) -> None:
+        """A window leaves the cache: its buffer is kept for the next window. Views
+        of it lent by read_transient are done with before their caller awaits,
+        and a buffer is only refilled by a fetch, which runs at awaits. A fresh
+        multi-MiB buffer per window costs page faults -- measured as the largest
+        item left after direct GETs."""
         self._window_bytes -= len(window)
         # Only full-size windows (a sequential stream's), a few: bounded memory.
         if len(window) == self.settings.readahead and len(self._spare) < SPARE_WINDOWS:
             self._spare.append(window)
 
-    def _buffer(self, length: int) -> Window:
-        """A spare window buffer, else a new page-aligned one: the kernel copies
-        GET bodies into it, and a bytearray's bytes (malloc: page + 16) make that
-        copy run at half speed (see snapfs.local.chunks.chunk_buffer)."""
+    def _buffer(self, length: int) -> mmap.mmap:
+        """A spare window buffer, else a new page-aligned one (see aligned_buffer)."""
         for i, buf in enumerate(self._spare):
             if len(buf) == length:
                 return self._spare.pop(i)
-        return mmap.mmap(-1, length)
+        return aligned_buffer(length)
 
-    async def _fetch(self, offset: int, length: int) -> Window:
+    async def _fetch(self, offset: int, length: int) -> mmap.mmap:
         """Guest bytes offset..+length, from one round of parallel GETs. Data
         clusters contiguous on the host are read by their GETs straight into
         the result (holes stay its zeros); only compressed clusters and merged

@@ -33,6 +33,6 @@ def aligned_buffer(size: int) -> mmap.mmap:
 
     Page alignment is not cosmetic: a destination just past a page boundary --
     where malloc puts a large bytearray's bytes, page + 16 -- runs the kernel's
-    copy at half speed or worse on this class of machine (4K aliasing; measured
-    140-350 vs 70 us per MiB)."""
+    copy at half speed or worse on this class of machine (4K aliasing;
+    scripts/bench/alignment.py: 120-350 vs 50-70 us per MiB)."""
     return mmap.mmap(-1, size)

@@ -240,9 +240,9 @@ class _Capture:
             w = self.writer
 
             def write_all() -> list[tuple[bytes, int, int, bytes]]:
-                written = [(hh, w.append(d), len(d), check(d)) for hh, d in fresh.items()]
-                w.start_writeback()
-                return written
+                offsets = w.append_all(list(fresh.values()))
+                return [(hh, off, len(d), check(d))
+                        for (hh, d), off in zip(fresh.items(), offsets)]
             g.new += await trio.to_thread.run_sync(write_all, limiter=self.io)
             g.fresh.update(fresh)
             g.bytes += sum(len(d) for d in fresh.values())

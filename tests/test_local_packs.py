@@ -1,0 +1,70 @@
+"""Pack files on their own: how chunks are appended, where their bytes go."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from fixtures_store import MiB, random_bytes, read_all, snapshot_of
+from snapfs.local import open_local_service
+from snapfs.local.chunks import ALIGN, STAGE_BYTES, PackFiles, PackWriter, check, digest
+
+
+def cached_bytes(path: Path) -> int:
+    """Bytes of the file the page cache holds, as util-linux's fincore reports them."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         check=True, capture_output=True, text=True).stdout
+    return int(out.strip())
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_appended_chunks_read_back_at_aligned_offsets(tmp_path: Path, direct: bool) -> None:
+    # More than one staging buffer's worth, odd lengths included (a volume's last
+    # chunk), so every padding and flushing path runs.
+    lengths = [MiB] * (STAGE_BYTES // MiB + 3) + [3 * 512, 1, MiB - 512, 4096]
+    chunks = [random_bytes(n, seed=i) for i, n in enumerate(lengths)]
+    packs = PackFiles(tmp_path / "packs")
+    w = PackWriter(packs, 1, 0, direct=direct)
+    offsets = w.append_all(chunks[:5]) + w.append_all(chunks[5:])
+    w.sync()
+    end = w.end
+    w.close()
+    assert all(off % ALIGN == 0 for off in offsets)
+    assert all(a + len(c) <= b for a, b, c in zip(offsets, offsets[1:], chunks))
+    assert end % ALIGN == 0 and end >= offsets[-1] + len(chunks[-1])
+    for off, data in zip(offsets, chunks):
+        assert packs.read(1, off, len(data), digest(data), check(data)) == data
+    # A writer taking the pack up again appends after what was committed.
+    w = PackWriter(packs, 1, end, direct=direct)
+    [again] = w.append_all([chunks[0]])
+    w.sync()
+    w.close()
+    assert again == end
+    assert packs.read(1, offsets[-1], len(chunks[-1]), digest(chunks[-1]),
+                      check(chunks[-1])) == chunks[-1]
+    packs.close()
+
+
+def test_direct_writes_leave_the_page_cache_alone(tmp_path: Path) -> None:
+    chunks = [random_bytes(MiB, seed=i) for i in range(8)]
+    packs = PackFiles(tmp_path / "packs")
+    for pack, direct in ((1, True), (2, False)):
+        w = PackWriter(packs, pack, 0, direct=direct)
+        w.append_all(chunks)
+        w.sync()
+        w.close()
+    assert cached_bytes(packs.path(1)) == 0
+    assert cached_bytes(packs.path(2)) > 0  # what a buffered append costs: fresh pages
+
+
+async def test_a_capture_stores_its_bytes_without_filling_the_page_cache(
+        store_dir: Path, volume_file: Callable[..., Path]) -> None:
+    data = random_bytes(24 * MiB + 512, seed=3)
+    path = volume_file("v", len(data), [(0, data)])
+    async with open_local_service(store_dir) as svc:
+        snap = await snapshot_of(svc, path)
+        assert sum(cached_bytes(p) for p in (store_dir / "packs").glob("*.pack")) == 0
+        assert await read_all(svc, snap.id) == data

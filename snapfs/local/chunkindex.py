@@ -146,6 +146,44 @@ class ChunkIndex:
         finally:
             conn.close()
 
+    def copy_map_in_steps(self, base: int, snap: int, snapshot_id: str) -> bool:
+        """Give snapshot ``snap`` the map of snapshot ``base`` (same bytes: see
+        leases.py), RELEASE_STEP entries per transaction on a connection of its own,
+        with the progress. False, leaving a partial copy for the caller to release,
+        if ``base`` stops being available meanwhile (deleted by another process:
+        in this one, deletes wait for the index lock the caller holds)."""
+        conn = self.md.worker_connection()
+        try:
+            total = conn.execute("SELECT count(*) FROM snapshot_chunks WHERE snap = ?",
+                                 (base,)).fetchone()[0]
+            last, done = -1, 0
+            while True:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    row = conn.execute("SELECT state FROM snapshots WHERE rowid = ?",
+                                       (base,)).fetchone()
+                    if row is None or row[0] != "available":
+                        conn.execute("ROLLBACK")
+                        return False
+                    n = conn.execute(
+                        "INSERT INTO snapshot_chunks (snap, idx, chunk) SELECT ?, idx, chunk "
+                        "FROM snapshot_chunks WHERE snap = ? AND idx > ? ORDER BY idx LIMIT ?",
+                        (snap, base, last, RELEASE_STEP)).rowcount
+                    done += n
+                    if n:
+                        last = conn.execute("SELECT max(idx) FROM snapshot_chunks WHERE snap = ?",
+                                            (snap,)).fetchone()[0]
+                    conn.execute("UPDATE snapshots SET progress = ? WHERE id = ?",
+                                 (min(99, done * 100 // max(total, 1)), snapshot_id))
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                if n < RELEASE_STEP:
+                    return True
+        finally:
+            conn.close()
+
     def free_extents(self) -> list[tuple[int, int, int, int]]:
         """(rowid, pack, offset, length) of extents waiting to be punched."""
         return [tuple(r) for r in self.conn.execute(

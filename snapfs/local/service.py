@@ -27,6 +27,7 @@ from ..service import ImageReader, SnapshotService
 from .capture import CaptureSource, FileSource, PackPool, ReaderSource, capture
 from .chunkindex import ChunkIndex
 from .chunks import PackFiles
+from . import leases
 from .image import LocalImageReader
 from .metadata import Metadata
 from .recovery import DELETING, EXPORT_INTERRUPTED, INTERRUPTED, recover
@@ -54,6 +55,8 @@ class LocalService(SnapshotService):
         #: Snapshots whose delete has begun: no new reader or export may start on them
         #: while the delete waits for the index lock.
         self._deleting: set[str] = set()
+        #: Read leases on volume files, by volume id (see leases.py).
+        self._leases: dict[str, leases.Lease] = {}
 
     @property
     def organization(self) -> str:
@@ -133,6 +136,9 @@ class LocalService(SnapshotService):
         v = self.md.volume(zone, ref)
         managed = self.md.volume_managed(v.id)
         self.md.remove_volume(v.id)
+        lease = self._leases.pop(v.id, None)
+        if lease is not None:
+            leases.drop(lease)
         if managed and v.path:
             Path(v.path).unlink(missing_ok=True)
         return v
@@ -184,7 +190,7 @@ class LocalService(SnapshotService):
                         progress=0)
         key_ = self.md.insert_snapshot(snap, None)
         log.info("snapshot %s (%s): capturing volume %s", snap.id, name, vol.name)
-        self._start(snap.id, self._run_capture, snap.id, key_, str(vol.path), size)
+        self._start(snap.id, self._run_capture, snap.id, key_, vol.id, str(vol.path), size)
         return snap
 
     def _owner(self, project: str | None, organization: str | None,
@@ -346,20 +352,16 @@ class LocalService(SnapshotService):
         self._nursery.start_soon(job)
 
     async def _capture_into(self, snapshot_id: str, key: int,
-                            source_factory: Callable[[], Awaitable[CaptureSource]]) -> None:
-        """Run a capture; on any failure or cancellation, leave the snapshot in
-        ``error`` (or ``invalid_data``) with the reason and its partial map released."""
+                            work: Callable[[], Awaitable[None]]) -> bool:
+        """Run ``work`` (which stores the snapshot's map); on any failure or
+        cancellation, leave the snapshot in ``error`` (or ``invalid_data``) with the
+        reason and its partial map released. True once the snapshot is available."""
         failed_state, reason = "error", INTERRUPTED
         try:
-            source = await source_factory()
-            try:
-                await capture(source, snapshot_id, key, self.index, self.pool,
-                              self.index_lock, self.hash_limiter)
-            finally:
-                await source.aclose()
+            await work()
             self.md.update_snapshot(snapshot_id, state="available", progress=100)
             log.info("snapshot %s available", snapshot_id)
-            return
+            return True
         except trio.Cancelled:
             raise
         except SnapfsError as exc:
@@ -380,15 +382,51 @@ class LocalService(SnapshotService):
                         await trio.to_thread.run_sync(self.index.release_in_steps, key,
                                                       limiter=self.io_limiter)
                     await self._reclaim()
+        return False
 
-    async def _run_capture(self, snapshot_id: str, key: int, path: str, size: int) -> None:
-        async def source() -> FileSource:
-            return await trio.to_thread.run_sync(FileSource, path, self.hash_limiter, size)
-        await self._capture_into(snapshot_id, key, source)
+    async def _store(self, source: CaptureSource, snapshot_id: str, key: int) -> None:
+        try:
+            await capture(source, snapshot_id, key, self.index, self.pool, self.index_lock,
+                          self.hash_limiter)
+        finally:
+            await source.aclose()
+
+    async def _run_capture(self, snapshot_id: str, key: int, volume_id: str, path: str,
+                           size: int) -> None:
+        """A volume's snapshot: a copy of the previous snapshot's map when the
+        volume's read lease proves the file unchanged since that capture began
+        (leases.py); otherwise a full capture, under a lease taken first."""
+        lease = self._leases.pop(volume_id, None)
+        base = lease.base if lease is not None and leases.unchanged(lease, path, size) else None
+        if base is None:
+            if lease is not None:
+                leases.drop(lease)
+            lease = leases.take(path, size)  # before reading a byte
+        if lease is not None:
+            self._leases[volume_id] = lease
+
+        async def work() -> None:
+            if base is not None and await self._copy_map(snapshot_id, key, base):
+                return
+            source = await trio.to_thread.run_sync(FileSource, path, self.hash_limiter, size)
+            await self._store(source, snapshot_id, key)
+        if await self._capture_into(snapshot_id, key, work) and lease is not None:
+            lease.base = key
+
+    async def _copy_map(self, snapshot_id: str, key: int, base: int) -> bool:
+        async with self.index_lock:
+            if await trio.to_thread.run_sync(self.index.copy_map_in_steps, base, key,
+                                             snapshot_id, limiter=self.io_limiter):
+                log.info("snapshot %s: volume unchanged since the last snapshot's "
+                         "capture began (lease held): its map reused", snapshot_id)
+                return True
+            await trio.to_thread.run_sync(self.index.release_in_steps, key,
+                                          limiter=self.io_limiter)
+        return False
 
     async def _run_import(self, snapshot_id: str, key: int, bucket: str, obj: str,
                           size: int | None) -> None:
-        async def source() -> ReaderSource:
+        async def work() -> None:
             if self.objects is None:
                 raise PreconditionFailed(NO_OBJECT_STORAGE)
             zone = self.md.snapshot(None, snapshot_id).zone
@@ -398,8 +436,8 @@ class LocalService(SnapshotService):
                 raise InvalidData(f"size {size} does not match the image's virtual size "
                                   f"{reader.size}")
             self.md.update_snapshot(snapshot_id, size=reader.size)
-            return ReaderSource(reader, self.hash_limiter)
-        await self._capture_into(snapshot_id, key, source)
+            await self._store(ReaderSource(reader, self.hash_limiter), snapshot_id, key)
+        await self._capture_into(snapshot_id, key, work)
 
     async def _run_export(self, snapshot_id: str, task_id: str, bucket: str, key: str) -> None:
         self.md.update_task(task_id, status="started")
@@ -449,6 +487,9 @@ class LocalService(SnapshotService):
             scope.cancel()
         while self._jobs:
             await trio.sleep(0.01)
+        for lease in self._leases.values():
+            leases.drop(lease)
+        self._leases.clear()
 
 
 def _device_size(path: str | None) -> int:

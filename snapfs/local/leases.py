@@ -1,0 +1,142 @@
+"""Knowing, exactly, that a volume file was not opened for writing since a snapshot
+began: read leases.
+
+The kernel grants a read lease (``fcntl F_SETLEASE F_RDLCK``) on a read-only
+descriptor only while nobody has the file open for writing, and breaks it when
+anyone opens the file for writing or truncates it: it signals the holder (SIGIO)
+and holds that open() back until the holder lets go (at most
+/proc/sys/fs/lease-break-time). Writing a file -- write(2), a shared mapping, a
+loop device, an NFS server -- always starts with such an open. So a lease taken
+before a capture starts and still unbroken at the next snapshot proves that the
+file holds exactly the bytes that capture read: the next snapshot reuses its map
+and reads nothing (ZFS users expect a snapshot of an idle volume to cost nothing).
+
+Exact where it exists, and simply absent elsewhere: a block device, a file on
+NFS or FUSE, a file someone already has open for writing, a service not running
+in the main thread (no signal handler) -- all mean an ordinary full capture,
+never a wrong one.
+
+What it costs others: a process opening a leased volume for writing waits until
+this process's main thread has run the handler (well under a millisecond when
+idle); an open with O_NONBLOCK fails once with EWOULDBLOCK, as with any leased
+file. The lease goes away with the next write open, so this happens at most once
+per snapshot.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import signal
+import struct
+import threading
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+F_SETLEASE = 1024
+F_GETLEASE = 1025
+F_SETOWN_EX = 15
+F_OWNER_TID = 0
+
+
+@dataclass(eq=False)
+class Lease:
+    """A read lease on one volume file, held by this process."""
+    path: str
+    fd: int
+    dev: int
+    ino: int
+    size: int
+    #: The snapshot (map key) whose capture started under this lease; None until
+    #: such a capture has succeeded.
+    base: int | None = None
+    broken: bool = False
+
+
+# Process-wide, as SIGIO is: every held lease by descriptor.
+_held: dict[int, Lease] = {}
+_previous: Any = None
+_installed = False
+
+
+def _release(lease: Lease) -> None:
+    lease.broken = True
+    if _held.pop(lease.fd, None) is not None:
+        os.close(lease.fd)  # closing the descriptor lets the waiting open() go on
+
+
+def _on_sigio(signum: int, frame: FrameType | None) -> None:
+    # Runs in the main thread between bytecodes. A lease being broken reports its
+    # target type (F_UNLCK) here; mark it broken *before* letting the opener go.
+    for lease in list(_held.values()):
+        try:
+            still = fcntl.fcntl(lease.fd, F_GETLEASE) == fcntl.F_RDLCK
+        except OSError:
+            still = False
+        if not still:
+            log.info("volume %s opened for writing: its next snapshot reads it all",
+                     lease.path)
+            _release(lease)
+    if callable(_previous):
+        _previous(signum, frame)
+
+
+def _install() -> bool:
+    global _installed, _previous
+    if _installed:
+        return True
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    _previous = signal.signal(signal.SIGIO, _on_sigio)
+    _installed = True
+    return True
+
+
+def take(path: str, size: int) -> Lease | None:
+    """A read lease on the file at ``path`` of ``size`` bytes, or None where
+    there can be none (see the module docstring). Main thread only: the signal
+    that breaks a lease must reach the thread that can hand it back."""
+    if not _install():
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    lease = Lease(path, fd, st.st_dev, st.st_ino, size)
+    _held[fd] = lease  # before F_SETLEASE: a break must find it
+    try:
+        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
+        # The break's SIGIO goes to this (the main) thread, so that an open() of
+        # the volume made by this very thread is interrupted to run the handler
+        # instead of waiting out the lease-break time.
+        fcntl.fcntl(fd, F_SETOWN_EX, struct.pack("ii", F_OWNER_TID, threading.get_native_id()))
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EINVAL, errno.ENOLCK, errno.EACCES):
+            log.warning("cannot lease volume %s: %s", path, exc)
+        _release(lease)
+        return None
+    return lease
+
+
+def unchanged(lease: Lease, path: str, size: int) -> bool:
+    """True if the file at ``path`` is still the leased one, of the same size,
+    and nobody opened it for writing since the lease was taken."""
+    if lease.broken:
+        return False
+    try:
+        if fcntl.fcntl(lease.fd, F_GETLEASE) != fcntl.F_RDLCK:
+            return False
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (lease.dev, lease.ino) and size == lease.size
+
+
+def drop(lease: Lease) -> None:
+    _release(lease)

@@ -1,0 +1,103 @@
+"""Snapshots of a volume nobody opened for writing since the last one reuse its map
+(read leases, snapfs/local/leases.py); any write open makes the next one read all."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from fixtures_store import MiB, ZONE, random_bytes, read_all, snapshot_of
+from snapfs.local import LocalService
+from snapfs.local import leases
+
+SIZE = 16 * MiB
+
+
+def bytes_read() -> int:
+    """Bytes this process has read through read-type system calls so far."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+@pytest.fixture
+def volume(volume_file: Callable[..., Path]) -> Path:
+    return volume_file("v", SIZE, [(0, random_bytes(SIZE - MiB, seed=1))])
+
+
+async def test_an_untouched_volume_is_snapshotted_without_reading_it(
+        service: LocalService, volume: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="snapfs.local")
+    first = await snapshot_of(service, volume, "first")
+    before = bytes_read()
+    second = await snapshot_of(service, volume, "second")
+    assert bytes_read() - before < SIZE // 4  # metadata only: the volume was not read
+    assert any("map reused" in r.getMessage() and second.id in r.getMessage()
+               for r in caplog.records)
+    third = await snapshot_of(service, volume, "third")  # a chain: still no read
+    assert await read_all(service, third.id) == await read_all(service, first.id) \
+        == volume.read_bytes()
+    assert (await service.get_snapshot(ZONE, second.id)).size == SIZE
+
+
+@pytest.mark.parametrize("writer", ["this process", "dd", "truncate"])
+async def test_any_write_open_makes_the_next_snapshot_read_the_volume(
+        service: LocalService, volume: Path, writer: str) -> None:
+    await snapshot_of(service, volume, "first")
+    new = random_bytes(MiB, seed=2)
+    t = time.monotonic()
+    if writer == "this process":  # the lease holder's own thread must not wait for itself
+        with open(volume, "r+b") as f:
+            f.seek(5 * MiB)
+            f.write(new)
+    elif writer == "dd":
+        subprocess.run(["dd", f"of={volume}", "bs=1M", "seek=5", "conv=notrunc", "status=none"],
+                       input=new, check=True)
+    else:  # truncate(2) by path, no open at all; the size stays the same
+        subprocess.run([sys.executable, "-c", f"import os; os.truncate({str(volume)!r}, "
+                        f"{5 * MiB}); os.truncate({str(volume)!r}, {SIZE})"], check=True)
+        new = bytes(MiB)
+    assert time.monotonic() - t < 5  # the lease was handed back at once, not after 45 s
+    before = bytes_read()
+    second = await snapshot_of(service, volume, "second")
+    assert bytes_read() - before >= MiB  # read again
+    data = await read_all(service, second.id)
+    assert data == volume.read_bytes()
+    assert data[5 * MiB:6 * MiB] == new
+
+
+async def test_a_deleted_base_means_a_full_capture(service: LocalService,
+                                                   volume: Path) -> None:
+    first = await snapshot_of(service, volume, "first")
+    await service.delete_snapshot(ZONE, first.id)
+    second = await snapshot_of(service, volume, "second")
+    assert await read_all(service, second.id) == volume.read_bytes()
+
+
+async def test_no_lease_while_someone_has_the_volume_open_for_writing(
+        service: LocalService, volume: Path) -> None:
+    with open(volume, "r+b") as f:  # a VM with its disk attached, say
+        await snapshot_of(service, volume, "first")
+        assert leases.take(str(volume), SIZE) is None
+        f.seek(0)
+        f.write(b"changed")
+    second = await snapshot_of(service, volume, "second")
+    assert (await read_all(service, second.id))[:7] == b"changed"
+
+
+async def test_a_replaced_volume_file_is_read_again(service: LocalService,
+                                                    volume: Path) -> None:
+    await snapshot_of(service, volume, "first")
+    other = volume.with_name("other.raw")
+    other.write_bytes(random_bytes(SIZE, seed=3))  # written elsewhere, renamed over it
+    os.replace(other, volume)
+    second = await snapshot_of(service, volume, "second")
+    assert await read_all(service, second.id) == volume.read_bytes()

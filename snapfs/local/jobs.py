@@ -1,0 +1,201 @@
+"""The local service's background work: captures (a full read, or the previous
+map reused under a read lease), imports and exports, each a task in the service's
+nursery that leaves its snapshot or task in a final state whatever happens."""
+
+from __future__ import annotations
+
+import logging
+from typing import Awaitable, Callable
+
+import trio
+
+from ..errors import InvalidData, PreconditionFailed, SnapfsError
+from ..model import now
+from ..objects import ObjectStorage
+from . import leases
+from .capture import CaptureSource, FileSource, PackPool, ReaderSource, capture
+from .chunkindex import ChunkIndex
+from .chunks import PackFiles
+from .image import LocalImageReader
+from .metadata import Metadata
+from .recovery import EXPORT_INTERRUPTED, INTERRUPTED
+
+log = logging.getLogger(__name__)
+
+NO_OBJECT_STORAGE = ("Object Storage is not configured (set AWS_ENDPOINT_URL or "
+                     "snapfs mount --s3-endpoint, and credentials)")
+
+
+class BackgroundJobs:
+    """Mixed into LocalService, whose state it uses."""
+
+    md: Metadata
+    index: ChunkIndex
+    packs: PackFiles
+    pool: PackPool
+    objects: ObjectStorage | None
+    index_lock: trio.Lock
+    io_limiter: trio.CapacityLimiter
+    hash_limiter: trio.CapacityLimiter
+    _nursery: trio.Nursery | None
+    _jobs: dict[str, trio.CancelScope]
+    _leases: dict[str, leases.Lease]
+
+    def _reader(self, snapshot_id: str, size: int) -> LocalImageReader:
+        raise NotImplementedError
+
+    async def _reclaim(self) -> None:
+        """Punch out the space of deleted chunks (queued in free_extents)."""
+        await trio.to_thread.run_sync(self.index.reclaim_in_steps, self.packs.punch,
+                                      limiter=self.io_limiter)
+
+    def _spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(fn)
+
+    def _start(self, snapshot_id: str, fn: Callable[..., Awaitable[None]], *args: object
+               ) -> None:
+        assert self._nursery is not None, "service used outside open_local_service()"
+        scope = trio.CancelScope()
+        self._jobs[snapshot_id] = scope
+
+        async def job() -> None:
+            try:
+                with scope:
+                    await fn(*args)
+            except Exception:  # a bug in one job must not take the whole service down
+                log.exception("background job for snapshot %s failed", snapshot_id)
+            finally:
+                self._jobs.pop(snapshot_id, None)
+        self._nursery.start_soon(job)
+
+    async def _capture_into(self, snapshot_id: str, key: int,
+                            work: Callable[[], Awaitable[None]]) -> bool:
+        """Run ``work`` (which stores the snapshot's map); on any failure or
+        cancellation, leave the snapshot in ``error`` (or ``invalid_data``) with the
+        reason and its partial map released. True once the snapshot is available."""
+        failed_state, reason = "error", INTERRUPTED
+        try:
+            await work()
+            self.md.update_snapshot(snapshot_id, state="available", progress=100)
+            log.info("snapshot %s available", snapshot_id)
+            return True
+        except trio.Cancelled:
+            raise
+        except SnapfsError as exc:
+            failed_state = "invalid_data" if isinstance(exc, InvalidData) else "error"
+            reason = str(exc)
+        except OSError as exc:
+            reason = f"reading the source failed: {exc.strerror or exc}"
+        except Exception as exc:  # a bug or an unexpected failure: say what it was
+            log.exception("capture of %s failed", snapshot_id)
+            reason = f"internal error: {exc!r}"
+        finally:
+            if self.md.snapshot(None, snapshot_id).state in ("snapshotting", "importing"):
+                with trio.CancelScope(shield=True):
+                    log.warning("snapshot %s failed: %s", snapshot_id, reason)
+                    self.md.update_snapshot(snapshot_id, state=failed_state,
+                                            error_reason=reason)
+                    async with self.index_lock:
+                        await trio.to_thread.run_sync(self.index.release_in_steps, key,
+                                                      limiter=self.io_limiter)
+                    await self._reclaim()
+        return False
+
+    async def _store(self, source: CaptureSource, snapshot_id: str, key: int) -> None:
+        try:
+            await capture(source, snapshot_id, key, self.index, self.pool, self.index_lock,
+                          self.hash_limiter)
+        finally:
+            await source.aclose()
+
+    async def _run_capture(self, snapshot_id: str, key: int, volume_id: str, path: str,
+                           size: int) -> None:
+        """A volume's snapshot: a copy of the previous snapshot's map when the
+        volume's read lease proves the file unchanged since that capture began
+        (leases.py); otherwise a full capture, under a lease taken first."""
+        lease = self._leases.pop(volume_id, None)
+        base = lease.base if lease is not None and leases.unchanged(lease, path, size) else None
+        if base is None:
+            if lease is not None:
+                leases.drop(lease)
+            lease = leases.take(path, size)  # before reading a byte
+        if lease is not None:
+            self._leases[volume_id] = lease
+
+        async def work() -> None:
+            if base is not None and await self._copy_map(snapshot_id, key, base):
+                return
+            source = await trio.to_thread.run_sync(FileSource, path, self.hash_limiter, size)
+            await self._store(source, snapshot_id, key)
+        if await self._capture_into(snapshot_id, key, work) and lease is not None:
+            lease.base = key
+
+    async def _copy_map(self, snapshot_id: str, key: int, base: int) -> bool:
+        async with self.index_lock:
+            if await trio.to_thread.run_sync(self.index.copy_map_in_steps, base, key,
+                                             snapshot_id, limiter=self.io_limiter):
+                log.info("snapshot %s: volume unchanged since the last snapshot's "
+                         "capture began (lease held): its map reused", snapshot_id)
+                return True
+            await trio.to_thread.run_sync(self.index.release_in_steps, key,
+                                          limiter=self.io_limiter)
+        return False
+
+    async def _run_import(self, snapshot_id: str, key: int, bucket: str, obj: str,
+                          size: int | None) -> None:
+        async def work() -> None:
+            if self.objects is None:
+                raise PreconditionFailed(NO_OBJECT_STORAGE)
+            zone = self.md.snapshot(None, snapshot_id).zone
+            reader = await self.objects.open_qcow2(bucket, obj, zone=zone)
+            if size is not None and reader.size != size:
+                await reader.aclose()
+                raise InvalidData(f"size {size} does not match the image's virtual size "
+                                  f"{reader.size}")
+            self.md.update_snapshot(snapshot_id, size=reader.size)
+            await self._store(ReaderSource(reader, self.hash_limiter), snapshot_id, key)
+        await self._capture_into(snapshot_id, key, work)
+
+    async def _run_export(self, snapshot_id: str, task_id: str, bucket: str, key: str) -> None:
+        self.md.update_task(task_id, status="started")
+        status, nbytes = "failure", 0
+        error: str | None = EXPORT_INTERRUPTED
+        shown = -1
+
+        def progress(done: int, total: int) -> None:
+            # One short commit per percent, not per part: each commit is a sync.
+            nonlocal shown
+            pct = min(99, done * 100 // max(total, 1))
+            if pct != shown:
+                shown = pct
+                self.md.update_task(task_id, progress=pct, bytes=done)
+        try:
+            if self.objects is None:
+                raise PreconditionFailed(NO_OBJECT_STORAGE)
+            snap = self.md.snapshot(None, snapshot_id)
+            reader = self._reader(snapshot_id, snap.size)
+            try:
+                nbytes = await self.objects.export_qcow2(reader, bucket, key, progress,
+                                                         zone=snap.zone)
+            finally:
+                await reader.aclose()
+            status, error = "success", None
+        except SnapfsError as exc:
+            error = str(exc)
+        except Exception as exc:  # a bug or an unexpected failure: say what it was
+            log.exception("export of %s failed", snapshot_id)
+            error = f"internal error: {exc!r}"
+        finally:
+            with trio.CancelScope(shield=True):
+                fields: dict[str, object] = dict(status=status, error=error,
+                                                 terminated_at=now())
+                if status == "success":
+                    fields.update(progress=100, bytes=nbytes)
+                with self.md.transaction():
+                    self.md.update_task(task_id, **fields)
+                    self.md.update_snapshot(snapshot_id, state="available")
+                if error:
+                    log.warning("export of %s failed: %s", snapshot_id, error)
+                else:
+                    log.info("export of %s done: %d bytes", snapshot_id, nbytes)

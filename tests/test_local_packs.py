@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Callable
@@ -68,3 +69,18 @@ async def test_a_capture_stores_its_bytes_without_filling_the_page_cache(
         snap = await snapshot_of(svc, path)
         assert sum(cached_bytes(p) for p in (store_dir / "packs").glob("*.pack")) == 0
         assert await read_all(svc, snap.id) == data
+
+
+def test_a_failed_background_write_fails_the_sync(tmp_path: Path) -> None:
+    """Writes run in flight while the capture goes on; an error in one must reach
+    sync() -- before anything commits rows pointing at the bytes."""
+    packs = PackFiles(tmp_path / "packs")
+    w = PackWriter(packs, 1, 0)
+    assert w._direct is not None
+    os.close(w._direct.fd)  # every write now fails (EBADF), as a dying disk's would
+    w._direct.fd = os.open(os.devnull, os.O_RDONLY)
+    w.append_all([random_bytes(MiB, seed=1)])
+    with pytest.raises(OSError):
+        w.sync()
+    w.close()
+    packs.close()

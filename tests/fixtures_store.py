@@ -76,6 +76,13 @@ async def snapshot_of(svc: LocalService, path: Path, name: str = "snap",
     return snap
 
 
+async def deletes_done(svc: LocalService, timeout: float = 60) -> None:
+    """Wait until the background half of every delete is over."""
+    with trio.fail_after(timeout):
+        while svc.freeing():
+            await trio.sleep(0.02)
+
+
 async def read_all(svc: LocalService, snapshot_id: str, zone: str = ZONE) -> bytes:
     reader = await svc.open_image(zone, snapshot_id)
     try:

@@ -12,6 +12,7 @@ their extents queued in ``free_extents``) *before* space is punched.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -122,16 +123,18 @@ class ChunkIndex:
         with self.md.transaction():
             _release_step(self.conn, snap, None)
 
-    def release_in_steps(self, snap: int, then_delete: str | None = None) -> None:
+    def release_in_steps(self, snap: int, then_delete: str | None = None,
+                         stop: threading.Event | None = None) -> None:
         """Drop a snapshot's map in transactions of RELEASE_STEP entries, on a
         connection of its own: for a worker thread (a million-chunk map took 7.5 s
         in one transaction, measured, all of it blocking the mount). The caller
         first marks the snapshot failed, so that a map left half released by a
         crash reads as an error, never as holes; ``then_delete`` (a snapshot id)
-        is deleted with the last step."""
+        is deleted with the last step. ``stop`` set ends it between two steps
+        (a service closing: the next open resumes it)."""
         conn = self.md.worker_connection()
         try:
-            while True:
+            while stop is None or not stop.is_set():
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     more = _release_step(conn, snap, RELEASE_STEP)

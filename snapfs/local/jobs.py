@@ -5,6 +5,7 @@ nursery that leaves its snapshot or task in a final state whatever happens."""
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Awaitable, Callable
 
 import trio
@@ -40,6 +41,7 @@ class BackgroundJobs:
     _nursery: trio.Nursery | None
     _jobs: dict[str, trio.CancelScope]
     _leases: dict[str, leases.Lease]
+    _freeing: set[str]
 
     def _reader(self, snapshot_id: str, size: int) -> LocalImageReader:
         raise NotImplementedError
@@ -48,6 +50,27 @@ class BackgroundJobs:
         """Punch out the space of deleted chunks (queued in free_extents)."""
         await trio.to_thread.run_sync(self.index.reclaim_in_steps, self.packs.punch,
                                       limiter=self.io_limiter)
+
+    async def _release(self, snapshot_id: str, key: int) -> None:
+        """The background half of a delete: the map in steps, then the space."""
+        stop = threading.Event()
+        self._freeing.add(snapshot_id)
+        try:
+            async with self.index_lock:
+                await trio.to_thread.run_sync(self.index.release_in_steps, key, snapshot_id,
+                                              stop, limiter=self.io_limiter,
+                                              abandon_on_cancel=True)
+            await self._reclaim()
+        except trio.Cancelled:
+            stop.set()  # the thread ends after its current step; the next open resumes
+            raise
+        finally:
+            self._freeing.discard(snapshot_id)
+        log.info("snapshot %s: its space is freed", snapshot_id)
+
+    def freeing(self) -> bool:
+        """Whether some delete's background half (map, then space) is not done."""
+        return bool(self._freeing) or bool(self.md.deleting())
 
     def _spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
         if self._nursery is not None:

@@ -191,8 +191,8 @@ class Metadata:
         return int(cur.lastrowid or 0)
 
     def _snapshot_row(self, snapshot_id: str) -> sqlite3.Row:
-        row = self.conn.execute(f"SELECT {_SNAPSHOT_COLS} FROM snapshots WHERE id = ?",
-                                (snapshot_id,)).fetchone()
+        row = self.conn.execute(f"SELECT {_SNAPSHOT_COLS} FROM snapshots "
+                                "WHERE id = ? AND deleting = 0", (snapshot_id,)).fetchone()
         if row is None:
             raise NotFound("snapshot", snapshot_id)
         return row
@@ -209,7 +209,7 @@ class Metadata:
     def list_snapshots(self, zone: str, organization: str | None, project: str | None,
                        name: str | None, tags: list[str] | None, base_volume_id: str | None,
                        per_page: int, page: int) -> Page[Snapshot]:
-        where = ["zone = ?"]
+        where = ["zone = ?", "deleting = 0"]
         args: list[Any] = [zone]
         for col, val in (("organization", organization), ("project", project),
                          ("base_volume_id", base_volume_id)):
@@ -229,6 +229,24 @@ class Metadata:
             f"SELECT {_SNAPSHOT_COLS} FROM snapshots WHERE {clause} ORDER BY rowid "
             "LIMIT ? OFFSET ?", args + [per_page, (page - 1) * per_page])
         return Page([_snapshot(r) for r in rows], total)
+
+    def mark_deleting(self, snapshot_id: str, reason: str) -> None:
+        """Hide the snapshot for good (see schema v4): it reads as gone from now on,
+        and as an error to anything that still holds its map key."""
+        with self.transaction():
+            self.conn.execute("UPDATE snapshots SET deleting = 1, state = 'error', "
+                              "error_reason = ?, owner = ?, modification_date = ? "
+                              "WHERE id = ?", (reason, this_process(), now(), snapshot_id))
+
+    def own_deleting(self, snapshot_id: str) -> None:
+        with self.transaction():
+            self.conn.execute("UPDATE snapshots SET owner = ? WHERE id = ?",
+                              (this_process(), snapshot_id))
+
+    def deleting(self) -> list[tuple[str, int, str | None]]:
+        """(id, map key, owner) of the snapshots whose delete is under way or cut short."""
+        return [(r[0], int(r[1]), r[2]) for r in self.conn.execute(
+            "SELECT id, rowid, owner FROM snapshots WHERE deleting = 1")]
 
     def snapshots_in_states(self, states: Iterable[str]) -> list[tuple[Snapshot, str | None]]:
         """(snapshot, owner token) of the snapshots in those states."""

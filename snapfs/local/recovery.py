@@ -21,9 +21,9 @@ log = logging.getLogger(__name__)
 
 INTERRUPTED = "capture interrupted: the service stopped before it finished"
 EXPORT_INTERRUPTED = "export interrupted: the service stopped"
-#: The reason a snapshot carries while it is being deleted; it stays only if the
-#: delete was cut short (the rest of it is gone: delete it again).
-DELETING = "being deleted; if this stays, the delete was interrupted: delete it again"
+#: The reason a snapshot carries while its map is released after a Delete (the row
+#: is invisible by then: schema v4); anything still holding its key reads an error.
+DELETING = "being deleted"
 #: How long an open may spend aborting the uploads of interrupted exports, in all
 #: (a dead Object Storage must not keep the store closed for long).
 ABORT_TIME = 30.0

@@ -152,6 +152,17 @@ MIGRATIONS: list[str] = [
     ALTER TABLE snapshots ADD COLUMN owner TEXT;
     ALTER TABLE tasks ADD COLUMN owner TEXT;
     """,
+    # --- version 4 -----------------------------------------------------------------
+    """
+    -- 1 once a Delete was accepted: the row is invisible to List and Get from then
+    -- on, while its map is released in the background (state 'error', owner = the
+    -- releasing process); the row goes with the map's last step. A release cut
+    -- short is resumed by the next open that finds its owner dead.
+    ALTER TABLE snapshots ADD COLUMN deleting INTEGER NOT NULL DEFAULT 0;
+    -- Deletes interrupted under version 3 (marked by their reason) resume too.
+    UPDATE snapshots SET deleting = 1
+        WHERE state = 'error' AND error_reason LIKE 'being deleted%';
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

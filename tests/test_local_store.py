@@ -320,3 +320,27 @@ async def test_a_delete_cut_short_is_finished_by_the_next_open(
         assert table_counts(svc)[1:] == [1, 0]  # the kept snapshot's one chunk
         assert (await read_all(svc, kept.id))[:4] == b"kept"
     assert snapfs_cli("fsck", store=store_dir).returncode == 0
+
+
+async def test_a_delete_cut_short_under_schema_3_is_finished_after_the_migration(
+        store_dir: Path, volume_file: Callable[..., Path]) -> None:
+    path = volume_file("v", 4 * MiB, [(0, random_bytes(4 * MiB, seed=22))])
+    async with open_local_service(store_dir) as svc:
+        snap = await snapshot_of(svc, path, "s")
+        key = svc.md.snap_key(snap.id)
+    # What version 3 left after a crash mid-delete: no deleting column, the old
+    # reason, part of the map.
+    conn = sqlite3.connect(store_dir / "metadata.db")
+    with conn:
+        conn.execute("ALTER TABLE snapshots DROP COLUMN deleting")
+        conn.execute("UPDATE snapshots SET state = 'error', error_reason = 'being deleted; "
+                     "if this stays, the delete was interrupted: delete it again'")
+        assert _release_step(conn, key, 2)
+        conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    conn.close()
+    async with open_local_service(store_dir) as svc:
+        with pytest.raises(NotFound):
+            await svc.get_snapshot(ZONE, snap.id)
+        await deletes_done(svc)
+        assert table_counts(svc) == [0, 0, 0]
+    assert snapfs_cli("fsck", store=store_dir).returncode == 0

@@ -69,6 +69,9 @@ async def test_a_capture_stores_its_bytes_without_filling_the_page_cache(
         snap = await snapshot_of(svc, path)
         assert sum(cached_bytes(p) for p in (store_dir / "packs").glob("*.pack")) == 0
         assert await read_all(svc, snap.id) == data
+        # The pack's writer waits for the next capture without its staging buffers.
+        [writer] = svc.pool.idle
+        assert writer._direct is not None and writer._direct._free == []
 
 
 def test_a_failed_background_write_fails_the_sync(tmp_path: Path) -> None:

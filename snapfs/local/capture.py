@@ -169,6 +169,7 @@ class PackPool:
         if w.full:
             w.close()
         else:
+            w.idle()
             self.idle.append(w)
 
     def retire(self, w: PackWriter) -> None:

@@ -293,6 +293,11 @@ class PackWriter:
                                   _SYNC_FILE_RANGE_WRITE)
             self._written_back = self.end
 
+    def idle(self) -> None:
+        """Between captures: give back the staging buffers (32 MiB)."""
+        if self._direct is not None:
+            self._direct.trim()
+
     def sync(self) -> None:
         if self._direct is not None:
             self._direct.drain()  # every write done (or its error raised) first
@@ -350,6 +355,13 @@ class _DirectWrites:
     def drain(self) -> None:
         while self._pending:
             self._reap()
+
+    def trim(self) -> None:
+        """Unmap the staging buffers (after drain): an idle writer holds no memory."""
+        for buf in self._free:
+            buf.close()
+        self._free.clear()
+        self._made = len(self._pending)
 
     def close(self) -> None:
         while self._pending:

@@ -225,8 +225,12 @@ def logged(logger: str, text: str) -> Iterator[trio.Event]:
             if text in record.getMessage():
                 seen.set()
     handler = Watch()
-    logging.getLogger(logger).addHandler(handler)
+    watched = logging.getLogger(logger)
+    level = watched.level
+    watched.setLevel(logging.DEBUG)  # INFO records too, whatever the configuration
+    watched.addHandler(handler)
     try:
         yield seen
     finally:
-        logging.getLogger(logger).removeHandler(handler)
+        watched.removeHandler(handler)
+        watched.setLevel(level)

@@ -234,6 +234,36 @@ async def test_corrupt_compressed_cluster_found_mid_import(
     await objects.aclose()
 
 
+async def test_an_object_replaced_mid_import_ends_invalid_data(
+        s3_server: SeaweedServer, bucket: str, tmp_path: Path,
+        volume_file: Callable[..., Path]) -> None:
+    """The import reads the version it validated (If-Match on every GET): replaced
+    once the tables are checked, the object fails the import; nothing is kept."""
+    images = []
+    for name, seed in (("a", 12), ("b", 13)):
+        raw = volume_file(name, 48 * MiB, [(0, random_bytes(48 * MiB, seed))])
+        img = tmp_path / f"{name}.qcow2"
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw),
+                        str(img)], check=True, capture_output=True)
+        images.append(img)
+    client = s3_server.client()
+    client.upload_file(str(images[0]), bucket, "disk.qcow2")
+    objects = s3_server.objects()
+    async with open_local_service(tmp_path / "store", objects=objects) as svc:
+        before = store_state(svc)
+        with logged("snapfs.s3.reader", "import from") as validated:
+            snap = await svc.create_snapshot(ZONE, name="d", bucket=bucket, key="disk.qcow2")
+            with trio.fail_after(60):
+                await validated.wait()
+            # Synchronous, holding the trio loop: no data GET starts before it is done.
+            client.upload_file(str(images[1]), bucket, "disk.qcow2")
+        done = await wait_state(svc, snap.id)
+        assert done.state == "invalid_data", done.error_reason
+        assert "changed while being read" in (done.error_reason or "")
+        assert store_state(svc, exclude=snap.id) == before
+    await objects.aclose()
+
+
 async def test_export_of_corrupt_snapshot_fails_and_aborts(
         s3_server: SeaweedServer, bucket: str, tmp_path: Path,
         volume_file: Callable[..., Path]) -> None:

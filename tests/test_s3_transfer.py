@@ -300,3 +300,26 @@ async def test_sequential_reads_are_served_by_read_ahead(s3_server: SeaweedServe
     # The window grows 1, 2, 4, 8, 16 MiB on demand at the start; the rest ahead.
     assert stats["read_ahead"] >= 4, stats
     assert stats["on_demand"] <= 5, stats
+
+
+async def test_an_object_replaced_mid_read_fails_instead_of_mixing_versions(
+        s3_server: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """Every GET asks for the version the reader opened (If-Match: its ETag): an
+    image replaced meanwhile -- same layout, other bytes, which no table check can
+    tell -- fails clearly instead of reading half of each."""
+    raw = make_raw(tmp_path / "a.raw", 64 * MiB, [(0, 64 * MiB)])
+    other = make_raw(tmp_path / "b.raw", 64 * MiB, [(0, 64 * MiB)])
+    s3_server.client().upload_file(str(qcow2_of(raw)), bucket, "disk.qcow2")
+    objects = s3_server.objects()
+    try:
+        reader = await objects.open_qcow2(bucket, "disk.qcow2")
+        assert await reader.read(0, MiB) == raw.read_bytes()[:MiB]
+        s3_server.client().upload_file(str(qcow2_of(other)), bucket, "disk.qcow2")
+        expected = raw.read_bytes()
+        with pytest.raises(InvalidData, match="changed while being read"):
+            for off in range(MiB, len(expected), MiB):
+                # Whatever was fetched before the replacement is the old version.
+                assert await reader.read(off, MiB) == expected[off:off + MiB]
+        await reader.aclose()
+    finally:
+        await objects.aclose()

@@ -88,14 +88,17 @@ def _read_body(resp: dict[str, Any], view: memoryview) -> int:
 
 
 async def _get_into(calls: S3Calls, bucket: str, key: str, offset: int,
-                    buf: bytearray | memoryview) -> None:
-    """Fill ``buf`` with the object's bytes at ``offset`` (one ranged GET)."""
+                    buf: bytearray | memoryview, etag: str | None) -> None:
+    """Fill ``buf`` with the object's bytes at ``offset`` (one ranged GET) of the
+    version ``etag`` names: an object replaced meanwhile answers 412, which
+    map_error makes an InvalidData, instead of bytes of another image."""
     client = calls.client
     length = len(buf)
+    pinned = {"IfMatch": etag} if etag else {}
 
     def fetch() -> int:
         resp = client.get_object(Bucket=bucket, Key=key,
-                                 Range=f"bytes={offset}-{offset + length - 1}")
+                                 Range=f"bytes={offset}-{offset + length - 1}", **pinned)
         with memoryview(buf) as view:
             return _read_body(resp, view)
     got = await calls.call("get_object", bucket, key, fetch)
@@ -105,12 +108,12 @@ async def _get_into(calls: S3Calls, bucket: str, key: str, offset: int,
 
 
 async def _get_range(calls: S3Calls, bucket: str, key: str, offset: int,
-                     length: int) -> bytearray:
+                     length: int, etag: str | None) -> bytearray:
     # Allocated here, filled by the worker thread with readinto: big buffers made
     # in worker threads land in per-thread malloc arenas and fragment the heap
     # (a 512 MiB import measured 191 MiB peak RSS with read(), 170 with readinto).
     buf = bytearray(length)
-    await _get_into(calls, bucket, key, offset, buf)
+    await _get_into(calls, bucket, key, offset, buf, etag)
     return buf
 
 
@@ -135,13 +138,14 @@ async def open_reader(calls: S3Calls, settings: S3Settings, bucket: str, key: st
     size = int(head["ContentLength"])
     if size == 0:
         raise InvalidData(f"object {bucket}/{key} is empty, not a QCOW2 image")
-    probe = await _get_range(calls, bucket, key, 0, min(HEADER_PROBE, size))
+    etag = head.get("ETag")  # every later GET asks for this very version
+    probe = await _get_range(calls, bucket, key, 0, min(HEADER_PROBE, size), etag)
     header = parse_header(probe, size)
     l1_len = header.l1_size * 8
-    l1 = await _get_range(calls, bucket, key, header.l1_table_offset, l1_len) \
+    l1 = await _get_range(calls, bucket, key, header.l1_table_offset, l1_len, etag) \
         if l1_len else b""
     qmap = Qcow2Map(header, l1, size)
-    reader = S3Qcow2Reader(calls, settings, bucket, key, qmap, cpu_limiter)
+    reader = S3Qcow2Reader(calls, settings, bucket, key, qmap, cpu_limiter, etag)
     await reader.validate_tables()
     log.info("import from %s/%s: QCOW2 v%d, %d bytes virtual, %d-byte clusters%s",
              bucket, key, header.version, header.size, header.cluster_size,
@@ -151,8 +155,10 @@ async def open_reader(calls: S3Calls, settings: S3Settings, bucket: str, key: st
 
 class S3Qcow2Reader(ImageReader):
     def __init__(self, calls: S3Calls, settings: S3Settings, bucket: str, key: str,
-                 qmap: Qcow2Map, cpu_limiter: trio.CapacityLimiter) -> None:
+                 qmap: Qcow2Map, cpu_limiter: trio.CapacityLimiter,
+                 etag: str | None = None) -> None:
         self.calls = calls
+        self.etag = etag
         self.settings = settings
         self.bucket = bucket
         self.key = key
@@ -388,12 +394,12 @@ class S3Qcow2Reader(ImageReader):
         got: dict[int, bytearray] = {}
 
         async def one(off: int, n: int) -> None:
-            got[off] = await _get_range(self.calls, self.bucket, self.key, off, n)
+            got[off] = await _get_range(self.calls, self.bucket, self.key, off, n, self.etag)
         try:
             async with trio.open_nursery() as nursery:
                 for off, piece in direct:
                     nursery.start_soon(_get_into, self.calls, self.bucket, self.key,
-                                       off, piece)
+                                       off, piece, self.etag)
                 for off, n in scratch:
                     nursery.start_soon(one, off, n)
         except BaseExceptionGroup as group:
@@ -463,7 +469,7 @@ class S3Qcow2Reader(ImageReader):
         got: dict[int, bytearray] = {}
 
         async def one(off: int, n: int) -> None:
-            got[off] = await _get_range(self.calls, self.bucket, self.key, off, n)
+            got[off] = await _get_range(self.calls, self.bucket, self.key, off, n, self.etag)
         try:
             async with trio.open_nursery() as nursery:
                 for off, n in ranges:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 from typing import Callable
 
+from .errors import SnapfsError
 from .service import ImageReader
 
 #: progress(done_bytes, total_bytes) -- called from the trio thread.
@@ -34,6 +35,11 @@ class ObjectStorage(abc.ABC):
         InvalidData (with the exact reason) for anything that is not a valid,
         supported QCOW2 image, NotFound for a missing bucket or key. ``zone`` as
         for export_qcow2."""
+
+    async def delete_object(self, bucket: str, key: str, zone: str | None = None) -> None:
+        """Remove bucket/key (absent already: fine). Raises a SnapfsError when the
+        storage cannot."""
+        raise SnapfsError(f"this Object Storage cannot delete {bucket}/{key}")
 
     async def abort_uploads(self, bucket: str, key: str, zone: str | None = None) -> int:
         """Abort every unfinished multipart upload to exactly bucket/key (what a

@@ -95,6 +95,25 @@ async def test_image_raw_bytes_and_reuse(cloud: tuple[ScalewayService, str], scw
         assert fresh._images.exports_started == 0
 
 
+async def test_deleting_a_snapshot_deletes_its_staging_export(
+        cloud: tuple[ScalewayService, str], scw_env: Served, s3_server: Any) -> None:
+    svc, bucket = cloud
+    kept, gone = [await _snapshot(svc, scw_env.volumes["vol-a"]["id"]) for _ in range(2)]
+    for snap in (kept, gone):
+        reader = await svc.open_image("fr-par-1", snap.id)
+        await reader.aclose()
+
+    def staged() -> list[str]:
+        return [o["Key"] for o in s3_server.client().list_objects_v2(
+            Bucket=bucket, Prefix=STAGING_PREFIX).get("Contents", [])]
+    assert len(staged()) == 2
+    await svc.delete_snapshot("fr-par-1", gone.id)
+    [left] = staged()
+    assert kept.id in left
+    with pytest.raises(NotFound):
+        await svc.get_snapshot("fr-par-1", gone.id)
+
+
 async def test_concurrent_opens_share_one_export(cloud: tuple[ScalewayService, str],
                                                  scw_env: Served) -> None:
     svc, _ = cloud

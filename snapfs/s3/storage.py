@@ -72,6 +72,12 @@ class S3ObjectStorage(ObjectStorage):
         calls = await self.calls_for(zone)
         return await open_reader(calls, self.settings, bucket, key, self.cpu_limiter)
 
+    async def delete_object(self, bucket: str, key: str, zone: str | None = None) -> None:
+        _check(bucket, key)
+        calls = await self.calls_for(zone)
+        await calls.call("delete_object", bucket, key,
+                         functools.partial(calls.client.delete_object, Bucket=bucket, Key=key))
+
     async def abort_uploads(self, bucket: str, key: str, zone: str | None = None) -> int:
         _check(bucket, key)
         calls = await self.calls_for(zone)

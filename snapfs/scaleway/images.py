@@ -97,6 +97,18 @@ class CloudImages:
             return None
         return reader
 
+    async def forget(self, snap: Snapshot) -> None:
+        """The snapshot is deleted: so is its staging export, if any (best effort:
+        a failure is one warning, the snapshot is gone either way)."""
+        if not self.bucket or self.objects is None:
+            return
+        key = staging_key(snap)
+        try:
+            await self.objects.delete_object(self.bucket, key, zone=snap.zone)
+        except SnapfsError as exc:
+            log.warning("snapshot %s deleted, but not its staging export s3://%s/%s: %s",
+                        snap.id, self.bucket, key, exc)
+
     async def _export(self, snap: Snapshot, key: str) -> None:
         """Export ``snap`` to the staging key and wait for it to finish."""
         svc = self.service

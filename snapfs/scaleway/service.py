@@ -215,8 +215,13 @@ class ScalewayService(SnapshotService):
         return convert.snapshot(res.snapshot)
 
     async def delete_snapshot(self, zone: str, snapshot_id: str) -> None:
+        # With a staging bucket, image.raw may have exported the snapshot there:
+        # that object (named from the snapshot's id and date) goes with it.
+        snap = await self.get_snapshot(zone, snapshot_id) if self.staging_bucket else None
         await self.call("delete snapshot", self.instance.delete_snapshot,
                         zone=self._zone(zone), snapshot_id=snapshot_id)
+        if snap is not None:
+            await self._cloud_images().forget(snap)
 
     async def export_snapshot(self, zone: str, snapshot_id: str, *, bucket: str,
                               key: str) -> Task:
@@ -248,11 +253,14 @@ class ScalewayService(SnapshotService):
     # --- data ----------------------------------------------------------------------
 
     async def open_image(self, zone: str, snapshot_id: str) -> ImageReader:
+        return await self._cloud_images().open(self._zone(zone), snapshot_id)
+
+    def _cloud_images(self) -> Any:
         from .images import CloudImages
 
         if self._images is None:
             self._images = CloudImages(self, self.staging_bucket, self.objects)
-        return await self._images.open(self._zone(zone), snapshot_id)
+        return self._images
 
     async def aclose(self) -> None:
         # Worker threads are abandoned on cancel; nothing of ours is left half-done.

@@ -92,7 +92,7 @@ class BackgroundJobs:
                 self._jobs.pop(snapshot_id, None)
         self._nursery.start_soon(job)
 
-    async def _capture_into(self, snapshot_id: str, key: int,
+    async def _produce_map(self, snapshot_id: str, key: int,
                             work: Callable[[], Awaitable[None]]) -> bool:
         """Run ``work`` (which stores the snapshot's map); on any failure or
         cancellation, leave the snapshot in ``error`` (or ``invalid_data``) with the
@@ -151,7 +151,7 @@ class BackgroundJobs:
                 return
             source = await trio.to_thread.run_sync(FileSource, path, self.hash_limiter, size)
             await self._store(source, snapshot_id, key)
-        if await self._capture_into(snapshot_id, key, work) and lease is not None:
+        if await self._produce_map(snapshot_id, key, work) and lease is not None:
             lease.base = key
 
     async def _copy_map(self, snapshot_id: str, key: int, base: int) -> bool:
@@ -178,7 +178,7 @@ class BackgroundJobs:
                                   f"{reader.size}")
             self.md.update_snapshot(snapshot_id, size=reader.size)
             await self._store(ReaderSource(reader, self.hash_limiter), snapshot_id, key)
-        await self._capture_into(snapshot_id, key, work)
+        await self._produce_map(snapshot_id, key, work)
 
     async def _run_export(self, snapshot_id: str, task_id: str, bucket: str, key: str) -> None:
         self.md.update_task(task_id, status="started")

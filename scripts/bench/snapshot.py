@@ -2,15 +2,17 @@
 """Snapshot benchmark: snapfs capture vs `cp --sparse=always` vs `restic backup`.
 
 A 2 GiB raw volume holding 1 GiB of random data in three runs (the rest holes);
-a first snapshot, then a second after overwriting 20 MiB. Each tool works on the
-same file in the same run, page cache dropped before each timed step so that
-every tool reads from disk alike. snapfs runs in its own process (as the daemon
-would) so that its peak RSS is its own.
+a first snapshot, then a second after overwriting 20 MiB, then (context only) a
+third of the volume untouched since the second, taken by the same process (its
+read lease shows the volume unchanged: the map is reused). Each tool works on
+the same file in the same run, page cache dropped before each timed step so that
+every tool reads from disk alike (--warm: read into it instead). snapfs runs in
+its own process (as the daemon would) so that its peak RSS is its own.
 
 Targets (issue 2): first <= 1.0x cp; second <= 0.3x cp; both <= 0.5x restic's
 matching backup; store <= 1.1x distinct data; peak RSS <= 200 MB.
 
-    .venv/bin/python scripts/bench/snapshot.py [--dir DIR] [--keep]
+    .venv/bin/python scripts/bench/snapshot.py [--dir DIR] [--keep] [--repeat N] [--warm]
 """
 
 from __future__ import annotations

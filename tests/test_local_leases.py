@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sqlite3
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Callable
 
 import pytest
+import trio
 
-from fixtures_store import MiB, ZONE, random_bytes, read_all, snapshot_of
-from snapfs.local import LocalService
-from snapfs.local import leases
+from fixtures_store import MiB, ZONE, random_bytes, read_all, snapfs_cli, snapshot_of
+from snapfs.local import LocalService, leases, open_local_service
+from snapfs.local.recovery import INTERRUPTED
 
 SIZE = 16 * MiB
 
@@ -101,3 +105,71 @@ async def test_a_replaced_volume_file_is_read_again(service: LocalService,
     os.replace(other, volume)
     second = await snapshot_of(service, volume, "second")
     assert await read_all(service, second.id) == volume.read_bytes()
+
+
+KILLED_COPY = textwrap.dedent("""
+    import sys, trio
+    from snapfs.local import chunkindex, open_local_service
+
+    chunkindex.RELEASE_STEP = 500  # many small steps: the kill lands mid-copy
+
+    async def main():
+        async with open_local_service(sys.argv[1]) as svc:
+            vol = await svc.add_volume("v", sys.argv[2])
+            base = await svc.create_snapshot("fr-par-1", name="base", volume_id=vol.id)
+            while (await svc.get_snapshot("fr-par-1", base.id)).state != "available":
+                await trio.sleep(0.01)
+            # A long map: every chunk of the sparse volume mapped to its one real chunk.
+            key, conn = svc.md.snap_key(base.id), svc.md.conn
+            with svc.md.transaction():
+                chunk = conn.execute("SELECT chunk FROM snapshot_chunks WHERE snap = ?",
+                                     (key,)).fetchone()[0]
+                conn.executemany("INSERT INTO snapshot_chunks (snap, idx, chunk) "
+                                 "VALUES (?, ?, ?)",
+                                 ((key, i, chunk) for i in range(1, int(sys.argv[3]) + 1)))
+            await svc.create_snapshot("fr-par-1", name="doomed", volume_id=vol.id)
+            print("started", flush=True)
+            await trio.sleep_forever()
+    trio.run(main)
+""")
+
+
+def test_a_map_copy_killed_mid_way_damages_nothing(store_dir: Path,
+                                                    volume_file: Callable[..., Path]) -> None:
+    entries = 50_000
+    path = volume_file("v", (entries + 1) * MiB, [(0, random_bytes(MiB, seed=4))])
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_COPY, str(store_dir), str(path),
+                             str(entries)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
+        db = sqlite3.connect(store_dir / "metadata.db")
+        progress, deadline = 0, time.monotonic() + 60
+        while progress < 10 and time.monotonic() < deadline:
+            row = db.execute("SELECT progress FROM snapshots WHERE name = 'doomed'").fetchone()
+            progress = row[0] if row else 0
+            time.sleep(0.005)
+        db.close()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert 10 <= progress < 100, progress
+
+    async def after() -> None:
+        async with open_local_service(store_dir) as svc:
+            [doomed] = (await svc.list_snapshots(ZONE, name="doomed")).items
+            assert (doomed.state, doomed.error_reason) == ("error", INTERRUPTED)
+            [base] = (await svc.list_snapshots(ZONE, name="base")).items
+            assert svc.md.conn.execute(
+                "SELECT count(*) FROM snapshot_chunks WHERE snap = ?",
+                (svc.md.snap_key(base.id),)).fetchone()[0] == entries + 1
+            assert svc.md.conn.execute(
+                "SELECT count(*) FROM snapshot_chunks WHERE snap = ?",
+                (svc.md.snap_key(doomed.id),)).fetchone()[0] == 0
+            reader = await svc.open_image(ZONE, base.id)
+            with open(path, "rb") as f:
+                assert await reader.read(0, MiB) == f.read(MiB)
+            await reader.aclose()
+    trio.run(after)
+    assert snapfs_cli("fsck", store=store_dir).returncode == 0

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from ..errors import CorruptData
 from .metadata import Metadata
@@ -60,10 +61,32 @@ def _release_step(conn: sqlite3.Connection, snap: int, limit: int | None) -> boo
                         (snap,)).fetchone() is not None
 
 
+@contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction on a worker connection: committed when the block
+    ends (a return included), rolled back if it raises: a step is all or nothing."""
+    conn.execute("BEGIN IMMEDIATE")
+    committed = False
+    try:
+        yield
+        committed = True
+    finally:
+        conn.execute("COMMIT" if committed else "ROLLBACK")
+
+
 class ChunkIndex:
     def __init__(self, md: Metadata) -> None:
         self.md = md
         self.conn: sqlite3.Connection = md.conn
+
+    @contextmanager
+    def _worker(self) -> Iterator[sqlite3.Connection]:
+        """The long jobs' own connection (see Metadata.worker_connection)."""
+        conn = self.md.worker_connection()
+        try:
+            yield conn
+        finally:
+            conn.close()
 
     def known(self, hashes: list[bytes]) -> dict[bytes, int]:
         """chunk id by hash, for the hashes already stored."""
@@ -132,22 +155,14 @@ class ChunkIndex:
         crash reads as an error, never as holes; ``then_delete`` (a snapshot id)
         is deleted with the last step. ``stop`` set ends it between two steps
         (a service closing: the next open resumes it)."""
-        conn = self.md.worker_connection()
-        try:
+        with self._worker() as conn:
             while stop is None or not stop.is_set():
-                conn.execute("BEGIN IMMEDIATE")
-                try:
+                with _immediate(conn):
                     more = _release_step(conn, snap, RELEASE_STEP)
                     if not more and then_delete is not None:
                         conn.execute("DELETE FROM snapshots WHERE id = ?", (then_delete,))
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
                 if not more:
                     return
-        finally:
-            conn.close()
 
     def copy_map_in_steps(self, base: int, snap: int, snapshot_id: str) -> bool:
         """Give snapshot ``snap`` the map of snapshot ``base`` (same bytes: see
@@ -155,19 +170,16 @@ class ChunkIndex:
         with the progress. False, leaving a partial copy for the caller to release,
         if ``base`` stops being available meanwhile (deleted by another process:
         in this one, deletes wait for the index lock the caller holds)."""
-        conn = self.md.worker_connection()
-        try:
+        with self._worker() as conn:
             total = conn.execute("SELECT count(*) FROM snapshot_chunks WHERE snap = ?",
                                  (base,)).fetchone()[0]
             last, done = -1, 0
             while True:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
+                with _immediate(conn):
                     row = conn.execute("SELECT state FROM snapshots WHERE rowid = ?",
                                        (base,)).fetchone()
                     if row is None or row[0] != "available":
-                        conn.execute("ROLLBACK")
-                        return False
+                        return False  # before this step wrote anything
                     n = conn.execute(
                         "INSERT INTO snapshot_chunks (snap, idx, chunk) SELECT ?, idx, chunk "
                         "FROM snapshot_chunks WHERE snap = ? AND idx > ? ORDER BY idx LIMIT ?",
@@ -178,14 +190,8 @@ class ChunkIndex:
                                             (snap,)).fetchone()[0]
                     conn.execute("UPDATE snapshots SET progress = ? WHERE id = ?",
                                  (min(99, done * 100 // max(total, 1)), snapshot_id))
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
                 if n < RELEASE_STEP:
                     return True
-        finally:
-            conn.close()
 
     def free_extents(self) -> list[tuple[int, int, int, int]]:
         """(rowid, pack, offset, length) of extents waiting to be punched."""
@@ -197,20 +203,16 @@ class ChunkIndex:
         RELEASE_STEP at a time, on a connection of its own: for a worker thread.
         Punching an extent twice (a crash between the two) is harmless: packs are
         append-only, a freed range is never written again."""
-        conn = self.md.worker_connection()
-        try:
+        with self._worker() as conn:
             while True:
                 rows = conn.execute("SELECT rowid, pack, offset, length FROM free_extents "
                                     "LIMIT ?", (RELEASE_STEP,)).fetchall()
                 if not rows:
                     return
                 punch([(pack, offset, length) for _, pack, offset, length in rows])
-                conn.execute("BEGIN IMMEDIATE")
-                conn.executemany("DELETE FROM free_extents WHERE rowid = ?",
-                                 [(r[0],) for r in rows])
-                conn.execute("COMMIT")
-        finally:
-            conn.close()
+                with _immediate(conn):
+                    conn.executemany("DELETE FROM free_extents WHERE rowid = ?",
+                                     [(r[0],) for r in rows])
 
     def extents_done(self, rowids: list[int]) -> None:
         with self.md.transaction():

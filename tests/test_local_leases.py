@@ -90,7 +90,7 @@ async def test_no_lease_while_someone_has_the_volume_open_for_writing(
         service: LocalService, volume: Path) -> None:
     with open(volume, "r+b") as f:  # a VM with its disk attached, say
         await snapshot_of(service, volume, "first")
-        assert leases.take(str(volume), SIZE) is None
+        assert await leases.take(str(volume), SIZE) is None
         f.seek(0)
         f.write(b"changed")
     second = await snapshot_of(service, volume, "second")

@@ -40,7 +40,7 @@ class BackgroundJobs:
     hash_limiter: trio.CapacityLimiter
     _nursery: trio.Nursery | None
     _jobs: dict[str, trio.CancelScope]
-    _leases: dict[str, leases.Lease]
+    _leases: leases.VolumeLeases
     _freeing: set[str]
 
     def _reader(self, snapshot_id: str, size: int) -> LocalImageReader:
@@ -93,7 +93,7 @@ class BackgroundJobs:
         self._nursery.start_soon(job)
 
     async def _produce_map(self, snapshot_id: str, key: int,
-                            work: Callable[[], Awaitable[None]]) -> bool:
+                           work: Callable[[], Awaitable[None]]) -> bool:
         """Run ``work`` (which stores the snapshot's map); on any failure or
         cancellation, leave the snapshot in ``error`` (or ``invalid_data``) with the
         reason and its partial map released. True once the snapshot is available."""
@@ -137,14 +137,7 @@ class BackgroundJobs:
         """A volume's snapshot: a copy of the previous snapshot's map when the
         volume's read lease proves the file unchanged since that capture began
         (leases.py); otherwise a full capture, under a lease taken first."""
-        lease = self._leases.pop(volume_id, None)
-        base = lease.base if lease is not None and leases.unchanged(lease, path, size) else None
-        if base is None:
-            if lease is not None:
-                leases.drop(lease)
-            lease = leases.take(path, size)  # before reading a byte
-        if lease is not None:
-            self._leases[volume_id] = lease
+        lease, base = await self._leases.before_capture(volume_id, path, size)
 
         async def work() -> None:
             if base is not None and await self._copy_map(snapshot_id, key, base):

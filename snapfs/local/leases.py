@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+import trio
+
 log = logging.getLogger(__name__)
 
 F_SETLEASE = 1024
@@ -97,17 +99,25 @@ def _install() -> bool:
     return True
 
 
-def take(path: str, size: int) -> Lease | None:
-    """A read lease on the file at ``path`` of ``size`` bytes, or None where
-    there can be none (see the module docstring). Main thread only: the signal
-    that breaks a lease must reach the thread that can hand it back."""
-    if not _install():
-        return None
+def _open(path: str) -> tuple[int, os.stat_result] | None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return None
-    st = os.fstat(fd)
+    return fd, os.fstat(fd)
+
+
+async def take(path: str, size: int) -> Lease | None:
+    """A read lease on the file at ``path`` of ``size`` bytes, or None where
+    there can be none (see the module docstring). From the main thread's trio
+    loop: the signal that breaks a lease must reach the thread that can hand it
+    back. (The path is looked up in a worker: a volume may sit on a slow mount.)"""
+    if not _install():
+        return None
+    opened = await trio.to_thread.run_sync(_open, path)
+    if opened is None:
+        return None
+    fd, st = opened
     lease = Lease(path, fd, st.st_dev, st.st_ino, size)
     _held[fd] = lease  # before F_SETLEASE: a break must find it
     try:
@@ -124,19 +134,56 @@ def take(path: str, size: int) -> Lease | None:
     return lease
 
 
-def unchanged(lease: Lease, path: str, size: int) -> bool:
+async def unchanged(lease: Lease, path: str, size: int) -> bool:
     """True if the file at ``path`` is still the leased one, of the same size,
     and nobody opened it for writing since the lease was taken."""
-    if lease.broken:
+    try:
+        st = await trio.to_thread.run_sync(os.stat, path)
+    except OSError:
+        return False
+    if lease.broken:  # checked after the await: a break may have come meanwhile
         return False
     try:
         if fcntl.fcntl(lease.fd, F_GETLEASE) != fcntl.F_RDLCK:
             return False
-        st = os.stat(path)
     except OSError:
         return False
     return (st.st_dev, st.st_ino) == (lease.dev, lease.ino) and size == lease.size
 
 
-def drop(lease: Lease) -> None:
-    _release(lease)
+class VolumeLeases:
+    """One service's leases, at most one per volume. Every lease stays in here
+    across awaits, so that close() (a service closing) never misses one."""
+
+    def __init__(self) -> None:
+        self._by_volume: dict[str, Lease] = {}
+
+    async def before_capture(self, volume_id: str, path: str, size: int
+                             ) -> tuple[Lease | None, int | None]:
+        """For a new snapshot of the volume: the lease it runs under, and the map
+        key of the snapshot it may copy instead of reading (None: read it all).
+        Set the lease's ``base`` once the snapshot is available."""
+        lease = self._by_volume.get(volume_id)
+        if lease is not None and lease.base is not None and await unchanged(lease, path, size):
+            return lease, lease.base
+        if lease is not None:
+            self.forget(volume_id, lease)
+        lease = await take(path, size)  # before the capture reads a byte
+        if lease is not None:
+            self.forget(volume_id)  # a concurrent capture's: the newer one wins
+            self._by_volume[volume_id] = lease
+        return lease, None
+
+    def forget(self, volume_id: str, lease: Lease | None = None) -> None:
+        """Drop the volume's lease (only if it is still ``lease``, when given)."""
+        held = self._by_volume.get(volume_id)
+        if held is not None and (lease is None or held is lease):
+            del self._by_volume[volume_id]
+            _release(held)
+        elif lease is not None:
+            _release(lease)
+
+    def close(self) -> None:
+        for lease in self._by_volume.values():
+            _release(lease)
+        self._by_volume.clear()

@@ -23,10 +23,10 @@ from ..model import (DEFAULT_ZONE, FAILED_STATES, ZONES, BaseVolume, Page,
                      check_uuid, check_volume_type, check_zone, new_id, now)
 from ..objects import ObjectStorage
 from ..service import ImageReader, SnapshotService
+from . import leases
 from .capture import PackPool
 from .chunkindex import ChunkIndex
 from .chunks import PackFiles
-from . import leases
 from .image import LocalImageReader
 from .jobs import NO_OBJECT_STORAGE, BackgroundJobs
 from .metadata import Metadata
@@ -55,8 +55,7 @@ class LocalService(BackgroundJobs, SnapshotService):
         #: Snapshots whose delete has begun: no new reader or export may start on them
         #: while the delete waits for the index lock.
         self._deleting: set[str] = set()
-        #: Read leases on volume files, by volume id (see leases.py).
-        self._leases: dict[str, leases.Lease] = {}
+        self._leases = leases.VolumeLeases()  # read leases on volume files
         self._freeing: set[str] = set()  # snapshots whose delete's background half runs
 
     @property
@@ -137,9 +136,7 @@ class LocalService(BackgroundJobs, SnapshotService):
         v = self.md.volume(zone, ref)
         managed = self.md.volume_managed(v.id)
         self.md.remove_volume(v.id)
-        lease = self._leases.pop(v.id, None)
-        if lease is not None:
-            leases.drop(lease)
+        self._leases.forget(v.id)
         if managed and v.path:
             Path(v.path).unlink(missing_ok=True)
         return v
@@ -340,9 +337,7 @@ class LocalService(BackgroundJobs, SnapshotService):
             scope.cancel()
         while self._jobs:
             await trio.sleep(0.01)
-        for lease in self._leases.values():
-            leases.drop(lease)
-        self._leases.clear()
+        self._leases.close()
 
 
 def _device_size(path: str | None) -> int:

@@ -318,9 +318,9 @@ class PackWriter:
 
 class _DirectWrites:
     """O_DIRECT writes of staged buffers, DIRECT_DEPTH requests in flight: the
-    device writes one batch while the capture stages the next (one request at a
-    time made a cold capture slower than buffered appends, measured). Errors
-    surface at the next buffer() or drain()."""
+    device writes one batch while the capture stages the next (a warm 1 GiB
+    capture took 0.57-0.71 s this way, 0.60-0.78 s with one request at a time,
+    alternating A/B). Errors surface at the next buffer() or drain()."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd

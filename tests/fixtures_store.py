@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
@@ -74,6 +77,30 @@ async def snapshot_of(svc: LocalService, path: Path, name: str = "snap",
     snap = await wait_state(svc, snap.id)
     assert snap.state == "available", snap.error_reason
     return snap
+
+
+def kill_mid_way(script: str, store_dir: Path, *args: object) -> int:
+    """Run ``script`` (python -c, given the store and ``args``) -- it prints
+    "started" once its snapshot 'doomed' is being made -- and SIGKILL it once that
+    snapshot shows >= 10% progress; returns the progress last seen."""
+    proc = subprocess.Popen([sys.executable, "-c", script, str(store_dir),
+                             *map(str, args)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
+        db = sqlite3.connect(store_dir / "metadata.db")
+        deadline = time.monotonic() + 60
+        progress = 0
+        while progress < 10 and time.monotonic() < deadline:
+            row = db.execute("SELECT progress FROM snapshots WHERE name = 'doomed'").fetchone()
+            progress = row[0] if row else 0
+            time.sleep(0.005)
+        db.close()
+        return progress
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 async def deletes_done(svc: LocalService, timeout: float = 60) -> None:

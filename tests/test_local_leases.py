@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -17,7 +15,8 @@ from typing import Callable
 import pytest
 import trio
 
-from fixtures_store import MiB, ZONE, random_bytes, read_all, snapfs_cli, snapshot_of
+from fixtures_store import (MiB, ZONE, kill_mid_way, random_bytes, read_all, snapfs_cli,
+                            snapshot_of)
 from snapfs.local import LocalService, leases, open_local_service
 from snapfs.local.recovery import INTERRUPTED
 
@@ -138,22 +137,7 @@ def test_a_map_copy_killed_mid_way_damages_nothing(store_dir: Path,
                                                     volume_file: Callable[..., Path]) -> None:
     entries = 50_000
     path = volume_file("v", (entries + 1) * MiB, [(0, random_bytes(MiB, seed=4))])
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_COPY, str(store_dir), str(path),
-                             str(entries)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
-        db = sqlite3.connect(store_dir / "metadata.db")
-        progress, deadline = 0, time.monotonic() + 60
-        while progress < 10 and time.monotonic() < deadline:
-            row = db.execute("SELECT progress FROM snapshots WHERE name = 'doomed'").fetchone()
-            progress = row[0] if row else 0
-            time.sleep(0.005)
-        db.close()
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    progress = kill_mid_way(KILLED_COPY, store_dir, path, entries)
     assert 10 <= progress < 100, progress
 
     async def after() -> None:

@@ -15,8 +15,8 @@ from typing import Callable
 import pytest
 import trio
 
-from fixtures_store import (MiB, ZONE, chunk_place, deletes_done, flip_bits, random_bytes,
-                            read_all, snapfs_cli, snapshot_of, wait_state)
+from fixtures_store import (MiB, ZONE, chunk_place, deletes_done, flip_bits, kill_mid_way,
+                            random_bytes, read_all, snapfs_cli, snapshot_of, wait_state)
 from snapfs.errors import CorruptData, NotFound
 from snapfs.local import LocalService, open_local_service
 from snapfs.local.chunkindex import _release_step
@@ -84,24 +84,7 @@ KILLED_CAPTURE = textwrap.dedent("""
 def kill_capture_mid_way(store_dir: Path, volume: Path) -> int:
     """Run KILLED_CAPTURE of ``volume`` in a subprocess and SIGKILL it once the
     snapshot 'doomed' shows >= 10% progress; returns the progress last seen."""
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_CAPTURE, str(store_dir),
-                             str(volume)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
-        db = sqlite3.connect(store_dir / "metadata.db")
-        deadline = time.monotonic() + 60
-        progress = 0
-        while progress < 10 and time.monotonic() < deadline:
-            row = db.execute("SELECT progress FROM snapshots WHERE name = 'doomed'").fetchone()
-            progress = row[0] if row else 0
-            time.sleep(0.01)
-        db.close()
-        return progress
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    return kill_mid_way(KILLED_CAPTURE, store_dir, volume)
 
 
 def test_sigkill_mid_capture_damages_nothing(store_dir: Path, tmp_path: Path,

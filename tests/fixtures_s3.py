@@ -203,6 +203,14 @@ def bucket(s3_server: SeaweedServer) -> str:
     return s3_server.new_bucket()
 
 
+def qcow2_of(raw: Path, *opts: str) -> Path:
+    """qemu-img's QCOW2 of a raw file (the reference encoder), beside it."""
+    img = raw.with_suffix(".qcow2")
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", *opts, str(raw),
+                    str(img)], check=True, capture_output=True)
+    return img
+
+
 def qemu_img_judges(img: Path, raw: Path) -> None:
     """qemu-img finds the QCOW2 image valid and identical to the raw bytes."""
     r = subprocess.run(["qemu-img", "check", "--output=json", "-f", "qcow2", str(img)],

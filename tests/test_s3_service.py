@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pytest
 import trio
 
-from fixtures_s3 import ADMIN, SeaweedServer, logged, qemu_img_judges
+from fixtures_s3 import ADMIN, SeaweedServer, logged, qcow2_of, qemu_img_judges
 from fixtures_store import (MiB, ZONE, chunk_place, flip_bits, random_bytes, read_all,
                             snapshot_of, wait_state)
 from snapfs.local import LocalService, open_local_service
@@ -74,9 +74,7 @@ async def test_import_images_qemu_img_made(
     raw = volume_file("src", 24 * MiB + 512 * 3,
                       [(0, b"text that compresses well\n" * 50000),
                        (9 * MiB, random_bytes(5 * MiB, 4)), (24 * MiB, b"end" * 100)])
-    img = tmp_path / "src.qcow2"
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", *opts, str(raw),
-                    str(img)], check=True, capture_output=True)
+    img = qcow2_of(raw, *opts)
     s3_server.client().upload_file(str(img), bucket, "src.qcow2")
     objects = s3_server.objects()
     async with open_local_service(tmp_path / "store", objects=objects) as svc:
@@ -96,9 +94,7 @@ async def test_import_refusals_end_invalid_data_and_change_nothing(
     c = s3_server.client()
     c.put_object(Bucket=bucket, Key="garbage.qcow2", Body=random_bytes(300_000, 5))
     raw = volume_file("t", 16 * MiB, [(0, random_bytes(12 * MiB, 6))])
-    img = tmp_path / "t.qcow2"
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(img)],
-                   check=True, capture_output=True)
+    img = qcow2_of(raw)
     c.put_object(Bucket=bucket, Key="truncated.qcow2", Body=img.read_bytes()[:5 * MiB])
     c.upload_file(str(img), bucket, "good.qcow2")
     cases = [
@@ -216,9 +212,7 @@ async def test_corrupt_compressed_cluster_found_mid_import(
     """Damage only shows when a cluster is decompressed, well into the capture:
     still invalid_data with the reason, and the partial data reclaimed."""
     raw = volume_file("z", 16 * MiB, [(0, b"squeeze me " * 1_500_000)])
-    img = tmp_path / "z.qcow2"
-    subprocess.run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(raw),
-                    str(img)], check=True, capture_output=True)
+    img = qcow2_of(raw, "-c")
     buf = bytearray(img.read_bytes())
     mid = len(buf) - 8192  # inside the last compressed clusters, past every table
     buf[mid:mid + 4096] = random_bytes(4096, 11)
@@ -239,13 +233,8 @@ async def test_an_object_replaced_mid_import_ends_invalid_data(
         volume_file: Callable[..., Path]) -> None:
     """The import reads the version it validated (If-Match on every GET): replaced
     once the tables are checked, the object fails the import; nothing is kept."""
-    images = []
-    for name, seed in (("a", 12), ("b", 13)):
-        raw = volume_file(name, 48 * MiB, [(0, random_bytes(48 * MiB, seed))])
-        img = tmp_path / f"{name}.qcow2"
-        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw),
-                        str(img)], check=True, capture_output=True)
-        images.append(img)
+    images = [qcow2_of(volume_file(name, 48 * MiB, [(0, random_bytes(48 * MiB, seed))]))
+              for name, seed in (("a", 12), ("b", 13))]
     client = s3_server.client()
     client.upload_file(str(images[0]), bucket, "disk.qcow2")
     objects = s3_server.objects()

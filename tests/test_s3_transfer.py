@@ -8,13 +8,12 @@ The export source here is a plain file read through the ImageReader interface
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import trio
 
-from fixtures_s3 import READER, SeaweedServer, logged, qemu_img_judges
+from fixtures_s3 import READER, SeaweedServer, logged, qcow2_of, qemu_img_judges
 from snapfs.errors import InvalidData, NotFound, PermissionDenied, Transient
 from snapfs.s3.calls import RetryPolicy
 from snapfs.service import ImageReader
@@ -54,14 +53,6 @@ def make_raw(path: Path, size: int, pieces: list[tuple[int, int]]) -> Path:
             f.seek(off)
             f.write(os.urandom(n))
     return path
-
-
-def qcow2_of(raw: Path, *opts: str) -> Path:
-    """qemu-img's QCOW2 of a raw file (the reference encoder), beside it."""
-    img = raw.with_suffix(".qcow2")
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", *opts, str(raw),
-                    str(img)], check=True, capture_output=True)
-    return img
 
 
 def download(server: SeaweedServer, bucket: str, key: str, dest: Path) -> Path:

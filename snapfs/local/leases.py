@@ -19,8 +19,8 @@ never a wrong one.
 What it costs others: a process opening a leased volume for writing waits until
 this process's main thread has run the handler (0.16 ms median with an idle
 loop, against 0.007 ms unleased: scripts/bench/lease.py); an open with O_NONBLOCK
-fails once with EWOULDBLOCK, as with any leased file. The lease goes away with the next write open, so this happens at most once
-per snapshot.
+fails once with EWOULDBLOCK, as with any leased file. The lease goes away with
+the next write open, so this happens at most once per snapshot.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from ..service import ImageReader
 from ..taskgroups import first_error
 from .chunkindex import ChunkIndex
 from .chunks import CHUNK_SIZE, PackFiles, PackWriter, check, digest, is_zero
+from .shadows import Ranges, in_ranges
 
 BATCH_CHUNKS = 16
 #: Fresh bytes (and map entries) per fdatasync + commit.
@@ -66,10 +67,13 @@ def _hash_chunks(first: int, blocks: list[bytes | memoryview | None]) -> list[Ha
 
 
 class FileSource(CaptureSource):
-    """A raw image file or block device, read with pread (holes skipped)."""
+    """A raw image file or block device, read with pread (holes skipped). With
+    ``only`` (chunk index ranges), the chunks outside them are skipped like holes:
+    the snapshot's map already has them (an incremental capture, shadows.py)."""
 
-    def __init__(self, path: str, limiter: trio.CapacityLimiter, size: int | None = None
-                 ) -> None:
+    def __init__(self, path: str, limiter: trio.CapacityLimiter, size: int | None = None,
+                 only: Ranges | None = None) -> None:
+        self.only = only
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         # The size the snapshot was created with: a volume growing meanwhile must
         # not map chunks past the snapshot's size.
@@ -79,8 +83,25 @@ class FileSource(CaptureSource):
         self._pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="capture")
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # bigger kernel readahead
 
+    def _wanted(self, offset: int) -> bool:
+        return self.only is None or in_ranges(self.only, offset // CHUNK_SIZE) == \
+            offset // CHUNK_SIZE
+
     def _seek_data_from(self, offset: int) -> int:
-        """The first offset >= ``offset`` that may hold data (size when none)."""
+        """The first offset >= ``offset`` that may hold data to read (size when none)."""
+        while offset < self.size:
+            if self.only is not None:
+                idx = in_ranges(self.only, offset // CHUNK_SIZE)
+                if idx is None:
+                    return self.size
+                offset = max(offset, idx * CHUNK_SIZE)
+            found = self._lseek_data(offset)
+            if found >= self.size or self._wanted(found):
+                return found
+            offset = found
+        return self.size
+
+    def _lseek_data(self, offset: int) -> int:
         if not self._seek_data:
             return offset
         try:
@@ -92,7 +113,7 @@ class FileSource(CaptureSource):
             return offset
 
     def _has_data(self, start: int, end: int) -> bool:
-        return self._seek_data_from(start) < end
+        return self._wanted(start) and self._lseek_data(start) < end
 
     def _read_one(self, idx: int) -> Hashed:
         start = idx * CHUNK_SIZE

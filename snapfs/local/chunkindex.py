@@ -164,13 +164,26 @@ class ChunkIndex:
                 if not more:
                     return
 
-    def copy_map_in_steps(self, base: int, snap: int, snapshot_id: str) -> bool:
+    def copy_map_in_steps(self, base: int, snap: int, snapshot_id: str,
+                          ranges: list[tuple[int, int]] | None = None) -> bool:
         """Give snapshot ``snap`` the map of snapshot ``base`` (same bytes: see
-        leases.py), RELEASE_STEP entries per transaction on a connection of its own,
-        with the progress. False, leaving a partial copy for the caller to release,
-        if ``base`` stops being available meanwhile (deleted by another process:
-        in this one, deletes wait for the index lock the caller holds)."""
+        leases.py) -- or only its entries in the chunk index ``ranges`` (first, last),
+        shown unchanged by shadows.py, the capture then reading the rest --,
+        RELEASE_STEP entries per transaction on a connection of its own, with the
+        progress (whole copies only). False, leaving a partial copy for the caller to
+        release, if ``base`` stops being available meanwhile (deleted by another
+        process: in this one, deletes wait for the index lock the caller holds)."""
         with self._worker() as conn:
+            within = ""
+            if ranges is not None:
+                # The ranges as a table: a capture of a big, scattered change has
+                # many, and each map entry finds its range in one index probe.
+                conn.execute("CREATE TEMP TABLE IF NOT EXISTS keep "
+                             "(first INTEGER PRIMARY KEY, last INTEGER NOT NULL)")
+                conn.execute("DELETE FROM temp.keep")
+                conn.executemany("INSERT INTO temp.keep VALUES (?, ?)", ranges)
+                within = (" AND (SELECT last FROM temp.keep WHERE first <= idx "
+                          "ORDER BY first DESC LIMIT 1) >= idx")
             total = conn.execute("SELECT count(*) FROM snapshot_chunks WHERE snap = ?",
                                  (base,)).fetchone()[0]
             last, done = -1, 0
@@ -178,18 +191,19 @@ class ChunkIndex:
                 with _immediate(conn):
                     row = conn.execute("SELECT state FROM snapshots WHERE rowid = ?",
                                        (base,)).fetchone()
-                    if row is None or row[0] != "available":
+                    if row is None or row[0] not in ("available", "exporting"):
                         return False  # before this step wrote anything
                     n = conn.execute(
                         "INSERT INTO snapshot_chunks (snap, idx, chunk) SELECT ?, idx, chunk "
-                        "FROM snapshot_chunks WHERE snap = ? AND idx > ? ORDER BY idx LIMIT ?",
-                        (snap, base, last, RELEASE_STEP)).rowcount
+                        f"FROM snapshot_chunks WHERE snap = ? AND idx > ?{within} "
+                        "ORDER BY idx LIMIT ?", (snap, base, last, RELEASE_STEP)).rowcount
                     done += n
                     if n:
                         last = conn.execute("SELECT max(idx) FROM snapshot_chunks WHERE snap = ?",
                                             (snap,)).fetchone()[0]
-                    conn.execute("UPDATE snapshots SET progress = ? WHERE id = ?",
-                                 (min(99, done * 100 // max(total, 1)), snapshot_id))
+                    if ranges is None:
+                        conn.execute("UPDATE snapshots SET progress = ? WHERE id = ?",
+                                     (min(99, done * 100 // max(total, 1)), snapshot_id))
                 if n < RELEASE_STEP:
                     return True
 

@@ -16,10 +16,11 @@ from ..objects import ObjectStorage
 from . import leases
 from .capture import CaptureSource, FileSource, PackPool, ReaderSource, capture
 from .chunkindex import ChunkIndex
-from .chunks import PackFiles
+from .chunks import CHUNK_SIZE, PackFiles
 from .image import LocalImageReader
 from .metadata import Metadata
 from .recovery import EXPORT_INTERRUPTED, INTERRUPTED
+from .shadows import Ranges, Shadow, Shadows, complement
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class BackgroundJobs:
     _nursery: trio.Nursery | None
     _jobs: dict[str, trio.CancelScope]
     _leases: leases.VolumeLeases
+    shadows: Shadows
     _freeing: set[str]
 
     def _reader(self, snapshot_id: str, size: int) -> LocalImageReader:
@@ -136,23 +138,68 @@ class BackgroundJobs:
                            size: int) -> None:
         """A volume's snapshot: a copy of the previous snapshot's map when the
         volume's read lease proves the file unchanged since that capture began
-        (leases.py); otherwise a full capture, under a lease taken first."""
+        (leases.py); otherwise a capture, under a lease taken first, of a clone of
+        the volume where one can be made (reading only the chunks that changed
+        since the previous clone, shadows.py), else of the volume itself."""
         lease, base = await self._leases.before_capture(volume_id, path, size)
+        shadow: Shadow | None = None
 
         async def work() -> None:
+            nonlocal shadow
             if base is not None and await self._copy_map(snapshot_id, key, base):
                 return
-            source = await trio.to_thread.run_sync(FileSource, path, self.hash_limiter, size)
+            shadow = await trio.to_thread.run_sync(self.shadows.clone, volume_id, key,
+                                                   snapshot_id, path, limiter=self.io_limiter)
+            only = None if shadow is None else await self._unchanged_copied(
+                snapshot_id, key, volume_id, shadow, size)
+            source = await trio.to_thread.run_sync(
+                FileSource, str(shadow.path) if shadow else path, self.hash_limiter, size, only)
             await self._store(source, snapshot_id, key)
-        if await self._produce_map(snapshot_id, key, work) and lease is not None:
+        ok = await self._produce_map(snapshot_id, key, work)
+        if ok and lease is not None:
             lease.base = key
+        if shadow is not None:
+            done = shadow
 
-    async def _copy_map(self, snapshot_id: str, key: int, base: int) -> bool:
+            def tidy() -> None:  # keep the shadow the snapshot was captured from
+                if ok:
+                    self.shadows.drop_older(volume_id, key)
+                else:
+                    self.shadows.drop(done)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(tidy, limiter=self.io_limiter)
+
+    async def _unchanged_copied(self, snapshot_id: str, key: int, volume_id: str,
+                                shadow: Shadow, size: int) -> Ranges | None:
+        """With the volume's previous shadow (whose snapshot is still there): copy
+        the map entries of the chunks both shadows share and return the chunks left
+        to read. None: read them all."""
+        prev = None
+        for s in await trio.to_thread.run_sync(self.shadows.of_volume, volume_id):
+            if s.key < key and self.md.map_usable(s.key, volume_id, size):
+                prev = s
+        if prev is None:
+            return None
+        changed = await trio.to_thread.run_sync(self.shadows.changed, prev, shadow, size,
+                                                CHUNK_SIZE, limiter=self.io_limiter)
+        if changed is None:
+            return None
+        count = (size + CHUNK_SIZE - 1) // CHUNK_SIZE
+        if not await self._copy_map(snapshot_id, key, prev.key, complement(changed, count)):
+            return None
+        read = sum(last - first + 1 for first, last in changed)
+        log.info("snapshot %s: %d of %d chunks changed since the volume's previous "
+                 "clone; the rest reused", snapshot_id, read, count)
+        return changed
+
+    async def _copy_map(self, snapshot_id: str, key: int, base: int,
+                        ranges: Ranges | None = None) -> bool:
         async with self.index_lock:
             if await trio.to_thread.run_sync(self.index.copy_map_in_steps, base, key,
-                                             snapshot_id, limiter=self.io_limiter):
-                log.info("snapshot %s: volume unchanged since the last snapshot's "
-                         "capture began (lease held): its map reused", snapshot_id)
+                                             snapshot_id, ranges, limiter=self.io_limiter):
+                if ranges is None:
+                    log.info("snapshot %s: volume unchanged since the last snapshot's "
+                             "capture began (lease held): its map reused", snapshot_id)
                 return True
             await trio.to_thread.run_sync(self.index.release_in_steps, key,
                                           limiter=self.io_limiter)

@@ -206,6 +206,20 @@ class Metadata:
     def snap_key(self, snapshot_id: str) -> int:
         return int(self._snapshot_row(snapshot_id)["rowid"])
 
+    def map_usable(self, key: int, volume_id: str, size: int) -> bool:
+        """Whether snapshot ``key`` is a finished capture of that volume at that size:
+        a map a new snapshot of the volume may build on."""
+        return self.conn.execute(
+            "SELECT 1 FROM snapshots WHERE rowid = ? AND deleting = 0 AND state IN "
+            "('available', 'exporting') AND base_volume_id = ? AND size = ?",
+            (key, volume_id, size)).fetchone() is not None
+
+    def usable_maps(self) -> dict[int, str]:
+        """Volume id by map key of every finished capture of a volume."""
+        return {int(k): v for k, v in self.conn.execute(
+            "SELECT rowid, base_volume_id FROM snapshots WHERE deleting = 0 AND state IN "
+            "('available', 'exporting') AND base_volume_id IS NOT NULL")}
+
     def list_snapshots(self, zone: str, organization: str | None, project: str | None,
                        name: str | None, tags: list[str] | None, base_volume_id: str | None,
                        per_page: int, page: int) -> Page[Snapshot]:

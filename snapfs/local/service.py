@@ -32,6 +32,7 @@ from .jobs import NO_OBJECT_STORAGE, BackgroundJobs
 from .metadata import Metadata
 from .owner import alive
 from .recovery import DELETING, recover
+from .shadows import Shadows
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class LocalService(BackgroundJobs, SnapshotService):
         #: while the delete waits for the index lock.
         self._deleting: set[str] = set()
         self._leases = leases.VolumeLeases()  # read leases on volume files
+        self.shadows = Shadows(store / "shadows")  # volume clones on XFS/btrfs
         self._freeing: set[str] = set()  # snapshots whose delete's background half runs
 
     @property
@@ -137,6 +139,7 @@ class LocalService(BackgroundJobs, SnapshotService):
         managed = self.md.volume_managed(v.id)
         self.md.remove_volume(v.id)
         self._leases.forget(v.id)
+        await trio.to_thread.run_sync(self.shadows.drop_volume, v.id)
         if managed and v.path:
             Path(v.path).unlink(missing_ok=True)
         return v
@@ -267,6 +270,8 @@ class LocalService(BackgroundJobs, SnapshotService):
         log.info("snapshot %s (%s) deleted; its space is freed in the background",
                  snapshot_id, snap.name)
         self._start(snapshot_id, self._release, snapshot_id, key)
+        # Its shadow pins the blocks the volume rewrote since (shadows.py).
+        await trio.to_thread.run_sync(self.shadows.drop_snapshot, snapshot_id)
 
     def resume_deletes(self, exclusive: bool) -> None:
         """Finish the deletes that a stopped process left half done (its own, or
@@ -377,6 +382,8 @@ async def open_local_service(store: Path | str, objects: ObjectStorage | None = 
             async with trio.open_nursery() as nursery:
                 svc._nursery = nursery
                 svc.resume_deletes(exclusive)
+                if exclusive:  # no capture of another process may be using one
+                    await trio.to_thread.run_sync(svc.shadows.tidy, svc.md.usable_maps())
                 try:
                     yield svc
                 except Exception as exc:  # re-raised below, not wrapped in an ExceptionGroup

@@ -82,6 +82,18 @@ async def test_bytes_from_read_stay_intact_while_chunk_buffers_are_reused(
     await reader.aclose()
 
 
+async def test_a_request_longer_than_the_chunk_cache_is_served(
+        service: LocalService, volume_file: Callable[..., Path]) -> None:
+    """It used to spin forever: its first chunks were evicted by its last ones."""
+    data = random_bytes(40 * MiB, seed=3)
+    sid = await snapshot_id(service, volume_file("v", len(data), [(0, data)]))
+    reader = await open_reader(service, sid)
+    with trio.fail_after(30):
+        assert await reader.read(123, 39 * MiB) == data[123:123 + 39 * MiB]
+        assert bytes(await reader.read_transient(5, 20 * MiB)) == data[5:5 + 20 * MiB]
+    await reader.aclose()
+
+
 async def test_concurrent_unaligned_reads_of_one_reader_get_their_own_bytes(
         service: LocalService, volume_file: Callable[..., Path]) -> None:
     data = random_bytes(24 * MiB, seed=3)

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 #: Verified chunks kept per reader (a sequential reader's read-ahead lands here).
 CACHED_CHUNKS = 12
+#: Chunks one request may span (well within CACHED_CHUNKS; see read()).
+MAX_REQUEST_CHUNKS = 4
 #: A sequential reader served from the disk gets its next READ_AHEAD chunks
 #: fetched in one thread hand-off once fewer than AHEAD_LOW are ready ahead of it.
 READ_AHEAD = 6
@@ -76,7 +78,16 @@ class LocalImageReader(ImageReader):
         return self._locs.get(idx)
 
     async def read(self, offset: int, length: int) -> bytes:
-        return bytes(await self.read_transient(offset, length))
+        # A request must fit in the chunk cache (it holds all its chunks at once,
+        # or fetches them again forever): longer ones are read in parts.
+        span = MAX_REQUEST_CHUNKS * CHUNK_SIZE
+        if length <= span:
+            return bytes(await self.read_transient(offset, length))
+        parts = []
+        for start in range(offset, min(offset + length, self.size), span):
+            parts.append(bytes(await self.read_transient(
+                start, min(span, offset + length - start))))
+        return b"".join(parts)
 
     async def read_transient(self, offset: int, length: int) -> Buffer:
         """As read(), but the bytes may be a view of one of the reader's pooled
@@ -85,6 +96,8 @@ class LocalImageReader(ImageReader):
         buffer of a request is taken after its last await (see _get)."""
         if offset >= self.size or length <= 0:
             return b""
+        if length > MAX_REQUEST_CHUNKS * CHUNK_SIZE:
+            return await self.read(offset, length)
         end = min(offset + length, self.size)
         first, last = offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE
         sequential = first in (self._next, self._next - 1)

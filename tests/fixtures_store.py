@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Iterator
 
 import pytest
 import trio
@@ -35,6 +37,36 @@ def random_bytes(n: int, seed: int = 0) -> bytes:
     """Deterministic incompressible bytes (blake3's extendable output: GB/s)."""
     import blake3
     return blake3.blake3(seed.to_bytes(8, "little")).digest(length=n)
+
+
+@pytest.fixture(scope="session")
+def xfs_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A real XFS filesystem with reflink (xfsprogs' default) on a loop device,
+    for the reflink shadows (snapfs/local/shadows.py); always unmounted."""
+    base = tmp_path_factory.mktemp("xfs")
+    image, mnt = base / "xfs.img", base / "mnt"
+    with open(image, "wb") as f:
+        f.truncate(4 << 30)
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True)
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)])
+        image.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def on_xfs(xfs_root: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A fresh directory of this test's own on the XFS filesystem."""
+    d = xfs_root / re.sub(r"[^\w.-]", "_", request.node.name)
+    d.mkdir()
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -138,10 +138,15 @@ class BackgroundJobs:
                            size: int) -> None:
         """A volume's snapshot: a copy of the previous snapshot's map when the
         volume's read lease proves the file unchanged since that capture began
-        (leases.py); otherwise a capture, under a lease taken first, of a clone of
-        the volume where one can be made (reading only the chunks that changed
-        since the previous clone, shadows.py), else of the volume itself."""
-        lease, base = await self._leases.before_capture(volume_id, path, size)
+        (leases.py); otherwise a capture, under a lease taken first, of the volume.
+        On XFS/btrfs (shadows.py) no lease: a capture of a clone of the volume,
+        reading only the chunks that changed since the previous clone."""
+        lease, base = None, None
+        # A lease would only save the clone and FIEMAP there, and it costs writers
+        # that open with O_NONBLOCK (truncate(1)) one EAGAIN: none where shadows work.
+        if not await trio.to_thread.run_sync(self.shadows.possible, path,
+                                             limiter=self.io_limiter):
+            lease, base = await self._leases.before_capture(volume_id, path, size)
         shadow: Shadow | None = None
 
         async def work() -> None:

@@ -31,6 +31,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +178,22 @@ class Shadows:
 
     def _dir(self, volume_id: str) -> Path:
         return self.root / volume_id
+
+    def possible(self, volume: str) -> bool:
+        """Whether ``volume`` is a file on the store's own XFS or btrfs filesystem
+        (its captures then go through shadows)."""
+        try:
+            fd = os.open(volume, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return False
+        try:
+            st = os.fstat(fd)
+            return (stat.S_ISREG(st.st_mode) and _fs_type(fd) in (XFS_MAGIC, BTRFS_MAGIC)
+                    and st.st_dev == os.stat(self.root.parent).st_dev)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
     def clone(self, volume_id: str, key: int, snapshot_id: str, volume: str) -> Shadow | None:
         """A durable clone of ``volume`` for the capture of snapshot ``key``, or None

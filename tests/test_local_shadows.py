@@ -1,0 +1,302 @@
+"""Reflink shadows (snapfs/local/shadows.py): on XFS a capture reads a clone of the
+volume, and the next one reads only the chunks whose extents differ between the
+previous clone and its own -- whoever wrote them and however."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import trio
+
+from fixtures_store import (MiB, ZONE, kill_mid_way, random_bytes, read_all, snapfs_cli,
+                            snapshot_of, wait_state, write_volume)
+from snapfs.local import open_local_service
+from snapfs.local.recovery import INTERRUPTED
+from snapfs.local.shadows import (FIEMAP_EXTENT_UNWRITTEN, Extent, changed_chunks,
+                                  complement, in_ranges)
+
+C = 1 << 20  # chunk size in the pure tests
+SIZE = 32 * MiB
+DELALLOC = 0x4
+
+
+# --- the comparison, without a filesystem ------------------------------------------
+
+def test_identical_extents_change_nothing() -> None:
+    ext = [Extent(0, 100 * C, 3 * C, 0), Extent(5 * C, 900 * C, 2 * C, 0)]
+    assert changed_chunks(ext, list(ext), 8 * C, C) == []
+
+
+def test_a_remapped_block_changes_exactly_its_chunks() -> None:
+    old = [Extent(0, 100 * C, 8 * C, 0)]
+    # A 4 KiB copy-on-write inside chunk 5: the new file's extent is split around it.
+    new = [Extent(0, 100 * C, 5 * C + 8192, 0), Extent(5 * C + 8192, 7, 4096, 0),
+           Extent(5 * C + 12288, 105 * C + 12288, 3 * C - 12288, 0)]
+    assert changed_chunks(old, new, 8 * C, C) == [(5, 5)]
+    # Across a chunk boundary: both chunks.
+    new = [Extent(0, 100 * C, 2 * C - 4096, 0), Extent(2 * C - 4096, 7, 8192, 0),
+           Extent(2 * C + 4096, 102 * C + 4096, 6 * C - 4096, 0)]
+    assert changed_chunks(old, new, 8 * C, C) == [(1, 2)]
+
+
+def test_holes_compare_as_holes() -> None:
+    old = [Extent(2 * C, 100 * C, C, 0)]
+    assert changed_chunks(old, list(old), 4 * C, C) == []  # holes in both: unchanged
+    assert changed_chunks(old, [], 4 * C, C) == [(2, 2)]  # punched
+    assert changed_chunks([], old, 4 * C, C) == [(2, 2)]  # written into a hole
+    # The same place, once unwritten (reads as zeros) and once written: changed.
+    unwritten = [Extent(2 * C, 100 * C, C, FIEMAP_EXTENT_UNWRITTEN)]
+    assert changed_chunks(unwritten, old, 4 * C, C) == [(2, 2)]
+
+
+def test_extents_without_a_stable_place_are_never_trusted() -> None:
+    old = [Extent(0, 100 * C, 2 * C, 0)]
+    new = [Extent(0, 100 * C, C, 0), Extent(C, 101 * C, C, DELALLOC)]
+    assert changed_chunks(old, new, 2 * C, C) == [(1, 1)]
+
+
+def test_a_partial_last_chunk_and_extents_past_the_size() -> None:
+    old = [Extent(0, 100 * C, 3 * C, 0)]
+    new = [Extent(0, 100 * C, 2 * C + 4096, 0), Extent(2 * C + 4096, 9, C, 0)]
+    assert changed_chunks(old, new, 2 * C + 4096, C) == []  # the rest is past the size
+    assert changed_chunks(old, new, 2 * C + 8192, C) == [(2, 2)]
+
+
+def test_ranges_helpers() -> None:
+    assert complement([(2, 3), (7, 7)], 10) == [(0, 1), (4, 6), (8, 9)]
+    assert complement([], 3) == [(0, 2)] and complement([(0, 2)], 3) == []
+    ranges = [(2, 3), (7, 7)]
+    assert [in_ranges(ranges, i) for i in (0, 2, 3, 4, 7, 8)] == [2, 2, 3, 7, 7, None]
+
+
+# --- on a real XFS filesystem --------------------------------------------------------
+
+def bytes_read() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+def shadows(store: Path) -> list[str]:
+    """Shadow file names (<key>.<snapshot id>.<boot id>) in the store."""
+    root = store / "shadows"
+    return sorted(p.name for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def changed_logged(caplog: pytest.LogCaptureFixture, snapshot_id: str) -> tuple[int, int]:
+    for r in caplog.records:
+        m = re.search(r"(\d+) of (\d+) chunks changed", r.getMessage())
+        if m and snapshot_id in r.getMessage():
+            return int(m[1]), int(m[2])
+    raise AssertionError(f"no incremental capture logged for {snapshot_id}")
+
+
+def write_elsewhere(path: Path, offset: int, data: bytes) -> None:
+    """Overwrite in place from another process (so a read lease cannot vouch)."""
+    subprocess.run(["dd", f"of={path}", "bs=4096", f"seek={offset}", "oflag=seek_bytes",
+                    "conv=notrunc", "status=none"], input=data, check=True)
+
+
+@pytest.fixture
+def volume(on_xfs: Path) -> Path:
+    return write_volume(on_xfs / "v.raw", SIZE, [(0, random_bytes(SIZE - 4 * MiB, seed=1))])
+
+
+async def test_the_next_capture_reads_only_what_changed_even_after_a_restart(
+        on_xfs: Path, volume: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="snapfs.local")
+    original = volume.read_bytes()
+    async with open_local_service(on_xfs / "store") as svc:
+        first = await snapshot_of(svc, volume, "first")
+    [one] = shadows(on_xfs / "store")
+    assert first.id in one
+    write_elsewhere(volume, 10 * MiB + 123, b"x" * 5000)
+    async with open_local_service(on_xfs / "store") as svc:  # leases died with the process
+        before = bytes_read()
+        second = await snapshot_of(svc, volume, "second")
+        assert bytes_read() - before < 4 * MiB  # one chunk, not 32
+        assert changed_logged(caplog, second.id) == (1, SIZE // MiB)
+        assert await read_all(svc, second.id) == volume.read_bytes()
+        assert await read_all(svc, first.id) == original
+    [two] = shadows(on_xfs / "store")
+    assert second.id in two
+
+
+WRITERS = {
+    # A shared mapping: no write(2) at all, only dirtied pages.
+    "mmap": """
+import mmap, sys
+with open(sys.argv[1], "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+    m[int(sys.argv[2]):int(sys.argv[2]) + 4096] = b"m" * 4096
+    m.flush()
+""",
+    # O_DIRECT writes that bypass the page cache.
+    "direct": """
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_DIRECT)
+buf = mmap.mmap(-1, 4096); buf.write(b"d" * 4096)
+os.pwrite(fd, buf, int(sys.argv[2])); os.close(fd)
+""",
+}
+
+
+@pytest.mark.parametrize("writer", ["mmap", "direct", "loop device"])
+async def test_every_kind_of_writer_is_seen(on_xfs: Path, volume: Path, writer: str,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="snapfs.local")
+    at = 20 * MiB + 8192
+    async with open_local_service(on_xfs / "store") as svc:
+        await snapshot_of(svc, volume, "first")
+        if writer == "loop device":
+            loop = subprocess.run(["losetup", "--find", "--show", str(volume)], check=True,
+                                  capture_output=True, text=True).stdout.strip()
+            try:
+                subprocess.run(["dd", f"of={loop}", "bs=4096", f"seek={at // 4096}",
+                                "oflag=direct", "conv=notrunc", "status=none"],
+                               input=b"L" * 4096, check=True)
+            finally:
+                subprocess.run(["losetup", "-d", loop], check=True)
+        else:
+            subprocess.run([sys.executable, "-c", WRITERS[writer], str(volume), str(at)],
+                           check=True)
+        second = await snapshot_of(svc, volume, "second")
+        # Copy on write may give a whole new extent around the write (XFS gave
+        # mmap writes 2 MiB here): those chunks are read too.
+        changed, total = changed_logged(caplog, second.id)
+        assert 1 <= changed <= 4 and total == SIZE // MiB
+        data = await read_all(svc, second.id)
+        assert data == volume.read_bytes()
+        assert data[at:at + 4096] in (b"m" * 4096, b"d" * 4096, b"L" * 4096)
+
+
+async def test_no_usable_base_means_a_full_capture(
+        on_xfs: Path, volume: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="snapfs.local")
+    store = on_xfs / "store"
+    async with open_local_service(store) as svc:
+        first = await snapshot_of(svc, volume, "first")
+        await svc.delete_snapshot(ZONE, first.id)
+        assert shadows(store) == []  # it pinned blocks the volume may rewrite
+        write_elsewhere(volume, 0, b"y" * 4096)
+        second = await snapshot_of(svc, volume, "second")
+        with pytest.raises(AssertionError):
+            changed_logged(caplog, second.id)
+        assert await read_all(svc, second.id) == volume.read_bytes()
+        # A grown volume: another size, read in full too. (truncate(1) opens with
+        # O_NONBLOCK: a read lease would make it fail once; shadows need none.)
+        r = subprocess.run(["truncate", "-s", str(SIZE + MiB), str(volume)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        vol = (await svc.list_all_volumes())[0]
+        third = await svc.create_snapshot(ZONE, name="third", volume_id=vol.id)
+        assert (await wait_state(svc, third.id)).state == "available"
+        with pytest.raises(AssertionError):
+            changed_logged(caplog, third.id)
+        assert (await svc.get_snapshot(ZONE, third.id)).size == SIZE + MiB
+        assert await read_all(svc, third.id) == volume.read_bytes()
+        await svc.remove_volume(vol.id)
+    assert shadows(store) == []
+
+
+async def test_a_shadow_of_another_boot_is_not_trusted(
+        on_xfs: Path, volume: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="snapfs.local")
+    store = on_xfs / "store"
+    async with open_local_service(store) as svc:
+        await snapshot_of(svc, volume, "first")
+    [name] = shadows(store)
+    [path] = (store / "shadows").rglob(name)
+    path.rename(path.with_name(name.rsplit(".", 1)[0] + ".0123456789abcdef"))
+    write_elsewhere(volume, 0, b"z" * 4096)
+    async with open_local_service(store) as svc:
+        assert shadows(store) == []  # an exclusive open tidies it away
+        second = await snapshot_of(svc, volume, "second")
+        with pytest.raises(AssertionError):
+            changed_logged(caplog, second.id)
+        assert await read_all(svc, second.id) == volume.read_bytes()
+
+
+async def test_a_volume_on_another_filesystem_is_read_as_before(
+        on_xfs: Path, tmp_path: Path) -> None:
+    vol = write_volume(tmp_path / "ext4.raw", 8 * MiB, [(0, random_bytes(MiB, seed=5))])
+    async with open_local_service(on_xfs / "store") as svc:
+        snap = await snapshot_of(svc, vol, "first")
+        assert await read_all(svc, snap.id) == vol.read_bytes()
+    assert shadows(on_xfs / "store") == []
+
+
+KILLED = textwrap.dedent("""
+    import os, sys, trio
+    from snapfs.local import open_local_service
+
+    async def main():
+        async with open_local_service(sys.argv[1]) as svc:
+            vol = await svc.add_volume("v", sys.argv[2])
+            base = await svc.create_snapshot("fr-par-1", name="base", volume_id=vol.id)
+            while (await svc.get_snapshot("fr-par-1", base.id)).state != "available":
+                await trio.sleep(0.01)
+            with open(sys.argv[2], "r+b") as f:  # every chunk changes: a long capture
+                f.write(os.urandom(int(sys.argv[3])))
+            await svc.create_snapshot("fr-par-1", name="doomed", volume_id=vol.id)
+            print("started", flush=True)
+            await trio.sleep_forever()
+    trio.run(main)
+""")
+
+
+def test_a_capture_killed_mid_way_leaves_the_base_and_its_shadow(
+        on_xfs: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="snapfs.local")
+    size = 384 * MiB
+    original = random_bytes(size, seed=6)
+    path = write_volume(on_xfs / "big.raw", size, [(0, original)])
+    store = on_xfs / "store"
+    progress = kill_mid_way(KILLED, store, path, size)
+    assert 10 <= progress < 100, progress
+    assert len(shadows(store)) == 2  # the base's and the killed capture's
+
+    async def after() -> None:
+        async with open_local_service(store) as svc:
+            [doomed] = (await svc.list_snapshots(ZONE, name="doomed")).items
+            assert (doomed.state, doomed.error_reason) == ("error", INTERRUPTED)
+            [base] = (await svc.list_snapshots(ZONE, name="base")).items
+            [kept] = shadows(store)
+            assert base.id in kept
+            assert await read_all(svc, base.id) == original
+            write_elsewhere(path, 5 * MiB, b"k" * 4096)
+            again = await snapshot_of(svc, path, "again")
+            assert changed_logged(caplog, again.id)[1] == size // MiB
+            assert await read_all(svc, again.id) == path.read_bytes()
+    trio.run(after)
+    assert snapfs_cli("fsck", store=store).returncode == 0
+
+
+async def test_map_copy_and_capture_of_a_sparse_volume(
+        on_xfs: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Holes stay holes: chunks punched or written into holes since the last clone."""
+    caplog.set_level(logging.INFO, logger="snapfs.local")
+    path = write_volume(on_xfs / "sparse.raw", 64 * MiB,
+                        [(0, random_bytes(2 * MiB, seed=7)), (40 * MiB, random_bytes(MiB))])
+    async with open_local_service(on_xfs / "store") as svc:
+        await snapshot_of(svc, path, "first")
+        with open(path, "r+b") as f:
+            fd = f.fileno()
+            os.pwrite(fd, b"h" * 4096, 20 * MiB)  # into a hole
+            FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+            libc = ctypes.CDLL(None, use_errno=True)
+            assert libc.fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE,
+                                  ctypes.c_long(40 * MiB), ctypes.c_long(MiB)) == 0
+        second = await snapshot_of(svc, path, "second")
+        assert changed_logged(caplog, second.id) == (2, 64)
+        data = await read_all(svc, second.id)
+        assert data == path.read_bytes()
+        assert data[40 * MiB:41 * MiB] == bytes(MiB)

@@ -12,7 +12,13 @@ its own process (as the daemon would) so that its peak RSS is its own.
 Targets (issue 2): first <= 1.0x cp; second <= 0.3x cp; both <= 0.5x restic's
 matching backup; store <= 1.1x distinct data; peak RSS <= 200 MB.
 
+With --xfs everything runs on a fresh XFS filesystem (a loop device over a sparse
+image in the work directory): snapfs then captures clones of the volume and reads
+only the chunks that changed (snapfs/local/shadows.py) -- and cp clones the file
+instead of copying it, so its ratios are no anchor there; restic's still are.
+
     .venv/bin/python scripts/bench/snapshot.py [--dir DIR] [--keep] [--repeat N] [--warm]
+                                                [--xfs]
 """
 
 from __future__ import annotations
@@ -101,9 +107,18 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="rounds; the best time of each counts")
     ap.add_argument("--warm", action="store_true",
                     help="every tool reads the volume from the page cache (a volume in use)")
+    ap.add_argument("--xfs", action="store_true",
+                    help="run on a fresh XFS filesystem (reflink shadows; cp clones there)")
     args = ap.parse_args()
     global WARM
-    work = Path(tempfile.mkdtemp(prefix="snapfs-bench-", dir=args.dir))
+    top = work = Path(tempfile.mkdtemp(prefix="snapfs-bench-", dir=args.dir))
+    if args.xfs:
+        with open(top / "xfs.img", "wb") as f:
+            f.truncate(16 * GiB)
+        subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(top / "xfs.img")], check=True)
+        work = top / "mnt"
+        work.mkdir()
+        subprocess.run(["mount", "-o", "loop", str(top / "xfs.img"), str(work)], check=True)
     try:
         import blake3
         vol = work / "volume.raw"
@@ -116,7 +131,8 @@ def main() -> None:
                         length=min(64 * MiB, n - j)))
         WARM = vol if args.warm else None
         print("page cache:", "warm (volume cached before each step)" if args.warm
-              else "cold (dropped before each step)")
+              else "cold (dropped before each step)",
+              "| filesystem: XFS (reflink)" if args.xfs else "")
         env = dict(os.environ, RESTIC_PASSWORD="bench", RESTIC_CACHE_DIR=str(work / "rcache"))
         pristine = work / "pristine.raw"
         subprocess.run(["cp", "--sparse=always", str(vol), str(pristine)], check=True)
@@ -179,10 +195,12 @@ def main() -> None:
               f"{store_bytes / distinct:.3f}x (target <= 1.1)")
         print(f"peak RSS {peak / 1e6:.0f} MB (target <= 200)")
     finally:
+        if args.xfs:
+            subprocess.run(["umount", str(work)], check=False)
         if args.keep:
-            print(f"kept {work}")
+            print(f"kept {top}")
         else:
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(top, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,14 @@ async def snapshot_of(svc: LocalService, path: Path, name: str = "snap",
     return snap
 
 
+def bytes_read() -> int:
+    """Bytes this process has read through read-type system calls so far."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
 def kill_mid_way(script: str, store_dir: Path, *args: object) -> int:
     """Run ``script`` (python -c, given the store and ``args``) -- it prints
     "started" once its snapshot 'doomed' is being made -- and SIGKILL it once that

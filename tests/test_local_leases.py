@@ -15,20 +15,12 @@ from typing import Callable
 import pytest
 import trio
 
-from fixtures_store import (MiB, ZONE, kill_mid_way, random_bytes, read_all, snapfs_cli,
-                            snapshot_of)
+from fixtures_store import (MiB, ZONE, bytes_read, kill_mid_way, random_bytes, read_all,
+                            snapfs_cli, snapshot_of)
 from snapfs.local import LocalService, leases, open_local_service
 from snapfs.local.recovery import INTERRUPTED
 
 SIZE = 16 * MiB
-
-
-def bytes_read() -> int:
-    """Bytes this process has read through read-type system calls so far."""
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("rchar:"):
-            return int(line.split()[1])
-    raise AssertionError("no rchar in /proc/self/io")
 
 
 @pytest.fixture

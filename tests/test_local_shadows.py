@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from fixtures_store import (MiB, ZONE, kill_mid_way, random_bytes, read_all, snapfs_cli,
-                            snapshot_of, wait_state, write_volume)
+from fixtures_store import (MiB, ZONE, bytes_read, kill_mid_way, random_bytes, read_all,
+                            snapfs_cli, snapshot_of, wait_state, write_volume)
 from snapfs.local import open_local_service
 from snapfs.local.recovery import INTERRUPTED
 from snapfs.local.shadows import (FIEMAP_EXTENT_UNWRITTEN, Extent, changed_chunks,
@@ -78,13 +78,6 @@ def test_ranges_helpers() -> None:
 
 
 # --- on a real XFS filesystem --------------------------------------------------------
-
-def bytes_read() -> int:
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("rchar:"):
-            return int(line.split()[1])
-    raise AssertionError("no rchar in /proc/self/io")
-
 
 def shadows(store: Path) -> list[str]:
     """Shadow file names (<key>.<snapshot id>.<boot id>) in the store."""

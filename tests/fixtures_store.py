@@ -111,12 +111,17 @@ async def snapshot_of(svc: LocalService, path: Path, name: str = "snap",
     return snap
 
 
-def bytes_read() -> int:
-    """Bytes this process has read through read-type system calls so far."""
+def proc_io(field: str) -> int:
+    """A counter of this process's /proc/self/io (rchar, wchar: bytes through
+    read-type and write-type system calls so far)."""
     for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("rchar:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
-    raise AssertionError("no rchar in /proc/self/io")
+    raise AssertionError(f"no {field} in /proc/self/io")
+
+
+def bytes_read() -> int:
+    return proc_io("rchar")
 
 
 def kill_mid_way(script: str, store_dir: Path, *args: object) -> int:

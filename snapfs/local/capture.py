@@ -42,6 +42,9 @@ class Hashed:
 
 class CaptureSource(abc.ABC):
     size: int
+    #: A file whose chunk idx lies at idx * CHUNK_SIZE and never changes (a
+    #: shadow, shadows.py): new chunks are cloned from it into packs, not written.
+    clone_fd: int | None = None
 
     @abc.abstractmethod
     async def read_batch(self, first: int, count: int) -> list[Hashed]:
@@ -72,9 +75,11 @@ class FileSource(CaptureSource):
     the snapshot's map already has them (an incremental capture, shadows.py)."""
 
     def __init__(self, path: str, limiter: trio.CapacityLimiter, size: int | None = None,
-                 only: Ranges | None = None) -> None:
+                 only: Ranges | None = None, clone: bool = False) -> None:
         self.only = only
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        if clone:
+            self.clone_fd = self.fd
         # The size the snapshot was created with: a volume growing meanwhile must
         # not map chunks past the snapshot's size.
         self.size = size if size is not None else os.lseek(self.fd, 0, os.SEEK_END)
@@ -229,6 +234,7 @@ class _Capture:
         self.snapshot_id, self.snap, self.total = snapshot_id, snap, total
         self.index, self.pool, self.lock, self.io = index, pool, index_lock, io_limiter
         self.writer: PackWriter | None = None
+        self.clone_fd: int | None = None
         self.group = _Group()
         self.done = 0
 
@@ -248,9 +254,13 @@ class _Capture:
         self.done = batch[-1].idx + 1
         known = self.index.known([h.hash for h in stored if h.hash not in g.fresh])  # type: ignore[misc]
         fresh: dict[bytes, bytes] = {}
+        first_idx: dict[bytes, int] = {}
         for h in stored:
-            if h.hash not in known and h.hash not in g.fresh:
-                fresh.setdefault(h.hash, h.data)  # type: ignore[arg-type]
+            hh = h.hash
+            assert hh is not None and h.data is not None
+            if hh not in known and hh not in g.fresh and hh not in fresh:
+                fresh[hh] = h.data  # type: ignore[assignment]
+                first_idx[hh] = h.idx
         if fresh:
             if self.writer is None or self.writer.full:
                 if g.new:
@@ -260,11 +270,18 @@ class _Capture:
                     self.pool.give_back(self.writer)
                 self.writer = self.pool.take()
             w = self.writer
+            src = self.clone_fd
 
             def write_all() -> list[tuple[bytes, int, int, bytes]]:
-                offsets = w.append_all(list(fresh.values()))
-                return [(hh, off, len(d), check(d))
-                        for (hh, d), off in zip(fresh.items(), offsets)]
+                placed: dict[bytes, int] = {}
+                if src is not None:
+                    for hh, idx in first_idx.items():
+                        at = w.clone_in(src, idx * CHUNK_SIZE, len(fresh[hh]))
+                        if at is not None:
+                            placed[hh] = at
+                rest = [hh for hh in fresh if hh not in placed]
+                placed.update(zip(rest, w.append_all([fresh[hh] for hh in rest])))
+                return [(hh, placed[hh], len(d), check(d)) for hh, d in fresh.items()]
             g.new += await trio.to_thread.run_sync(write_all, limiter=self.io)
             g.fresh.update(fresh)
             g.bytes += sum(len(d) for d in fresh.values())
@@ -300,6 +317,7 @@ async def capture(source: CaptureSource, snapshot_id: str, snap: int, index: Chu
     total = (source.size + CHUNK_SIZE - 1) // CHUNK_SIZE
     send, recv = trio.open_memory_channel[list[Hashed]](1)
     cap = _Capture(snapshot_id, snap, total, index, pool, index_lock, io_limiter)
+    cap.clone_fd = source.clone_fd
 
     async def produce() -> None:
         async with send:

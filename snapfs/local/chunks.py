@@ -16,8 +16,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import mmap
 import os
+import struct
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,6 +45,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _SYNC_FILE_RANGE_WRITE = 2
+_FICLONERANGE = 0x4020940D
 
 ZERO_CHUNK = bytes(CHUNK_SIZE)
 
@@ -226,6 +229,8 @@ class PackWriter:
         self._synced_dir = committed > 0
         self._dir = packs.dir
         self._direct: _DirectWrites | None = None
+        self._clones = True  # until the filesystem says it cannot
+        self._cloned = False  # since the last sync
         if direct and committed % ALIGN == 0:
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
@@ -248,6 +253,24 @@ class PackWriter:
             written += os.pwrite(self.fd, view[written:], offset + written)
         self.end = align_up(offset + len(view))
         return offset
+
+    def clone_in(self, src: int, offset: int, length: int) -> int | None:
+        """Append ``length`` bytes of file ``src`` at ``offset`` by sharing its blocks
+        (FICLONERANGE: XFS, btrfs) instead of writing them; the offset in the pack,
+        or None where the filesystem cannot (then, and from then on, append)."""
+        if not self._clones or length % ALIGN or offset % ALIGN:
+            return None
+        at = self.end
+        try:
+            fcntl.ioctl(self.fd, _FICLONERANGE, struct.pack("=qQQQ", src, offset, length, at))
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTTY):
+                raise
+            self._clones = False
+            return None
+        self.end = at + length
+        self._cloned = True
+        return at
 
     def append_all(self, chunks: list[bytes | memoryview]) -> list[int]:
         """Append each chunk at an aligned offset; returns their offsets.
@@ -301,7 +324,11 @@ class PackWriter:
     def sync(self) -> None:
         if self._direct is not None:
             self._direct.drain()  # every write done (or its error raised) first
-        os.fdatasync(self.fd)
+        if self._cloned:  # the shared extents are metadata: a full fsync
+            os.fsync(self.fd)
+            self._cloned = False
+        else:
+            os.fdatasync(self.fd)
         if not self._synced_dir:  # the new file's directory entry must be durable too
             dfd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY)
             try:

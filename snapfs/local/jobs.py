@@ -158,7 +158,8 @@ class BackgroundJobs:
             only = None if shadow is None else await self._unchanged_copied(
                 snapshot_id, key, volume_id, shadow, size)
             source = await trio.to_thread.run_sync(
-                FileSource, str(shadow.path) if shadow else path, self.hash_limiter, size, only)
+                FileSource, str(shadow.path) if shadow else path, self.hash_limiter, size, only,
+                shadow is not None)
             await self._store(source, snapshot_id, key)
         ok = await self._produce_map(snapshot_id, key, work)
         if ok and lease is not None:

@@ -39,15 +39,24 @@ def random_bytes(n: int, seed: int = 0) -> bytes:
     return blake3.blake3(seed.to_bytes(8, "little")).digest(length=n)
 
 
-@pytest.fixture(scope="session")
-def xfs_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A real XFS filesystem with reflink (xfsprogs' default) on a loop device,
-    for the reflink shadows (snapfs/local/shadows.py); always unmounted."""
-    base = tmp_path_factory.mktemp("xfs")
-    image, mnt = base / "xfs.img", base / "mnt"
+#: The copy-on-write filesystems reflink shadows work on, and how to make one.
+REFLINK_FILESYSTEMS = {
+    "xfs": ["mkfs.xfs", "-q", "-m", "reflink=1"],
+    "btrfs": ["mkfs.btrfs", "-q"],
+}
+
+
+@pytest.fixture(scope="session", params=sorted(REFLINK_FILESYSTEMS))
+def reflink_root(request: pytest.FixtureRequest,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A real XFS or btrfs filesystem (each test using it runs on both) on a loop
+    device, for the reflink shadows (snapfs/local/shadows.py); always unmounted."""
+    base = tmp_path_factory.mktemp(request.param)
+    image, mnt = base / "fs.img", base / "mnt"
     with open(image, "wb") as f:
         f.truncate(4 << 30)
-    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True)
+    subprocess.run([*REFLINK_FILESYSTEMS[request.param], str(image)], check=True,
+                   stdout=subprocess.DEVNULL)
     mnt.mkdir()
     subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
     try:
@@ -59,9 +68,9 @@ def xfs_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture
-def on_xfs(xfs_root: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
-    """A fresh directory of this test's own on the XFS filesystem."""
-    d = xfs_root / re.sub(r"[^\w.-]", "_", request.node.name)
+def reflink_dir(reflink_root: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A fresh directory of this test's own on the XFS or btrfs filesystem."""
+    d = reflink_root / re.sub(r"[^\w.-]", "_", request.node.name)
     d.mkdir()
     try:
         yield d

@@ -1,4 +1,4 @@
-"""Reflink shadows (snapfs/local/shadows.py): on XFS a capture reads a clone of the
+"""Reflink shadows (snapfs/local/shadows.py): on XFS and btrfs a capture reads a clone of the
 volume, and the next one reads only the chunks whose extents differ between the
 previous clone and its own -- whoever wrote them and however."""
 
@@ -100,27 +100,27 @@ def write_elsewhere(path: Path, offset: int, data: bytes) -> None:
 
 
 @pytest.fixture
-def volume(on_xfs: Path) -> Path:
-    return write_volume(on_xfs / "v.raw", SIZE, [(0, random_bytes(SIZE - 4 * MiB, seed=1))])
+def volume(reflink_dir: Path) -> Path:
+    return write_volume(reflink_dir / "v.raw", SIZE, [(0, random_bytes(SIZE - 4 * MiB, seed=1))])
 
 
 async def test_the_next_capture_reads_only_what_changed_even_after_a_restart(
-        on_xfs: Path, volume: Path, caplog: pytest.LogCaptureFixture) -> None:
+        reflink_dir: Path, volume: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="snapfs.local")
     original = volume.read_bytes()
-    async with open_local_service(on_xfs / "store") as svc:
+    async with open_local_service(reflink_dir / "store") as svc:
         first = await snapshot_of(svc, volume, "first")
-    [one] = shadows(on_xfs / "store")
+    [one] = shadows(reflink_dir / "store")
     assert first.id in one
     write_elsewhere(volume, 10 * MiB + 123, b"x" * 5000)
-    async with open_local_service(on_xfs / "store") as svc:  # leases died with the process
+    async with open_local_service(reflink_dir / "store") as svc:  # leases died with the process
         before = bytes_read()
         second = await snapshot_of(svc, volume, "second")
         assert bytes_read() - before < 4 * MiB  # one chunk, not 32
         assert changed_logged(caplog, second.id) == (1, SIZE // MiB)
         assert await read_all(svc, second.id) == volume.read_bytes()
         assert await read_all(svc, first.id) == original
-    [two] = shadows(on_xfs / "store")
+    [two] = shadows(reflink_dir / "store")
     assert second.id in two
 
 
@@ -143,11 +143,11 @@ os.pwrite(fd, buf, int(sys.argv[2])); os.close(fd)
 
 
 @pytest.mark.parametrize("writer", ["mmap", "direct", "loop device"])
-async def test_every_kind_of_writer_is_seen(on_xfs: Path, volume: Path, writer: str,
+async def test_every_kind_of_writer_is_seen(reflink_dir: Path, volume: Path, writer: str,
                                            caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="snapfs.local")
     at = 20 * MiB + 8192
-    async with open_local_service(on_xfs / "store") as svc:
+    async with open_local_service(reflink_dir / "store") as svc:
         await snapshot_of(svc, volume, "first")
         if writer == "loop device":
             loop = subprocess.run(["losetup", "--find", "--show", str(volume)], check=True,
@@ -172,9 +172,9 @@ async def test_every_kind_of_writer_is_seen(on_xfs: Path, volume: Path, writer: 
 
 
 async def test_no_usable_base_means_a_full_capture(
-        on_xfs: Path, volume: Path, caplog: pytest.LogCaptureFixture) -> None:
+        reflink_dir: Path, volume: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="snapfs.local")
-    store = on_xfs / "store"
+    store = reflink_dir / "store"
     async with open_local_service(store) as svc:
         first = await snapshot_of(svc, volume, "first")
         await svc.delete_snapshot(ZONE, first.id)
@@ -201,9 +201,9 @@ async def test_no_usable_base_means_a_full_capture(
 
 
 async def test_a_shadow_of_another_boot_is_not_trusted(
-        on_xfs: Path, volume: Path, caplog: pytest.LogCaptureFixture) -> None:
+        reflink_dir: Path, volume: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="snapfs.local")
-    store = on_xfs / "store"
+    store = reflink_dir / "store"
     async with open_local_service(store) as svc:
         await snapshot_of(svc, volume, "first")
     [name] = shadows(store)
@@ -219,12 +219,12 @@ async def test_a_shadow_of_another_boot_is_not_trusted(
 
 
 async def test_a_volume_on_another_filesystem_is_read_as_before(
-        on_xfs: Path, tmp_path: Path) -> None:
+        reflink_dir: Path, tmp_path: Path) -> None:
     vol = write_volume(tmp_path / "ext4.raw", 8 * MiB, [(0, random_bytes(MiB, seed=5))])
-    async with open_local_service(on_xfs / "store") as svc:
+    async with open_local_service(reflink_dir / "store") as svc:
         snap = await snapshot_of(svc, vol, "first")
         assert await read_all(svc, snap.id) == vol.read_bytes()
-    assert shadows(on_xfs / "store") == []
+    assert shadows(reflink_dir / "store") == []
 
 
 KILLED = textwrap.dedent("""
@@ -247,12 +247,12 @@ KILLED = textwrap.dedent("""
 
 
 def test_a_capture_killed_mid_way_leaves_the_base_and_its_shadow(
-        on_xfs: Path, caplog: pytest.LogCaptureFixture) -> None:
+        reflink_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="snapfs.local")
     size = 384 * MiB
     original = random_bytes(size, seed=6)
-    path = write_volume(on_xfs / "big.raw", size, [(0, original)])
-    store = on_xfs / "store"
+    path = write_volume(reflink_dir / "big.raw", size, [(0, original)])
+    store = reflink_dir / "store"
     progress = kill_mid_way(KILLED, store, path, size)
     assert 10 <= progress < 100, progress
     assert len(shadows(store)) == 2  # the base's and the killed capture's
@@ -274,12 +274,12 @@ def test_a_capture_killed_mid_way_leaves_the_base_and_its_shadow(
 
 
 async def test_map_copy_and_capture_of_a_sparse_volume(
-        on_xfs: Path, caplog: pytest.LogCaptureFixture) -> None:
+        reflink_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Holes stay holes: chunks punched or written into holes since the last clone."""
     caplog.set_level(logging.INFO, logger="snapfs.local")
-    path = write_volume(on_xfs / "sparse.raw", 64 * MiB,
+    path = write_volume(reflink_dir / "sparse.raw", 64 * MiB,
                         [(0, random_bytes(2 * MiB, seed=7)), (40 * MiB, random_bytes(MiB))])
-    async with open_local_service(on_xfs / "store") as svc:
+    async with open_local_service(reflink_dir / "store") as svc:
         await snapshot_of(svc, path, "first")
         with open(path, "r+b") as f:
             fd = f.fileno()
@@ -296,8 +296,8 @@ async def test_map_copy_and_capture_of_a_sparse_volume(
 
 
 async def test_new_chunks_are_cloned_into_packs_not_written(
-        on_xfs: Path, volume: Path) -> None:
-    store = on_xfs / "store"
+        reflink_dir: Path, volume: Path) -> None:
+    store = reflink_dir / "store"
     original = volume.read_bytes()
     async with open_local_service(store) as svc:
         before = proc_io("wchar")

@@ -1,4 +1,4 @@
-"""Through the mount, with the store and the volume on one XFS filesystem: each
+"""Through the mount, with the store and the volume on one XFS (or btrfs) filesystem: each
 snapshot is captured from a reflink clone of the volume (a shadow), the next one
 reads only the chunks whose extents changed since that clone -- whoever wrote
 them (a userspace tool, a loop device) -- and a deleted snapshot's shadow goes."""
@@ -35,14 +35,14 @@ def changed_counts(m: Mount, snapshot_id: str) -> tuple[int, int]:
 
 
 def test_shadows_read_only_changed_chunks_and_go_with_their_snapshot(
-        mount_factory: Callable[..., Mount], on_xfs: Path, tmp_path: Path) -> None:
+        mount_factory: Callable[..., Mount], reflink_dir: Path, tmp_path: Path) -> None:
     files = {
         "hello.txt": b"hello from an ext4 volume on XFS\n",
         "dir/big.bin": os.urandom(5 * MiB + 123),
         "dir/small.bin": os.urandom(4000),
     }
-    vol = make_ext4(on_xfs / "vol.img", 64, files)
-    store = on_xfs / "store"
+    vol = make_ext4(reflink_dir / "vol.img", 64, files)
+    store = reflink_dir / "store"
     snapfs("volume", "add", "vol1", vol, "--store", store)
     m = mount_factory(store)
     volume_id = m.xattr(m.volume("vol1"), "id")
@@ -117,9 +117,9 @@ def test_shadows_read_only_changed_chunks_and_go_with_their_snapshot(
 
 
 def test_shadows_outlive_a_restart_but_not_a_reboot_or_their_volume(
-        mount_factory: Callable[..., Mount], on_xfs: Path, tmp_path: Path) -> None:
-    vol = make_ext4(on_xfs / "vol.img", 64, {"a.bin": os.urandom(3 * MiB)})
-    store = on_xfs / "store"
+        mount_factory: Callable[..., Mount], reflink_dir: Path, tmp_path: Path) -> None:
+    vol = make_ext4(reflink_dir / "vol.img", 64, {"a.bin": os.urandom(3 * MiB)})
+    store = reflink_dir / "store"
     snapfs("volume", "add", "vol1", vol, "--store", store)
     m = mount_factory(store)
     volume_id = m.xattr(m.volume("vol1"), "id")

@@ -164,6 +164,14 @@ async def deletes_done(svc: LocalService, timeout: float = 60) -> None:
             await trio.sleep(0.02)
 
 
+async def chunks_stored(svc: LocalService, timeout: float = 60) -> None:
+    """Wait until no snapshot is read from its shadow any more (shadows.py): the
+    chunks of every shadow-backed snapshot are stored."""
+    with trio.fail_after(timeout):
+        while svc.storing():
+            await trio.sleep(0.02)
+
+
 async def read_all(svc: LocalService, snapshot_id: str, zone: str = ZONE) -> bytes:
     reader = await svc.open_image(zone, snapshot_id)
     try:

@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from fixtures_store import (MiB, ZONE, bytes_read, kill_mid_way, proc_io, random_bytes,
-                            read_all, snapfs_cli, snapshot_of, wait_state, write_volume)
-from snapfs.local import open_local_service
-from snapfs.local.recovery import INTERRUPTED
+from fixtures_store import (MiB, ZONE, bytes_read, chunks_stored, deletes_done,
+                            kill_mid_way, proc_io, random_bytes, read_all, snapfs_cli, snapshot_of,
+                            wait_state, write_volume)
+from snapfs.local import LocalService, open_local_service
 from snapfs.local.shadows import (FIEMAP_EXTENT_UNWRITTEN, Extent, changed_chunks,
                                   complement, in_ranges)
+from snapfs.model import Snapshot
 
 C = 1 << 20  # chunk size in the pure tests
 SIZE = 32 * MiB
@@ -99,6 +100,14 @@ def write_elsewhere(path: Path, offset: int, data: bytes) -> None:
                     "conv=notrunc", "status=none"], input=data, check=True)
 
 
+async def stored_snapshot(svc: LocalService, path: Path, name: str) -> Snapshot:
+    """A snapshot whose chunks are stored, not only available from its shadow."""
+    snap = await snapshot_of(svc, path, name)
+    await chunks_stored(svc)
+    assert svc.md.shadow_of(snap.id) is None
+    return snap
+
+
 @pytest.fixture
 def volume(reflink_dir: Path) -> Path:
     return write_volume(reflink_dir / "v.raw", SIZE, [(0, random_bytes(SIZE - 4 * MiB, seed=1))])
@@ -109,13 +118,13 @@ async def test_the_next_capture_reads_only_what_changed_even_after_a_restart(
     caplog.set_level(logging.INFO, logger="snapfs.local")
     original = volume.read_bytes()
     async with open_local_service(reflink_dir / "store") as svc:
-        first = await snapshot_of(svc, volume, "first")
+        first = await stored_snapshot(svc, volume, "first")
     [one] = shadows(reflink_dir / "store")
     assert first.id in one
     write_elsewhere(volume, 10 * MiB + 123, b"x" * 5000)
     async with open_local_service(reflink_dir / "store") as svc:  # leases died with the process
         before = bytes_read()
-        second = await snapshot_of(svc, volume, "second")
+        second = await stored_snapshot(svc, volume, "second")
         assert bytes_read() - before < 4 * MiB  # one chunk, not 32
         assert changed_logged(caplog, second.id) == (1, SIZE // MiB)
         assert await read_all(svc, second.id) == volume.read_bytes()
@@ -148,7 +157,7 @@ async def test_every_kind_of_writer_is_seen(reflink_dir: Path, volume: Path, wri
     caplog.set_level(logging.INFO, logger="snapfs.local")
     at = 20 * MiB + 8192
     async with open_local_service(reflink_dir / "store") as svc:
-        await snapshot_of(svc, volume, "first")
+        await stored_snapshot(svc, volume, "first")
         if writer == "loop device":
             loop = subprocess.run(["losetup", "--find", "--show", str(volume)], check=True,
                                   capture_output=True, text=True).stdout.strip()
@@ -161,7 +170,7 @@ async def test_every_kind_of_writer_is_seen(reflink_dir: Path, volume: Path, wri
         else:
             subprocess.run([sys.executable, "-c", WRITERS[writer], str(volume), str(at)],
                            check=True)
-        second = await snapshot_of(svc, volume, "second")
+        second = await stored_snapshot(svc, volume, "second")
         # Copy on write may give a whole new extent around the write (XFS gave
         # mmap writes 2 MiB here): those chunks are read too.
         changed, total = changed_logged(caplog, second.id)
@@ -176,11 +185,11 @@ async def test_no_usable_base_means_a_full_capture(
     caplog.set_level(logging.INFO, logger="snapfs.local")
     store = reflink_dir / "store"
     async with open_local_service(store) as svc:
-        first = await snapshot_of(svc, volume, "first")
+        first = await stored_snapshot(svc, volume, "first")
         await svc.delete_snapshot(ZONE, first.id)
         assert shadows(store) == []  # it pinned blocks the volume may rewrite
         write_elsewhere(volume, 0, b"y" * 4096)
-        second = await snapshot_of(svc, volume, "second")
+        second = await stored_snapshot(svc, volume, "second")
         with pytest.raises(AssertionError):
             changed_logged(caplog, second.id)
         assert await read_all(svc, second.id) == volume.read_bytes()
@@ -205,14 +214,14 @@ async def test_a_shadow_of_another_boot_is_not_trusted(
     caplog.set_level(logging.INFO, logger="snapfs.local")
     store = reflink_dir / "store"
     async with open_local_service(store) as svc:
-        await snapshot_of(svc, volume, "first")
+        await stored_snapshot(svc, volume, "first")
     [name] = shadows(store)
     [path] = (store / "shadows").rglob(name)
     path.rename(path.with_name(name.rsplit(".", 1)[0] + ".0123456789abcdef"))
     write_elsewhere(volume, 0, b"z" * 4096)
     async with open_local_service(store) as svc:
         assert shadows(store) == []  # an exclusive open tidies it away
-        second = await snapshot_of(svc, volume, "second")
+        second = await stored_snapshot(svc, volume, "second")
         with pytest.raises(AssertionError):
             changed_logged(caplog, second.id)
         assert await read_all(svc, second.id) == volume.read_bytes()
@@ -222,7 +231,7 @@ async def test_a_volume_on_another_filesystem_is_read_as_before(
         reflink_dir: Path, tmp_path: Path) -> None:
     vol = write_volume(tmp_path / "ext4.raw", 8 * MiB, [(0, random_bytes(MiB, seed=5))])
     async with open_local_service(reflink_dir / "store") as svc:
-        snap = await snapshot_of(svc, vol, "first")
+        snap = await stored_snapshot(svc, vol, "first")
         assert await read_all(svc, snap.id) == vol.read_bytes()
     assert shadows(reflink_dir / "store") == []
 
@@ -235,7 +244,8 @@ KILLED = textwrap.dedent("""
         async with open_local_service(sys.argv[1]) as svc:
             vol = await svc.add_volume("v", sys.argv[2])
             base = await svc.create_snapshot("fr-par-1", name="base", volume_id=vol.id)
-            while (await svc.get_snapshot("fr-par-1", base.id)).state != "available":
+            while (await svc.get_snapshot("fr-par-1", base.id)).state != "available" \
+                    or svc.storing():
                 await trio.sleep(0.01)
             with open(sys.argv[2], "r+b") as f:  # every chunk changes: a long capture
                 f.write(os.urandom(int(sys.argv[3])))
@@ -246,7 +256,7 @@ KILLED = textwrap.dedent("""
 """)
 
 
-def test_a_capture_killed_mid_way_leaves_the_base_and_its_shadow(
+def test_storing_killed_mid_way_is_resumed_and_the_base_is_intact(
         reflink_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="snapfs.local")
     size = 384 * MiB
@@ -259,17 +269,70 @@ def test_a_capture_killed_mid_way_leaves_the_base_and_its_shadow(
 
     async def after() -> None:
         async with open_local_service(store) as svc:
-            [doomed] = (await svc.list_snapshots(ZONE, name="doomed")).items
-            assert (doomed.state, doomed.error_reason) == ("error", INTERRUPTED)
             [base] = (await svc.list_snapshots(ZONE, name="base")).items
-            [kept] = shadows(store)
-            assert base.id in kept
+            [doomed] = (await svc.list_snapshots(ZONE, name="doomed")).items
+            assert doomed.state == "available"  # its clone is its data meanwhile
+            assert await read_all(svc, doomed.id) == path.read_bytes()
+            await chunks_stored(svc)
             assert await read_all(svc, base.id) == original
+            assert await read_all(svc, doomed.id) == path.read_bytes()
+            [kept] = shadows(store)
+            assert doomed.id in kept
             write_elsewhere(path, 5 * MiB, b"k" * 4096)
-            again = await snapshot_of(svc, path, "again")
+            again = await stored_snapshot(svc, path, "again")
             assert changed_logged(caplog, again.id)[1] == size // MiB
             assert await read_all(svc, again.id) == path.read_bytes()
     trio.run(after)
+    assert snapfs_cli("fsck", store=store).returncode == 0
+
+
+async def test_a_snapshot_is_available_from_its_clone_before_its_chunks_are_stored(
+        reflink_dir: Path, volume: Path) -> None:
+    store = reflink_dir / "store"
+    original = volume.read_bytes()
+    async with open_local_service(store) as svc:
+        async with svc.index_lock:  # storing needs it: held, the snapshot stays on its clone
+            snap = await snapshot_of(svc, volume, "first")
+            assert svc.storing() and svc.md.shadow_of(snap.id) is not None
+            write_elsewhere(volume, 0, random_bytes(SIZE, seed=11))  # the volume moves on
+            assert await read_all(svc, snap.id) == original
+        await chunks_stored(svc)
+        assert svc.md.shadow_of(snap.id) is None
+        assert await read_all(svc, snap.id) == original
+    assert snapfs_cli("fsck", store=store).returncode == 0
+
+
+async def test_storing_cut_short_by_a_close_is_resumed_at_the_next_open(
+        reflink_dir: Path, volume: Path) -> None:
+    store = reflink_dir / "store"
+    original = volume.read_bytes()
+    async with open_local_service(store) as svc:
+        await svc.index_lock.acquire()  # never released: the close finds both unstored
+        a = await snapshot_of(svc, volume, "a")
+        write_elsewhere(volume, 0, b"a" * 4096)
+        b = await snapshot_of(svc, volume, "b")
+        assert svc.md.shadow_of(a.id) and svc.md.shadow_of(b.id)
+    expected_b = volume.read_bytes()
+    write_elsewhere(volume, 0, b"c" * 4096)
+    async with open_local_service(store) as svc:
+        assert len(shadows(store)) == 2  # both are snapshots' data: the open keeps them
+        await chunks_stored(svc)
+        assert await read_all(svc, a.id) == original
+        assert await read_all(svc, b.id) == expected_b
+    assert snapfs_cli("fsck", store=store).returncode == 0
+
+
+async def test_a_snapshot_deleted_before_its_chunks_are_stored(
+        reflink_dir: Path, volume: Path) -> None:
+    store = reflink_dir / "store"
+    async with open_local_service(store) as svc:
+        await svc.index_lock.acquire()
+        snap = await snapshot_of(svc, volume, "first")
+        await svc.delete_snapshot(ZONE, snap.id)
+        assert shadows(store) == []
+        svc.index_lock.release()
+        await deletes_done(svc)
+        assert not svc.storing()
     assert snapfs_cli("fsck", store=store).returncode == 0
 
 
@@ -280,7 +343,7 @@ async def test_map_copy_and_capture_of_a_sparse_volume(
     path = write_volume(reflink_dir / "sparse.raw", 64 * MiB,
                         [(0, random_bytes(2 * MiB, seed=7)), (40 * MiB, random_bytes(MiB))])
     async with open_local_service(reflink_dir / "store") as svc:
-        await snapshot_of(svc, path, "first")
+        await stored_snapshot(svc, path, "first")
         with open(path, "r+b") as f:
             fd = f.fileno()
             os.pwrite(fd, b"h" * 4096, 20 * MiB)  # into a hole
@@ -288,7 +351,7 @@ async def test_map_copy_and_capture_of_a_sparse_volume(
             libc = ctypes.CDLL(None, use_errno=True)
             assert libc.fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE,
                                   ctypes.c_long(40 * MiB), ctypes.c_long(MiB)) == 0
-        second = await snapshot_of(svc, path, "second")
+        second = await stored_snapshot(svc, path, "second")
         assert changed_logged(caplog, second.id) == (2, 64)
         data = await read_all(svc, second.id)
         assert data == path.read_bytes()
@@ -301,9 +364,21 @@ async def test_new_chunks_are_cloned_into_packs_not_written(
     original = volume.read_bytes()
     async with open_local_service(store) as svc:
         before = proc_io("wchar")
-        first = await snapshot_of(svc, volume, "first")
+        first = await stored_snapshot(svc, volume, "first")
         assert proc_io("wchar") - before < SIZE // 4  # metadata only: 28 MiB were cloned
         # Every byte of the volume rewritten: the packs keep the old blocks.
         write_elsewhere(volume, 0, random_bytes(SIZE, seed=8))
         assert await read_all(svc, first.id) == original
     assert snapfs_cli("fsck", store=store).returncode == 0  # every chunk against its hash
+
+
+async def test_fsck_reports_a_lost_clone_of_an_unstored_snapshot(
+        reflink_dir: Path, volume: Path) -> None:
+    store = reflink_dir / "store"
+    async with open_local_service(store) as svc:
+        await svc.index_lock.acquire()  # never released: the snapshot stays on its clone
+        snap = await snapshot_of(svc, volume, "first")
+    [name] = shadows(store)
+    next((store / "shadows").rglob(name)).unlink()  # as a careless cleanup would
+    r = snapfs_cli("fsck", store=store)
+    assert r.returncode != 0 and snap.id in r.stdout + r.stderr

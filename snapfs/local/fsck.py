@@ -56,6 +56,12 @@ async def fsck(svc: LocalService) -> FsckReport:
         rep.problems.append(f"chunk {cid} lies in unknown pack {pack}")
     for pack in sorted(svc.packs.existing() - set(packs)):
         rep.problems.append(f"pack file {svc.packs.path(pack).name} has no metadata")
+    for sid, _, shadow, _, _, size in svc.md.shadow_backed_snapshots():
+        # Its data until its chunks are stored (shadows.py).
+        path = svc.shadows.root / shadow
+        if not path.is_file() or path.stat().st_size < size:
+            rep.problems.append(f"snapshot {sid}: the clone holding its data ({shadow}) "
+                                "is missing or short")
 
     # Data: every chunk's bytes against its hash.
     rows = conn.execute("SELECT id, pack, offset, length, hash FROM chunks "

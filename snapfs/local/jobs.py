@@ -13,11 +13,11 @@ import trio
 from ..errors import InvalidData, PreconditionFailed, SnapfsError
 from ..model import now
 from ..objects import ObjectStorage
+from ..service import ImageReader
 from . import leases
 from .capture import CaptureSource, FileSource, PackPool, ReaderSource, capture
 from .chunkindex import ChunkIndex
 from .chunks import CHUNK_SIZE, PackFiles
-from .image import LocalImageReader
 from .metadata import Metadata
 from .recovery import EXPORT_INTERRUPTED, INTERRUPTED
 from .shadows import Ranges, Shadow, Shadows, complement
@@ -45,7 +45,7 @@ class BackgroundJobs:
     shadows: Shadows
     _freeing: set[str]
 
-    def _reader(self, snapshot_id: str, size: int) -> LocalImageReader:
+    def _reader(self, snapshot_id: str, size: int) -> ImageReader:
         raise NotImplementedError
 
     async def _reclaim(self) -> None:
@@ -136,44 +136,66 @@ class BackgroundJobs:
 
     async def _run_capture(self, snapshot_id: str, key: int, volume_id: str, path: str,
                            size: int) -> None:
-        """A volume's snapshot: a copy of the previous snapshot's map when the
-        volume's read lease proves the file unchanged since that capture began
-        (leases.py); otherwise a capture, under a lease taken first, of the volume.
-        On XFS/btrfs (shadows.py) no lease: a capture of a clone of the volume,
-        reading only the chunks that changed since the previous clone."""
+        """A volume's snapshot. On XFS/btrfs (shadows.py): a durable clone of the
+        volume, and the snapshot is available at once, read from the clone while
+        its chunks are stored (only those changed since the previous clone are
+        read). Elsewhere: a copy of the previous snapshot's map when the volume's
+        read lease proves the file unchanged since that capture began (leases.py),
+        else a capture of the volume under a lease taken first."""
+        cow = await trio.to_thread.run_sync(self.shadows.possible, path,
+                                            limiter=self.io_limiter)
+        if cow:
+            shadow = await trio.to_thread.run_sync(self.shadows.clone, volume_id, key,
+                                                   snapshot_id, path, size,
+                                                   limiter=self.io_limiter)
+            if shadow is not None:
+                self.md.shadow_backed(snapshot_id, self.shadows.name(shadow))
+                log.info("snapshot %s available (a clone of the volume); its chunks are "
+                         "stored in the background", snapshot_id)
+                await self._store_shadow(snapshot_id, key, volume_id, shadow, size)
+                return
         lease, base = None, None
-        # A lease would only save the clone and FIEMAP there, and it costs writers
-        # that open with O_NONBLOCK (truncate(1)) one EAGAIN: none where shadows work.
-        if not await trio.to_thread.run_sync(self.shadows.possible, path,
-                                             limiter=self.io_limiter):
+        # On XFS/btrfs a lease would cost writers that open with O_NONBLOCK
+        # (truncate(1)) an EAGAIN, for nothing: shadows need none.
+        if not cow:
             lease, base = await self._leases.before_capture(volume_id, path, size)
-        shadow: Shadow | None = None
 
         async def work() -> None:
-            nonlocal shadow
             if base is not None and await self._copy_map(snapshot_id, key, base):
                 return
-            shadow = await trio.to_thread.run_sync(self.shadows.clone, volume_id, key,
-                                                   snapshot_id, path, limiter=self.io_limiter)
-            only = None if shadow is None else await self._unchanged_copied(
-                snapshot_id, key, volume_id, shadow, size)
-            source = await trio.to_thread.run_sync(
-                FileSource, str(shadow.path) if shadow else path, self.hash_limiter, size, only,
-                shadow is not None)
+            source = await trio.to_thread.run_sync(FileSource, path, self.hash_limiter, size)
             await self._store(source, snapshot_id, key)
-        ok = await self._produce_map(snapshot_id, key, work)
-        if ok and lease is not None:
+        if await self._produce_map(snapshot_id, key, work) and lease is not None:
             lease.base = key
-        if shadow is not None:
-            done = shadow
 
-            def tidy() -> None:  # keep the shadow the snapshot was captured from
-                if ok:
-                    self.shadows.drop_older(volume_id, key)
-                else:
-                    self.shadows.drop(done)
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(tidy, limiter=self.io_limiter)
+    async def _store_shadow(self, snapshot_id: str, key: int, volume_id: str,
+                            shadow: Shadow, size: int) -> None:
+        """Store a shadow-backed snapshot's chunks (cloned into packs, not written).
+        The snapshot stays available throughout: cancelled (a close, a delete) or
+        failed, the shadow remains its data, and the next open starts over."""
+        try:
+            only = await self._unchanged_copied(snapshot_id, key, volume_id, shadow, size)
+            source = await trio.to_thread.run_sync(FileSource, str(shadow.path),
+                                                   self.hash_limiter, size, only, True)
+            await self._store(source, snapshot_id, key)
+        except (SnapfsError, OSError) as exc:
+            log.error("snapshot %s: storing its chunks failed (%s); it is read from its "
+                      "clone until the next open stores it", snapshot_id, exc)
+            return
+        self.md.stored(snapshot_id)
+        log.info("snapshot %s: chunks stored", snapshot_id)
+        backing = {k for _, k, *_ in self.md.shadow_backed_snapshots()}
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self.shadows.drop_older, volume_id, key, backing,
+                                          limiter=self.io_limiter)
+
+    async def _resume_storing(self, snapshot_id: str, key: int, volume_id: str,
+                              shadow: Shadow, size: int) -> None:
+        async with self.index_lock:  # whatever a stopped process had stored
+            await trio.to_thread.run_sync(self.index.release_in_steps, key,
+                                          limiter=self.io_limiter)
+        await self._reclaim()
+        await self._store_shadow(snapshot_id, key, volume_id, shadow, size)
 
     async def _unchanged_copied(self, snapshot_id: str, key: int, volume_id: str,
                                 shadow: Shadow, size: int) -> Ranges | None:

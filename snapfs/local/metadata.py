@@ -207,18 +207,42 @@ class Metadata:
         return int(self._snapshot_row(snapshot_id)["rowid"])
 
     def map_usable(self, key: int, volume_id: str, size: int) -> bool:
-        """Whether snapshot ``key`` is a finished capture of that volume at that size:
-        a map a new snapshot of the volume may build on."""
+        """Whether snapshot ``key`` is a finished capture of that volume at that size,
+        its map complete: a map a new snapshot of the volume may build on."""
         return self.conn.execute(
             "SELECT 1 FROM snapshots WHERE rowid = ? AND deleting = 0 AND state IN "
-            "('available', 'exporting') AND base_volume_id = ? AND size = ?",
-            (key, volume_id, size)).fetchone() is not None
+            "('available', 'exporting') AND shadow IS NULL AND base_volume_id = ? "
+            "AND size = ?", (key, volume_id, size)).fetchone() is not None
 
     def usable_maps(self) -> dict[int, str]:
-        """Volume id by map key of every finished capture of a volume."""
+        """Volume id by map key of every finished capture of a volume (its map
+        complete or still being stored from its shadow)."""
         return {int(k): v for k, v in self.conn.execute(
             "SELECT rowid, base_volume_id FROM snapshots WHERE deleting = 0 AND state IN "
             "('available', 'exporting') AND base_volume_id IS NOT NULL")}
+
+    def shadow_backed(self, snapshot_id: str, shadow: str) -> None:
+        """The capture's clone is durable: the snapshot is available from now on,
+        read from ``shadow`` until its chunks are stored (by this process)."""
+        self.conn.execute("UPDATE snapshots SET state = 'available', shadow = ?, "
+                          "modification_date = ? WHERE id = ?", (shadow, now(), snapshot_id))
+
+    def stored(self, snapshot_id: str) -> None:
+        """The snapshot's chunk map is complete: its shadow is no longer its data."""
+        self.conn.execute("UPDATE snapshots SET shadow = NULL, owner = NULL, progress = 100 "
+                          "WHERE id = ?", (snapshot_id,))
+
+    def shadow_of(self, snapshot_id: str) -> str | None:
+        row = self.conn.execute("SELECT shadow FROM snapshots WHERE id = ?",
+                                (snapshot_id,)).fetchone()
+        return row[0] if row else None
+
+    def shadow_backed_snapshots(self) -> list[tuple[str, int, str, str | None, str, int]]:
+        """(id, map key, shadow, owner, volume id, size) of the snapshots still read
+        from their shadow."""
+        return [(r[0], int(r[1]), r[2], r[3], r[4], int(r[5])) for r in self.conn.execute(
+            "SELECT id, rowid, shadow, owner, base_volume_id, size FROM snapshots "
+            "WHERE shadow IS NOT NULL AND deleting = 0")]
 
     def list_snapshots(self, zone: str, organization: str | None, project: str | None,
                        name: str | None, tags: list[str] | None, base_volume_id: str | None,
@@ -252,7 +276,8 @@ class Metadata:
                               "error_reason = ?, owner = ?, modification_date = ? "
                               "WHERE id = ?", (reason, this_process(), now(), snapshot_id))
 
-    def own_deleting(self, snapshot_id: str) -> None:
+    def own(self, snapshot_id: str) -> None:
+        """This process takes over the snapshot's background work (a delete, storing)."""
         with self.transaction():
             self.conn.execute("UPDATE snapshots SET owner = ? WHERE id = ?",
                               (this_process(), snapshot_id))

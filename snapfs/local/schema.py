@@ -163,6 +163,16 @@ MIGRATIONS: list[str] = [
     UPDATE snapshots SET deleting = 1
         WHERE state = 'error' AND error_reason LIKE 'being deleted%';
     """,
+    # --- version 5 -----------------------------------------------------------------
+    """
+    -- An available snapshot whose bytes are still only in its shadow (a durable
+    -- reflink clone of the volume, shadows.py), as '<volume id>/<file name>' under
+    -- <store>/shadows, while its chunks are being stored (owner = the storing
+    -- process); NULL once its chunk map is complete. Reads are served from the
+    -- shadow meanwhile; an open resumes the storing of those whose owner died,
+    -- their partial map released first.
+    ALTER TABLE snapshots ADD COLUMN shadow TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

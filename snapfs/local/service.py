@@ -17,7 +17,7 @@ from typing import AsyncIterator
 
 import trio
 
-from ..errors import InvalidArgument, PreconditionFailed, SnapshotUnusable
+from ..errors import CorruptData, InvalidArgument, PreconditionFailed, SnapshotUnusable
 from ..model import (DEFAULT_ZONE, FAILED_STATES, ZONES, BaseVolume, Page,
                      Project, Snapshot, Task, Volume, check_name, check_paging, check_tags,
                      check_uuid, check_volume_type, check_zone, new_id, now)
@@ -32,7 +32,7 @@ from .jobs import NO_OBJECT_STORAGE, BackgroundJobs
 from .metadata import Metadata
 from .owner import alive
 from .recovery import DELETING, recover
-from .shadows import Shadows
+from .shadows import ShadowReader, Shadows
 
 log = logging.getLogger(__name__)
 
@@ -279,8 +279,23 @@ class LocalService(BackgroundJobs, SnapshotService):
         for snapshot_id, key, owner in self.md.deleting():
             if exclusive or owner is None or not alive(owner):
                 log.info("snapshot %s: resuming its delete", snapshot_id)
-                self.md.own_deleting(snapshot_id)
+                self.md.own(snapshot_id)
                 self._start(snapshot_id, self._release, snapshot_id, key)
+
+    def resume_storing(self, exclusive: bool) -> None:
+        """Store the chunks of the shadow-backed snapshots a stopped process left
+        (its own, or any when ``exclusive``)."""
+        for snapshot_id, key, shadow, owner, volume_id, size in \
+                self.md.shadow_backed_snapshots():
+            if exclusive or owner is None or not alive(owner):
+                log.info("snapshot %s: storing its chunks again", snapshot_id)
+                self.md.own(snapshot_id)
+                self._start(snapshot_id, self._resume_storing, snapshot_id, key, volume_id,
+                            self.shadows.named(shadow, key, snapshot_id), size)
+
+    def storing(self) -> bool:
+        """Whether some snapshot is still read from its shadow (chunks being stored)."""
+        return bool(self.md.shadow_backed_snapshots())
 
     # --- export ----------------------------------------------------------------------
 
@@ -325,15 +340,24 @@ class LocalService(BackgroundJobs, SnapshotService):
             raise PreconditionFailed(f"snapshot {snap.name!r} is being deleted")
         return self._reader(snapshot_id, snap.size)
 
-    def _reader(self, snapshot_id: str, size: int) -> LocalImageReader:
+    def _reader(self, snapshot_id: str, size: int) -> ImageReader:
         """A reader that keeps the snapshot from being deleted under it: deleting
-        punches its chunks out, which a reader would see as corruption."""
+        punches its chunks out, which a reader would see as corruption. Of its
+        shadow while its chunks are being stored (shadows.py)."""
+        shadow = self.md.shadow_of(snapshot_id)
         self._readers[snapshot_id] = self._readers.get(snapshot_id, 0) + 1
 
         def closed() -> None:
             self._readers[snapshot_id] -= 1
             if not self._readers[snapshot_id]:
                 del self._readers[snapshot_id]
+        if shadow is not None:
+            try:
+                return ShadowReader(self.shadows.root / shadow, size, self.io_limiter, closed)
+            except OSError as exc:
+                closed()
+                raise CorruptData(f"the clone holding this snapshot's data is gone: "
+                                  f"{exc.strerror}") from None
         return LocalImageReader(self.md.snap_key(snapshot_id), size, self.index, self.packs,
                                 self.io_limiter, on_close=closed, spawn=self._spawn)
 
@@ -383,7 +407,10 @@ async def open_local_service(store: Path | str, objects: ObjectStorage | None = 
                 svc._nursery = nursery
                 svc.resume_deletes(exclusive)
                 if exclusive:  # no capture of another process may be using one
-                    await trio.to_thread.run_sync(svc.shadows.tidy, svc.md.usable_maps())
+                    backing = {k for _, k, *_ in svc.md.shadow_backed_snapshots()}
+                    await trio.to_thread.run_sync(svc.shadows.tidy, svc.md.usable_maps(),
+                                                  backing)
+                svc.resume_storing(exclusive)
                 try:
                     yield svc
                 except Exception as exc:  # re-raised below, not wrapped in an ExceptionGroup

@@ -35,6 +35,12 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+import trio
+
+from ..errors import CorruptData
+from ..service import ImageReader
 
 log = logging.getLogger(__name__)
 
@@ -195,9 +201,11 @@ class Shadows:
         finally:
             os.close(fd)
 
-    def clone(self, volume_id: str, key: int, snapshot_id: str, volume: str) -> Shadow | None:
-        """A durable clone of ``volume`` for the capture of snapshot ``key``, or None
-        where there can be none (the capture then reads the volume)."""
+    def clone(self, volume_id: str, key: int, snapshot_id: str, volume: str, size: int
+              ) -> Shadow | None:
+        """A durable clone of ``volume`` (at least ``size`` bytes) for the capture of
+        snapshot ``key``, or None where there can be none (the capture then reads
+        the volume)."""
         try:
             src = os.open(volume, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -210,6 +218,8 @@ class Shadows:
             dst = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400)
             try:
                 fcntl.ioctl(dst, FICLONE, src)
+                if os.fstat(dst).st_size < size:  # shrunk meanwhile: the capture says so
+                    raise OSError(errno.EINVAL, "volume shrank")
                 os.fsync(dst)  # the clone and the bytes it shares, before anyone trusts it
             finally:
                 os.close(dst)
@@ -264,10 +274,18 @@ class Shadows:
     def drop(self, shadow: Shadow) -> None:
         shadow.path.unlink(missing_ok=True)
 
-    def drop_older(self, volume_id: str, key: int) -> None:
-        """After the capture of ``key`` succeeded: the volume's earlier shadows."""
+    def name(self, shadow: Shadow) -> str:
+        """How the metadata names it (schema v5): relative to the shadows root."""
+        return str(shadow.path.relative_to(self.root))
+
+    def named(self, name: str, key: int, snapshot_id: str) -> Shadow:
+        return Shadow(self.root / name, key, snapshot_id)
+
+    def drop_older(self, volume_id: str, key: int, keep: set[int]) -> None:
+        """After the capture of ``key`` is stored: the volume's earlier shadows, but
+        those in ``keep`` (the data of snapshots not stored yet)."""
         for s, _ in self.all().get(volume_id, []):
-            if s.key < key:
+            if s.key < key and s.key not in keep:
                 self.drop(s)
 
     def drop_snapshot(self, snapshot_id: str) -> None:
@@ -285,17 +303,50 @@ class Shadows:
         except OSError:
             pass
 
-    def tidy(self, usable: dict[int, str]) -> None:
-        """At an exclusive open: keep only each volume's newest shadow of this boot
-        whose snapshot (map key -> volume id in ``usable``) is available."""
+    def tidy(self, usable: dict[int, str], backing: set[int]) -> None:
+        """At an exclusive open: keep the shadows that are still snapshots' data
+        (map keys in ``backing``, whatever their boot) and each volume's newest
+        shadow of this boot whose snapshot (map key -> volume id in ``usable``) is
+        available; drop the rest."""
         for volume_id, shadows in self.all().items():
-            keep = [s for s, boot in shadows
-                    if boot == self.boot and usable.get(s.key) == volume_id]
+            newest = [s for s, boot in shadows
+                      if boot == self.boot and usable.get(s.key) == volume_id]
+            kept = 0
             for s, _ in shadows:
-                if not keep or s is not keep[-1]:
+                if s.key in backing or (newest and s is newest[-1]):
+                    kept += 1
+                else:
                     self.drop(s)
-            if not keep:
+            if not kept:
                 self.drop_volume(volume_id)
+
+
+class ShadowReader(ImageReader):
+    """A snapshot's bytes while its chunks are still being stored: its shadow,
+    which nothing writes, read as it is."""
+
+    def __init__(self, path: Path, size: int, limiter: trio.CapacityLimiter,
+                 on_close: Callable[[], None]) -> None:
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.size = size
+        self.limiter = limiter
+        self._on_close: Callable[[], None] | None = on_close
+
+    async def read(self, offset: int, length: int) -> bytes:
+        n = min(length, self.size - offset)
+        if n <= 0:
+            return b""
+        data = await trio.to_thread.run_sync(os.pread, self.fd, n, offset,
+                                             limiter=self.limiter)
+        if len(data) != n:
+            raise CorruptData(f"shadow {self.fd} ends before the snapshot's size")
+        return data
+
+    async def aclose(self) -> None:
+        if self._on_close is not None:
+            os.close(self.fd)
+            self._on_close()
+            self._on_close = None
 
 
 def _fsync_dir(path: Path) -> None:

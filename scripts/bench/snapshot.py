@@ -192,7 +192,7 @@ def main() -> None:
         print(f"{'step':<16} {'snapfs s':>9} {'cp s':>7} {'restic s':>9} "
               f"{'vs cp':>7} {'target':>7} {'vs restic':>10} {'target':>7}")
         for name, s, c, r, target in rows:
-            print(f"{name:<16} {s:9.2f} {c:7.2f} {r:9.2f} {s / c:7.2f} {'<=' + str(target):>7} "
+            print(f"{name:<16} {s:9.3f} {c:7.3f} {r:9.2f} {s / c:7.2f} {'<=' + str(target):>7} "
                   f"{s / r:10.2f} {'<=0.5':>7}")
         peak = rss
         print(f"first snapshot vs cp + sync (durable copy, context): "

@@ -382,3 +382,21 @@ async def test_fsck_reports_a_lost_clone_of_an_unstored_snapshot(
     next((store / "shadows").rglob(name)).unlink()  # as a careless cleanup would
     r = snapfs_cli("fsck", store=store)
     assert r.returncode != 0 and snap.id in r.stdout + r.stderr
+
+
+async def test_removing_the_volume_keeps_the_clone_of_an_unstored_snapshot(
+        reflink_dir: Path, volume: Path) -> None:
+    """Snapshots outlive their volume: one not stored yet still needs its clone."""
+    store = reflink_dir / "store"
+    original = volume.read_bytes()
+    async with open_local_service(store) as svc:
+        await svc.index_lock.acquire()
+        snap = await snapshot_of(svc, volume, "first")
+        await svc.remove_volume("v")
+        volume.unlink()
+        assert len(shadows(store)) == 1
+        assert await read_all(svc, snap.id) == original
+        svc.index_lock.release()
+        await chunks_stored(svc)
+        assert await read_all(svc, snap.id) == original
+    assert snapfs_cli("fsck", store=store).returncode == 0

@@ -139,7 +139,8 @@ class LocalService(BackgroundJobs, SnapshotService):
         managed = self.md.volume_managed(v.id)
         self.md.remove_volume(v.id)
         self._leases.forget(v.id)
-        await trio.to_thread.run_sync(self.shadows.drop_volume, v.id)
+        backing = {k for _, k, *_ in self.md.shadow_backed_snapshots()}
+        await trio.to_thread.run_sync(self.shadows.drop_volume, v.id, backing)
         if managed and v.path:
             Path(v.path).unlink(missing_ok=True)
         return v

@@ -35,7 +35,7 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 import trio
 
@@ -295,9 +295,12 @@ class Shadows:
                 if s.snapshot_id == snapshot_id:
                     self.drop(s)
 
-    def drop_volume(self, volume_id: str) -> None:
+    def drop_volume(self, volume_id: str, keep: Collection[int] = ()) -> None:
+        """A removed volume's shadows, but those in ``keep`` (the data of snapshots
+        not stored yet: snapshots outlive their volume)."""
         for s, _ in self.all().get(volume_id, []):
-            self.drop(s)
+            if s.key not in keep:
+                self.drop(s)
         try:
             self._dir(volume_id).rmdir()
         except OSError:

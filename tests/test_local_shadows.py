@@ -400,3 +400,22 @@ async def test_removing_the_volume_keeps_the_clone_of_an_unstored_snapshot(
         await chunks_stored(svc)
         assert await read_all(svc, snap.id) == original
     assert snapfs_cli("fsck", store=store).returncode == 0
+
+
+async def test_a_clone_still_in_the_making_is_never_dropped(
+        reflink_dir: Path, volume: Path) -> None:
+    """Another snapshot of the volume stored meanwhile drops the earlier clones, but
+    not one whose snapshot is still being captured (its clone may be in the making)."""
+    store = reflink_dir / "store"
+    async with open_local_service(store) as svc:
+        first = await stored_snapshot(svc, volume, "first")
+        svc.md.conn.execute("UPDATE snapshots SET state = 'snapshotting' WHERE id = ?",
+                            (first.id,))  # as a capture between its clone and its commit
+        write_elsewhere(volume, 0, b"w" * 4096)
+        second = await stored_snapshot(svc, volume, "second")
+        assert [first.id in n for n in shadows(store)].count(True) == 1
+        svc.md.conn.execute("UPDATE snapshots SET state = 'available' WHERE id = ?",
+                            (first.id,))
+        write_elsewhere(volume, 0, b"x" * 4096)
+        await stored_snapshot(svc, volume, "third")
+        assert not any(first.id in n or second.id in n for n in shadows(store))

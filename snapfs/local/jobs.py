@@ -142,22 +142,19 @@ class BackgroundJobs:
         read). Elsewhere: a copy of the previous snapshot's map when the volume's
         read lease proves the file unchanged since that capture began (leases.py),
         else a capture of the volume under a lease taken first."""
-        cow = await trio.to_thread.run_sync(self.shadows.possible, path,
-                                            limiter=self.io_limiter)
-        if cow:
-            shadow = await trio.to_thread.run_sync(self.shadows.clone, volume_id, key,
-                                                   snapshot_id, path, size,
-                                                   limiter=self.io_limiter)
-            if shadow is not None:
-                self.md.shadow_backed(snapshot_id, self.shadows.name(shadow))
-                log.info("snapshot %s available (a clone of the volume); its chunks are "
-                         "stored in the background", snapshot_id)
-                await self._store_shadow(snapshot_id, key, volume_id, shadow, size)
-                return
+        shadow = await trio.to_thread.run_sync(self.shadows.clone, volume_id, key,
+                                               snapshot_id, path, size, limiter=self.io_limiter)
+        if shadow is not None:
+            self.md.shadow_backed(snapshot_id, self.shadows.name(shadow))
+            log.info("snapshot %s available (a clone of the volume); its chunks are "
+                     "stored in the background", snapshot_id)
+            await self._store_shadow(snapshot_id, key, volume_id, shadow, size)
+            return
         lease, base = None, None
-        # On XFS/btrfs a lease would cost writers that open with O_NONBLOCK
-        # (truncate(1)) an EAGAIN, for nothing: shadows need none.
-        if not cow:
+        # On XFS/btrfs (a clone failed: out of space?) a lease would cost writers that
+        # open with O_NONBLOCK (truncate(1)) an EAGAIN, for nothing.
+        if not await trio.to_thread.run_sync(self.shadows.possible, path,
+                                             limiter=self.io_limiter):
             lease, base = await self._leases.before_capture(volume_id, path, size)
 
         async def work() -> None:
@@ -184,7 +181,7 @@ class BackgroundJobs:
             return
         self.md.stored(snapshot_id)
         log.info("snapshot %s: chunks stored", snapshot_id)
-        backing = {k for _, k, *_ in self.md.shadow_backed_snapshots()}
+        backing = self.md.needing_shadows()
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self.shadows.drop_older, volume_id, key, backing,
                                           limiter=self.io_limiter)

@@ -232,6 +232,13 @@ class Metadata:
         self.conn.execute("UPDATE snapshots SET shadow = NULL, owner = NULL, progress = 100 "
                           "WHERE id = ?", (snapshot_id,))
 
+    def needing_shadows(self) -> set[int]:
+        """Map keys of the snapshots whose shadow must stay: still being captured
+        (a clone may be in the making) or still read from it."""
+        return {int(r[0]) for r in self.conn.execute(
+            "SELECT rowid FROM snapshots WHERE state = 'snapshotting' OR "
+            "(shadow IS NOT NULL AND deleting = 0)")}
+
     def shadow_of(self, snapshot_id: str) -> str | None:
         row = self.conn.execute("SELECT shadow FROM snapshots WHERE id = ?",
                                 (snapshot_id,)).fetchone()

@@ -139,7 +139,7 @@ class LocalService(BackgroundJobs, SnapshotService):
         managed = self.md.volume_managed(v.id)
         self.md.remove_volume(v.id)
         self._leases.forget(v.id)
-        backing = {k for _, k, *_ in self.md.shadow_backed_snapshots()}
+        backing = self.md.needing_shadows()
         await trio.to_thread.run_sync(self.shadows.drop_volume, v.id, backing)
         if managed and v.path:
             Path(v.path).unlink(missing_ok=True)
@@ -408,7 +408,7 @@ async def open_local_service(store: Path | str, objects: ObjectStorage | None = 
                 svc._nursery = nursery
                 svc.resume_deletes(exclusive)
                 if exclusive:  # no capture of another process may be using one
-                    backing = {k for _, k, *_ in svc.md.shadow_backed_snapshots()}
+                    backing = svc.md.needing_shadows()
                     await trio.to_thread.run_sync(svc.shadows.tidy, svc.md.usable_maps(),
                                                   backing)
                 svc.resume_storing(exclusive)

@@ -156,10 +156,12 @@ def in_ranges(ranges: Ranges, idx: int) -> int | None:
     return ranges[i + 1][0] if i + 1 < len(ranges) else None
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
 def _fs_type(fd: int) -> int:
     buf = ctypes.create_string_buffer(256)  # struct statfs: f_type comes first
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.fstatfs(fd, buf) != 0:
+    if _libc.fstatfs(fd, buf) != 0:
         return 0
     return int.from_bytes(buf.raw[:8], "little")
 

@@ -3,10 +3,12 @@
 Before a capture reads a volume that sits on the store's own XFS or btrfs
 filesystem, the volume is cloned (FICLONE) into
 ``<store>/shadows/<volume id>/<key>.<snapshot id>.<boot id>``: a copy that shares
-every block with the volume and costs only metadata. The capture reads the
-shadow, not the volume, so the snapshot is of one instant even while a VM writes
-(the filesystem holds writers off during the clone and flushes their dirty pages
-into it), and the shadow is kept until the volume's next capture has its own.
+every block with the volume and costs only metadata. It is of one instant even
+while a VM writes (the filesystem holds writers off during the clone and flushes
+their dirty pages into it), and once fsynced it is a durable copy: the snapshot is
+available at once, read from its shadow (ShadowReader) while its chunks are stored
+from the shadow in the background (jobs.py; schema v5). A shadow is kept while it
+is a snapshot's data, and until the volume's next snapshot is stored.
 
 Why comparing two shadows' extents is exact: a shadow is never written and
 outlives the next clone, so each block it maps stays shared, and the filesystem
@@ -258,11 +260,10 @@ class Shadows:
     def changed(self, old: Shadow, new: Shadow, size: int, chunk: int) -> Ranges | None:
         """The chunks of ``new`` that may differ from ``old`` (None: compare nothing,
         read everything)."""
+        fds: list[int] = []
         try:
-            fds = [os.open(s.path, os.O_RDONLY | os.O_CLOEXEC) for s in (old, new)]
-        except OSError:
-            return None
-        try:
+            for s in (old, new):
+                fds.append(os.open(s.path, os.O_RDONLY | os.O_CLOEXEC))
             if any(os.fstat(fd).st_size != size for fd in fds):
                 return None
             return changed_chunks(fiemap(fds[0], size), fiemap(fds[1], size), size, chunk)
@@ -333,6 +334,7 @@ class ShadowReader(ImageReader):
     def __init__(self, path: Path, size: int, limiter: trio.CapacityLimiter,
                  on_close: Callable[[], None]) -> None:
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.path = path
         self.size = size
         self.limiter = limiter
         self._on_close: Callable[[], None] | None = on_close
@@ -344,7 +346,7 @@ class ShadowReader(ImageReader):
         data = await trio.to_thread.run_sync(os.pread, self.fd, n, offset,
                                              limiter=self.limiter)
         if len(data) != n:
-            raise CorruptData(f"shadow {self.fd} ends before the snapshot's size")
+            raise CorruptData(f"{self.path} ends before the snapshot's size")
         return data
 
     async def aclose(self) -> None:

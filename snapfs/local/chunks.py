@@ -41,9 +41,10 @@ DIRECT_DEPTH = 3
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+#: The C library, for the calls the os module lacks (fallocate, sync_file_range, fstatfs).
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _SYNC_FILE_RANGE_WRITE = 2
 _FICLONERANGE = 0x4020940D
 
@@ -74,10 +75,19 @@ def align_up(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` (a file just created in it) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def punch_hole(fd: int, offset: int, length: int) -> bool:
     """Free the blocks of [offset, offset+length) keeping the file size.
     Returns False where the filesystem cannot (the bytes then stay as dead space)."""
-    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+    if libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
                        offset, length) != 0:
         err = ctypes.get_errno()
         if err in (errno.EOPNOTSUPP, errno.ENOSYS):
@@ -312,7 +322,7 @@ class PackWriter:
         per chunk: per-MiB calls made a capture 2.5x slower (measured), many small
         writebacks each waiting for the device queue."""
         if self.end > self._written_back:
-            _libc.sync_file_range(self.fd, self._written_back, self.end - self._written_back,
+            libc.sync_file_range(self.fd, self._written_back, self.end - self._written_back,
                                   _SYNC_FILE_RANGE_WRITE)
             self._written_back = self.end
 
@@ -330,11 +340,7 @@ class PackWriter:
         else:
             os.fdatasync(self.fd)
         if not self._synced_dir:  # the new file's directory entry must be durable too
-            dfd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(self._dir)
             self._synced_dir = True
 
     def close(self) -> None:

@@ -43,6 +43,7 @@ import trio
 
 from ..errors import CorruptData
 from ..service import ImageReader
+from .chunks import fsync_dir, libc
 
 log = logging.getLogger(__name__)
 
@@ -158,12 +159,9 @@ def in_ranges(ranges: Ranges, idx: int) -> int | None:
     return ranges[i + 1][0] if i + 1 < len(ranges) else None
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 def _fs_type(fd: int) -> int:
     buf = ctypes.create_string_buffer(256)  # struct statfs: f_type comes first
-    if _libc.fstatfs(fd, buf) != 0:
+    if libc.fstatfs(fd, buf) != 0:
         return 0
     return int.from_bytes(buf.raw[:8], "little")
 
@@ -227,7 +225,7 @@ class Shadows:
                 os.fsync(dst)  # the clone and the bytes it shares, before anyone trusts it
             finally:
                 os.close(dst)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             return Shadow(path, key, snapshot_id)
         except OSError as exc:
             path.unlink(missing_ok=True)
@@ -354,11 +352,3 @@ class ShadowReader(ImageReader):
             os.close(self.fd)
             self._on_close()
             self._on_close = None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -184,8 +184,8 @@ class ChunkIndex:
                 conn.executemany("INSERT INTO temp.keep VALUES (?, ?)", ranges)
                 within = (" AND (SELECT last FROM temp.keep WHERE first <= idx "
                           "ORDER BY first DESC LIMIT 1) >= idx")
-            total = conn.execute("SELECT count(*) FROM snapshot_chunks WHERE snap = ?",
-                                 (base,)).fetchone()[0]
+            total = 0 if ranges is not None else conn.execute(
+                "SELECT count(*) FROM snapshot_chunks WHERE snap = ?", (base,)).fetchone()[0]
             last, done = -1, 0
             while True:
                 with _immediate(conn):

@@ -179,12 +179,14 @@ class BackgroundJobs:
             log.error("snapshot %s: storing its chunks failed (%s); it is read from its "
                       "clone until the next open stores it", snapshot_id, exc)
             return
-        self.md.stored(snapshot_id)
-        log.info("snapshot %s: chunks stored", snapshot_id)
+        # The earlier clones first: once the snapshot shows stored, its storing is
+        # over (and a crash in between only means a full read next time).
         backing = self.md.needing_shadows()
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self.shadows.drop_older, volume_id, key, backing,
                                           limiter=self.io_limiter)
+        self.md.stored(snapshot_id)
+        log.info("snapshot %s: chunks stored", snapshot_id)
 
     async def _resume_storing(self, snapshot_id: str, key: int, volume_id: str,
                               shadow: Shadow, size: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -15,9 +16,15 @@ from fixtures_mount import MiB, Mount, make_ext4, run, snapfs
 
 
 def snap(m: Mount, name: str) -> Path:
+    """A snapshot through the mount, once available (at once here: from its clone)
+    and stored (user.progress 100: its chunks are in the store, earlier clones gone)."""
     run("mkdir", m.volume("vol1") / name)
     path = m.snapshots() / name
     assert m.wait_state(path) == "available"
+    deadline = time.monotonic() + 60
+    while m.xattr(path, "progress") != "100":
+        assert time.monotonic() < deadline, f"{path} not stored"
+        time.sleep(0.05)
     return path / "image.raw"
 
 

@@ -12,13 +12,14 @@ its own process (as the daemon would) so that its peak RSS is its own.
 Targets (issue 2): first <= 1.0x cp; second <= 0.3x cp; both <= 0.5x restic's
 matching backup; store <= 1.1x distinct data; peak RSS <= 200 MB.
 
-With --xfs everything runs on a fresh XFS filesystem (a loop device over a sparse
-image in the work directory): snapfs then captures clones of the volume and reads
-only the chunks that changed (snapfs/local/shadows.py) -- and cp clones the file
-instead of copying it, so its ratios are no anchor there; restic's still are.
+With --fs xfs (or btrfs) everything runs on a fresh filesystem of that kind (a
+loop device over a sparse image in the work directory): a snapfs snapshot is then
+a clone of the volume, available at once, whose storing reads only the chunks that
+changed (snapfs/local/shadows.py) -- and cp clones the file instead of copying it,
+so its ratios are no anchor there; restic's still are.
 
     .venv/bin/python scripts/bench/snapshot.py [--dir DIR] [--keep] [--repeat N] [--warm]
-                                                [--xfs]
+                                                [--fs xfs|btrfs]
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ MiB = 1 << 20
 GiB = 1 << 30
 RUNS = [(0, 400 * MiB), (800 * MiB, 300 * MiB), (1536 * MiB, 324 * MiB)]  # 1 GiB in all
 OVERWRITE = (900 * MiB, 20 * MiB)
+#: --fs: how to make each kind of filesystem (reflink on).
+MKFS = {"xfs": ["mkfs.xfs", "-q", "-m", "reflink=1"], "btrfs": ["mkfs.btrfs", "-q"]}
 
 CAPTURE = """
 import json, resource, sys, time, trio
@@ -114,18 +117,20 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="rounds; the best time of each counts")
     ap.add_argument("--warm", action="store_true",
                     help="every tool reads the volume from the page cache (a volume in use)")
-    ap.add_argument("--xfs", action="store_true",
-                    help="run on a fresh XFS filesystem (reflink shadows; cp clones there)")
+    ap.add_argument("--fs", choices=sorted(MKFS), default=None,
+                    help="run on a fresh filesystem of this kind (reflink shadows; cp clones "
+                         "there too)")
     args = ap.parse_args()
     global WARM
     top = work = Path(tempfile.mkdtemp(prefix="snapfs-bench-", dir=args.dir))
-    if args.xfs:
-        with open(top / "xfs.img", "wb") as f:
+    if args.fs:
+        with open(top / "fs.img", "wb") as f:
             f.truncate(16 * GiB)
-        subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(top / "xfs.img")], check=True)
+        subprocess.run([*MKFS[args.fs], str(top / "fs.img")], check=True,
+                       stdout=subprocess.DEVNULL)
         work = top / "mnt"
         work.mkdir()
-        subprocess.run(["mount", "-o", "loop", str(top / "xfs.img"), str(work)], check=True)
+        subprocess.run(["mount", "-o", "loop", str(top / "fs.img"), str(work)], check=True)
     try:
         import blake3
         vol = work / "volume.raw"
@@ -139,7 +144,7 @@ def main() -> None:
         WARM = vol if args.warm else None
         print("page cache:", "warm (volume cached before each step)" if args.warm
               else "cold (dropped before each step)",
-              "| filesystem: XFS (reflink)" if args.xfs else "")
+              f"| filesystem: {args.fs} (reflink)" if args.fs else "")
         env = dict(os.environ, RESTIC_PASSWORD="bench", RESTIC_CACHE_DIR=str(work / "rcache"))
         pristine = work / "pristine.raw"
         subprocess.run(["cp", "--sparse=always", str(vol), str(pristine)], check=True)
@@ -206,7 +211,7 @@ def main() -> None:
               f"{store_bytes / distinct:.3f}x (target <= 1.1)")
         print(f"peak RSS {peak / 1e6:.0f} MB (target <= 200)")
     finally:
-        if args.xfs:
+        if args.fs:
             subprocess.run(["umount", str(work)], check=False)
         if args.keep:
             print(f"kept {top}")

@@ -230,11 +230,11 @@ class _Capture:
 
     def __init__(self, snapshot_id: str, snap: int, total: int, index: ChunkIndex,
                  pool: PackPool, index_lock: trio.Lock,
-                 io_limiter: trio.CapacityLimiter) -> None:
+                 io_limiter: trio.CapacityLimiter, clone_fd: int | None) -> None:
         self.snapshot_id, self.snap, self.total = snapshot_id, snap, total
         self.index, self.pool, self.lock, self.io = index, pool, index_lock, io_limiter
         self.writer: PackWriter | None = None
-        self.clone_fd: int | None = None
+        self.clone_fd = clone_fd  # the source's (CaptureSource.clone_fd)
         self.group = _Group()
         self.done = 0
 
@@ -253,13 +253,13 @@ class _Capture:
         stored = [h for h in batch if h.hash is not None]
         self.done = batch[-1].idx + 1
         known = self.index.known([h.hash for h in stored if h.hash not in g.fresh])  # type: ignore[misc]
-        fresh: dict[bytes, bytes] = {}
-        first_idx: dict[bytes, int] = {}
+        fresh: dict[bytes, bytes | memoryview] = {}
+        first_idx: dict[bytes, int] = {}  # where each fresh chunk lies in the source
         for h in stored:
             hh = h.hash
             assert hh is not None and h.data is not None
             if hh not in known and hh not in g.fresh and hh not in fresh:
-                fresh[hh] = h.data  # type: ignore[assignment]
+                fresh[hh] = h.data
                 first_idx[hh] = h.idx
         if fresh:
             if self.writer is None or self.writer.full:
@@ -316,8 +316,8 @@ async def capture(source: CaptureSource, snapshot_id: str, snap: int, index: Chu
     failure; the caller then marks the snapshot and releases the partial map."""
     total = (source.size + CHUNK_SIZE - 1) // CHUNK_SIZE
     send, recv = trio.open_memory_channel[list[Hashed]](1)
-    cap = _Capture(snapshot_id, snap, total, index, pool, index_lock, io_limiter)
-    cap.clone_fd = source.clone_fd
+    cap = _Capture(snapshot_id, snap, total, index, pool, index_lock, io_limiter,
+                   source.clone_fd)
 
     async def produce() -> None:
         async with send:

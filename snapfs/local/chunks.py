@@ -88,7 +88,7 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     """Free the blocks of [offset, offset+length) keeping the file size.
     Returns False where the filesystem cannot (the bytes then stay as dead space)."""
     if libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
-                       offset, length) != 0:
+                      offset, length) != 0:
         err = ctypes.get_errno()
         if err in (errno.EOPNOTSUPP, errno.ENOSYS):
             return False

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from functools import partial
 from typing import Awaitable, Callable
 
 import trio
@@ -172,8 +173,8 @@ class BackgroundJobs:
         failed, the shadow remains its data, and the next open starts over."""
         try:
             only = await self._unchanged_copied(snapshot_id, key, volume_id, shadow, size)
-            source = await trio.to_thread.run_sync(FileSource, str(shadow.path),
-                                                   self.hash_limiter, size, only, True)
+            source = await trio.to_thread.run_sync(partial(
+                FileSource, str(shadow.path), self.hash_limiter, size, only=only, clone=True))
             await self._store(source, snapshot_id, key)
         except (SnapfsError, OSError) as exc:
             log.error("snapshot %s: storing its chunks failed (%s); it is read from its "

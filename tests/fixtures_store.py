@@ -78,6 +78,13 @@ def reflink_dir(reflink_root: Path, request: pytest.FixtureRequest) -> Iterator[
         shutil.rmtree(d, ignore_errors=True)
 
 
+def shadow_files(store: Path) -> list[Path]:
+    """The store's shadows (snapfs/local/shadows.py: shadows/<volume id>/
+    <key>.<snapshot id>.<boot id>), sorted."""
+    root = store / "shadows"
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+
+
 @pytest.fixture
 def store_dir(tmp_path: Path) -> Path:
     return tmp_path / "store"

@@ -17,8 +17,8 @@ import pytest
 import trio
 
 from fixtures_store import (MiB, ZONE, bytes_read, chunks_stored, deletes_done,
-                            kill_mid_way, proc_io, random_bytes, read_all, snapfs_cli, snapshot_of,
-                            wait_state, write_volume)
+                            kill_mid_way, proc_io, random_bytes, read_all, shadow_files,
+                            snapfs_cli, snapshot_of, wait_state, write_volume)
 from snapfs.local import LocalService, open_local_service
 from snapfs.local.shadows import (FIEMAP_EXTENT_UNWRITTEN, Extent, changed_chunks,
                                   complement, in_ranges)
@@ -82,8 +82,7 @@ def test_ranges_helpers() -> None:
 
 def shadows(store: Path) -> list[str]:
     """Shadow file names (<key>.<snapshot id>.<boot id>) in the store."""
-    root = store / "shadows"
-    return sorted(p.name for p in root.rglob("*") if p.is_file()) if root.exists() else []
+    return [p.name for p in shadow_files(store)]
 
 
 def changed_logged(caplog: pytest.LogCaptureFixture, snapshot_id: str) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from fixtures_mount import MiB, Mount, make_ext4, run, snapfs
+from fixtures_store import shadow_files
 
 
 def snap(m: Mount, name: str) -> Path:
@@ -26,11 +27,6 @@ def snap(m: Mount, name: str) -> Path:
         assert time.monotonic() < deadline, f"{path} not stored"
         time.sleep(0.05)
     return path / "image.raw"
-
-
-def shadow_files(store: Path) -> list[Path]:
-    root = store / "shadows"
-    return sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
 
 
 def changed_counts(m: Mount, snapshot_id: str) -> tuple[int, int]:

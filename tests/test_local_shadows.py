@@ -200,6 +200,7 @@ async def test_no_usable_base_means_a_full_capture(
         vol = (await svc.list_all_volumes())[0]
         third = await svc.create_snapshot(ZONE, name="third", volume_id=vol.id)
         assert (await wait_state(svc, third.id)).state == "available"
+        await chunks_stored(svc)
         with pytest.raises(AssertionError):
             changed_logged(caplog, third.id)
         assert (await svc.get_snapshot(ZONE, third.id)).size == SIZE + MiB
@@ -287,17 +288,40 @@ def test_storing_killed_mid_way_is_resumed_and_the_base_is_intact(
 
 async def test_a_snapshot_is_available_from_its_clone_before_its_chunks_are_stored(
         reflink_dir: Path, volume: Path) -> None:
+    """As `zfs snapshot` is: once Create returns, the snapshot is available, of
+    that instant, and durable (its clone fsynced, its row committed)."""
     store = reflink_dir / "store"
     original = volume.read_bytes()
     async with open_local_service(store) as svc:
+        vol = await svc.add_volume("v", volume)
         async with svc.index_lock:  # storing needs it: held, the snapshot stays on its clone
-            snap = await snapshot_of(svc, volume, "first")
+            snap = await svc.create_snapshot(ZONE, name="first", volume_id=vol.id)
+            assert snap.state == "available" and snap.progress == 0
             assert svc.storing() and svc.md.shadow_of(snap.id) is not None
             write_elsewhere(volume, 0, random_bytes(SIZE, seed=11))  # the volume moves on
             assert await read_all(svc, snap.id) == original
         await chunks_stored(svc)
         assert svc.md.shadow_of(snap.id) is None
         assert await read_all(svc, snap.id) == original
+    assert snapfs_cli("fsck", store=store).returncode == 0
+
+
+async def test_a_clone_that_fails_means_a_capture_of_the_volume_without_a_lease(
+        reflink_dir: Path, volume: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = reflink_dir / "store"
+    async with open_local_service(store) as svc:
+        vol = await svc.add_volume("v", volume)
+        blocker = store / "shadows" / vol.id  # a file where the clone's directory goes
+        blocker.parent.mkdir()
+        blocker.touch()
+        snap = await svc.create_snapshot(ZONE, name="read", volume_id=vol.id)
+        assert snap.state == "snapshotting"  # no clone: the capture reads the volume
+        assert (await wait_state(svc, snap.id)).state == "available"
+        assert not svc.storing() and svc._leases._by_volume == {}
+        assert "cannot clone volume" in caplog.text
+        assert svc.md.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again
+        blocker.unlink()
+        assert await read_all(svc, snap.id) == volume.read_bytes()
     assert snapfs_cli("fsck", store=store).returncode == 0
 
 

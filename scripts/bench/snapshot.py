@@ -3,11 +3,12 @@
 
 A 2 GiB raw volume holding 1 GiB of random data in three runs (the rest holes);
 a first snapshot, then a second after overwriting 20 MiB, then (context only) a
-third of the volume untouched since the second, taken by the same process (its
-read lease shows the volume unchanged: the map is reused). Each tool works on
-the same file in the same run, page cache dropped before each timed step so that
-every tool reads from disk alike (--warm: read into it instead). snapfs runs in
-its own process (as the daemon would) so that its peak RSS is its own.
+third of the volume untouched since the second (ext4: its read lease shows the
+volume unchanged, the map is reused). Each tool works on the same file in the
+same run, page cache dropped before each timed step so that every tool reads
+from disk alike (--warm: read into it instead). snapfs runs in a process of its
+own that lives through the round and is told when to snapshot, as the mount
+daemon is by mkdir; its peak RSS is its own.
 
 Targets (issue 2): first <= 1.0x cp; second <= 0.3x cp; both <= 0.5x restic's
 matching backup; store <= 1.1x distinct data; peak RSS <= 200 MB.
@@ -48,23 +49,28 @@ from snapfs.memory import limit_malloc_arenas
 limit_malloc_arenas()  # as snapfs mount / serve do
 
 async def main():
-    store, path, *names = sys.argv[1:]
-    out = []
+    store, path = sys.argv[1:]
     async with open_local_service(store) as svc:
         vols = {v.path: v for v in await svc.list_all_volumes()}
         vol = vols.get(path) or await svc.add_volume("bench", path)
-        for name in names:
-            t = time.perf_counter()
-            snap = await svc.create_snapshot("fr-par-1", name=name, volume_id=vol.id)
-            while (await svc.get_snapshot("fr-par-1", snap.id)).state == "snapshotting":
-                await trio.sleep(0.0005)  # a clone takes a few ms: poll finer than that
-            dt = time.perf_counter() - t
-            while svc.storing():  # XFS/btrfs: available from a clone, chunks stored after
-                await trio.sleep(0.005)
-            out.append({"seconds": dt, "stored": time.perf_counter() - t,
-                        "state": (await svc.get_snapshot("fr-par-1", snap.id)).state})
+        print("ready", flush=True)
+        # One line of snapshot names per step, as a daemon is asked (mkdir) while
+        # it runs; an empty line ends the run.
+        while names := (await trio.to_thread.run_sync(sys.stdin.readline)).split():
+            out = []
+            for name in names:
+                t = time.perf_counter()
+                snap = await svc.create_snapshot("fr-par-1", name=name, volume_id=vol.id)
+                while (await svc.get_snapshot("fr-par-1", snap.id)).state == "snapshotting":
+                    await trio.sleep(0.0005)  # a clone takes a few ms: poll finer than that
+                dt = time.perf_counter() - t
+                while svc.storing():  # XFS/btrfs: available from a clone, chunks stored after
+                    await trio.sleep(0.005)
+                out.append({"seconds": dt, "stored": time.perf_counter() - t,
+                            "state": (await svc.get_snapshot("fr-par-1", snap.id)).state})
+            print(json.dumps(out), flush=True)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"snapshots": out, "rss": rss}))
+    print(json.dumps({"rss": rss}), flush=True)
 trio.run(main)
 """
 
@@ -90,17 +96,36 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
     return time.perf_counter() - t
 
 
-def snapfs_capture(store: Path, vol: Path, *names: str) -> tuple[list[float], float]:
-    """Snapshots ``names`` of the volume in turn, in one process (as the daemon
-    would take them): their times to `available`, and the process's peak RSS.
-    Each is also stored before the next begins (STORED: those times)."""
-    drop_caches()
-    out = subprocess.run([sys.executable, "-c", CAPTURE, str(store), str(vol), *names],
-                         check=True, capture_output=True, text=True).stdout
-    res = json.loads(out)
-    assert all(s["state"] == "available" for s in res["snapshots"]), res
-    STORED.extend(s["stored"] for s in res["snapshots"])
-    return [s["seconds"] for s in res["snapshots"]], res["rss"]
+class Snapfs:
+    """snapfs in a process of its own that lives through the round, as the daemon
+    would (its peak RSS is its own): told on stdin which snapshots to take."""
+
+    def __init__(self, store: Path, vol: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", CAPTURE, str(store), str(vol)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+        assert self.stdout.readline().strip() == "ready"
+
+    def snapshots(self, *names: str) -> list[float]:
+        """Snapshots ``names`` of the volume in turn: their times to `available`.
+        Each is also stored before the next begins (STORED: those times)."""
+        drop_caches()
+        self.stdin.write(" ".join(names) + "\n")
+        self.stdin.flush()
+        res = json.loads(self.stdout.readline())
+        assert all(s["state"] == "available" for s in res), res
+        STORED.extend(s["stored"] for s in res)
+        return [s["seconds"] for s in res]
+
+    def close(self) -> float:
+        """Stops it; its peak RSS."""
+        self.stdin.write("\n")
+        self.stdin.flush()
+        rss = json.loads(self.stdout.readline())["rss"]
+        if self.proc.wait() != 0:
+            raise RuntimeError("the snapfs process failed")
+        return float(rss)
 
 
 STORED: list[float] = []
@@ -169,7 +194,8 @@ def main() -> None:
                                   f"&& sync {work}/copy3.raw"]),
                 "restic1": timed(restic, env),
             }
-            (snap1,), rss1 = snapfs_capture(work / "store", vol, "first")
+            snapfs = Snapfs(work / "store", vol)
+            (snap1,) = snapfs.snapshots("first")
             with open(vol, "r+b") as rw:
                 rw.seek(OVERWRITE[0])
                 rw.write(os.urandom(OVERWRITE[1]))
@@ -177,12 +203,12 @@ def main() -> None:
             got["restic2"] = timed(restic, env)
             # The third is of the volume untouched since the second began (context:
             # a read lease shows it unchanged, leases.py).
-            (snap2, snap3), rss2 = snapfs_capture(work / "store", vol, "second", "third")
+            snap2, snap3 = snapfs.snapshots("second", "third")
+            rss = max(rss, snapfs.close())
             got.update(snap1=snap1, snap2=snap2, snap3=snap3)
             got.update(stored1=STORED[-3], stored2=STORED[-2])
             for k, v in got.items():
                 best[k] = min(best.get(k, v), v)
-            rss = max(rss, rss1, rss2)
             store_bytes = du(work / "store" / "packs")
             print(f"round {rep + 1}: " + " ".join(f"{k}={v:.2f}s" for k, v in got.items()),
                   flush=True)

@@ -135,36 +135,49 @@ class BackgroundJobs:
         finally:
             await source.aclose()
 
-    async def _run_capture(self, snapshot_id: str, key: int, volume_id: str, path: str,
-                           size: int) -> None:
-        """A volume's snapshot. On XFS/btrfs (shadows.py): a durable clone of the
-        volume, and the snapshot is available at once, read from the clone while
-        its chunks are stored (only those changed since the previous clone are
-        read). Elsewhere: a copy of the previous snapshot's map when the volume's
-        read lease proves the file unchanged since that capture began (leases.py),
-        else a capture of the volume under a lease taken first."""
-        shadow = await trio.to_thread.run_sync(self.shadows.clone, volume_id, key,
-                                               snapshot_id, path, size, limiter=self.io_limiter)
-        if shadow is not None:
+    async def _snapshot_by_clone(self, snapshot_id: str, key: int, volume_id: str, path: str,
+                                 size: int) -> bool:
+        """On XFS/btrfs (shadows.py): a durable clone of the volume makes its snapshot
+        available before Create returns (as `zfs snapshot` or `btrfs subvolume
+        snapshot` are done when they return); its chunks are then stored in the
+        background, only those changed since the previous clone read. False: no
+        clone (out of space?); the snapshot's row is made durable and the caller
+        starts a capture that reads the volume."""
+        with trio.CancelScope(shield=True):  # the row must not be left without its job
+            try:
+                shadow = await trio.to_thread.run_sync(self.shadows.clone, volume_id, key,
+                                                       snapshot_id, path, size,
+                                                       limiter=self.io_limiter)
+            except Exception:  # a bug: the capture can still read the volume
+                log.exception("cloning the volume for snapshot %s failed", snapshot_id)
+                shadow = None
+            if shadow is None:
+                self.md.sync()
+                return False
             self.md.shadow_backed(snapshot_id, self.shadows.name(shadow))
-            log.info("snapshot %s available (a clone of the volume); its chunks are "
-                     "stored in the background", snapshot_id)
-            await self._store_shadow(snapshot_id, key, volume_id, shadow, size)
-            return
-        lease, base = None, None
-        # On XFS/btrfs (a clone failed: out of space?) a lease would cost writers that
-        # open with O_NONBLOCK (truncate(1)) an EAGAIN, for nothing.
-        if not await trio.to_thread.run_sync(self.shadows.possible, path,
-                                             limiter=self.io_limiter):
-            lease, base = await self._leases.before_capture(volume_id, path, size)
+        log.info("snapshot %s available (a clone of the volume); its chunks are "
+                 "stored in the background", snapshot_id)
+        self._start(snapshot_id, self._store_shadow, snapshot_id, key, volume_id, shadow, size)
+        return True
+
+    async def _run_capture(self, snapshot_id: str, key: int, volume_id: str, path: str,
+                           size: int, lease: bool) -> None:
+        """A volume's snapshot read from the volume: a copy of the previous
+        snapshot's map when the volume's read lease proves the file unchanged since
+        that capture began (leases.py), else a capture of the volume under a lease
+        taken first. No lease (``lease`` False) on XFS/btrfs, where a clone failed:
+        it would cost writers that open with O_NONBLOCK (truncate(1)) an EAGAIN."""
+        held, base = None, None
+        if lease:
+            held, base = await self._leases.before_capture(volume_id, path, size)
 
         async def work() -> None:
             if base is not None and await self._copy_map(snapshot_id, key, base):
                 return
             source = await trio.to_thread.run_sync(FileSource, path, self.hash_limiter, size)
             await self._store(source, snapshot_id, key)
-        if await self._produce_map(snapshot_id, key, work) and lease is not None:
-            lease.base = key
+        if await self._produce_map(snapshot_id, key, work) and held is not None:
+            held.base = key
 
     async def _store_shadow(self, snapshot_id: str, key: int, volume_id: str,
                             shadow: Shadow, size: int) -> None:

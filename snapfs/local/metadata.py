@@ -7,6 +7,7 @@ the trio thread; bulk data never passes through here.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any, ContextManager, Iterable
@@ -177,7 +178,32 @@ class Metadata:
 
     # --- snapshots -------------------------------------------------------------------
 
-    def insert_snapshot(self, s: Snapshot, source: dict[str, Any] | None) -> int:
+    def insert_snapshot(self, s: Snapshot, source: dict[str, Any] | None,
+                        durable: bool = True) -> int:
+        """The new snapshot's map key. ``durable=False``: its commit is not synced
+        (WAL, synchronous NORMAL) -- for a row whose next commit comes before
+        Create returns (that one syncs both), or else after ``sync()``."""
+        if not durable:
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+        try:
+            return self._insert_snapshot(s, source)
+        finally:
+            if not durable:
+                self.conn.execute("PRAGMA synchronous = FULL")
+
+    def sync(self) -> None:
+        """Make every commit so far durable, as a synchronous FULL commit would:
+        fsync the write-ahead log that holds them (or the checkpoint did)."""
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _insert_snapshot(self, s: Snapshot, source: dict[str, Any] | None) -> int:
         cur = self.conn.execute(
             "INSERT INTO snapshots (id, name, zone, project, organization, tags, volume_type, "
             "size, state, base_volume_id, base_volume_name, creation_date, modification_date, "

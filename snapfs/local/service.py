@@ -181,19 +181,30 @@ class LocalService(BackgroundJobs, SnapshotService):
                                        bucket, key, size)
         vol = self.md.volume(zone, check_uuid("volume_id", volume_id))
         proj = self._owner(project, organization, default=vol.project)
-        size = await trio.to_thread.run_sync(_device_size, vol.path)
-        if size != vol.size:
-            self.md.set_volume_size(vol.id, size)
+        nbytes, cloneable = await trio.to_thread.run_sync(self._probe, vol.path)
+        if nbytes != vol.size:
+            self.md.set_volume_size(vol.id, nbytes)
         t = now()
         snap = Snapshot(id=new_id(), name=name, organization=proj.organization, project=proj.id,
-                        tags=tags, volume_type=volume_type or vol.volume_type, size=size,
+                        tags=tags, volume_type=volume_type or vol.volume_type, size=nbytes,
                         state="snapshotting", base_volume=BaseVolume(vol.id, vol.name),
                         creation_date=t, modification_date=t, error_reason=None, zone=zone,
                         progress=0)
-        key_ = self.md.insert_snapshot(snap, None)
+        # A clone's snapshot is available before Create returns, and that commit syncs
+        # this one too; without a clone, _snapshot_by_clone syncs it.
+        key_ = self.md.insert_snapshot(snap, None, durable=not cloneable)
         log.info("snapshot %s (%s): capturing volume %s", snap.id, name, vol.name)
-        self._start(snap.id, self._run_capture, snap.id, key_, vol.id, str(vol.path), size)
+        if cloneable and await self._snapshot_by_clone(snap.id, key_, vol.id, str(vol.path),
+                                                       nbytes):
+            return self.md.snapshot(zone, snap.id)
+        self._start(snap.id, self._run_capture, snap.id, key_, vol.id, str(vol.path),
+                    nbytes, not cloneable)
         return snap
+
+    def _probe(self, path: str | None) -> tuple[int, bool]:
+        """The volume's size, and whether its snapshots can be clones (shadows.py)."""
+        size = _device_size(path)
+        return size, path is not None and self.shadows.possible(path)
 
     def _owner(self, project: str | None, organization: str | None,
                default: str | None = None) -> Project:

@@ -28,6 +28,7 @@ than the store) a capture reads the volume itself, as before.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -228,7 +229,8 @@ class Shadows:
             fsync_dir(path.parent)
             return Shadow(path, key, snapshot_id)
         except OSError as exc:
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # ENOTDIR: its directory could not be made
+                path.unlink(missing_ok=True)
             if exc.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTTY):
                 log.warning("cannot clone volume %s (its snapshot reads it): %s", volume, exc)
             return None

@@ -19,7 +19,7 @@ import trio
 from fixtures_store import (MiB, ZONE, bytes_read, chunks_stored, deletes_done,
                             kill_mid_way, proc_io, random_bytes, read_all, shadow_files,
                             snapfs_cli, snapshot_of, wait_state, write_volume)
-from snapfs.local import LocalService, open_local_service
+from snapfs.local import LocalService, jobs, open_local_service
 from snapfs.local.shadows import (FIEMAP_EXTENT_UNWRITTEN, Extent, changed_chunks,
                                   complement, in_ranges)
 from snapfs.model import Snapshot
@@ -322,6 +322,33 @@ async def test_a_clone_that_fails_means_a_capture_of_the_volume_without_a_lease(
         assert svc.md.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again
         blocker.unlink()
         assert await read_all(svc, snap.id) == volume.read_bytes()
+    assert snapfs_cli("fsck", store=store).returncode == 0
+
+
+async def test_storing_that_fails_is_tried_again_while_the_service_runs(
+        reflink_dir: Path, volume: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    caplog.set_level(logging.INFO, logger="snapfs.local")
+    monkeypatch.setattr(jobs, "STORE_RETRY_FIRST", 0.2)
+    store = reflink_dir / "store"
+    original = volume.read_bytes()
+    async with open_local_service(store) as svc:
+        packs = store / "packs"
+        subprocess.run(["chattr", "+i", str(packs)], check=True)  # no pack can be made
+        try:
+            vol = await svc.add_volume("v", volume)
+            snap = await svc.create_snapshot(ZONE, name="first", volume_id=vol.id)
+            with trio.fail_after(30):
+                while caplog.text.count("storing its chunks failed") < 2:
+                    await trio.sleep(0.05)
+            assert (await svc.get_snapshot(ZONE, snap.id)).state == "available"
+            assert svc.storing() and list(packs.iterdir()) == []
+            assert await read_all(svc, snap.id) == original  # from its clone meanwhile
+        finally:
+            subprocess.run(["chattr", "-i", str(packs)], check=True)
+        await chunks_stored(svc)  # the next try, within the service's life
+        assert svc.md.shadow_of(snap.id) is None
+        assert await read_all(svc, snap.id) == original
     assert snapfs_cli("fsck", store=store).returncode == 0
 
 

@@ -25,6 +25,11 @@ from .shadows import Ranges, Shadow, Shadows, complement
 
 log = logging.getLogger(__name__)
 
+#: Seconds before storing a shadow-backed snapshot is tried again after a failure;
+#: doubled each time, up to STORE_RETRY_MAX.
+STORE_RETRY_FIRST = 30.0
+STORE_RETRY_MAX = 3600.0
+
 NO_OBJECT_STORAGE = ("Object Storage is not configured (set AWS_ENDPOINT_URL or "
                      "snapfs mount --s3-endpoint, and credentials)")
 
@@ -182,17 +187,16 @@ class BackgroundJobs:
     async def _store_shadow(self, snapshot_id: str, key: int, volume_id: str,
                             shadow: Shadow, size: int) -> None:
         """Store a shadow-backed snapshot's chunks (cloned into packs, not written).
-        The snapshot stays available throughout: cancelled (a close, a delete) or
-        failed, the shadow remains its data, and the next open starts over."""
-        try:
-            only = await self._unchanged_copied(snapshot_id, key, volume_id, shadow, size)
-            source = await trio.to_thread.run_sync(partial(
-                FileSource, str(shadow.path), self.hash_limiter, size, only=only, clone=True))
-            await self._store(source, snapshot_id, key)
-        except (SnapfsError, OSError) as exc:
-            log.error("snapshot %s: storing its chunks failed (%s); it is read from its "
-                      "clone until the next open stores it", snapshot_id, exc)
-            return
+        The snapshot stays available throughout, read from its shadow. Failed (out
+        of space, an I/O error), storing is tried again after STORE_RETRY_FIRST
+        seconds, then twice as long each time: meanwhile the shadow pins the blocks
+        the volume rewrites. Cancelled (a close, a delete), the next open starts
+        over."""
+        delay = STORE_RETRY_FIRST
+        while not await self._try_storing(snapshot_id, key, volume_id, shadow, size, delay):
+            await trio.sleep(delay)
+            delay = min(2 * delay, STORE_RETRY_MAX)
+            await self._release_partial(key)
         # The earlier clones first: once the snapshot shows stored, its storing is
         # over (and a crash in between only means a full read next time).
         backing = self.md.needing_shadows()
@@ -202,12 +206,30 @@ class BackgroundJobs:
         self.md.stored(snapshot_id)
         log.info("snapshot %s: chunks stored", snapshot_id)
 
-    async def _resume_storing(self, snapshot_id: str, key: int, volume_id: str,
-                              shadow: Shadow, size: int) -> None:
-        async with self.index_lock:  # whatever a stopped process had stored
+    async def _try_storing(self, snapshot_id: str, key: int, volume_id: str, shadow: Shadow,
+                           size: int, retry: float) -> bool:
+        try:
+            only = await self._unchanged_copied(snapshot_id, key, volume_id, shadow, size)
+            source = await trio.to_thread.run_sync(partial(
+                FileSource, str(shadow.path), self.hash_limiter, size, only=only, clone=True))
+            await self._store(source, snapshot_id, key)
+            return True
+        except (SnapfsError, OSError) as exc:
+            log.error("snapshot %s: storing its chunks failed (%s); it is read from its "
+                      "clone meanwhile, and storing is tried again in %.0f s",
+                      snapshot_id, exc, retry)
+            return False
+
+    async def _release_partial(self, key: int) -> None:
+        """Whatever an earlier attempt (or a stopped process) stored of map ``key``."""
+        async with self.index_lock:
             await trio.to_thread.run_sync(self.index.release_in_steps, key,
                                           limiter=self.io_limiter)
         await self._reclaim()
+
+    async def _resume_storing(self, snapshot_id: str, key: int, volume_id: str,
+                              shadow: Shadow, size: int) -> None:
+        await self._release_partial(key)
         await self._store_shadow(snapshot_id, key, volume_id, shadow, size)
 
     async def _unchanged_copied(self, snapshot_id: str, key: int, volume_id: str,

@@ -105,6 +105,47 @@ async def test_mkdir_rename_setxattr_rmdir(fs: SnapfsOperations) -> None:
     assert await fuse_errno(fs.getattr(two, CTX)) == errno.ENOENT
 
 
+async def test_concurrent_mkdirs_and_renames_to_one_name_leave_one_snapshot(
+        fs: SnapfsOperations) -> None:
+    """Each checks that the name is free, then awaits the service: without a claim
+    on the name, all of them would pass the check and all would succeed."""
+    vol = await child(fs, pyfuse3.ROOT_INODE, ZONE, "default", "volumes", "vol1")
+    snaps = await child(fs, pyfuse3.ROOT_INODE, ZONE, "default", "snapshots")
+    svc = fs.ctx.svc
+    results: list[int] = []
+
+    async def attempt(op: Any) -> None:
+        try:
+            await op
+            results.append(0)
+        except pyfuse3.FUSEError as exc:
+            results.append(exc.errno)
+
+    async def settle(name: str) -> None:
+        assert sorted(results) == [0] + [errno.EEXIST] * (len(results) - 1)
+        assert (await svc.list_snapshots(ZONE, name=name)).total_count == 1
+        for snap in (await svc.list_snapshots(ZONE)).items:
+            await wait_state(svc, snap.id)  # type: ignore[arg-type]
+        results.clear()
+
+    async with trio.open_nursery() as n:
+        for _ in range(3):
+            n.start_soon(attempt, fs.mkdir(vol, b"same", 0o755, CTX))
+    await settle("same")
+    # Across views (the kernel serializes requests per directory, not across
+    # them): a rename in snapshots/ and a mkdir in volumes/vol1/ to one name.
+    current = "same"
+    for i in range(4):  # trio orders the two at random: either may go first
+        name = f"taken{i}"
+        async with trio.open_nursery() as n:
+            n.start_soon(attempt, fs.rename(snaps, current.encode(), snaps, name.encode(),
+                                            0, CTX))
+            n.start_soon(attempt, fs.mkdir(vol, name.encode(), 0o755, CTX))
+        if not (await svc.list_snapshots(ZONE, name=current)).total_count:
+            current = name  # the rename won
+        await settle(name)
+
+
 async def test_image_cache_mode_follows_the_mount_option(fs: SnapfsOperations) -> None:
     image = await child(fs, await make_snapshot(fs, "mode"), "image.raw")
     for option, direct in ((True, True), (False, False)):

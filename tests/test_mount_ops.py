@@ -174,6 +174,25 @@ def test_mkdir_of_a_listed_name_is_eexist(mounted: Mount) -> None:
     assert state_of(mounted) == before
 
 
+def test_a_mkdir_and_a_rename_racing_to_one_name_leave_one_snapshot(mounted: Mount) -> None:
+    """mkdir in volumes/vol1/ and mv in snapshots/ lock different directories, so
+    the kernel lets them run at once: one of them gets the name, the other EEXIST."""
+    current = snap(mounted, "a").name
+    for i in range(5):
+        name = f"race{i}"
+        procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) for cmd in (
+            ["mv", "-T", str(mounted.snapshots() / current), str(mounted.snapshots() / name)],
+            ["mkdir", str(mounted.volume("vol1") / name)])]
+        done = [(p.returncode, err) for p in procs for _, err in [p.communicate()]]
+        assert sorted(rc == 0 for rc, _ in done) == [False, True], done
+        assert all("File exists" in err for rc, err in done if rc), done
+        if done[0][0] == 0:
+            current = name
+        assert ls(mounted.snapshots()).count(name) == 1
+        assert mounted.wait_state(mounted.snapshots() / name) == "available"
+    assert len(ls(mounted.snapshots())) == len(set(ls(mounted.snapshots())))
+
+
 def test_rename_across_views_is_eperm(mounted: Mount) -> None:
     s = snap(mounted)
     run("setfattr", "-n", "user.tags", "-v", "t", s)

@@ -87,6 +87,9 @@ class FsContext:
     mounted_ns: int = field(default_factory=time.time_ns)
     #: Latest export task started through this mount, by snapshot ID.
     exports: dict[str, str] = field(default_factory=dict)
+    #: (zone, project, name) of the snapshot names a mkdir or rename is taking right
+    #: now: between its check that the name is free and the service's answer.
+    claimed: set[tuple[str, str, str]] = field(default_factory=set)
     #: Open image.raw files of this mount, by snapshot ID (rmdir waits for none).
     open_images: Counter[str] = field(default_factory=Counter)
     #: Imports started through this mount, by (zone, project, name).

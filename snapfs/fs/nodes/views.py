@@ -5,6 +5,8 @@ rmdir deletes one, a rename within the directory changes its name."""
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
+from typing import Iterator
 
 import trio
 
@@ -84,16 +86,32 @@ class ViewNode(Node):
             raise AlreadyExists(f"{self.describe()}{name} already exists "
                                 f"(snapshot {taken.id})")
 
+    @contextmanager
+    def _claim(self, name: str) -> Iterator[None]:
+        """Hold ``name`` in this project while a mkdir or rename checks that it is
+        free and the service takes it: two at once would both find it free (the
+        service allows duplicate names, as the API does; a directory may not)."""
+        held = (self.key.zone, self.key.project, name)
+        if held in self.ctx.claimed:
+            raise AlreadyExists(f"{self.describe()}{name}: another mkdir or rename is "
+                                "taking this name right now")
+        self.ctx.claimed.add(held)
+        try:
+            yield
+        finally:
+            self.ctx.claimed.discard(held)
+
     async def mkdir(self, name: str) -> Entry:
         if not may_create_snapshot_in(self.key):
             raise NotPermitted(f"mkdir {name!r} in {self.describe()}: snapshots are made "
                                "only in volumes/<volume>/")
-        await self._check_free(name)
-        snap = await self.ctx.svc.create_snapshot(
-            self.key.zone, name=name, volume_id=self.view.arg, project=self.key.project)
-        # create_snapshot returns once the snapshot exists (snapshotting or later).
-        self.ctx.catalog.invalidate()
-        self.ctx.catalog.remember(snap)
+        with self._claim(name):
+            await self._check_free(name)
+            snap = await self.ctx.svc.create_snapshot(
+                self.key.zone, name=name, volume_id=self.view.arg, project=self.key.project)
+            # create_snapshot returns once the snapshot exists (snapshotting or later).
+            self.ctx.catalog.invalidate()
+            self.ctx.catalog.remember(snap)
         log.info("mkdir %s%s: snapshot %s created (%s)", self.describe(), name, snap.id,
                  snap.state)
         return name, snapshot_dir(self.key, snap.id), snapshot_stat(snap)
@@ -125,13 +143,14 @@ class ViewNode(Node):
         if new == old:
             return
         catalog = self.ctx.catalog
-        same = await catalog.named(self.key.zone, self.key.project, self.view, new)
-        taken = next((s for s in same if s.id != snap.id), None) or \
-            await catalog.find_snapshot(self.key.zone, self.key.project, self.view, new)
-        if taken is not None and taken.id != snap.id:
-            raise AlreadyExists(f"{self.describe()}{new} already exists (snapshot {taken.id}); "
-                                "a rename never replaces a snapshot")
-        updated = await self.ctx.svc.update_snapshot(self.key.zone, snap.id, name=new)
-        self.ctx.catalog.invalidate()
-        self.ctx.catalog.remember(updated)
+        with self._claim(new):
+            same = await catalog.named(self.key.zone, self.key.project, self.view, new)
+            taken = next((s for s in same if s.id != snap.id), None) or \
+                await catalog.find_snapshot(self.key.zone, self.key.project, self.view, new)
+            if taken is not None and taken.id != snap.id:
+                raise AlreadyExists(f"{self.describe()}{new} already exists (snapshot "
+                                    f"{taken.id}); a rename never replaces a snapshot")
+            updated = await self.ctx.svc.update_snapshot(self.key.zone, snap.id, name=new)
+            self.ctx.catalog.invalidate()
+            self.ctx.catalog.remember(updated)
         log.info("rename %s%s -> %s: snapshot %s", self.describe(), old, new, snap.id)

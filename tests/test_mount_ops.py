@@ -270,6 +270,28 @@ def test_an_import_is_started_once(mounted: Mount) -> None:
     assert "once" in ls(mounted.snapshots())
 
 
+def test_an_import_to_a_taken_name_is_eexist(mounted: Mount) -> None:
+    """An import makes a snapshot of its file's name: like mkdir, it may not make a
+    second one (both would then be listed as labels, moving the first one's path)."""
+    snap(mounted, "s1")
+    imports = mounted.project / "imports"
+    before = state_of(mounted)
+    refused(errno.EEXIST, os.open, imports / "s1", os.O_WRONLY | os.O_CREAT, 0o644)
+    res = run("sh", "-c", f"echo bucket/a.qcow2 > {imports}/s1", check=False)
+    assert res.returncode != 0 and "File exists" in res.stderr
+    assert state_of(mounted) == before
+    # Taken between the file's creation and the write that starts the import.
+    fd = os.open(imports / "later", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        run("mkdir", mounted.volume("vol1") / "later")
+        refused(errno.EEXIST, os.write, fd, b"bucket/a.qcow2\n")
+    finally:
+        os.close(fd)
+    assert ls(mounted.snapshots()).count("later") == 1
+    assert mounted.wait_state(mounted.snapshots() / "later") == "available"
+    assert mounted.xattr(mounted.snapshots() / "later", "base_volume_name") == "vol1"
+
+
 def test_bad_tags_and_names_are_einval(mounted: Mount) -> None:
     s = snap(mounted)
     before = state_of(mounted)

@@ -8,10 +8,13 @@ import os
 import stat as stat_mod
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import trio
 
+from ..errors import AlreadyExists
 from ..service import SnapshotService
 from .catalog import DEFAULT_TTL, Catalog
 from .inodes import InodeTable
@@ -87,8 +90,9 @@ class FsContext:
     mounted_ns: int = field(default_factory=time.time_ns)
     #: Latest export task started through this mount, by snapshot ID.
     exports: dict[str, str] = field(default_factory=dict)
-    #: (zone, project, name) of the snapshot names a mkdir or rename is taking right
-    #: now: between its check that the name is free and the service's answer.
+    #: (zone, project, name) of the snapshot names a mkdir, rename or import is
+    #: taking right now: between its check that the name is free and the service's
+    #: answer (claim()).
     claimed: set[tuple[str, str, str]] = field(default_factory=set)
     #: Open image.raw files of this mount, by snapshot ID (rmdir waits for none).
     open_images: Counter[str] = field(default_factory=Counter)
@@ -101,6 +105,22 @@ class FsContext:
     direct_io: bool = True
     #: How often a wait (open of a snapshotting image, mkdir) polls the state.
     poll_interval: float = 0.2
+
+    @contextmanager
+    def claim(self, zone: str, project: str, name: str, where: str) -> Iterator[None]:
+        """Hold snapshot name ``name`` in the project while a mkdir, rename or import
+        checks that it is free and the service takes it: two at once would both
+        find it free (the service allows duplicate names, as the API does; a
+        directory may not). ``where``: the path the refusal names."""
+        held = (zone, project, name)
+        if held in self.claimed:
+            raise AlreadyExists(f"{where}: another mkdir, rename or import is taking "
+                                "this name right now")
+        self.claimed.add(held)
+        try:
+            yield
+        finally:
+            self.claimed.discard(held)
 
     @classmethod
     def create(cls, svc: SnapshotService, ttl: float = DEFAULT_TTL) -> "FsContext":

@@ -23,6 +23,16 @@ from .hierarchy import ProjectNode, section_stat
 log = logging.getLogger(__name__)
 
 
+async def check_free(node: Node, name: str) -> None:
+    """An import makes snapshot ``name``: refuse a name snapshots/ already lists,
+    as mkdir does (two of one name would both be listed as labels)."""
+    taken = await node.ctx.catalog.taken(node.key.zone, node.key.project,
+                                         View(Kind.SNAPSHOTS), name)
+    if taken is not None:
+        raise AlreadyExists(f"imports/{name}: snapshots/{name} already exists (snapshot "
+                            f"{taken.id}); an import makes a snapshot of that name")
+
+
 class ImportsNode(Node):
     def describe(self) -> str:
         return "imports/"
@@ -58,6 +68,7 @@ class ImportsNode(Node):
         check_name(name)
         if name in self._records():
             raise AlreadyExists(f"imports/{name} already exists")
+        await check_free(self, name)
         self.ctx.imports[(self.key.zone, self.key.project, name)] = ImportRecord(
             self.key.zone, self.key.project, name)
         key = import_file(self.key.zone, self.key.project, name)
@@ -114,12 +125,14 @@ class ImportHandle(TargetHandle):
         if rec is None or rec.snapshot_id is not None:
             raise AlreadyExists(f"imports/{node.key.name} was already started; remove the "
                                 "file to import again")
-        snap = await node.ctx.svc.create_snapshot(
-            node.key.zone, name=node.key.name, bucket=target.bucket, key=target.key,
-            project=node.key.project)
-        rec.target, rec.snapshot_id = target, snap.id
-        node.ctx.catalog.invalidate()
-        node.ctx.catalog.remember(snap)
+        with node.ctx.claim(node.key.zone, node.key.project, node.key.name, node.describe()):
+            await check_free(node, node.key.name)  # a mkdir may have taken it since
+            snap = await node.ctx.svc.create_snapshot(
+                node.key.zone, name=node.key.name, bucket=target.bucket, key=target.key,
+                project=node.key.project)
+            rec.target, rec.snapshot_id = target, snap.id
+            node.ctx.catalog.invalidate()
+            node.ctx.catalog.remember(snap)
         log.info("import %s from s3://%s/%s: snapshot %s", node.key.name, target.bucket,
                  target.key, snap.id)
 

@@ -5,8 +5,7 @@ rmdir deletes one, a rename within the directory changes its name."""
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
-from typing import Iterator
+from typing import ContextManager
 
 import trio
 
@@ -74,32 +73,14 @@ class ViewNode(Node):
         return name, snapshot_dir(self.key, snap.id), snapshot_stat(snap)
 
     async def _check_free(self, name: str) -> None:
-        """Refuse a name this directory already lists, or that a snapshot here
-        already has (asking the service, not the cache: the name may have been
-        taken outside the mount a moment ago)."""
-        catalog = self.ctx.catalog
-        catalog.invalidate()
-        same = await catalog.named(self.key.zone, self.key.project, self.view, name)
-        taken = same[0] if same else await catalog.find_snapshot(
-            self.key.zone, self.key.project, self.view, name)
+        """Refuse a name this directory already lists (as a name, label or ID)."""
+        taken = await self.ctx.catalog.taken(self.key.zone, self.key.project, self.view, name)
         if taken is not None:
             raise AlreadyExists(f"{self.describe()}{name} already exists "
                                 f"(snapshot {taken.id})")
 
-    @contextmanager
-    def _claim(self, name: str) -> Iterator[None]:
-        """Hold ``name`` in this project while a mkdir or rename checks that it is
-        free and the service takes it: two at once would both find it free (the
-        service allows duplicate names, as the API does; a directory may not)."""
-        held = (self.key.zone, self.key.project, name)
-        if held in self.ctx.claimed:
-            raise AlreadyExists(f"{self.describe()}{name}: another mkdir or rename is "
-                                "taking this name right now")
-        self.ctx.claimed.add(held)
-        try:
-            yield
-        finally:
-            self.ctx.claimed.discard(held)
+    def _claim(self, name: str) -> ContextManager[None]:
+        return self.ctx.claim(self.key.zone, self.key.project, name, self.describe() + name)
 
     async def mkdir(self, name: str) -> Entry:
         if not may_create_snapshot_in(self.key):

@@ -177,6 +177,9 @@ class Snapshot:
     zone: str
     #: Not part of the API object: capture/import progress 0-100 (shown as user.progress).
     progress: int = 100
+    #: Not part of the API object: why the snapshot may not be of one instant (its
+    #: volume was written while it was read), or None (shown as user.warning).
+    warning: str | None = None
 
     #: Fields Set may not change; a differing value is an invalid argument.
     IMMUTABLE = ("id", "organization", "project", "size", "volume_type", "zone",
@@ -198,7 +201,7 @@ class Snapshot:
         """Parse an API snapshot object; wrong shapes raise InvalidArgument."""
         if not isinstance(data, dict):
             raise InvalidArgument("snapshot", "must be a JSON object")
-        known = {f.name for f in dataclasses.fields(cls)} - {"progress"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"progress", "warning"}
         unknown = set(data) - known
         if unknown:
             raise InvalidArgument(sorted(unknown)[0], "unknown field")

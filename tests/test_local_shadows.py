@@ -18,7 +18,7 @@ import trio
 
 from fixtures_store import (MiB, ZONE, bytes_read, chunks_stored, deletes_done,
                             kill_mid_way, proc_io, random_bytes, read_all, shadow_files,
-                            snapfs_cli, snapshot_of, wait_state, write_volume)
+                            snapfs_cli, snapshot_of, wait_state, write_elsewhere, write_volume)
 from snapfs.local import LocalService, jobs, open_local_service
 from snapfs.local.shadows import (FIEMAP_EXTENT_UNWRITTEN, Extent, changed_chunks,
                                   complement, in_ranges)
@@ -91,12 +91,6 @@ def changed_logged(caplog: pytest.LogCaptureFixture, snapshot_id: str) -> tuple[
         if m and snapshot_id in r.getMessage():
             return int(m[1]), int(m[2])
     raise AssertionError(f"no incremental capture logged for {snapshot_id}")
-
-
-def write_elsewhere(path: Path, offset: int, data: bytes) -> None:
-    """Overwrite in place from another process (so a read lease cannot vouch)."""
-    subprocess.run(["dd", f"of={path}", "bs=4096", f"seek={offset}", "oflag=seek_bytes",
-                    "conv=notrunc", "status=none"], input=data, check=True)
 
 
 async def stored_snapshot(svc: LocalService, path: Path, name: str) -> Snapshot:

@@ -16,10 +16,12 @@ import pytest
 import trio
 
 from fixtures_store import (MiB, ZONE, chunk_place, deletes_done, flip_bits, kill_mid_way,
-                            random_bytes, read_all, snapfs_cli, snapshot_of, wait_state)
+                            random_bytes, read_all, snapfs_cli, snapshot_of, wait_state,
+                            write_elsewhere)
 from snapfs.errors import CorruptData, NotFound
 from snapfs.local import LocalService, open_local_service
 from snapfs.local.chunkindex import _release_step
+from snapfs.local.jobs import WRITTEN_WHILE_READ
 from snapfs.local.recovery import DELETING
 
 
@@ -163,6 +165,7 @@ async def test_a_version_1_store_is_migrated_and_reads_the_same(
         conn.execute("ALTER TABLE tasks DROP COLUMN owner")
         conn.execute("ALTER TABLE snapshots DROP COLUMN deleting")
         conn.execute("ALTER TABLE snapshots DROP COLUMN shadow")
+        conn.execute("ALTER TABLE snapshots DROP COLUMN warning")
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     conn.close()
     assert SCHEMA_VERSION == len(MIGRATIONS) >= 2
@@ -318,6 +321,7 @@ async def test_a_delete_cut_short_under_schema_3_is_finished_after_the_migration
     with conn:
         conn.execute("ALTER TABLE snapshots DROP COLUMN deleting")
         conn.execute("ALTER TABLE snapshots DROP COLUMN shadow")
+        conn.execute("ALTER TABLE snapshots DROP COLUMN warning")
         conn.execute("UPDATE snapshots SET state = 'error', error_reason = 'being deleted; "
                      "if this stays, the delete was interrupted: delete it again'")
         assert _release_step(conn, key, 2)
@@ -329,3 +333,29 @@ async def test_a_delete_cut_short_under_schema_3_is_finished_after_the_migration
         await deletes_done(svc)
         assert table_counts(svc) == [0, 0, 0]
     assert snapfs_cli("fsck", store=store_dir).returncode == 0
+
+
+async def test_a_volume_written_while_it_is_read_gets_a_warning(
+        store_dir: Path, volume_file: Callable[..., Path],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Like GNU tar's "file changed as we read it": a plain capture of a volume
+    someone writes meanwhile is not of one instant, and says so (schema v6)."""
+    size = 32 * MiB
+    path = volume_file("v", size, [(0, random_bytes(size, seed=21))])
+    async with open_local_service(store_dir) as svc:
+        quiet = await snapshot_of(svc, path, "quiet")
+        assert quiet.warning is None
+        write_elsewhere(path, 0, b"q" * 4096)  # before the next capture: no warning for that
+        [vol] = await svc.list_all_volumes()
+        async with svc.index_lock:  # the capture stops at its first commit
+            snap = await svc.create_snapshot(ZONE, name="busy", volume_id=vol.id)
+            with trio.fail_after(30):
+                while not svc.index_lock.statistics().tasks_waiting:
+                    await trio.sleep(0.001)
+            write_elsewhere(path, size - 4096, b"w" * 4096)  # while it is being read
+        busy = await wait_state(svc, snap.id)
+        assert busy.state == "available" and busy.warning == WRITTEN_WHILE_READ
+        assert f"snapshot {snap.id}: the volume was written while it was read" in caplog.text
+        assert (await svc.get_snapshot(ZONE, quiet.id)).warning is None
+    async with open_local_service(store_dir) as svc:  # kept
+        assert (await svc.get_snapshot(ZONE, snap.id)).warning == WRITTEN_WHILE_READ

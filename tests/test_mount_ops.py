@@ -9,6 +9,7 @@ import mmap
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -62,6 +63,39 @@ def test_mkdir_creates_a_snapshot_in_snapshotting_or_available(mounted: Mount) -
     assert mounted.wait_state(s) == "available"
     assert ls(mounted.volume("vol1")) == ["first"]
     assert "mkdir volumes/" in mounted.log()
+
+
+WRITER = """
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY)
+block = os.urandom(4096)
+print("writing", flush=True)
+while True:  # a VM writing its disk image, as QEMU does: pwrite
+    os.pwrite(fd, block, 8 << 20)
+    time.sleep(0.0005)
+"""
+
+
+def test_a_snapshot_of_a_volume_written_meanwhile_carries_a_warning(
+        mounted: Mount, ext4_volume: tuple[Path, dict[str, bytes]]) -> None:
+    """On ext4 a capture reads the live volume: if it was written meanwhile the
+    snapshot may be torn, and user.warning says so (tar: "file changed as we read
+    it"); a snapshot of a volume nobody writes has none."""
+    idle = snap(mounted, "idle")
+    assert run("getfattr", "-n", "user.warning", "--only-values", idle).stdout == ""
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(ext4_volume[0])],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "writing\n"
+        live = snap(mounted, "live")
+    finally:
+        writer.kill()
+        writer.communicate()
+    warning = run("getfattr", "-n", "user.warning", "--only-values", live).stdout
+    assert "the volume was written while it was read" in warning
+    assert mounted.xattr(live, "state") == "available"
+    assert "warning" not in json.loads((live / "snapshot.json").read_text())  # not the API's
+    assert f"snapshot {mounted.xattr(live, 'id')}: the volume was written" in mounted.log()
 
 
 def test_rmdir_deletes_in_any_view(mounted: Mount) -> None:

@@ -5,6 +5,7 @@ nursery that leaves its snapshot or task in a final state whatever happens."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from functools import partial
 from typing import Awaitable, Callable
@@ -29,6 +30,12 @@ log = logging.getLogger(__name__)
 #: doubled each time, up to STORE_RETRY_MAX.
 STORE_RETRY_FIRST = 30.0
 STORE_RETRY_MAX = 3600.0
+
+WRITTEN_WHILE_READ = (
+    "the volume was written while it was read (its size or times changed): this "
+    "snapshot may not hold the volume of one instant. Snapshot a volume nobody writes "
+    "(stop its VM, or fsfreeze the filesystem on it), or keep the volumes and the "
+    "store on one XFS or btrfs filesystem: snapshots are clones of one instant there")
 
 NO_OBJECT_STORAGE = ("Object Storage is not configured (set AWS_ENDPOINT_URL or "
                      "snapfs mount --s3-endpoint, and credentials)")
@@ -179,8 +186,12 @@ class BackgroundJobs:
         async def work() -> None:
             if base is not None and await self._copy_map(snapshot_id, key, base):
                 return
+            before = await trio.to_thread.run_sync(_written_stamp, path)
             source = await trio.to_thread.run_sync(FileSource, path, self.hash_limiter, size)
             await self._store(source, snapshot_id, key)
+            if await trio.to_thread.run_sync(_written_stamp, path) != before:
+                log.warning("snapshot %s: %s", snapshot_id, WRITTEN_WHILE_READ)
+                self.md.update_snapshot(snapshot_id, warning=WRITTEN_WHILE_READ)
         if await self._produce_map(snapshot_id, key, work) and held is not None:
             held.base = key
 
@@ -325,3 +336,12 @@ class BackgroundJobs:
                     log.warning("export of %s failed: %s", snapshot_id, error)
                 else:
                     log.info("export of %s done: %d bytes", snapshot_id, nbytes)
+
+
+def _written_stamp(path: str) -> tuple[int, int, int, int]:
+    """What writes to a file change: its size, modification and change times.
+    write(2), O_DIRECT and loop devices update them; a shared mapping does on its
+    first write to each clean page. A block device's node keeps its times: no
+    stamp shows writes there."""
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns

@@ -21,7 +21,7 @@ from .schema import migrate
 
 _SNAPSHOT_COLS = ("rowid, id, name, zone, project, organization, tags, volume_type, size, state, "
                   "base_volume_id, base_volume_name, creation_date, modification_date, "
-                  "error_reason, progress")
+                  "error_reason, progress, warning")
 
 
 def _snapshot(row: sqlite3.Row) -> Snapshot:
@@ -32,7 +32,8 @@ def _snapshot(row: sqlite3.Row) -> Snapshot:
         project=row["project"], tags=json.loads(row["tags"]), volume_type=row["volume_type"],
         size=row["size"], state=row["state"], base_volume=bv,
         creation_date=row["creation_date"], modification_date=row["modification_date"],
-        error_reason=row["error_reason"], zone=row["zone"], progress=row["progress"])
+        error_reason=row["error_reason"], zone=row["zone"], progress=row["progress"],
+        warning=row["warning"])
 
 
 def _volume(row: sqlite3.Row) -> Volume:

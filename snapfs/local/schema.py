@@ -173,6 +173,15 @@ MIGRATIONS: list[str] = [
     -- their partial map released first.
     ALTER TABLE snapshots ADD COLUMN shadow TEXT;
     """,
+    # --- version 6 -----------------------------------------------------------------
+    """
+    -- Why an available snapshot may not hold the volume of one instant: the volume
+    -- (a plain capture's source, not a clone) was written while it was read, as
+    -- its size or times show (GNU tar's "file changed as we read it"). NULL:
+    -- nothing to say. Not part of the API object; the mount shows it as
+    -- user.warning.
+    ALTER TABLE snapshots ADD COLUMN warning TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

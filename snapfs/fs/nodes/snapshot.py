@@ -27,6 +27,7 @@ def snapshot_xattrs(s: Snapshot) -> dict[str, str]:
         "organization": s.organization, "project": s.project, "zone": s.zone,
         "creation_date": s.creation_date, "modification_date": s.modification_date,
         "error_reason": s.error_reason or "", "progress": str(s.progress),
+        "warning": s.warning or "",
     }
 
 

@@ -29,7 +29,7 @@ def _run(args: argparse.Namespace, fn: Callable[[Any], Awaitable[int | None]]) -
     from .local import open_local_service
 
     async def main() -> int | None:
-        async with open_local_service(store_path(args)) as svc:
+        async with open_local_service(store_path(args), resume=False) as svc:
             return await fn(svc)
     return int(trio.run(main) or 0)
 

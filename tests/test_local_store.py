@@ -21,6 +21,7 @@ from fixtures_store import (MiB, ZONE, chunk_place, deletes_done, flip_bits, kil
 from snapfs.errors import CorruptData, NotFound
 from snapfs.local import LocalService, open_local_service
 from snapfs.local.chunkindex import _release_step
+from snapfs.local.fsck import fsck
 from snapfs.local.jobs import WRITTEN_WHILE_READ
 from snapfs.local.recovery import DELETING
 
@@ -43,6 +44,39 @@ async def test_corrupt_chunk_reads_as_an_error_and_fsck_reports_it(
     assert res.returncode == 1
     assert "does not match its hash" in res.stdout
     assert "1 problem(s)" in res.stdout
+
+
+async def test_fsck_beside_a_delete_reports_no_freed_chunk(
+        store_dir: Path, volume_file: Callable[..., Path]) -> None:
+    """fsck lists the chunks, then reads them one by one: a delete (the mount's,
+    say) may free some meanwhile. Those read as holes, and are not corruption."""
+    size = 32 * MiB
+    kept = volume_file("kept", size, [(0, random_bytes(size, seed=22))])
+    doomed = volume_file("doomed", size, [(0, random_bytes(size, seed=23))])
+    async with open_local_service(store_dir) as svc:
+        await snapshot_of(svc, kept, "kept")
+        gone = await snapshot_of(svc, doomed, "doomed")  # its chunks lie after kept's
+        report = None
+
+        async def check() -> None:
+            nonlocal report
+            report = await fsck(svc)
+        tokens = [object() for _ in range(int(svc.io_limiter.total_tokens))]
+        for t in tokens:  # held: fsck stops at its first read, its list taken
+            await svc.io_limiter.acquire_on_behalf_of(t)
+        async with trio.open_nursery() as n:
+            n.start_soon(check)
+            with trio.fail_after(10):
+                while not svc.io_limiter.statistics().tasks_waiting:
+                    await trio.sleep(0.001)
+            await svc.delete_snapshot(ZONE, gone.id)
+            for t in tokens:
+                svc.io_limiter.release_on_behalf_of(t)
+        await deletes_done(svc)
+        assert report is not None and report.ok, report.problems
+        assert report.chunks == 2 * size // MiB
+        again = await fsck(svc)
+        assert again.ok and again.chunks == size // MiB
 
 
 async def test_fsck_reports_a_dangling_reference(store_dir: Path,

@@ -397,10 +397,14 @@ def _device_size(path: str | None) -> int:
 
 
 @asynccontextmanager
-async def open_local_service(store: Path | str, objects: ObjectStorage | None = None
-                             ) -> AsyncIterator[LocalService]:
+async def open_local_service(store: Path | str, objects: ObjectStorage | None = None,
+                             resume: bool = True) -> AsyncIterator[LocalService]:
     """Open (creating, mode 0700) the store at ``store``. When no other process has
-    it open, interrupted work of an earlier process is recovered first."""
+    it open, interrupted work of an earlier process is recovered first.
+    ``resume=False``, for short-lived commands (the CLI's volume, project and fsck):
+    the background halves of deletes and the storing of clone-backed snapshots are
+    left to the next long-lived open, instead of being started only to be stopped
+    at exit (storing starts by releasing what an earlier attempt stored)."""
     store = Path(store)
     store.mkdir(mode=0o700, parents=True, exist_ok=True)
     lock_fd = os.open(store / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -417,12 +421,14 @@ async def open_local_service(store: Path | str, objects: ObjectStorage | None = 
             body_error: Exception | None = None
             async with trio.open_nursery() as nursery:
                 svc._nursery = nursery
-                svc.resume_deletes(exclusive)
+                if resume:
+                    svc.resume_deletes(exclusive)
                 if exclusive:  # no capture of another process may be using one
                     backing = svc.md.needing_shadows()
                     await trio.to_thread.run_sync(svc.shadows.tidy, svc.md.usable_maps(),
                                                   backing)
-                svc.resume_storing(exclusive)
+                if resume:
+                    svc.resume_storing(exclusive)
                 try:
                     yield svc
                 except Exception as exc:  # re-raised below, not wrapped in an ExceptionGroup

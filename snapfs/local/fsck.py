@@ -33,6 +33,12 @@ class FsckReport:
 async def fsck(svc: LocalService) -> FsckReport:
     rep = FsckReport()
     conn = svc.md.conn
+    # Each listing before what it is checked against, so that work going on beside
+    # fsck (a capture in the mount) cannot look like a problem: a pack's row is
+    # committed before its file is made, and committed lengths only grow.
+    files = svc.packs.existing()
+    rows = conn.execute("SELECT id, pack, offset, length, hash FROM chunks "
+                        "ORDER BY pack, offset").fetchall()
     packs = svc.index.packs()
     rep.snapshots = conn.execute("SELECT count(*) FROM snapshots").fetchone()[0]
 
@@ -55,7 +61,7 @@ async def fsck(svc: LocalService) -> FsckReport:
     for (cid, pack) in conn.execute("SELECT id, pack FROM chunks c WHERE NOT EXISTS "
                                     "(SELECT 1 FROM packs p WHERE p.id = c.pack)"):
         rep.problems.append(f"chunk {cid} lies in unknown pack {pack}")
-    for pack in sorted(svc.packs.existing() - set(packs)):
+    for pack in sorted(files - set(packs)):
         rep.problems.append(f"pack file {svc.packs.path(pack).name} has no metadata")
     for sid, _, shadow, _, _, size in svc.md.shadow_backed_snapshots():
         # Its data until its chunks are stored (shadows.py).
@@ -65,8 +71,6 @@ async def fsck(svc: LocalService) -> FsckReport:
                                 "is missing or short")
 
     # Data: every chunk's bytes against its hash.
-    rows = conn.execute("SELECT id, pack, offset, length, hash FROM chunks "
-                        "ORDER BY pack, offset").fetchall()
     for cid, pack, offset, length, digest in rows:
         if pack in packs and offset + length > packs[pack]:
             rep.problems.append(f"chunk {cid} ends past pack {pack}'s committed length")

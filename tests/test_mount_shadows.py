@@ -21,7 +21,7 @@ def snap(m: Mount, name: str) -> Path:
     and stored (user.progress 100: its chunks are in the store, earlier clones gone)."""
     run("mkdir", m.volume("vol1") / name)
     path = m.snapshots() / name
-    assert m.wait_state(path) == "available"
+    assert m.xattr(path, "state") == "available"  # when mkdir returns, as zfs snapshot
     deadline = time.monotonic() + 60
     while m.xattr(path, "progress") != "100":
         assert time.monotonic() < deadline, f"{path} not stored"

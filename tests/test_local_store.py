@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Callable
 
@@ -77,6 +78,19 @@ async def test_fsck_beside_a_delete_reports_no_freed_chunk(
         assert report.chunks == 2 * size // MiB
         again = await fsck(svc)
         assert again.ok and again.chunks == size // MiB
+
+
+async def test_fsck_reports_a_chunk_past_its_packs_committed_length(
+        store_dir: Path, volume_file: Callable[..., Path]) -> None:
+    path = volume_file("v", 2 * MiB, [(0, random_bytes(2 * MiB, seed=24))])
+    async with open_local_service(store_dir) as svc:
+        await snapshot_of(svc, path, "s")
+    with closing(sqlite3.connect(store_dir / "metadata.db")) as conn, conn:
+        conn.execute("UPDATE packs SET committed = ?", (MiB,))  # the second chunk is past it
+    res = snapfs_cli("fsck", store=store_dir)
+    assert res.returncode == 1
+    assert "ends past pack 1's committed length" in res.stdout
+    assert "1 problem(s)" in res.stdout
 
 
 async def test_fsck_reports_a_dangling_reference(store_dir: Path,

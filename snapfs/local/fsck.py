@@ -37,8 +37,6 @@ async def fsck(svc: LocalService) -> FsckReport:
     # fsck (a capture in the mount) cannot look like a problem: a pack's row is
     # committed before its file is made, and committed lengths only grow.
     files = svc.packs.existing()
-    rows = conn.execute("SELECT id, pack, offset, length, hash FROM chunks "
-                        "ORDER BY pack, offset").fetchall()
     packs = svc.index.packs()
     rep.snapshots = conn.execute("SELECT count(*) FROM snapshots").fetchone()[0]
 
@@ -70,24 +68,38 @@ async def fsck(svc: LocalService) -> FsckReport:
             rep.problems.append(f"snapshot {sid}: the clone holding its data ({shadow}) "
                                 "is missing or short")
 
-    # Data: every chunk's bytes against its hash.
-    for cid, pack, offset, length, digest in rows:
-        if pack in packs and offset + length > packs[pack]:
-            rep.problems.append(f"chunk {cid} ends past pack {pack}'s committed length")
+    # Data: every chunk's bytes against its hash, pack by pack in offset order: one
+    # pack's rows in memory at a time (a 1 TiB store has a million chunks).
+    for pack in sorted(packs):
+        rows = conn.execute("SELECT id, offset, length, hash FROM chunks WHERE pack = ? "
+                            "ORDER BY offset", (pack,)).fetchall()
+        row = conn.execute("SELECT committed FROM packs WHERE id = ?", (pack,)).fetchone()
+        if row is None:  # dropped since (an exclusive open elsewhere): nothing to read
             continue
-        try:
-            await trio.to_thread.run_sync(svc.packs.read, pack, offset, length, bytes(digest),
-                                          limiter=svc.io_limiter)
-        except CorruptData as exc:
-            if _still_there(conn, cid, pack, offset):
-                rep.problems.append(f"chunk {cid}: {exc}")
-        except OSError as exc:
-            if _still_there(conn, cid, pack, offset):
-                reason = os.strerror(exc.errno or 0)
-                rep.problems.append(f"chunk {cid}: cannot read pack {pack}: {reason}")
-        rep.chunks += 1
-        rep.bytes += length
+        committed = row[0]  # read after the rows: it only grows
+        for cid, offset, length, digest in rows:
+            if offset + length > committed:
+                rep.problems.append(f"chunk {cid} ends past pack {pack}'s committed length")
+                continue
+            problem = await _verify(svc, pack, offset, length, bytes(digest))
+            if problem and _still_there(conn, cid, pack, offset):
+                rep.problems.append(f"chunk {cid}: {problem}")
+            rep.chunks += 1
+            rep.bytes += length
     return rep
+
+
+async def _verify(svc: LocalService, pack: int, offset: int, length: int,
+                  digest: bytes) -> str | None:
+    """What is wrong with a chunk's bytes, or None."""
+    try:
+        await trio.to_thread.run_sync(svc.packs.read, pack, offset, length, digest,
+                                      limiter=svc.io_limiter)
+    except CorruptData as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"cannot read pack {pack}: {os.strerror(exc.errno or 0)}"
+    return None
 
 
 def _still_there(conn: sqlite3.Connection, cid: int, pack: int, offset: int) -> bool:

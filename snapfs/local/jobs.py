@@ -339,7 +339,8 @@ class BackgroundJobs:
 
 
 def _written_stamp(path: str) -> tuple[int, int, int, int]:
-    """What writes to a file change: its size, modification and change times.
+    """What writes to a file change: its size, modification and change times (and
+    its inode, should the path be replaced).
     write(2), O_DIRECT and loop devices update them; a shared mapping does on its
     first write to each clean page. A block device's node keeps its times: no
     stamp shows writes there."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import random
 import re
 import sqlite3
 import subprocess
@@ -22,8 +23,8 @@ from fixtures_store import (MiB, ZONE, bytes_read, chunks_stored, deletes_done,
                             kill_mid_way, proc_io, random_bytes, read_all, shadow_files,
                             snapfs_cli, snapshot_of, wait_state, write_elsewhere, write_volume)
 from snapfs.local import LocalService, jobs, open_local_service
-from snapfs.local.shadows import (FIEMAP_EXTENT_UNWRITTEN, Extent, changed_chunks,
-                                  complement, in_ranges)
+from snapfs.local.shadows import (FIEMAP_EXTENT_UNWRITTEN, WINDOW, Extent, ShadowReader,
+                                  changed_chunks, complement, in_ranges)
 from snapfs.model import Snapshot
 
 C = 1 << 20  # chunk size in the pure tests
@@ -315,6 +316,49 @@ async def test_a_snapshot_is_available_from_its_clone_before_its_chunks_are_stor
         assert svc.md.shadow_of(snap.id) is None
         assert await read_all(svc, snap.id) == original
     assert snapfs_cli("fsck", store=store).returncode == 0
+
+
+async def test_reads_from_a_clone_in_any_pattern(reflink_dir: Path, volume: Path) -> None:
+    """ShadowReader reads windows and reads ahead of a sequential reader: every
+    pattern gets the right bytes, and a close with read-ahead in flight is clean."""
+    original = volume.read_bytes()
+    size = len(original)
+    async with open_local_service(reflink_dir / "store") as svc:
+        vol = await svc.add_volume("v", volume)
+        async with svc.index_lock:  # storing waits: every read is from the clone
+            snap = await svc.create_snapshot(ZONE, name="s", volume_id=vol.id)
+            reader = await svc.open_image(ZONE, snap.id)
+            assert isinstance(reader, ShadowReader)
+            step = 128 * 1024  # as FUSE asks
+            got = b"".join([await reader.read(off, step) for off in range(0, size, step)])
+            assert got == original
+            rng = random.Random(5)
+            for _ in range(200):
+                off = rng.randrange(size)
+                n = rng.choice([1, 4096, step, WINDOW - 1, WINDOW, WINDOW + 3, 3 * WINDOW])
+                assert await reader.read(off, n) == original[off:off + n], (off, n)
+            assert await reader.read(WINDOW - 10, 20) == original[WINDOW - 10:WINDOW + 10]
+            assert await reader.read(size - 5, 100) == original[-5:]
+            assert await reader.read(size, 100) == b""
+            await reader.aclose()
+            reader = await svc.open_image(ZONE, snap.id)
+            assert isinstance(reader, ShadowReader)
+            await reader.read(0, step)  # sequential: windows 1 and 2 are read ahead
+            tokens = [object() for _ in range(int(svc.io_limiter.total_tokens))]
+            for t in tokens:  # taken before the read-ahead tasks first run: they wait
+                svc.io_limiter.acquire_on_behalf_of_nowait(t)
+            with trio.fail_after(10):
+                while svc.io_limiter.statistics().tasks_waiting < 2:
+                    await trio.sleep(0.001)
+            assert sorted(reader._fetching) == [WINDOW, 2 * WINDOW]
+            async with trio.open_nursery() as n:
+                n.start_soon(reader.aclose)  # waits for them before closing the descriptor
+                await trio.sleep(0.05)
+                assert reader._fetching
+                for t in tokens:
+                    svc.io_limiter.release_on_behalf_of(t)
+            assert not reader._fetching and not reader._windows
+        await chunks_stored(svc)
 
 
 async def test_a_clone_that_fails_means_a_capture_of_the_volume_without_a_lease(

@@ -365,7 +365,8 @@ class LocalService(BackgroundJobs, SnapshotService):
                 del self._readers[snapshot_id]
         if shadow is not None:
             try:
-                return ShadowReader(self.shadows.root / shadow, size, self.io_limiter, closed)
+                return ShadowReader(self.shadows.root / shadow, size, self.io_limiter, closed,
+                                    spawn=self._spawn)
             except OSError as exc:
                 closed()
                 raise CorruptData(f"the clone holding this snapshot's data is gone: "

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import AsyncIterator, Callable, Iterator
 
@@ -224,3 +225,24 @@ def write_elsewhere(path: Path, offset: int, data: bytes) -> None:
     on the file, whose break its main thread must answer (leases.py)."""
     subprocess.run(["dd", f"of={path}", "bs=4096", f"seek={offset}", "oflag=seek_bytes",
                     "conv=notrunc", "status=none"], input=data, check=True)
+
+
+@contextmanager
+def all_tokens_held(limiter: trio.CapacityLimiter) -> Iterator[None]:
+    """Every token of ``limiter`` taken (without a checkpoint), given back at the
+    end: the work that needs one stops at that point, deterministically."""
+    tokens = [object() for _ in range(int(limiter.total_tokens))]
+    for t in tokens:
+        limiter.acquire_on_behalf_of_nowait(t)
+    try:
+        yield
+    finally:
+        for t in tokens:
+            limiter.release_on_behalf_of(t)
+
+
+async def tasks_waiting(limiter: trio.CapacityLimiter, count: int = 1) -> None:
+    """Until ``count`` tasks wait for a token of ``limiter``."""
+    with trio.fail_after(10):
+        while limiter.statistics().tasks_waiting < count:
+            await trio.sleep(0.001)

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from fixtures_store import (MiB, ZONE, bytes_read, chunks_stored, deletes_done,
+from fixtures_store import (MiB, ZONE, all_tokens_held, bytes_read, chunks_stored, deletes_done,
                             kill_mid_way, proc_io, random_bytes, read_all, shadow_files,
-                            snapfs_cli, snapshot_of, wait_state, write_elsewhere, write_volume)
+                            snapfs_cli, snapshot_of, tasks_waiting, wait_state, write_elsewhere,
+                            write_volume)
 from snapfs.local import LocalService, jobs, open_local_service
 from snapfs.local.shadows import (FIEMAP_EXTENT_UNWRITTEN, WINDOW, Extent, ShadowReader,
                                   changed_chunks, complement, in_ranges)
@@ -344,19 +345,13 @@ async def test_reads_from_a_clone_in_any_pattern(reflink_dir: Path, volume: Path
             reader = await svc.open_image(ZONE, snap.id)
             assert isinstance(reader, ShadowReader)
             await reader.read(0, step)  # sequential: windows 1 and 2 are read ahead
-            tokens = [object() for _ in range(int(svc.io_limiter.total_tokens))]
-            for t in tokens:  # taken before the read-ahead tasks first run: they wait
-                svc.io_limiter.acquire_on_behalf_of_nowait(t)
-            with trio.fail_after(10):
-                while svc.io_limiter.statistics().tasks_waiting < 2:
-                    await trio.sleep(0.001)
-            assert sorted(reader._fetching) == [WINDOW, 2 * WINDOW]
             async with trio.open_nursery() as n:
-                n.start_soon(reader.aclose)  # waits for them before closing the descriptor
-                await trio.sleep(0.05)
-                assert reader._fetching
-                for t in tokens:
-                    svc.io_limiter.release_on_behalf_of(t)
+                with all_tokens_held(svc.io_limiter):  # before the read-ahead tasks first run
+                    await tasks_waiting(svc.io_limiter, 2)
+                    assert sorted(reader._fetching) == [WINDOW, 2 * WINDOW]
+                    n.start_soon(reader.aclose)  # waits for them before closing the descriptor
+                    await trio.sleep(0.05)
+                    assert reader._fetching
             assert not reader._fetching and not reader._windows
         await chunks_stored(svc)
 

@@ -16,9 +16,9 @@ from typing import Callable
 import pytest
 import trio
 
-from fixtures_store import (MiB, ZONE, chunk_place, deletes_done, flip_bits, kill_mid_way,
-                            random_bytes, read_all, snapfs_cli, snapshot_of, wait_state,
-                            write_elsewhere)
+from fixtures_store import (MiB, ZONE, all_tokens_held, chunk_place, deletes_done, flip_bits,
+                            kill_mid_way, random_bytes, read_all, snapfs_cli, snapshot_of,
+                            tasks_waiting, wait_state, write_elsewhere)
 from snapfs.errors import CorruptData, NotFound
 from snapfs.local import LocalService, open_local_service
 from snapfs.local.chunkindex import _release_step
@@ -62,17 +62,11 @@ async def test_fsck_beside_a_delete_reports_no_freed_chunk(
         async def check() -> None:
             nonlocal report
             report = await fsck(svc)
-        tokens = [object() for _ in range(int(svc.io_limiter.total_tokens))]
-        for t in tokens:  # held: fsck stops at its first read, its list taken
-            await svc.io_limiter.acquire_on_behalf_of(t)
         async with trio.open_nursery() as n:
-            n.start_soon(check)
-            with trio.fail_after(10):
-                while not svc.io_limiter.statistics().tasks_waiting:
-                    await trio.sleep(0.001)
-            await svc.delete_snapshot(ZONE, gone.id)
-            for t in tokens:
-                svc.io_limiter.release_on_behalf_of(t)
+            with all_tokens_held(svc.io_limiter):  # fsck stops at its first read, list taken
+                n.start_soon(check)
+                await tasks_waiting(svc.io_limiter)
+                await svc.delete_snapshot(ZONE, gone.id)
         await deletes_done(svc)
         assert report is not None and report.ok, report.problems
         assert report.chunks == 2 * size // MiB

@@ -182,13 +182,15 @@ class Catalog:
         """The snapshots of ``view`` named exactly ``name``, from the service."""
         return names.exact(await self._list_snapshots(zone, project, view, name=name), [name])
 
-    async def taken(self, zone: str, project: str, view: View, name: str) -> Snapshot | None:
+    async def taken(self, zone: str, project: str, view: View, name: str,
+                    other_than: str | None = None) -> Snapshot | None:
         """The snapshot ``view`` already lists as ``name`` (by name, label or ID),
-        asking the service, not the cache: it may have been taken outside the
-        mount a moment ago."""
+        but snapshot ``other_than`` (one being renamed), asking the service, not
+        the cache: it may have been taken outside the mount a moment ago."""
         self.invalidate()
-        same = await self.named(zone, project, view, name)
-        return same[0] if same else await self.find_snapshot(zone, project, view, name)
+        same = [s for s in await self.named(zone, project, view, name) if s.id != other_than]
+        taken = same[0] if same else await self.find_snapshot(zone, project, view, name)
+        return None if taken is None or taken.id == other_than else taken
 
     async def label(self, snap: Snapshot, view: View) -> str:
         """The entry name ``snap`` is listed under in ``view`` now."""

@@ -125,13 +125,12 @@ class ViewNode(Node):
             return
         catalog = self.ctx.catalog
         with self._claim(new):
-            same = await catalog.named(self.key.zone, self.key.project, self.view, new)
-            taken = next((s for s in same if s.id != snap.id), None) or \
-                await catalog.find_snapshot(self.key.zone, self.key.project, self.view, new)
-            if taken is not None and taken.id != snap.id:
+            taken = await catalog.taken(self.key.zone, self.key.project, self.view, new,
+                                        other_than=snap.id)
+            if taken is not None:
                 raise AlreadyExists(f"{self.describe()}{new} already exists (snapshot "
                                     f"{taken.id}); a rename never replaces a snapshot")
             updated = await self.ctx.svc.update_snapshot(self.key.zone, snap.id, name=new)
-            self.ctx.catalog.invalidate()
-            self.ctx.catalog.remember(updated)
+            catalog.invalidate()
+            catalog.remember(updated)
         log.info("rename %s%s -> %s: snapshot %s", self.describe(), old, new, snap.id)

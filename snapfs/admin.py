@@ -48,6 +48,13 @@ def _volume_add(args: argparse.Namespace) -> int:
     return _run(args, go)
 
 
+def _volume_repoint(args: argparse.Namespace) -> int:
+    async def go(svc: Any) -> None:
+        v = await svc.repoint_volume(args.name, args.path, zone=args.zone)
+        print(v.path)
+    return _run(args, go)
+
+
 def _volume_create(args: argparse.Namespace) -> int:
     async def go(svc: Any) -> None:
         v = await svc.create_volume(args.name, parse_size(args.size), zone=args.zone,
@@ -120,6 +127,14 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("path")
     placement(p)
     p.set_defaults(func=_volume_add)
+
+    p = vsub.add_parser("repoint", help="make a volume another file or device, on purpose "
+                                        "(after its file was replaced or moved)")
+    p.add_argument("name", help="volume name or ID")
+    p.add_argument("path")
+    p.add_argument("--zone", default=None, choices=ZONES, metavar="ZONE")
+    add_store_option(p)
+    p.set_defaults(func=_volume_repoint)
 
     p = vsub.add_parser("create", help="make a new sparse raw volume file inside the store")
     p.add_argument("name")

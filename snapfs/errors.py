@@ -72,6 +72,11 @@ class ReadOnly(SnapfsError):
     api_type = "invalid_request_error"
 
 
+class VolumeChanged(PreconditionFailed):
+    """A volume's path no longer leads to the file registered (another file, a
+    symlink): nothing is read from it until ``snapfs volume repoint``."""
+
+
 class SnapshotUnusable(SnapfsError):
     """The snapshot ended in ``error``/``invalid_data``: it has no bytes to give."""
 

@@ -155,6 +155,16 @@ class Volume:
 
 
 @dataclass(frozen=True)
+class FileAccess:
+    """A file's owner, group and permission bits (a volume file's, kept with a
+    snapshot: its image.raw is readable by whom the volume file was)."""
+
+    uid: int
+    gid: int
+    mode: int
+
+
+@dataclass(frozen=True)
 class BaseVolume:
     id: str
     name: str
@@ -180,6 +190,9 @@ class Snapshot:
     #: Not part of the API object: why the snapshot may not be of one instant (its
     #: volume was written while it was read), or None (shown as user.warning).
     warning: str | None = None
+    #: Not part of the API object: who may read image.raw -- its volume file's
+    #: owner and mode when the snapshot was taken -- or None (imports, other backends).
+    access: FileAccess | None = None
 
     #: Fields Set may not change; a differing value is an invalid argument.
     IMMUTABLE = ("id", "organization", "project", "size", "volume_type", "zone",
@@ -201,7 +214,7 @@ class Snapshot:
         """Parse an API snapshot object; wrong shapes raise InvalidArgument."""
         if not isinstance(data, dict):
             raise InvalidArgument("snapshot", "must be a JSON object")
-        known = {f.name for f in dataclasses.fields(cls)} - {"progress", "warning"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"progress", "warning", "access"}
         unknown = set(data) - known
         if unknown:
             raise InvalidArgument(sorted(unknown)[0], "unknown field")

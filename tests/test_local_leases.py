@@ -19,6 +19,7 @@ from fixtures_store import (MiB, ZONE, bytes_read, kill_mid_way, random_bytes, r
                             snapfs_cli, snapshot_of)
 from snapfs.local import LocalService, leases, open_local_service
 from snapfs.local.recovery import INTERRUPTED
+from snapfs.local.volumefile import VolumeFile
 
 SIZE = 16 * MiB
 
@@ -81,7 +82,7 @@ async def test_no_lease_while_someone_has_the_volume_open_for_writing(
         service: LocalService, volume: Path) -> None:
     with open(volume, "r+b") as f:  # a VM with its disk attached, say
         await snapshot_of(service, volume, "first")
-        assert await leases.take(str(volume), SIZE) is None
+        assert await leases.take(VolumeFile("v", str(volume), None), SIZE) is None
         f.seek(0)
         f.write(b"changed")
     second = await snapshot_of(service, volume, "second")
@@ -90,10 +91,16 @@ async def test_no_lease_while_someone_has_the_volume_open_for_writing(
 
 async def test_a_replaced_volume_file_is_read_again(service: LocalService,
                                                     volume: Path) -> None:
-    await snapshot_of(service, volume, "first")
+    first = await snapshot_of(service, volume, "first")
     other = volume.with_name("other.raw")
     other.write_bytes(random_bytes(SIZE, seed=3))  # written elsewhere, renamed over it
     os.replace(other, volume)
+    # Not the file registered (volumefile.py): refused until re-pointed on purpose.
+    assert first.base_volume is not None
+    refused = await service.create_snapshot(ZONE, name="refused",
+                                            volume_id=first.base_volume.id)
+    assert refused.state == "error" and "snapfs volume repoint" in str(refused.error_reason)
+    await service.repoint_volume(first.base_volume.id, volume)
     second = await snapshot_of(service, volume, "second")
     assert await read_all(service, second.id) == volume.read_bytes()
 

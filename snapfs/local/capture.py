@@ -23,6 +23,7 @@ from ..taskgroups import first_error
 from .chunkindex import ChunkIndex
 from .chunks import CHUNK_SIZE, PackFiles, PackWriter, check, digest, is_zero
 from .shadows import Ranges, in_ranges
+from .volumefile import VolumeFile, open_volume
 
 BATCH_CHUNKS = 16
 #: Fresh bytes (and map entries) per fdatasync + commit.
@@ -70,14 +71,20 @@ def _hash_chunks(first: int, blocks: list[bytes | memoryview | None]) -> list[Ha
 
 
 class FileSource(CaptureSource):
-    """A raw image file or block device, read with pread (holes skipped). With
-    ``only`` (chunk index ranges), the chunks outside them are skipped like holes:
-    the snapshot's map already has them (an incremental capture, shadows.py)."""
+    """A raw image file or block device, read with pread (holes skipped): a
+    volume, opened only if it is still the file registered (volumefile.py), or a
+    shadow of one. With ``only`` (chunk index ranges), the chunks outside them are
+    skipped like holes: the snapshot's map already has them (an incremental
+    capture, shadows.py)."""
 
-    def __init__(self, path: str, limiter: trio.CapacityLimiter, size: int | None = None,
-                 only: Ranges | None = None, clone: bool = False) -> None:
+    def __init__(self, path: str | VolumeFile, limiter: trio.CapacityLimiter,
+                 size: int | None = None, only: Ranges | None = None,
+                 clone: bool = False) -> None:
         self.only = only
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        if isinstance(path, VolumeFile):
+            self.fd = open_volume(path)[0]
+        else:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         if clone:
             self.clone_fd = self.fd
         # The size the snapshot was created with: a volume growing meanwhile must

@@ -23,6 +23,7 @@ from .chunks import CHUNK_SIZE, PackFiles
 from .metadata import Metadata
 from .recovery import EXPORT_INTERRUPTED, INTERRUPTED
 from .shadows import Ranges, Shadow, Shadows, complement
+from .volumefile import VolumeFile
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +148,8 @@ class BackgroundJobs:
         finally:
             await source.aclose()
 
-    async def _snapshot_by_clone(self, snapshot_id: str, key: int, volume_id: str, path: str,
-                                 size: int) -> bool:
+    async def _snapshot_by_clone(self, snapshot_id: str, key: int, volume_id: str,
+                                 path: VolumeFile, size: int) -> bool:
         """On XFS/btrfs (shadows.py): a durable clone of the volume makes its snapshot
         available before Create returns (as `zfs snapshot` or `btrfs subvolume
         snapshot` are done when they return); its chunks are then stored in the
@@ -172,8 +173,8 @@ class BackgroundJobs:
         self._start(snapshot_id, self._store_shadow, snapshot_id, key, volume_id, shadow, size)
         return True
 
-    async def _run_capture(self, snapshot_id: str, key: int, volume_id: str, path: str,
-                           size: int, lease: bool) -> None:
+    async def _run_capture(self, snapshot_id: str, key: int, volume_id: str,
+                           path: VolumeFile, size: int, lease: bool) -> None:
         """A volume's snapshot read from the volume: a copy of the previous
         snapshot's map when the volume's read lease proves the file unchanged since
         that capture began (leases.py), else a capture of the volume under a lease
@@ -186,10 +187,10 @@ class BackgroundJobs:
         async def work() -> None:
             if base is not None and await self._copy_map(snapshot_id, key, base):
                 return
-            before = await trio.to_thread.run_sync(_written_stamp, path)
+            before = await trio.to_thread.run_sync(_written_stamp, path.path)
             source = await trio.to_thread.run_sync(FileSource, path, self.hash_limiter, size)
             await self._store(source, snapshot_id, key)
-            if await trio.to_thread.run_sync(_written_stamp, path) != before:
+            if await trio.to_thread.run_sync(_written_stamp, path.path) != before:
                 log.warning("snapshot %s: %s", snapshot_id, WRITTEN_WHILE_READ)
                 self.md.update_snapshot(snapshot_id, warning=WRITTEN_WHILE_READ)
         if await self._produce_map(snapshot_id, key, work) and held is not None:
@@ -344,5 +345,5 @@ def _written_stamp(path: str) -> tuple[int, int, int, int]:
     write(2), O_DIRECT and loop devices update them; a shared mapping does on its
     first write to each clean page. A block device's node keeps its times: no
     stamp shows writes there."""
-    st = os.stat(path)
+    st = os.stat(path, follow_symlinks=False)
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns

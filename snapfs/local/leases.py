@@ -33,10 +33,14 @@ import signal
 import struct
 import threading
 from dataclasses import dataclass
+from functools import partial
 from types import FrameType
 from typing import Any
 
 import trio
+
+from ..errors import SnapfsError
+from .volumefile import VolumeFile, open_volume
 
 log = logging.getLogger(__name__)
 
@@ -99,25 +103,25 @@ def _install() -> bool:
     return True
 
 
-def _open(path: str) -> tuple[int, os.stat_result] | None:
+def _open(volume: VolumeFile) -> tuple[int, os.stat_result] | None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
+        return open_volume(volume)
+    except (OSError, SnapfsError):  # the capture that follows says why
         return None
-    return fd, os.fstat(fd)
 
 
-async def take(path: str, size: int) -> Lease | None:
+async def take(volume: VolumeFile, size: int) -> Lease | None:
     """A read lease on the file at ``path`` of ``size`` bytes, or None where
     there can be none (see the module docstring). From the main thread's trio
     loop: the signal that breaks a lease must reach the thread that can hand it
     back. (The path is looked up in a worker: a volume may sit on a slow mount.)"""
     if not _install():
         return None
-    opened = await trio.to_thread.run_sync(_open, path)
+    opened = await trio.to_thread.run_sync(_open, volume)
     if opened is None:
         return None
     fd, st = opened
+    path = volume.path
     lease = Lease(path, fd, st.st_dev, st.st_ino, size)
     _held[fd] = lease  # before F_SETLEASE: a break must find it
     try:
@@ -135,10 +139,10 @@ async def take(path: str, size: int) -> Lease | None:
 
 
 async def unchanged(lease: Lease, path: str, size: int) -> bool:
-    """True if the file at ``path`` is still the leased one, of the same size,
-    and nobody opened it for writing since the lease was taken."""
+    """True if the file at ``path`` is still the leased one (not a symlink to it),
+    of the same size, and nobody opened it for writing since the lease was taken."""
     try:
-        st = await trio.to_thread.run_sync(os.stat, path)
+        st = await trio.to_thread.run_sync(partial(os.stat, path, follow_symlinks=False))
     except OSError:
         return False
     if lease.broken:  # checked after the await: a break may have come meanwhile
@@ -158,17 +162,18 @@ class VolumeLeases:
     def __init__(self) -> None:
         self._by_volume: dict[str, Lease] = {}
 
-    async def before_capture(self, volume_id: str, path: str, size: int
+    async def before_capture(self, volume_id: str, volume: VolumeFile, size: int
                              ) -> tuple[Lease | None, int | None]:
         """For a new snapshot of the volume: the lease it runs under, and the map
         key of the snapshot it may copy instead of reading (None: read it all).
         Set the lease's ``base`` once the snapshot is available."""
         lease = self._by_volume.get(volume_id)
-        if lease is not None and lease.base is not None and await unchanged(lease, path, size):
+        if lease is not None and lease.base is not None and \
+                await unchanged(lease, volume.path, size):
             return lease, lease.base
         if lease is not None:
             self.forget(volume_id, lease)
-        lease = await take(path, size)  # before the capture reads a byte
+        lease = await take(volume, size)  # before the capture reads a byte
         if lease is not None:
             self.forget(volume_id)  # a concurrent capture's: the newer one wins
             self._by_volume[volume_id] = lease

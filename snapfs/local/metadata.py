@@ -15,13 +15,13 @@ from typing import Any, ContextManager, Iterable
 import sqlite_utils
 
 from ..errors import CorruptData, InvalidArgument, NotFound, SnapfsError
-from ..model import BaseVolume, Page, Project, Snapshot, Task, Volume, new_id, now
+from ..model import BaseVolume, FileAccess, Page, Project, Snapshot, Task, Volume, new_id, now
 from .owner import this_process
 from .schema import migrate
 
 _SNAPSHOT_COLS = ("rowid, id, name, zone, project, organization, tags, volume_type, size, state, "
                   "base_volume_id, base_volume_name, creation_date, modification_date, "
-                  "error_reason, progress, warning")
+                  "error_reason, progress, warning, image_uid, image_gid, image_mode")
 
 
 def _snapshot(row: sqlite3.Row) -> Snapshot:
@@ -33,7 +33,9 @@ def _snapshot(row: sqlite3.Row) -> Snapshot:
         size=row["size"], state=row["state"], base_volume=bv,
         creation_date=row["creation_date"], modification_date=row["modification_date"],
         error_reason=row["error_reason"], zone=row["zone"], progress=row["progress"],
-        warning=row["warning"])
+        warning=row["warning"],
+        access=(FileAccess(row["image_uid"], row["image_gid"], row["image_mode"])
+                if row["image_mode"] is not None else None))
 
 
 def _volume(row: sqlite3.Row) -> Volume:
@@ -132,14 +134,14 @@ class Metadata:
 
     # --- volumes ---------------------------------------------------------------------
 
-    def add_volume(self, v: Volume, managed: bool) -> None:
+    def add_volume(self, v: Volume, managed: bool, identity: str | None = None) -> None:
         if self.conn.execute("SELECT 1 FROM volumes WHERE zone = ? AND name = ?",
                              (v.zone, v.name)).fetchone():
             raise InvalidArgument("name", f"a volume named {v.name!r} already exists in {v.zone}")
         row = v.to_api()
         for k in ("export_uri", "server"):
             row.pop(k)
-        row.update(tags=json.dumps(v.tags), managed=int(managed))
+        row.update(tags=json.dumps(v.tags), managed=int(managed), identity=identity)
         self.db.table("volumes").insert(row)
 
     def volume(self, zone: str | None, ref: str) -> Volume:
@@ -177,6 +179,20 @@ class Metadata:
     def set_volume_size(self, volume_id: str, size: int) -> None:
         self.conn.execute("UPDATE volumes SET size = ? WHERE id = ?", (size, volume_id))
 
+    def volume_identity(self, volume_id: str) -> str | None:
+        """The identity of the volume's file (schema v7), None if not recorded yet."""
+        row = self.conn.execute("SELECT identity FROM volumes WHERE id = ?",
+                                (volume_id,)).fetchone()
+        return row[0] if row else None
+
+    def set_volume_file(self, volume_id: str, identity: str, path: str | None = None,
+                        size: int | None = None) -> None:
+        """Record the file a volume is (its identity; a re-pointed path and size)."""
+        self.conn.execute(
+            "UPDATE volumes SET identity = ?, path = coalesce(?, path), "
+            "size = coalesce(?, size), modification_date = ? WHERE id = ?",
+            (identity, path, size, now(), volume_id))
+
     # --- snapshots -------------------------------------------------------------------
 
     def insert_snapshot(self, s: Snapshot, source: dict[str, Any] | None,
@@ -208,13 +224,15 @@ class Metadata:
         cur = self.conn.execute(
             "INSERT INTO snapshots (id, name, zone, project, organization, tags, volume_type, "
             "size, state, base_volume_id, base_volume_name, creation_date, modification_date, "
-            "error_reason, progress, source, owner) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "error_reason, progress, source, owner, image_uid, image_gid, image_mode) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (s.id, s.name, s.zone, s.project, s.organization, json.dumps(s.tags),
              s.volume_type, s.size, s.state, s.base_volume.id if s.base_volume else None,
              s.base_volume.name if s.base_volume else None, s.creation_date,
              s.modification_date, s.error_reason, s.progress,
              json.dumps(source) if source else None,
-             this_process() if s.state in ("snapshotting", "importing") else None))
+             this_process() if s.state in ("snapshotting", "importing") else None,
+             *((s.access.uid, s.access.gid, s.access.mode) if s.access else (None,) * 3)))
         return int(cur.lastrowid or 0)
 
     def _snapshot_row(self, snapshot_id: str) -> sqlite3.Row:

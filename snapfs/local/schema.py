@@ -182,6 +182,21 @@ MIGRATIONS: list[str] = [
     -- user.warning.
     ALTER TABLE snapshots ADD COLUMN warning TEXT;
     """,
+    # --- version 7 -----------------------------------------------------------------
+    """
+    -- A volume is the file it was registered as (volumefile.py): the identity of
+    -- the file at 'path' (resolved) when it was added or re-pointed,
+    -- 'file:<st_dev>:<st_ino>' or 'block:<major>:<minor>'. Every capture opens
+    -- the path without following symlinks and checks it. NULL: registered before
+    -- this version; its next snapshot records it (trust on first use).
+    ALTER TABLE volumes ADD COLUMN identity TEXT;
+    -- image.raw's owner, group and permission bits (the mount shows the read
+    -- bits): those of the volume file when the snapshot was taken. NULL
+    -- (imports, older snapshots): the mount's owner, 0400.
+    ALTER TABLE snapshots ADD COLUMN image_uid INTEGER;
+    ALTER TABLE snapshots ADD COLUMN image_gid INTEGER;
+    ALTER TABLE snapshots ADD COLUMN image_mode INTEGER;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -10,15 +10,16 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import stat
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import AsyncIterator
 
 import trio
 
-from ..errors import CorruptData, InvalidArgument, PreconditionFailed, SnapshotUnusable
-from ..model import (DEFAULT_ZONE, FAILED_STATES, ZONES, BaseVolume, Page,
+from ..errors import (CorruptData, InvalidArgument, PreconditionFailed, SnapshotUnusable,
+                      VolumeChanged)
+from ..model import (DEFAULT_ZONE, FAILED_STATES, ZONES, BaseVolume, FileAccess, Page,
                      Project, Snapshot, Task, Volume, check_name, check_paging, check_tags,
                      check_uuid, check_volume_type, check_zone, new_id, now)
 from ..objects import ObjectStorage
@@ -33,6 +34,7 @@ from .metadata import Metadata
 from .owner import alive
 from .recovery import DELETING, recover
 from .shadows import ShadowReader, Shadows
+from .volumefile import Inspected, VolumeFile, identity_of, inspect_new, inspected, open_volume
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +89,25 @@ class LocalService(BackgroundJobs, SnapshotService):
     async def add_volume(self, name: str, path: str | os.PathLike[str], *,
                          zone: str = DEFAULT_ZONE, project: str | None = None,
                          volume_type: str = "b_ssd") -> Volume:
-        """Register an existing raw image file or block device."""
-        path = os.path.abspath(path)
-        size = await trio.to_thread.run_sync(_device_size, path)
-        return self._add_volume(name, path, size, zone, project, volume_type, managed=False)
+        """Register an existing raw image file or block device (volumefile.py)."""
+        found = await trio.to_thread.run_sync(inspect_new, path)
+        return self._add_volume(name, found.path, found.size, zone, project, volume_type,
+                                managed=False, identity=found.identity)
+
+    async def repoint_volume(self, ref: str, path: str | os.PathLike[str],
+                             zone: str | None = None) -> Volume:
+        """Make the volume the file at ``path`` (checked as by add_volume): on purpose,
+        after its file was replaced or moved. Its next snapshot reads it all."""
+        v = self.md.volume(zone, ref)
+        if self.md.volume_managed(v.id):
+            raise InvalidArgument("volume", f"{v.name!r} was made by 'volume create' and "
+                                            "lives in the store; it cannot be re-pointed")
+        found = await trio.to_thread.run_sync(inspect_new, path)
+        self.md.set_volume_file(v.id, found.identity, found.path, found.size)
+        self._leases.forget(v.id)
+        log.info("volume %s (%s) re-pointed from %s to %s (%s)", v.id, v.name, v.path,
+                 found.path, found.identity)
+        return self.md.volume(v.zone, v.id)
 
     async def create_volume(self, name: str, size: int, *, zone: str = DEFAULT_ZONE,
                             project: str | None = None, volume_type: str = "b_ssd") -> Volume:
@@ -105,8 +122,9 @@ class LocalService(BackgroundJobs, SnapshotService):
         try:
             with open(path, "xb") as f:
                 f.truncate(size)
+                ident = identity_of(os.fstat(f.fileno()))
             return self._add_volume(name, str(path), size, zone, project, volume_type,
-                                    managed=True, vid=vid)
+                                    managed=True, vid=vid, identity=ident)
         except (OverflowError, OSError) as exc:
             path.unlink(missing_ok=True)
             reason = exc.strerror if isinstance(exc, OSError) else "too large"
@@ -124,14 +142,15 @@ class LocalService(BackgroundJobs, SnapshotService):
             self.md.project(project)
 
     def _add_volume(self, name: str, path: str, size: int, zone: str, project: str | None,
-                    volume_type: str, managed: bool, vid: str | None = None) -> Volume:
+                    volume_type: str, managed: bool, vid: str | None = None,
+                    identity: str | None = None) -> Volume:
         self._check_new_volume(name, zone, project, volume_type)
         proj = self.md.project(project) if project else self.md.project("default")
         t = now()
         v = Volume(id=vid or new_id(), name=name, size=size, volume_type=volume_type, zone=zone,
                    project=proj.id, organization=proj.organization, state="available",
                    creation_date=t, modification_date=t, tags=[], path=path)
-        self.md.add_volume(v, managed)
+        self.md.add_volume(v, managed, identity)
         return v
 
     async def remove_volume(self, ref: str, zone: str | None = None) -> Volume:
@@ -181,30 +200,48 @@ class LocalService(BackgroundJobs, SnapshotService):
                                        bucket, key, size)
         vol = self.md.volume(zone, check_uuid("volume_id", volume_id))
         proj = self._owner(project, organization, default=vol.project)
-        nbytes, cloneable = await trio.to_thread.run_sync(self._probe, vol.path)
-        if nbytes != vol.size:
-            self.md.set_volume_size(vol.id, nbytes)
+        vf = VolumeFile(vol.name, str(vol.path), self.md.volume_identity(vol.id))
         t = now()
         snap = Snapshot(id=new_id(), name=name, organization=proj.organization, project=proj.id,
-                        tags=tags, volume_type=volume_type or vol.volume_type, size=nbytes,
+                        tags=tags, volume_type=volume_type or vol.volume_type, size=vol.size,
                         state="snapshotting", base_volume=BaseVolume(vol.id, vol.name),
                         creation_date=t, modification_date=t, error_reason=None, zone=zone,
                         progress=0)
+        try:
+            found, cloneable = await trio.to_thread.run_sync(self._probe, vf)
+        except VolumeChanged as exc:  # a snapshot in error says why, as a capture's would
+            snap = replace(snap, state="error", error_reason=str(exc))
+            self.md.insert_snapshot(snap, None)
+            log.warning("snapshot %s (%s) failed: %s", snap.id, name, exc)
+            return snap
+        if vf.identity is None:  # registered before identities were: trust on first use
+            log.info("volume %s (%s): recording the identity of %s (%s)", vol.id, vol.name,
+                     vf.path, found.identity)
+            self.md.set_volume_file(vol.id, found.identity)
+            vf = replace(vf, identity=found.identity)
+        nbytes = found.size
+        if nbytes != vol.size:
+            self.md.set_volume_size(vol.id, nbytes)
+        snap = replace(snap, size=nbytes,
+                       access=FileAccess(found.uid, found.gid, found.mode))
         # A clone's snapshot is available before Create returns, and that commit syncs
         # this one too; without a clone, _snapshot_by_clone syncs it.
         key_ = self.md.insert_snapshot(snap, None, durable=not cloneable)
         log.info("snapshot %s (%s): capturing volume %s", snap.id, name, vol.name)
-        if cloneable and await self._snapshot_by_clone(snap.id, key_, vol.id, str(vol.path),
-                                                       nbytes):
+        if cloneable and await self._snapshot_by_clone(snap.id, key_, vol.id, vf, nbytes):
             return self.md.snapshot(zone, snap.id)
-        self._start(snap.id, self._run_capture, snap.id, key_, vol.id, str(vol.path),
-                    nbytes, not cloneable)
+        self._start(snap.id, self._run_capture, snap.id, key_, vol.id, vf, nbytes,
+                    not cloneable)
         return snap
 
-    def _probe(self, path: str | None) -> tuple[int, bool]:
-        """The volume's size, and whether its snapshots can be clones (shadows.py)."""
-        size = _device_size(path)
-        return size, path is not None and self.shadows.possible(path)
+    def _probe(self, vf: VolumeFile) -> tuple[Inspected, bool]:
+        """The volume's file as it is now (refused if it is not the one registered),
+        and whether its snapshots can be clones (shadows.py)."""
+        fd, st = open_volume(vf)
+        try:
+            return inspected(vf, fd, st), self.shadows.possible(fd, st)
+        finally:
+            os.close(fd)
 
     def _owner(self, project: str | None, organization: str | None,
                default: str | None = None) -> Project:
@@ -380,21 +417,6 @@ class LocalService(BackgroundJobs, SnapshotService):
         while self._jobs:
             await trio.sleep(0.01)
         self._leases.close()
-
-
-def _device_size(path: str | None) -> int:
-    if not path:
-        raise InvalidArgument("path", "no path")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise InvalidArgument("path", f"{path} does not exist") from None
-    try:
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
-            raise InvalidArgument("path", f"{path} is a directory, not an image or device")
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
 
 
 @asynccontextmanager

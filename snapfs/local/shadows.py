@@ -44,9 +44,10 @@ from typing import Awaitable, Callable, Collection
 
 import trio
 
-from ..errors import CorruptData
+from ..errors import CorruptData, SnapfsError
 from ..service import ImageReader
 from .chunks import fsync_dir, libc
+from .volumefile import VolumeFile, open_volume
 
 log = logging.getLogger(__name__)
 
@@ -194,30 +195,23 @@ class Shadows:
     def _dir(self, volume_id: str) -> Path:
         return self.root / volume_id
 
-    def possible(self, volume: str) -> bool:
-        """Whether ``volume`` is a file on the store's own XFS or btrfs filesystem
-        (its captures then go through shadows)."""
+    def possible(self, fd: int, st: os.stat_result) -> bool:
+        """Whether the volume open as ``fd`` is a file on the store's own XFS or
+        btrfs filesystem (its captures then go through shadows)."""
         try:
-            fd = os.open(volume, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError:
-            return False
-        try:
-            st = os.fstat(fd)
             return (stat.S_ISREG(st.st_mode) and _fs_type(fd) in (XFS_MAGIC, BTRFS_MAGIC)
                     and st.st_dev == os.stat(self.root.parent).st_dev)
         except OSError:
             return False
-        finally:
-            os.close(fd)
 
-    def clone(self, volume_id: str, key: int, snapshot_id: str, volume: str, size: int
-              ) -> Shadow | None:
+    def clone(self, volume_id: str, key: int, snapshot_id: str, volume: VolumeFile,
+              size: int) -> Shadow | None:
         """A durable clone of ``volume`` (at least ``size`` bytes) for the capture of
         snapshot ``key``, or None where there can be none (the capture then reads
-        the volume)."""
+        the volume, and says so if it is not the file registered)."""
         try:
-            src = os.open(volume, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
+            src, _ = open_volume(volume)
+        except (OSError, SnapfsError):
             return None
         path = self._dir(volume_id) / f"{key}.{snapshot_id}.{self.boot}"
         try:
@@ -238,7 +232,8 @@ class Shadows:
             with contextlib.suppress(OSError):  # ENOTDIR: its directory could not be made
                 path.unlink(missing_ok=True)
             if exc.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTTY):
-                log.warning("cannot clone volume %s (its snapshot reads it): %s", volume, exc)
+                log.warning("cannot clone volume %s (its snapshot reads it): %s", volume.path,
+                            exc)
             return None
         finally:
             os.close(src)

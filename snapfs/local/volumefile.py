@@ -1,0 +1,160 @@
+"""A volume is the file it was registered as.
+
+``volume add`` (and ``volume repoint``) take a regular file or a block device
+only, checked without blocking: the path is resolved (realpath) and stat'ed
+before anything opens it, so a FIFO or a character device (``/dev/zero``,
+``/dev/null``, a tape that rewinds on open) is never opened; the open that
+follows uses ``O_NONBLOCK``. The size must be a positive multiple of 512, the
+API's rule (a 1000-byte volume would export as a QCOW2 that its own import and
+qemu-img reject or truncate). What is recorded is the resolved path and the
+file's identity (:func:`identity_of`).
+
+Every later open of the volume -- the probe of a new snapshot, the capture, the
+read lease, the reflink clone -- goes through :func:`open_volume`: ``O_NOFOLLOW``
+(the recorded path is resolved, so a symlink there now was put there since),
+then an ``fstat`` of what was opened compared with the recorded identity. A
+file swapped in behind the path (a symlink to ``/etc/shadow``, another file
+renamed over it) fails the snapshot with a reason naming ``snapfs volume
+repoint``, which re-points a volume on purpose. Volumes registered before
+identities were recorded (schema v7) have none: their next snapshot records it
+(trust on first use).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+
+from ..errors import InvalidArgument, VolumeChanged
+
+#: The API's rule for volume and snapshot sizes.
+SECTOR = 512
+
+
+@dataclass(frozen=True)
+class VolumeFile:
+    """A registered volume's file as the captures must find it."""
+
+    name: str  # the volume's name: refusals say which command fixes them
+    path: str
+    identity: str | None  # None: registered before schema v7 (trust on first use)
+
+
+@dataclass(frozen=True)
+class Inspected:
+    """What a volume's file is, as an open of it showed."""
+
+    path: str
+    size: int
+    identity: str
+    uid: int
+    gid: int
+    mode: int  # permission bits
+
+
+def identity_of(st: os.stat_result) -> str:
+    """``file:<st_dev>:<st_ino>`` for a regular file; ``block:<major>:<minor>`` (its
+    st_rdev) for a block device: the device it names, wherever its node is."""
+    if stat.S_ISBLK(st.st_mode):
+        return f"block:{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    return f"file:{st.st_dev}:{st.st_ino}"
+
+
+def _kind(mode: int) -> str | None:
+    """What a file that may not be a volume is (None: a regular file or block device)."""
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+        return None
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def _size(fd: int, st: os.stat_result) -> int:
+    return st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(fd, 0, os.SEEK_END)
+
+
+def _open_nofollow(path: str) -> int:
+    # O_NONBLOCK: nothing that reaches here may block its open (a FIFO swapped in
+    # after the stat); cleared below once the file is known to be a volume.
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+
+
+def inspect_new(path: str | os.PathLike[str]) -> Inspected:
+    """Check a file to register as a volume (``volume add``, ``volume repoint``);
+    refusals are InvalidArgument naming the path and why. Blocking: for a
+    worker thread."""
+    given = os.fspath(path)
+    real = os.path.realpath(given)
+    shown = given if real == os.path.abspath(given) else f"{given} (= {real})"
+    try:
+        before = os.lstat(real)
+    except FileNotFoundError:
+        raise InvalidArgument("path", f"{shown} does not exist") from None
+    except OSError as exc:
+        raise InvalidArgument("path", f"{shown}: {exc.strerror}") from None
+    kind = _kind(before.st_mode)
+    if kind is not None:
+        raise InvalidArgument("path", f"{shown} is {kind}: a volume is a raw image file "
+                                      "or a block device")
+    try:
+        fd = _open_nofollow(real)
+    except OSError as exc:
+        raise InvalidArgument("path", f"{shown} is not readable: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if identity_of(st) != identity_of(before) or _kind(st.st_mode) is not None:
+            raise InvalidArgument("path", f"{shown} changed while it was being checked")
+        size = _size(fd, st)
+    finally:
+        os.close(fd)
+    if size <= 0 or size % SECTOR:
+        raise InvalidArgument("path", f"{shown} is {size} bytes: a volume's size must be "
+                                      f"a positive multiple of {SECTOR}")
+    return Inspected(real, size, identity_of(st), st.st_uid, st.st_gid,
+                     stat.S_IMODE(st.st_mode))
+
+
+def open_volume(vf: VolumeFile) -> tuple[int, os.stat_result]:
+    """A read-only descriptor of the volume's file and its fstat, once it is known
+    to be the file registered (when an identity is recorded). Refuses with
+    VolumeChanged whatever else is there now (a symlink, another file, a FIFO);
+    a missing file is InvalidArgument. Blocking: for a worker thread."""
+    try:
+        fd = _open_nofollow(vf.path)
+    except FileNotFoundError:
+        raise InvalidArgument("path", f"volume {vf.name!r}: {vf.path} does not exist") \
+            from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _changed(vf, "is a symbolic link now") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        kind = _kind(st.st_mode)
+        if kind is not None:
+            raise _changed(vf, f"is {kind} now")
+        if vf.identity is not None and identity_of(st) != vf.identity:
+            raise _changed(vf, f"is another file now ({identity_of(st)}, registered as "
+                               f"{vf.identity})")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def inspected(vf: VolumeFile, fd: int, st: os.stat_result) -> Inspected:
+    """What the volume's file opened by open_volume is (for a new snapshot)."""
+    return Inspected(vf.path, _size(fd, st), identity_of(st), st.st_uid, st.st_gid,
+                     stat.S_IMODE(st.st_mode))
+
+
+def _changed(vf: VolumeFile, what: str) -> VolumeChanged:
+    return VolumeChanged(
+        f"volume {vf.name!r}: {vf.path} {what}, not the file registered; nothing was "
+        f"read. If that file is the volume now, run: snapfs volume repoint {vf.name} PATH")

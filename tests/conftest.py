@@ -2,7 +2,8 @@
 
 import signal
 
-pytest_plugins = ["fixtures_store", "fixtures_mount", "fixtures_s3", "fixtures_http"]
+pytest_plugins = ["fixtures_store", "fixtures_mount", "fixtures_s3", "fixtures_http",
+                  "fixtures_perms"]
 
 
 def pytest_configure() -> None:

@@ -208,6 +208,9 @@ async def test_a_version_1_store_is_migrated_and_reads_the_same(
         conn.execute("ALTER TABLE snapshots DROP COLUMN deleting")
         conn.execute("ALTER TABLE snapshots DROP COLUMN shadow")
         conn.execute("ALTER TABLE snapshots DROP COLUMN warning")
+        conn.execute("ALTER TABLE volumes DROP COLUMN identity")
+        for col in ("image_uid", "image_gid", "image_mode"):
+            conn.execute(f"ALTER TABLE snapshots DROP COLUMN {col}")
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     conn.close()
     assert SCHEMA_VERSION == len(MIGRATIONS) >= 2
@@ -364,6 +367,9 @@ async def test_a_delete_cut_short_under_schema_3_is_finished_after_the_migration
         conn.execute("ALTER TABLE snapshots DROP COLUMN deleting")
         conn.execute("ALTER TABLE snapshots DROP COLUMN shadow")
         conn.execute("ALTER TABLE snapshots DROP COLUMN warning")
+        conn.execute("ALTER TABLE volumes DROP COLUMN identity")
+        for col in ("image_uid", "image_gid", "image_mode"):
+            conn.execute(f"ALTER TABLE snapshots DROP COLUMN {col}")
         conn.execute("UPDATE snapshots SET state = 'error', error_reason = 'being deleted; "
                      "if this stays, the delete was interrupted: delete it again'")
         assert _release_step(conn, key, 2)

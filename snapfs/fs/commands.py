@@ -45,6 +45,12 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="requests the filesystem reads ahead for sequential image readers "
                    "(default 0: both backends' readers read ahead themselves, and the "
                    "kernel does with the page cache)")
+    p.add_argument("--image-mode", default=None, metavar="MODE",
+                   help="mode of every image.raw, read bits only, e.g. 0440 (default: the "
+                   "read bits of its volume file when the snapshot was taken; 0400)")
+    p.add_argument("--image-owner", default=None, metavar="UID:GID",
+                   help="owner of every image.raw (default: its volume file's when the "
+                   "snapshot was taken; the mount's owner)")
     p.add_argument("--zones", default=None, metavar="Z1,Z2",
                    help="scaleway backend: extra zones to show")
     p.add_argument("--profile", default=None, help="scaleway backend: config profile")
@@ -69,6 +75,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def _mount(args: argparse.Namespace) -> int:
+    from .access import parse_image_mode, parse_image_owner
     from .daemon import MountConfig, run_daemon, run_foreground
 
     if args.readahead < 0:
@@ -79,7 +86,9 @@ def _mount(args: argparse.Namespace) -> int:
         foreground=args.foreground, debug=args.debug, direct_io=args.direct_io,
         readahead=args.readahead,
         zones=args.zones.split(",") if args.zones else None, profile=args.profile,
-        staging_bucket=args.staging_bucket)
+        staging_bucket=args.staging_bucket,
+        image_mode=None if args.image_mode is None else parse_image_mode(args.image_mode),
+        image_owner=None if args.image_owner is None else parse_image_owner(args.image_owner))
     if not cfg.mountpoint.is_dir():
         raise InvalidArgument("mountpoint", f"{cfg.mountpoint} is not a directory")
     if is_mounted(cfg.mountpoint):

@@ -36,6 +36,9 @@ class Stat:
     blksize: int = 4096
     #: How long the kernel may keep these attributes (and the entry).
     timeout: float = 1.0
+    #: Owner and group (None: the mount's owner's; image.raw: access.py).
+    uid: int | None = None
+    gid: int | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -105,6 +108,9 @@ class FsContext:
     direct_io: bool = True
     #: How often a wait (open of a snapshotting image, mkdir) polls the state.
     poll_interval: float = 0.2
+    #: Mode and (uid, gid) of every image.raw, instead of its volume file's (access.py).
+    image_mode: int | None = None
+    image_owner: tuple[int, int] | None = None
 
     @contextmanager
     def claim(self, zone: str, project: str, name: str, where: str) -> Iterator[None]:

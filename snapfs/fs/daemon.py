@@ -54,6 +54,9 @@ class MountConfig:
     zones: list[str] | None = None
     profile: str | None = None
     staging_bucket: str | None = None
+    #: Mode and (uid, gid) of every image.raw instead of its volume file's (access.py).
+    image_mode: int | None = None
+    image_owner: tuple[int, int] | None = None
 
 
 def object_storage(endpoint: str | None) -> ObjectStorage | None:
@@ -115,6 +118,7 @@ async def serve(cfg: MountConfig, ready: Callable[[], None] | None = None) -> No
     async with open_backend(cfg) as svc:
         ctx = FsContext.create(svc, ttl=cfg.ttl)
         ctx.direct_io, ctx.readahead = cfg.direct_io, cfg.readahead
+        ctx.image_mode, ctx.image_owner = cfg.image_mode, cfg.image_owner
         ops = SnapfsOperations(ctx)
         try:
             pyfuse3.init(ops, mnt, fuse_options(cfg))

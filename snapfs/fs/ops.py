@@ -86,7 +86,8 @@ class SnapfsOperations(pyfuse3.Operations):
         a.generation = 0
         a.st_mode = st.mode
         a.st_nlink = 2 if st.is_dir else 1
-        a.st_uid, a.st_gid = self.ctx.uid, self.ctx.gid
+        a.st_uid = self.ctx.uid if st.uid is None else st.uid
+        a.st_gid = self.ctx.gid if st.gid is None else st.gid
         a.st_size = st.size
         a.st_blksize = st.blksize
         a.st_blocks = (st.size + 511) // 512

@@ -13,6 +13,7 @@ from ...errors import InvalidArgument, Interrupted, NotFound, ReadOnly, Snapshot
 from ...model import BUSY_STATES, FAILED_STATES, Snapshot
 from ...service import Buffer, ImageReader
 from .. import transfer
+from ..access import image_access
 from ..context import IMAGE_BLKSIZE, FsContext, Stat, file_stat, ns
 from ..keys import EXPORT, IMAGE, JSON, Key
 from ..prefetch import Prefetcher
@@ -49,9 +50,11 @@ class FileNode(Node):
 class ImageNode(FileNode):
     async def stat(self) -> Stat:
         s = await self.snapshot()
+        ctx = self.ctx
+        uid, gid, mode = image_access(s, ctx.uid, ctx.gid, ctx.image_mode, ctx.image_owner)
         # The size of a snapshot never changes: the kernel may keep it.
-        return file_stat(False, s.size, ns(s.modification_date), ns(s.creation_date),
-                         IMAGE_BLKSIZE, timeout=10.0)
+        return Stat(mode, s.size, ns(s.modification_date), ns(s.creation_date),
+                    IMAGE_BLKSIZE, timeout=10.0, uid=uid, gid=gid)
 
     async def open(self, flags: int, pid: int) -> Handle:
         if wants_write(flags):

@@ -20,7 +20,7 @@ import pytest
 from fixtures_mount import Mount, run
 from fixtures_perms import NOBODY_UID, as_nobody
 from fixtures_store import (MiB, ZONE, random_bytes, read_all, snapfs_cli, snapshot_of,
-                            wait_state, write_volume)
+                            write_volume)
 from snapfs.errors import InvalidArgument
 from snapfs.local import LocalService
 

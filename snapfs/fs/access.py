@@ -19,6 +19,7 @@ from __future__ import annotations
 import grp
 import pwd
 import stat
+from typing import Any, Callable
 
 from ..errors import InvalidArgument
 from ..model import Snapshot
@@ -50,11 +51,11 @@ def parse_image_owner(text: str) -> tuple[int, int]:
     return _ident(user, pwd.getpwnam, "user"), _ident(group, grp.getgrnam, "group")
 
 
-def _ident(text: str, by_name: object, what: str) -> int:
+def _ident(text: str, by_name: Callable[[str], Any], what: str) -> int:
     if text.isdigit():
         return int(text)
     try:
-        return int(by_name(text)[2])  # type: ignore[operator]
+        return int(by_name(text)[2])  # pw_uid / gr_gid
     except KeyError:
         raise InvalidArgument("--image-owner", f"no {what} named {text!r}") from None
 

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 import blake3
 import pytest
+import trio
 
 from fixtures_mount import Mount, run
 from fixtures_perms import NOBODY_UID, as_nobody
@@ -212,3 +213,16 @@ def test_a_volume_path_swapped_by_its_directory_owner_is_never_read(
     assert state == "available"
     assert run("cmp", s5 / "image.raw", disk).returncode == 0
     assert blake3.blake3(secret.read_bytes()).digest() not in chunk_hashes(store)
+
+
+async def test_a_fifo_swapped_in_fails_the_snapshot_without_blocking(
+        service: LocalService, volume_file: Callable[..., Path]) -> None:
+    path = volume_file("v", MiB, [(0, b"v")])
+    vol = await service.add_volume("v", path)
+    path.unlink()
+    os.mkfifo(path)  # nobody writes it: an open that waited would wait forever
+    with trio.fail_after(5):
+        snap = await service.create_snapshot(ZONE, name="s", volume_id=vol.id)
+    assert snap.state == "error" and "is a FIFO (named pipe) now" in str(snap.error_reason)
+    assert (await service.get_snapshot(ZONE, snap.id)).state == "error"
+    assert (await service.get_volume(ZONE, vol.id)).path == str(path)

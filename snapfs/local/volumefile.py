@@ -123,7 +123,7 @@ def open_volume(vf: VolumeFile) -> tuple[int, os.stat_result]:
     """A read-only descriptor of the volume's file and its fstat, once it is known
     to be the file registered (when an identity is recorded). Refuses with
     VolumeChanged whatever else is there now (a symlink, another file, a FIFO);
-    a missing file is InvalidArgument. Blocking: for a worker thread."""
+    a missing or unreadable file is InvalidArgument. Blocking: for a worker thread."""
     try:
         fd = _open_nofollow(vf.path)
     except FileNotFoundError:
@@ -132,7 +132,8 @@ def open_volume(vf: VolumeFile) -> tuple[int, os.stat_result]:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise _changed(vf, "is a symbolic link now") from None
-        raise
+        raise InvalidArgument("path", f"volume {vf.name!r}: {vf.path} is not readable: "
+                                      f"{exc.strerror}") from None
     try:
         st = os.fstat(fd)
         kind = _kind(st.st_mode)

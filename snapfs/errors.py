@@ -72,9 +72,12 @@ class ReadOnly(SnapfsError):
     api_type = "invalid_request_error"
 
 
-class VolumeChanged(PreconditionFailed):
+class VolumeChanged(SnapfsError):
     """A volume's path no longer leads to the file registered (another file, a
-    symlink): nothing is read from it until ``snapfs volume repoint``."""
+    symlink): nothing is read from it until ``snapfs volume repoint``. Fails the
+    snapshot (state error) rather than the request that made it."""
+
+    api_type = "precondition_failed"
 
 
 class SnapshotUnusable(SnapfsError):
@@ -133,6 +136,7 @@ ERRNO: dict[type[SnapfsError], int] = {
     NotPermitted: errno.EPERM,
     ReadOnly: errno.EROFS,
     SnapshotUnusable: errno.EIO,
+    VolumeChanged: errno.ESTALE,
     CorruptData: errno.EIO,
     InvalidData: errno.EINVAL,
     Transient: errno.EAGAIN,
@@ -151,6 +155,7 @@ HTTP_STATUS: dict[type[SnapfsError], int] = {
     NotPermitted: 400,
     ReadOnly: 400,
     SnapshotUnusable: 412,
+    VolumeChanged: 412,
     CorruptData: 500,
     InvalidData: 400,
     Transient: 503,

@@ -149,7 +149,7 @@ class BackgroundJobs:
             await source.aclose()
 
     async def _snapshot_by_clone(self, snapshot_id: str, key: int, volume_id: str,
-                                 path: VolumeFile, size: int) -> bool:
+                                 volume: VolumeFile, size: int) -> bool:
         """On XFS/btrfs (shadows.py): a durable clone of the volume makes its snapshot
         available before Create returns (as `zfs snapshot` or `btrfs subvolume
         snapshot` are done when they return); its chunks are then stored in the
@@ -159,7 +159,7 @@ class BackgroundJobs:
         with trio.CancelScope(shield=True):  # the row must not be left without its job
             try:
                 shadow = await trio.to_thread.run_sync(self.shadows.clone, volume_id, key,
-                                                       snapshot_id, path, size,
+                                                       snapshot_id, volume, size,
                                                        limiter=self.io_limiter)
             except Exception:  # a bug: the capture can still read the volume
                 log.exception("cloning the volume for snapshot %s failed", snapshot_id)
@@ -174,7 +174,7 @@ class BackgroundJobs:
         return True
 
     async def _run_capture(self, snapshot_id: str, key: int, volume_id: str,
-                           path: VolumeFile, size: int, lease: bool) -> None:
+                           volume: VolumeFile, size: int, lease: bool) -> None:
         """A volume's snapshot read from the volume: a copy of the previous
         snapshot's map when the volume's read lease proves the file unchanged since
         that capture began (leases.py), else a capture of the volume under a lease
@@ -182,15 +182,15 @@ class BackgroundJobs:
         it would cost writers that open with O_NONBLOCK (truncate(1)) an EAGAIN."""
         held, base = None, None
         if lease:
-            held, base = await self._leases.before_capture(volume_id, path, size)
+            held, base = await self._leases.before_capture(volume_id, volume, size)
 
         async def work() -> None:
             if base is not None and await self._copy_map(snapshot_id, key, base):
                 return
-            before = await trio.to_thread.run_sync(_written_stamp, path.path)
-            source = await trio.to_thread.run_sync(FileSource, path, self.hash_limiter, size)
+            before = await trio.to_thread.run_sync(_written_stamp, volume.path)
+            source = await trio.to_thread.run_sync(FileSource, volume, self.hash_limiter, size)
             await self._store(source, snapshot_id, key)
-            if await trio.to_thread.run_sync(_written_stamp, path.path) != before:
+            if await trio.to_thread.run_sync(_written_stamp, volume.path) != before:
                 log.warning("snapshot %s: %s", snapshot_id, WRITTEN_WHILE_READ)
                 self.md.update_snapshot(snapshot_id, warning=WRITTEN_WHILE_READ)
         if await self._produce_map(snapshot_id, key, work) and held is not None:

@@ -111,8 +111,9 @@ def _open(volume: VolumeFile) -> tuple[int, os.stat_result] | None:
 
 
 async def take(volume: VolumeFile, size: int) -> Lease | None:
-    """A read lease on the file at ``path`` of ``size`` bytes, or None where
-    there can be none (see the module docstring). From the main thread's trio
+    """A read lease on the volume's file (``size`` bytes; opened only if it is
+    the file registered, volumefile.py), or None where there can be none (see
+    the module docstring). From the main thread's trio
     loop: the signal that breaks a lease must reach the thread that can hand it
     back. (The path is looked up in a worker: a volume may sit on a slow mount.)"""
     if not _install():
@@ -121,8 +122,7 @@ async def take(volume: VolumeFile, size: int) -> Lease | None:
     if opened is None:
         return None
     fd, st = opened
-    path = volume.path
-    lease = Lease(path, fd, st.st_dev, st.st_ino, size)
+    lease = Lease(volume.path, fd, st.st_dev, st.st_ino, size)
     _held[fd] = lease  # before F_SETLEASE: a break must find it
     try:
         fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
@@ -132,7 +132,7 @@ async def take(volume: VolumeFile, size: int) -> Lease | None:
         fcntl.fcntl(fd, F_SETOWN_EX, struct.pack("ii", F_OWNER_TID, threading.get_native_id()))
     except OSError as exc:
         if exc.errno not in (errno.EAGAIN, errno.EINVAL, errno.ENOLCK, errno.EACCES):
-            log.warning("cannot lease volume %s: %s", path, exc)
+            log.warning("cannot lease volume %s: %s", volume.path, exc)
         _release(lease)
         return None
     return lease

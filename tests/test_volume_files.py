@@ -22,8 +22,10 @@ from fixtures_mount import Mount, run
 from fixtures_perms import NOBODY_UID, as_nobody
 from fixtures_store import (MiB, ZONE, random_bytes, read_all, snapfs_cli, snapshot_of,
                             write_volume)
-from snapfs.errors import InvalidArgument
+from snapfs.errors import InvalidArgument, VolumeChanged
 from snapfs.local import LocalService
+from snapfs.local.capture import FileSource
+from snapfs.local.volumefile import VolumeFile, identity_of, inspect_new, open_volume
 
 
 def volumes(store: Path) -> list[dict[str, object]]:
@@ -226,3 +228,35 @@ async def test_a_fifo_swapped_in_fails_the_snapshot_without_blocking(
     assert snap.state == "error" and "is a FIFO (named pipe) now" in str(snap.error_reason)
     assert (await service.get_snapshot(ZONE, snap.id)).state == "error"
     assert (await service.get_volume(ZONE, vol.id)).path == str(path)
+
+
+def test_open_volume_opens_only_the_file_registered(tmp_path: Path) -> None:
+    """The one helper every open of a volume goes through (probe, capture, lease,
+    clone): never through a symlink, never another file, never blocking."""
+    path = write_volume(tmp_path / "v.raw", MiB, [(0, b"v")])
+    found = inspect_new(path)
+    vf = VolumeFile("v", found.path, found.identity)
+    fd, st = open_volume(vf)
+    try:
+        assert identity_of(st) == found.identity and os.get_blocking(fd)
+    finally:
+        os.close(fd)
+    source = FileSource(vf, trio.CapacityLimiter(1))
+    assert source.size == MiB
+    trio.run(source.aclose)
+    moved = tmp_path / "v.orig"
+    os.replace(path, moved)
+    path.symlink_to(moved)  # the very same file, through a symlink: still refused
+    with pytest.raises(VolumeChanged, match="is a symbolic link now"):
+        open_volume(vf)
+    path.unlink()
+    write_volume(path, MiB, [(0, b"other")])
+    with pytest.raises(VolumeChanged, match="is another file now"):
+        FileSource(vf, trio.CapacityLimiter(1))
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(VolumeChanged, match="is a FIFO"):
+        open_volume(VolumeFile("v", str(path), None))  # even with no identity recorded
+    path.unlink()
+    with pytest.raises(InvalidArgument, match="does not exist"):
+        open_volume(vf)

@@ -174,6 +174,8 @@ class Catalog:
                 return None
             return snap if in_view(snap, project, view) else None
         base = names.candidates_name(entry)
+        if base is None:  # an escaped or cut label: only the whole listing has it
+            return names.resolve(entry, (await self.snapshots(zone, project, view)).items)
         same = names.exact(await self._list_snapshots(zone, project, view, name=base),
                            [base, entry])
         return names.resolve(entry, same)

@@ -29,7 +29,7 @@ from scaleway_core.api import ScalewayException
 
 from ..errors import NotFound
 from ..model import (MAX_PER_PAGE, Page, Project, Snapshot, Task, Volume, check_name,
-                     check_paging, check_tags, check_zone)
+                     check_paging, check_tag_filter, check_tags, check_zone)
 from ..objects import ObjectStorage
 from ..service import ImageReader, SnapshotService
 from . import convert
@@ -151,7 +151,7 @@ class ScalewayService(SnapshotService):
                              ) -> Page[Snapshot]:
         per_page, page = check_paging(per_page, page)
         if tags is not None:
-            check_tags(tags)
+            check_tag_filter(tags)
         res = await self.call(
             "list snapshots", self._lists.list_snapshots, zone=self._zone(zone),
             organization=organization, project=project, name=name,

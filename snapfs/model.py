@@ -115,7 +115,7 @@ def name_problem(value: str) -> str | None:
         return f"longer than {NAME_MAX_BYTES} bytes ({size})"
     bad = _NAME_FORBIDDEN.search(value)
     if bad is not None:
-        return f"cannot contain {_char(bad.group())!r} (no '/', '~' or control characters)"
+        return f"cannot contain '{_char(bad.group())}' (no '/', '~' or control characters)"
     if is_uuid(value):
         return "cannot be a UUID: IDs resolve as paths"
     return None
@@ -145,7 +145,7 @@ def tag_problem(tag: str) -> str | None:
         return f"longer than {TAG_MAX_BYTES} bytes ({size})"
     bad = _TAG_FORBIDDEN.search(tag)
     if bad is not None:
-        return f"cannot contain {_char(bad.group())!r} (no ',', '/', '~' or control characters)"
+        return f"cannot contain '{_char(bad.group())}' (no ',', '/', '~' or control characters)"
     return None
 
 

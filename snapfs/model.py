@@ -302,7 +302,7 @@ class Snapshot:
         name and tags (the only fields a Set changes)."""
         for name in self.READ_ONLY:
             if getattr(self, name) != getattr(current, name):
-                raise InvalidArgument(name, "is read-only: only name and tags can be set")
+                raise InvalidArgument(name, "cannot be changed (only name and tags can be set)")
 
     def to_api(self) -> dict[str, Any]:
         return {

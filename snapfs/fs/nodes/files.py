@@ -209,8 +209,8 @@ class ExportHandle(TargetHandle):
         node.ctx.exports[node.key.snapshot] = task.id
         node.ctx.catalog.invalidate()
         node.ctx.catalog.forget(node.key.snapshot)
-        log.info("export of snapshot %s to s3://%s/%s: task %s", node.key.snapshot,
-                 target.bucket, target.key, task.id)
+        log.info("export of snapshot %s to s3://%s/%s: task %s started", node.key.snapshot,
+                 esc(target.bucket), esc(target.key), task.id)
 
 
 FILE_NODES: dict[str, type[FileNode]] = {IMAGE: ImageNode, JSON: JsonNode, EXPORT: ExportNode}

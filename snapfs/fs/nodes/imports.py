@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from ...errors import AlreadyExists, NotFound
+from ...logtext import esc
 from ...model import Snapshot, check_name, name_problem
 from .. import transfer
 from ..context import ImportRecord, Stat, file_stat
@@ -136,6 +137,6 @@ class ImportHandle(TargetHandle):
             rec.target, rec.snapshot_id = target, snap.id
             node.ctx.catalog.invalidate()
             node.ctx.catalog.remember(snap)
-        log.info("import %s from s3://%s/%s: snapshot %s", node.key.name, target.bucket,
-                 target.key, snap.id)
+        log.info("import %s from s3://%s/%s: snapshot %s started", esc(node.key.name),
+                 esc(target.bucket), esc(target.key), snap.id)
 

@@ -98,7 +98,7 @@ class SnapshotNode(Node):
             await self._refuse_xattr(name)
         snap = await self.snapshot(max_age=0)
         self._changed(await self.ctx.svc.update_snapshot(snap.zone, snap.id, tags=[]))
-        log.info("setfattr -x user.tags on snapshot %s", snap.id)
+        log.info("setfattr -x user.tags on snapshot %s: tags removed", snap.id)
 
     def _changed(self, snap: Snapshot) -> None:
         self.ctx.catalog.invalidate()

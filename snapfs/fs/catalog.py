@@ -165,7 +165,8 @@ class Catalog:
         (labels depend on nothing else), or for the ID."""
         listing = self.fresh_snapshots(zone, project, view)
         if listing is not None:
-            return names.resolve(entry, listing.items)
+            found = listing.by_label.get(entry)  # what ls -l asks for: no relabelling
+            return found if found is not None else names.resolve(entry, listing.items)
         ident = names.as_uuid(entry)
         if ident is not None:
             try:

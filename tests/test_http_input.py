@@ -168,3 +168,12 @@ def test_serve_with_a_secret_or_on_loopback_needs_no_flag(tmp_path: Path) -> Non
         assert url.startswith("http://127.0.0.1:")
     finally:
         assert stop_server(proc) == 0
+
+
+@pytest.mark.parametrize("host, loopback", [
+    ("127.0.0.1", True), ("127.1.2.3", True), ("::1", True), ("localhost", True),
+    ("0.0.0.0", False), ("::", False), ("192.0.2.1", False),
+])
+def test_which_addresses_count_as_loopback(host: str, loopback: bool) -> None:
+    from snapfs.http.server import is_loopback
+    assert is_loopback(host) is loopback

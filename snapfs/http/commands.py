@@ -80,8 +80,12 @@ async def _serve(store: Path, listen: str, s3_endpoint: str | None,
     from ..local import open_local_service  # type: ignore[attr-defined]
     from .server import bind, check_exposure, serve
 
-    check_exposure(listen, os.environ.get("SCW_SECRET_KEY") or None, no_auth)
-    sock = bind(listen)
+    sock = bind(listen)  # an unknown host or a taken port is its own clear refusal
+    try:
+        check_exposure(listen, os.environ.get("SCW_SECRET_KEY") or None, no_auth)
+    except BaseException:
+        sock.close()
+        raise
     async with AsyncExitStack() as stack:
         stack.callback(sock.close)
         objects = await _open_objects(stack, s3_endpoint)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from .errors import SnapfsError
+from .logtext import EscapingFormatter
 from .memory import limit_malloc_arenas
 
 
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="snapfs: %(message)s")
+        for handler in logging.getLogger().handlers:  # what clients send, escaped
+            handler.setFormatter(EscapingFormatter("snapfs: %(message)s"))
     try:
         try:
             return int(args.func(args) or 0)

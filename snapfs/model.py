@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -60,25 +61,133 @@ def check_uuid(field_name: str, value: str) -> str:
         raise InvalidArgument(field_name, f"{value!r} is not a UUID") from None
 
 
+#: The naming rule (README, "Names"): at most this many bytes of UTF-8.
+NAME_MAX_BYTES = 255
+#: Tags: at most this many bytes each, and this many per resource. Scaleway's
+#: Instance API documents no limit; these keep every tag a directory name of
+#: ``tags/`` and a ``user.tags`` value well within the kernel's 64 KiB.
+TAG_MAX_BYTES = 128
+MAX_TAGS = 64
+
+#: C0 controls, DEL and C1 controls: never in a name or tag (a newline in a
+#: name forges log lines and breaks every line-based tool).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: ``~`` marks the labels the tree lists duplicates and unshowable names under.
+_NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f/~]")
+#: Tags also may not hold ``,``: ``user.tags`` separates them with it.
+_TAG_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f/~,]")
+
+
+def _utf8_len(value: str) -> int | None:
+    """Bytes of ``value`` in UTF-8; None when it holds lone surrogates (the
+    form undecodable bytes take in Python), which have no UTF-8."""
+    try:
+        return len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        return None
+
+
+def _char(ch: str) -> str:
+    return repr(ch)[1:-1] if _CONTROL.match(ch) else ch
+
+
+def is_uuid(value: str) -> bool:
+    """Whether ``value`` parses as a UUID in any form Python accepts."""
+    try:
+        uuid.UUID(value)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def name_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a resource name (None: it can). The one naming
+    rule of mkdir, rename, ``user.name``, ``imports/``, the CLI and serve: a name
+    is also a path component and must never be mistaken for an ID or a label."""
+    if not value:
+        return "must not be empty"
+    if value in (".", ".."):
+        return f"{value!r} is not a usable name"
+    size = _utf8_len(value)
+    if size is None:
+        return "must be valid UTF-8 text"
+    if size > NAME_MAX_BYTES:
+        return f"longer than {NAME_MAX_BYTES} bytes ({size})"
+    bad = _NAME_FORBIDDEN.search(value)
+    if bad is not None:
+        return f"cannot contain '{_char(bad.group())}' (no '/', '~' or control characters)"
+    if is_uuid(value):
+        return "cannot be a UUID: IDs resolve as paths"
+    return None
+
+
 def check_name(value: object, field_name: str = "name") -> str:
-    """Names must be usable as a single path component as well as API names."""
-    if not isinstance(value, str) or not value:
-        raise InvalidArgument(field_name, "must be a non-empty string")
-    if "/" in value or "\0" in value or value in (".", ".."):
-        raise InvalidArgument(field_name,
-                              f"{value!r} cannot contain '/' or NUL, nor be '.' or '..'")
-    if len(value.encode()) > 255:
-        raise InvalidArgument(field_name, "longer than 255 bytes")
+    """``value`` if it is a usable name, else InvalidArgument saying why."""
+    if not isinstance(value, str):
+        raise InvalidArgument(field_name, "must be a string")
+    problem = name_problem(value)
+    if problem is not None:
+        raise InvalidArgument(field_name, problem)
     return value
 
 
+def tag_problem(tag: str) -> str | None:
+    """Why ``tag`` cannot be a tag (None: it can): the naming rule's kind, with
+    ``,`` reserved and a shorter limit."""
+    if not tag:
+        return "must not be empty"
+    if tag in (".", ".."):
+        return f"{tag!r} is not a usable tag"
+    size = _utf8_len(tag)
+    if size is None:
+        return "must be valid UTF-8 text"
+    if size > TAG_MAX_BYTES:
+        return f"longer than {TAG_MAX_BYTES} bytes ({size})"
+    bad = _TAG_FORBIDDEN.search(tag)
+    if bad is not None:
+        return f"cannot contain '{_char(bad.group())}' (no ',', '/', '~' or control characters)"
+    return None
+
+
 def check_tags(value: object) -> list[str]:
+    """The tags, each checked, duplicates dropped (first kept), at most MAX_TAGS."""
     if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
         raise InvalidArgument("tags", "must be a list of strings")
-    for t in value:
-        if not t or "," in t or "/" in t or "\0" in t:
-            raise InvalidArgument("tags", f"tag {t!r} must be non-empty without ',', '/' or NUL")
+    out = list(dict.fromkeys(value))
+    for t in out:
+        problem = tag_problem(t)
+        if problem is not None:
+            shown = t if len(t) <= 40 else t[:40] + "..."
+            raise InvalidArgument("tags", f"tag {shown!r}: {problem}")
+    if len(out) > MAX_TAGS:
+        raise InvalidArgument("tags", f"more than {MAX_TAGS} tags ({len(out)})")
+    return out
+
+
+def check_tag_filter(value: object) -> list[str]:
+    """Tags to filter a List by: any stored tag may be asked for (one made
+    before the tag rule included), so only the shape is checked."""
+    if not isinstance(value, list) or not all(isinstance(t, str) and t for t in value):
+        raise InvalidArgument("tags", "must be a list of non-empty strings")
     return list(value)
+
+
+#: Largest size a volume or imported snapshot may have (8 EiB less a sector:
+#: SQLite's integers are signed 64-bit).
+MAX_SIZE = (1 << 63) - 512
+
+
+def check_size(value: object, field_name: str = "size") -> int:
+    """A size in bytes: a positive multiple of 512 (the API's rule), bounded."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % 512:
+        raise InvalidArgument(field_name, "must be a positive multiple of 512 bytes")
+    if value > MAX_SIZE:
+        raise InvalidArgument(field_name, f"larger than {MAX_SIZE} bytes")
+    return value
+
+
+#: Highest page number a List accepts: offsets stay far inside SQLite's int64.
+MAX_PAGE = 1 << 31
 
 
 def check_paging(per_page: int | None, page: int | None) -> tuple[int, int]:
@@ -86,8 +195,8 @@ def check_paging(per_page: int | None, page: int | None) -> tuple[int, int]:
     page = 1 if page is None else page
     if not isinstance(per_page, int) or not 1 <= per_page <= MAX_PER_PAGE:
         raise InvalidArgument("per_page", f"must be between 1 and {MAX_PER_PAGE}")
-    if not isinstance(page, int) or page < 1:
-        raise InvalidArgument("page", "must be >= 1")
+    if not isinstance(page, int) or not 1 <= page <= MAX_PAGE:
+        raise InvalidArgument("page", f"must be between 1 and {MAX_PAGE}")
     return per_page, page
 
 
@@ -197,6 +306,16 @@ class Snapshot:
     #: Fields Set may not change; a differing value is an invalid argument.
     IMMUTABLE = ("id", "organization", "project", "size", "volume_type", "zone",
                  "creation_date", "base_volume")
+    #: Fields the service alone sets: a Set that changes them is refused, not
+    #: silently ignored (modification_date moves with every change: ignored).
+    READ_ONLY = IMMUTABLE + ("state", "error_reason")
+
+    def check_set(self, current: "Snapshot") -> None:
+        """Refuse a Set of ``self`` over ``current`` that changes more than the
+        name and tags (the only fields a Set changes)."""
+        for name in self.READ_ONLY:
+            if getattr(self, name) != getattr(current, name):
+                raise InvalidArgument(name, "cannot be changed (only name and tags can be set)")
 
     def to_api(self) -> dict[str, Any]:
         return {
@@ -234,9 +353,16 @@ class Snapshot:
                      "creation_date", "modification_date"):
             if not isinstance(data[name], str):
                 raise InvalidArgument(name, "must be a string")
+        if not isinstance(data["name"], str):
+            raise InvalidArgument("name", "must be a string")
+        if not isinstance(data["tags"], list) or not all(isinstance(t, str)
+                                                         for t in data["tags"]):
+            raise InvalidArgument("tags", "must be a list of strings")
+        # The naming and tag rules apply to what a Set changes (the service checks
+        # them): a name stored before the rule may be kept while tags change.
         return cls(
-            id=data["id"], name=check_name(data["name"]), organization=data["organization"],
-            project=data["project"], tags=check_tags(data["tags"]),
+            id=data["id"], name=data["name"], organization=data["organization"],
+            project=data["project"], tags=list(data["tags"]),
             volume_type=data["volume_type"], size=data["size"], state=data["state"],
             base_volume=bv, creation_date=data["creation_date"],
             modification_date=data["modification_date"], error_reason=data["error_reason"],

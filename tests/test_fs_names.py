@@ -34,11 +34,21 @@ def test_duplicates_get_the_first_8_hex_digits_of_their_id() -> None:
     assert list(names.labels([A, B, C])) == ["web~aaaaaaaa", "web~bbbbbbbb", "db"]
 
 
-def test_a_label_colliding_with_a_real_name_uses_the_full_id() -> None:
+def test_a_label_colliding_with_another_uses_the_full_id() -> None:
+    twin = R("aaaaaaaa-1111-4000-8000-000000000005", "web")  # same first 8 hex digits
+    labels = names.labels([A, B, twin])
+    assert labels["web~aaaaaaaa"] is A
+    assert labels[f"web~{twin.id}"] is twin and labels["web~bbbbbbbb"] is B
+    assert names.resolve(f"web~{twin.id}", [A, B, twin]) is twin
+
+
+def test_a_name_shaped_like_a_label_is_escaped_not_taken_for_the_label() -> None:
+    """Made before the rule (names now never hold "~"): it cannot squat a label."""
     squatter = R("dddddddd-0000-4000-8000-000000000004", "web~aaaaaaaa")
     labels = names.labels([A, B, squatter])
-    assert labels["web~aaaaaaaa"] is squatter
-    assert labels[f"web~{A.id}"] is A and labels["web~bbbbbbbb"] is B
+    assert labels["web~aaaaaaaa"] is A and labels["web~bbbbbbbb"] is B
+    assert labels["web\\x7eaaaaaaaa~dddddddd"] is squatter
+    assert names.resolve("web\\x7eaaaaaaaa~dddddddd", [A, B, squatter]) is squatter
 
 
 def test_resolve_by_label_id_and_stale_label() -> None:
@@ -60,7 +70,7 @@ def test_label_of_depends_only_on_same_named_items() -> None:
     assert names.label_of(C, [C]) == "db"
     assert names.candidates_name("web~aaaaaaaa") == "web"
     assert names.candidates_name(f"web~{A.id}") == "web"
-    assert names.candidates_name("plain~name") == "plain~name"
+    assert names.candidates_name("plain~name") is None  # no valid name holds "~"
     assert names.exact([A, B, C, R("x", "website")], ["web"]) == [A, B]
 
 
@@ -142,3 +152,68 @@ def test_import_status_follows_the_snapshot() -> None:
     assert (st["state"], st["error"]) == ("failure", "bad magic")
     done = Snapshot(state="available", error_reason=None, **base)
     assert transfer.import_status(target, done)["state"] == "success"
+
+
+# --- names the tree cannot show as they are (made before the rule, or elsewhere) ---
+
+D = "dddddddd-0000-4000-8000-000000000004"
+
+UNSHOWABLE = [
+    # (stored name, its label with D's short id)
+    ("a\nb", "a\\x0ab~dddddddd"),
+    ("a/b", "a\\x2fb~dddddddd"),
+    ("back\\slash\x7f", "back\\\\slash\\x7f~dddddddd"),
+    (".", ".~dddddddd"),
+    ("..", "..~dddddddd"),
+    ("", "~dddddddd"),
+    ("aaaaaaaa-0000-4000-8000-000000000001", "aaaaaaaa-0000-4000-8000-000000000001~dddddddd"),
+    ("bad\udcffutf8", "bad\\udcffutf8~dddddddd"),
+    ("\x85c1", "\\x85c1~dddddddd"),
+]
+
+
+@pytest.mark.parametrize("stored, label", UNSHOWABLE)
+def test_an_unshowable_name_is_listed_escaped_and_resolves(stored: str, label: str) -> None:
+    item = R(D, stored)
+    assert list(names.labels([item, C])) == [label, "db"]
+    assert names.resolve(label, [item, C]) is item
+    assert names.resolve(D, [item, C]) is item  # always by its ID too
+    assert names.resolve(stored, [item, C]) is None or stored == D
+    assert names.candidates_name(label) is None or names.candidates_name(label) == stored
+    assert len(label.encode()) <= 255 and "/" not in label and label not in (".", "..")
+
+
+def test_a_name_equal_to_another_id_never_hides_that_id() -> None:
+    """The ID of A means A, whatever the cache holds; the squatter has a label."""
+    squatter = R(D, A.id)
+    items = [A, squatter]
+    assert names.resolve(A.id, items) is A
+    assert names.resolve(A.id, [A]) is A
+    assert A.id not in names.labels(items)
+
+
+def test_labels_fit_255_bytes_even_for_long_duplicated_names() -> None:
+    long = "é" * 127 + "x"  # 255 bytes: a valid name
+    a, b = R(A.id, long), R(B.id, long)
+    labels = names.labels([a, b])
+    for label, item in labels.items():
+        assert len(label.encode()) <= 255
+        assert names.resolve(label, [a, b]) is item
+        assert names.candidates_name(label) is None  # cut: only a full listing finds it
+    huge = R(D, "z" * 70000)
+    (label,) = names.labels([huge])
+    assert len(label.encode()) <= 255 and names.resolve(label, [huge]) is huge
+
+
+TAGS = ["ok", "x" * 5000, "y" * 65000, ".", "..", "new\nline", "a/b", "c,d", "t~x"]
+
+
+def test_every_stored_tag_has_a_distinct_entry_of_at_most_255_bytes() -> None:
+    labels = names.tag_labels(TAGS)
+    assert sorted(labels.values()) == sorted(TAGS)
+    assert labels["ok"] == "ok"
+    for label in labels:
+        assert 0 < len(label.encode()) <= 255
+        assert "/" not in label and "\n" not in label and label not in (".", "..")
+    assert names.tag_labels(["x" * 5000]) == {k: v for k, v in labels.items()
+                                              if v == "x" * 5000}  # stable

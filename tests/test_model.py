@@ -3,6 +3,7 @@ and the one errno/HTTP table."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 
 import pytest
@@ -71,7 +72,8 @@ def test_task_json_is_what_the_official_sdk_reads() -> None:
     ({**make_snapshot().to_api(), "extra": 1}, "extra"),
     ({**make_snapshot().to_api(), "size": "big"}, "size"),
     ({**make_snapshot().to_api(), "tags": "a,b"}, "tags"),
-    ({**make_snapshot().to_api(), "name": "a/b"}, "name"),
+    ({**make_snapshot().to_api(), "name": 5}, "name"),
+    ({**make_snapshot().to_api(), "tags": ["a", 1]}, "tags"),
 ])
 def test_from_api_rejects_wrong_shapes(data: object, field: str) -> None:
     with pytest.raises(InvalidArgument) as info:
@@ -90,11 +92,66 @@ def test_validators() -> None:
             check_tags(bad_tags)
     assert check_paging(None, None) == (50, 1)
     assert check_paging(100, 3) == (100, 3)
-    for pp, pg in ((101, 1), (-1, 1), (10, -2), (0, 1), (10, 0)):
+    for pp, pg in ((101, 1), (-1, 1), (10, -2), (0, 1), (10, 0), (10, 10 ** 20)):
         with pytest.raises(InvalidArgument):
             check_paging(pp, pg)
     with pytest.raises(InvalidArgument):
         check_zone("mars-1")
+
+
+#: One row per clause of the naming rule (README, "Names").
+BAD_NAMES = [
+    ("", "empty"), (".", "."), ("..", ".."), ("a/b", "'/'"), ("a~b", "'~'"),
+    ("new\nline", "control"), ("nul\x00", "control"), ("del\x7f", "control"),
+    ("c1\x85", "control"), ("tab\t", "control"), ("bad\udcff", "UTF-8"),
+    ("x" * 256, "255 bytes"), ("é" * 128, "255 bytes"),
+    ("6f1b4a3e-7d3c-4c55-9a53-0d6f3f8b7c01", "UUID"),
+    ("6F1B4A3E7D3C4C559A530D6F3F8B7C01", "UUID"),
+    ("{6f1b4a3e-7d3c-4c55-9a53-0d6f3f8b7c01}", "UUID"),
+]
+
+
+@pytest.mark.parametrize("name, why", BAD_NAMES)
+def test_the_naming_rule_refuses_and_says_why(name: str, why: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        check_name(name)
+    assert why in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["web", "a b", "back\\slash", "é" * 127 + "x", "x" * 255,
+                                  "-", "6f1b4a3e", "naïve 日本"])
+def test_the_naming_rule_accepts(name: str) -> None:
+    assert check_name(name) == name
+
+
+BAD_TAGS = [
+    ([""], "empty"), (["."], "."), ([".."], ".."), (["a,b"], "','"), (["a/b"], "'/'"),
+    (["a~b"], "'~'"), (["new\nline"], "control"), (["x" * 129], "128 bytes"),
+    ([f"t{i}" for i in range(65)], "more than 64"), ("a", "list"), ([1], "list"),
+]
+
+
+@pytest.mark.parametrize("tags, why", BAD_TAGS)
+def test_the_tag_rule_refuses_and_says_why(tags: object, why: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        check_tags(tags)
+    assert why in str(info.value)
+
+
+def test_tags_drop_duplicates_and_allow_the_limits() -> None:
+    assert check_tags(["b", "a", "b", "a"]) == ["b", "a"]
+    assert len(check_tags([f"t{i % 64}" for i in range(200)])) == 64
+    assert check_tags(["x" * 128]) == ["x" * 128]
+
+
+@pytest.mark.parametrize("field, value", [("state", "error"), ("error_reason", "forged"),
+                                          ("size", 1024), ("zone", "fr-par-2")])
+def test_a_set_changing_a_read_only_field_is_refused(field: str, value: object) -> None:
+    cur = make_snapshot()
+    with pytest.raises(InvalidArgument) as info:
+        dataclasses.replace(cur, **{field: value}).check_set(cur)
+    assert info.value.field == field
+    dataclasses.replace(cur, name="renamed", tags=["x"]).check_set(cur)  # allowed
 
 
 def test_every_error_kind_has_one_errno_and_one_http_status() -> None:

@@ -165,7 +165,8 @@ class Catalog:
         (labels depend on nothing else), or for the ID."""
         listing = self.fresh_snapshots(zone, project, view)
         if listing is not None:
-            return names.resolve(entry, listing.items)
+            found = listing.by_label.get(entry)  # what ls -l asks for: no relabelling
+            return found if found is not None else names.resolve(entry, listing.items)
         ident = names.as_uuid(entry)
         if ident is not None:
             try:
@@ -174,6 +175,8 @@ class Catalog:
                 return None
             return snap if in_view(snap, project, view) else None
         base = names.candidates_name(entry)
+        if base is None:  # an escaped or cut label: only the whole listing has it
+            return names.resolve(entry, (await self.snapshots(zone, project, view)).items)
         same = names.exact(await self._list_snapshots(zone, project, view, name=base),
                            [base, entry])
         return names.resolve(entry, same)

@@ -22,6 +22,7 @@ import pyfuse3
 import trio
 
 from ..errors import InvalidArgument, SnapfsError
+from ..logtext import EscapingFormatter
 from ..objects import ObjectStorage
 from ..service import SnapshotService
 from .context import FsContext
@@ -187,7 +188,7 @@ def setup_logging(cfg: MountConfig, stream: TextIO | None = None) -> None:
         handler: logging.Handler = logging.FileHandler(cfg.store / LOG_NAME)
     else:
         handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter(
+    handler.setFormatter(EscapingFormatter(
         "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)

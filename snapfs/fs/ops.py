@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import logging
 import os
 from typing import Any, Awaitable, Callable, TypeVar
@@ -17,8 +18,9 @@ from typing import Any, Awaitable, Callable, TypeVar
 import pyfuse3
 
 from ..service import Buffer
-from ..errors import (InvalidArgument, NotPermitted, NotSupported, ReadOnly, SnapfsError,
-                      errno_for)
+from ..errors import (InvalidArgument, NotFound, NotPermitted, NotSupported, ReadOnly,
+                      SnapfsError, errno_for)
+from ..logtext import esc
 from .context import FsContext, Stat
 from .keys import Key
 from .nodes import Entry, Handle, Node, node_for
@@ -33,16 +35,34 @@ XATTR_PREFIX = "user."
 QUIET = frozenset({errno.ENOENT, errno.ENODATA, errno.EOPNOTSUPP})
 
 
-def _arg(value: object) -> str:
-    if isinstance(value, bytes):
-        return repr(os.fsdecode(value))
-    return str(value)
+#: Handler arguments that say what a request is about, as rendered in its log
+#: line; the rest (attributes, flags, modes, offsets, contexts) are left out.
+_INODE_ARGS = ("inode", "parent_inode", "parent_inode_old", "parent_inode_new",
+               "new_parent_inode")
+_NAME_ARGS = ("name", "name_old", "name_new", "new_name", "target")
+
+
+def _described(ops: "SnapfsOperations", params: list[str], args: tuple[Any, ...]) -> str:
+    """The request's arguments for a log line: inodes as the place in the tree
+    they are, open files as their node, names escaped; never an object repr."""
+    parts = []
+    for param, value in zip(params, args):
+        if param in _INODE_ARGS and isinstance(value, int):
+            parts.append(ops.where(value))
+        elif param == "fh" and isinstance(value, int):
+            handle = ops._handles.get(value)
+            parts.append(handle.node.describe() if handle is not None else f"fh {value}")
+        elif param in _NAME_ARGS and isinstance(value, bytes):
+            parts.append(esc(value))
+    return ", ".join(parts)
 
 
 def refusals(fn: F) -> F:
     """Domain errors -> FUSEError(errno_for(exc)), with one log line; anything
-    unexpected is logged with its traceback and answered as the table's default."""
+    unexpected is a bug: logged once with its traceback, counted in
+    ``unexpected``, and answered as the table's default (EIO)."""
     op = fn.__name__
+    params = list(inspect.signature(fn).parameters)[1:]
 
     @functools.wraps(fn)
     async def wrapper(self: "SnapfsOperations", *args: Any) -> Any:
@@ -52,13 +72,13 @@ def refusals(fn: F) -> F:
             raise
         except SnapfsError as exc:
             code, reason = errno_for(exc), str(exc)
-        except Exception as exc:
-            log.exception("%s(%s) failed unexpectedly", op, ", ".join(map(_arg, args[:3])))
-            code = errno_for(SnapfsError(str(exc)))
-            raise pyfuse3.FUSEError(code) from None
+        except Exception:
+            self.unexpected += 1
+            log.exception("%s(%s): failed unexpectedly (bug #%d of this mount)", op,
+                          _described(self, params, args), self.unexpected)
+            raise pyfuse3.FUSEError(errno_for(SnapfsError())) from None
         log.log(logging.DEBUG if code in QUIET else logging.INFO, "%s(%s): %s: %s", op,
-                ", ".join(_arg(a) for a in args if not isinstance(a, pyfuse3.RequestContext)),
-                errno.errorcode.get(code, code), reason)
+                _described(self, params, args), errno.errorcode.get(code, code), reason)
         raise pyfuse3.FUSEError(code) from None
 
     return wrapper  # type: ignore[return-value]
@@ -74,6 +94,8 @@ class SnapfsOperations(pyfuse3.Operations):
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, list[Entry]] = {}
         self._next_fh = 1
+        #: Requests that failed with an unexpected exception (a bug each).
+        self.unexpected = 0
 
     # --- helpers ---------------------------------------------------------------------
 
@@ -106,9 +128,23 @@ class SnapfsOperations(pyfuse3.Operations):
         except KeyError:
             raise InvalidArgument("fh", f"no open file {fh}") from None
 
+    def where(self, inode: int) -> str:
+        """The place ``inode`` is in the tree, for log lines."""
+        try:
+            return self.node(inode).describe()
+        except Exception:  # a log line must never fail the request it describes
+            return f"inode {inode}"
+
     @staticmethod
-    def name(raw: bytes) -> str:
-        return os.fsdecode(raw)
+    def name(raw: bytes, absent: bool = False) -> str:
+        """A name the kernel passed, as text. Names are UTF-8: anything else is
+        refused (EINVAL), or, where a name is looked for (``absent``), not there."""
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            if absent:
+                raise NotFound("entry", esc(raw)) from None
+            raise InvalidArgument("name", f"{esc(raw)} is not valid UTF-8") from None
 
     # --- attributes and lookup -------------------------------------------------------
 
@@ -116,7 +152,7 @@ class SnapfsOperations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
                      ) -> pyfuse3.EntryAttributes:
         parent = self.ctx.inodes.key(parent_inode)
-        n = self.name(name)
+        n = self.name(name, absent=True)
         if n in (".", ".."):
             key = parent if n == "." else parent.parent()
             return self.attrs(key, await node_for(self.ctx, key).stat())
@@ -184,7 +220,7 @@ class SnapfsOperations(pyfuse3.Operations):
 
     @refusals
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        await self.node(parent_inode).rmdir(self.name(name))
+        await self.node(parent_inode).rmdir(self.name(name, absent=True))
 
     @refusals
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -192,11 +228,33 @@ class SnapfsOperations(pyfuse3.Operations):
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise NotPermitted("snapshots cannot be exchanged")
         await self.node(parent_inode_old).rename(
-            self.name(name_old), self.ctx.inodes.key(parent_inode_new), self.name(name_new))
+            self.name(name_old, absent=True), self.ctx.inodes.key(parent_inode_new),
+            self.name(name_new))
 
     @refusals
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        await self.node(parent_inode).unlink(self.name(name))
+        await self.node(parent_inode).unlink(self.name(name, absent=True))
+
+    # Links and special files have no meaning in the tree: refused from the one
+    # table (EPERM) rather than left to pyfuse3's default ENOSYS.
+
+    @refusals
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any
+                      ) -> pyfuse3.EntryAttributes:
+        raise NotPermitted(f"symlink {esc(name)} in {self.where(parent_inode)}: "
+                           "the tree holds no symbolic links")
+
+    @refusals
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
+                    ) -> pyfuse3.EntryAttributes:
+        raise NotPermitted(f"mknod {esc(name)} in {self.where(parent_inode)}: "
+                           "the tree holds no special files")
+
+    @refusals
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
+                   ) -> pyfuse3.EntryAttributes:
+        raise NotPermitted(f"link {esc(new_name)} in {self.where(new_parent_inode)}: "
+                           "the tree holds no hard links")
 
     # --- files -----------------------------------------------------------------------
 
@@ -238,11 +296,11 @@ class SnapfsOperations(pyfuse3.Operations):
 
     @staticmethod
     def _xattr_name(raw: bytes) -> str:
-        name = os.fsdecode(raw)
+        name = raw.decode("utf-8", "replace")
         if not name.startswith(XATTR_PREFIX):
             # ENOTSUP (not ENODATA): ls -l and cp -a then stop asking for ACLs and
             # SELinux labels on this filesystem after the first file.
-            raise NotSupported(f"only user.* attributes exist here, not {name}")
+            raise NotSupported(f"only user.* attributes exist here, not {esc(name)}")
         return name[len(XATTR_PREFIX):]
 
     @refusals
@@ -255,9 +313,9 @@ class SnapfsOperations(pyfuse3.Operations):
 
     @refusals
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
-        raw = os.fsdecode(name)
+        raw = name.decode("utf-8", "replace")
         if not raw.startswith(XATTR_PREFIX):
-            raise NotPermitted(f"only user.* attributes can be set, not {raw}")
+            raise NotPermitted(f"only user.* attributes can be set, not {esc(raw)}")
         try:
             text = value.decode("utf-8")
         except UnicodeDecodeError:
@@ -266,7 +324,7 @@ class SnapfsOperations(pyfuse3.Operations):
 
     @refusals
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
-        raw = os.fsdecode(name)
+        raw = name.decode("utf-8", "replace")
         if not raw.startswith(XATTR_PREFIX):
-            raise NotPermitted(f"only user.* attributes can be removed, not {raw}")
+            raise NotPermitted(f"only user.* attributes can be removed, not {esc(raw)}")
         await self.node(inode).removexattr(raw[len(XATTR_PREFIX):])

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qs
 
+from .. import jsontext
 from ..errors import InvalidArgument, SnapfsError
+from ..logtext import esc
 from .api_errors import error_body, unauthenticated_body
 
 log = logging.getLogger("snapfs.http")
@@ -39,10 +41,7 @@ class Request:
         """The body as a JSON object (an empty body is an empty object)."""
         if not self.body.strip():
             return {}
-        try:
-            data = json.loads(self.body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidArgument("body", f"not valid JSON: {exc}") from None
+        data = jsontext.loads(self.body, "body", MAX_BODY)
         if not isinstance(data, dict):
             raise InvalidArgument("body", "must be a JSON object")
         return data
@@ -117,6 +116,8 @@ class App:
     def __init__(self, router: Router, secret: str | None) -> None:
         self.router = router
         self.secret = secret
+        #: Requests answered 500 because of an unexpected exception (a bug each).
+        self.unexpected = 0
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[..., Awaitable[Any]],
                        send: Callable[..., Awaitable[None]]) -> None:
@@ -141,21 +142,24 @@ class App:
     async def _handle(self, scope: dict[str, Any],
                       receive: Callable[..., Awaitable[Any]]) -> Response:
         method, path = scope["method"], scope["path"]
+        # What a client sends reaches the log escaped (a NUL or newline in a URL
+        # must not forge or break lines).
+        shown = f"{esc(method, 20)} {esc(path)}"
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
         token = headers.get("x-auth-token")
         if not token:
-            log.info("%s %s -> 401: no X-Auth-Token", method, path)
+            log.info("%s -> 401: no X-Auth-Token", shown)
             return Response(401, unauthenticated_body())
         if self.secret is not None and not hmac.compare_digest(token.encode(),
                                                                self.secret.encode()):
-            log.info("%s %s -> 403: X-Auth-Token does not match SCW_SECRET_KEY", method, path)
+            log.info("%s -> 403: X-Auth-Token does not match SCW_SECRET_KEY", shown)
             return Response(403, {"type": "permissions_denied",
                                   "message": "insufficient permissions",
                                   "details": [{"resource": "instance", "action": "access"}]})
         found = self.router.match(method, path)
         if isinstance(found, int):
-            log.info("%s %s -> %d: no such route", method, path, found)
+            log.info("%s -> %d: no such route", shown, found)
             kind = "not_found" if found == 404 else "method_not_allowed"
             return Response(found, {"type": kind, "message": f"{method} {path}: no such route"})
         handler, args = found
@@ -167,10 +171,12 @@ class App:
             return await handler(request)
         except SnapfsError as exc:
             status, err = error_body(exc)
-            log.info("%s %s -> %d: %s", method, path, status, exc)
+            log.info("%s -> %d: %s", shown, status, esc(str(exc)))
             return Response(status, err)
         except Exception:  # a bug: answer 500 like the API, keep serving, keep the trace
-            log.exception("%s %s -> 500", method, path)
+            self.unexpected += 1
+            log.exception("%s -> 500: unexpected error (bug #%d of this server)", shown,
+                          self.unexpected)
             return Response(500, {"type": "internal_error", "message": "internal error"})
 
     @staticmethod

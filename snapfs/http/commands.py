@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 from contextlib import AsyncExitStack
@@ -22,13 +23,17 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         "serve", help="serve the local store as the Scaleway Instance API v1 over HTTP",
         description="Serve the local store as the Scaleway Instance API v1 (snapshots, "
                     "volumes, tasks) and the Account v3 project list. Clients send "
-                    "X-Auth-Token; when SCW_SECRET_KEY is set it must equal it. The first "
+                    "X-Auth-Token; when SCW_SECRET_KEY is set it must equal it, and without "
+                    "it only a loopback address is served (unless --no-auth). The first "
                     "line on stdout is 'serving URL' once the socket is bound.")
     p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
                    help="address to bind (default 127.0.0.1:8080; port 0 picks a free one)")
     p.add_argument("--s3-endpoint", default=None, metavar="URL",
                    help="Object Storage endpoint for export/import (default: the S3 "
                         "configuration, if any)")
+    p.add_argument("--no-auth", action="store_true",
+                   help="without SCW_SECRET_KEY, listen on a non-loopback address anyway "
+                        "(any token is then accepted; a warning is logged)")
     cli.add_store_option(p)
     p.set_defaults(func=_run)
 
@@ -38,7 +43,7 @@ def _run(args: argparse.Namespace) -> int:
     # job, at INFO; cli.main's default of WARNING would hide the refusals.
     logging.getLogger("snapfs").setLevel(logging.INFO)
     try:
-        trio.run(_serve, cli.store_path(args), args.listen, args.s3_endpoint)
+        trio.run(_serve, cli.store_path(args), args.listen, args.s3_endpoint, args.no_auth)
     except BaseExceptionGroup as group:
         # A refusal from inside a task group: give cli.main the one error it reports.
         leaf = _single_leaf(group)
@@ -70,11 +75,17 @@ async def _open_objects(stack: AsyncExitStack, endpoint: str | None) -> Any:
     return objects
 
 
-async def _serve(store: Path, listen: str, s3_endpoint: str | None) -> None:
+async def _serve(store: Path, listen: str, s3_endpoint: str | None,
+                 no_auth: bool = False) -> None:
     from ..local import open_local_service  # type: ignore[attr-defined]
-    from .server import bind, serve
+    from .server import bind, check_exposure, serve
 
-    sock = bind(listen)
+    sock = bind(listen)  # an unknown host or a taken port is its own clear refusal
+    try:
+        check_exposure(listen, os.environ.get("SCW_SECRET_KEY") or None, no_auth)
+    except BaseException:
+        sock.close()
+        raise
     async with AsyncExitStack() as stack:
         stack.callback(sock.close)
         objects = await _open_objects(stack, s3_endpoint)

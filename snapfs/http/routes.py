@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import InvalidArgument
-from ..model import MAX_PER_PAGE, Page, Project, Snapshot, Volume, check_paging, check_zone
+from ..model import (MAX_PAGE, MAX_PER_PAGE, Page, Project, Snapshot, Volume, check_paging,
+                     check_zone)
 from ..service import SnapshotService
 from .asgi import App, Request, Response, Router, json_response
 
@@ -189,8 +190,8 @@ def _page_projects(projects: list[Project], req: Request) -> Page[Project]:
     page = req.int_param("page") or 1
     if not 1 <= size <= MAX_PER_PAGE:
         raise InvalidArgument("page_size", f"must be between 1 and {MAX_PER_PAGE}")
-    if page < 1:
-        raise InvalidArgument("page", "must be >= 1")
+    if not 1 <= page <= MAX_PAGE:
+        raise InvalidArgument("page", f"must be between 1 and {MAX_PAGE}")
     chosen = [p for p in projects
               if (org is None or p.organization == org)
               and (name is None or name in p.name)

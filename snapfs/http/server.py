@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
@@ -25,6 +26,33 @@ def parse_listen(listen: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise InvalidArgument("listen", f"{listen!r} is not HOST:PORT")
     return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address ``host`` names is a loopback address (only local
+    processes can connect)."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback
+                               for info in infos)
+
+
+def check_exposure(listen: str, secret: str | None, no_auth: bool) -> None:
+    """Without SCW_SECRET_KEY any token is accepted: refuse to listen beyond the
+    loopback interface unless ``no_auth`` says so on purpose (then warn)."""
+    if secret:
+        return
+    host, _ = parse_listen(listen)
+    if is_loopback(host):
+        return
+    if not no_auth:
+        raise InvalidArgument("listen", f"{listen} is reachable from other machines and "
+                              "SCW_SECRET_KEY is not set, so any token would be accepted: "
+                              "set SCW_SECRET_KEY, listen on 127.0.0.1, or pass --no-auth")
+    log.warning("serving %s without authentication (--no-auth): anyone who can connect "
+                "can read and delete every snapshot", listen)
 
 
 def bind(listen: str) -> socket.socket:

@@ -20,8 +20,8 @@ import trio
 from ..errors import (CorruptData, InvalidArgument, PreconditionFailed, SnapshotUnusable,
                       VolumeChanged)
 from ..model import (DEFAULT_ZONE, FAILED_STATES, ZONES, BaseVolume, FileAccess, Page,
-                     Project, Snapshot, Task, Volume, check_name, check_paging, check_tags,
-                     check_uuid, check_volume_type, check_zone, new_id, now)
+                     Project, Snapshot, Task, Volume, check_name, check_paging, check_size,
+                     check_tags, check_uuid, check_volume_type, check_zone, new_id, now)
 from ..objects import ObjectStorage
 from ..service import ImageReader, SnapshotService
 from . import leases
@@ -90,6 +90,7 @@ class LocalService(BackgroundJobs, SnapshotService):
                          zone: str = DEFAULT_ZONE, project: str | None = None,
                          volume_type: str = "b_ssd") -> Volume:
         """Register an existing raw image file or block device (volumefile.py)."""
+        check_name(name)  # before the path is even looked at
         found = await trio.to_thread.run_sync(inspect_new, path)
         return self._add_volume(name, found.path, found.size, zone, project, volume_type,
                                 managed=False, identity=found.identity)
@@ -112,8 +113,7 @@ class LocalService(BackgroundJobs, SnapshotService):
     async def create_volume(self, name: str, size: int, *, zone: str = DEFAULT_ZONE,
                             project: str | None = None, volume_type: str = "b_ssd") -> Volume:
         """A new sparse raw file inside the store."""
-        if not isinstance(size, int) or size <= 0 or size % 512:
-            raise InvalidArgument("size", "must be a positive multiple of 512 bytes")
+        check_size(size)
         vid = new_id()
         vdir = self.store / "volumes"
         vdir.mkdir(mode=0o700, exist_ok=True)
@@ -258,8 +258,8 @@ class LocalService(BackgroundJobs, SnapshotService):
             raise InvalidArgument("bucket", "must be a non-empty string")
         if not key or not isinstance(key, str):
             raise InvalidArgument("key", "must be a non-empty string")
-        if size is not None and (not isinstance(size, int) or size <= 0 or size % 512):
-            raise InvalidArgument("size", "must be a positive multiple of 512")
+        if size is not None:
+            check_size(size)
         proj = self._owner(project, organization)
         t = now()
         snap = Snapshot(id=new_id(), name=name, organization=proj.organization, project=proj.id,
@@ -273,11 +273,12 @@ class LocalService(BackgroundJobs, SnapshotService):
 
     async def set_snapshot(self, zone: str, snapshot: Snapshot) -> Snapshot:
         cur = await self.get_snapshot(zone, snapshot.id)
-        for field in Snapshot.IMMUTABLE:
-            if getattr(snapshot, field) != getattr(cur, field):
-                raise InvalidArgument(field, "cannot be changed")
-        return await self.update_snapshot(zone, snapshot.id, name=snapshot.name,
-                                          tags=snapshot.tags)
+        snapshot.check_set(cur)
+        # Only what changes is checked against the rules (a name stored before
+        # them stays settable alongside new tags).
+        return await self.update_snapshot(
+            zone, snapshot.id, name=None if snapshot.name == cur.name else snapshot.name,
+            tags=None if snapshot.tags == cur.tags else snapshot.tags)
 
     async def update_snapshot(self, zone: str, snapshot_id: str, *, name: str | None = None,
                               tags: list[str] | None = None) -> Snapshot:

@@ -29,7 +29,7 @@ from scaleway_core.api import ScalewayException
 
 from ..errors import NotFound
 from ..model import (MAX_PER_PAGE, Page, Project, Snapshot, Task, Volume, check_name,
-                     check_paging, check_tags, check_zone)
+                     check_paging, check_tag_filter, check_tags, check_zone)
 from ..objects import ObjectStorage
 from ..service import ImageReader, SnapshotService
 from . import convert
@@ -151,7 +151,7 @@ class ScalewayService(SnapshotService):
                              ) -> Page[Snapshot]:
         per_page, page = check_paging(per_page, page)
         if tags is not None:
-            check_tags(tags)
+            check_tag_filter(tags)
         res = await self.call(
             "list snapshots", self._lists.list_snapshots, zone=self._zone(zone),
             organization=organization, project=project, name=name,
@@ -177,7 +177,7 @@ class ScalewayService(SnapshotService):
                               size: int | None = None) -> Snapshot:
         check_name(name)
         if tags is not None:
-            check_tags(tags)
+            tags = check_tags(tags)
         res = await self.call(
             "create snapshot", self.instance.create_snapshot, zone=self._zone(zone), name=name,
             volume_id=volume_id, tags=tags, project=project, organization=organization,
@@ -191,7 +191,7 @@ class ScalewayService(SnapshotService):
 
     async def set_snapshot(self, zone: str, snapshot: Snapshot) -> Snapshot:
         check_name(snapshot.name)
-        check_tags(snapshot.tags)
+        tags = check_tags(snapshot.tags)
         bv = snapshot.base_volume
         res = await self.call(
             "set snapshot", self.instance._set_snapshot, zone=self._zone(zone),
@@ -200,7 +200,7 @@ class ScalewayService(SnapshotService):
             volume_type=snapshot.volume_type, size=snapshot.size, state=snapshot.state,
             base_volume=None if bv is None else SnapshotBaseVolume(id=bv.id, name=bv.name),
             creation_date=_parse_date(snapshot.creation_date),
-            modification_date=_parse_date(snapshot.modification_date), tags=snapshot.tags)
+            modification_date=_parse_date(snapshot.modification_date), tags=tags)
         return convert.snapshot(res.snapshot)
 
     async def update_snapshot(self, zone: str, snapshot_id: str, *, name: str | None = None,
@@ -208,7 +208,7 @@ class ScalewayService(SnapshotService):
         if name is not None:
             check_name(name)
         if tags is not None:
-            check_tags(tags)
+            tags = check_tags(tags)
         res = await self.call("update snapshot", self.instance.update_snapshot,
                               zone=self._zone(zone), snapshot_id=snapshot_id, name=name,
                               tags=tags)

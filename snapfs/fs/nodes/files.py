@@ -9,7 +9,9 @@ import os
 
 import trio
 
+from ... import jsontext
 from ...errors import InvalidArgument, Interrupted, NotFound, ReadOnly, SnapshotUnusable
+from ...logtext import esc
 from ...model import BUSY_STATES, FAILED_STATES, Snapshot
 from ...service import Buffer, ImageReader
 from .. import transfer
@@ -23,6 +25,8 @@ from .snapshot import SnapshotNode
 log = logging.getLogger(__name__)
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
+#: Largest snapshot.json accepted (a snapshot object is well under 8 KiB).
+MAX_JSON = 64 << 10
 
 
 def wants_write(flags: int) -> bool:
@@ -144,18 +148,16 @@ class JsonHandle(BufferHandle):
     async def apply(self, data: bytes) -> None:
         node = self.node
         assert isinstance(node, JsonNode)
-        try:
-            obj = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidArgument("snapshot.json", f"not valid JSON: {exc}") from None
-        snap = Snapshot.from_api(obj)
+        snap = Snapshot.from_api(jsontext.loads(data, "snapshot.json", MAX_JSON))
         if snap.id != node.key.snapshot:
             raise InvalidArgument("id", "cannot be changed")
+        # Refused here, whichever backend: state, error_reason... are the service's.
+        snap.check_set(await node.snapshot(max_age=0))
         updated = await node.ctx.svc.set_snapshot(node.key.zone, snap)
         node.ctx.catalog.invalidate()
         node.ctx.catalog.remember(updated)
-        log.info("snapshot.json of %s written: name %r, tags %r", updated.id, updated.name,
-                 updated.tags)
+        log.info("snapshot.json of %s written: name %s, tags %s", updated.id,
+                 esc(updated.name), esc(",".join(updated.tags)))
 
 
 class ExportNode(FileNode):
@@ -210,8 +212,8 @@ class ExportHandle(TargetHandle):
         node.ctx.exports[node.key.snapshot] = task.id
         node.ctx.catalog.invalidate()
         node.ctx.catalog.forget(node.key.snapshot)
-        log.info("export of snapshot %s to s3://%s/%s: task %s", node.key.snapshot,
-                 target.bucket, target.key, task.id)
+        log.info("export of snapshot %s to s3://%s/%s: task %s started", node.key.snapshot,
+                 esc(target.bucket), esc(target.key), task.id)
 
 
 FILE_NODES: dict[str, type[FileNode]] = {IMAGE: ImageNode, JSON: JsonNode, EXPORT: ExportNode}

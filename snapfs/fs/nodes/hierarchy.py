@@ -151,12 +151,16 @@ class TagsNode(Node):
         project = await ProjectNode(self.ctx, self.key.parent()).stat()
         return section_stat(self.key, project)
 
+    async def _labels(self) -> dict[str, str]:
+        return names.tag_labels(await self.ctx.catalog.tags(self.key.zone, self.key.project))
+
     async def entries(self) -> list[Entry]:
         st = dir_stat(False)
-        return [(t, tag_dir(self.key.zone, self.key.project, t), st)
-                for t in await self.ctx.catalog.tags(self.key.zone, self.key.project)]
+        return [(label, tag_dir(self.key.zone, self.key.project, t), st)
+                for label, t in (await self._labels()).items()]
 
     async def lookup(self, name: str) -> Entry:
-        if name not in await self.ctx.catalog.tags(self.key.zone, self.key.project):
+        tag = (await self._labels()).get(name)
+        if tag is None:
             raise NotFound("tag", name)
-        return name, tag_dir(self.key.zone, self.key.project, name), dir_stat(False)
+        return name, tag_dir(self.key.zone, self.key.project, tag), dir_stat(False)

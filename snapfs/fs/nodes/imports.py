@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 
 from ...errors import AlreadyExists, NotFound
-from ...model import Snapshot, check_name
+from ...logtext import esc
+from ...model import Snapshot, check_name, name_problem
 from .. import transfer
 from ..context import ImportRecord, Stat, file_stat
 from ..keys import Kind, View, import_file
@@ -43,7 +44,10 @@ class ImportsNode(Node):
     async def _importing(self) -> dict[str, Snapshot]:
         listing = await self.ctx.catalog.snapshots(self.key.zone, self.key.project,
                                                    View(Kind.SNAPSHOTS))
-        return {s.name: s for s in listing.items if s.state == "importing"}
+        # An import is listed by its snapshot's name: one the tree cannot show
+        # (made elsewhere, before the naming rule) is left to snapshots/'s label.
+        return {s.name: s for s in listing.items
+                if s.state == "importing" and name_problem(s.name) is None}
 
     def _records(self) -> dict[str, ImportRecord]:
         return {r.name: r for (z, p, _), r in self.ctx.imports.items()
@@ -133,6 +137,6 @@ class ImportHandle(TargetHandle):
             rec.target, rec.snapshot_id = target, snap.id
             node.ctx.catalog.invalidate()
             node.ctx.catalog.remember(snap)
-        log.info("import %s from s3://%s/%s: snapshot %s", node.key.name, target.bucket,
-                 target.key, snap.id)
+        log.info("import %s from s3://%s/%s: snapshot %s started", esc(node.key.name),
+                 esc(target.bucket), esc(target.key), snap.id)
 

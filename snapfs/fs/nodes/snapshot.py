@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 
 from ...errors import NotFound, NotPermitted
-from ...model import Snapshot
+from ...logtext import esc
+from ...model import Snapshot, check_name, check_tags
 from ..keys import SNAPSHOT_FILES, static_child
 from ..context import Stat
 from .base import Entry, Node
@@ -76,6 +77,11 @@ class SnapshotNode(Node):
     async def setxattr(self, name: str, value: str) -> None:
         if name not in self.writable_xattrs:
             await self._refuse_xattr(name)
+        # The rules are checked here too, whichever backend is behind the mount.
+        if name == "name":
+            check_name(value, "user.name")
+        else:
+            check_tags(parse_tags(value))
         snap = await self.snapshot(max_age=0)
         if name == "name":
             updated = await self.ctx.svc.update_snapshot(snap.zone, snap.id, name=value)
@@ -83,7 +89,7 @@ class SnapshotNode(Node):
             updated = await self.ctx.svc.update_snapshot(snap.zone, snap.id,
                                                          tags=parse_tags(value))
         self._changed(updated)
-        log.info("setfattr user.%s on snapshot %s: %r", name, snap.id, value)
+        log.info("setfattr user.%s on snapshot %s: set to %s", name, snap.id, esc(value))
 
     async def removexattr(self, name: str) -> None:
         if name != "tags":
@@ -92,7 +98,7 @@ class SnapshotNode(Node):
             await self._refuse_xattr(name)
         snap = await self.snapshot(max_age=0)
         self._changed(await self.ctx.svc.update_snapshot(snap.zone, snap.id, tags=[]))
-        log.info("setfattr -x user.tags on snapshot %s", snap.id)
+        log.info("setfattr -x user.tags on snapshot %s: tags removed", snap.id)
 
     def _changed(self, snap: Snapshot) -> None:
         self.ctx.catalog.invalidate()

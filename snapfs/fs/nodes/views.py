@@ -10,7 +10,8 @@ from typing import ContextManager
 import trio
 
 from ...errors import AlreadyExists, NotFound, NotPermitted, PreconditionFailed
-from ...model import Snapshot
+from ...logtext import esc
+from ...model import Snapshot, check_name
 from ..context import Stat, dir_stat, ns
 from ..keys import Key, Kind, View, may_create_snapshot_in, same_place, snapshot_dir
 from .base import Entry, Node
@@ -37,7 +38,7 @@ class ViewNode(Node):
         if self.key.kind is Kind.VOLUME:
             return f"volumes/{self.view.arg}/"
         if self.key.kind is Kind.TAG:
-            return f"tags/{self.view.arg}/"
+            return f"tags/{esc(self.view.arg)}/"
         return "snapshots/"
 
     async def stat(self) -> Stat:
@@ -65,7 +66,7 @@ class ViewNode(Node):
         snap = await self.ctx.catalog.find_snapshot(self.key.zone, self.key.project,
                                                     self.view, name)
         if snap is None:
-            raise NotFound("snapshot", name)
+            raise NotFound("snapshot", esc(name))
         return snap
 
     async def lookup(self, name: str) -> Entry:
@@ -76,7 +77,7 @@ class ViewNode(Node):
         """Refuse a name this directory already lists (as a name, label or ID)."""
         taken = await self.ctx.catalog.taken(self.key.zone, self.key.project, self.view, name)
         if taken is not None:
-            raise AlreadyExists(f"{self.describe()}{name} already exists "
+            raise AlreadyExists(f"{self.describe()}{esc(name)} already exists "
                                 f"(snapshot {taken.id})")
 
     def _claim(self, name: str) -> ContextManager[None]:
@@ -84,8 +85,9 @@ class ViewNode(Node):
 
     async def mkdir(self, name: str) -> Entry:
         if not may_create_snapshot_in(self.key):
-            raise NotPermitted(f"mkdir {name!r} in {self.describe()}: snapshots are made "
+            raise NotPermitted(f"mkdir {esc(name)} in {self.describe()}: snapshots are made "
                                "only in volumes/<volume>/")
+        check_name(name)
         with self._claim(name):
             await self._check_free(name)
             snap = await self.ctx.svc.create_snapshot(
@@ -93,7 +95,7 @@ class ViewNode(Node):
             # create_snapshot returns once the snapshot exists (snapshotting or later).
             self.ctx.catalog.invalidate()
             self.ctx.catalog.remember(snap)
-        log.info("mkdir %s%s: snapshot %s created (%s)", self.describe(), name, snap.id,
+        log.info("mkdir %s%s: snapshot %s created (%s)", self.describe(), esc(name), snap.id,
                  snap.state)
         return name, snapshot_dir(self.key, snap.id), snapshot_stat(snap)
 
@@ -114,23 +116,24 @@ class ViewNode(Node):
         await self.ctx.svc.delete_snapshot(self.key.zone, snap.id)
         self.ctx.catalog.invalidate()
         self.ctx.catalog.forget(snap.id)
-        log.info("rmdir %s%s: snapshot %s deleted", self.describe(), name, snap.id)
+        log.info("rmdir %s%s: snapshot %s deleted", self.describe(), esc(name), snap.id)
 
     async def rename(self, old: str, new_parent: Key, new: str) -> None:
         if not same_place(self.key, new_parent):
-            raise NotPermitted(f"rename {self.describe()}{old}: a snapshot can only be "
+            raise NotPermitted(f"rename {self.describe()}{esc(old)}: a snapshot can only be "
                                "renamed within its directory (zone, project and view stay)")
         snap = await self.find(old)
         if new == old:
             return
+        check_name(new)
         catalog = self.ctx.catalog
         with self._claim(new):
             taken = await catalog.taken(self.key.zone, self.key.project, self.view, new,
                                         other_than=snap.id)
             if taken is not None:
-                raise AlreadyExists(f"{self.describe()}{new} already exists (snapshot "
+                raise AlreadyExists(f"{self.describe()}{esc(new)} already exists (snapshot "
                                     f"{taken.id}); a rename never replaces a snapshot")
             updated = await self.ctx.svc.update_snapshot(self.key.zone, snap.id, name=new)
             catalog.invalidate()
             catalog.remember(updated)
-        log.info("rename %s%s -> %s: snapshot %s", self.describe(), old, new, snap.id)
+        log.info("rename %s%s -> %s: snapshot %s", self.describe(), esc(old), esc(new), snap.id)

@@ -1,0 +1,59 @@
+"""Escaping what users and clients send before it reaches a log line.
+
+A name, tag, URL or request argument may hold a newline, a NUL or invalid
+UTF-8: written raw, one entry could forge several log lines or break the log
+file's encoding. ``esc`` renders such a string on one line, repr-like
+(``\\n``, ``\\x00``, ``\\udcff``, a backslash doubled) and bounded in length; the
+``EscapingFormatter`` escapes control characters left in a whole message as a
+last line of defence (tracebacks, which it leaves alone, are ours).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+#: Characters escaped in user-supplied text: C0 controls, DEL, C1 controls and
+#: lone surrogates (how undecodable bytes survive os.fsdecode).
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_UNSAFE_OR_BACKSLASH = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff\\]")
+
+#: Longest rendering of one value in a log line, in characters.
+LIMIT = 300
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    ch = m.group()
+    if ch == "\\":
+        return "\\\\"
+    named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(ch)
+    if named:
+        return named
+    cp = ord(ch)
+    return f"\\x{cp:02x}" if cp <= 0xff else f"\\u{cp:04x}"
+
+
+def esc(value: str | bytes, limit: int = LIMIT) -> str:
+    """``value`` on one line: control characters, backslashes and undecodable
+    bytes escaped, cut to ``limit`` characters (marked with ``...``)."""
+    if isinstance(value, bytes):
+        text = value.decode("utf-8", "surrogateescape")
+    else:
+        text = value
+    out = _UNSAFE_OR_BACKSLASH.sub(_escape_char, text)
+    if len(out) > limit:
+        out = out[:limit] + "..."
+    return out
+
+
+def escape_controls(text: str) -> str:
+    """Only the control characters and surrogates of ``text`` escaped (text that
+    ``esc`` already rendered keeps its backslashes as they are)."""
+    return _UNSAFE.sub(_escape_char, text)
+
+
+class EscapingFormatter(logging.Formatter):
+    """Every message on one line, whatever its arguments held."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().formatMessage(record))

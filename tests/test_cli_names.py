@@ -1,0 +1,44 @@
+"""The CLI applies the one naming rule (issue 13): a bad name for a project or a
+volume is one line on stderr, exit status 1, and nothing changed in the store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fixtures_store import snapfs_cli, write_volume
+
+BAD_NAMES: list[bytes] = [
+    b"a/b", b"a~b", b"new\nline", b"tab\tname", b"del\x7f", b".", b"..", b"x" * 256,
+    b"6f1b4a3e-7d3c-4c55-9a53-0d6f3f8b7c01", b"bad\xffutf8", "c1\x85".encode(),
+]
+
+
+def _run(*args: bytes | str, store: Path) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "snapfs", *args], capture_output=True,
+                          timeout=120, env=dict(os.environ, SNAPFS_STORE=str(store)))
+
+
+def _state(store: Path) -> tuple[str, str]:
+    return (snapfs_cli("project", "list", "--json", store=store, check=True).stdout,
+            snapfs_cli("volume", "list", "--json", store=store, check=True).stdout)
+
+
+@pytest.mark.parametrize("name", BAD_NAMES, ids=repr)
+def test_bad_names_are_one_line_and_change_nothing(tmp_path: Path, store_dir: Path,
+                                                   name: bytes) -> None:
+    img = write_volume(tmp_path / "disk.raw", 1 << 20, [(0, b"hello")])
+    before = _state(store_dir)
+    for args in ([b"project", b"create", name], [b"volume", b"add", name, str(img)],
+                 [b"volume", b"create", name, b"--size", b"1M"]):
+        res = _run(*args, store=store_dir)
+        err = res.stderr.decode("utf-8", "replace")
+        assert res.returncode == 1, (args, err)
+        assert err.startswith("snapfs: invalid name:") and err.count("\n") == 1, err
+        assert "Traceback" not in err and res.stdout == b""
+    assert _state(store_dir) == before
+    assert not (store_dir / "volumes").exists() or not any((store_dir / "volumes").iterdir())

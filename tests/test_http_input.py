@@ -1,0 +1,179 @@
+"""`snapfs serve` refuses hostile input with 400 and one escaped log line, and
+is safe by default (issue 13): the naming and tag rules, numbers out of range,
+bounded JSON, read-only fields, and no unauthenticated non-loopback listening."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from fixtures_http import SECRET, Served, start_server, stop_server
+
+SNAPSHOTS = "/instance/v1/zones/fr-par-1/snapshots"
+
+
+def _raw(served: Served, method: str, path: str, **kw: Any) -> requests.Response:
+    headers = kw.pop("headers", {"X-Auth-Token": SECRET})
+    return requests.request(method, served.url + path, headers=headers, timeout=30, **kw)
+
+
+def _listing(served: Served) -> list[tuple[str, str, list[str]]]:
+    body = _raw(served, "GET", SNAPSHOTS, params={"per_page": 100}).json()
+    return sorted((s["id"], s["name"], s["tags"]) for s in body["snapshots"])
+
+
+def _refused(r: requests.Response, argument: str) -> None:
+    assert r.status_code == 400, (r.status_code, r.text)
+    body = r.json()
+    assert body["type"] == "invalid_arguments"
+    assert body["details"][0]["argument_name"] == argument, body
+
+
+@pytest.fixture(scope="module")
+def snapshot_id(served: Served) -> str:
+    r = _raw(served, "POST", SNAPSHOTS,
+             json={"name": "input-base", "volume_id": served.volumes["vol-a"]["id"]})
+    assert r.status_code == 201, r.text
+    return str(r.json()["snapshot"]["id"])
+
+
+BAD_NAMES = ["", ".", "..", "a/b", "a~b", "new\nline", "nul\x00", "c1\x85", "x" * 256,
+             "6f1b4a3e-7d3c-4c55-9a53-0d6f3f8b7c01", "bad\udcff"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_bad_names_are_400_and_change_nothing(served: Served, snapshot_id: str,
+                                              name: str) -> None:
+    before = _listing(served)
+    body = json.dumps({"name": name, "volume_id": served.volumes["vol-a"]["id"]})
+    headers = {"X-Auth-Token": SECRET, "Content-Type": "application/json"}
+    _refused(_raw(served, "POST", SNAPSHOTS, data=body, headers=headers), "name")
+    _refused(_raw(served, "PATCH", f"{SNAPSHOTS}/{snapshot_id}",
+                  data=json.dumps({"name": name}), headers=headers), "name")
+    _refused(_raw(served, "PUT", f"{SNAPSHOTS}/{snapshot_id}",
+                  data=json.dumps({"name": name}), headers=headers), "name")
+    assert _listing(served) == before
+
+
+@pytest.mark.parametrize("tags", [["x" * 129], ["."], ["a\nb"], ["a,b"], ["a/b"],
+                                  [f"t{i}" for i in range(65)]])
+def test_bad_tags_are_400_and_change_nothing(served: Served, snapshot_id: str,
+                                             tags: list[str]) -> None:
+    before = _listing(served)
+    _refused(_raw(served, "PATCH", f"{SNAPSHOTS}/{snapshot_id}", json={"tags": tags}), "tags")
+    assert _listing(served) == before
+
+
+def test_duplicate_tags_are_dropped(served: Served, snapshot_id: str) -> None:
+    r = _raw(served, "PATCH", f"{SNAPSHOTS}/{snapshot_id}", json={"tags": ["b", "a", "b"]})
+    assert r.status_code == 200 and r.json()["snapshot"]["tags"] == ["b", "a"]
+
+
+@pytest.mark.parametrize("params, argument", [
+    ({"page": "1e20"}, "page"), ({"page": str(10 ** 20)}, "page"),
+    ({"per_page": "1e30"}, "per_page"), ({"per_page": str(10 ** 30)}, "per_page"),
+    ({"page": "9" * 5000}, "page"),
+])
+def test_numbers_out_of_range_are_400(served: Served, params: dict[str, str],
+                                      argument: str) -> None:
+    _refused(_raw(served, "GET", SNAPSHOTS, params=params), argument)
+    _refused(_raw(served, "GET", "/instance/v1/zones/fr-par-1/volumes", params=params),
+             argument)
+
+
+@pytest.mark.parametrize("size", ["1e30", str(10 ** 30), str(1 << 63)])
+def test_import_sizes_out_of_range_are_400(served: Served, size: str) -> None:
+    before = _listing(served)
+    body = '{"name": "imp", "bucket": "b", "key": "k", "size": %s}' % size
+    r = _raw(served, "POST", SNAPSHOTS, data=body,
+             headers={"X-Auth-Token": SECRET, "Content-Type": "application/json"})
+    _refused(r, "size")
+    assert _listing(served) == before
+
+
+def test_deep_and_large_bodies_are_400(served: Served, snapshot_id: str) -> None:
+    headers = {"X-Auth-Token": SECRET, "Content-Type": "application/json"}
+    for depth in (40, 100_000):
+        deep = '{"name": "x", "tags": ' + "[" * depth + "]" * depth + "}"
+        _refused(_raw(served, "PATCH", f"{SNAPSHOTS}/{snapshot_id}", data=deep,
+                      headers=headers), "body")
+    r = _raw(served, "PATCH", f"{SNAPSHOTS}/{snapshot_id}", data=b" " * (2 << 20),
+             headers=headers)
+    _refused(r, "body")
+
+
+@pytest.mark.parametrize("field, value", [("state", "error"), ("error_reason", "forged")])
+def test_set_changing_a_read_only_field_is_400(served: Served, snapshot_id: str,
+                                               field: str, value: str) -> None:
+    before = _raw(served, "GET", f"{SNAPSHOTS}/{snapshot_id}").json()["snapshot"]
+    _refused(_raw(served, "PUT", f"{SNAPSHOTS}/{snapshot_id}", json={field: value}), field)
+    assert _raw(served, "GET", f"{SNAPSHOTS}/{snapshot_id}").json()["snapshot"] == before
+
+
+def test_the_log_escapes_what_clients_send(served: Served) -> None:
+    assert served.log is not None
+    r = _raw(served, "GET", "/instance/v1/zones/fr-par-1/forged%00nul%0A"
+             "2026-01-01 INFO snapfs.http: forged line")
+    assert r.status_code == 404
+    deadline = time.monotonic() + 10
+    while b"forged" not in served.log.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = served.log.read_bytes()
+    assert b"\x00" not in log
+    lines = [line for line in log.splitlines() if b"forged" in line]
+    assert len(lines) == 1 and b"\\x00nul\\n2026-01-01" in lines[0], lines
+    assert not any(line.startswith(b"2026-01-01") for line in log.splitlines())
+
+
+def _serve(tmp_path: Path, listen: str, *extra: str, env: dict[str, str] | None = None
+           ) -> subprocess.Popen[bytes]:
+    clean = {k: v for k, v in __import__("os").environ.items() if not k.startswith("SCW_")}
+    return subprocess.Popen([sys.executable, "-m", "snapfs", "serve", "--store",
+                             str(tmp_path / "store"), "--listen", listen, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**clean, **(env or {})})
+
+
+def test_serve_without_a_secret_refuses_a_non_loopback_address(tmp_path: Path) -> None:
+    proc = _serve(tmp_path, "0.0.0.0:0")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and out == b""
+    text = err.decode()
+    assert text.strip().count("\n") == 0 and "SCW_SECRET_KEY" in text and "--no-auth" in text
+    assert "Traceback" not in text
+
+
+def test_serve_no_auth_listens_anywhere_with_a_warning(tmp_path: Path) -> None:
+    proc = _serve(tmp_path, "0.0.0.0:0", "--no-auth")
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        assert line.startswith("serving http://0.0.0.0:"), line
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "without authentication (--no-auth)" in err.decode()
+
+
+def test_serve_with_a_secret_or_on_loopback_needs_no_flag(tmp_path: Path) -> None:
+    proc, url = start_server(tmp_path / "store", tmp_path / "serve.log")
+    try:
+        assert url.startswith("http://127.0.0.1:")
+    finally:
+        assert stop_server(proc) == 0
+
+
+@pytest.mark.parametrize("host, loopback", [
+    ("127.0.0.1", True), ("127.1.2.3", True), ("::1", True), ("localhost", True),
+    ("0.0.0.0", False), ("::", False), ("192.0.2.1", False),
+])
+def test_which_addresses_count_as_loopback(host: str, loopback: bool) -> None:
+    from snapfs.http.server import is_loopback
+    assert is_loopback(host) is loopback

@@ -92,6 +92,13 @@ class InvalidData(SnapfsError):
     api_type = "invalid_arguments"
 
 
+class TooLarge(SnapfsError):
+    """A write past what the file can hold (a control file's 64 KiB): refused
+    before anything is allocated."""
+
+    api_type = "invalid_arguments"
+
+
 class Transient(SnapfsError):
     """A backend failed in a way worth retrying (timeouts, 429, 5xx)."""
 
@@ -130,6 +137,7 @@ ERRNO: dict[type[SnapfsError], int] = {
     SnapshotUnusable: errno.EIO,
     CorruptData: errno.EIO,
     InvalidData: errno.EINVAL,
+    TooLarge: errno.EFBIG,
     Transient: errno.EAGAIN,
     Interrupted: errno.EINTR,
     NoSuchAttribute: errno.ENODATA,
@@ -148,6 +156,7 @@ HTTP_STATUS: dict[type[SnapfsError], int] = {
     SnapshotUnusable: 412,
     CorruptData: 500,
     InvalidData: 400,
+    TooLarge: 413,
     Transient: 503,
     Interrupted: 500,
     NoSuchAttribute: 404,

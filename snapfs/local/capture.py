@@ -175,6 +175,11 @@ class ReaderSource(CaptureSource):
                                         for i in range(0, len(data), CHUNK_SIZE)])
         return await trio.to_thread.run_sync(split_and_hash, limiter=self.limiter)
 
+    async def next_data(self, offset: int) -> int:
+        # A QCOW2 reader knows the spans its image leaves unallocated (s3/reader.py).
+        find = getattr(self.reader, "next_data", None)
+        return offset if find is None else int(find(offset))
+
     async def aclose(self) -> None:
         await self.reader.aclose()
 

@@ -99,6 +99,13 @@ class TooLarge(SnapfsError):
     api_type = "invalid_arguments"
 
 
+class StoreFull(SnapfsError):
+    """The store's filesystem has no room (ENOSPC, EDQUOT) for what a capture or
+    import writes; what it wrote is given back."""
+
+    api_type = "insufficient_storage"
+
+
 class Transient(SnapfsError):
     """A backend failed in a way worth retrying (timeouts, 429, 5xx)."""
 
@@ -138,6 +145,7 @@ ERRNO: dict[type[SnapfsError], int] = {
     CorruptData: errno.EIO,
     InvalidData: errno.EINVAL,
     TooLarge: errno.EFBIG,
+    StoreFull: errno.ENOSPC,
     Transient: errno.EAGAIN,
     Interrupted: errno.EINTR,
     NoSuchAttribute: errno.ENODATA,
@@ -157,6 +165,7 @@ HTTP_STATUS: dict[type[SnapfsError], int] = {
     CorruptData: 500,
     InvalidData: 400,
     TooLarge: 413,
+    StoreFull: 507,
     Transient: 503,
     Interrupted: 500,
     NoSuchAttribute: 404,

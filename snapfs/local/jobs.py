@@ -158,7 +158,23 @@ class BackgroundJobs:
                         await trio.to_thread.run_sync(self.index.release_in_steps, key,
                                                       limiter=self.io_limiter)
                     await self._reclaim()
+                    await self._drop_cut_packs()
         return False
+
+    async def _drop_cut_packs(self) -> None:
+        """The packs that failed captures retired, once no chunk lives in them
+        (theirs were just released and punched): the file, then its row, so that
+        all a failed capture wrote is given back without a remount. Only packs
+        this process created: no other process ever appends to them."""
+        if not self.pool.cut:
+            return
+        empty = set(self.index.empty_packs(exclude=self.pool.ours())) & self.pool.cut
+        for pack in sorted(empty):
+            await trio.to_thread.run_sync(self.packs.remove, pack, limiter=self.io_limiter)
+            self.index.drop_pack(pack)
+            self.pool.cut.discard(pack)
+            log.info("pack %d removed: the failed capture that wrote it left no chunk "
+                     "there", pack)
 
     async def _store(self, source: CaptureSource, snapshot_id: str, key: int) -> None:
         try:
@@ -268,6 +284,7 @@ class BackgroundJobs:
             await trio.to_thread.run_sync(self.index.release_in_steps, key,
                                           limiter=self.io_limiter)
         await self._reclaim()
+        await self._drop_cut_packs()
 
     async def _resume_storing(self, snapshot_id: str, key: int, volume_id: str,
                               shadow: Shadow, size: int) -> None:

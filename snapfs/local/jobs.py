@@ -24,6 +24,7 @@ from .chunks import CHUNK_SIZE, PackFiles
 from .metadata import Metadata
 from .recovery import EXPORT_INTERRUPTED, INTERRUPTED
 from .shadows import Ranges, Shadow, Shadows, complement
+from .uploads import LeftUploads
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class BackgroundJobs:
     captures: CaptureQueue
     #: Imports: bounded on their own, so that they and captures never wait on each other.
     import_queue: CaptureQueue
+    left_uploads: LeftUploads
     _leases: leases.VolumeLeases
     shadows: Shadows
     _freeing: set[str]
@@ -365,8 +367,9 @@ class BackgroundJobs:
             snap = self.md.snapshot(None, snapshot_id)
             reader = self._reader(snapshot_id, snap.size)
             try:
-                nbytes = await self.objects.export_qcow2(reader, bucket, key, progress,
-                                                         zone=snap.zone)
+                nbytes = await self.objects.export_qcow2(
+                    reader, bucket, key, progress, zone=snap.zone,
+                    left=partial(self.left_uploads.record, bucket, key, snap.zone))
             finally:
                 await reader.aclose()
             status, error = "success", None

@@ -34,6 +34,7 @@ from .metadata import Metadata
 from .owner import alive
 from .recovery import DELETING, recover
 from .shadows import ShadowReader, Shadows
+from .uploads import LeftUploads
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class LocalService(BackgroundJobs, SnapshotService):
         self._done: dict[str, trio.Event] = {}
         self.captures = CaptureQueue()
         self.import_queue = CaptureQueue()
+        self.left_uploads = LeftUploads(self.md, objects)  # uploads failed exports left
         self._readers: dict[str, int] = {}  # open image readers by snapshot id
         #: Snapshots whose delete has begun: no new reader or export may start on them
         #: while the delete waits for the index lock.
@@ -391,6 +393,7 @@ class LocalService(BackgroundJobs, SnapshotService):
             scope.cancel()
         while self._jobs:
             await trio.sleep(0.01)
+        self.left_uploads.stop()
         self._leases.close()
 
 
@@ -442,6 +445,7 @@ async def open_local_service(store: Path | str, objects: ObjectStorage | None = 
                                                   backing)
                 if resume:
                     svc.resume_storing(exclusive)
+                    nursery.start_soon(svc.left_uploads.run)
                 try:
                     yield svc
                 except Exception as exc:  # re-raised below, not wrapped in an ExceptionGroup

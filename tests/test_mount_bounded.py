@@ -164,3 +164,20 @@ def test_a_capture_out_of_space_says_so_and_gives_back_every_byte(
     m.stop()
     res = snapfs("fsck", "--store", store, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_rmdir_stops_a_running_and_a_queued_capture(busy_mount: tuple[Mount, Path]) -> None:
+    m, vol = busy_mount
+    vdir = m.volume("disk")
+    # s1 reads the volume; s2 waits behind it (one volume's captures run in turn).
+    run("bash", "-c", f'mkdir "{vdir}/s1" "{vdir}/s2"')
+    assert m.xattr(m.snapshots() / "s2", "state") == "snapshotting"
+    assert m.xattr(m.snapshots() / "s2", "progress") == "0"
+    t0 = time.monotonic()
+    run("rmdir", m.snapshots() / "s2", m.snapshots() / "s1")
+    assert time.monotonic() - t0 < 10
+    assert os.listdir(m.snapshots()) == []
+    run("mkdir", vdir / "s3")
+    assert m.wait_state(m.snapshots() / "s3") == "available"
+    run("cmp", m.snapshots() / "s3" / "image.raw", vol)
+    assert "Traceback" not in m.log()

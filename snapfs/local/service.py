@@ -389,10 +389,10 @@ class LocalService(BackgroundJobs, SnapshotService):
                                 self.io_limiter, on_close=closed, spawn=self._spawn)
 
     async def aclose(self) -> None:
-        for scope in list(self._jobs.values()):
-            scope.cancel()
-        while self._jobs:
-            await trio.sleep(0.01)
+        while self._jobs:  # (a job may start another on its way out: cancel that too)
+            for scope in list(self._jobs.values()):
+                scope.cancel()
+            await next(iter(self._done.values())).wait()
         self.left_uploads.stop()
         self._leases.close()
 

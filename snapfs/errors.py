@@ -100,6 +100,20 @@ class InvalidData(SnapfsError):
     api_type = "invalid_arguments"
 
 
+class TooLarge(SnapfsError):
+    """A write past what the file can hold (a control file's 64 KiB): refused
+    before anything is allocated."""
+
+    api_type = "invalid_arguments"
+
+
+class StoreFull(SnapfsError):
+    """The store's filesystem has no room (ENOSPC, EDQUOT) for what a capture or
+    import writes; what it wrote is given back."""
+
+    api_type = "insufficient_storage"
+
+
 class Transient(SnapfsError):
     """A backend failed in a way worth retrying (timeouts, 429, 5xx)."""
 
@@ -139,6 +153,8 @@ ERRNO: dict[type[SnapfsError], int] = {
     VolumeChanged: errno.ESTALE,
     CorruptData: errno.EIO,
     InvalidData: errno.EINVAL,
+    TooLarge: errno.EFBIG,
+    StoreFull: errno.ENOSPC,
     Transient: errno.EAGAIN,
     Interrupted: errno.EINTR,
     NoSuchAttribute: errno.ENODATA,
@@ -158,6 +174,8 @@ HTTP_STATUS: dict[type[SnapfsError], int] = {
     VolumeChanged: 412,
     CorruptData: 500,
     InvalidData: 400,
+    TooLarge: 413,
+    StoreFull: 507,
     Transient: 503,
     Interrupted: 500,
     NoSuchAttribute: 404,

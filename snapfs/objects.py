@@ -15,16 +15,21 @@ from .service import ImageReader
 
 #: progress(done_bytes, total_bytes) -- called from the trio thread.
 ProgressFn = Callable[[int, int], None]
+#: left(upload_id) -- an export's multipart upload that could not be aborted (the
+#: storage did not answer): the caller records it to abort later (trio thread).
+LeftFn = Callable[[str], None]
 
 
 class ObjectStorage(abc.ABC):
     @abc.abstractmethod
     async def export_qcow2(self, image: ImageReader, bucket: str, key: str,
-                           progress: ProgressFn, *, zone: str | None = None) -> int:
+                           progress: ProgressFn, *, zone: str | None = None,
+                           left: LeftFn | None = None) -> int:
         """Upload ``image`` as a QCOW2 v3 object at bucket/key, streamed; returns the
         object's size. On failure the multipart upload is aborted and a SnapfsError
         naming the cause is raised (NotFound for a missing bucket, PermissionDenied,
-        Transient once retries are exhausted). ``zone`` is the snapshot's zone: an
+        Transient once retries are exhausted); an upload whose abort failed too is
+        passed to ``left`` first. ``zone`` is the snapshot's zone: an
         implementation without a configured endpoint may use it to pick the
         Object Storage of that zone's region."""
 
@@ -47,6 +52,12 @@ class ObjectStorage(abc.ABC):
         SnapfsError when the storage cannot be asked. Storage without multipart
         uploads has nothing to abort."""
         return 0
+
+    async def abort_upload(self, bucket: str, key: str, upload_id: str,
+                           zone: str | None = None) -> None:
+        """Abort one multipart upload (one that ``export_qcow2`` passed to
+        ``left``); gone already is fine. Raises a SnapfsError when the storage
+        cannot be asked."""
 
     async def aclose(self) -> None:
         ...

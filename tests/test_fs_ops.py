@@ -260,3 +260,25 @@ async def test_listing_cache_and_invalidation(fs: SnapfsOperations) -> None:
     await make_snapshot(fs, "c")  # the mount's own change invalidates
     entries = await node_for(fs.ctx, fs.ctx.inodes.key(snaps)).entries()
     assert [e[0] for e in entries] == ["c"]
+
+
+async def test_control_file_writes_beyond_64k_are_efbig_and_allocate_nothing(
+        fs: SnapfsOperations) -> None:
+    import resource
+    from types import SimpleNamespace
+    snap = await make_snapshot(fs, "big")
+    f = await child(fs, snap, "snapshot.json")
+    before = await fs.getxattr(snap, b"user.name", CTX)
+    info = await fs.open(f, os.O_WRONLY, CTX)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert await fuse_errno(fs.write(info.fh, 4 << 30, b"x")) == errno.EFBIG
+    assert await fuse_errno(fs.write(info.fh, 64 << 10, b"x")) == errno.EFBIG
+    assert await fs.write(info.fh, (64 << 10) - 1, b"x") == 1  # the last byte it takes
+    attr = pyfuse3.EntryAttributes()
+    attr.st_size = 1 << 40
+    fields: Any = SimpleNamespace(update_size=True)  # what the kernel sets for ftruncate
+    assert await fuse_errno(fs.setattr(f, attr, fields, info.fh, CTX)) == errno.EFBIG
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 16 << 10  # KiB
+    assert await fuse_errno(fs.flush(info.fh)) == errno.EINVAL  # 64 KiB of NULs: not JSON
+    await fs.release(info.fh)
+    assert await fs.getxattr(snap, b"user.name", CTX) == before

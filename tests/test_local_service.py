@@ -13,7 +13,7 @@ from snapfs.errors import InvalidArgument, NotFound, PreconditionFailed, Snapsho
 from snapfs.local import LocalService, open_local_service
 from snapfs.local.service import NO_OBJECT_STORAGE
 from snapfs.model import ZONES, Snapshot
-from snapfs.objects import ObjectStorage, ProgressFn
+from snapfs.objects import LeftFn, ObjectStorage, ProgressFn
 from snapfs.service import ImageReader
 
 
@@ -226,7 +226,8 @@ class GatedStorage(ObjectStorage):
         self.started = trio.Event()
 
     async def export_qcow2(self, image: ImageReader, bucket: str, key: str,
-                           progress: ProgressFn, *, zone: str | None = None) -> int:
+                           progress: ProgressFn, *, zone: str | None = None,
+                           left: LeftFn | None = None) -> int:
         self.started.set()
         progress(1, 2)
         await self.release.wait()
@@ -239,7 +240,7 @@ class GatedStorage(ObjectStorage):
         raise NotFound("bucket", bucket)
 
 
-async def test_delete_refused_while_exporting_or_importing(
+async def test_delete_refused_while_exporting_and_stops_an_import(
         store_dir: Path, volume_file: Callable[..., Path]) -> None:
     gate = GatedStorage()
     async with open_local_service(store_dir, objects=gate) as svc:
@@ -251,12 +252,19 @@ async def test_delete_refused_while_exporting_or_importing(
         assert (await svc.get_snapshot(ZONE, snap.id)).state == "exporting"
         imp = await svc.create_snapshot(ZONE, name="imp", bucket="bkt", key="k")
         before = await state_of_store(svc)
-        for sid in (snap.id, imp.id):
-            with pytest.raises(PreconditionFailed):
-                await svc.delete_snapshot(ZONE, sid)
+        with pytest.raises(PreconditionFailed):
+            await svc.delete_snapshot(ZONE, snap.id)
         with pytest.raises(PreconditionFailed):  # one export at a time
             await svc.export_snapshot(ZONE, snap.id, bucket="bkt", key="again")
         assert await state_of_store(svc) == before
+        # An import is stopped by its delete (its object may never answer).
+        with trio.fail_after(10):
+            await svc.delete_snapshot(ZONE, imp.id)
+        with pytest.raises(NotFound):
+            await svc.get_snapshot(ZONE, imp.id)
+        # (Its map released before the export ends: a main-connection transaction
+        # racing a worker connection's write fails "database is locked" today.)
+        await deletes_done(svc)
         t = await svc.get_task(ZONE, task.id)
         assert t.status == "started" and t.progress == 50
         gate.release.set()
@@ -265,8 +273,6 @@ async def test_delete_refused_while_exporting_or_importing(
         t = await svc.get_task(ZONE, task.id)
         assert t.status == "failure" and "not found" in (t.error or "")
         assert t.terminated_at is not None
-        failed_import = await wait_state(svc, imp.id)
-        assert failed_import.state == "error"
         await svc.delete_snapshot(ZONE, snap.id)
 
 

@@ -211,6 +211,7 @@ async def test_a_version_1_store_is_migrated_and_reads_the_same(
         conn.execute("ALTER TABLE volumes DROP COLUMN identity")
         for col in ("image_uid", "image_gid", "image_mode"):
             conn.execute(f"ALTER TABLE snapshots DROP COLUMN {col}")
+        conn.execute("DROP TABLE left_uploads")
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     conn.close()
     assert SCHEMA_VERSION == len(MIGRATIONS) >= 2
@@ -370,6 +371,7 @@ async def test_a_delete_cut_short_under_schema_3_is_finished_after_the_migration
         conn.execute("ALTER TABLE volumes DROP COLUMN identity")
         for col in ("image_uid", "image_gid", "image_mode"):
             conn.execute(f"ALTER TABLE snapshots DROP COLUMN {col}")
+        conn.execute("DROP TABLE left_uploads")
         conn.execute("UPDATE snapshots SET state = 'error', error_reason = 'being deleted; "
                      "if this stays, the delete was interrupted: delete it again'")
         assert _release_step(conn, key, 2)

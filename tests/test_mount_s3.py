@@ -92,9 +92,9 @@ def test_import_of_a_missing_object_fails_with_the_reason(
     assert m.xattr(m.snapshots() / "nothing", "state") in ("error", "invalid_data")
 
 
-def test_rmdir_while_exporting_or_importing_is_ebusy(mount_factory: Callable[..., Mount],
-                                                     store_with_volume: Path,
-                                                     private_s3_server: SeaweedServer) -> None:
+def test_rmdir_while_exporting_is_ebusy_and_stops_an_import(
+        mount_factory: Callable[..., Mount], store_with_volume: Path,
+        private_s3_server: SeaweedServer) -> None:
     server = private_s3_server
     bucket = server.new_bucket()
     m = mount_with_s3(mount_factory, store_with_volume, server)
@@ -106,7 +106,7 @@ def test_rmdir_while_exporting_or_importing_is_ebusy(mount_factory: Callable[...
     incoming = m.snapshots() / "incoming"
     assert m.xattr(incoming, "state") == "importing"
     before = sorted(os.listdir(m.snapshots()))
-    for path in (s, m.volume("vol1") / "s1", incoming):
+    for path in (s, m.volume("vol1") / "s1"):
         with pytest.raises(OSError) as info:
             os.rmdir(path)
         assert info.value.errno == errno.EBUSY, path
@@ -116,6 +116,12 @@ def test_rmdir_while_exporting_or_importing_is_ebusy(mount_factory: Callable[...
     assert m.xattr(s, "state") == "exporting" and m.xattr(incoming, "state") == "importing"
     assert status(s / "export")["state"] in ("pending", "started")
     assert "EBUSY" in m.log()
+    # An import is stopped by rmdir (its server may never answer) and deleted.
+    t0 = time.monotonic()
+    run("rmdir", incoming)
+    assert time.monotonic() - t0 < 5
+    assert sorted(os.listdir(m.snapshots())) == [n for n in before if n != "incoming"]
+    assert m.xattr(s, "state") == "exporting"
 
 
 def test_open_of_an_importing_image_waits_and_is_interruptible(
@@ -138,3 +144,33 @@ def test_open_of_an_importing_image_waits_and_is_interruptible(
     assert time.monotonic() - t0 < 2 and reader.returncode != 0
     assert m.xattr(s, "state") == "importing"
     assert "EINTR: process" in m.log() and "was signalled while waiting" in m.log()
+
+
+def test_an_import_claiming_a_petabyte_fails_at_once_and_blocks_no_other(
+        mount_factory: Callable[..., Mount], store_with_volume: Path,
+        s3_server: SeaweedServer, tmp_path: Path) -> None:
+    bucket = s3_server.new_bucket()
+    huge = tmp_path / "huge.qcow2"  # 6 MB of object, a header claiming 1 PiB
+    run("qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=2M", huge, "1P")
+    small = tmp_path / "small.raw"
+    small.write_bytes(os.urandom(3 << 20))
+    small_q = tmp_path / "small.qcow2"
+    run("qemu-img", "convert", "-O", "qcow2", small, small_q)
+    client = s3_server.client()
+    client.upload_file(str(huge), bucket, "huge.qcow2")
+    client.upload_file(str(small_q), bucket, "small.qcow2")
+    m = mount_with_s3(mount_factory, store_with_volume, s3_server)
+    imports = m.project / "imports"
+    t0 = time.monotonic()
+    (imports / "huge").write_text(f"{bucket}/huge.qcow2\n")
+    (imports / "small").write_text(f"{bucket}/small.qcow2\n")
+    st = wait_done(imports / "huge", timeout=30)
+    assert time.monotonic() - t0 < 15
+    assert st["state"] == "failure" and "beyond the 10000000000000-byte limit" in st["error"], st
+    assert m.xattr(m.snapshots() / "huge", "state") == "invalid_data"
+    assert wait_done(imports / "small", timeout=60)["state"] == "success"
+    assert m.wait_state(m.snapshots() / "small") == "available"
+    run("cmp", m.snapshots() / "small" / "image.raw", small)
+    # The failed one goes with rmdir.
+    run("rmdir", m.snapshots() / "huge")
+    assert "huge" not in os.listdir(m.snapshots())

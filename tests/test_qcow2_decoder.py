@@ -240,3 +240,26 @@ def test_damaged_metadata_is_refused_or_read_never_crashes(tmp_path: Path,
             assert str(exc)
             outcomes["refused"] += 1
     assert outcomes["refused"] > 20, outcomes
+
+
+def test_refuses_a_virtual_size_beyond_the_largest_volume_at_once(tmp_path: Path) -> None:
+    """6 MB of object claiming 1 PiB: refused from the header, in no time."""
+    import time
+
+    from snapfs.qcow2.decoder import parse_header
+    from snapfs.qcow2.format import MAX_VIRTUAL_SIZE
+    for size, ok in (("1P", False), (str(MAX_VIRTUAL_SIZE + 512), False),
+                     (str(MAX_VIRTUAL_SIZE), True)):
+        p = tmp_path / f"{size}.qcow2"
+        subprocess.run(["qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=2M",
+                        str(p), size], check=True, capture_output=True)
+        assert p.stat().st_size < 8 * MiB
+        with open(p, "rb") as f:
+            head = f.read(4096)
+        start = time.monotonic()
+        if ok:
+            assert parse_header(head, p.stat().st_size).size == MAX_VIRTUAL_SIZE
+        else:
+            with pytest.raises(InvalidData, match="beyond the 10000000000000-byte limit"):
+                parse_header(head, p.stat().st_size)
+        assert time.monotonic() - start < 1

@@ -328,8 +328,9 @@ class Stalling(ImageReader):
         await self.inner.aclose()
 
 class Objects(S3ObjectStorage):
-    async def export_qcow2(self, image, bucket, key, progress, *, zone=None):
-        return await super().export_qcow2(Stalling(image), bucket, key, progress, zone=zone)
+    async def export_qcow2(self, image, bucket, key, progress, *, zone=None, left=None):
+        return await super().export_qcow2(Stalling(image), bucket, key, progress, zone=zone,
+                                          left=left)
 
 async def main():
     settings = S3Settings(endpoint=endpoint, region="us-east-1", part_size=5 << 20)

@@ -14,10 +14,14 @@ from __future__ import annotations
 import abc
 import errno
 import os
+import sqlite3
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 import trio
 
+from ..errors import SnapfsError, StoreFull
 from ..service import ImageReader
 from ..taskgroups import first_error
 from .chunkindex import ChunkIndex
@@ -91,6 +95,8 @@ class FileSource(CaptureSource):
         # not map chunks past the snapshot's size.
         self.size = size if size is not None else os.lseek(self.fd, 0, os.SEEK_END)
         self.limiter = limiter
+        self.bytes_read = 0  # from the file: what a snapshot really cost (logged)
+        self._count = threading.Lock()
         self._seek_data = True
         self._pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="capture")
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # bigger kernel readahead
@@ -133,6 +139,8 @@ class FileSource(CaptureSource):
         if not self._has_data(start, end):
             return Hashed(idx, None, None)
         data = os.pread(self.fd, end - start, start)
+        with self._count:
+            self.bytes_read += len(data)
         if len(data) != end - start:
             raise OSError(errno.EIO, f"short read from volume at {start}")
         return _hash_chunks(idx, [data])[0]
@@ -177,6 +185,11 @@ class ReaderSource(CaptureSource):
                                         for i in range(0, len(data), CHUNK_SIZE)])
         return await trio.to_thread.run_sync(split_and_hash, limiter=self.limiter)
 
+    async def next_data(self, offset: int) -> int:
+        # A QCOW2 reader knows the spans its image leaves unallocated (s3/reader.py).
+        find = getattr(self.reader, "next_data", None)
+        return offset if find is None else int(find(offset))
+
     async def aclose(self) -> None:
         await self.reader.aclose()
 
@@ -191,6 +204,8 @@ class PackPool:
         self.index = index
         self.idle: list[PackWriter] = []
         self.active: set[int] = set()
+        #: Packs retired by failed captures: removed once nothing lives in them.
+        self.cut: set[int] = set()
 
     def take(self) -> PackWriter:
         w = self.idle.pop() if self.idle else PackWriter(self.packs, self.index.new_pack(), 0)
@@ -206,8 +221,12 @@ class PackPool:
             self.idle.append(w)
 
     def retire(self, w: PackWriter) -> None:
+        """A failed capture's writer: no chunk goes there again, and its
+        uncommitted tail is cut off now (a worker thread's job: it waits for
+        the writes in flight)."""
         self.active.discard(w.pack)
-        w.close()
+        self.cut.add(w.pack)
+        w.close(cut=True)
 
     def ours(self) -> set[int]:
         return self.active | {w.pack for w in self.idle}
@@ -253,6 +272,8 @@ class _Capture:
         self.index.commit_batch(self.snap, w.pack if w else None, w.end if w else 0, g.new,
                                 g.refs, (self.snapshot_id,
                                          min(99, self.done * 100 // max(self.total, 1))))
+        if w is not None:
+            w.committed = w.end
         self.group = _Group()
 
     async def take(self, batch: list[Hashed]) -> None:
@@ -295,6 +316,16 @@ class _Capture:
         g.refs += [(h.idx, h.hash) for h in stored]  # type: ignore[misc]
 
     async def consume(self, recv: trio.MemoryReceiveChannel[list[Hashed]]) -> None:
+        try:
+            await self._consume(recv)
+        except OSError as exc:  # everything here writes the store, nothing reads the source
+            raise _write_error(exc, self.pool.packs.dir) from None
+        except sqlite3.OperationalError as exc:
+            if "full" not in str(exc):  # SQLITE_FULL: "database or disk is full"
+                raise
+            raise _full(self.pool.packs.dir.parent, "the metadata database") from None
+
+    async def _consume(self, recv: trio.MemoryReceiveChannel[list[Hashed]]) -> None:
         holding = False
         try:
             async with recv:
@@ -352,6 +383,20 @@ async def capture(source: CaptureSource, snapshot_id: str, snap: int, index: Chu
         if cap.writer is not None:
             if ok:
                 pool.give_back(cap.writer)
-            else:  # its tail may hold uncommitted bytes: the next exclusive open cuts them
-                pool.retire(cap.writer)
+            else:  # its uncommitted tail is cut off now (committed: the caller releases)
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(pool.retire, cap.writer,
+                                                  limiter=io_limiter)
+
+
+def _full(store: Path, what: str) -> StoreFull:
+    return StoreFull(f"the store is full: no space left for {what} on the filesystem of "
+                     f"{store}; free space there (or delete snapshots) and take the "
+                     "snapshot again")
+
+
+def _write_error(exc: OSError, packs: Path) -> SnapfsError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return _full(packs.parent, "the snapshot's data")
+    return SnapfsError(f"writing to the store failed ({packs}): {exc.strerror or exc}")
 

@@ -235,6 +235,8 @@ class PackWriter:
         # Whatever lies past the committed length is an earlier interrupted tail.
         os.ftruncate(self.fd, committed)
         self.end = committed
+        #: The length rows point into (set by the capture once it commits).
+        self.committed = committed
         self._written_back = committed
         self._synced_dir = committed > 0
         self._dir = packs.dir
@@ -343,10 +345,17 @@ class PackWriter:
             fsync_dir(self._dir)
             self._synced_dir = True
 
-    def close(self) -> None:
+    def close(self, cut: bool = False) -> None:
+        """``cut``: a failed capture's writer: the uncommitted tail (up to a whole
+        group of appended chunks) goes now, not at the next exclusive open -- the
+        space of a capture that failed for want of it must come back at once."""
         if self._direct is not None:
             self._direct.close()
-        os.close(self.fd)
+        try:
+            if cut and self.end > self.committed:
+                os.ftruncate(self.fd, self.committed)
+        finally:
+            os.close(self.fd)
 
 
 class _DirectWrites:

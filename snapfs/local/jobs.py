@@ -18,12 +18,14 @@ from ..objects import ObjectStorage
 from ..service import ImageReader
 from . import leases
 from .capture import CaptureSource, FileSource, PackPool, ReaderSource, capture
+from .capturequeue import CaptureQueue, Ticket
 from .chunkindex import ChunkIndex
 from .chunks import CHUNK_SIZE, PackFiles
 from .metadata import Metadata
 from .recovery import EXPORT_INTERRUPTED, INTERRUPTED
 from .shadows import Ranges, Shadow, Shadows, complement
 from .volumefile import VolumeFile
+from .uploads import LeftUploads
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,13 @@ class BackgroundJobs:
     hash_limiter: trio.CapacityLimiter
     _nursery: trio.Nursery | None
     _jobs: dict[str, trio.CancelScope]
+    #: Set when a snapshot's job has ended (what a delete stopping it waits for).
+    _done: dict[str, trio.Event]
+    #: Captures (and the storing of clones): bounded, one volume's in order.
+    captures: CaptureQueue
+    #: Imports: bounded on their own, so that they and captures never wait on each other.
+    import_queue: CaptureQueue
+    left_uploads: LeftUploads
     _leases: leases.VolumeLeases
     shadows: Shadows
     _freeing: set[str]
@@ -96,7 +105,9 @@ class BackgroundJobs:
                ) -> None:
         assert self._nursery is not None, "service used outside open_local_service()"
         scope = trio.CancelScope()
+        done = trio.Event()
         self._jobs[snapshot_id] = scope
+        self._done[snapshot_id] = done
 
         async def job() -> None:
             try:
@@ -105,8 +116,19 @@ class BackgroundJobs:
             except Exception:  # a bug in one job must not take the whole service down
                 log.exception("background job for snapshot %s failed", snapshot_id)
             finally:
-                self._jobs.pop(snapshot_id, None)
+                if self._jobs.get(snapshot_id) is scope:
+                    del self._jobs[snapshot_id]
+                    del self._done[snapshot_id]
+                done.set()
         self._nursery.start_soon(job)
+
+    async def _stop_job(self, snapshot_id: str) -> None:
+        """Cancel the snapshot's job (a capture or import, queued or running) and
+        return once it has cleaned up after itself."""
+        scope, done = self._jobs.get(snapshot_id), self._done.get(snapshot_id)
+        if scope is not None and done is not None:
+            scope.cancel()
+            await done.wait()
 
     async def _produce_map(self, snapshot_id: str, key: int,
                            work: Callable[[], Awaitable[None]]) -> bool:
@@ -139,7 +161,23 @@ class BackgroundJobs:
                         await trio.to_thread.run_sync(self.index.release_in_steps, key,
                                                       limiter=self.io_limiter)
                     await self._reclaim()
+                    await self._drop_cut_packs()
         return False
+
+    async def _drop_cut_packs(self) -> None:
+        """The packs that failed captures retired, once no chunk lives in them
+        (theirs were just released and punched): the file, then its row, so that
+        all a failed capture wrote is given back without a remount. Only packs
+        this process created: no other process ever appends to them."""
+        if not self.pool.cut:
+            return
+        empty = set(self.index.empty_packs(exclude=self.pool.ours())) & self.pool.cut
+        for pack in sorted(empty):
+            await trio.to_thread.run_sync(self.packs.remove, pack, limiter=self.io_limiter)
+            self.index.drop_pack(pack)
+            self.pool.cut.discard(pack)
+            log.info("pack %d removed: the failed capture that wrote it left no chunk "
+                     "there", pack)
 
     async def _store(self, source: CaptureSource, snapshot_id: str, key: int) -> None:
         try:
@@ -174,12 +212,19 @@ class BackgroundJobs:
         return True
 
     async def _run_capture(self, snapshot_id: str, key: int, volume_id: str,
-                           volume: VolumeFile, size: int, lease: bool) -> None:
+                           volume: VolumeFile, size: int, lease: bool, ticket: Ticket) -> None:
         """A volume's snapshot read from the volume: a copy of the previous
         snapshot's map when the volume's read lease proves the file unchanged since
         that capture began (leases.py), else a capture of the volume under a lease
         taken first. No lease (``lease`` False) on XFS/btrfs, where a clone failed:
-        it would cost writers that open with O_NONBLOCK (truncate(1)) an EAGAIN."""
+        it would cost writers that open with O_NONBLOCK (truncate(1)) an EAGAIN.
+        Waits its turn in the capture queue first (capturequeue.py): the volume's
+        earlier captures are done by then, so the lease can show it unchanged."""
+        async with self.captures.turn(ticket):
+            await self._capture_volume(snapshot_id, key, volume_id, volume, size, lease)
+
+    async def _capture_volume(self, snapshot_id: str, key: int, volume_id: str,
+                              volume: VolumeFile, size: int, lease: bool) -> None:
         held, base = None, None
         if lease:
             held, base = await self._leases.before_capture(volume_id, volume, size)
@@ -190,6 +235,8 @@ class BackgroundJobs:
             before = await trio.to_thread.run_sync(_written_stamp, volume.path)
             source = await trio.to_thread.run_sync(FileSource, volume, self.hash_limiter, size)
             await self._store(source, snapshot_id, key)
+            log.info("snapshot %s: %d bytes read from the volume", snapshot_id,
+                     source.bytes_read)
             if await trio.to_thread.run_sync(_written_stamp, volume.path) != before:
                 log.warning("snapshot %s: %s", snapshot_id, WRITTEN_WHILE_READ)
                 self.md.update_snapshot(snapshot_id, warning=WRITTEN_WHILE_READ)
@@ -221,10 +268,12 @@ class BackgroundJobs:
     async def _try_storing(self, snapshot_id: str, key: int, volume_id: str, shadow: Shadow,
                            size: int, retry: float) -> bool:
         try:
-            only = await self._unchanged_copied(snapshot_id, key, volume_id, shadow, size)
-            source = await trio.to_thread.run_sync(partial(
-                FileSource, str(shadow.path), self.hash_limiter, size, only=only, clone=True))
-            await self._store(source, snapshot_id, key)
+            async with self.captures.turn(self.captures.ticket(volume_id, bounded=False)):
+                only = await self._unchanged_copied(snapshot_id, key, volume_id, shadow, size)
+                source = await trio.to_thread.run_sync(partial(
+                    FileSource, str(shadow.path), self.hash_limiter, size, only=only,
+                    clone=True))
+                await self._store(source, snapshot_id, key)
             return True
         except (SnapfsError, OSError) as exc:
             log.error("snapshot %s: storing its chunks failed (%s); it is read from its "
@@ -238,6 +287,7 @@ class BackgroundJobs:
             await trio.to_thread.run_sync(self.index.release_in_steps, key,
                                           limiter=self.io_limiter)
         await self._reclaim()
+        await self._drop_cut_packs()
 
     async def _resume_storing(self, snapshot_id: str, key: int, volume_id: str,
                               shadow: Shadow, size: int) -> None:
@@ -281,8 +331,12 @@ class BackgroundJobs:
         return False
 
     async def _run_import(self, snapshot_id: str, key: int, bucket: str, obj: str,
-                          size: int | None) -> None:
+                          size: int | None, ticket: Ticket) -> None:
         async def work() -> None:
+            async with self.import_queue.turn(ticket):
+                await read_object()
+
+        async def read_object() -> None:
             if self.objects is None:
                 raise PreconditionFailed(NO_OBJECT_STORAGE)
             zone = self.md.snapshot(None, snapshot_id).zone
@@ -314,8 +368,9 @@ class BackgroundJobs:
             snap = self.md.snapshot(None, snapshot_id)
             reader = self._reader(snapshot_id, snap.size)
             try:
-                nbytes = await self.objects.export_qcow2(reader, bucket, key, progress,
-                                                         zone=snap.zone)
+                nbytes = await self.objects.export_qcow2(
+                    reader, bucket, key, progress, zone=snap.zone,
+                    left=partial(self.left_uploads.record, bucket, key, snap.zone))
             finally:
                 await reader.aclose()
             status, error = "success", None

@@ -16,6 +16,7 @@ from .chunkindex import ChunkIndex
 from .chunks import PackFiles
 from .metadata import Metadata
 from .owner import alive
+from .uploads import abort_left
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ async def recover(md: Metadata, index: ChunkIndex, packs: PackFiles,
     deadline = trio.current_time() + ABORT_TIME
     for task in tasks:
         await _abort_upload(objects, task.bucket, task.key, task.zone, deadline)
+    # 2b. Uploads that failed exports could not abort (Object Storage was down).
+    with trio.move_on_at(deadline):
+        await abort_left(md, objects)
     for task in tasks:
         with md.transaction():
             md.update_task(task.id, status="failure", terminated_at=task.started_at,

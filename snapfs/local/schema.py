@@ -197,6 +197,20 @@ MIGRATIONS: list[str] = [
     ALTER TABLE snapshots ADD COLUMN image_gid INTEGER;
     ALTER TABLE snapshots ADD COLUMN image_mode INTEGER;
     """,
+    # --- version 8 -----------------------------------------------------------------
+    """
+    -- Multipart uploads that a failed export could not abort (Object Storage did
+    -- not answer): their parts stay billed on the server until aborted. Any
+    -- process with Object Storage aborts them once it answers -- retried with
+    -- backoff while it runs, and at every open (uploads.py) -- and drops the row.
+    CREATE TABLE left_uploads (
+        upload_id  TEXT PRIMARY KEY,            -- the S3 UploadId
+        bucket     TEXT NOT NULL,
+        key        TEXT NOT NULL,
+        zone       TEXT NOT NULL,               -- picks the Object Storage region
+        left_at    TEXT NOT NULL                -- RFC 3339: when the abort failed
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -26,6 +26,7 @@ from ..objects import ObjectStorage
 from ..service import ImageReader, SnapshotService
 from . import leases
 from .capture import PackPool
+from .capturequeue import CaptureQueue
 from .chunkindex import ChunkIndex
 from .chunks import PackFiles
 from .image import LocalImageReader
@@ -35,6 +36,7 @@ from .owner import alive
 from .recovery import DELETING, recover
 from .shadows import ShadowReader, Shadows
 from .volumefile import Inspected, VolumeFile, identity_of, inspect_new, inspected, open_volume
+from .uploads import LeftUploads
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,10 @@ class LocalService(BackgroundJobs, SnapshotService):
         self.hash_limiter = trio.CapacityLimiter(2)
         self._nursery: trio.Nursery | None = None
         self._jobs: dict[str, trio.CancelScope] = {}
+        self._done: dict[str, trio.Event] = {}
+        self.captures = CaptureQueue()
+        self.import_queue = CaptureQueue()
+        self.left_uploads = LeftUploads(self.md, objects)  # uploads failed exports left
         self._readers: dict[str, int] = {}  # open image readers by snapshot id
         #: Snapshots whose delete has begun: no new reader or export may start on them
         #: while the delete waits for the index lock.
@@ -226,12 +232,19 @@ class LocalService(BackgroundJobs, SnapshotService):
                        access=FileAccess(found.uid, found.gid, found.mode))
         # A clone's snapshot is available before Create returns, and that commit syncs
         # this one too; without a clone, _snapshot_by_clone syncs it.
-        key_ = self.md.insert_snapshot(snap, None, durable=not cloneable)
-        log.info("snapshot %s (%s): capturing volume %s", snap.id, name, vol.name)
-        if cloneable and await self._snapshot_by_clone(snap.id, key_, vol.id, vf, nbytes):
-            return self.md.snapshot(zone, snap.id)
+        ticket = self.captures.ticket(vol.id)  # refused before any row when the queue is full
+        try:
+            key_ = self.md.insert_snapshot(snap, None, durable=not cloneable)
+            log.info("snapshot %s (%s): capturing volume %s", snap.id, name, vol.name)
+            if cloneable and await self._snapshot_by_clone(snap.id, key_, vol.id,
+                                                           vf, nbytes):
+                self.captures.give_back(ticket)  # its storing takes a ticket of its own
+                return self.md.snapshot(zone, snap.id)
+        except BaseException:
+            self.captures.give_back(ticket)
+            raise
         self._start(snap.id, self._run_capture, snap.id, key_, vol.id, vf, nbytes,
-                    not cloneable)
+                    not cloneable, ticket)
         return snap
 
     def _probe(self, vf: VolumeFile) -> tuple[Inspected, bool]:
@@ -266,9 +279,14 @@ class LocalService(BackgroundJobs, SnapshotService):
                         tags=tags, volume_type=volume_type or "b_ssd", size=size or 0,
                         state="importing", base_volume=None, creation_date=t,
                         modification_date=t, error_reason=None, zone=zone, progress=0)
-        key_ = self.md.insert_snapshot(snap, {"bucket": bucket, "key": key, "size": size})
+        ticket = self.import_queue.ticket(None)
+        try:
+            key_ = self.md.insert_snapshot(snap, {"bucket": bucket, "key": key, "size": size})
+        except BaseException:
+            self.import_queue.give_back(ticket)
+            raise
         log.info("snapshot %s (%s): importing s3://%s/%s", snap.id, name, bucket, key)
-        self._start(snap.id, self._run_import, snap.id, key_, bucket, key, size)
+        self._start(snap.id, self._run_import, snap.id, key_, bucket, key, size, ticket)
         return snap
 
     async def set_snapshot(self, zone: str, snapshot: Snapshot) -> Snapshot:
@@ -297,7 +315,7 @@ class LocalService(BackgroundJobs, SnapshotService):
         and its space punched out in the background, like ``zfs destroy`` (a
         million-chunk map takes ~16 s; schema v4: resumed after a crash)."""
         snap = self.md.snapshot(check_zone(zone), snapshot_id)
-        if snap.state in ("exporting", "importing"):
+        if snap.state == "exporting":
             raise PreconditionFailed(f"snapshot {snap.name!r} is {snap.state}; "
                                      "it can be deleted once that ends")
         if self._readers.get(snapshot_id):
@@ -306,11 +324,8 @@ class LocalService(BackgroundJobs, SnapshotService):
             raise PreconditionFailed(f"snapshot {snap.name!r} is already being deleted")
         self._deleting.add(snapshot_id)
         try:
-            scope = self._jobs.get(snapshot_id)
-            if scope is not None:  # a capture in flight: stop it, it cleans up after itself
-                scope.cancel()
-                while snapshot_id in self._jobs:
-                    await trio.sleep(0.01)
+            # A capture or import queued or in flight: stop it, it cleans up after itself.
+            await self._stop_job(snapshot_id)
             key = self.md.snap_key(snapshot_id)
             # Durably first: from here on the snapshot is gone to everyone, and a
             # crash while its map is half released leaves nothing that reads as holes.
@@ -413,10 +428,11 @@ class LocalService(BackgroundJobs, SnapshotService):
                                 self.io_limiter, on_close=closed, spawn=self._spawn)
 
     async def aclose(self) -> None:
-        for scope in list(self._jobs.values()):
-            scope.cancel()
-        while self._jobs:
-            await trio.sleep(0.01)
+        while self._jobs:  # (a job may start another on its way out: cancel that too)
+            for scope in list(self._jobs.values()):
+                scope.cancel()
+            await next(iter(self._done.values())).wait()
+        self.left_uploads.stop()
         self._leases.close()
 
 
@@ -453,6 +469,7 @@ async def open_local_service(store: Path | str, objects: ObjectStorage | None = 
                                                   backing)
                 if resume:
                     svc.resume_storing(exclusive)
+                    nursery.start_soon(svc.left_uploads.run)
                 try:
                     yield svc
                 except Exception as exc:  # re-raised below, not wrapped in an ExceptionGroup

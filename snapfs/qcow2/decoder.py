@@ -22,8 +22,8 @@ from .format import (COMPRESSION_DEFLATE, COMPRESSION_ZSTD, HEADER_V2, HEADER_V2
                      HEADER_V3_EXTRA, HEADER_V3_MIN_LEN, INCOMPAT_COMPRESSION,
                      INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, INCOMPAT_KNOWN,
                      L1_RESERVED_MASK, L2_STD_RESERVED_MASK, MAGIC, MAX_CLUSTER_BITS,
-                     MAX_L1_BYTES, MIN_CLUSTER_BITS, OFFSET_MASK, OFLAG_COMPRESSED,
-                     OFLAG_COPIED, OFLAG_ZERO, Header, div_round_up)
+                     MAX_L1_BYTES, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS, OFFSET_MASK,
+                     OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, Header, div_round_up)
 
 #: How many bytes of the object to fetch to parse the header (the header and its
 #: extensions live in the first cluster; 4 KiB holds every field we read).
@@ -107,6 +107,9 @@ def _check_header(h: Header, file_size: int) -> None:
     if h.size == 0 or h.size % 512:
         raise InvalidData(f"QCOW2 virtual size {h.size} is not a positive multiple "
                           "of 512")
+    if h.size > MAX_VIRTUAL_SIZE:
+        raise InvalidData(f"QCOW2 virtual size {h.size} bytes is beyond the {MAX_VIRTUAL_SIZE}"
+                          f"-byte limit (10 TB, the largest Scaleway volume)")
     needed = div_round_up(div_round_up(h.size, h.cluster_size), h.l2_entries)
     if h.l1_size < needed:
         raise InvalidData(f"QCOW2 L1 table has {h.l1_size} entries; the virtual size "

@@ -53,6 +53,10 @@ MAX_CLUSTER_BITS = 21  # QEMU's implementation limit (2 MiB)
 #: QEMU's limits on table sizes; anything larger is not an image QEMU made.
 MAX_L1_BYTES = 32 << 20
 MAX_REFTABLE_BYTES = 8 << 20
+#: The largest virtual size an import accepts: 10 TB, Scaleway's largest Block
+#: Storage volume (and snapshot). A header claiming more (1 PiB in 6 MB of
+#: object) is refused at once instead of being read, zeros and all, for days.
+MAX_VIRTUAL_SIZE = 10 * 10**12
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from typing import Any
 
 import trio
 
-from ..errors import SnapfsError
-from ..objects import ProgressFn
+from ..errors import NotFound, SnapfsError
+from ..objects import LeftFn, ProgressFn
 from ..qcow2.encoder import StreamingEncoder
 from ..service import ImageReader
 from ..taskgroups import first_error
@@ -82,7 +82,7 @@ class _Buffers:
 
 async def export_qcow2(calls: S3Calls, settings: S3Settings, image: ImageReader,
                        bucket: str, key: str, progress: ProgressFn,
-                       cpu_limiter: trio.CapacityLimiter) -> int:
+                       cpu_limiter: trio.CapacityLimiter, left: LeftFn | None = None) -> int:
     client = calls.client
     size = image.size
     part_size = part_size_for(settings, size)
@@ -133,8 +133,11 @@ async def export_qcow2(calls: S3Calls, settings: S3Settings, image: ImageReader,
         # Shielded: a cancelled export (the service stopping) still aborts, but
         # then only briefly, so that shutting down is not held up by a dead server.
         with trio.CancelScope(shield=True):
+            aborted = False
             with trio.move_on_after(CANCELLED_ABORT_TIME if _cancelled(exc) else float("inf")):
-                await _abort(calls, settings, bucket, key, upload_id, exc)
+                aborted = await _abort(calls, settings, bucket, key, upload_id, exc)
+            if not aborted and left is not None:
+                left(upload_id)  # recorded: aborted once the storage answers again
         raise
     head = await calls.call("head_object", bucket, key,
                             lambda: client.head_object(Bucket=bucket, Key=key))
@@ -207,7 +210,8 @@ async def _produce(enc: StreamingEncoder, blocks: trio.MemoryReceiveChannel[byte
 
 
 async def _abort(calls: S3Calls, settings: S3Settings, bucket: str, key: str,
-                 upload_id: str, cause: BaseException) -> None:
+                 upload_id: str, cause: BaseException) -> bool:
+    """True once the upload is gone (aborted, or not found: gone already)."""
     client = calls.client
     why = str(cause) if isinstance(cause, SnapfsError) else type(cause).__name__
     log.warning("export to %s/%s failed (%s): aborting the upload", bucket, key, why)
@@ -216,6 +220,9 @@ async def _abort(calls: S3Calls, settings: S3Settings, bucket: str, key: str,
                          lambda: client.abort_multipart_upload(
                              Bucket=bucket, Key=key, UploadId=upload_id),
                          policy=settings.abort_retry)
+    except NotFound:  # the upload (or bucket) is gone already: nothing left behind
+        return True
     except SnapfsError as exc:
-        # NotFound: the upload (or bucket) is gone already -- nothing left behind.
         log.warning("abort of upload to %s/%s failed: %s", bucket, key, exc)
+        return False
+    return True

@@ -198,6 +198,16 @@ class S3Qcow2Reader(ImageReader):
                                               limiter=self.cpu_limiter)
                 self._remember_l2(off, table)
 
+    def next_data(self, offset: int) -> int:
+        """The first guest offset >= ``offset`` that some L2 table maps (the size
+        when none): a span without an L2 table reads as zeros, so an import skips
+        it instead of fetching and hashing zeros (an empty 10 TB image)."""
+        span, l1 = self.map.l2_span(), self.map.l1
+        i = offset // span
+        while i < len(l1) and not l1[i] & OFFSET_MASK:
+            i += 1
+        return min(self.size, max(offset, i * span))
+
     async def read(self, offset: int, length: int) -> bytes:
         return bytes(await self.read_transient(offset, length))
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import trio
 
-from ..errors import InvalidArgument
-from ..objects import ObjectStorage, ProgressFn
+from ..errors import InvalidArgument, NotFound
+from ..objects import LeftFn, ObjectStorage, ProgressFn
 from ..service import ImageReader
 from .calls import S3Calls
 from .config import S3Settings, make_client, region_of_zone
@@ -60,11 +60,25 @@ class S3ObjectStorage(ObjectStorage):
         return S3Calls(client, self.limiter, settings.retry)
 
     async def export_qcow2(self, image: ImageReader, bucket: str, key: str,
-                           progress: ProgressFn, *, zone: str | None = None) -> int:
+                           progress: ProgressFn, *, zone: str | None = None,
+                           left: LeftFn | None = None) -> int:
         _check(bucket, key)
         calls = await self.calls_for(zone)
         return await export_qcow2(calls, self.settings, image, bucket, key, progress,
-                                  self.cpu_limiter)
+                                  self.cpu_limiter, left)
+
+    async def abort_upload(self, bucket: str, key: str, upload_id: str,
+                           zone: str | None = None) -> None:
+        _check(bucket, key)
+        calls = await self.calls_for(zone)
+        try:
+            await calls.call("abort_multipart_upload", bucket, key,
+                             functools.partial(calls.client.abort_multipart_upload,
+                                               Bucket=bucket, Key=key, UploadId=upload_id),
+                             policy=self.settings.abort_retry)
+        except NotFound:  # NoSuchUpload: aborted (or completed) already
+            return
+        log.info("aborted unfinished upload %s to %s/%s", upload_id, bucket, key)
 
     async def open_qcow2(self, bucket: str, key: str, *, zone: str | None = None
                          ) -> ImageReader:

@@ -7,10 +7,14 @@ and refuses everything else with a domain error saying why.
 
 from __future__ import annotations
 
-from ...errors import NoSuchAttribute, NotPermitted, ReadOnly
+from ...errors import NoSuchAttribute, NotPermitted, ReadOnly, TooLarge
 from ...service import Buffer
 from ..context import FsContext, Stat
 from ..keys import Key
+
+#: The most a control file (snapshot.json, export, imports/*) takes: a write or
+#: truncate beyond is refused before any byte is allocated for it.
+CONTROL_MAX = 64 << 10
 
 #: (entry name, key, attributes) of one directory entry.
 Entry = tuple[str, Key, Stat]
@@ -126,6 +130,7 @@ class BufferHandle(Handle):
     async def write(self, offset: int, data: bytes) -> int:
         if not self.writable:
             raise ReadOnly("not open for writing")
+        self._check_size(offset + len(data))
         if offset > len(self.buffer):
             self.buffer.extend(bytes(offset - len(self.buffer)))
         self.buffer[offset:offset + len(data)] = data
@@ -136,8 +141,14 @@ class BufferHandle(Handle):
     async def truncate(self, size: int) -> None:
         if not self.writable:
             raise ReadOnly(f"{self.node.describe()} is not open for writing")
+        self._check_size(size)
         del self.buffer[size:]
         self.dirty = True
+
+    def _check_size(self, end: int) -> None:
+        if end > CONTROL_MAX:
+            raise TooLarge(f"{self.node.describe()} takes at most {CONTROL_MAX} bytes; "
+                           f"refusing to extend it to {end}")
 
     async def written(self) -> None:
         """Called after each write (a complete line may be acted on at once)."""

@@ -1,0 +1,183 @@
+"""Bounded work through the real mount: a burst of snapshots of one volume runs
+through the capture queue (bounded memory, the volume read once), and control
+files refuse writes beyond 64 KiB before allocating anything."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from fixtures_mount import MiB, Mount, run, snapfs
+
+pytestmark = pytest.mark.mount
+
+VOLUME = 128 * MiB
+
+
+def proc_field(pid: int, name: str, field: str) -> int:
+    """A counter of /proc/PID/<name> (status: kB values, io: bytes)."""
+    for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/{name}")
+
+
+@pytest.fixture
+def busy_mount(tmp_path: Path, mount_factory: Callable[..., Mount]) -> tuple[Mount, Path]:
+    """A mount of a store with volume ``disk``: 128 MiB of incompressible data."""
+    vol = tmp_path / "disk.raw"
+    with open(vol, "wb") as f:
+        for _ in range(VOLUME // MiB):
+            f.write(os.urandom(MiB))
+    store = tmp_path / "store"
+    snapfs("volume", "add", "disk", vol, "--store", store)
+    return mount_factory(store), vol
+
+
+def test_a_burst_of_mkdirs_is_queued_reads_the_volume_once_and_stays_small(
+        busy_mount: tuple[Mount, Path]) -> None:
+    m, vol = busy_mount
+    pid = m.pid
+    assert pid is not None
+    read_before = proc_field(pid, "io", "rchar")
+    count = 300
+    vdir = m.volume("disk")
+    # One shell, as a user's loop: every mkdir returns before its capture is done.
+    run("bash", "-c", f'for i in $(seq {count}); do mkdir "{vdir}/m$i" || exit 1; done',
+        timeout=120)
+    # One volume's captures run in the order requested: the last one done, all are.
+    m.wait_state(m.snapshots() / f"m{count}", timeout=120)
+    states = {n: m.xattr(m.snapshots() / n, "state") for n in os.listdir(m.snapshots())}
+    assert len(states) == count
+    assert set(states.values()) == {"available"}, \
+        {s: sum(1 for v in states.values() if v == s) for s in set(states.values())}
+    peak_kib = proc_field(pid, "status", "VmHWM")
+    assert peak_kib <= 300 * 1024, f"daemon peak RSS {peak_kib // 1024} MiB"
+    # The volume was read once: the others copied that map under its read lease.
+    # All the daemon read (its metadata too: copying a map reads ~3 KiB a chunk)
+    # stays under two reads of the volume; its own count says exactly one.
+    read = proc_field(pid, "io", "rchar") - read_before
+    assert read < 2 * VOLUME, f"the daemon read {read / MiB:.0f} MiB for {count} snapshots"
+    log = m.log()
+    assert log.count("map reused") == count - 1
+    assert log.count(f"{VOLUME} bytes read from the volume") == 1
+    # And each snapshot holds the volume's bytes.
+    for name in ("m1", "m150", f"m{count}"):
+        run("cmp", m.snapshots() / name / "image.raw", vol)
+    assert "Traceback" not in m.log()
+
+
+@pytest.mark.parametrize("name", ["snapshot.json", "export", "import"])
+def test_a_control_file_write_beyond_64k_is_efbig_at_once(busy_mount: tuple[Mount, Path],
+                                                           name: str) -> None:
+    m, pid = busy_mount[0], busy_mount[0].pid
+    assert pid is not None
+    run("mkdir", m.volume("disk") / "s1")
+    snap = m.snapshots() / "s1"
+    assert m.wait_state(snap) == "available"
+    if name == "import":
+        target = m.project / "imports" / "imp1"
+        run("touch", target)
+    else:
+        target = snap / name
+    before = (target.read_bytes(), (snap / "snapshot.json").read_text(),
+              sorted(os.listdir(m.snapshots())))
+    rss_before = proc_field(pid, "status", "VmHWM")
+    start = time.monotonic()
+    # One byte at 4 GiB: refused before the daemon allocates the gap.
+    res = run("dd", "if=/dev/zero", f"of={target}", "bs=1", "count=1", "seek=4G",
+              "conv=notrunc", check=False, timeout=30)
+    assert res.returncode != 0 and "File too large" in res.stderr, res.stderr
+    # Just past the limit, too; just inside it is an ordinary (invalid) write.
+    res = run("dd", "if=/dev/zero", f"of={target}", "bs=1", "count=1", f"seek={64 << 10}",
+              "conv=notrunc", check=False)
+    assert res.returncode != 0 and "File too large" in res.stderr, res.stderr
+    assert time.monotonic() - start < 10
+    assert proc_field(pid, "status", "VmHWM") - rss_before < 16 * 1024  # KiB
+    assert (target.read_bytes(), (snap / "snapshot.json").read_text(),
+            sorted(os.listdir(m.snapshots()))) == before
+    assert json.loads((snap / "snapshot.json").read_text())["name"] == "s1"
+    assert "EFBIG" in m.log()
+    with open(target, "r+b") as f:
+        with pytest.raises(OSError) as info:
+            os.pwrite(f.fileno(), b"x", 1 << 40)
+        assert info.value.errno == errno.EFBIG
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 96 MiB ext4 filesystem on a loop device (no reserved blocks): a store
+    there runs out of space; always unmounted."""
+    image, mnt = tmp_path / "small.img", tmp_path / "small"
+    with open(image, "wb") as f:
+        f.truncate(96 * MiB)
+    run("mkfs.ext4", "-q", "-F", "-m", "0", image)
+    mnt.mkdir()
+    run("mount", "-o", "loop", image, mnt)
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)])
+        image.unlink(missing_ok=True)
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def test_a_capture_out_of_space_says_so_and_gives_back_every_byte(
+        small_fs: Path, tmp_path: Path, mount_factory: Callable[..., Mount]) -> None:
+    big, small = tmp_path / "big.raw", tmp_path / "small.raw"
+    big.write_bytes(os.urandom(160 * MiB))  # outside the store: more than it can hold
+    small.write_bytes(os.urandom(24 * MiB))
+    store = small_fs / "store"
+    snapfs("volume", "add", "big", big, "--store", store)
+    snapfs("volume", "add", "small", small, "--store", store)
+    m = mount_factory(store)
+    run("mkdir", m.volume("small") / "before")
+    assert m.wait_state(m.snapshots() / "before") == "available"
+    free = free_bytes(small_fs)
+    assert free < 160 * MiB
+    run("mkdir", m.volume("big") / "toobig")
+    snap = m.snapshots() / "toobig"
+    assert m.wait_state(snap, timeout=60) == "error"
+    reason = m.xattr(snap, "error_reason")
+    assert "the store is full" in reason and "reading the source" not in reason, reason
+    # Every byte it wrote is back, without a remount (the metadata's WAL may keep a few).
+    assert free_bytes(small_fs) > free - 2 * MiB, (free, free_bytes(small_fs))
+    run("rmdir", snap)
+    # A capture that fits succeeds, and the earlier snapshot still reads right.
+    run("mkdir", m.volume("small") / "after")
+    assert m.wait_state(m.snapshots() / "after") == "available"
+    run("cmp", m.snapshots() / "after" / "image.raw", small)
+    run("cmp", m.snapshots() / "before" / "image.raw", small)
+    assert "Traceback" not in m.log()
+    m.stop()
+    res = snapfs("fsck", "--store", store, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_rmdir_stops_a_running_and_a_queued_capture(busy_mount: tuple[Mount, Path]) -> None:
+    m, vol = busy_mount
+    vdir = m.volume("disk")
+    # s1 reads the volume; s2 waits behind it (one volume's captures run in turn).
+    run("bash", "-c", f'mkdir "{vdir}/s1" "{vdir}/s2"')
+    assert m.xattr(m.snapshots() / "s2", "state") == "snapshotting"
+    assert m.xattr(m.snapshots() / "s2", "progress") == "0"
+    t0 = time.monotonic()
+    run("rmdir", m.snapshots() / "s2", m.snapshots() / "s1")
+    assert time.monotonic() - t0 < 10
+    assert os.listdir(m.snapshots()) == []
+    run("mkdir", vdir / "s3")
+    assert m.wait_state(m.snapshots() / "s3") == "available"
+    run("cmp", m.snapshots() / "s3" / "image.raw", vol)
+    assert "Traceback" not in m.log()

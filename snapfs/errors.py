@@ -92,6 +92,12 @@ class InvalidData(SnapfsError):
     api_type = "invalid_arguments"
 
 
+class StoreUnusable(SnapfsError):
+    """The store directory cannot be trusted or recognised (not ours, writable by
+    others, not a store, its metadata.db missing, damaged or another store's):
+    every command refuses, changing nothing; the message names the way out."""
+
+
 class Transient(SnapfsError):
     """A backend failed in a way worth retrying (timeouts, 429, 5xx)."""
 

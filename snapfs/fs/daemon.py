@@ -179,8 +179,9 @@ def setup_logging(cfg: MountConfig, stream: TextIO | None = None) -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    if stream is None:
-        handler: logging.Handler = logging.FileHandler(cfg.store / LOG_NAME)
+    if stream is None:  # never through a symlink, 0600 (local/store.py)
+        from ..local.store import open_log
+        handler: logging.Handler = logging.StreamHandler(open_log(cfg.store / LOG_NAME))
     else:
         handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter(
@@ -201,7 +202,12 @@ def run_foreground(cfg: MountConfig) -> int:
 def run_daemon(cfg: MountConfig) -> int:
     """Fork; the parent waits for the child's "ready" and returns 0, or prints
     the child's one-line reason and returns 1."""
-    cfg.store.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # The store is checked (ours, recognised; made if new) before the log goes in it.
+    from ..local.store import open_store, trusted_dir
+    if cfg.backend == "local":
+        open_store(cfg.store, writing=True)
+    else:
+        trusted_dir(cfg.store, create=True)
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid:
@@ -240,13 +246,13 @@ def _report(wfd: int, message: str) -> None:
 
 
 def _redirect_stdio(log_path: Path) -> None:
+    from ..local.store import open_log
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
-    out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
+    with open_log(log_path) as out:
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
     os.close(null)
-    os.close(out)
 
 
 def _wait_ready(rfd: int, pid: int, cfg: MountConfig) -> int:

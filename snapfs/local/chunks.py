@@ -99,9 +99,10 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
 class PackFiles:
     """Read access to all packs (cached descriptors) plus pack-level maintenance."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, create: bool = True) -> None:
         self.dir = directory
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if create:
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._fds: dict[int, int] = {}
         self._lock = threading.Lock()
         self._nowait = hasattr(os, "RWF_NOWAIT")
@@ -211,6 +212,8 @@ class PackFiles:
             os.truncate(p, length)
 
     def existing(self) -> set[int]:
+        if not self.dir.is_dir():  # a read-only open of a store without a pack yet
+            return set()
         return {int(p.stem) for p in self.dir.glob("*.pack") if p.stem.isdigit()}
 
     def close(self) -> None:

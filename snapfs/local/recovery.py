@@ -60,8 +60,11 @@ async def recover(md: Metadata, index: ChunkIndex, packs: PackFiles,
             md.conn.execute("UPDATE snapshots SET state = 'available' "
                             "WHERE id = ? AND state = 'exporting'", (snapshot_id,))
     # 3. Pack bytes past the committed length, extents queued for punching, packs
-    #    without a live chunk, pack files no row knows: only with the store to
-    #    ourselves, as other processes may be appending to their packs.
+    #    whose row records no live chunk: only with the store to ourselves, as other
+    #    processes may be appending to their packs. Only what the metadata records
+    #    as freed goes: a pack file no row knows is left in place (the metadata may
+    #    be the thing that is wrong); fsck reports it, `fsck --repair` moves it to
+    #    lost+found.
     if not exclusive:
         return
     committed = index.packs()
@@ -70,9 +73,11 @@ async def recover(md: Metadata, index: ChunkIndex, packs: PackFiles,
         for pack, length in committed.items():
             packs.truncate(pack, length)
         packs.punch([(pack, offset, length) for _, pack, offset, length in index.free_extents()])
-        for pack in packs.existing() - set(committed):
-            log.warning("removing pack %d: no metadata refers to it", pack)
-            packs.remove(pack)
+        unknown = sorted(packs.existing() - set(committed))
+        if unknown:
+            log.warning("%d pack file(s) without metadata (%s...) left in place: "
+                        "'snapfs fsck --repair' moves them to lost+found", len(unknown),
+                        packs.path(unknown[0]).name)
     await trio.to_thread.run_sync(fix_files)
     index.extents_done([e[0] for e in index.free_extents()])
     for pack in index.empty_packs(exclude=set()):

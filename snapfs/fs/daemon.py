@@ -203,14 +203,16 @@ def run_daemon(cfg: MountConfig) -> int:
     """Fork; the parent waits for the child's "ready" and returns 0, or prints
     the child's one-line reason and returns 1."""
     # The store is checked (ours, recognised; made if new) before the log goes in it.
-    from ..local.store import open_store, trusted_dir
+    from ..local.store import open_log, open_store, trusted_dir
     if cfg.backend == "local":
         open_store(cfg.store, writing=True)
     else:
         trusted_dir(cfg.store, create=True)
+    log_file = open_log(cfg.store / LOG_NAME)  # refused here: one line, no child
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid:
+        log_file.close()
         os.close(wfd)
         return _wait_ready(rfd, pid, cfg)
     # The child: detach, log to the store, serve.
@@ -218,7 +220,7 @@ def run_daemon(cfg: MountConfig) -> int:
     code = 1
     try:
         os.setsid()
-        _redirect_stdio(cfg.store / LOG_NAME)
+        _redirect_stdio(log_file)
         setup_logging(cfg)
 
         def ready() -> None:
@@ -245,13 +247,12 @@ def _report(wfd: int, message: str) -> None:
         pass  # already reported ready: the reason is in the log
 
 
-def _redirect_stdio(log_path: Path) -> None:
-    from ..local.store import open_log
+def _redirect_stdio(log_file: TextIO) -> None:
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
-    with open_log(log_path) as out:
-        os.dup2(out.fileno(), 1)
-        os.dup2(out.fileno(), 2)
+    with log_file:
+        os.dup2(log_file.fileno(), 1)
+        os.dup2(log_file.fileno(), 2)
     os.close(null)
 
 

@@ -434,3 +434,29 @@ async def test_a_damaged_store_is_refused_in_process_too(tmp_path: Path) -> None
         async with open_local_service(store):
             pass
     assert sorted(p.name for p in store.iterdir()) == ["packs"]
+
+
+def test_a_shadow_no_snapshot_knows_is_kept_reported_and_moved_by_repair(
+        tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    snap, data = make_store(store, tmp_path)
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")
+    vdir = store / "shadows" / "0b7a9d1e-0000-4000-8000-000000000001"
+    vdir.mkdir(parents=True)
+    stray = vdir / f"7.4f1c2a3b-0000-4000-8000-000000000002.{boot}"
+    stray.write_bytes(b"a clone the metadata lost track of")
+    odd = vdir / "notes.txt"
+    odd.write_bytes(b"not a shadow's name")
+
+    async def reopen() -> None:
+        async with open_local_service(store) as svc:  # exclusive: tidies the shadows
+            assert await read_all(svc, snap) == data
+    trio.run(reopen)
+    assert stray.exists() and odd.exists()
+    res = snapfs_cli("fsck", store=store)
+    assert res.returncode == 1 and stray.name in res.stdout and odd.name in res.stdout
+    res = snapfs_cli("fsck", "--repair", store=store)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert not stray.exists() and not odd.exists()
+    moved = sorted(p.name for p in (store / "lost+found").iterdir())
+    assert moved == sorted(f"shadow-{vdir.name}-{p.name}" for p in (stray, odd))

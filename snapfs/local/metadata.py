@@ -280,6 +280,12 @@ class Metadata:
             "SELECT rowid FROM snapshots WHERE state = 'snapshotting' OR "
             "(shadow IS NOT NULL AND deleting = 0)")}
 
+    def snapshot_keys(self) -> set[tuple[int, str]]:
+        """(map key, id) of every snapshot row, deleted or not: what the metadata
+        accounts for (shadows.tidy drops no file of another)."""
+        return {(int(r[0]), str(r[1])) for r in self.conn.execute(
+            "SELECT rowid, id FROM snapshots")}
+
     def shadow_of(self, snapshot_id: str) -> str | None:
         row = self.conn.execute("SELECT shadow FROM snapshots WHERE id = ?",
                                 (snapshot_id,)).fetchone()

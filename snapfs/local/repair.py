@@ -85,8 +85,7 @@ def unaccounted_shadows(svc: "LocalService") -> list[Path]:
     if not root.is_dir():
         return []
     files = sorted(p for p in root.glob("*/*"))
-    known = {(int(r[0]), str(r[1])) for r in svc.md.conn.execute(
-        "SELECT rowid, id FROM snapshots")}
+    known = svc.md.snapshot_keys()
     out = []
     for p in files:
         parts = p.name.split(".")

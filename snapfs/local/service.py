@@ -445,7 +445,7 @@ async def open_local_service(store: Path | str, objects: ObjectStorage | None = 
                 if exclusive:  # no capture of another process may be using one
                     backing = svc.md.needing_shadows()
                     await trio.to_thread.run_sync(svc.shadows.tidy, svc.md.usable_maps(),
-                                                  backing)
+                                                  backing, svc.md.snapshot_keys())
                 if resume:
                     svc.resume_storing(exclusive)
                 try:

@@ -254,8 +254,7 @@ class Shadows:
                 parts = p.name.split(".")
                 if len(parts) == 3 and parts[0].isdigit():
                     found.append((Shadow(p, int(parts[0]), parts[1]), parts[2]))
-                else:
-                    p.unlink(missing_ok=True)  # not ours to keep
+                # else: not a shadow's name; never deleted (fsck reports it)
             out[vdir.name] = sorted(found, key=lambda s: s[0].key)
         return out
 
@@ -315,17 +314,25 @@ class Shadows:
         except OSError:
             pass
 
-    def tidy(self, usable: dict[int, str], backing: set[int]) -> None:
+    def tidy(self, usable: dict[int, str], backing: set[int],
+             known: Collection[tuple[int, str]]) -> None:
         """At an exclusive open: keep the shadows that are still snapshots' data
         (map keys in ``backing``, whatever their boot) and each volume's newest
         shadow of this boot whose snapshot (map key -> volume id in ``usable``) is
-        available; drop the rest."""
+        available; drop the rest -- but only the shadows of snapshots the metadata
+        knows ((map key, id) in ``known``): one of a snapshot it does not know is
+        kept (fsck reports it), as the metadata may be what is wrong."""
         for volume_id, shadows in self.all().items():
             newest = [s for s, boot in shadows
                       if boot == self.boot and usable.get(s.key) == volume_id]
             kept = 0
             for s, _ in shadows:
                 if s.key in backing or (newest and s is newest[-1]):
+                    kept += 1
+                elif (s.key, s.snapshot_id) not in known:
+                    log.warning("shadow %s: no snapshot of the metadata is its; left in "
+                                "place ('snapfs fsck --repair' moves it to lost+found)",
+                                s.path)
                     kept += 1
                 else:
                     self.drop(s)

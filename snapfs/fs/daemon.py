@@ -16,7 +16,7 @@ import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable, TextIO
+from typing import IO, AsyncIterator, Callable, TextIO
 
 import pyfuse3
 import trio
@@ -247,7 +247,7 @@ def _report(wfd: int, message: str) -> None:
         pass  # already reported ready: the reason is in the log
 
 
-def _redirect_stdio(log_file: TextIO) -> None:
+def _redirect_stdio(log_file: IO[str]) -> None:
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     with log_file:

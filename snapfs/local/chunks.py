@@ -121,7 +121,7 @@ class PackFiles:
         with self._lock:
             fd = self._fds.get(pack)
             if fd is None:
-                fd = os.open(self.path(pack), os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(self.path(pack), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
                 self._fds[pack] = fd
             return fd
 
@@ -186,7 +186,7 @@ class PackFiles:
             by_pack.setdefault(pack, []).append((offset, length))
         for pack, ranges in by_pack.items():
             try:
-                fd = os.open(self.path(pack), os.O_WRONLY | os.O_CLOEXEC)
+                fd = os.open(self.path(pack), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue
             try:
@@ -234,7 +234,7 @@ class PackWriter:
                  direct: bool = True) -> None:
         self.pack = pack
         path = packs.path(pack)
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         # Whatever lies past the committed length is an earlier interrupted tail.
         os.ftruncate(self.fd, committed)
         self.end = committed
@@ -246,7 +246,7 @@ class PackWriter:
         self._cloned = False  # since the last sync
         if direct and committed % ALIGN == 0:
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+                fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_NOFOLLOW | os.O_CLOEXEC)
             except OSError as exc:  # a filesystem without O_DIRECT: buffered writes
                 if exc.errno != errno.EINVAL:
                     raise

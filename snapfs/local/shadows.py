@@ -268,7 +268,7 @@ class Shadows:
         fds: list[int] = []
         try:
             for s in (old, new):
-                fds.append(os.open(s.path, os.O_RDONLY | os.O_CLOEXEC))
+                fds.append(os.open(s.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
             if any(os.fstat(fd).st_size != size for fd in fds):
                 return None
             return changed_chunks(fiemap(fds[0], size), fiemap(fds[1], size), size, chunk)
@@ -349,7 +349,7 @@ class ShadowReader(ImageReader):
     def __init__(self, path: Path, size: int, limiter: trio.CapacityLimiter,
                  on_close: Callable[[], None],
                  spawn: Callable[[Callable[[], Awaitable[None]]], None] | None = None) -> None:
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         self.path = path
         self.size = size
         self.limiter = limiter

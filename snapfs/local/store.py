@@ -105,7 +105,8 @@ def _open_store(path: Path, writing: bool) -> StoreFacts:
     marker = read_marker(path)
     db = path / DB
     if marker is None and not os.path.lexists(db):
-        entries = sorted(os.listdir(path))
+        # lost+found: the root of a fresh ext4 filesystem is a fine empty store.
+        entries = sorted(set(os.listdir(path)) - {LOST_FOUND})
         if "packs" in entries:
             raise StoreUnusable(f"{db} is missing: {_RESTORE}")
         if entries:

@@ -345,6 +345,10 @@ def test_a_store_someone_else_owns_or_may_write_is_refused(shared_tmp: Path) -> 
     before = tree(store)
     for cmd in (["volume", "list"], ["project", "create", "p"], ["fsck"]):
         one_line_refusal(snapfs_cli(*cmd, store=store), "belongs to uid 65534")
+    mnt = shared_tmp / "mnt"
+    mnt.mkdir()
+    one_line_refusal(snapfs_cli("mount", str(mnt), store=store), "belongs to uid 65534")
+    assert not is_mounted(mnt)
     os.chown(store, 0, 0)
     for mode in (0o770, 0o707, 0o777):
         store.chmod(mode)
@@ -459,3 +463,38 @@ def test_a_shadow_no_snapshot_knows_is_kept_reported_and_moved_by_repair(
     assert not stray.exists() and not odd.exists()
     moved = sorted(p.name for p in (store / "lost+found").iterdir())
     assert moved == sorted(f"shadow-{vdir.name}-{p.name}" for p in (stray, odd))
+
+
+def test_a_symlinked_metadata_db_is_refused(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    make_store(store, tmp_path)
+    real = tmp_path / "elsewhere.db"
+    shutil.move(store / "metadata.db", real)
+    (store / "metadata.db").symlink_to(real)
+    before = tree(store)
+    for cmd in (["volume", "list"], ["project", "create", "p"]):
+        one_line_refusal(snapfs_cli(*cmd, store=store), "not a regular file")
+    assert tree(store) == before
+
+
+def test_repair_releases_the_map_rows_of_a_deleted_snapshot(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    snap, data = make_store(store, tmp_path)
+    with sqlite3.connect(store / "metadata.db") as conn:  # what a lost row leaves behind
+        conn.execute("INSERT INTO snapshot_chunks (snap, idx, chunk) "
+                     "SELECT 999, idx, chunk FROM snapshot_chunks")
+        rows = conn.execute("SELECT count(*) FROM snapshot_chunks WHERE snap = 999"
+                            ).fetchone()[0]
+    conn.close()
+    res = snapfs_cli("fsck", store=store)
+    assert res.returncode == 1 and "chunk map rows of a deleted snapshot #999" in res.stdout
+    res = snapfs_cli("fsck", "--repair", store=store)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"repair: will release the {rows} chunk map row(s) of deleted snapshot #999" \
+        in res.stdout
+
+    async def reread() -> None:
+        async with open_local_service(store) as svc:
+            assert await read_all(svc, snap) == data  # its chunks were still the other's
+    trio.run(reread)
+    assert snapfs_cli("fsck", store=store).returncode == 0

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sqlite3
 import sys
 from typing import Any, Awaitable, Callable
 
 import trio
 
 from .cli import add_store_option, store_path
-from .errors import InvalidArgument
+from .errors import InvalidArgument, SnapfsError
 from .model import DEFAULT_ZONE, VOLUME_TYPES, ZONES
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -35,7 +36,10 @@ def _run(args: argparse.Namespace, fn: Callable[[Any], Awaitable[int | None]],
         async with open_local_service(store_path(args), resume=False,
                                       readonly=readonly) as svc:
             return await fn(svc)
-    return int(trio.run(main) or 0)
+    try:
+        return int(trio.run(main) or 0)
+    except sqlite3.DatabaseError as exc:  # the store changed under a reader, a bad disk
+        raise SnapfsError(f"{store_path(args) / 'metadata.db'}: {exc}") from None
 
 
 def _print_table(rows: list[list[str]], header: list[str]) -> None:

@@ -498,3 +498,17 @@ def test_repair_releases_the_map_rows_of_a_deleted_snapshot(tmp_path: Path) -> N
             assert await read_all(svc, snap) == data  # its chunks were still the other's
     trio.run(reread)
     assert snapfs_cli("fsck", store=store).returncode == 0
+
+
+def test_a_store_given_by_a_relative_path_records_absolute_volume_paths(
+        tmp_path: Path) -> None:
+    env = {"PYTHONPATH": os.environ.get("PYTHONPATH", "") + os.pathsep + os.getcwd()}
+    res = subprocess.run([sys.executable, "-m", "snapfs", "volume", "create", "v", "--size",
+                          "1M", "--store", "rel"], cwd=tmp_path, capture_output=True,
+                         text=True, env={**os.environ, **env})
+    assert res.returncode == 0, res.stderr
+    [vol] = list((tmp_path / "rel" / "volumes").iterdir())
+    listed = snapfs_cli("volume", "list", store=tmp_path / "rel").stdout
+    assert str(vol) in listed
+    assert snapfs_cli("volume", "rm", "v", store=tmp_path / "rel").returncode == 0
+    assert not vol.exists()

@@ -102,7 +102,7 @@ class LocalService(BackgroundJobs, SnapshotService):
         vid = new_id()
         vdir = self.store / "volumes"
         vdir.mkdir(mode=0o700, exist_ok=True)
-        path = vdir / f"{vid}.raw"
+        path = Path(os.path.abspath(vdir / f"{vid}.raw"))  # the store may be relative
         self._check_new_volume(name, zone, project, volume_type)
         try:
             with open(path, "xb") as f:
@@ -142,7 +142,8 @@ class LocalService(BackgroundJobs, SnapshotService):
         self.md.remove_volume(v.id)
         self._leases.forget(v.id)
         backing = self.md.needing_shadows()
-        await trio.to_thread.run_sync(self.shadows.drop_volume, v.id, backing)
+        await trio.to_thread.run_sync(self.shadows.drop_volume, v.id, backing,
+                                      self.md.snapshot_keys())
         if managed and v.path:
             # Only ever a file of <store>/volumes/ (store.py: metadata names no other).
             own = managed_volume_file(self.store, v.path)

@@ -289,11 +289,13 @@ class Shadows:
     def named(self, name: str, key: int, snapshot_id: str) -> Shadow:
         return Shadow(self.root / name, key, snapshot_id)
 
-    def drop_older(self, volume_id: str, key: int, keep: set[int]) -> None:
+    def drop_older(self, volume_id: str, key: int, keep: set[int],
+                   known: Collection[tuple[int, str]] | None = None) -> None:
         """After the capture of ``key`` is stored: the volume's earlier shadows, but
-        those in ``keep`` (the data of snapshots not stored yet)."""
+        those in ``keep`` (the data of snapshots not stored yet) and, given
+        ``known`` (the metadata's (map key, id) pairs), those of unknown snapshots."""
         for s, _ in self.all().get(volume_id, []):
-            if s.key < key and s.key not in keep:
+            if s.key < key and s.key not in keep and _accounted(s, known):
                 self.drop(s)
 
     def drop_snapshot(self, snapshot_id: str) -> None:
@@ -303,11 +305,13 @@ class Shadows:
                 if s.snapshot_id == snapshot_id:
                     self.drop(s)
 
-    def drop_volume(self, volume_id: str, keep: Collection[int] = ()) -> None:
+    def drop_volume(self, volume_id: str, keep: Collection[int] = (),
+                    known: Collection[tuple[int, str]] | None = None) -> None:
         """A removed volume's shadows, but those in ``keep`` (the data of snapshots
-        not stored yet: snapshots outlive their volume)."""
+        not stored yet: snapshots outlive their volume) and, given ``known``, those
+        of snapshots the metadata does not know."""
         for s, _ in self.all().get(volume_id, []):
-            if s.key not in keep:
+            if s.key not in keep and _accounted(s, known):
                 self.drop(s)
         try:
             self._dir(volume_id).rmdir()
@@ -329,7 +333,7 @@ class Shadows:
             for s, _ in shadows:
                 if s.key in backing or (newest and s is newest[-1]):
                     kept += 1
-                elif (s.key, s.snapshot_id) not in known:
+                elif not _accounted(s, known):
                     log.warning("shadow %s: no snapshot of the metadata is its; left in "
                                 "place ('snapfs fsck --repair' moves it to lost+found)",
                                 s.path)
@@ -337,7 +341,13 @@ class Shadows:
                 else:
                     self.drop(s)
             if not kept:
-                self.drop_volume(volume_id)
+                self.drop_volume(volume_id, (), known)
+
+
+def _accounted(s: Shadow, known: Collection[tuple[int, str]] | None) -> bool:
+    """Whether the metadata knows the shadow's snapshot (None: not asked): only
+    then may the shadow be dropped, never because no row refers to it."""
+    return known is None or (s.key, s.snapshot_id) in known
 
 
 class ShadowReader(ImageReader):

@@ -324,7 +324,12 @@ def open_log(path: Path) -> IO[str]:
 
 def open_lock(path: Path) -> int:
     """The store's lock file's descriptor, opened without following a symlink."""
-    fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    except OSError as exc:
+        raise StoreUnusable(f"cannot open the lock {path / 'lock'}: {exc.strerror} (a "
+                            "symlink is refused)") from None
     try:
         _own_regular_file(fd, path / "lock")
     except BaseException:

@@ -418,7 +418,8 @@ async def open_local_service(store: Path | str, objects: ObjectStorage | None = 
     at exit (storing starts by releasing what an earlier attempt stored).
     ``readonly``: read without changing any file (no recovery, no migration)."""
     store = Path(store)
-    open_store(store, writing=not readonly)  # trusted, recognised, or refused (store.py)
+    # Trusted, recognised (made if new), or refused: store.py.
+    await trio.to_thread.run_sync(open_store, store, not readonly)
     if readonly:
         svc = LocalService(store, objects, readonly=True)
         try:

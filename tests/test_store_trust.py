@@ -512,3 +512,23 @@ def test_a_store_given_by_a_relative_path_records_absolute_volume_paths(
     assert str(vol) in listed
     assert snapfs_cli("volume", "rm", "v", store=tmp_path / "rel").returncode == 0
     assert not vol.exists()
+
+
+def test_a_new_pack_never_takes_over_a_file_no_row_knows(tmp_path: Path) -> None:
+    """What a metadata.db restored from an older backup meets: pack files above its
+    rows. The next capture numbers its pack past them."""
+    store = tmp_path / "store"
+    make_store(store, tmp_path)
+    [first] = sorted((store / "packs").glob("*.pack"))
+    stray = store / "packs" / f"{int(first.stem) + 1:08d}.pack"
+    stray.write_bytes(random_bytes(8192, seed=5))
+    data = random_bytes(2 * MiB, seed=6)
+    vol = write_volume(tmp_path / "other.raw", 2 * MiB, [(0, data)])
+
+    async def capture() -> None:
+        async with open_local_service(store) as svc:
+            snap = await snapshot_of(svc, vol, "next")
+            assert await read_all(svc, snap.id) == data
+            assert max(svc.index.packs()) > int(stray.stem)
+    trio.run(capture)
+    assert stray.read_bytes() == random_bytes(8192, seed=5)

@@ -103,6 +103,10 @@ class PackFiles:
         self.dir = directory
         if create:
             self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        #: The highest pack file id present at open: new packs are numbered above it,
+        #: so that a file no row knows (a metadata.db restored from a backup older
+        #: than it) is never reused. Files made since always have their row first.
+        self.floor = max(self.existing(), default=0)
         self._fds: dict[int, int] = {}
         self._lock = threading.Lock()
         self._nowait = hasattr(os, "RWF_NOWAIT")
@@ -234,7 +238,11 @@ class PackWriter:
                  direct: bool = True) -> None:
         self.pack = pack
         path = packs.path(pack)
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        # A new pack never takes over a file that is there already: one no row knows
+        # is never written over (PackFiles.floor keeps new ids above them).
+        excl = os.O_EXCL if committed == 0 else 0
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | excl | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          0o600)
         # Whatever lies past the committed length is an earlier interrupted tail.
         os.ftruncate(self.fd, committed)
         self.end = committed

@@ -532,3 +532,30 @@ def test_a_new_pack_never_takes_over_a_file_no_row_knows(tmp_path: Path) -> None
             assert max(svc.index.packs()) > int(stray.stem)
     trio.run(capture)
     assert stray.read_bytes() == random_bytes(8192, seed=5)
+
+
+def test_a_tail_longer_than_an_interrupted_write_is_kept_until_repair(tmp_path: Path) -> None:
+    """A metadata.db restored from a backup records shorter packs than the files: the
+    bytes past its committed lengths may be all that is left of newer snapshots."""
+    from snapfs.local.recovery import TAIL_LIMIT
+    store = tmp_path / "store"
+    snap, data = make_store(store, tmp_path)
+    [pack] = sorted((store / "packs").glob("*.pack"))
+    committed = pack.stat().st_size
+    os.truncate(pack, committed + TAIL_LIMIT + 4096)  # sparse: what newer chunks would be
+
+    async def reopen() -> None:
+        async with open_local_service(store) as svc:  # exclusive: recovery runs
+            assert await read_all(svc, snap) == data
+    trio.run(reopen)
+    assert pack.stat().st_size == committed + TAIL_LIMIT + 4096
+    res = snapfs_cli("fsck", store=store)
+    assert res.returncode == 1 and "more than an interrupted write leaves" in res.stdout
+    res = snapfs_cli("fsck", "--repair", store=store)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"repair: will truncate pack file {pack.name} to {committed} bytes" in res.stdout
+    assert pack.stat().st_size == committed
+    # An interrupted write's tail is cut by any exclusive open, as before.
+    os.truncate(pack, committed + 8192)
+    trio.run(reopen)
+    assert pack.stat().st_size == committed

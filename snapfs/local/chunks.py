@@ -215,6 +215,13 @@ class PackFiles:
         if p.exists() and p.stat().st_size > length:
             os.truncate(p, length)
 
+    def size(self, pack: int) -> int | None:
+        """The pack file's size, None when it is missing."""
+        try:
+            return os.stat(self.path(pack)).st_size
+        except FileNotFoundError:
+            return None
+
     def existing(self) -> set[int]:
         if not self.dir.is_dir():  # a read-only open of a store without a pack yet
             return set()

@@ -18,7 +18,8 @@ import trio
 
 from ..errors import CorruptData
 from .chunks import CHUNK_SIZE
-from .repair import pending_tidying, store_idle, unaccounted_packs, unaccounted_shadows
+from .repair import (pending_tidying, store_idle, suspicious_tails, unaccounted_packs,
+                     unaccounted_shadows)
 from .service import LocalService
 
 
@@ -44,6 +45,7 @@ async def fsck(svc: LocalService) -> FsckReport:
     # committed before its file is made, and committed lengths only grow.
     if store_idle(svc.store):  # else pack tails and queued punches are work in flight
         rep.tidy = pending_tidying(svc)
+        rep.problems += suspicious_tails(svc)
     orphans = unaccounted_packs(svc)
     shadows = unaccounted_shadows(svc)
     packs = svc.index.packs()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable
 import trio
 
 from ..errors import PreconditionFailed
-from .recovery import recover
+from .recovery import TAIL_LIMIT, recover
 from .store import LOST_FOUND, open_lock
 
 if TYPE_CHECKING:
@@ -49,19 +49,42 @@ def store_idle(store: Path) -> bool:
     return True
 
 
+def pack_tails(svc: "LocalService") -> list[tuple[int, int, int]]:
+    """(pack, committed length, file size) of the pack files longer than their
+    committed length."""
+    out = []
+    for pack, committed in sorted(svc.index.packs().items()):
+        size = svc.packs.size(pack)
+        if size is not None and size > committed:
+            out.append((pack, committed, size))
+    return out
+
+
+def _tail_line(svc: "LocalService", pack: int, committed: int, size: int) -> str:
+    why = ("of an interrupted write" if size - committed <= TAIL_LIMIT else
+           "more than an interrupted write leaves: is metadata.db older than the packs?")
+    return (f"truncate pack file {svc.packs.path(pack).name} to {committed} bytes "
+            f"({size - committed} uncommitted bytes {why})")
+
+
+def suspicious_tails(svc: "LocalService") -> list[str]:
+    """Tails longer than an interrupted write leaves: the next open keeps them."""
+    return [f"pack file {svc.packs.path(p).name} has {s - c} bytes past its committed "
+            "length, more than an interrupted write leaves (is metadata.db older than "
+            "the packs?): left in place; fsck --repair cuts them"
+            for p, c, s in pack_tails(svc) if s - c > TAIL_LIMIT]
+
+
 def pending_tidying(svc: "LocalService") -> list[str]:
     """What any exclusive open (and ``--repair``) tidies: uncommitted pack tails,
     extents queued for punching, pack rows without a live chunk. Only meaningful
     on an idle store."""
+    return [_tail_line(svc, *t) for t in pack_tails(svc) if t[2] - t[1] <= TAIL_LIMIT] + \
+        _other_tidying(svc)
+
+
+def _other_tidying(svc: "LocalService") -> list[str]:
     out = []
-    for pack, committed in sorted(svc.index.packs().items()):
-        try:
-            size = os.stat(svc.packs.path(pack)).st_size
-        except FileNotFoundError:
-            continue
-        if size > committed:
-            out.append(f"truncate pack file {svc.packs.path(pack).name} to {committed} "
-                       f"bytes ({size - committed} uncommitted bytes of an interrupted write)")
     extents = svc.index.free_extents()
     if extents:
         out.append(f"punch {len(extents)} freed extent(s) ({sum(e[3] for e in extents)} "
@@ -115,7 +138,8 @@ def plan(svc: "LocalService") -> list[Step]:
                           "when its process stopped (its partial map is released)"))
     for task, _ in md.unfinished_tasks():
         steps.append(Step(f"mark export task {task.id} failed: it was interrupted"))
-    steps += [Step(line) for line in pending_tidying(svc)]
+    steps += [Step(_tail_line(svc, *t), _truncate(svc, t[0], t[1])) for t in pack_tails(svc)]
+    steps += [Step(line) for line in _other_tidying(svc)]
     for snapshot_id, key, _ in md.deleting():
         steps.append(Step(f"finish the delete of snapshot {snapshot_id}: release its map",
                           _finish_delete(svc, snapshot_id, key)))
@@ -131,6 +155,12 @@ def plan(svc: "LocalService") -> list[Step]:
         steps.append(Step(f"move {path.relative_to(svc.store)} (no snapshot of the metadata "
                           f"is its) into {lost}/{name}", _to_lost_found(lost, path, name)))
     return steps
+
+
+def _truncate(svc: "LocalService", pack: int, committed: int) -> Callable[[], None]:
+    def do() -> None:
+        svc.packs.truncate(pack, committed)
+    return do
 
 
 def _finish_delete(svc: "LocalService", snapshot_id: str, key: int) -> Callable[[], None]:

@@ -559,3 +559,29 @@ def test_a_tail_longer_than_an_interrupted_write_is_kept_until_repair(tmp_path: 
     os.truncate(pack, committed + 8192)
     trio.run(reopen)
     assert pack.stat().st_size == committed
+
+
+def test_repair_finishes_a_delete_cut_short(tmp_path: Path) -> None:
+    from snapfs.local.recovery import DELETING
+    store = tmp_path / "store"
+    snap, _ = make_store(store, tmp_path)
+    kept, kept_data = make_store(store, tmp_path, "kept")
+
+    async def cut_short() -> None:  # what a crash mid-delete leaves: the mark, no release
+        async with open_local_service(store) as svc:
+            svc.md.mark_deleting(snap, DELETING)
+            svc.md.conn.execute("UPDATE snapshots SET owner = 'dead:1:1' WHERE id = ?",
+                                (snap,))
+    trio.run(cut_short)
+    res = snapfs_cli("fsck", "--repair", store=store)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"repair: will finish the delete of snapshot {snap}" in res.stdout
+    db = sqlite3.connect(store / "metadata.db")
+    assert db.execute("SELECT count(*) FROM snapshots WHERE id = ?", (snap,)).fetchone() == (0,)
+    assert db.execute("SELECT count(*) FROM free_extents").fetchone() == (0,)
+    db.close()
+
+    async def reread() -> None:
+        async with open_local_service(store) as svc:
+            assert await read_all(svc, kept) == kept_data
+    trio.run(reread)

@@ -107,7 +107,7 @@ def unaccounted_shadows(svc: "LocalService") -> list[Path]:
     root = svc.shadows.root
     if not root.is_dir():
         return []
-    files = sorted(p for p in root.glob("*/*"))
+    files = sorted(p for p in [*root.glob("*"), *root.glob("*/*")] if not p.is_dir())
     known = svc.md.snapshot_keys()
     out = []
     for p in files:
@@ -141,8 +141,8 @@ def plan(svc: "LocalService") -> list[Step]:
     steps += [Step(_tail_line(svc, *t), _truncate(svc, t[0], t[1])) for t in pack_tails(svc)]
     steps += [Step(line) for line in _other_tidying(svc)]
     for snapshot_id, key, _ in md.deleting():
-        steps.append(Step(f"finish the delete of snapshot {snapshot_id}: release its map",
-                          _finish_delete(svc, snapshot_id, key)))
+        steps.append(Step(f"finish the delete of snapshot {snapshot_id}: release its map "
+                          "(and drop its clone, if any)", _finish_delete(svc, snapshot_id, key)))
     for key, rows in deleted_maps(svc):
         steps.append(Step(f"release the {rows} chunk map row(s) of deleted snapshot #{key}",
                           _release(svc, key)))
@@ -151,7 +151,7 @@ def plan(svc: "LocalService") -> list[Step]:
         steps.append(Step(f"move pack file {path.name} (no metadata knows it) into {lost}/",
                           _to_lost_found(lost, path, path.name)))
     for path in unaccounted_shadows(svc):
-        name = f"shadow-{path.parent.name}-{path.name}"
+        name = "-".join(["shadow", *path.relative_to(svc.shadows.root).parts])
         steps.append(Step(f"move {path.relative_to(svc.store)} (no snapshot of the metadata "
                           f"is its) into {lost}/{name}", _to_lost_found(lost, path, name)))
     return steps
@@ -166,6 +166,7 @@ def _truncate(svc: "LocalService", pack: int, committed: int) -> Callable[[], No
 def _finish_delete(svc: "LocalService", snapshot_id: str, key: int) -> Callable[[], None]:
     def do() -> None:
         svc.index.release_in_steps(key, snapshot_id)
+        svc.shadows.drop_snapshot(snapshot_id)  # deleted: its clone only pins blocks
     return do
 
 
@@ -183,7 +184,7 @@ def _to_lost_found(lost: Path, path: Path, name: str) -> Callable[[], None]:
             n += 1
             target = lost / f"{name}.{n}"
         os.rename(path, target)
-        log.warning("moved %s into %s", path, target)
+        log.info("moved %s into %s", path, target)
     return do
 
 

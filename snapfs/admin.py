@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sqlite3
 import sys
 from typing import Any, Awaitable, Callable
 
 import trio
 
 from .cli import add_store_option, store_path
-from .errors import InvalidArgument
+from .errors import InvalidArgument, SnapfsError
 from .model import DEFAULT_ZONE, VOLUME_TYPES, ZONES
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -25,13 +26,20 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
-def _run(args: argparse.Namespace, fn: Callable[[Any], Awaitable[int | None]]) -> int:
+def _run(args: argparse.Namespace, fn: Callable[[Any], Awaitable[int | None]],
+         readonly: bool = False) -> int:
+    """``readonly``: a command that only reads opens the store without changing
+    any file in it (no recovery, no migration, nothing created)."""
     from .local import open_local_service
 
     async def main() -> int | None:
-        async with open_local_service(store_path(args), resume=False) as svc:
+        async with open_local_service(store_path(args), resume=False,
+                                      readonly=readonly) as svc:
             return await fn(svc)
-    return int(trio.run(main) or 0)
+    try:
+        return int(trio.run(main) or 0)
+    except sqlite3.DatabaseError as exc:  # the store changed under a reader, a bad disk
+        raise SnapfsError(f"{store_path(args) / 'metadata.db'}: {exc}") from None
 
 
 def _print_table(rows: list[list[str]], header: list[str]) -> None:
@@ -72,7 +80,7 @@ def _volume_list(args: argparse.Namespace) -> int:
         else:
             _print_table([[v.name, v.id, str(v.size), v.zone, v.volume_type, v.path or ""]
                           for v in vols], ["NAME", "ID", "SIZE", "ZONE", "TYPE", "PATH"])
-    return _run(args, go)
+    return _run(args, go, readonly=True)
 
 
 def _volume_rm(args: argparse.Namespace) -> int:
@@ -95,20 +103,21 @@ def _project_list(args: argparse.Namespace) -> int:
             print()
         else:
             _print_table([[p.name, p.id] for p in projects], ["NAME", "ID"])
-    return _run(args, go)
+    return _run(args, go, readonly=True)
 
 
 def _fsck(args: argparse.Namespace) -> int:
-    from .local.fsck import fsck
+    from .local.fsck import fsck, print_report
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+    if args.repair:
+        from .local.repair import run_repair
+        return int(trio.run(run_repair, store_path(args), say))
 
     async def go(svc: Any) -> int:
-        rep = await fsck(svc)
-        for p in rep.problems:
-            print(f"problem: {p}")
-        print(f"{rep.snapshots} snapshots, {rep.chunks} chunks ({rep.bytes} bytes) checked: "
-              + ("clean" if rep.ok else f"{len(rep.problems)} problem(s)"))
-        return 0 if rep.ok else 1
-    return _run(args, go)
+        return print_report(await fsck(svc), say)
+    return _run(args, go, readonly=True)
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -164,6 +173,13 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     add_store_option(p)
     p.set_defaults(func=_project_list)
 
-    p = sub.add_parser("fsck", help="verify every chunk and reference of the store")
+    p = sub.add_parser("fsck", help="verify every chunk and reference of the store",
+                       description="Verify every chunk and reference; changes nothing. "
+                       "With --repair (no mount or serve may have the store open): print "
+                       "what it will do, then do what is safe -- truncate uncommitted pack "
+                       "tails, punch queued extents, drop empty packs, release the maps of "
+                       "deleted snapshots, move files no metadata knows into lost+found/.")
+    p.add_argument("--repair", action="store_true",
+                   help="do the safe repairs, after printing them")
     add_store_option(p)
     p.set_defaults(func=_fsck)

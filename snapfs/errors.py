@@ -114,6 +114,12 @@ class StoreFull(SnapfsError):
     api_type = "insufficient_storage"
 
 
+class StoreUnusable(SnapfsError):
+    """The store directory cannot be trusted or recognised (not ours, writable by
+    others, not a store, its metadata.db missing, damaged or another store's):
+    every command refuses, changing nothing; the message names the way out."""
+
+
 class Transient(SnapfsError):
     """A backend failed in a way worth retrying (timeouts, 429, 5xx)."""
 
@@ -155,6 +161,7 @@ ERRNO: dict[type[SnapfsError], int] = {
     InvalidData: errno.EINVAL,
     TooLarge: errno.EFBIG,
     StoreFull: errno.ENOSPC,
+    StoreUnusable: errno.EIO,
     Transient: errno.EAGAIN,
     Interrupted: errno.EINTR,
     NoSuchAttribute: errno.ENODATA,
@@ -176,6 +183,7 @@ HTTP_STATUS: dict[type[SnapfsError], int] = {
     InvalidData: 400,
     TooLarge: 413,
     StoreFull: 507,
+    StoreUnusable: 500,
     Transient: 503,
     Interrupted: 500,
     NoSuchAttribute: 404,

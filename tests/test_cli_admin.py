@@ -57,6 +57,8 @@ def test_projects(store_dir: Path) -> None:
 ])
 def test_bad_input_is_one_line_and_changes_nothing(store_dir: Path, args: list[str],
                                                    message: str) -> None:
+    # A writing command makes the store; read-only ones (list) refuse a missing one.
+    snapfs_cli("volume", "create", "seed", "--size", "1M", store=store_dir, check=True)
     before = snapfs_cli("volume", "list", "--json", store=store_dir, check=True).stdout
     res = snapfs_cli(*args, store=store_dir)
     assert res.returncode != 0
@@ -81,10 +83,10 @@ def test_store_from_option_env_and_default(tmp_path: Path) -> None:
     opt, env = tmp_path / "opt", tmp_path / "env"
     assert snapfs_cli("project", "create", "p", "--store", str(opt)).returncode == 0
     assert (opt / "metadata.db").exists()
-    assert snapfs_cli("project", "list", store=env).returncode == 0
+    assert snapfs_cli("project", "create", "p", store=env).returncode == 0
     assert (env / "metadata.db").exists()
     home = tmp_path / "home"
-    res = snapfs_cli("project", "list", env={"HOME": str(home), "SNAPFS_STORE": ""})
+    res = snapfs_cli("project", "create", "p", env={"HOME": str(home), "SNAPFS_STORE": ""})
     assert res.returncode == 0, res.stderr
     default = home / ".local" / "share" / "snapfs"
     assert (default / "metadata.db").exists()

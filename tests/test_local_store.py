@@ -168,7 +168,7 @@ def test_sigkill_mid_capture_damages_nothing(store_dir: Path, tmp_path: Path,
 
 def test_store_directory_is_private(tmp_path: Path) -> None:
     store = tmp_path / "fresh"
-    res = snapfs_cli("project", "list", store=store)
+    res = snapfs_cli("project", "create", "p", store=store)
     assert res.returncode == 0
     assert (os.stat(store).st_mode & 0o777) == 0o700
 

@@ -16,7 +16,7 @@ import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable, TextIO
+from typing import IO, AsyncIterator, Callable, TextIO
 
 import pyfuse3
 import trio
@@ -184,8 +184,9 @@ def setup_logging(cfg: MountConfig, stream: TextIO | None = None) -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    if stream is None:
-        handler: logging.Handler = logging.FileHandler(cfg.store / LOG_NAME)
+    if stream is None:  # never through a symlink, 0600 (local/store.py)
+        from ..local.store import open_log
+        handler: logging.Handler = logging.StreamHandler(open_log(cfg.store / LOG_NAME))
     else:
         handler = logging.StreamHandler(stream)
     handler.setFormatter(EscapingFormatter(
@@ -206,10 +207,17 @@ def run_foreground(cfg: MountConfig) -> int:
 def run_daemon(cfg: MountConfig) -> int:
     """Fork; the parent waits for the child's "ready" and returns 0, or prints
     the child's one-line reason and returns 1."""
-    cfg.store.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # The store is checked (ours, recognised; made if new) before the log goes in it.
+    from ..local.store import open_log, open_store, trusted_dir
+    if cfg.backend == "local":
+        open_store(cfg.store, writing=True)
+    else:
+        trusted_dir(cfg.store, create=True)
+    log_file = open_log(cfg.store / LOG_NAME)  # refused here: one line, no child
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid:
+        log_file.close()
         os.close(wfd)
         return _wait_ready(rfd, pid, cfg)
     # The child: detach, log to the store, serve.
@@ -217,7 +225,7 @@ def run_daemon(cfg: MountConfig) -> int:
     code = 1
     try:
         os.setsid()
-        _redirect_stdio(cfg.store / LOG_NAME)
+        _redirect_stdio(log_file)
         setup_logging(cfg)
 
         def ready() -> None:
@@ -244,14 +252,13 @@ def _report(wfd: int, message: str) -> None:
         pass  # already reported ready: the reason is in the log
 
 
-def _redirect_stdio(log_path: Path) -> None:
+def _redirect_stdio(log_file: IO[str]) -> None:
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
-    out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
+    with log_file:
+        os.dup2(log_file.fileno(), 1)
+        os.dup2(log_file.fileno(), 2)
     os.close(null)
-    os.close(out)
 
 
 def _wait_ready(rfd: int, pid: int, cfg: MountConfig) -> int:

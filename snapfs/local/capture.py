@@ -208,7 +208,8 @@ class PackPool:
         self.cut: set[int] = set()
 
     def take(self) -> PackWriter:
-        w = self.idle.pop() if self.idle else PackWriter(self.packs, self.index.new_pack(), 0)
+        w = self.idle.pop() if self.idle else \
+            PackWriter(self.packs, self.index.new_pack(self.packs.floor), 0)
         self.active.add(w.pack)
         return w
 

@@ -99,8 +99,11 @@ class ChunkIndex:
                 found[bytes(h)] = int(cid)
         return found
 
-    def new_pack(self) -> int:
-        return int(self.conn.execute("INSERT INTO packs (committed) VALUES (0)").lastrowid or 0)
+    def new_pack(self, floor: int = 0) -> int:
+        """A new pack's id: above every row and above ``floor`` (PackFiles.floor)."""
+        return int(self.conn.execute(
+            "INSERT INTO packs (id, committed) SELECT max(coalesce(max(id), 0), ?) + 1, 0 "
+            "FROM packs", (floor,)).lastrowid or 0)
 
     def commit_batch(self, snap: int, pack: int | None, pack_end: int,
                      new: list[tuple[bytes, int, int, bytes]], refs: list[tuple[int, bytes]],

@@ -99,9 +99,14 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
 class PackFiles:
     """Read access to all packs (cached descriptors) plus pack-level maintenance."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, create: bool = True) -> None:
         self.dir = directory
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if create:
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        #: The highest pack file id present at open: new packs are numbered above it,
+        #: so that a file no row knows (a metadata.db restored from a backup older
+        #: than it) is never reused. Files made since always have their row first.
+        self.floor = max(self.existing(), default=0)
         self._fds: dict[int, int] = {}
         self._lock = threading.Lock()
         self._nowait = hasattr(os, "RWF_NOWAIT")
@@ -120,7 +125,7 @@ class PackFiles:
         with self._lock:
             fd = self._fds.get(pack)
             if fd is None:
-                fd = os.open(self.path(pack), os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(self.path(pack), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
                 self._fds[pack] = fd
             return fd
 
@@ -185,7 +190,7 @@ class PackFiles:
             by_pack.setdefault(pack, []).append((offset, length))
         for pack, ranges in by_pack.items():
             try:
-                fd = os.open(self.path(pack), os.O_WRONLY | os.O_CLOEXEC)
+                fd = os.open(self.path(pack), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue
             try:
@@ -210,7 +215,16 @@ class PackFiles:
         if p.exists() and p.stat().st_size > length:
             os.truncate(p, length)
 
+    def size(self, pack: int) -> int | None:
+        """The pack file's size, None when it is missing."""
+        try:
+            return os.stat(self.path(pack)).st_size
+        except FileNotFoundError:
+            return None
+
     def existing(self) -> set[int]:
+        if not self.dir.is_dir():  # a read-only open of a store without a pack yet
+            return set()
         return {int(p.stem) for p in self.dir.glob("*.pack") if p.stem.isdigit()}
 
     def close(self) -> None:
@@ -231,7 +245,11 @@ class PackWriter:
                  direct: bool = True) -> None:
         self.pack = pack
         path = packs.path(pack)
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # A new pack never takes over a file that is there already: one no row knows
+        # is never written over (PackFiles.floor keeps new ids above them).
+        excl = os.O_EXCL if committed == 0 else 0
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | excl | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          0o600)
         # Whatever lies past the committed length is an earlier interrupted tail.
         os.ftruncate(self.fd, committed)
         self.end = committed
@@ -245,7 +263,7 @@ class PackWriter:
         self._cloned = False  # since the last sync
         if direct and committed % ALIGN == 0:
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+                fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_NOFOLLOW | os.O_CLOEXEC)
             except OSError as exc:  # a filesystem without O_DIRECT: buffered writes
                 if exc.errno != errno.EINVAL:
                     raise

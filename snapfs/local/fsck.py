@@ -1,8 +1,10 @@
 """``snapfs fsck``: verify every chunk against its hash and every reference.
 
 Reads every stored chunk once, pack by pack in offset order (sequential I/O),
-hashing in worker threads. Reports problems; fixes nothing (recovery at open
-does the safe repairs).
+hashing in worker threads. Reports problems; fixes nothing and changes no file
+(the CLI opens the store read-only); ``snapfs fsck --repair`` (repair.py) does
+the safe repairs. What any exclusive open tidies by itself (pack tails, queued
+punches, empty packs) is listed as "to tidy", not as a problem.
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ from __future__ import annotations
 import os
 import sqlite3
 from dataclasses import dataclass, field
+from typing import Callable
 
 import trio
 
 from ..errors import CorruptData
 from .chunks import CHUNK_SIZE
+from .repair import (pending_tidying, store_idle, suspicious_tails, unaccounted_packs,
+                     unaccounted_shadows)
 from .service import LocalService
 
 
@@ -24,6 +29,8 @@ class FsckReport:
     bytes: int = 0
     snapshots: int = 0
     problems: list[str] = field(default_factory=list)
+    #: Leftovers the next exclusive open (or --repair) tidies: not problems.
+    tidy: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -36,7 +43,11 @@ async def fsck(svc: LocalService) -> FsckReport:
     # Each listing before what it is checked against, so that work going on beside
     # fsck (a capture in the mount) cannot look like a problem: a pack's row is
     # committed before its file is made, and committed lengths only grow.
-    files = svc.packs.existing()
+    if store_idle(svc.store):  # else pack tails and queued punches are work in flight
+        rep.tidy = pending_tidying(svc)
+        rep.problems += suspicious_tails(svc)
+    orphans = unaccounted_packs(svc)
+    shadows = unaccounted_shadows(svc)
     packs = svc.index.packs()
     rep.snapshots = conn.execute("SELECT count(*) FROM snapshots").fetchone()[0]
 
@@ -59,8 +70,14 @@ async def fsck(svc: LocalService) -> FsckReport:
     for (cid, pack) in conn.execute("SELECT id, pack FROM chunks c WHERE NOT EXISTS "
                                     "(SELECT 1 FROM packs p WHERE p.id = c.pack)"):
         rep.problems.append(f"chunk {cid} lies in unknown pack {pack}")
-    for pack in sorted(files - set(packs)):
-        rep.problems.append(f"pack file {svc.packs.path(pack).name} has no metadata")
+    for path in orphans:
+        rep.problems.append(f"pack file {path.name} has no metadata (left in place; "
+                            "fsck --repair moves it to lost+found)")
+    for path in shadows:
+        if not path.exists():  # dropped meanwhile, after its snapshot's row
+            continue
+        rep.problems.append(f"{path.relative_to(svc.store)}: no snapshot of the metadata "
+                            "is its (fsck --repair moves it to lost+found)")
     for sid, _, shadow, _, _, size in svc.md.shadow_backed_snapshots():
         # Its data until its chunks are stored (shadows.py).
         path = svc.shadows.root / shadow
@@ -87,6 +104,17 @@ async def fsck(svc: LocalService) -> FsckReport:
             rep.chunks += 1
             rep.bytes += length
     return rep
+
+
+def print_report(rep: FsckReport, say: Callable[[str], None]) -> int:
+    """The report as the CLI prints it; the exit status."""
+    for p in rep.problems:
+        say(f"problem: {p}")
+    for t in rep.tidy:
+        say(f"to tidy: {t}")
+    say(f"{rep.snapshots} snapshots, {rep.chunks} chunks ({rep.bytes} bytes) checked: "
+        + ("clean" if rep.ok else f"{len(rep.problems)} problem(s)"))
+    return 0 if rep.ok else 1
 
 
 async def _verify(svc: LocalService, pack: int, offset: int, length: int,

@@ -261,7 +261,7 @@ class BackgroundJobs:
         backing = self.md.needing_shadows()
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self.shadows.drop_older, volume_id, key, backing,
-                                          limiter=self.io_limiter)
+                                          self.md.snapshot_keys(), limiter=self.io_limiter)
         self.md.stored(snapshot_id)
         log.info("snapshot %s: chunks stored", snapshot_id)
 

@@ -18,6 +18,7 @@ from ..errors import CorruptData, InvalidArgument, NotFound, SnapfsError
 from ..model import BaseVolume, FileAccess, Page, Project, Snapshot, Task, Volume, new_id, now
 from .owner import this_process
 from .schema import migrate
+from .store import readonly_uri
 
 _SNAPSHOT_COLS = ("rowid, id, name, zone, project, organization, tags, volume_type, size, state, "
                   "base_volume_id, base_volume_name, creation_date, modification_date, "
@@ -59,17 +60,26 @@ def _task(row: sqlite3.Row) -> Task:
 class Metadata:
     """The store's database: projects, volumes, snapshots, chunk map, tasks."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, readonly: bool = False) -> None:
+        """``readonly``: a connection that changes no file (store.readonly_uri); the
+        caller (store.open_store) checked that no migration is due."""
         self.path = path
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        if readonly:
+            conn = sqlite3.connect(readonly_uri(path), uri=True, isolation_level=None,
+                                   check_same_thread=False)
+        else:
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            # FULL: a commit is durable on return, so a reference never outlives a
-            # crash while the data it points at was fsynced before it.
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            migrate(conn)
+            if readonly:
+                conn.execute("PRAGMA query_only = ON")
+            else:
+                conn.execute("PRAGMA journal_mode = WAL")
+                # FULL: a commit is durable on return, so a reference never outlives
+                # a crash while the data it points at was fsynced before it.
+                conn.execute("PRAGMA synchronous = FULL")
+                conn.execute("PRAGMA foreign_keys = ON")
+                migrate(conn)
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise CorruptData(f"{path} is not a usable snapfs store database: {exc}") from None
@@ -78,7 +88,7 @@ class Metadata:
             raise
         self.conn = conn
         self.db = sqlite_utils.Database(conn)
-        self.organization = self._ensure_defaults()
+        self.organization = self._ensure_defaults() if not readonly else self._org()
 
     def close(self) -> None:
         self.conn.close()
@@ -95,6 +105,10 @@ class Metadata:
     def transaction(self) -> ContextManager[sqlite_utils.Database]:
         """``with md.transaction():`` -- one atomic write (nested: a savepoint)."""
         return self.db.atomic()
+
+    def _org(self) -> str:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'organization'").fetchone()
+        return str(row[0]) if row else ""
 
     def _ensure_defaults(self) -> str:
         row = self.conn.execute("SELECT value FROM meta WHERE key = 'organization'").fetchone()
@@ -283,6 +297,12 @@ class Metadata:
         return {int(r[0]) for r in self.conn.execute(
             "SELECT rowid FROM snapshots WHERE state = 'snapshotting' OR "
             "(shadow IS NOT NULL AND deleting = 0)")}
+
+    def snapshot_keys(self) -> set[tuple[int, str]]:
+        """(map key, id) of every snapshot row, deleted or not: what the metadata
+        accounts for (shadows.tidy drops no file of another)."""
+        return {(int(r[0]), str(r[1])) for r in self.conn.execute(
+            "SELECT rowid, id FROM snapshots")}
 
     def shadow_of(self, snapshot_id: str) -> str | None:
         row = self.conn.execute("SELECT shadow FROM snapshots WHERE id = ?",

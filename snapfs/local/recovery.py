@@ -12,6 +12,7 @@ import trio
 
 from ..errors import SnapfsError
 from ..objects import ObjectStorage
+from .capture import GROUP_BYTES
 from .chunkindex import ChunkIndex
 from .chunks import PackFiles
 from .metadata import Metadata
@@ -25,6 +26,12 @@ EXPORT_INTERRUPTED = "export interrupted: the service stopped"
 #: The reason a snapshot carries while its map is released after a Delete (the row
 #: is invisible by then: schema v4); anything still holding its key reads an error.
 DELETING = "being deleted"
+#: The most an interrupted capture leaves past a pack's committed length (one commit
+#: group and the batch that tops it, with room to spare). A longer tail is not cut at
+#: open: it says the metadata is older than the pack (a metadata.db restored from a
+#: backup), and those bytes may be all that is left of newer snapshots; fsck reports
+#: it, `fsck --repair` cuts it after saying so.
+TAIL_LIMIT = 2 * GROUP_BYTES
 #: How long an open may spend aborting the uploads of interrupted exports, in all
 #: (a dead Object Storage must not keep the store closed for long).
 ABORT_TIME = 30.0
@@ -64,22 +71,37 @@ async def recover(md: Metadata, index: ChunkIndex, packs: PackFiles,
             md.conn.execute("UPDATE snapshots SET state = 'available' "
                             "WHERE id = ? AND state = 'exporting'", (snapshot_id,))
     # 3. Pack bytes past the committed length, extents queued for punching, packs
-    #    without a live chunk, pack files no row knows: only with the store to
-    #    ourselves, as other processes may be appending to their packs.
+    #    whose row records no live chunk: only with the store to ourselves, as other
+    #    processes may be appending to their packs. Only what the metadata records
+    #    as freed goes: a pack file no row knows is left in place (the metadata may
+    #    be the thing that is wrong); fsck reports it, `fsck --repair` moves it to
+    #    lost+found.
     if not exclusive:
         return
     committed = index.packs()
 
     def fix_files() -> None:
         for pack, length in committed.items():
-            packs.truncate(pack, length)
+            size = packs.size(pack)
+            if size is not None and size - length > TAIL_LIMIT:
+                log.warning("pack %d: %d bytes past its committed length, more than an "
+                            "interrupted write leaves (is metadata.db older than the "
+                            "packs?): left in place; 'snapfs fsck --repair' cuts them",
+                            pack, size - length)
+            elif size is not None and size > length:
+                packs.truncate(pack, length)
         packs.punch([(pack, offset, length) for _, pack, offset, length in index.free_extents()])
-        for pack in packs.existing() - set(committed):
-            log.warning("removing pack %d: no metadata refers to it", pack)
-            packs.remove(pack)
+        unknown = sorted(packs.existing() - set(committed))
+        if unknown:
+            log.warning("%d pack file(s) without metadata (%s...) left in place: "
+                        "'snapfs fsck --repair' moves them to lost+found", len(unknown),
+                        packs.path(unknown[0]).name)
     await trio.to_thread.run_sync(fix_files)
     index.extents_done([e[0] for e in index.free_extents()])
     for pack in index.empty_packs(exclude=set()):
+        size = await trio.to_thread.run_sync(packs.size, pack)
+        if size is not None and size > index.packs().get(pack, 0):
+            continue  # bytes its row does not record (a tail left above): kept
         await trio.to_thread.run_sync(packs.remove, pack)
         index.drop_pack(pack)
 

@@ -37,6 +37,7 @@ from .recovery import DELETING, recover
 from .shadows import ShadowReader, Shadows
 from .volumefile import Inspected, VolumeFile, identity_of, inspect_new, inspected, open_volume
 from .uploads import LeftUploads
+from .store import managed_volume_file, open_lock, open_store
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,13 @@ __all__ = ["LocalService", "NO_OBJECT_STORAGE", "open_local_service"]
 
 
 class LocalService(BackgroundJobs, SnapshotService):
-    def __init__(self, store: Path, objects: ObjectStorage | None) -> None:
+    def __init__(self, store: Path, objects: ObjectStorage | None,
+                 readonly: bool = False) -> None:
         self.store = store
         self.objects = objects
-        self.md = Metadata(store / "metadata.db")
+        self.md = Metadata(store / "metadata.db", readonly=readonly)
         self.index = ChunkIndex(self.md)
-        self.packs = PackFiles(store / "packs")
+        self.packs = PackFiles(store / "packs", create=not readonly)
         self.pool = PackPool(self.packs, self.index)
         self.index_lock = trio.Lock()
         self.io_limiter = trio.CapacityLimiter(4)
@@ -123,7 +125,7 @@ class LocalService(BackgroundJobs, SnapshotService):
         vid = new_id()
         vdir = self.store / "volumes"
         vdir.mkdir(mode=0o700, exist_ok=True)
-        path = vdir / f"{vid}.raw"
+        path = Path(os.path.abspath(vdir / f"{vid}.raw"))  # the store may be relative
         self._check_new_volume(name, zone, project, volume_type)
         try:
             with open(path, "xb") as f:
@@ -165,9 +167,16 @@ class LocalService(BackgroundJobs, SnapshotService):
         self.md.remove_volume(v.id)
         self._leases.forget(v.id)
         backing = self.md.needing_shadows()
-        await trio.to_thread.run_sync(self.shadows.drop_volume, v.id, backing)
+        await trio.to_thread.run_sync(self.shadows.drop_volume, v.id, backing,
+                                      self.md.snapshot_keys())
         if managed and v.path:
-            Path(v.path).unlink(missing_ok=True)
+            # Only ever a file of <store>/volumes/ (store.py: metadata names no other).
+            own = managed_volume_file(self.store, v.path)
+            if own is None:
+                log.warning("volume %s: its file %s is not in %s, left in place", v.name,
+                            v.path, self.store / "volumes")
+            else:
+                own.unlink(missing_ok=True)
         return v
 
     async def list_all_volumes(self) -> list[Volume]:
@@ -438,16 +447,27 @@ class LocalService(BackgroundJobs, SnapshotService):
 
 @asynccontextmanager
 async def open_local_service(store: Path | str, objects: ObjectStorage | None = None,
-                             resume: bool = True) -> AsyncIterator[LocalService]:
+                             resume: bool = True, readonly: bool = False
+                             ) -> AsyncIterator[LocalService]:
     """Open (creating, mode 0700) the store at ``store``. When no other process has
     it open, interrupted work of an earlier process is recovered first.
     ``resume=False``, for short-lived commands (the CLI's volume, project and fsck):
     the background halves of deletes and the storing of clone-backed snapshots are
     left to the next long-lived open, instead of being started only to be stopped
-    at exit (storing starts by releasing what an earlier attempt stored)."""
+    at exit (storing starts by releasing what an earlier attempt stored).
+    ``readonly``: read without changing any file (no recovery, no migration)."""
     store = Path(store)
-    store.mkdir(mode=0o700, parents=True, exist_ok=True)
-    lock_fd = os.open(store / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    # Trusted, recognised (made if new), or refused: store.py.
+    await trio.to_thread.run_sync(open_store, store, not readonly)
+    if readonly:
+        svc = LocalService(store, objects, readonly=True)
+        try:
+            yield svc
+        finally:
+            svc.packs.close()
+            svc.md.close()
+        return
+    lock_fd = open_lock(store)
     try:
         svc = LocalService(store, objects)
         try:
@@ -466,7 +486,7 @@ async def open_local_service(store: Path | str, objects: ObjectStorage | None = 
                 if exclusive:  # no capture of another process may be using one
                     backing = svc.md.needing_shadows()
                     await trio.to_thread.run_sync(svc.shadows.tidy, svc.md.usable_maps(),
-                                                  backing)
+                                                  backing, svc.md.snapshot_keys())
                 if resume:
                     svc.resume_storing(exclusive)
                     nursery.start_soon(svc.left_uploads.run)

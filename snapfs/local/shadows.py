@@ -249,8 +249,7 @@ class Shadows:
                 parts = p.name.split(".")
                 if len(parts) == 3 and parts[0].isdigit():
                     found.append((Shadow(p, int(parts[0]), parts[1]), parts[2]))
-                else:
-                    p.unlink(missing_ok=True)  # not ours to keep
+                # else: not a shadow's name; never deleted (fsck reports it)
             out[vdir.name] = sorted(found, key=lambda s: s[0].key)
         return out
 
@@ -264,7 +263,7 @@ class Shadows:
         fds: list[int] = []
         try:
             for s in (old, new):
-                fds.append(os.open(s.path, os.O_RDONLY | os.O_CLOEXEC))
+                fds.append(os.open(s.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
             if any(os.fstat(fd).st_size != size for fd in fds):
                 return None
             return changed_chunks(fiemap(fds[0], size), fiemap(fds[1], size), size, chunk)
@@ -285,11 +284,13 @@ class Shadows:
     def named(self, name: str, key: int, snapshot_id: str) -> Shadow:
         return Shadow(self.root / name, key, snapshot_id)
 
-    def drop_older(self, volume_id: str, key: int, keep: set[int]) -> None:
+    def drop_older(self, volume_id: str, key: int, keep: set[int],
+                   known: Collection[tuple[int, str]] | None = None) -> None:
         """After the capture of ``key`` is stored: the volume's earlier shadows, but
-        those in ``keep`` (the data of snapshots not stored yet)."""
+        those in ``keep`` (the data of snapshots not stored yet) and, given
+        ``known`` (the metadata's (map key, id) pairs), those of unknown snapshots."""
         for s, _ in self.all().get(volume_id, []):
-            if s.key < key and s.key not in keep:
+            if s.key < key and s.key not in keep and _accounted(s, known):
                 self.drop(s)
 
     def drop_snapshot(self, snapshot_id: str) -> None:
@@ -299,22 +300,27 @@ class Shadows:
                 if s.snapshot_id == snapshot_id:
                     self.drop(s)
 
-    def drop_volume(self, volume_id: str, keep: Collection[int] = ()) -> None:
+    def drop_volume(self, volume_id: str, keep: Collection[int] = (),
+                    known: Collection[tuple[int, str]] | None = None) -> None:
         """A removed volume's shadows, but those in ``keep`` (the data of snapshots
-        not stored yet: snapshots outlive their volume)."""
+        not stored yet: snapshots outlive their volume) and, given ``known``, those
+        of snapshots the metadata does not know."""
         for s, _ in self.all().get(volume_id, []):
-            if s.key not in keep:
+            if s.key not in keep and _accounted(s, known):
                 self.drop(s)
         try:
             self._dir(volume_id).rmdir()
         except OSError:
             pass
 
-    def tidy(self, usable: dict[int, str], backing: set[int]) -> None:
+    def tidy(self, usable: dict[int, str], backing: set[int],
+             known: Collection[tuple[int, str]]) -> None:
         """At an exclusive open: keep the shadows that are still snapshots' data
         (map keys in ``backing``, whatever their boot) and each volume's newest
         shadow of this boot whose snapshot (map key -> volume id in ``usable``) is
-        available; drop the rest."""
+        available; drop the rest -- but only the shadows of snapshots the metadata
+        knows ((map key, id) in ``known``): one of a snapshot it does not know is
+        kept (fsck reports it), as the metadata may be what is wrong."""
         for volume_id, shadows in self.all().items():
             newest = [s for s, boot in shadows
                       if boot == self.boot and usable.get(s.key) == volume_id]
@@ -322,10 +328,21 @@ class Shadows:
             for s, _ in shadows:
                 if s.key in backing or (newest and s is newest[-1]):
                     kept += 1
+                elif not _accounted(s, known):
+                    log.warning("shadow %s: no snapshot of the metadata is its; left in "
+                                "place ('snapfs fsck --repair' moves it to lost+found)",
+                                s.path)
+                    kept += 1
                 else:
                     self.drop(s)
             if not kept:
-                self.drop_volume(volume_id)
+                self.drop_volume(volume_id, (), known)
+
+
+def _accounted(s: Shadow, known: Collection[tuple[int, str]] | None) -> bool:
+    """Whether the metadata knows the shadow's snapshot (None: not asked): only
+    then may the shadow be dropped, never because no row refers to it."""
+    return known is None or (s.key, s.snapshot_id) in known
 
 
 class ShadowReader(ImageReader):
@@ -337,7 +354,7 @@ class ShadowReader(ImageReader):
     def __init__(self, path: Path, size: int, limiter: trio.CapacityLimiter,
                  on_close: Callable[[], None],
                  spawn: Callable[[Callable[[], Awaitable[None]]], None] | None = None) -> None:
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         self.path = path
         self.size = size
         self.limiter = limiter

@@ -32,6 +32,7 @@ def _state(store: Path) -> tuple[str, str]:
 def test_bad_names_are_one_line_and_change_nothing(tmp_path: Path, store_dir: Path,
                                                    name: bytes) -> None:
     img = write_volume(tmp_path / "disk.raw", 1 << 20, [(0, b"hello")])
+    snapfs_cli("project", "create", "seed", store=store_dir, check=True)  # the store exists
     before = _state(store_dir)
     for args in ([b"project", b"create", name], [b"volume", b"add", name, str(img)],
                  [b"volume", b"create", name, b"--size", b"1M"]):

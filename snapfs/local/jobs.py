@@ -23,6 +23,7 @@ from .chunks import CHUNK_SIZE, PackFiles
 from .metadata import Metadata
 from .recovery import EXPORT_INTERRUPTED, INTERRUPTED
 from .shadows import Ranges, Shadow, Shadows, complement
+from .storelocks import StoreLock
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class BackgroundJobs:
     packs: PackFiles
     pool: PackPool
     objects: ObjectStorage | None
-    index_lock: trio.Lock
+    index_lock: StoreLock
     io_limiter: trio.CapacityLimiter
     hash_limiter: trio.CapacityLimiter
     _nursery: trio.Nursery | None
@@ -129,7 +130,10 @@ class BackgroundJobs:
             log.exception("capture of %s failed", snapshot_id)
             reason = f"internal error: {exc!r}"
         finally:
-            if self.md.snapshot(None, snapshot_id).state in ("snapshotting", "importing"):
+            state = self.md.live_state(snapshot_id)
+            if state is None:  # deleted by another process: its delete frees the map
+                log.info("snapshot %s was deleted while it was made", snapshot_id)
+            elif state in ("snapshotting", "importing"):
                 with trio.CancelScope(shield=True):
                     log.warning("snapshot %s failed: %s", snapshot_id, reason)
                     self.md.update_snapshot(snapshot_id, state=failed_state,
@@ -205,6 +209,8 @@ class BackgroundJobs:
         over."""
         delay = STORE_RETRY_FIRST
         while not await self._try_storing(snapshot_id, key, volume_id, shadow, size, delay):
+            if self.md.live_state(snapshot_id) is None:
+                return  # deleted (by another process): its delete frees what was stored
             await trio.sleep(delay)
             delay = min(2 * delay, STORE_RETRY_MAX)
             await self._release_partial(key)
@@ -226,6 +232,9 @@ class BackgroundJobs:
             await self._store(source, snapshot_id, key)
             return True
         except (SnapfsError, OSError) as exc:
+            if self.md.live_state(snapshot_id) is None:
+                log.info("snapshot %s was deleted while its chunks were stored", snapshot_id)
+                return False
             log.error("snapshot %s: storing its chunks failed (%s); it is read from its "
                       "clone meanwhile, and storing is tried again in %.0f s",
                       snapshot_id, exc, retry)

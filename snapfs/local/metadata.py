@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ContextManager, Iterable
+from typing import Any, Iterable, Iterator
 
 import sqlite_utils
 
@@ -18,6 +19,11 @@ from ..errors import CorruptData, InvalidArgument, NotFound, SnapfsError
 from ..model import BaseVolume, Page, Project, Snapshot, Task, Volume, new_id, now
 from .owner import this_process
 from .schema import migrate
+
+#: Seconds a statement waits for another connection's write (of this process or
+#: another one on the store) before failing: writes are short transactions, the
+#: longest a release step of ~0.1 s, so this is only reached by a stuck process.
+BUSY_TIMEOUT = 60.0
 
 _SNAPSHOT_COLS = ("rowid, id, name, zone, project, organization, tags, volume_type, size, state, "
                   "base_volume_id, base_volume_name, creation_date, modification_date, "
@@ -59,7 +65,8 @@ class Metadata:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                               timeout=BUSY_TIMEOUT)
         conn.row_factory = sqlite3.Row
         try:
             conn.execute("PRAGMA journal_mode = WAL")
@@ -85,21 +92,46 @@ class Metadata:
         """A connection of its own for long jobs in a worker thread (releasing a
         million-chunk map): WAL lets the trio thread's connection keep reading, and
         the job's short transactions let its writes in between."""
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=60.0)
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT)
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
         return conn
 
-    def transaction(self) -> ContextManager[sqlite_utils.Database]:
-        """``with md.transaction():`` -- one atomic write (nested: a savepoint)."""
-        return self.db.atomic()
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite_utils.Database]:
+        """``with md.transaction():`` -- one atomic write (nested: a savepoint).
+        ``BEGIN IMMEDIATE``: the write lock is taken (waiting up to BUSY_TIMEOUT)
+        before the first read, so a transaction that reads and then writes never
+        fails with "database is locked" because another process wrote between."""
+        if self.conn.in_transaction:
+            with self.db.atomic():
+                yield self.db
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+        try:
+            self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
 
     def _ensure_defaults(self) -> str:
         row = self.conn.execute("SELECT value FROM meta WHERE key = 'organization'").fetchone()
         if row:
             return str(row[0])
-        org = new_id()
         with self.transaction():
+            # Again under the write lock: another process may be making it too.
+            row = self.conn.execute("SELECT value FROM meta WHERE key = 'organization'"
+                                    ).fetchone()
+            if row:
+                return str(row[0])
+            org = new_id()
             self.db.table("meta").insert({"key": "organization", "value": org})
             t = now()
             self.db.table("projects").insert({"id": org, "name": "default", "organization": org,
@@ -205,10 +237,16 @@ class Metadata:
             os.close(fd)
 
     def _insert_snapshot(self, s: Snapshot, source: dict[str, Any] | None) -> int:
+        # The rowid is the map key: never one that map rows still carry (rows left
+        # by a snapshot deleted under a capture by an older snapfs), which SQLite
+        # would hand out again when that snapshot had the highest rowid.
         cur = self.conn.execute(
-            "INSERT INTO snapshots (id, name, zone, project, organization, tags, volume_type, "
-            "size, state, base_volume_id, base_volume_name, creation_date, modification_date, "
-            "error_reason, progress, source, owner) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO snapshots (rowid, id, name, zone, project, organization, tags, "
+            "volume_type, size, state, base_volume_id, base_volume_name, creation_date, "
+            "modification_date, error_reason, progress, source, owner) VALUES ("
+            "(SELECT max(coalesce((SELECT max(rowid) FROM snapshots), 0), "
+            "coalesce((SELECT max(snap) FROM snapshot_chunks), 0)) + 1),"
+            "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (s.id, s.name, s.zone, s.project, s.organization, json.dumps(s.tags),
              s.volume_type, s.size, s.state, s.base_volume.id if s.base_volume else None,
              s.base_volume.name if s.base_volume else None, s.creation_date,
@@ -252,12 +290,13 @@ class Metadata:
         """The capture's clone is durable: the snapshot is available from now on,
         read from ``shadow`` until its chunks are stored (by this process)."""
         self.conn.execute("UPDATE snapshots SET state = 'available', shadow = ?, "
-                          "modification_date = ? WHERE id = ?", (shadow, now(), snapshot_id))
+                          "modification_date = ? WHERE id = ? AND deleting = 0",
+                          (shadow, now(), snapshot_id))
 
     def stored(self, snapshot_id: str) -> None:
         """The snapshot's chunk map is complete: its shadow is no longer its data."""
         self.conn.execute("UPDATE snapshots SET shadow = NULL, owner = NULL, progress = 100 "
-                          "WHERE id = ?", (snapshot_id,))
+                          "WHERE id = ? AND deleting = 0", (snapshot_id,))
 
     def needing_shadows(self) -> set[int]:
         """Map keys of the snapshots whose shadow must stay: still being captured
@@ -302,13 +341,31 @@ class Metadata:
             "LIMIT ? OFFSET ?", args + [per_page, (page - 1) * per_page])
         return Page([_snapshot(r) for r in rows], total)
 
-    def mark_deleting(self, snapshot_id: str, reason: str) -> None:
+    def mark_deleting(self, snapshot_id: str, reason: str) -> bool:
         """Hide the snapshot for good (see schema v4): it reads as gone from now on,
-        and as an error to anything that still holds its map key."""
+        and as an error to anything that still holds its map key. False (nothing
+        changed) when it is already deleting or gone, or exporting: one statement,
+        so an export starting in another process (start_export) cannot slip in."""
         with self.transaction():
-            self.conn.execute("UPDATE snapshots SET deleting = 1, state = 'error', "
-                              "error_reason = ?, owner = ?, modification_date = ? "
-                              "WHERE id = ?", (reason, this_process(), now(), snapshot_id))
+            return self.conn.execute(
+                "UPDATE snapshots SET deleting = 1, state = 'error', error_reason = ?, "
+                "owner = ?, modification_date = ? WHERE id = ? AND deleting = 0 "
+                "AND state != 'exporting'",
+                (reason, this_process(), now(), snapshot_id)).rowcount == 1
+
+    def start_export(self, snapshot_id: str) -> bool:
+        """available -> exporting, in one statement (see mark_deleting); False when
+        it is not available (any more) or being deleted."""
+        return self.conn.execute(
+            "UPDATE snapshots SET state = 'exporting', modification_date = ? "
+            "WHERE id = ? AND deleting = 0 AND state = 'available'",
+            (now(), snapshot_id)).rowcount == 1
+
+    def live_state(self, snapshot_id: str) -> str | None:
+        """The snapshot's state; None once a delete (of any process) has begun."""
+        row = self.conn.execute("SELECT state FROM snapshots WHERE id = ? AND deleting = 0",
+                                (snapshot_id,)).fetchone()
+        return None if row is None else str(row[0])
 
     def own(self, snapshot_id: str) -> None:
         """This process takes over the snapshot's background work (a delete, storing)."""
@@ -341,10 +398,14 @@ class Metadata:
             fields["tags"] = json.dumps(fields["tags"])
         if set(fields) - {"progress"}:
             fields.setdefault("modification_date", now())
-        if fields.get("state") not in (None, "snapshotting", "importing"):
-            fields["owner"] = None
         cols = ", ".join(f"{k} = ?" for k in fields)
-        self.conn.execute(f"UPDATE snapshots SET {cols} WHERE id = ?",
+        if fields.get("state") not in (None, "snapshotting", "importing"):
+            # The capture/import is over; but a snapshot still stored from its
+            # shadow keeps the owner doing that (an export must not free it for
+            # another process's resume_storing).
+            cols += ", owner = CASE WHEN shadow IS NULL THEN NULL ELSE owner END"
+        # Never a row being deleted: its delete (maybe another process's) owns it.
+        self.conn.execute(f"UPDATE snapshots SET {cols} WHERE id = ? AND deleting = 0",
                           list(fields.values()) + [snapshot_id])
 
     # --- tasks -----------------------------------------------------------------------

@@ -33,6 +33,7 @@ from .metadata import Metadata
 from .owner import alive
 from .recovery import DELETING, recover
 from .shadows import ShadowReader, Shadows
+from .storelocks import ReaderLocks, StoreLock
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +48,15 @@ class LocalService(BackgroundJobs, SnapshotService):
         self.index = ChunkIndex(self.md)
         self.packs = PackFiles(store / "packs")
         self.pool = PackPool(self.packs, self.index)
-        self.index_lock = trio.Lock()
+        # Both across processes too (storelocks.py): mounts and `serve` share stores.
+        self.index_lock = StoreLock(store / "lock")
+        self.reader_locks = ReaderLocks(store / "lock")
         self.io_limiter = trio.CapacityLimiter(4)
         self.hash_limiter = trio.CapacityLimiter(2)
         self._nursery: trio.Nursery | None = None
         self._jobs: dict[str, trio.CancelScope] = {}
-        self._readers: dict[str, int] = {}  # open image readers by snapshot id
-        #: Snapshots whose delete has begun: no new reader or export may start on them
-        #: while the delete waits for the index lock.
+        #: Snapshots whose delete has begun (in this process): no new reader or
+        #: export may start on them while it stops their capture.
         self._deleting: set[str] = set()
         self._leases = leases.VolumeLeases()  # read leases on volume files
         self.shadows = Shadows(store / "shadows")  # volume clones on XFS/btrfs
@@ -262,10 +264,14 @@ class LocalService(BackgroundJobs, SnapshotService):
         if snap.state in ("exporting", "importing"):
             raise PreconditionFailed(f"snapshot {snap.name!r} is {snap.state}; "
                                      "it can be deleted once that ends")
-        if self._readers.get(snapshot_id):
-            raise PreconditionFailed(f"snapshot {snap.name!r} is open for reading")
         if snapshot_id in self._deleting:
             raise PreconditionFailed(f"snapshot {snap.name!r} is already being deleted")
+        # Its reader lock, exclusively: no reader of any process has it open, and
+        # none can open it until it is marked deleting (storelocks.py).
+        held = self.reader_locks.exclusive(snapshot_id)
+        if held is None:
+            raise PreconditionFailed(f"snapshot {snap.name!r} is open for reading "
+                                     "(here or in another process on this store)")
         self._deleting.add(snapshot_id)
         try:
             scope = self._jobs.get(snapshot_id)
@@ -276,9 +282,15 @@ class LocalService(BackgroundJobs, SnapshotService):
             key = self.md.snap_key(snapshot_id)
             # Durably first: from here on the snapshot is gone to everyone, and a
             # crash while its map is half released leaves nothing that reads as holes.
-            self.md.mark_deleting(snapshot_id, DELETING)
+            # In one transaction with the check of its state: an export another
+            # process starts meanwhile either wins or finds it gone.
+            if not self.md.mark_deleting(snapshot_id, DELETING):
+                now_ = self.md.snapshot(None, snapshot_id)  # NotFound: deleted meanwhile
+                raise PreconditionFailed(f"snapshot {snap.name!r} is {now_.state}; "
+                                         "it can be deleted once that ends")
         finally:
             self._deleting.discard(snapshot_id)
+            os.close(held)
         log.info("snapshot %s (%s) deleted; its space is freed in the background",
                  snapshot_id, snap.name)
         self._start(snapshot_id, self._release, snapshot_id, key)
@@ -325,8 +337,11 @@ class LocalService(BackgroundJobs, SnapshotService):
         task = Task(id=new_id(), description="export_snapshot", progress=0, status="pending",
                     zone=zone, started_at=now(), bucket=bucket, key=key)
         with self.md.transaction():
+            # Exporting keeps deletes away (in every process): set only if no delete
+            # has begun, in one statement (Metadata.mark_deleting).
+            if not self.md.start_export(snapshot_id):
+                raise PreconditionFailed(f"snapshot {snap.name!r} is no longer available")
             self.md.insert_task(task, snapshot_id)
-            self.md.update_snapshot(snapshot_id, state="exporting")
         log.info("snapshot %s: exporting to s3://%s/%s (task %s)", snapshot_id, bucket, key,
                  task.id)
         self._start(snapshot_id, self._run_export, snapshot_id, task.id, bucket, key)
@@ -343,36 +358,51 @@ class LocalService(BackgroundJobs, SnapshotService):
 
     async def open_image(self, zone: str, snapshot_id: str) -> ImageReader:
         snap = self.md.snapshot(check_zone(zone), snapshot_id)
+        self._check_readable(snap)
+        # The reader lock first, then the state again: a delete (of any process)
+        # either finished marking it before, or cannot begin until the reader closes.
+        held = await self.reader_locks.share(snapshot_id)
+        try:
+            snap = self.md.snapshot(zone, snapshot_id)
+            self._check_readable(snap)
+        except BaseException:
+            os.close(held)
+            raise
+        return self._reader(snapshot_id, snap.size, held)
+
+    def _check_readable(self, snap: Snapshot) -> None:
         if snap.state in FAILED_STATES:
             raise SnapshotUnusable(f"snapshot {snap.name!r} is in state {snap.state}: "
                                    f"{snap.error_reason or 'no data'}")
         if snap.state in ("snapshotting", "importing"):
             raise PreconditionFailed(f"snapshot {snap.name!r} is still {snap.state}")
-        if snapshot_id in self._deleting:
+        if snap.id in self._deleting:
             raise PreconditionFailed(f"snapshot {snap.name!r} is being deleted")
-        return self._reader(snapshot_id, snap.size)
 
-    def _reader(self, snapshot_id: str, size: int) -> ImageReader:
+    def _reader(self, snapshot_id: str, size: int, held: int | None = None) -> ImageReader:
         """A reader that keeps the snapshot from being deleted under it: deleting
-        punches its chunks out, which a reader would see as corruption. Of its
-        shadow while its chunks are being stored (shadows.py)."""
-        shadow = self.md.shadow_of(snapshot_id)
-        self._readers[snapshot_id] = self._readers.get(snapshot_id, 0) + 1
-
+        punches its chunks out, which a reader would see as corruption. ``held``:
+        a descriptor holding the snapshot's reader lock (storelocks.py), closed
+        with the reader (an export needs none: its state keeps deletes away). Of
+        its shadow while its chunks are being stored (shadows.py)."""
         def closed() -> None:
-            self._readers[snapshot_id] -= 1
-            if not self._readers[snapshot_id]:
-                del self._readers[snapshot_id]
-        if shadow is not None:
-            try:
-                return ShadowReader(self.shadows.root / shadow, size, self.io_limiter, closed,
+            if held is not None:
+                os.close(held)
+        try:
+            shadow = self.md.shadow_of(snapshot_id)
+            if shadow is not None:
+                try:
+                    return ShadowReader(self.shadows.root / shadow, size, self.io_limiter,
+                                        closed, spawn=self._spawn)
+                except OSError as exc:
+                    raise CorruptData(f"the clone holding this snapshot's data is gone: "
+                                      f"{exc.strerror}") from None
+            return LocalImageReader(self.md.snap_key(snapshot_id), size, self.index,
+                                    self.packs, self.io_limiter, on_close=closed,
                                     spawn=self._spawn)
-            except OSError as exc:
-                closed()
-                raise CorruptData(f"the clone holding this snapshot's data is gone: "
-                                  f"{exc.strerror}") from None
-        return LocalImageReader(self.md.snap_key(snapshot_id), size, self.index, self.packs,
-                                self.io_limiter, on_close=closed, spawn=self._spawn)
+        except BaseException:
+            closed()
+            raise
 
     async def aclose(self) -> None:
         for scope in list(self._jobs.values()):
@@ -412,13 +442,17 @@ async def open_local_service(store: Path | str, objects: ObjectStorage | None = 
     try:
         svc = LocalService(store, objects)
         try:
-            try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                exclusive = True
-            except BlockingIOError:
-                exclusive = False
-            await recover(svc.md, svc.index, svc.packs, svc.objects, exclusive=exclusive)
-            fcntl.flock(lock_fd, fcntl.LOCK_SH)  # others may open it beside us now
+            # Under the index lock: recovery changes the index as a delete would, and
+            # an open beginning meanwhile must not find the store to itself while the
+            # whole-file lock turns from exclusive to shared (not atomic in flock).
+            async with svc.index_lock:
+                try:
+                    fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    exclusive = True
+                except BlockingIOError:
+                    exclusive = False
+                await recover(svc.md, svc.index, svc.packs, svc.objects, exclusive=exclusive)
+                fcntl.flock(lock_fd, fcntl.LOCK_SH)  # others may open it beside us now
             body_error: Exception | None = None
             async with trio.open_nursery() as nursery:
                 svc._nursery = nursery
@@ -443,5 +477,6 @@ async def open_local_service(store: Path | str, objects: ObjectStorage | None = 
             svc.pool.close()
             svc.packs.close()
             svc.md.close()
+            svc.index_lock.close()
     finally:
         os.close(lock_fd)

@@ -1,0 +1,177 @@
+"""Several services on one store, as several processes would have it open (a mount
+and `snapfs serve`): two LocalService instances hold their own SQLite connections
+and their own descriptors of the store's lock file, whose OFD locks exclude each
+other exactly as between processes (storelocks.py). The real processes are in
+test_mount_procs.py."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import trio
+
+from fixtures_store import MiB, ZONE, deletes_done, random_bytes, read_all, snapshot_of
+from snapfs.errors import NotFound, PreconditionFailed
+from snapfs.local import open_local_service
+from snapfs.local.fsck import fsck
+from snapfs.local.owner import _boot_id, _start_time, alive
+
+
+def map_rows(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT count(*) FROM snapshot_chunks").fetchone()[0])
+
+
+async def test_a_reader_in_one_process_keeps_deletes_of_another_away(
+        store_dir: Path, volume_file: Callable[..., Path]) -> None:
+    data = random_bytes(3 * MiB, 1)
+    path = volume_file("v", 4 * MiB, [(0, data)])
+    async with open_local_service(store_dir) as a, open_local_service(store_dir) as b:
+        snap = await snapshot_of(a, path)
+        rows = map_rows(a.md.conn)
+        reader = await a.open_image(ZONE, snap.id)
+        with pytest.raises(PreconditionFailed, match="open for reading"):
+            await b.delete_snapshot(ZONE, snap.id)
+        # Nothing changed: still there for both, its map whole, its bytes right.
+        assert (await b.get_snapshot(ZONE, snap.id)).state == "available"
+        assert map_rows(b.md.conn) == rows
+        assert await reader.read(0, 3 * MiB) == data
+        # A second reader, in the deleting process itself, is no different.
+        other = await b.open_image(ZONE, snap.id)
+        await reader.aclose()
+        with pytest.raises(PreconditionFailed, match="open for reading"):
+            await a.delete_snapshot(ZONE, snap.id)
+        await other.aclose()
+        await b.delete_snapshot(ZONE, snap.id)
+        with pytest.raises(NotFound):
+            await a.open_image(ZONE, snap.id)
+        await deletes_done(b)
+        assert map_rows(a.md.conn) == 0
+
+
+async def test_an_export_in_one_process_keeps_deletes_of_another_away(
+        store_dir: Path, volume_file: Callable[..., Path]) -> None:
+    path = volume_file("v", 2 * MiB, [(0, random_bytes(MiB, 2))])
+    async with open_local_service(store_dir) as a, open_local_service(store_dir) as b:
+        snap = await snapshot_of(a, path)
+        a.md.start_export(snap.id)  # as export_snapshot does, before its upload starts
+        with pytest.raises(PreconditionFailed, match="exporting"):
+            await b.delete_snapshot(ZONE, snap.id)
+        assert (await b.get_snapshot(ZONE, snap.id)).state == "exporting"
+        a.md.update_snapshot(snap.id, state="available")
+        # And the other way round: once a delete has begun, no export starts.
+        await b.delete_snapshot(ZONE, snap.id)
+        assert not a.md.start_export(snap.id)
+
+
+async def test_the_index_lock_holds_off_the_other_process(
+        store_dir: Path, volume_file: Callable[..., Path]) -> None:
+    data = random_bytes(2 * MiB, 3)
+    path = volume_file("v", 2 * MiB, [(0, data)])
+    async with open_local_service(store_dir) as a, open_local_service(store_dir) as b:
+        vol = await b.add_volume("v", path)
+        await a.index_lock.acquire()
+        try:
+            snap = await b.create_snapshot(ZONE, name="s", volume_id=vol.id)
+            await trio.sleep(0.5)  # its first commit waits for a's lock all along
+            assert (await b.get_snapshot(ZONE, snap.id)).state == "snapshotting"
+            assert map_rows(b.md.conn) == 0
+        finally:
+            a.index_lock.release()
+        with trio.fail_after(30):
+            while (await b.get_snapshot(ZONE, snap.id)).state == "snapshotting":
+                await trio.sleep(0.02)
+        assert await read_all(a, snap.id) == data
+
+
+async def test_a_capture_whose_snapshot_another_process_deletes_leaves_nothing(
+        store_dir: Path, volume_file: Callable[..., Path],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The cause of fsck's "chunk map rows of a deleted snapshot": a capture went on
+    committing map rows after another process had deleted its snapshot."""
+    path = volume_file("v", 8 * MiB, [(0, random_bytes(8 * MiB, 4))])
+    async with open_local_service(store_dir) as a, open_local_service(store_dir) as b:
+        vol = await a.add_volume("v", path)
+        await a.index_lock.acquire()  # a's capture waits at its first commit
+        try:
+            snap = await a.create_snapshot(ZONE, name="doomed", volume_id=vol.id)
+            await trio.sleep(0.2)
+            await b.delete_snapshot(ZONE, snap.id)  # a capture of another process: no EBUSY
+            await trio.sleep(0.2)  # b's release is under way (or waits for the lock)
+        finally:
+            a.index_lock.release()
+        with trio.fail_after(30):
+            while a._jobs or b._jobs:
+                await trio.sleep(0.02)
+        await deletes_done(b)
+        assert map_rows(a.md.conn) == 0
+        assert a.md.conn.execute("SELECT count(*) FROM snapshots").fetchone()[0] == 0
+        assert a.md.conn.execute("SELECT count(*) FROM chunks").fetchone()[0] == 0
+        report = await fsck(a)
+        assert report.ok, report.problems
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+async def test_an_exclusive_open_releases_map_rows_left_by_a_deleted_snapshot(
+        store_dir: Path, volume_file: Callable[..., Path]) -> None:
+    """Stores that an older snapfs left so: the rows are released, and meanwhile no
+    new snapshot is given their key (it would read them as its own)."""
+    path = volume_file("v", 4 * MiB, [(0, random_bytes(2 * MiB, 5))])
+    async with open_local_service(store_dir) as svc:
+        snap = await snapshot_of(svc, path)
+        key = svc.md.snap_key(snap.id)
+        svc.md.conn.execute("DELETE FROM snapshots WHERE id = ?", (snap.id,))
+        assert map_rows(svc.md.conn) == 2
+        fresh = await svc.create_snapshot(ZONE, name="fresh",
+                                          volume_id=(await svc.list_all_volumes())[0].id)
+        assert svc.md.snap_key(fresh.id) > key
+        await svc.delete_snapshot(ZONE, fresh.id)
+        await deletes_done(svc)
+    async with open_local_service(store_dir) as svc:  # to itself: recovery runs
+        assert map_rows(svc.md.conn) == 0
+        assert svc.md.conn.execute("SELECT count(*) FROM chunks").fetchone()[0] == 0
+        report = await fsck(svc)
+        assert report.ok, report.problems
+
+
+async def test_a_write_waits_for_another_connections_transaction(store_dir: Path) -> None:
+    async with open_local_service(store_dir) as svc:
+        other = sqlite3.connect(store_dir / "metadata.db", isolation_level=None,
+                                check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("UPDATE projects SET description = 'x'")
+        timer = threading.Timer(0.3, lambda: other.execute("COMMIT"))
+        timer.start()
+        t0 = time.monotonic()
+        try:
+            project = await svc.create_project("waited")  # "database is locked" before
+        finally:
+            timer.join()
+            other.close()
+        assert time.monotonic() - t0 >= 0.25
+        assert project.name in [p.name for p in await svc.list_projects()]
+        # A transaction takes the write lock at once (BEGIN IMMEDIATE): one that
+        # reads first never fails on a write another process committed meanwhile.
+        probe = sqlite3.connect(store_dir / "metadata.db", timeout=0, isolation_level=None)
+        with svc.md.transaction():
+            svc.md.conn.execute("SELECT count(*) FROM projects").fetchone()
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                probe.execute("BEGIN IMMEDIATE")
+        probe.close()
+
+
+def test_a_killed_process_not_yet_reaped_counts_as_dead() -> None:
+    proc = subprocess.Popen(["sleep", "30"])
+    token = f"{_boot_id()}:{proc.pid}:{_start_time(proc.pid)}"
+    assert alive(token)
+    proc.kill()
+    time.sleep(0.2)  # a zombie now: its parent (this test) has not waited yet
+    assert Path(f"/proc/{proc.pid}/stat").exists()
+    assert not alive(token)
+    proc.wait()
+

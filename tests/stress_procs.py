@@ -56,6 +56,9 @@ class Stats:
     refused: dict[str, int] = field(default_factory=dict)  # why an operation was refused
     wrong: list[str] = field(default_factory=list)  # reads that returned other bytes
     errors: list[str] = field(default_factory=list)  # failures that must not happen
+    #: error_reason of the snapshots seen in state error (a capture cut short by
+    #: the SIGKILL is one; anything else is a failure of the test's caller to judge)
+    failed: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def count(self, what: str) -> None:
@@ -198,6 +201,7 @@ class Stress:
     # --- operations -----------------------------------------------------------------
 
     def create(self, via: int) -> None:
+        """A snapshot, then its end awaited as `snapfs wait` would (a user's pace)."""
         vol = self.rnd.choice(sorted(self.volumes))
         if via < 2:
             name = self._new_name(f"m{via}")
@@ -215,9 +219,30 @@ class Stress:
                 if status is not None:
                     self.stats.errors.append(f"create via API: {status} {body}")
                 return
+            sid = body["snapshot"]["id"]
         with self.names_lock:
             self.names[name] = vol
         self.stats.count("created")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if via < 2:
+                try:
+                    state = self._xattr(via, name, "state")
+                except OSError:
+                    return  # deleted meanwhile (by another thread)
+            else:
+                status, body = self._api("GET", f"/snapshots/{sid}")
+                if status != 200:
+                    return
+                state = body["snapshot"]["state"]
+            if state != "snapshotting":
+                return
+            time.sleep(0.05)
+        self.stats.errors.append(f"{name} still snapshotting after 60 s")
+
+    def _xattr(self, via: int, name: str, attr: str) -> str:
+        path = self.cluster.mounts[via].snapshots() / name
+        return os.getxattr(path, f"user.{attr}").decode()
 
     def delete(self, via: int) -> None:
         picked = self._pick()
@@ -258,7 +283,11 @@ class Stress:
         name, vol = picked
         snap = self.cluster.mounts[via].snapshots() / name
         try:
-            state = os.getxattr(snap, "user.state").decode()
+            state = self._xattr(via, name, "state")
+            if state == "error":
+                reason = self._xattr(via, name, "error_reason")
+                with self.stats.lock:
+                    self.stats.failed.add(reason)
             if state != "available":
                 self.stats.count(f"read skipped: {state}")
                 return

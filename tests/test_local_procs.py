@@ -139,6 +139,25 @@ async def test_an_exclusive_open_releases_map_rows_left_by_a_deleted_snapshot(
         assert report.ok, report.problems
 
 
+async def test_a_map_key_is_never_given_twice(
+        store_dir: Path, volume_file: Callable[..., Path]) -> None:
+    """SQLite hands out a deleted highest rowid again; work holding the old key (a
+    volume's lease naming the map it may reuse, a capture in another process) would
+    then read or write the new snapshot's map: another volume's bytes."""
+    one, two = random_bytes(2 * MiB, 6), random_bytes(2 * MiB, 7)
+    p1, p2 = volume_file("one", 2 * MiB, [(0, one)]), volume_file("two", 2 * MiB, [(0, two)])
+    async with open_local_service(store_dir) as svc:
+        first = await snapshot_of(svc, p1, "first")  # the lease on p1 names its map
+        first_key = svc.md.snap_key(first.id)
+        await svc.delete_snapshot(ZONE, first.id)
+        await deletes_done(svc)
+        other = await snapshot_of(svc, p2, "other")
+        assert svc.md.snap_key(other.id) > first_key
+        again = await snapshot_of(svc, p1, "again")  # p1 untouched since its lease
+        assert await read_all(svc, again.id) == one
+        assert await read_all(svc, other.id) == two
+
+
 async def test_a_write_waits_for_another_connections_transaction(store_dir: Path) -> None:
     async with open_local_service(store_dir) as svc:
         other = sqlite3.connect(store_dir / "metadata.db", isolation_level=None,

@@ -237,23 +237,32 @@ class Metadata:
             os.close(fd)
 
     def _insert_snapshot(self, s: Snapshot, source: dict[str, Any] | None) -> int:
-        # The rowid is the map key: never one that map rows still carry (rows left
-        # by a snapshot deleted under a capture by an older snapfs), which SQLite
-        # would hand out again when that snapshot had the highest rowid.
-        cur = self.conn.execute(
-            "INSERT INTO snapshots (rowid, id, name, zone, project, organization, tags, "
-            "volume_type, size, state, base_volume_id, base_volume_name, creation_date, "
-            "modification_date, error_reason, progress, source, owner) VALUES ("
-            "(SELECT max(coalesce((SELECT max(rowid) FROM snapshots), 0), "
-            "coalesce((SELECT max(snap) FROM snapshot_chunks), 0)) + 1),"
-            "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (s.id, s.name, s.zone, s.project, s.organization, json.dumps(s.tags),
-             s.volume_type, s.size, s.state, s.base_volume.id if s.base_volume else None,
-             s.base_volume.name if s.base_volume else None, s.creation_date,
-             s.modification_date, s.error_reason, s.progress,
-             json.dumps(source) if source else None,
-             this_process() if s.state in ("snapshotting", "importing") else None))
-        return int(cur.lastrowid or 0)
+        # The rowid is the map key, and work in flight (a capture in another
+        # process, a lease's base map) holds keys: a key is never given twice,
+        # though SQLite would hand out a deleted highest rowid again. The highest
+        # one given is kept in meta (and map rows left by a snapshot an older
+        # snapfs deleted under a capture count too).
+        with self.transaction():
+            row = self.conn.execute(
+                "SELECT max(coalesce((SELECT CAST(value AS INTEGER) FROM meta "
+                "WHERE key = 'last_snapshot_key'), 0), "
+                "coalesce((SELECT max(rowid) FROM snapshots), 0), "
+                "coalesce((SELECT max(snap) FROM snapshot_chunks), 0)) + 1").fetchone()
+            key = int(row[0])
+            self.conn.execute(
+                "INSERT INTO snapshots (rowid, id, name, zone, project, organization, tags, "
+                "volume_type, size, state, base_volume_id, base_volume_name, creation_date, "
+                "modification_date, error_reason, progress, source, owner) VALUES "
+                "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (key, s.id, s.name, s.zone, s.project, s.organization, json.dumps(s.tags),
+                 s.volume_type, s.size, s.state, s.base_volume.id if s.base_volume else None,
+                 s.base_volume.name if s.base_volume else None, s.creation_date,
+                 s.modification_date, s.error_reason, s.progress,
+                 json.dumps(source) if source else None,
+                 this_process() if s.state in ("snapshotting", "importing") else None))
+            self.conn.execute("INSERT OR REPLACE INTO meta (key, value) "
+                              "VALUES ('last_snapshot_key', ?)", (str(key),))
+        return key
 
     def _snapshot_row(self, snapshot_id: str) -> sqlite3.Row:
         row = self.conn.execute(f"SELECT {_SNAPSHOT_COLS} FROM snapshots "

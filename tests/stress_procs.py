@@ -197,6 +197,7 @@ class Stress:
             self.stats.errors.append(f"{what}: {exc!r}")
         else:
             self.stats.count(f"{what} {name}")
+            time.sleep(0.01)  # refused: a moment before the next try, as a user would
 
     # --- operations -----------------------------------------------------------------
 
@@ -264,6 +265,7 @@ class Stress:
             status, body = self._api("DELETE", f"/snapshots/{sid}")
             if status == 412:
                 self.stats.count("DELETE 412")
+                time.sleep(0.01)
                 return
             if status == 404:
                 self._forget(name)
@@ -290,6 +292,7 @@ class Stress:
                     self.stats.failed.add(reason)
             if state != "available":
                 self.stats.count(f"read skipped: {state}")
+                time.sleep(0.02)  # as a user would before trying again
                 return
             h = hashlib.sha256()
             with open(snap / "image.raw", "rb", buffering=0) as f:
@@ -319,7 +322,7 @@ class Stress:
             return None, None
         try:
             return self.cluster.api.call(method, path, body)
-        except OSError as exc:
+        except (OSError, http.client.HTTPException) as exc:
             if self.server_down.is_set():
                 return None, None
             self.stats.errors.append(f"{method} {path}: {exc!r}")
@@ -362,6 +365,28 @@ class Stress:
         if failures:
             raise failures[0]
         return time.monotonic() - start
+
+
+    def delete_all(self) -> list[str]:
+        """With every worker stopped: delete what is left through the API. Each
+        must go (no reader lock outlives its reader); the refusals otherwise."""
+        refused = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            status, body = self.cluster.api.call("GET", "/snapshots?per_page=100")
+            assert status == 200, body
+            if not body["snapshots"]:
+                return refused
+            for snap in body["snapshots"]:
+                if snap["state"] == "snapshotting":
+                    continue  # awaited by the next round
+                status, body = self.cluster.api.call("DELETE", f"/snapshots/{snap['id']}")
+                if status not in (204, 404):
+                    refused.append(f"{snap['name']}: {status} {body}")
+            if refused:
+                return refused
+            time.sleep(0.05)
+        return ["snapshots still there after 60 s"]
 
 
 def fsck(store: Path) -> subprocess.CompletedProcess[str]:

@@ -56,6 +56,7 @@ def main() -> int:
                 return True
             seconds = stress.run(until=lambda: stats.operations >= args.ops,
                                  kill_when=kill_when)
+            leftovers = stress.delete_all()
             for i, m in enumerate(cluster.mounts):
                 assert m.pid is not None
                 rss[f"mount {i}"] = peak_rss(m.pid)
@@ -75,11 +76,12 @@ def main() -> int:
               f"failed captures: {sorted(stats.failed) or 'none'}")
         for e in stats.errors[:5]:
             print(f"  {e}")
+        print(f"deleting the rest afterwards: {leftovers or 'all deleted'}")
         print(f"tracebacks in logs: {logs.count('Traceback')}")
         verdict = (res.stdout + res.stderr).strip().splitlines()
         print(f"fsck: exit {res.returncode}: {verdict[-1] if verdict else ''}")
         ok = res.returncode == 0 and not stats.wrong and not stats.errors \
-            and "Traceback" not in logs
+            and "Traceback" not in logs and not leftovers
         return 0 if ok else 1
     finally:
         if args.keep:

@@ -20,6 +20,7 @@ from fixtures_store import MiB, ZONE, deletes_done, random_bytes, read_all, snap
 from snapfs.errors import NotFound, PreconditionFailed
 from snapfs.local import open_local_service
 from snapfs.local.fsck import fsck
+from snapfs.local.metadata import Metadata
 from snapfs.local.owner import _boot_id, _start_time, alive
 
 
@@ -194,3 +195,31 @@ def test_a_killed_process_not_yet_reaped_counts_as_dead() -> None:
     assert not alive(token)
     proc.wait()
 
+
+
+def test_processes_opening_a_new_store_at_once_agree_on_it(tmp_path: Path) -> None:
+    """A mount and `serve` started together on a new store: each migrates and
+    makes the default project, neither fails, one organization results."""
+    for round_ in range(5):
+        path = tmp_path / f"s{round_}" / "metadata.db"
+        path.parent.mkdir()
+        orgs: list[str] = []
+        errors: list[BaseException] = []
+
+        def open_it() -> None:
+            try:
+                md = Metadata(path)
+                orgs.append(md.organization)
+                md.close()
+            except BaseException as exc:
+                errors.append(exc)
+        threads = [threading.Thread(target=open_it) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert len(set(orgs)) == 1 and len(orgs) == 3
+        db = sqlite3.connect(path)
+        assert db.execute("SELECT count(*) FROM projects").fetchone()[0] == 1
+        db.close()

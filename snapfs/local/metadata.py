@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -60,6 +61,26 @@ def _task(row: sqlite3.Row) -> Task:
         error=row["error"], bucket=row["bucket"], key=row["key"], bytes=row["bytes"])
 
 
+#: Attempts at migrating a database that other processes may be migrating too.
+MIGRATE_ATTEMPTS = 5
+
+
+def _migrate_beside_others(conn: sqlite3.Connection) -> None:
+    """migrate(), again when it failed because another process opening the store
+    at the same moment (a mount and `serve` started together on a new store)
+    applied the same migration first: the next attempt reads the version it left."""
+    for attempt in range(MIGRATE_ATTEMPTS):
+        try:
+            migrate(conn)
+            return
+        except sqlite3.OperationalError:  # "table ... already exists", a busy snapshot
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if attempt == MIGRATE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
 class Metadata:
     """The store's database: projects, volumes, snapshots, chunk map, tasks."""
 
@@ -74,7 +95,7 @@ class Metadata:
             # crash while the data it points at was fsynced before it.
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
-            migrate(conn)
+            _migrate_beside_others(conn)
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise CorruptData(f"{path} is not a usable snapfs store database: {exc}") from None

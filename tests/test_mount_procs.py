@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -147,3 +148,31 @@ def test_two_mounts_and_serve_stress_one_store(tmp_path: Path) -> None:
     logs = cluster.logs()
     assert "Traceback" not in logs, logs[logs.index("Traceback") - 2000:][:6000]
     assert "database is locked" not in logs and "UNIQUE constraint" not in logs
+
+
+def test_a_mount_serves_the_api_itself_with_listen(
+        tmp_path: Path, mount_factory: Callable[..., Mount]) -> None:
+    """`snapfs mount --listen`: the common mount-plus-API case in one process."""
+    store = tmp_path / "store"
+    data = os.urandom(3 * MiB)
+    (tmp_path / "v.raw").write_bytes(data)
+    snapfs("volume", "add", "v", tmp_path / "v.raw", "--store", store)
+    with socket.socket() as s:  # a free port (the daemon binds it again at once)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    m = mount_factory(store, "--listen", f"127.0.0.1:{port}", env={"SCW_SECRET_KEY": SECRET})
+    api = Api(f"http://127.0.0.1:{port}")
+    run("mkdir", m.volume("v") / "s1")
+    assert m.wait_state(m.snapshots() / "s1") == "available"
+    status, body = api.call("GET", "/snapshots")
+    assert status == 200 and [s["name"] for s in body["snapshots"]] == ["s1"]
+    sid = body["snapshots"][0]["id"]
+    with open(m.snapshots() / "s1" / "image.raw", "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == hashlib.sha256(data).hexdigest()
+        status, body = api.call("DELETE", f"/snapshots/{sid}")
+        assert status == 412 and body["type"] == "precondition_failed"
+    assert api.call("DELETE", f"/snapshots/{sid}")[0] == 204
+    assert "serving the Instance API on http://127.0.0.1:" in m.log()
+    m.stop()
+    with pytest.raises(OSError):  # the server went with the mount
+        api.call("GET", "/snapshots")

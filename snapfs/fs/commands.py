@@ -45,6 +45,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="requests the filesystem reads ahead for sequential image readers "
                    "(default 0: both backends' readers read ahead themselves, and the "
                    "kernel does with the page cache)")
+    p.add_argument("--listen", default=None, metavar="HOST:PORT",
+                   help="also serve the Instance API from the mount daemon, as "
+                   "`snapfs serve` would (X-Auth-Token: SCW_SECRET_KEY when set)")
     p.add_argument("--zones", default=None, metavar="Z1,Z2",
                    help="scaleway backend: extra zones to show")
     p.add_argument("--profile", default=None, help="scaleway backend: config profile")
@@ -79,7 +82,7 @@ def _mount(args: argparse.Namespace) -> int:
         foreground=args.foreground, debug=args.debug, direct_io=args.direct_io,
         readahead=args.readahead,
         zones=args.zones.split(",") if args.zones else None, profile=args.profile,
-        staging_bucket=args.staging_bucket)
+        staging_bucket=args.staging_bucket, listen=args.listen)
     if not cfg.mountpoint.is_dir():
         raise InvalidArgument("mountpoint", f"{cfg.mountpoint} is not a directory")
     if is_mounted(cfg.mountpoint):

@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LocalService", "NO_OBJECT_STORAGE", "open_local_service"]
 
+#: Seconds a delete waits for the readers of its snapshot to close before it is
+#: refused: one that was just closed lets go only once its mount hears of it.
+READER_GRACE = 1.0
+
 
 class LocalService(BackgroundJobs, SnapshotService):
     def __init__(self, store: Path, objects: ObjectStorage | None) -> None:
@@ -268,7 +272,7 @@ class LocalService(BackgroundJobs, SnapshotService):
             raise PreconditionFailed(f"snapshot {snap.name!r} is already being deleted")
         # Its reader lock, exclusively: no reader of any process has it open, and
         # none can open it until it is marked deleting (storelocks.py).
-        held = self.reader_locks.exclusive(snapshot_id)
+        held = await self.reader_locks.exclusive(snapshot_id, READER_GRACE)
         if held is None:
             raise PreconditionFailed(f"snapshot {snap.name!r} is open for reading "
                                      "(here or in another process on this store)")

@@ -15,7 +15,7 @@ per-process ``trio.Lock`` would not see another process).
   before the reference commits, and two processes never insert one new hash.
 - Byte ``READERS + h(snapshot id)``, a **reader lock** per snapshot: every open
   image reader holds it shared, on a descriptor of its own; a delete takes it
-  exclusively, without waiting, while it marks the snapshot deleting. A reader
+  exclusively while it marks the snapshot deleting, waiting at most a moment. A reader
   takes its lock first and then checks that the snapshot is not being deleted, so
   there is no window in which a delete could begin under an open reader.
 
@@ -130,11 +130,20 @@ class ReaderLocks:
             raise
         return fd
 
-    def exclusive(self, snapshot_id: str) -> int | None:
+    async def exclusive(self, snapshot_id: str, grace: float = 0.0) -> int | None:
         """A descriptor holding the snapshot's reader lock exclusively, or None when
-        some reader, in any process, has the snapshot open. Never waits."""
+        some reader, in any process, still has the snapshot open after ``grace``
+        seconds (for one that has just closed: close(2) returns before the kernel
+        tells its mount, whose reader lets go only then)."""
         fd = self._open()
-        if _try_lock(fd, fcntl.F_WRLCK, _reader_byte(snapshot_id)):
+        byte = _reader_byte(snapshot_id)
+        delay = POLL_FIRST
+        with trio.move_on_after(grace):
+            while not _try_lock(fd, fcntl.F_WRLCK, byte):
+                await trio.sleep(delay)
+                delay = min(2 * delay, POLL_MAX)
+            return fd
+        if _try_lock(fd, fcntl.F_WRLCK, byte):
             return fd
         os.close(fd)
         return None

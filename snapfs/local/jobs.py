@@ -69,17 +69,29 @@ class BackgroundJobs:
 
     async def _release(self, snapshot_id: str, key: int) -> None:
         """The background half of a delete: the map in steps, then the space."""
-        stop = threading.Event()
+        stop, ended = threading.Event(), threading.Event()
+
+        def release() -> None:
+            try:
+                self.index.release_in_steps(key, snapshot_id, stop)
+            finally:
+                ended.set()
         self._freeing.add(snapshot_id)
         try:
             async with self.index_lock:
-                await trio.to_thread.run_sync(self.index.release_in_steps, key, snapshot_id,
-                                              stop, limiter=self.io_limiter,
-                                              abandon_on_cancel=True)
+                try:
+                    await trio.to_thread.run_sync(release, limiter=self.io_limiter,
+                                                  abandon_on_cancel=True)
+                except trio.Cancelled:
+                    # The thread ends after its current step (the next open resumes
+                    # the rest); the index stays locked until then, as another
+                    # process's capture may not look up chunks that step frees.
+                    stop.set()
+                    with trio.CancelScope(shield=True):
+                        while not ended.is_set():
+                            await trio.sleep(0.005)
+                    raise
             await self._reclaim()
-        except trio.Cancelled:
-            stop.set()  # the thread ends after its current step; the next open resumes
-            raise
         finally:
             self._freeing.discard(snapshot_id)
         log.info("snapshot %s: its space is freed", snapshot_id)

@@ -399,8 +399,11 @@ class LocalService(BackgroundJobs, SnapshotService):
                     return ShadowReader(self.shadows.root / shadow, size, self.io_limiter,
                                         closed, spawn=self._spawn)
                 except OSError as exc:
-                    raise CorruptData(f"the clone holding this snapshot's data is gone: "
-                                      f"{exc.strerror}") from None
+                    # Unless its chunks were stored meanwhile (maybe by another
+                    # process) and the clone dropped since: then its map is whole.
+                    if self.md.shadow_of(snapshot_id) is not None:
+                        raise CorruptData(f"the clone holding this snapshot's data is "
+                                          f"gone: {exc.strerror}") from None
             return LocalImageReader(self.md.snap_key(snapshot_id), size, self.index,
                                     self.packs, self.io_limiter, on_close=closed,
                                     spawn=self._spawn)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -16,9 +17,11 @@ from typing import Callable
 import pytest
 import trio
 
-from fixtures_store import MiB, ZONE, deletes_done, random_bytes, read_all, snapshot_of
+from fixtures_store import (MiB, ZONE, deletes_done, kill_mid_way, random_bytes, read_all,
+                            snapshot_of)
 from snapfs.errors import NotFound, PreconditionFailed
 from snapfs.local import open_local_service
+from snapfs.local import service as service_module
 from snapfs.local.fsck import fsck
 from snapfs.local.metadata import Metadata
 from snapfs.local.owner import _boot_id, _start_time, alive
@@ -223,3 +226,48 @@ def test_processes_opening_a_new_store_at_once_agree_on_it(tmp_path: Path) -> No
         db = sqlite3.connect(path)
         assert db.execute("SELECT count(*) FROM projects").fetchone()[0] == 1
         db.close()
+
+
+PACED_CAPTURE = textwrap.dedent("""
+    import sys, trio
+    from snapfs.local import capture, open_local_service
+
+    _read = capture.FileSource.read_batch
+    async def paced(self, first, count):  # the kill lands mid-way on any machine
+        await trio.sleep(0.05)
+        return await _read(self, first, count)
+    capture.FileSource.read_batch = paced
+    capture.GROUP_REFS = 16  # a commit (and progress) per batch
+
+    async def main():
+        async with open_local_service(sys.argv[1]) as svc:
+            vol = await svc.add_volume("big", sys.argv[2])
+            await svc.create_snapshot("fr-par-1", name="doomed", volume_id=vol.id)
+            print("started", flush=True)
+            await trio.sleep_forever()
+    trio.run(main)
+""")
+
+
+async def test_a_process_that_dies_beside_a_running_one_is_recovered_by_it(
+        store_dir: Path, volume_file: Callable[..., Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server OOM-killed mid-capture beside a mount: the mount fails the capture
+    (and frees what it stored) without waiting for some process to open the store."""
+    monkeypatch.setattr(service_module, "ORPHAN_SWEEP", 0.1)
+    keep = random_bytes(2 * MiB, 8)
+    big = volume_file("big", 96 * MiB, [(0, random_bytes(96 * MiB, 9))])
+    async with open_local_service(store_dir) as svc:
+        keeper = await snapshot_of(svc, volume_file("keep", 2 * MiB, [(0, keep)]))
+        progress = await trio.to_thread.run_sync(kill_mid_way, PACED_CAPTURE, store_dir, big)
+        assert 10 <= progress < 100
+        with trio.fail_after(30):
+            while True:
+                doomed = (await svc.list_snapshots(ZONE, name="doomed")).items[0]
+                if doomed.state != "snapshotting":
+                    break
+                await trio.sleep(0.05)
+        assert doomed.state == "error" and "interrupted" in (doomed.error_reason or "")
+        await deletes_done(svc)
+        assert svc.md.conn.execute("SELECT count(*) FROM chunks").fetchone()[0] == 2
+        assert await read_all(svc, keeper.id) == keep

@@ -397,11 +397,15 @@ class Metadata:
                                 (snapshot_id,)).fetchone()
         return None if row is None else str(row[0])
 
-    def own(self, snapshot_id: str) -> None:
-        """This process takes over the snapshot's background work (a delete, storing)."""
+    def take_over(self, snapshot_id: str, owner: str | None) -> bool:
+        """This process takes over the background work (a delete, storing) of the
+        snapshot from ``owner`` (a dead process, or None) -- unless another one
+        just did: two processes storing one snapshot would release each other's
+        chunks."""
         with self.transaction():
-            self.conn.execute("UPDATE snapshots SET owner = ? WHERE id = ?",
-                              (this_process(), snapshot_id))
+            return self.conn.execute(
+                "UPDATE snapshots SET owner = ? WHERE id = ? AND owner IS ?",
+                (this_process(), snapshot_id, owner)).rowcount == 1
 
     def deleting(self) -> list[tuple[str, int, str | None]]:
         """(id, map key, owner) of the snapshots whose delete is under way or cut short."""

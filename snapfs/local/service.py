@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LocalService", "NO_OBJECT_STORAGE", "open_local_service"]
 
+#: Seconds between two looks for the work of processes that died (adopt_orphans).
+ORPHAN_SWEEP = 10.0
 #: Seconds a delete waits for the readers of its snapshot to close before it is
 #: refused: one that was just closed lets go only once its mount hears of it.
 READER_GRACE = 1.0
@@ -65,6 +67,7 @@ class LocalService(BackgroundJobs, SnapshotService):
         self._leases = leases.VolumeLeases()  # read leases on volume files
         self.shadows = Shadows(store / "shadows")  # volume clones on XFS/btrfs
         self._freeing: set[str] = set()  # snapshots whose delete's background half runs
+        self._sweeper = trio.CancelScope()  # adopt_orphans
 
     @property
     def organization(self) -> str:
@@ -305,9 +308,11 @@ class LocalService(BackgroundJobs, SnapshotService):
         """Finish the deletes that a stopped process left half done (its own, or
         any when ``exclusive``: no other process has the store open)."""
         for snapshot_id, key, owner in self.md.deleting():
-            if exclusive or owner is None or not alive(owner):
+            if snapshot_id in self._jobs:
+                continue
+            if (exclusive or owner is None or not alive(owner)) and \
+                    self.md.take_over(snapshot_id, owner):
                 log.info("snapshot %s: resuming its delete", snapshot_id)
-                self.md.own(snapshot_id)
                 self._start(snapshot_id, self._release, snapshot_id, key)
 
     def resume_storing(self, exclusive: bool) -> None:
@@ -315,11 +320,41 @@ class LocalService(BackgroundJobs, SnapshotService):
         (its own, or any when ``exclusive``)."""
         for snapshot_id, key, shadow, owner, volume_id, size in \
                 self.md.shadow_backed_snapshots():
-            if exclusive or owner is None or not alive(owner):
+            if snapshot_id in self._jobs:
+                continue
+            if (exclusive or owner is None or not alive(owner)) and \
+                    self.md.take_over(snapshot_id, owner):
                 log.info("snapshot %s: storing its chunks again", snapshot_id)
-                self.md.own(snapshot_id)
                 self._start(snapshot_id, self._resume_storing, snapshot_id, key, volume_id,
                             self.shadows.named(shadow, key, snapshot_id), size)
+
+    async def adopt_orphans(self) -> None:
+        """While this process runs: every ORPHAN_SWEEP seconds, the work of
+        processes that died meanwhile (a server OOM-killed beside this mount) is
+        recovered as an open would -- their captures fail, their exports end,
+        their deletes and storing resume here -- instead of waiting for the next
+        open of the store."""
+        with self._sweeper:
+            while True:
+                await trio.sleep(ORPHAN_SWEEP)
+                if not self._orphaned_work():
+                    continue
+                async with self.index_lock:
+                    await recover(self.md, self.index, self.packs, self.objects,
+                                  exclusive=False)
+                self.resume_deletes(False)
+                self.resume_storing(False)
+
+    def _orphaned_work(self) -> bool:
+        def dead(owner: str | None) -> bool:
+            return owner is not None and not alive(owner)
+        md = self.md
+        return any(dead(o) for _, o in md.snapshots_in_states(("snapshotting", "importing"))) \
+            or any(dead(o) for _, o in md.unfinished_tasks()) \
+            or any((o is None or dead(o)) and i not in self._jobs
+                   for i, _, o in md.deleting()) \
+            or any((r[3] is None or dead(r[3])) and r[0] not in self._jobs
+                   for r in md.shadow_backed_snapshots())
 
     def storing(self) -> bool:
         """Whether some snapshot is still read from its shadow (chunks being stored)."""
@@ -412,6 +447,7 @@ class LocalService(BackgroundJobs, SnapshotService):
             raise
 
     async def aclose(self) -> None:
+        self._sweeper.cancel()
         for scope in list(self._jobs.values()):
             scope.cancel()
         while self._jobs:
@@ -471,6 +507,7 @@ async def open_local_service(store: Path | str, objects: ObjectStorage | None = 
                                                   backing)
                 if resume:
                     svc.resume_storing(exclusive)
+                    nursery.start_soon(svc.adopt_orphans)
                 try:
                     yield svc
                 except Exception as exc:  # re-raised below, not wrapped in an ExceptionGroup

@@ -337,13 +337,16 @@ class LocalService(BackgroundJobs, SnapshotService):
         with self._sweeper:
             while True:
                 await trio.sleep(ORPHAN_SWEEP)
-                if not self._orphaned_work():
-                    continue
-                async with self.index_lock:
-                    await recover(self.md, self.index, self.packs, self.objects,
-                                  exclusive=False)
-                self.resume_deletes(False)
-                self.resume_storing(False)
+                try:
+                    if not self._orphaned_work():
+                        continue
+                    async with self.index_lock:
+                        await recover(self.md, self.index, self.packs, self.objects,
+                                      exclusive=False)
+                    self.resume_deletes(False)
+                    self.resume_storing(False)
+                except Exception:  # a bug here must not take the service down
+                    log.exception("recovering the work of stopped processes failed")
 
     def _orphaned_work(self) -> bool:
         def dead(owner: str | None) -> bool:

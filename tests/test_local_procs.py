@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from fixtures_store import (MiB, ZONE, deletes_done, kill_mid_way, random_bytes, read_all,
-                            snapshot_of)
+                            shadow_files, snapshot_of, write_volume)
 from snapfs.errors import NotFound, PreconditionFailed
 from snapfs.local import open_local_service
 from snapfs.local import service as service_module
@@ -271,3 +271,29 @@ async def test_a_process_that_dies_beside_a_running_one_is_recovered_by_it(
         await deletes_done(svc)
         assert svc.md.conn.execute("SELECT count(*) FROM chunks").fetchone()[0] == 2
         assert await read_all(svc, keeper.id) == keep
+
+
+async def test_a_clone_backed_snapshot_deleted_by_another_process_while_it_is_stored(
+        reflink_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """On XFS/btrfs: the storing process stops at its next commit, quietly (no
+    retry, no error), and the deleting one frees everything."""
+    store = reflink_dir / "store"
+    path = write_volume(reflink_dir / "v.raw", 16 * MiB, [(0, random_bytes(12 * MiB, 10))])
+    async with open_local_service(store) as a, open_local_service(store) as b:
+        vol = await a.add_volume("v", path)
+        async with a.index_lock:  # a's storing waits at its first commit
+            snap = await a.create_snapshot(ZONE, name="s", volume_id=vol.id)
+            assert snap.state == "available" and a.md.shadow_of(snap.id) is not None
+            await b.delete_snapshot(ZONE, snap.id)
+            await trio.sleep(0.2)
+        with trio.fail_after(30):
+            while a._jobs or b._jobs:
+                await trio.sleep(0.02)
+        await deletes_done(b)
+        for table in ("snapshots", "snapshot_chunks", "chunks"):
+            assert a.md.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0
+        assert shadow_files(store) == []
+        report = await fsck(a)
+        assert report.ok, report.problems
+    assert "storing its chunks failed" not in caplog.text
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"

@@ -297,3 +297,17 @@ async def test_a_clone_backed_snapshot_deleted_by_another_process_while_it_is_st
         assert report.ok, report.problems
     assert "storing its chunks failed" not in caplog.text
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+async def test_an_open_does_not_wait_for_the_index_lock_without_dead_work(
+        store_dir: Path) -> None:
+    """A CLI command beside a mount releasing a huge map (which holds the index lock
+    for seconds) opens at once: only the recovery of dead processes' work needs it."""
+    async with open_local_service(store_dir) as a:
+        await a.index_lock.acquire()
+        try:
+            with trio.fail_after(5):
+                async with open_local_service(store_dir, resume=False) as b:
+                    assert [p.name for p in await b.list_projects()] == ["default"]
+        finally:
+            a.index_lock.release()

@@ -13,7 +13,7 @@ import os
 import stat
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 import trio
 
@@ -33,7 +33,7 @@ from .metadata import Metadata
 from .owner import alive
 from .recovery import DELETING, recover
 from .shadows import ShadowReader, Shadows
-from .storelocks import ReaderLocks, StoreLock
+from .storelocks import OPEN, ReaderLocks, StoreLock
 
 log = logging.getLogger(__name__)
 
@@ -304,29 +304,36 @@ class LocalService(BackgroundJobs, SnapshotService):
         # Its shadow pins the blocks the volume rewrote since (shadows.py).
         await trio.to_thread.run_sync(self.shadows.drop_snapshot, snapshot_id)
 
-    def resume_deletes(self, exclusive: bool) -> None:
-        """Finish the deletes that a stopped process left half done (its own, or
-        any when ``exclusive``: no other process has the store open)."""
+    def claim_work(self, exclusive: bool) -> list[tuple[str, Callable[..., Awaitable[None]],
+                                                        tuple[object, ...]]]:
+        """The deletes and the storing of clone-backed snapshots that stopped
+        processes left half done (any, when ``exclusive``: no other process has
+        the store open -- decided under the open lock, before another may start
+        work of its own), each taken over by one compare-and-set of its owner;
+        ``resume`` starts them."""
+        work: list[tuple[str, Callable[..., Awaitable[None]], tuple[object, ...]]] = []
         for snapshot_id, key, owner in self.md.deleting():
-            if snapshot_id in self._jobs:
-                continue
-            if (exclusive or owner is None or not alive(owner)) and \
-                    self.md.take_over(snapshot_id, owner):
+            if self._claim(snapshot_id, owner, exclusive):
                 log.info("snapshot %s: resuming its delete", snapshot_id)
-                self._start(snapshot_id, self._release, snapshot_id, key)
-
-    def resume_storing(self, exclusive: bool) -> None:
-        """Store the chunks of the shadow-backed snapshots a stopped process left
-        (its own, or any when ``exclusive``)."""
+                work.append((snapshot_id, self._release, (snapshot_id, key)))
         for snapshot_id, key, shadow, owner, volume_id, size in \
                 self.md.shadow_backed_snapshots():
-            if snapshot_id in self._jobs:
-                continue
-            if (exclusive or owner is None or not alive(owner)) and \
-                    self.md.take_over(snapshot_id, owner):
+            if self._claim(snapshot_id, owner, exclusive):
                 log.info("snapshot %s: storing its chunks again", snapshot_id)
-                self._start(snapshot_id, self._resume_storing, snapshot_id, key, volume_id,
-                            self.shadows.named(shadow, key, snapshot_id), size)
+                work.append((snapshot_id, self._resume_storing,
+                             (snapshot_id, key, volume_id,
+                              self.shadows.named(shadow, key, snapshot_id), size)))
+        return work
+
+    def _claim(self, snapshot_id: str, owner: str | None, exclusive: bool) -> bool:
+        return snapshot_id not in self._jobs and \
+            (exclusive or owner is None or not alive(owner)) and \
+            self.md.take_over(snapshot_id, owner)
+
+    def resume(self, work: list[tuple[str, Callable[..., Awaitable[None]],
+                                      tuple[object, ...]]]) -> None:
+        for snapshot_id, fn, args in work:
+            self._start(snapshot_id, fn, *args)
 
     async def adopt_orphans(self) -> None:
         """While this process runs: every ORPHAN_SWEEP seconds, the work of
@@ -343,20 +350,23 @@ class LocalService(BackgroundJobs, SnapshotService):
                     async with self.index_lock:
                         await recover(self.md, self.index, self.packs, self.objects,
                                       exclusive=False)
-                    self.resume_deletes(False)
-                    self.resume_storing(False)
+                    self.resume(self.claim_work(False))
                 except Exception:  # a bug here must not take the service down
                     log.exception("recovering the work of stopped processes failed")
 
-    def _orphaned_work(self) -> bool:
-        def dead(owner: str | None) -> bool:
-            return owner is not None and not alive(owner)
+    def dead_jobs(self) -> bool:
+        """Whether a capture, import or export of a dead process is unfinished
+        (what recover() fails when the store is not to itself)."""
         md = self.md
-        return any(dead(o) for _, o in md.snapshots_in_states(("snapshotting", "importing"))) \
-            or any(dead(o) for _, o in md.unfinished_tasks()) \
-            or any((o is None or dead(o)) and i not in self._jobs
+        return any(_dead(o) for _, o in md.snapshots_in_states(("snapshotting", "importing"))) \
+            or any(_dead(o) for _, o in md.unfinished_tasks())
+
+    def _orphaned_work(self) -> bool:
+        md = self.md
+        return self.dead_jobs() \
+            or any((o is None or _dead(o)) and i not in self._jobs
                    for i, _, o in md.deleting()) \
-            or any((r[3] is None or dead(r[3])) and r[0] not in self._jobs
+            or any((r[3] is None or _dead(r[3])) and r[0] not in self._jobs
                    for r in md.shadow_backed_snapshots())
 
     def storing(self) -> bool:
@@ -458,6 +468,11 @@ class LocalService(BackgroundJobs, SnapshotService):
         self._leases.close()
 
 
+def _dead(owner: str | None) -> bool:
+    """A job's owner that is gone (None: no owner recorded, nothing to say)."""
+    return owner is not None and not alive(owner)
+
+
 def _device_size(path: str | None) -> int:
     if not path:
         raise InvalidArgument("path", "no path")
@@ -488,28 +503,34 @@ async def open_local_service(store: Path | str, objects: ObjectStorage | None = 
     try:
         svc = LocalService(store, objects)
         try:
-            # Under the index lock: recovery changes the index as a delete would, and
-            # an open beginning meanwhile must not find the store to itself while the
-            # whole-file lock turns from exclusive to shared (not atomic in flock).
-            async with svc.index_lock:
-                try:
-                    fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    exclusive = True
-                except BlockingIOError:
-                    exclusive = False
-                await recover(svc.md, svc.index, svc.packs, svc.objects, exclusive=exclusive)
-                fcntl.flock(lock_fd, fcntl.LOCK_SH)  # others may open it beside us now
+            # One open at a time: another must not find the store to itself while
+            # the whole-file lock turns from exclusive to shared (not atomic in
+            # flock). Recovery changes the index as a delete would: under its lock.
+            opening = StoreLock(store / "lock", OPEN)
+            try:
+                async with opening:
+                    try:
+                        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        exclusive = True
+                    except BlockingIOError:
+                        exclusive = False
+                    if exclusive or svc.dead_jobs():
+                        async with svc.index_lock:
+                            await recover(svc.md, svc.index, svc.packs, svc.objects,
+                                          exclusive=exclusive)
+                    if exclusive:  # before another process may be making a clone
+                        backing = svc.md.needing_shadows()
+                        await trio.to_thread.run_sync(svc.shadows.tidy,
+                                                      svc.md.usable_maps(), backing)
+                    work = svc.claim_work(exclusive) if resume else []
+                    fcntl.flock(lock_fd, fcntl.LOCK_SH)  # others may open it beside us now
+            finally:
+                opening.close()
             body_error: Exception | None = None
             async with trio.open_nursery() as nursery:
                 svc._nursery = nursery
+                svc.resume(work)
                 if resume:
-                    svc.resume_deletes(exclusive)
-                if exclusive:  # no capture of another process may be using one
-                    backing = svc.md.needing_shadows()
-                    await trio.to_thread.run_sync(svc.shadows.tidy, svc.md.usable_maps(),
-                                                  backing)
-                if resume:
-                    svc.resume_storing(exclusive)
                     nursery.start_soon(svc.adopt_orphans)
                 try:
                     yield svc

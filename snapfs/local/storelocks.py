@@ -18,6 +18,10 @@ per-process ``trio.Lock`` would not see another process).
   exclusively while it marks the snapshot deleting, waiting at most a moment. A reader
   takes its lock first and then checks that the snapshot is not being deleted, so
   there is no window in which a delete could begin under an open reader.
+- Byte 1, the **open lock**: opens one at a time, so that two can never both
+  find the store to themselves (the whole-file ``flock`` turns from exclusive to
+  shared non-atomically). Only an open that has work of dead processes to
+  recover takes the index lock too: a command is not kept waiting by a delete.
 
 Locks are polled with short sleeps, never waited for in the kernel: the trio
 thread must not block, and a thread blocked in ``F_OFD_SETLKW`` cannot be cancelled.
@@ -35,7 +39,9 @@ from types import TracebackType
 
 import trio
 
-#: Where the reader locks begin (byte 0 is the index lock).
+#: The index lock's byte, the open lock's, and where the reader locks begin.
+INDEX = 0
+OPEN = 1
 READERS = 1 << 32
 #: Polling of a lock held elsewhere: first and longest sleep, in seconds.
 POLL_FIRST = 0.001
@@ -65,18 +71,19 @@ def _reader_byte(snapshot_id: str) -> int:
 
 
 class StoreLock:
-    """The index lock: a ``trio.Lock`` for this process's tasks, then byte 0 of
-    the store's lock file for the other processes."""
+    """The index lock (or the open lock): a ``trio.Lock`` for this process's
+    tasks, then one byte of the store's lock file for the other processes."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, byte: int = INDEX) -> None:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._byte = byte
         self._local = trio.Lock()
 
     async def acquire(self) -> None:
         await self._local.acquire()
         try:
             delay = POLL_FIRST
-            while not _try_lock(self._fd, fcntl.F_WRLCK, 0):
+            while not _try_lock(self._fd, fcntl.F_WRLCK, self._byte):
                 await trio.sleep(delay)
                 delay = min(2 * delay, POLL_MAX)
         except BaseException:
@@ -84,7 +91,7 @@ class StoreLock:
             raise
 
     def release(self) -> None:
-        _try_lock(self._fd, fcntl.F_UNLCK, 0)
+        _try_lock(self._fd, fcntl.F_UNLCK, self._byte)
         self._local.release()
 
     def locked(self) -> bool:

@@ -182,10 +182,11 @@ class Stress:
 
     def _pick(self) -> tuple[str, str] | None:
         with self.names_lock:
-            if not self.names:
-                return None
-            name = self.rnd.choice(sorted(self.names))
-            return name, self.names[name]
+            if self.names:
+                name = self.rnd.choice(sorted(self.names))
+                return name, self.names[name]
+        time.sleep(0.01)  # nothing made yet
+        return None
 
     def _forget(self, name: str) -> None:
         with self.names_lock:

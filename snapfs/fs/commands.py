@@ -51,6 +51,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--image-owner", default=None, metavar="UID:GID",
                    help="owner of every image.raw (default: its volume file's when the "
                    "snapshot was taken; the mount's owner)")
+    p.add_argument("--listen", default=None, metavar="HOST:PORT",
+                   help="also serve the Instance API from the mount daemon, as "
+                   "`snapfs serve` would (X-Auth-Token: SCW_SECRET_KEY when set)")
     p.add_argument("--zones", default=None, metavar="Z1,Z2",
                    help="scaleway backend: extra zones to show")
     p.add_argument("--profile", default=None, help="scaleway backend: config profile")
@@ -88,7 +91,8 @@ def _mount(args: argparse.Namespace) -> int:
         zones=args.zones.split(",") if args.zones else None, profile=args.profile,
         staging_bucket=args.staging_bucket,
         image_mode=None if args.image_mode is None else parse_image_mode(args.image_mode),
-        image_owner=None if args.image_owner is None else parse_image_owner(args.image_owner))
+        image_owner=None if args.image_owner is None else parse_image_owner(args.image_owner),
+        listen=args.listen)
     if not cfg.mountpoint.is_dir():
         raise InvalidArgument("mountpoint", f"{cfg.mountpoint} is not a directory")
     if is_mounted(cfg.mountpoint):

@@ -12,9 +12,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO, AsyncIterator, Callable, TextIO
 
@@ -58,6 +60,8 @@ class MountConfig:
     #: Mode and (uid, gid) of every image.raw instead of its volume file's (access.py).
     image_mode: int | None = None
     image_owner: tuple[int, int] | None = None
+    #: HOST:PORT to serve the Instance API on from this daemon (snapfs/http), or None.
+    listen: str | None = None
 
 
 def object_storage(endpoint: str | None) -> ObjectStorage | None:
@@ -116,6 +120,10 @@ async def serve(cfg: MountConfig, ready: Callable[[], None] | None = None) -> No
     mnt = str(cfg.mountpoint)
     if not os.path.isdir(mnt):
         raise InvalidArgument("mountpoint", f"{mnt} is not a directory")
+    api = None
+    if cfg.listen is not None:  # bound first: a taken port is the mount's one refusal
+        from ..http.server import bind
+        api = bind(cfg.listen)
     async with open_backend(cfg) as svc:
         ctx = FsContext.create(svc, ttl=cfg.ttl)
         ctx.direct_io, ctx.readahead = cfg.direct_io, cfg.readahead
@@ -131,12 +139,23 @@ async def serve(cfg: MountConfig, ready: Callable[[], None] | None = None) -> No
             async with trio.open_nursery() as nursery:
                 ctx.nursery = nursery
                 nursery.start_soon(_on_signals, nursery)
+                if api is not None:
+                    await _serve_api(nursery, svc, api)
                 nursery.start_soon(_when_live, cfg, ready)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", mnt)
+
+
+async def _serve_api(nursery: trio.Nursery, svc: SnapshotService, sock: socket.socket
+                     ) -> None:
+    """The Instance API of ``svc`` (as `snapfs serve`) until the mount ends: one
+    process, so no store is shared between a mount and a server."""
+    from ..http.server import serve as serve_http
+    urls = await nursery.start(partial(serve_http, svc, sock))
+    log.info("serving the Instance API on %s", urls[0])
 
 
 async def _when_live(cfg: MountConfig, ready: Callable[[], None] | None) -> None:

@@ -28,6 +28,7 @@ from .chunkindex import ChunkIndex
 from .chunks import CHUNK_SIZE, PackFiles, PackWriter, check, digest, is_zero
 from .shadows import Ranges, in_ranges
 from .volumefile import VolumeFile, open_volume
+from .storelocks import StoreLock
 
 BATCH_CHUNKS = 16
 #: Fresh bytes (and map entries) per fdatasync + commit.
@@ -256,7 +257,7 @@ class _Capture:
     commit, so no delete can drop a chunk the group decided to reuse."""
 
     def __init__(self, snapshot_id: str, snap: int, total: int, index: ChunkIndex,
-                 pool: PackPool, index_lock: trio.Lock,
+                 pool: PackPool, index_lock: StoreLock,
                  io_limiter: trio.CapacityLimiter, clone_fd: int | None) -> None:
         self.snapshot_id, self.snap, self.total = snapshot_id, snap, total
         self.index, self.pool, self.lock, self.io = index, pool, index_lock, io_limiter
@@ -349,7 +350,7 @@ class _Capture:
 
 
 async def capture(source: CaptureSource, snapshot_id: str, snap: int, index: ChunkIndex,
-                  pool: PackPool, index_lock: trio.Lock,
+                  pool: PackPool, index_lock: StoreLock,
                   io_limiter: trio.CapacityLimiter) -> None:
     """Store all of ``source`` as the chunk map of snapshot ``snap``. Raises on any
     failure; the caller then marks the snapshot and releases the partial map."""

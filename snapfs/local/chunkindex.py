@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from ..errors import CorruptData
+from ..errors import CorruptData, NotFound
 from .metadata import Metadata
 
 
@@ -59,6 +59,14 @@ def _release_step(conn: sqlite3.Connection, snap: int, limit: int | None) -> boo
         return False
     return conn.execute("SELECT 1 FROM snapshot_chunks WHERE snap = ? LIMIT 1",
                         (snap,)).fetchone() is not None
+
+
+def _check_live(conn: sqlite3.Connection, snap: int) -> None:
+    """In a write transaction: snapshot ``snap`` is not being deleted (a delete
+    marks it before releasing its map, so a write checked here is released too)."""
+    if conn.execute("SELECT 1 FROM snapshots WHERE rowid = ? AND deleting = 0",
+                    (snap,)).fetchone() is None:
+        raise NotFound("snapshot", f"#{snap}")
 
 
 @contextmanager
@@ -111,8 +119,12 @@ class ChunkIndex:
         """One atomic step of a capture: new chunks (hash, offset, length, xxh) already
         fsynced in ``pack`` up to ``pack_end``, and the snapshot's map entries
         (idx, hash). The caller guarantees (by holding the index lock since
-        ``known``) that every hash in refs is either stored or in ``new``."""
+        ``known``) that every hash in refs is either stored or in ``new``.
+        Raises NotFound, committing nothing, once the snapshot is being deleted
+        (by another process: a delete here cancels the capture first), so that
+        no map row outlives its snapshot's delete."""
         with self.md.transaction():
+            _check_live(self.conn, snap)
             if new:
                 self.conn.executemany(
                     "INSERT INTO chunks (hash, pack, offset, length, xxh) VALUES (?, ?, ?, ?, ?)",
@@ -192,10 +204,11 @@ class ChunkIndex:
             last, done = -1, 0
             while True:
                 with _immediate(conn):
-                    row = conn.execute("SELECT state FROM snapshots WHERE rowid = ?",
-                                       (base,)).fetchone()
+                    row = conn.execute("SELECT state FROM snapshots WHERE rowid = ? AND "
+                                       "deleting = 0", (base,)).fetchone()
                     if row is None or row[0] not in ("available", "exporting"):
                         return False  # before this step wrote anything
+                    _check_live(conn, snap)
                     n = conn.execute(
                         "INSERT INTO snapshot_chunks (snap, idx, chunk) SELECT ?, idx, chunk "
                         f"FROM snapshot_chunks WHERE snap = ? AND idx > ?{within} "
@@ -209,6 +222,23 @@ class ChunkIndex:
                                      (min(99, done * 100 // max(total, 1)), snapshot_id))
                 if n < RELEASE_STEP:
                     return True
+
+    def orphan_maps(self) -> list[tuple[int, int]]:
+        """(map key, entries) of map rows whose snapshot row is gone. One index
+        probe per mapped snapshot, not a scan of every map row."""
+        found: list[tuple[int, int]] = []
+        key = -1
+        while True:
+            row = self.conn.execute("SELECT min(snap) FROM snapshot_chunks WHERE snap > ?",
+                                    (key,)).fetchone()
+            if row[0] is None:
+                return found
+            key = int(row[0])
+            if self.conn.execute("SELECT 1 FROM snapshots WHERE rowid = ?",
+                                 (key,)).fetchone() is None:
+                n = self.conn.execute("SELECT count(*) FROM snapshot_chunks WHERE snap = ?",
+                                      (key,)).fetchone()[0]
+                found.append((key, int(n)))
 
     def free_extents(self) -> list[tuple[int, int, int, int]]:
         """(rowid, pack, offset, length) of extents waiting to be punched."""

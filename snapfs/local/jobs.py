@@ -26,6 +26,7 @@ from .recovery import EXPORT_INTERRUPTED, INTERRUPTED
 from .shadows import Ranges, Shadow, Shadows, complement
 from .volumefile import VolumeFile
 from .uploads import LeftUploads
+from .storelocks import StoreLock
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class BackgroundJobs:
     packs: PackFiles
     pool: PackPool
     objects: ObjectStorage | None
-    index_lock: trio.Lock
+    index_lock: StoreLock
     io_limiter: trio.CapacityLimiter
     hash_limiter: trio.CapacityLimiter
     _nursery: trio.Nursery | None
@@ -78,17 +79,29 @@ class BackgroundJobs:
 
     async def _release(self, snapshot_id: str, key: int) -> None:
         """The background half of a delete: the map in steps, then the space."""
-        stop = threading.Event()
+        stop, ended = threading.Event(), threading.Event()
+
+        def release() -> None:
+            try:
+                self.index.release_in_steps(key, snapshot_id, stop)
+            finally:
+                ended.set()
         self._freeing.add(snapshot_id)
         try:
             async with self.index_lock:
-                await trio.to_thread.run_sync(self.index.release_in_steps, key, snapshot_id,
-                                              stop, limiter=self.io_limiter,
-                                              abandon_on_cancel=True)
+                try:
+                    await trio.to_thread.run_sync(release, limiter=self.io_limiter,
+                                                  abandon_on_cancel=True)
+                except trio.Cancelled:
+                    # The thread ends after its current step (the next open resumes
+                    # the rest); the index stays locked until then, as another
+                    # process's capture may not look up chunks that step frees.
+                    stop.set()
+                    with trio.CancelScope(shield=True):
+                        while not ended.is_set():
+                            await trio.sleep(0.005)
+                    raise
             await self._reclaim()
-        except trio.Cancelled:
-            stop.set()  # the thread ends after its current step; the next open resumes
-            raise
         finally:
             self._freeing.discard(snapshot_id)
         log.info("snapshot %s: its space is freed", snapshot_id)
@@ -152,7 +165,10 @@ class BackgroundJobs:
             log.exception("capture of %s failed", snapshot_id)
             reason = f"internal error: {exc!r}"
         finally:
-            if self.md.snapshot(None, snapshot_id).state in ("snapshotting", "importing"):
+            state = self.md.live_state(snapshot_id)
+            if state is None:  # deleted by another process: its delete frees the map
+                log.info("snapshot %s was deleted while it was made", snapshot_id)
+            elif state in ("snapshotting", "importing"):
                 with trio.CancelScope(shield=True):
                     log.warning("snapshot %s failed: %s", snapshot_id, reason)
                     self.md.update_snapshot(snapshot_id, state=failed_state,
@@ -253,6 +269,8 @@ class BackgroundJobs:
         over."""
         delay = STORE_RETRY_FIRST
         while not await self._try_storing(snapshot_id, key, volume_id, shadow, size, delay):
+            if self.md.live_state(snapshot_id) is None:
+                return  # deleted (by another process): its delete frees what was stored
             await trio.sleep(delay)
             delay = min(2 * delay, STORE_RETRY_MAX)
             await self._release_partial(key)
@@ -276,6 +294,9 @@ class BackgroundJobs:
                 await self._store(source, snapshot_id, key)
             return True
         except (SnapfsError, OSError) as exc:
+            if self.md.live_state(snapshot_id) is None:
+                log.info("snapshot %s was deleted while its chunks were stored", snapshot_id)
+                return False
             log.error("snapshot %s: storing its chunks failed (%s); it is read from its "
                       "clone meanwhile, and storing is tried again in %.0f s",
                       snapshot_id, exc, retry)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ContextManager, Iterable
+from typing import Any, Iterable, Iterator
 
 import sqlite_utils
 
@@ -19,6 +21,11 @@ from ..model import BaseVolume, FileAccess, Page, Project, Snapshot, Task, Volum
 from .owner import this_process
 from .schema import migrate
 from .store import readonly_uri
+
+#: Seconds a statement waits for another connection's write (of this process or
+#: another one on the store) before failing: writes are short transactions, the
+#: longest a release step of ~0.1 s, so this is only reached by a stuck process.
+BUSY_TIMEOUT = 60.0
 
 _SNAPSHOT_COLS = ("rowid, id, name, zone, project, organization, tags, volume_type, size, state, "
                   "base_volume_id, base_volume_name, creation_date, modification_date, "
@@ -57,6 +64,26 @@ def _task(row: sqlite3.Row) -> Task:
         error=row["error"], bucket=row["bucket"], key=row["key"], bytes=row["bytes"])
 
 
+#: Attempts at migrating a database that other processes may be migrating too.
+MIGRATE_ATTEMPTS = 5
+
+
+def _migrate_beside_others(conn: sqlite3.Connection) -> None:
+    """migrate(), again when it failed because another process opening the store
+    at the same moment (a mount and `serve` started together on a new store)
+    applied the same migration first: the next attempt reads the version it left."""
+    for attempt in range(MIGRATE_ATTEMPTS):
+        try:
+            migrate(conn)
+            return
+        except sqlite3.OperationalError:  # "table ... already exists", a busy snapshot
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if attempt == MIGRATE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
 class Metadata:
     """The store's database: projects, volumes, snapshots, chunk map, tasks."""
 
@@ -66,9 +93,10 @@ class Metadata:
         self.path = path
         if readonly:
             conn = sqlite3.connect(readonly_uri(path), uri=True, isolation_level=None,
-                                   check_same_thread=False)
+                                   check_same_thread=False, timeout=BUSY_TIMEOUT)
         else:
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                   timeout=BUSY_TIMEOUT)
         conn.row_factory = sqlite3.Row
         try:
             if readonly:
@@ -79,7 +107,7 @@ class Metadata:
                 # a crash while the data it points at was fsynced before it.
                 conn.execute("PRAGMA synchronous = FULL")
                 conn.execute("PRAGMA foreign_keys = ON")
-                migrate(conn)
+                _migrate_beside_others(conn)
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise CorruptData(f"{path} is not a usable snapfs store database: {exc}") from None
@@ -97,14 +125,34 @@ class Metadata:
         """A connection of its own for long jobs in a worker thread (releasing a
         million-chunk map): WAL lets the trio thread's connection keep reading, and
         the job's short transactions let its writes in between."""
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=60.0)
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT)
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
         return conn
 
-    def transaction(self) -> ContextManager[sqlite_utils.Database]:
-        """``with md.transaction():`` -- one atomic write (nested: a savepoint)."""
-        return self.db.atomic()
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite_utils.Database]:
+        """``with md.transaction():`` -- one atomic write (nested: a savepoint).
+        ``BEGIN IMMEDIATE``: the write lock is taken (waiting up to BUSY_TIMEOUT)
+        before the first read, so a transaction that reads and then writes never
+        fails with "database is locked" because another process wrote between."""
+        if self.conn.in_transaction:
+            with self.db.atomic():
+                yield self.db
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+        try:
+            self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
 
     def _org(self) -> str:
         row = self.conn.execute("SELECT value FROM meta WHERE key = 'organization'").fetchone()
@@ -114,8 +162,13 @@ class Metadata:
         row = self.conn.execute("SELECT value FROM meta WHERE key = 'organization'").fetchone()
         if row:
             return str(row[0])
-        org = new_id()
         with self.transaction():
+            # Again under the write lock: another process may be making it too.
+            row = self.conn.execute("SELECT value FROM meta WHERE key = 'organization'"
+                                    ).fetchone()
+            if row:
+                return str(row[0])
+            org = new_id()
             self.db.table("meta").insert({"key": "organization", "value": org})
             t = now()
             self.db.table("projects").insert({"id": org, "name": "default", "organization": org,
@@ -235,19 +288,34 @@ class Metadata:
             os.close(fd)
 
     def _insert_snapshot(self, s: Snapshot, source: dict[str, Any] | None) -> int:
-        cur = self.conn.execute(
-            "INSERT INTO snapshots (id, name, zone, project, organization, tags, volume_type, "
-            "size, state, base_volume_id, base_volume_name, creation_date, modification_date, "
-            "error_reason, progress, source, owner, image_uid, image_gid, image_mode) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (s.id, s.name, s.zone, s.project, s.organization, json.dumps(s.tags),
-             s.volume_type, s.size, s.state, s.base_volume.id if s.base_volume else None,
-             s.base_volume.name if s.base_volume else None, s.creation_date,
-             s.modification_date, s.error_reason, s.progress,
-             json.dumps(source) if source else None,
-             this_process() if s.state in ("snapshotting", "importing") else None,
-             *((s.access.uid, s.access.gid, s.access.mode) if s.access else (None,) * 3)))
-        return int(cur.lastrowid or 0)
+        # The rowid is the map key, and work in flight (a capture in another
+        # process, a lease's base map) holds keys: a key is never given twice,
+        # though SQLite would hand out a deleted highest rowid again. The highest
+        # one given is kept in meta (and map rows left by a snapshot an older
+        # snapfs deleted under a capture count too).
+        with self.transaction():
+            row = self.conn.execute(
+                "SELECT max(coalesce((SELECT CAST(value AS INTEGER) FROM meta "
+                "WHERE key = 'last_snapshot_key'), 0), "
+                "coalesce((SELECT max(rowid) FROM snapshots), 0), "
+                "coalesce((SELECT max(snap) FROM snapshot_chunks), 0)) + 1").fetchone()
+            key = int(row[0])
+            self.conn.execute(
+                "INSERT INTO snapshots (rowid, id, name, zone, project, organization, tags, "
+                "volume_type, size, state, base_volume_id, base_volume_name, creation_date, "
+                "modification_date, error_reason, progress, source, owner, image_uid, "
+                "image_gid, image_mode) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (key, s.id, s.name, s.zone, s.project, s.organization, json.dumps(s.tags),
+                 s.volume_type, s.size, s.state, s.base_volume.id if s.base_volume else None,
+                 s.base_volume.name if s.base_volume else None, s.creation_date,
+                 s.modification_date, s.error_reason, s.progress,
+                 json.dumps(source) if source else None,
+                 this_process() if s.state in ("snapshotting", "importing") else None,
+                 *((s.access.uid, s.access.gid, s.access.mode) if s.access
+                   else (None,) * 3)))
+            self.conn.execute("INSERT OR REPLACE INTO meta (key, value) "
+                              "VALUES ('last_snapshot_key', ?)", (str(key),))
+        return key
 
     def _snapshot_row(self, snapshot_id: str) -> sqlite3.Row:
         row = self.conn.execute(f"SELECT {_SNAPSHOT_COLS} FROM snapshots "
@@ -284,12 +352,13 @@ class Metadata:
         """The capture's clone is durable: the snapshot is available from now on,
         read from ``shadow`` until its chunks are stored (by this process)."""
         self.conn.execute("UPDATE snapshots SET state = 'available', shadow = ?, "
-                          "modification_date = ? WHERE id = ?", (shadow, now(), snapshot_id))
+                          "modification_date = ? WHERE id = ? AND deleting = 0",
+                          (shadow, now(), snapshot_id))
 
     def stored(self, snapshot_id: str) -> None:
         """The snapshot's chunk map is complete: its shadow is no longer its data."""
         self.conn.execute("UPDATE snapshots SET shadow = NULL, owner = NULL, progress = 100 "
-                          "WHERE id = ?", (snapshot_id,))
+                          "WHERE id = ? AND deleting = 0", (snapshot_id,))
 
     def needing_shadows(self) -> set[int]:
         """Map keys of the snapshots whose shadow must stay: still being captured
@@ -340,19 +409,41 @@ class Metadata:
             "LIMIT ? OFFSET ?", args + [per_page, (page - 1) * per_page])
         return Page([_snapshot(r) for r in rows], total)
 
-    def mark_deleting(self, snapshot_id: str, reason: str) -> None:
+    def mark_deleting(self, snapshot_id: str, reason: str) -> bool:
         """Hide the snapshot for good (see schema v4): it reads as gone from now on,
-        and as an error to anything that still holds its map key."""
+        and as an error to anything that still holds its map key. False (nothing
+        changed) when it is already deleting or gone, or exporting: one statement,
+        so an export starting in another process (start_export) cannot slip in."""
         with self.transaction():
-            self.conn.execute("UPDATE snapshots SET deleting = 1, state = 'error', "
-                              "error_reason = ?, owner = ?, modification_date = ? "
-                              "WHERE id = ?", (reason, this_process(), now(), snapshot_id))
+            return self.conn.execute(
+                "UPDATE snapshots SET deleting = 1, state = 'error', error_reason = ?, "
+                "owner = ?, modification_date = ? WHERE id = ? AND deleting = 0 "
+                "AND state != 'exporting'",
+                (reason, this_process(), now(), snapshot_id)).rowcount == 1
 
-    def own(self, snapshot_id: str) -> None:
-        """This process takes over the snapshot's background work (a delete, storing)."""
+    def start_export(self, snapshot_id: str) -> bool:
+        """available -> exporting, in one statement (see mark_deleting); False when
+        it is not available (any more) or being deleted."""
+        return self.conn.execute(
+            "UPDATE snapshots SET state = 'exporting', modification_date = ? "
+            "WHERE id = ? AND deleting = 0 AND state = 'available'",
+            (now(), snapshot_id)).rowcount == 1
+
+    def live_state(self, snapshot_id: str) -> str | None:
+        """The snapshot's state; None once a delete (of any process) has begun."""
+        row = self.conn.execute("SELECT state FROM snapshots WHERE id = ? AND deleting = 0",
+                                (snapshot_id,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def take_over(self, snapshot_id: str, owner: str | None) -> bool:
+        """This process takes over the background work (a delete, storing) of the
+        snapshot from ``owner`` (a dead process, or None) -- unless another one
+        just did: two processes storing one snapshot would release each other's
+        chunks."""
         with self.transaction():
-            self.conn.execute("UPDATE snapshots SET owner = ? WHERE id = ?",
-                              (this_process(), snapshot_id))
+            return self.conn.execute(
+                "UPDATE snapshots SET owner = ? WHERE id = ? AND owner IS ?",
+                (this_process(), snapshot_id, owner)).rowcount == 1
 
     def deleting(self) -> list[tuple[str, int, str | None]]:
         """(id, map key, owner) of the snapshots whose delete is under way or cut short."""
@@ -379,10 +470,14 @@ class Metadata:
             fields["tags"] = json.dumps(fields["tags"])
         if set(fields) - {"progress"}:
             fields.setdefault("modification_date", now())
-        if fields.get("state") not in (None, "snapshotting", "importing"):
-            fields["owner"] = None
         cols = ", ".join(f"{k} = ?" for k in fields)
-        self.conn.execute(f"UPDATE snapshots SET {cols} WHERE id = ?",
+        if fields.get("state") not in (None, "snapshotting", "importing"):
+            # The capture/import is over; but a snapshot still stored from its
+            # shadow keeps the owner doing that (an export must not free it for
+            # another process's resume_storing).
+            cols += ", owner = CASE WHEN shadow IS NULL THEN NULL ELSE owner END"
+        # Never a row being deleted: its delete (maybe another process's) owns it.
+        self.conn.execute(f"UPDATE snapshots SET {cols} WHERE id = ? AND deleting = 0",
                           list(fields.values()) + [snapshot_id])
 
     # --- tasks -----------------------------------------------------------------------

@@ -20,14 +20,19 @@ def _boot_id() -> str:
         return "unknown-boot"
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (field 22 of stat)."""
+def _start_time(pid: int, running: bool = False) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of stat).
+    ``running``: None also for a zombie (killed, not yet reaped by its parent),
+    which holds no lock and does no more work."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    fields = stat.rsplit(")", 1)[1].split()
+    if running and fields[0] in ("Z", "X"):
+        return None
+    return fields[19]
 
 
 @lru_cache(maxsize=None)
@@ -46,6 +51,6 @@ def alive(token: str | None) -> bool:
         return False
     try:
         boot, pid, start = token.split(":")
-        return boot == _boot_id() and _start_time(int(pid)) == start
+        return boot == _boot_id() and _start_time(int(pid), running=True) == start
     except ValueError:
         return False

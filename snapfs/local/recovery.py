@@ -78,6 +78,12 @@ async def recover(md: Metadata, index: ChunkIndex, packs: PackFiles,
     #    lost+found.
     if not exclusive:
         return
+    # 3b. Map rows of snapshots whose row is gone: what a capture in one process
+    #     committed after another deleted its snapshot, before commits checked for
+    #     that (ChunkIndex.commit_batch); their delete was accepted, so release them.
+    for key, entries in index.orphan_maps():
+        log.warning("releasing %d chunk map rows of deleted snapshot #%d", entries, key)
+        index.release(key)
     committed = index.packs()
 
     def fix_files() -> None:

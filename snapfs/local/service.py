@@ -13,7 +13,7 @@ import os
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 import trio
 
@@ -38,10 +38,17 @@ from .shadows import ShadowReader, Shadows
 from .volumefile import Inspected, VolumeFile, identity_of, inspect_new, inspected, open_volume
 from .uploads import LeftUploads
 from .store import managed_volume_file, open_lock, open_store
+from .storelocks import OPEN, ReaderLocks, StoreLock
 
 log = logging.getLogger(__name__)
 
 __all__ = ["LocalService", "NO_OBJECT_STORAGE", "open_local_service"]
+
+#: Seconds between two looks for the work of processes that died (adopt_orphans).
+ORPHAN_SWEEP = 10.0
+#: Seconds a delete waits for the readers of its snapshot to close before it is
+#: refused: one that was just closed lets go only once its mount hears of it.
+READER_GRACE = 1.0
 
 
 class LocalService(BackgroundJobs, SnapshotService):
@@ -53,7 +60,9 @@ class LocalService(BackgroundJobs, SnapshotService):
         self.index = ChunkIndex(self.md)
         self.packs = PackFiles(store / "packs", create=not readonly)
         self.pool = PackPool(self.packs, self.index)
-        self.index_lock = trio.Lock()
+        # Both across processes too (storelocks.py): mounts and `serve` share stores.
+        self.index_lock = StoreLock(store / "lock")
+        self.reader_locks = ReaderLocks(store / "lock")
         self.io_limiter = trio.CapacityLimiter(4)
         self.hash_limiter = trio.CapacityLimiter(2)
         self._nursery: trio.Nursery | None = None
@@ -62,13 +71,13 @@ class LocalService(BackgroundJobs, SnapshotService):
         self.captures = CaptureQueue()
         self.import_queue = CaptureQueue()
         self.left_uploads = LeftUploads(self.md, objects)  # uploads failed exports left
-        self._readers: dict[str, int] = {}  # open image readers by snapshot id
-        #: Snapshots whose delete has begun: no new reader or export may start on them
-        #: while the delete waits for the index lock.
+        #: Snapshots whose delete has begun (in this process): no new reader or
+        #: export may start on them while it stops their capture.
         self._deleting: set[str] = set()
         self._leases = leases.VolumeLeases()  # read leases on volume files
         self.shadows = Shadows(store / "shadows")  # volume clones on XFS/btrfs
         self._freeing: set[str] = set()  # snapshots whose delete's background half runs
+        self._sweeper = trio.CancelScope()  # adopt_orphans
 
     @property
     def organization(self) -> str:
@@ -327,10 +336,14 @@ class LocalService(BackgroundJobs, SnapshotService):
         if snap.state == "exporting":
             raise PreconditionFailed(f"snapshot {snap.name!r} is {snap.state}; "
                                      "it can be deleted once that ends")
-        if self._readers.get(snapshot_id):
-            raise PreconditionFailed(f"snapshot {snap.name!r} is open for reading")
         if snapshot_id in self._deleting:
             raise PreconditionFailed(f"snapshot {snap.name!r} is already being deleted")
+        # Its reader lock, exclusively: no reader of any process has it open, and
+        # none can open it until it is marked deleting (storelocks.py).
+        held = await self.reader_locks.exclusive(snapshot_id, READER_GRACE)
+        if held is None:
+            raise PreconditionFailed(f"snapshot {snap.name!r} is open for reading "
+                                     "(here or in another process on this store)")
         self._deleting.add(snapshot_id)
         try:
             # A capture or import queued or in flight: stop it, it cleans up after itself.
@@ -338,34 +351,85 @@ class LocalService(BackgroundJobs, SnapshotService):
             key = self.md.snap_key(snapshot_id)
             # Durably first: from here on the snapshot is gone to everyone, and a
             # crash while its map is half released leaves nothing that reads as holes.
-            self.md.mark_deleting(snapshot_id, DELETING)
+            # In one transaction with the check of its state: an export another
+            # process starts meanwhile either wins or finds it gone.
+            if not self.md.mark_deleting(snapshot_id, DELETING):
+                now_ = self.md.snapshot(None, snapshot_id)  # NotFound: deleted meanwhile
+                raise PreconditionFailed(f"snapshot {snap.name!r} is {now_.state}; "
+                                         "it can be deleted once that ends")
         finally:
             self._deleting.discard(snapshot_id)
+            os.close(held)
         log.info("snapshot %s (%s) deleted; its space is freed in the background",
                  snapshot_id, snap.name)
         self._start(snapshot_id, self._release, snapshot_id, key)
         # Its shadow pins the blocks the volume rewrote since (shadows.py).
         await trio.to_thread.run_sync(self.shadows.drop_snapshot, snapshot_id)
 
-    def resume_deletes(self, exclusive: bool) -> None:
-        """Finish the deletes that a stopped process left half done (its own, or
-        any when ``exclusive``: no other process has the store open)."""
+    def claim_work(self, exclusive: bool) -> list[tuple[str, Callable[..., Awaitable[None]],
+                                                        tuple[object, ...]]]:
+        """The deletes and the storing of clone-backed snapshots that stopped
+        processes left half done (any, when ``exclusive``: no other process has
+        the store open -- decided under the open lock, before another may start
+        work of its own), each taken over by one compare-and-set of its owner;
+        ``resume`` starts them."""
+        work: list[tuple[str, Callable[..., Awaitable[None]], tuple[object, ...]]] = []
         for snapshot_id, key, owner in self.md.deleting():
-            if exclusive or owner is None or not alive(owner):
+            if self._claim(snapshot_id, owner, exclusive):
                 log.info("snapshot %s: resuming its delete", snapshot_id)
-                self.md.own(snapshot_id)
-                self._start(snapshot_id, self._release, snapshot_id, key)
-
-    def resume_storing(self, exclusive: bool) -> None:
-        """Store the chunks of the shadow-backed snapshots a stopped process left
-        (its own, or any when ``exclusive``)."""
+                work.append((snapshot_id, self._release, (snapshot_id, key)))
         for snapshot_id, key, shadow, owner, volume_id, size in \
                 self.md.shadow_backed_snapshots():
-            if exclusive or owner is None or not alive(owner):
+            if self._claim(snapshot_id, owner, exclusive):
                 log.info("snapshot %s: storing its chunks again", snapshot_id)
-                self.md.own(snapshot_id)
-                self._start(snapshot_id, self._resume_storing, snapshot_id, key, volume_id,
-                            self.shadows.named(shadow, key, snapshot_id), size)
+                work.append((snapshot_id, self._resume_storing,
+                             (snapshot_id, key, volume_id,
+                              self.shadows.named(shadow, key, snapshot_id), size)))
+        return work
+
+    def _claim(self, snapshot_id: str, owner: str | None, exclusive: bool) -> bool:
+        return snapshot_id not in self._jobs and \
+            (exclusive or owner is None or not alive(owner)) and \
+            self.md.take_over(snapshot_id, owner)
+
+    def resume(self, work: list[tuple[str, Callable[..., Awaitable[None]],
+                                      tuple[object, ...]]]) -> None:
+        for snapshot_id, fn, args in work:
+            self._start(snapshot_id, fn, *args)
+
+    async def adopt_orphans(self) -> None:
+        """While this process runs: every ORPHAN_SWEEP seconds, the work of
+        processes that died meanwhile (a server OOM-killed beside this mount) is
+        recovered as an open would -- their captures fail, their exports end,
+        their deletes and storing resume here -- instead of waiting for the next
+        open of the store."""
+        with self._sweeper:
+            while True:
+                await trio.sleep(ORPHAN_SWEEP)
+                try:
+                    if not self._orphaned_work():
+                        continue
+                    async with self.index_lock:
+                        await recover(self.md, self.index, self.packs, self.objects,
+                                      exclusive=False)
+                    self.resume(self.claim_work(False))
+                except Exception:  # a bug here must not take the service down
+                    log.exception("recovering the work of stopped processes failed")
+
+    def dead_jobs(self) -> bool:
+        """Whether a capture, import or export of a dead process is unfinished
+        (what recover() fails when the store is not to itself)."""
+        md = self.md
+        return any(_dead(o) for _, o in md.snapshots_in_states(("snapshotting", "importing"))) \
+            or any(_dead(o) for _, o in md.unfinished_tasks())
+
+    def _orphaned_work(self) -> bool:
+        md = self.md
+        return self.dead_jobs() \
+            or any((o is None or _dead(o)) and i not in self._jobs
+                   for i, _, o in md.deleting()) \
+            or any((r[3] is None or _dead(r[3])) and r[0] not in self._jobs
+                   for r in md.shadow_backed_snapshots())
 
     def storing(self) -> bool:
         """Whether some snapshot is still read from its shadow (chunks being stored)."""
@@ -387,8 +451,11 @@ class LocalService(BackgroundJobs, SnapshotService):
         task = Task(id=new_id(), description="export_snapshot", progress=0, status="pending",
                     zone=zone, started_at=now(), bucket=bucket, key=key)
         with self.md.transaction():
+            # Exporting keeps deletes away (in every process): set only if no delete
+            # has begun, in one statement (Metadata.mark_deleting).
+            if not self.md.start_export(snapshot_id):
+                raise PreconditionFailed(f"snapshot {snap.name!r} is no longer available")
             self.md.insert_task(task, snapshot_id)
-            self.md.update_snapshot(snapshot_id, state="exporting")
         log.info("snapshot %s: exporting to s3://%s/%s (task %s)", snapshot_id, bucket, key,
                  task.id)
         self._start(snapshot_id, self._run_export, snapshot_id, task.id, bucket, key)
@@ -405,44 +472,68 @@ class LocalService(BackgroundJobs, SnapshotService):
 
     async def open_image(self, zone: str, snapshot_id: str) -> ImageReader:
         snap = self.md.snapshot(check_zone(zone), snapshot_id)
+        self._check_readable(snap)
+        # The reader lock first, then the state again: a delete (of any process)
+        # either finished marking it before, or cannot begin until the reader closes.
+        held = await self.reader_locks.share(snapshot_id)
+        try:
+            snap = self.md.snapshot(zone, snapshot_id)
+            self._check_readable(snap)
+        except BaseException:
+            os.close(held)
+            raise
+        return self._reader(snapshot_id, snap.size, held)
+
+    def _check_readable(self, snap: Snapshot) -> None:
         if snap.state in FAILED_STATES:
             raise SnapshotUnusable(f"snapshot {snap.name!r} is in state {snap.state}: "
                                    f"{snap.error_reason or 'no data'}")
         if snap.state in ("snapshotting", "importing"):
             raise PreconditionFailed(f"snapshot {snap.name!r} is still {snap.state}")
-        if snapshot_id in self._deleting:
+        if snap.id in self._deleting:
             raise PreconditionFailed(f"snapshot {snap.name!r} is being deleted")
-        return self._reader(snapshot_id, snap.size)
 
-    def _reader(self, snapshot_id: str, size: int) -> ImageReader:
+    def _reader(self, snapshot_id: str, size: int, held: int | None = None) -> ImageReader:
         """A reader that keeps the snapshot from being deleted under it: deleting
-        punches its chunks out, which a reader would see as corruption. Of its
-        shadow while its chunks are being stored (shadows.py)."""
-        shadow = self.md.shadow_of(snapshot_id)
-        self._readers[snapshot_id] = self._readers.get(snapshot_id, 0) + 1
-
+        punches its chunks out, which a reader would see as corruption. ``held``:
+        a descriptor holding the snapshot's reader lock (storelocks.py), closed
+        with the reader (an export needs none: its state keeps deletes away). Of
+        its shadow while its chunks are being stored (shadows.py)."""
         def closed() -> None:
-            self._readers[snapshot_id] -= 1
-            if not self._readers[snapshot_id]:
-                del self._readers[snapshot_id]
-        if shadow is not None:
-            try:
-                return ShadowReader(self.shadows.root / shadow, size, self.io_limiter, closed,
+            if held is not None:
+                os.close(held)
+        try:
+            shadow = self.md.shadow_of(snapshot_id)
+            if shadow is not None:
+                try:
+                    return ShadowReader(self.shadows.root / shadow, size, self.io_limiter,
+                                        closed, spawn=self._spawn)
+                except OSError as exc:
+                    # Unless its chunks were stored meanwhile (maybe by another
+                    # process) and the clone dropped since: then its map is whole.
+                    if self.md.shadow_of(snapshot_id) is not None:
+                        raise CorruptData(f"the clone holding this snapshot's data is "
+                                          f"gone: {exc.strerror}") from None
+            return LocalImageReader(self.md.snap_key(snapshot_id), size, self.index,
+                                    self.packs, self.io_limiter, on_close=closed,
                                     spawn=self._spawn)
-            except OSError as exc:
-                closed()
-                raise CorruptData(f"the clone holding this snapshot's data is gone: "
-                                  f"{exc.strerror}") from None
-        return LocalImageReader(self.md.snap_key(snapshot_id), size, self.index, self.packs,
-                                self.io_limiter, on_close=closed, spawn=self._spawn)
+        except BaseException:
+            closed()
+            raise
 
     async def aclose(self) -> None:
+        self._sweeper.cancel()
         while self._jobs:  # (a job may start another on its way out: cancel that too)
             for scope in list(self._jobs.values()):
                 scope.cancel()
             await next(iter(self._done.values())).wait()
         self.left_uploads.stop()
         self._leases.close()
+
+
+def _dead(owner: str | None) -> bool:
+    """A job's owner that is gone (None: no owner recorded, nothing to say)."""
+    return owner is not None and not alive(owner)
 
 
 @asynccontextmanager
@@ -471,24 +562,36 @@ async def open_local_service(store: Path | str, objects: ObjectStorage | None = 
     try:
         svc = LocalService(store, objects)
         try:
+            # One open at a time: another must not find the store to itself while
+            # the whole-file lock turns from exclusive to shared (not atomic in
+            # flock). Recovery changes the index as a delete would: under its lock.
+            opening = StoreLock(store / "lock", OPEN)
             try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                exclusive = True
-            except BlockingIOError:
-                exclusive = False
-            await recover(svc.md, svc.index, svc.packs, svc.objects, exclusive=exclusive)
-            fcntl.flock(lock_fd, fcntl.LOCK_SH)  # others may open it beside us now
+                async with opening:
+                    try:
+                        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        exclusive = True
+                    except BlockingIOError:
+                        exclusive = False
+                    if exclusive or svc.dead_jobs():
+                        async with svc.index_lock:
+                            await recover(svc.md, svc.index, svc.packs, svc.objects,
+                                          exclusive=exclusive)
+                    if exclusive:  # before another process may be making a clone
+                        backing = svc.md.needing_shadows()
+                        await trio.to_thread.run_sync(svc.shadows.tidy,
+                                                      svc.md.usable_maps(), backing,
+                                                      svc.md.snapshot_keys())
+                    work = svc.claim_work(exclusive) if resume else []
+                    fcntl.flock(lock_fd, fcntl.LOCK_SH)  # others may open it beside us now
+            finally:
+                opening.close()
             body_error: Exception | None = None
             async with trio.open_nursery() as nursery:
                 svc._nursery = nursery
+                svc.resume(work)
                 if resume:
-                    svc.resume_deletes(exclusive)
-                if exclusive:  # no capture of another process may be using one
-                    backing = svc.md.needing_shadows()
-                    await trio.to_thread.run_sync(svc.shadows.tidy, svc.md.usable_maps(),
-                                                  backing, svc.md.snapshot_keys())
-                if resume:
-                    svc.resume_storing(exclusive)
+                    nursery.start_soon(svc.adopt_orphans)
                     nursery.start_soon(svc.left_uploads.run)
                 try:
                     yield svc
@@ -503,5 +606,6 @@ async def open_local_service(store: Path | str, objects: ObjectStorage | None = 
             svc.pool.close()
             svc.packs.close()
             svc.md.close()
+            svc.index_lock.close()
     finally:
         os.close(lock_fd)

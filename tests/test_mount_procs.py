@@ -1,0 +1,178 @@
+"""Many processes on one store for real: two `snapfs mount`s and `snapfs serve`.
+An image open in one cannot be deleted through another; a stress run of all three
+(one SIGKILLed and restarted) never reads a wrong byte and leaves fsck clean."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from fixtures_http import SECRET, start_server, stop_server
+from fixtures_mount import MiB, Mount, run, snapfs
+from stress_procs import Api, Cluster, Stress, fsck, make_volumes
+
+pytestmark = pytest.mark.mount
+
+#: Reads image.raw files again and again, checking each whole pass against its
+#: sha256, until its stdin closes; prints "ready" after the first good passes.
+READER = r"""
+import hashlib, os, select, sys
+paths, want = sys.argv[1::2], sys.argv[2::2]
+files = [open(p, "rb", buffering=0) for p in paths]
+passes = bad = 0
+while True:
+    for f, digest in zip(files, want):
+        f.seek(0)
+        h = hashlib.sha256()
+        while block := f.read(1 << 20):
+            h.update(block)
+        bad += h.hexdigest() != digest
+    passes += 1
+    if passes == 1:
+        print("ready", flush=True)
+    if select.select([sys.stdin], [], [], 0)[0] and not sys.stdin.read():
+        break
+print(f"passes={passes} bad={bad}", flush=True)
+"""
+
+
+@pytest.fixture
+def served_store(tmp_path: Path) -> Iterator[tuple[Path, Api, bytes]]:
+    """A store holding volume ``v`` (its bytes given), with `snapfs serve` on it."""
+    store = tmp_path / "store"
+    data = os.urandom(5 * MiB) + bytes(2 * MiB) + os.urandom(MiB)
+    vol = tmp_path / "v.raw"
+    vol.write_bytes(data)
+    snapfs("volume", "add", "v", vol, "--store", store)
+    proc, url = start_server(store, tmp_path / "serve.log", {"SCW_SECRET_KEY": SECRET})
+    try:
+        yield store, Api(url), data
+    finally:
+        code = stop_server(proc)
+    assert code == 0, (tmp_path / "serve.log").read_text()
+
+
+def test_an_image_open_in_one_mount_cannot_be_deleted_through_another_or_serve(
+        tmp_path: Path, served_store: tuple[Path, Api, bytes],
+        mount_factory: Callable[..., Mount]) -> None:
+    store, api, data = served_store
+    digest = hashlib.sha256(data).hexdigest()
+    a, b = mount_factory(store), mount_factory(store)
+    for name in ("s1", "s2"):
+        run("mkdir", a.volume("v") / name)
+        assert a.wait_state(a.snapshots() / name) == "available"
+    ids = {name: a.xattr(a.snapshots() / name, "id") for name in ("s1", "s2")}
+    packs_before = sorted((p.name, p.stat().st_size) for p in (store / "packs").iterdir())
+
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(a.snapshots() / "s1" / "image.raw"), digest,
+         str(a.snapshots() / "s2" / "image.raw"), digest],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout is not None and reader.stdout.readline().strip() == "ready"
+        for name in ("s1", "s2"):
+            # Through the other mount: EBUSY, said once by rmdir(1) and by the errno.
+            res = run("rmdir", b.snapshots() / name, check=False)
+            assert res.returncode != 0 and "Device or resource busy" in res.stderr
+            with pytest.raises(OSError) as err:
+                os.rmdir(b.snapshots() / name)
+            assert err.value.errno == errno.EBUSY
+            # Through serve: the API's precondition-failed answer.
+            status, body = api.call("DELETE", f"/snapshots/{ids[name]}")
+            assert status == 412 and body["type"] == "precondition_failed", body
+            assert "open for reading" in body["message"]
+        # Nothing changed: listed and available everywhere, not one pack byte moved.
+        for m in (a, b):
+            assert sorted(os.listdir(m.snapshots())) == ["s1", "s2"]
+        for name in ("s1", "s2"):
+            status, body = api.call("GET", f"/snapshots/{ids[name]}")
+            assert status == 200 and body["snapshot"]["state"] == "available"
+        assert sorted((p.name, p.stat().st_size)
+                      for p in (store / "packs").iterdir()) == packs_before
+    finally:
+        out, _ = reader.communicate(input="", timeout=60)
+    assert reader.returncode == 0
+    passes, bad = (int(f.split("=")[1]) for f in out.split())
+    assert passes >= 1 and bad == 0, out
+    assert "open for reading" in b.log()  # the one line saying why
+
+    # Closed: both deletes go through.
+    run("rmdir", b.snapshots() / "s1")
+    status, _ = api.call("DELETE", f"/snapshots/{ids['s2']}")
+    assert status == 204
+    for name in ("s1", "s2"):
+        assert api.call("GET", f"/snapshots/{ids[name]}")[0] == 404
+    deadline = time.monotonic() + 10  # a's listing cache (2 s) catches up
+    while os.listdir(a.snapshots()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert os.listdir(a.snapshots()) == []
+
+
+#: Seconds of the stress run proper (setup, the final stop and fsck come on top;
+#: the whole test stays under 45 s).
+STRESS_SECONDS = 25
+
+
+@pytest.mark.stress
+def test_two_mounts_and_serve_stress_one_store(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    volumes = make_volumes(tmp_path, store)
+    cluster = Cluster(tmp_path, store)
+    try:
+        cluster.start()
+        stress = Stress(cluster, volumes, seed=12)
+        start = time.monotonic()
+        stress.run(until=lambda: time.monotonic() - start > STRESS_SECONDS,
+                   kill_when=lambda: time.monotonic() - start > STRESS_SECONDS * 0.4)
+        leftovers = stress.delete_all()
+    finally:
+        cluster.stop()
+    s = stress.stats
+    assert not s.wrong, f"reads returned wrong bytes: {s.wrong}"
+    assert not s.errors, s.errors[:10]
+    assert not leftovers, f"no reader is left, yet deletes were refused: {leftovers}"
+    assert s.created >= 20 and s.deleted >= 10 and s.reads >= 20, s
+    # The only failed captures: those the SIGKILL cut short (recovered by the restart).
+    assert all(r.startswith("capture interrupted") for r in s.failed), s.failed
+    res = fsck(store)
+    assert res.returncode == 0, res.stdout + res.stderr
+    logs = cluster.logs()
+    assert "Traceback" not in logs, logs[logs.index("Traceback") - 2000:][:6000]
+    assert "database is locked" not in logs and "UNIQUE constraint" not in logs
+
+
+def test_a_mount_serves_the_api_itself_with_listen(
+        tmp_path: Path, mount_factory: Callable[..., Mount]) -> None:
+    """`snapfs mount --listen`: the common mount-plus-API case in one process."""
+    store = tmp_path / "store"
+    data = os.urandom(3 * MiB)
+    (tmp_path / "v.raw").write_bytes(data)
+    snapfs("volume", "add", "v", tmp_path / "v.raw", "--store", store)
+    with socket.socket() as s:  # a free port (the daemon binds it again at once)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    m = mount_factory(store, "--listen", f"127.0.0.1:{port}", env={"SCW_SECRET_KEY": SECRET})
+    api = Api(f"http://127.0.0.1:{port}")
+    run("mkdir", m.volume("v") / "s1")
+    assert m.wait_state(m.snapshots() / "s1") == "available"
+    status, body = api.call("GET", "/snapshots")
+    assert status == 200 and [s["name"] for s in body["snapshots"]] == ["s1"]
+    sid = body["snapshots"][0]["id"]
+    with open(m.snapshots() / "s1" / "image.raw", "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == hashlib.sha256(data).hexdigest()
+        status, body = api.call("DELETE", f"/snapshots/{sid}")
+        assert status == 412 and body["type"] == "precondition_failed"
+    assert api.call("DELETE", f"/snapshots/{sid}")[0] == 204
+    assert "serving the Instance API on http://127.0.0.1:" in m.log()
+    m.stop()
+    with pytest.raises(OSError):  # the server went with the mount
+        api.call("GET", "/snapshots")

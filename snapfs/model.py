@@ -100,25 +100,34 @@ def is_uuid(value: str) -> bool:
     return True
 
 
+def _text_problem(value: str, kind: str, max_bytes: int, forbidden: "re.Pattern[str]",
+                  allowed: str) -> str | None:
+    """Why ``value`` cannot be a name or tag (None: it can): the one shape of both
+    rules, which differ in their limit and their forbidden characters."""
+    if not value:
+        return "must not be empty"
+    if value in (".", ".."):
+        return f"{value!r} is not a usable {kind}"
+    size = _utf8_len(value)
+    if size is None:
+        return "must be valid UTF-8 text"
+    if size > max_bytes:
+        return f"longer than {max_bytes} bytes ({size})"
+    bad = forbidden.search(value)
+    if bad is not None:
+        return f"cannot contain '{_char(bad.group())}' ({allowed})"
+    return None
+
+
 def name_problem(value: str) -> str | None:
     """Why ``value`` cannot be a resource name (None: it can). The one naming
     rule of mkdir, rename, ``user.name``, ``imports/``, the CLI and serve: a name
     is also a path component and must never be mistaken for an ID or a label."""
-    if not value:
-        return "must not be empty"
-    if value in (".", ".."):
-        return f"{value!r} is not a usable name"
-    size = _utf8_len(value)
-    if size is None:
-        return "must be valid UTF-8 text"
-    if size > NAME_MAX_BYTES:
-        return f"longer than {NAME_MAX_BYTES} bytes ({size})"
-    bad = _NAME_FORBIDDEN.search(value)
-    if bad is not None:
-        return f"cannot contain '{_char(bad.group())}' (no '/', '~' or control characters)"
-    if is_uuid(value):
+    problem = _text_problem(value, "name", NAME_MAX_BYTES, _NAME_FORBIDDEN,
+                            "no '/', '~' or control characters")
+    if problem is None and is_uuid(value):
         return "cannot be a UUID: IDs resolve as paths"
-    return None
+    return problem
 
 
 def check_name(value: object, field_name: str = "name") -> str:
@@ -134,19 +143,8 @@ def check_name(value: object, field_name: str = "name") -> str:
 def tag_problem(tag: str) -> str | None:
     """Why ``tag`` cannot be a tag (None: it can): the naming rule's kind, with
     ``,`` reserved and a shorter limit."""
-    if not tag:
-        return "must not be empty"
-    if tag in (".", ".."):
-        return f"{tag!r} is not a usable tag"
-    size = _utf8_len(tag)
-    if size is None:
-        return "must be valid UTF-8 text"
-    if size > TAG_MAX_BYTES:
-        return f"longer than {TAG_MAX_BYTES} bytes ({size})"
-    bad = _TAG_FORBIDDEN.search(tag)
-    if bad is not None:
-        return f"cannot contain '{_char(bad.group())}' (no ',', '/', '~' or control characters)"
-    return None
+    return _text_problem(tag, "tag", TAG_MAX_BYTES, _TAG_FORBIDDEN,
+                         "no ',', '/', '~' or control characters")
 
 
 def check_tags(value: object) -> list[str]:

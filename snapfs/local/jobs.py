@@ -110,10 +110,6 @@ class BackgroundJobs:
         """Whether some delete's background half (map, then space) is not done."""
         return bool(self._freeing) or bool(self.md.deleting())
 
-    def _spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
-        if self._nursery is not None:
-            self._nursery.start_soon(fn)
-
     def _start(self, snapshot_id: str, fn: Callable[..., Awaitable[None]], *args: object
                ) -> None:
         assert self._nursery is not None, "service used outside open_local_service()"

@@ -357,7 +357,8 @@ class BackgroundJobs:
             if self.objects is None:
                 raise PreconditionFailed(NO_OBJECT_STORAGE)
             zone = self.md.snapshot(None, snapshot_id).zone
-            reader = await self.objects.open_qcow2(bucket, obj, zone=zone)
+            reader = await self.objects.open_qcow2(bucket, obj, zone=zone,
+                                                   nursery=self._nursery)
             if size is not None and reader.size != size:
                 await reader.aclose()
                 raise InvalidData(f"size {size} does not match the image's virtual size "

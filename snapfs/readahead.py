@@ -72,6 +72,7 @@ class ReadAhead:
         self._held: dict[int, Buffer] = {}
         self._pos = 0  # where a forward reader reads next
         self._ahead = 0  # read-ahead started up to (not including) this window start
+        self._edge = -1  # windows ending at or before it were dropped behind the reader
         #: The last window needed the slow path: read ahead (always, without fast).
         self.cold = True
         self._closed = False
@@ -117,7 +118,7 @@ class ReadAhead:
         forward = self._pos - self.slack <= offset <= self._pos + self.slack
         self._pos = max(self._pos, end) if forward else end
         if not forward:
-            self._ahead = last + w
+            self._ahead, self._edge = last + w, -1
             if self.exact_random and not all(self._has(s) for s in range(first, last + 1, w)):
                 self.stats["exact"] += 1
                 return await self.fetch(offset, end - offset)
@@ -130,14 +131,20 @@ class ReadAhead:
         # No await from here on: the views must reach the caller intact.
         if forward:
             if self.behind is not None:
-                self._drop_behind(end - self.behind)
+                limit = end - self.behind
+                edge = limit - limit % w
+                if edge > self._edge:  # (once per window, not per read)
+                    self._edge = edge
+                    self._drop_behind(edge)
             if self.cold:
                 self._read_ahead(last + w)
         if first == last:
             data = got[0]
             if offset == first and end - first == len(data):
                 return data
-            return memoryview(data)[offset - first:end - first]
+            if not isinstance(data, memoryview):
+                data = memoryview(data)  # a view: slicing bytes would copy
+            return data[offset - first:end - first]
         parts = []
         for start, data in zip(range(first, last + 1, w), got):
             parts.append(memoryview(data)[max(offset, start) - start:min(end, start + w) - start])

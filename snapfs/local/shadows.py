@@ -6,7 +6,7 @@ filesystem, the volume is cloned (FICLONE) into
 every block with the volume and costs only metadata. It is of one instant even
 while a VM writes (the filesystem holds writers off during the clone and flushes
 their dirty pages into it), and once fsynced it is a durable copy: the snapshot is
-available at once, read from its shadow (ShadowReader) while its chunks are stored
+available at once, read from its shadow (ShadowReader, image.py) while its chunks are stored
 from the shadow in the background (jobs.py; schema v5). A shadow is kept while it
 is a snapshot's data, and until the volume's next snapshot is stored.
 

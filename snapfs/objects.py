@@ -10,6 +10,8 @@ from __future__ import annotations
 import abc
 from typing import Callable
 
+import trio
+
 from .errors import SnapfsError
 from .service import ImageReader
 
@@ -34,12 +36,13 @@ class ObjectStorage(abc.ABC):
         Object Storage of that zone's region."""
 
     @abc.abstractmethod
-    async def open_qcow2(self, bucket: str, key: str, *, zone: str | None = None
-                         ) -> ImageReader:
+    async def open_qcow2(self, bucket: str, key: str, *, zone: str | None = None,
+                         nursery: trio.Nursery | None = None) -> ImageReader:
         """A reader of the guest data of the QCOW2 object at bucket/key; raises
         InvalidData (with the exact reason) for anything that is not a valid,
         supported QCOW2 image, NotFound for a missing bucket or key. ``zone`` as
-        for export_qcow2."""
+        for export_qcow2. ``nursery``: the caller's long-lived nursery, where the
+        reader's read-ahead runs (None: no read-ahead)."""
 
     async def delete_object(self, bucket: str, key: str, zone: str | None = None) -> None:
         """Remove bucket/key (absent already: fine). Raises a SnapfsError when the

@@ -16,11 +16,8 @@ import trio
 
 from fixtures_store import MiB, ZONE, random_bytes, wait_state
 from snapfs.fs.context import FsContext
-from snapfs.fs.keys import Kind, View
 from snapfs.fs.nodes import node_for
 from snapfs.fs.ops import SnapfsOperations
-from snapfs.fs.prefetch import Prefetcher
-from snapfs.service import ImageReader
 
 
 @dataclass
@@ -155,18 +152,6 @@ async def test_image_cache_mode_follows_the_mount_option(fs: SnapfsOperations) -
         await fs.release(info.fh)
 
 
-async def test_image_reads_with_fs_read_ahead(fs: SnapfsOperations,
-                                              nursery: trio.Nursery) -> None:
-    fs.ctx.nursery, fs.ctx.readahead = nursery, 2  # snapfs mount --readahead 2
-    image = await child(fs, await make_snapshot(fs, "ra"), "image.raw")
-    data: bytes = fs.volume_data  # type: ignore[attr-defined]
-    info = await fs.open(image, os.O_RDONLY, CTX)
-    got = b"".join([bytes(await fs.read(info.fh, off, MiB))
-                    for off in range(0, len(data), MiB)])
-    await fs.release(info.fh)
-    assert got == data
-
-
 async def test_image_reads_sequential_and_random(fs: SnapfsOperations) -> None:
     snap = await make_snapshot(fs, "img")
     image = await child(fs, snap, "image.raw")
@@ -200,43 +185,6 @@ async def test_snapshot_json_applied_at_flush(fs: SnapfsOperations) -> None:
     await fs.flush(info.fh)
     await fs.release(info.fh)
     assert await fs.getxattr(snap, b"user.name", CTX) == b"k"
-
-
-class CountingReader(ImageReader):
-    """A real image reader that records the requests it serves."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.size, self.calls = inner, inner.size, []
-
-    async def read(self, offset: int, length: int) -> bytes:
-        self.calls.append(offset)
-        return await self.inner.read(offset, length)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
-async def test_prefetcher_reads_ahead_only_for_sequential_readers(
-        fs: SnapfsOperations, nursery: trio.Nursery) -> None:
-    await make_snapshot(fs, "p")
-    listing = await fs.ctx.catalog.snapshots(ZONE, (await fs.ctx.svc.list_projects())[0].id,
-                                             View(Kind.SNAPSHOTS))
-    sid = listing.items[0].id
-    reader = CountingReader(await fs.ctx.svc.open_image(ZONE, sid))
-    pf = Prefetcher(reader, nursery, depth=2)
-    data: bytes = fs.volume_data  # type: ignore[attr-defined]
-    assert await pf.read_transient(0, MiB) == data[:MiB]
-    # sequential: 2 MiB and 3 MiB are started
-    assert await pf.read_transient(MiB, MiB) == data[MiB:2 * MiB]
-    await trio.sleep(0.05)
-    assert 2 * MiB in reader.calls and 3 * MiB in reader.calls
-    n = len(reader.calls)
-    assert await pf.read_transient(2 * MiB, MiB) == data[2 * MiB:3 * MiB]  # served from read-ahead
-    assert reader.calls.count(2 * MiB) == 1
-    assert await pf.read_transient(100, 50) == data[100:150]  # a jump: no read-ahead
-    await trio.sleep(0.05)
-    assert reader.calls[n:] == [100]  # just this read (4 MiB is past the end)
-    await pf.aclose()
 
 
 async def test_listing_cache_and_invalidation(fs: SnapfsOperations) -> None:

@@ -233,8 +233,8 @@ class GatedStorage(ObjectStorage):
         await self.release.wait()
         raise NotFound("bucket", bucket)
 
-    async def open_qcow2(self, bucket: str, key: str, *, zone: str | None = None
-                         ) -> ImageReader:
+    async def open_qcow2(self, bucket: str, key: str, *, zone: str | None = None,
+                         nursery: trio.Nursery | None = None) -> ImageReader:
         self.started.set()
         await self.release.wait()
         raise NotFound("bucket", bucket)

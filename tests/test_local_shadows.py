@@ -24,8 +24,9 @@ from fixtures_store import (MiB, ZONE, all_tokens_held, bytes_read, chunks_store
                             snapfs_cli, snapshot_of, tasks_waiting, wait_state, write_elsewhere,
                             write_volume)
 from snapfs.local import LocalService, jobs, open_local_service
-from snapfs.local.shadows import (FIEMAP_EXTENT_UNWRITTEN, WINDOW, Extent, ShadowReader,
-                                  changed_chunks, complement, in_ranges)
+from snapfs.local.image import WINDOW, ShadowReader
+from snapfs.local.shadows import (FIEMAP_EXTENT_UNWRITTEN, Extent, changed_chunks, complement,
+                                  in_ranges)
 from snapfs.model import Snapshot
 
 C = 1 << 20  # chunk size in the pure tests
@@ -348,11 +349,11 @@ async def test_reads_from_a_clone_in_any_pattern(reflink_dir: Path, volume: Path
             async with trio.open_nursery() as n:
                 with all_tokens_held(svc.io_limiter):  # before the read-ahead tasks first run
                     await tasks_waiting(svc.io_limiter, 2)
-                    assert sorted(reader._fetching) == [WINDOW, 2 * WINDOW]
+                    assert reader.ra.in_flight() == [WINDOW, 2 * WINDOW]
                     n.start_soon(reader.aclose)  # waits for them before closing the descriptor
                     await trio.sleep(0.05)
-                    assert reader._fetching
-            assert not reader._fetching and not reader._windows
+                    assert reader.ra.in_flight()
+            assert not reader.ra.in_flight() and not reader.ra.cached_windows()
         await chunks_stored(svc)
 
 

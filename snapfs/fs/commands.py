@@ -42,9 +42,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                        help="serve image.raw through the kernel page cache: re-reads "
                        "and shared mmaps, at a slower first read (see the README)")
     p.add_argument("--readahead", type=int, default=0, metavar="N",
-                   help="requests the filesystem reads ahead for sequential image readers "
-                   "(default 0: both backends' readers read ahead themselves, and the "
-                   "kernel does with the page cache)")
+                   help="retired: every backend's image reader reads ahead itself "
+                   "(snapfs/readahead.py); only 0 is accepted")
     p.add_argument("--image-mode", default=None, metavar="MODE",
                    help="mode of every image.raw, read bits only, e.g. 0440 (default: the "
                    "read bits of its volume file when the snapshot was taken; 0400)")
@@ -81,13 +80,13 @@ def _mount(args: argparse.Namespace) -> int:
     from .access import parse_image_mode, parse_image_owner
     from .daemon import MountConfig, run_daemon, run_foreground
 
-    if args.readahead < 0:
-        raise InvalidArgument("readahead", "must be >= 0")
+    if args.readahead:
+        raise InvalidArgument("--readahead", "retired: image readers read ahead themselves "
+                              "(one engine, snapfs/readahead.py); drop the option")
     cfg = MountConfig(
         mountpoint=args.mountpoint.resolve(), store=store_path(args).resolve(),
         backend=args.backend, s3_endpoint=args.s3_endpoint, options=args.options,
         foreground=args.foreground, debug=args.debug, direct_io=args.direct_io,
-        readahead=args.readahead,
         zones=args.zones.split(",") if args.zones else None, profile=args.profile,
         staging_bucket=args.staging_bucket,
         image_mode=None if args.image_mode is None else parse_image_mode(args.image_mode),

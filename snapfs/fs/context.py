@@ -101,8 +101,6 @@ class FsContext:
     open_images: Counter[str] = field(default_factory=Counter)
     #: Imports started through this mount, by (zone, project, name).
     imports: dict[tuple[str, str, str], ImportRecord] = field(default_factory=dict)
-    #: Read-ahead depth in chunks for sequential readers of image.raw (0 = off).
-    readahead: int = 0
     #: Serve image.raw with direct_io, or through the page cache (README design
     #: notes: direct I/O streams faster, measured on both backends).
     direct_io: bool = True

@@ -51,7 +51,6 @@ class MountConfig:
     foreground: bool = False
     debug: bool = False
     direct_io: bool = True
-    readahead: int = 0
     ttl: float = 2.0
     #: Scaleway backend settings (see snapfs.scaleway).
     zones: list[str] | None = None
@@ -126,7 +125,7 @@ async def serve(cfg: MountConfig, ready: Callable[[], None] | None = None) -> No
         api = bind(cfg.listen)
     async with open_backend(cfg) as svc:
         ctx = FsContext.create(svc, ttl=cfg.ttl)
-        ctx.direct_io, ctx.readahead = cfg.direct_io, cfg.readahead
+        ctx.direct_io = cfg.direct_io
         ctx.image_mode, ctx.image_owner = cfg.image_mode, cfg.image_owner
         ops = SnapfsOperations(ctx)
         try:

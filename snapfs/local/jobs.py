@@ -110,10 +110,6 @@ class BackgroundJobs:
         """Whether some delete's background half (map, then space) is not done."""
         return bool(self._freeing) or bool(self.md.deleting())
 
-    def _spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
-        if self._nursery is not None:
-            self._nursery.start_soon(fn)
-
     def _start(self, snapshot_id: str, fn: Callable[..., Awaitable[None]], *args: object
                ) -> None:
         assert self._nursery is not None, "service used outside open_local_service()"
@@ -361,7 +357,8 @@ class BackgroundJobs:
             if self.objects is None:
                 raise PreconditionFailed(NO_OBJECT_STORAGE)
             zone = self.md.snapshot(None, snapshot_id).zone
-            reader = await self.objects.open_qcow2(bucket, obj, zone=zone)
+            reader = await self.objects.open_qcow2(bucket, obj, zone=zone,
+                                                   nursery=self._nursery)
             if size is not None and reader.size != size:
                 await reader.aclose()
                 raise InvalidData(f"size {size} does not match the image's virtual size "

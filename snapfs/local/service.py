@@ -29,12 +29,12 @@ from .capture import PackPool
 from .capturequeue import CaptureQueue
 from .chunkindex import ChunkIndex
 from .chunks import PackFiles
-from .image import LocalImageReader
+from .image import LocalImageReader, ShadowReader
 from .jobs import NO_OBJECT_STORAGE, BackgroundJobs
 from .metadata import Metadata
 from .owner import alive
 from .recovery import DELETING, recover
-from .shadows import ShadowReader, Shadows
+from .shadows import Shadows
 from .volumefile import Inspected, VolumeFile, identity_of, inspect_new, inspected, open_volume
 from .uploads import LeftUploads
 from .store import managed_volume_file, open_lock, open_store
@@ -507,7 +507,7 @@ class LocalService(BackgroundJobs, SnapshotService):
             if shadow is not None:
                 try:
                     return ShadowReader(self.shadows.root / shadow, size, self.io_limiter,
-                                        closed, spawn=self._spawn)
+                                        self._nursery, closed)
                 except OSError as exc:
                     # Unless its chunks were stored meanwhile (maybe by another
                     # process) and the clone dropped since: then its map is whole.
@@ -515,8 +515,8 @@ class LocalService(BackgroundJobs, SnapshotService):
                         raise CorruptData(f"the clone holding this snapshot's data is "
                                           f"gone: {exc.strerror}") from None
             return LocalImageReader(self.md.snap_key(snapshot_id), size, self.index,
-                                    self.packs, self.io_limiter, on_close=closed,
-                                    spawn=self._spawn)
+                                    self.packs, self.io_limiter, self._nursery,
+                                    on_close=closed)
         except BaseException:
             closed()
             raise

@@ -6,7 +6,7 @@ filesystem, the volume is cloned (FICLONE) into
 every block with the volume and costs only metadata. It is of one instant even
 while a VM writes (the filesystem holds writers off during the clone and flushes
 their dirty pages into it), and once fsynced it is a durable copy: the snapshot is
-available at once, read from its shadow (ShadowReader) while its chunks are stored
+available at once, read from its shadow (ShadowReader, image.py) while its chunks are stored
 from the shadow in the background (jobs.py; schema v5). A shadow is kept while it
 is a snapshot's data, and until the volume's next snapshot is stored.
 
@@ -36,16 +36,12 @@ import logging
 import os
 import stat
 import struct
-from collections import OrderedDict
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Awaitable, Callable, Collection
+from typing import Collection
 
-import trio
 
-from ..errors import CorruptData, SnapfsError
-from ..service import ImageReader
+from ..errors import SnapfsError
 from .chunks import fsync_dir, libc
 from .volumefile import VolumeFile, open_volume
 
@@ -65,11 +61,6 @@ XFS_MAGIC, BTRFS_MAGIC = 0x58465342, 0x9123683E
 _HEADER = struct.Struct("=QQIIII")  # struct fiemap
 _EXTENT = struct.Struct("=QQQQQIIII")  # struct fiemap_extent
 _BATCH = 512
-#: ShadowReader reads this much at a time, and this many windows ahead of a
-#: sequential reader.
-WINDOW = 4 << 20
-AHEAD = 2
-
 #: Chunk index ranges, first..last inclusive, sorted and disjoint.
 Ranges = list[tuple[int, int]]
 
@@ -343,89 +334,3 @@ def _accounted(s: Shadow, known: Collection[tuple[int, str]] | None) -> bool:
     """Whether the metadata knows the shadow's snapshot (None: not asked): only
     then may the shadow be dropped, never because no row refers to it."""
     return known is None or (s.key, s.snapshot_id) in known
-
-
-class ShadowReader(ImageReader):
-    """A snapshot's bytes while its chunks are still being stored: its shadow,
-    which nothing writes, read as it is -- WINDOW bytes per worker-thread read,
-    kept for the requests that follow (FUSE's are far smaller), and for a
-    sequential reader the next AHEAD windows read in the background meanwhile."""
-
-    def __init__(self, path: Path, size: int, limiter: trio.CapacityLimiter,
-                 on_close: Callable[[], None],
-                 spawn: Callable[[Callable[[], Awaitable[None]]], None] | None = None) -> None:
-        self.fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        self.path = path
-        self.size = size
-        self.limiter = limiter
-        self._spawn = spawn  # starts a background task (the service's nursery)
-        self._windows: OrderedDict[int, bytes] = OrderedDict()  # by start offset
-        self._fetching: dict[int, trio.Event] = {}
-        self._next = 0  # where a sequential reader reads next
-        self._on_close: Callable[[], None] | None = on_close
-
-    async def read(self, offset: int, length: int) -> bytes:
-        n = min(length, self.size - offset)
-        if n <= 0:
-            return b""
-        if n > WINDOW:
-            return await self._pread(offset, n)
-        first = offset - offset % WINDOW
-        parts = [await self._window(start) for start in range(first, offset + n, WINDOW)]
-        if offset == self._next and self._spawn is not None:
-            for k in range(1, AHEAD + 1):
-                start = first + k * WINDOW
-                if start < self.size and start not in self._windows \
-                        and start not in self._fetching:
-                    self._spawn(partial(self._fetch_quietly, start))
-        self._next = offset + n
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        return data[offset - first:offset - first + n]
-
-    async def _window(self, start: int) -> bytes:
-        while True:
-            if start in self._windows:
-                self._windows.move_to_end(start)
-                return self._windows[start]
-            fetching = self._fetching.get(start)
-            if fetching is None:
-                await self._fetch(start)
-            else:
-                await fetching.wait()  # failed? the loop fetches it again, and says why
-
-    async def _fetch(self, start: int) -> None:
-        done = self._fetching[start] = trio.Event()
-        try:
-            data = await self._pread(start, min(WINDOW, self.size - start))
-            if self._on_close is not None:  # not closed meanwhile
-                self._windows[start] = data
-                while len(self._windows) > AHEAD + 2:
-                    self._windows.popitem(last=False)
-        finally:
-            del self._fetching[start]
-            done.set()
-
-    async def _fetch_quietly(self, start: int) -> None:
-        if self._on_close is None or start in self._fetching or start in self._windows:
-            return  # closed, or read meanwhile
-        try:
-            await self._fetch(start)
-        except (CorruptData, OSError):
-            pass  # the request that needs these bytes reads them again and reports
-
-    async def _pread(self, offset: int, n: int) -> bytes:
-        data = await trio.to_thread.run_sync(os.pread, self.fd, n, offset,
-                                             limiter=self.limiter)
-        if len(data) != n:
-            raise CorruptData(f"{self.path} ends before the snapshot's size")
-        return data
-
-    async def aclose(self) -> None:
-        if self._on_close is not None:
-            on_close, self._on_close = self._on_close, None
-            with trio.CancelScope(shield=True):  # a read-ahead still uses the descriptor
-                for done in list(self._fetching.values()):
-                    await done.wait()
-            self._windows.clear()
-            os.close(self.fd)
-            on_close()

@@ -6,11 +6,12 @@ guest range through cached L2 tables (LRU, a bounded number of bytes), fetch the
 host bytes they need with ranged GETs -- neighbouring ranges merged (compressed
 clusters are packed back to back), large ones split into ``max_get`` pieces, all
 in parallel under the S3 limiter -- and assemble (decompress) off the trio
-thread. Sequential reads (the capture reads in order) grow a read-ahead window
-up to ``readahead`` bytes and keep the next ``AHEAD_WINDOWS`` windows in flight
-in background tasks, so the stream never waits for a whole round of GETs.
+thread. Reads go through the read-ahead engine (snapfs/readahead.py) in windows
+of ``readahead`` bytes: a sequential reader (the capture, dd through the mount)
+has the next ``AHEAD_WINDOWS`` windows in flight in the owner's nursery, so the
+stream never waits for a whole round of GETs; a random read GETs just its bytes.
 Contiguous data clusters are read by their GETs straight into the window buffer
-(no per-cluster work, no join); a read is then one copy out of the window.
+(no per-cluster work, no join); a read is then a view of the window.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ..memory import aligned_buffer
 from ..qcow2.decoder import (COMPRESSED, DATA, HEADER_PROBE, ZERO, Extent, Qcow2Map,
                              decompress_cluster, parse_header)
 from ..qcow2.format import OFFSET_MASK
+from ..readahead import ReadAhead
 from ..service import Buffer, ImageReader
 from ..taskgroups import first_error
 from .calls import S3Calls
@@ -118,7 +120,9 @@ async def _get_range(calls: S3Calls, bucket: str, key: str, offset: int,
 
 
 async def open_reader(calls: S3Calls, settings: S3Settings, bucket: str, key: str,
-                      cpu_limiter: trio.CapacityLimiter) -> "S3Qcow2Reader":
+                      cpu_limiter: trio.CapacityLimiter, nursery: trio.Nursery | None = None
+                      ) -> "S3Qcow2Reader":
+    """``nursery``: where read-ahead runs (the owner's long-lived one; None: none)."""
     client = calls.client
     try:
         head = await calls.call("head_object", bucket, key,
@@ -145,7 +149,7 @@ async def open_reader(calls: S3Calls, settings: S3Settings, bucket: str, key: st
     l1 = await _get_range(calls, bucket, key, header.l1_table_offset, l1_len, etag) \
         if l1_len else b""
     qmap = Qcow2Map(header, l1, size)
-    reader = S3Qcow2Reader(calls, settings, bucket, key, qmap, cpu_limiter, etag)
+    reader = S3Qcow2Reader(calls, settings, bucket, key, qmap, cpu_limiter, etag, nursery)
     await reader.validate_tables()
     log.info("import from %s/%s: QCOW2 v%d, %d bytes virtual, %d-byte clusters%s",
              bucket, key, header.version, header.size, header.cluster_size,
@@ -156,7 +160,7 @@ async def open_reader(calls: S3Calls, settings: S3Settings, bucket: str, key: st
 class S3Qcow2Reader(ImageReader):
     def __init__(self, calls: S3Calls, settings: S3Settings, bucket: str, key: str,
                  qmap: Qcow2Map, cpu_limiter: trio.CapacityLimiter,
-                 etag: str | None = None) -> None:
+                 etag: str | None = None, nursery: trio.Nursery | None = None) -> None:
         self.calls = calls
         self.etag = etag
         self.settings = settings
@@ -168,19 +172,19 @@ class S3Qcow2Reader(ImageReader):
         self.cpu_limiter = cpu_limiter
         self._l2: OrderedDict[int, array] = OrderedDict()
         self._l2_max = max(4, L2_CACHE_BYTES // self.header.cluster_size)
-        #: Recently fetched guest windows, start -> bytes (LRU, a few read-aheads).
-        self._windows: OrderedDict[int, mmap.mmap] = OrderedDict()
-        self._window_bytes = 0
-        #: Windows being fetched, done -> (start, end): readers inside wait for them.
-        self._inflight: dict[trio.Event, tuple[int, int]] = {}
-        self._pos = 0  # where a sequential read would start
-        self._ahead = 0  # end of the windows fetched or in flight for the stream
-        self._ra = 0
-        self._prefetches: set[trio.CancelScope] = set()
         self._spare: list[mmap.mmap] = []  # buffers of dropped windows, for reuse
-        self._closed = False
-        #: windows fetched by background read-ahead / while a read waited
-        self.stats = {"read_ahead": 0, "on_demand": 0}
+        # The stream holds the window it reads, the one it just left (kept while
+        # shuffled parallel reads may still want it) and AHEAD_WINDOWS ahead.
+        window = settings.readahead
+        self.ra = ReadAhead(self._fetch_view, self.size, nursery, window=window,
+                            ahead=AHEAD_WINDOWS, cached=AHEAD_WINDOWS + 2, slack=window,
+                            behind=window + SEQ_SLACK, exact_random=True, on_drop=self._drop,
+                            name=f"s3://{bucket}/{key}")
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Windows fetched by background read-ahead / while a read waited."""
+        return {"read_ahead": self.ra.stats["ahead"], "on_demand": self.ra.stats["on_demand"]}
 
     async def validate_tables(self) -> None:
         """Fetch and check every allocated L2 table once (8 bytes per guest
@@ -209,147 +213,25 @@ class S3Qcow2Reader(ImageReader):
         return min(self.size, max(offset, i * span))
 
     async def read(self, offset: int, length: int) -> bytes:
-        return bytes(await self.read_transient(offset, length))
+        return await self.ra.read(offset, length)
 
     async def read_transient(self, offset: int, length: int) -> Buffer:
         """As read(); a range inside one window comes back as a view of it (no
-        copy), valid until the caller next awaits: a window's buffer is only
-        reused by a fetch, which starts at an await."""
-        if offset >= self.size or length <= 0:
-            return b""
-        end = min(offset + length, self.size)
-        # Sequential (the capture; FUSE reads in order, several in flight): grow
-        # the read-ahead window and keep the next windows in flight behind the
-        # reader's back; anything else fetches just what it asks for. "In order"
-        # allows some slack: concurrent reads reach us shuffled.
-        slack = max(self._ra, SEQ_SLACK)
-        sequential = self._pos - slack <= offset <= self._pos + slack
-        self._pos = max(self._pos, end) if sequential else end
-        if not sequential:
-            self._ra = 0
-        while True:
-            hit = self._cached(offset, end)
-            if hit is not None:
-                break
-            pending = next((ev for ev, (o, e) in self._inflight.items()
-                            if o < end and offset < e), None)
-            if pending is not None:
-                await pending.wait()  # FUSE's parallel reads of one stream share a fetch
-                continue
-            if sequential:
-                self._ra = min(self.settings.readahead, max(2 * self._ra, end - offset))
-            want = min(max(end - offset, self._ra), self.size - offset)
-            if sequential:
-                self._ahead = max(self._ahead, offset + want)
-            await self._fetch_window(offset, want)  # remembered: the loop finds it
-        if sequential and self._ra:
-            self._read_ahead(offset, end)
-        return hit
+        copy), valid until the caller next awaits."""
+        return await self.ra.read_transient(offset, length)
 
-    def _read_ahead(self, offset: int, end: int) -> None:
-        """Keep ``AHEAD_WINDOWS`` read-ahead windows past ``end`` fetched or in
-        flight (background tasks), so the GETs of the next windows overlap with
-        the reader's use of this one instead of starting when it runs dry."""
-        # Windows the stream has left behind are not read again: free them now.
-        for start in [s for s, d in self._windows.items() if s + len(d) <= offset - SEQ_SLACK]:
-            self._drop(self._windows.pop(start))
-        self._ahead = max(self._ahead, end)
-        while (not self._closed and self._ahead < self.size
-               and self._ahead - end < AHEAD_WINDOWS * self._ra):
-            self._ra = min(self.settings.readahead, 2 * self._ra)
-            start, n = self._ahead, min(self._ra, self.size - self._ahead)
-            self._ahead += n
-            self._spawn_fetch(start, n)
+    async def _fetch_view(self, offset: int, length: int) -> Buffer:
+        return memoryview(await self._fetch(offset, length)).toreadonly()
 
-    def _spawn_fetch(self, offset: int, length: int) -> None:
-        scope = trio.CancelScope()
-        self._prefetches.add(scope)
-        # In flight from now on, not from when the task first runs: a read
-        # arriving meanwhile waits for it instead of fetching the same bytes.
-        done = self._start_fetch(offset, length)
-
-        async def fetch() -> None:
-            try:
-                with scope:
-                    await self._fetch_window(offset, length, done)
-            except SnapfsError as exc:  # the read that needs these bytes refetches and reports
-                log.debug("read-ahead of %s/%s at %d failed: %s", self.bucket, self.key,
-                          offset, exc)
-            except Exception:  # a bug, not the network: it must not pass unseen
-                log.exception("read-ahead of %s/%s at %d failed", self.bucket, self.key,
-                              offset)
-            finally:
-                self._prefetches.discard(scope)
-                self._end_fetch(done)  # also when cancelled before it started
-        # The reader has no nursery of its own (ImageReader is opened and closed
-        # by its user); a system task it cancels in aclose() does the job.
-        trio.lowlevel.spawn_system_task(fetch, name="snapfs.s3 read-ahead")
-
-    def _start_fetch(self, offset: int, length: int) -> trio.Event:
-        done = trio.Event()
-        self._inflight[done] = (offset, offset + length)
-        return done
-
-    def _end_fetch(self, done: trio.Event) -> None:
-        self._inflight.pop(done, None)
-        done.set()
-
-    async def _fetch_window(self, offset: int, length: int,
-                            done: trio.Event | None = None) -> None:
-        ahead = done is not None
-        if done is None:  # (not ``done or``: a trio.Event refuses to be a bool)
-            done = self._start_fetch(offset, length)
-        try:
-            data = await self._fetch(offset, length)
-            if not self._closed:
-                self._remember_window(offset, data)
-                self.stats["read_ahead" if ahead else "on_demand"] += 1
-        finally:
-            self._end_fetch(done)
-
-    def _cached(self, offset: int, end: int) -> Buffer | None:
-        """Guest bytes offset..end from the cached windows: a view into one, or
-        joined from neighbouring ones; None unless all of them are cached."""
-        pieces: list[memoryview] = []
-        pos = offset
-        while pos < end:
-            for start, data in self._windows.items():
-                if start <= pos < start + len(data):
-                    break
-            else:
-                return None
-            self._windows.move_to_end(start)
-            stop = min(end, start + len(data))
-            pieces.append(memoryview(data)[pos - start:stop - start])
-            pos = stop
-        return pieces[0].toreadonly() if len(pieces) == 1 else b"".join(pieces)
-
-    def _remember_window(self, offset: int, data: mmap.mmap) -> None:
-        old = self._windows.pop(offset, None)
-        if old is not None:
-            self._drop(old)
-        self._windows[offset] = data
-        self._window_bytes += len(data)
-        # The stream holds the window it reads, the one it just left (kept
-        # SEQ_SLACK longer for shuffled reads) and AHEAD_WINDOWS ahead.
-        limit = (AHEAD_WINDOWS + 2) * self.settings.readahead
-        while self._window_bytes > limit and len(self._windows) > 1:
-            # Windows the stream has passed go first, then the least recently used:
-            # plain LRU would drop a read-ahead window before the reader gets to it.
-            behind = [s for s, d in self._windows.items() if s + len(d) <= self._pos]
-            self._drop(self._windows.pop(behind[0]) if behind
-                       else self._windows.popitem(last=False)[1])
-
-    def _drop(self, window: mmap.mmap) -> None:
-        """A window leaves the cache: its buffer is kept for the next window. Views
-        of it lent by read_transient are done with before their caller awaits,
-        and a buffer is only refilled by a fetch, which runs at awaits. A fresh
-        multi-MiB buffer per window costs page faults -- measured as the largest
-        item left after direct GETs."""
-        self._window_bytes -= len(window)
-        # Only full-size windows (a sequential stream's), a few: bounded memory.
-        if len(window) == self.settings.readahead and len(self._spare) < SPARE_WINDOWS:
-            self._spare.append(window)
+    def _drop(self, window: Buffer) -> None:
+        """A window leaves the cache: its buffer is kept for the next window (a
+        fresh multi-MiB buffer per window costs page faults -- measured as the
+        largest item left after direct GETs). Only full-size windows (a
+        sequential stream's), a few: bounded memory."""
+        buf = window.obj if isinstance(window, memoryview) else None
+        if (isinstance(buf, mmap.mmap) and len(buf) == self.settings.readahead
+                and len(self._spare) < SPARE_WINDOWS):
+            self._spare.append(buf)
 
     def _buffer(self, length: int) -> mmap.mmap:
         """A spare window buffer, else a new page-aligned one (see aligned_buffer)."""
@@ -489,10 +371,8 @@ class S3Qcow2Reader(ImageReader):
         return got
 
     async def aclose(self) -> None:
-        self._closed = True
-        for scope in list(self._prefetches):
-            scope.cancel()
-        self._windows.clear()
-        self._spare.clear()
-        self._window_bytes = 0
-        self._l2.clear()
+        try:
+            await self.ra.aclose()
+        finally:
+            self._spare.clear()
+            self._l2.clear()

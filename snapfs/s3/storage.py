@@ -80,11 +80,11 @@ class S3ObjectStorage(ObjectStorage):
             return
         log.info("aborted unfinished upload %s to %s/%s", upload_id, bucket, key)
 
-    async def open_qcow2(self, bucket: str, key: str, *, zone: str | None = None
-                         ) -> ImageReader:
+    async def open_qcow2(self, bucket: str, key: str, *, zone: str | None = None,
+                         nursery: trio.Nursery | None = None) -> ImageReader:
         _check(bucket, key)
         calls = await self.calls_for(zone)
-        return await open_reader(calls, self.settings, bucket, key, self.cpu_limiter)
+        return await open_reader(calls, self.settings, bucket, key, self.cpu_limiter, nursery)
 
     async def delete_object(self, bucket: str, key: str, zone: str | None = None) -> None:
         _check(bucket, key)

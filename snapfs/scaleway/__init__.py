@@ -28,10 +28,13 @@ async def open_scaleway_service(zones: list[str] | None = None, *,
     read back (ranged GETs); without them image.raw is refused with a clear reason.
     """
     client = await trio.to_thread.run_sync(load_client, profile)
-    service = ScalewayService(client, zones_for(client, zones),
-                              staging_bucket=staging_bucket, objects=objects)
-    try:
-        yield service
-    finally:
-        with trio.CancelScope(shield=True):
-            await service.aclose()
+    async with trio.open_nursery() as nursery:  # the image readers' read-ahead
+        service = ScalewayService(client, zones_for(client, zones),
+                                  staging_bucket=staging_bucket, objects=objects,
+                                  nursery=nursery)
+        try:
+            yield service
+        finally:
+            nursery.cancel_scope.cancel()
+            with trio.CancelScope(shield=True):
+                await service.aclose()

@@ -47,8 +47,9 @@ def staging_key(snap: Snapshot) -> str:
 
 class CloudImages:
     def __init__(self, service: "ScalewayService", bucket: str | None,
-                 objects: ObjectStorage | None) -> None:
+                 objects: ObjectStorage | None, nursery: trio.Nursery | None = None) -> None:
         self.service = service
+        self.nursery = nursery  # the service's: readers' read-ahead runs there
         self.bucket = bucket
         self.objects = objects
         self._exports: dict[str, trio.Event] = {}
@@ -85,7 +86,8 @@ class CloudImages:
     async def _open_existing(self, snap: Snapshot, key: str) -> ImageReader | None:
         assert self.objects is not None and self.bucket is not None
         try:
-            reader = await self.objects.open_qcow2(self.bucket, key, zone=snap.zone)
+            reader = await self.objects.open_qcow2(self.bucket, key, zone=snap.zone,
+                                                   nursery=self.nursery)
         except NotFound as exc:
             if getattr(exc, "resource", "") == "bucket":
                 raise  # the staging bucket itself is missing: say so, do not export

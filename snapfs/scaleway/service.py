@@ -55,8 +55,10 @@ _SDK_ERRORS = (ScalewayException, requests.RequestException, ValueError)
 class ScalewayService(SnapshotService):
     def __init__(self, client: Client, zones: list[str], *,
                  staging_bucket: str | None = None,
-                 objects: ObjectStorage | None = None) -> None:
+                 objects: ObjectStorage | None = None,
+                 nursery: trio.Nursery | None = None) -> None:
         self.client = client
+        self.nursery = nursery  # long-lived: image readers' read-ahead runs there
         self.zones = zones
         self.staging_bucket = staging_bucket
         self.objects = objects
@@ -259,7 +261,7 @@ class ScalewayService(SnapshotService):
         from .images import CloudImages
 
         if self._images is None:
-            self._images = CloudImages(self, self.staging_bucket, self.objects)
+            self._images = CloudImages(self, self.staging_bucket, self.objects, self.nursery)
         return self._images
 
     async def aclose(self) -> None:

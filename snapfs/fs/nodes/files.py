@@ -18,7 +18,6 @@ from .. import transfer
 from ..access import image_access
 from ..context import IMAGE_BLKSIZE, FsContext, Stat, file_stat, ns
 from ..keys import EXPORT, IMAGE, JSON, Key
-from ..prefetch import Prefetcher
 from .base import BufferHandle, Handle, Node
 from .snapshot import SnapshotNode
 
@@ -66,11 +65,8 @@ class ImageNode(FileNode):
         snap = await wait_until_readable(self.ctx, self.key, pid)
         reader = await self.ctx.svc.open_image(snap.zone, snap.id)
         self.ctx.open_images[snap.id] += 1
-        # Without fs-level read-ahead (the default) the reader serves FUSE directly.
-        source: ImageReader | Prefetcher = reader
-        if self.ctx.readahead:
-            source = Prefetcher(reader, self.ctx.nursery, self.ctx.readahead)
-        return ImageHandle(self, source, self.ctx.direct_io)
+        # The reader serves FUSE directly: it reads ahead itself (readahead.py).
+        return ImageHandle(self, reader, self.ctx.direct_io)
 
 
 async def wait_until_readable(ctx: FsContext, key: Key, pid: int) -> Snapshot:
@@ -112,8 +108,7 @@ def signalled(pid: int) -> bool:
 
 
 class ImageHandle(Handle):
-    def __init__(self, node: Node, reader: ImageReader | Prefetcher, direct_io: bool
-                 ) -> None:
+    def __init__(self, node: Node, reader: ImageReader, direct_io: bool) -> None:
         super().__init__(node)
         self.reader = reader
         self.direct_io = direct_io

@@ -178,7 +178,7 @@ def index_lock_held(store: Path) -> Iterator[None]:
     """The store's index lock (storelocks.py: byte 0 of DIR/lock, an OFD lock)
     taken by this process: a capture in any other process cannot commit a group,
     so it certainly stays `snapshotting` until the lock is given back."""
-    fd = os.open(store / "lock", os.O_RDWR | os.O_CLOEXEC)
+    fd = os.open(store / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK,
                                                        os.SEEK_SET, 0, 1, 0))

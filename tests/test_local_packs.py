@@ -9,9 +9,11 @@ from typing import Callable
 
 import pytest
 
-from fixtures_store import MiB, random_bytes, read_all, snapshot_of
+from fixtures_store import MiB, ZONE, deletes_done, random_bytes, read_all, snapshot_of
 from snapfs.local import open_local_service
-from snapfs.local.chunks import ALIGN, STAGE_BYTES, PackFiles, PackWriter, check, digest
+from snapfs.local.capture import BATCH_CHUNKS
+from snapfs.local.chunks import (ALIGN, CHUNK_SIZE, STAGE_BYTES, PackFiles, PackWriter, check,
+                                 digest)
 
 
 def cached_bytes(path: Path) -> int:
@@ -133,3 +135,45 @@ def test_a_filesystem_without_clones_gets_appends(tmp_path: Path) -> None:
     w.close()
     assert packs.read(1, at, MiB, digest(src.read_bytes()), None) == src.read_bytes()
     packs.close()
+
+
+async def test_packs_roll_over_at_the_limit_and_an_empty_pack_is_unlinked(
+        store_dir: Path, volume_file: Callable[..., Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pack takes no new batch of chunks once it has reached PACK_LIMIT
+    (lowered to 20 MiB here; a capture writes batches of BATCH_CHUNKS): 48 MiB
+    of distinct chunks fill a first pack past the limit and go on in a second.
+    Once no live chunk is left in a pack, the next open unlinks the file and
+    drops its row; a pack still holding one is kept.
+    Checked by breaking it: with PackWriter.full always false everything lands
+    in one pack; with the empty_packs loop of recovery.py removed the files stay."""
+    limit = 20 * MiB
+    batch = BATCH_CHUNKS * CHUNK_SIZE
+    monkeypatch.setattr("snapfs.local.chunks.PACK_LIMIT", limit)
+    big = random_bytes(48 * MiB, seed=11)
+    small = random_bytes(2 * MiB, seed=12)
+    a = volume_file("a", len(big), [(0, big)])
+    b = volume_file("b", len(small), [(0, small)])
+    packs_dir = store_dir / "packs"
+    async with open_local_service(store_dir) as svc:
+        first = await snapshot_of(svc, a, name="first")
+        sizes = {int(p.stem): p.stat().st_size for p in packs_dir.glob("*.pack")}
+        assert len(sizes) >= 2, sizes
+        *filled, last = sorted(sizes)
+        assert all(limit <= sizes[p] < limit + batch for p in filled), sizes
+        assert sizes[last] <= limit + batch
+        assert await read_all(svc, first.id) == big
+        await snapshot_of(svc, b, name="second")  # into the last pack, or a new one
+        holding_b = {int(r[0]) for r in svc.md.conn.execute(
+            "SELECT DISTINCT c.pack FROM chunks c JOIN snapshot_chunks m ON m.chunk = c.id "
+            "JOIN snapshots s ON s.rowid = m.snap WHERE s.name = 'second'")}
+        await svc.delete_snapshot(ZONE, first.id)
+        await deletes_done(svc)
+    assert {int(p.stem) for p in packs_dir.glob("*.pack")} >= set(filled)  # not yet
+    async with open_local_service(store_dir) as svc:  # the store to itself: recovery
+        left = {int(p.stem) for p in packs_dir.glob("*.pack")}
+        assert left == holding_b
+        assert set(svc.index.packs()) == holding_b
+        second = (await svc.list_snapshots(ZONE)).items
+        assert [s.name for s in second] == ["second"]
+        assert await read_all(svc, second[0].id) == small

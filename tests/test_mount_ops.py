@@ -4,15 +4,18 @@ changed (listings, attributes and snapshot.json compared before and after)."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import mmap
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 import trio
@@ -170,20 +173,68 @@ def test_outside_changes_appear_within_the_ttl(mounted: Mount) -> None:
         time.sleep(0.2)
 
 
+@contextmanager
+def index_lock_held(store: Path) -> Iterator[None]:
+    """The store's index lock (storelocks.py: byte 0 of DIR/lock, an OFD lock)
+    taken by this process: a capture in any other process cannot commit a group,
+    so it certainly stays `snapshotting` until the lock is given back."""
+    fd = os.open(store / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK,
+                                                       os.SEEK_SET, 0, 1, 0))
+        yield
+    finally:
+        os.close(fd)  # drops the lock
+
+
+#: openat(2) on x86_64 (/proc/PID/syscall names the call a process sleeps in).
+SYS_OPENAT = 257
+
+
+def blocked_in_open(pid: int, timeout: float = 5) -> None:
+    """Until ``pid`` sits in openat(2) (/proc/PID/syscall: its number first)."""
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}/syscall").read_text().split()[0] != str(SYS_OPENAT):
+        assert time.monotonic() < deadline, f"process {pid} is not waiting in open()"
+        time.sleep(0.02)
+
+
+#: open(2) of argv[1] through libc, not Python's retrying os.open (PEP 475), with
+#: a SIGINT handler: the errno open() answered is printed, not a death by signal.
+OPENER = """
+import ctypes, os, signal, sys
+signal.signal(signal.SIGINT, lambda *_: None)
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.open(sys.argv[1].encode(), os.O_RDONLY)
+print(fd, ctypes.get_errno(), flush=True)
+"""
+
+
 def test_open_of_a_snapshotting_image_waits(mount_factory: Callable[..., Mount],
                                             tmp_path: Path) -> None:
-    data = os.urandom(96 * MiB)
+    """The capture is gated (the index lock held here), so it is certainly still
+    running while `cmp` opens image.raw: open() must wait, then the bytes match.
+    Checked by breaking it: with the wait in fs/nodes/files.py removed, the open
+    is answered at once and blocked_in_open fails."""
     vol = tmp_path / "big.raw"
-    vol.write_bytes(data)
+    vol.write_bytes(os.urandom(8 * MiB))
     store = tmp_path / "store"
     snapfs("volume", "add", "big", vol, "--store", store)
     m = mount_factory(store)
-    run("mkdir", m.volume("big") / "s")
     s = m.snapshots() / "s"
-    seen = m.xattr(s, "state")
-    run("cmp", s / "image.raw", vol)  # opened at once: waits until available
+    with index_lock_held(store):
+        run("mkdir", m.volume("big") / "s")
+        assert m.xattr(s, "state") == "snapshotting"
+        reader = subprocess.Popen(["cmp", str(s / "image.raw"), str(vol)])
+        try:
+            blocked_in_open(reader.pid)
+            time.sleep(0.3)
+            assert reader.poll() is None and m.xattr(s, "state") == "snapshotting"
+        except BaseException:
+            reader.kill()
+            raise
+    assert reader.wait(timeout=60) == 0  # the gate is gone: the wait ends, bytes equal
     assert m.xattr(s, "state") == "available"
-    assert seen in ("snapshotting", "available")
 
 
 # --- refusals ----------------------------------------------------------------------------
@@ -472,33 +523,30 @@ def test_import_without_object_storage_fails_visibly(mounted: Mount) -> None:
 
 def test_open_waiting_for_a_capture_is_interruptible(mount_factory: Callable[..., Mount],
                                                      tmp_path: Path) -> None:
-    """Ctrl-C on a reader waiting for a capture ends its wait at once (the
-    deterministic version, on an import that cannot finish, is in test_mount_s3)."""
+    """A signal to a reader waiting in open() for a capture ends its wait at once
+    with EINTR, and the capture goes on. The capture is gated (index lock), so the
+    reader certainly still waits when signalled. Checked by breaking it: without
+    the Interrupted raise in fs/nodes/files.py the open is never answered."""
     vol = tmp_path / "slow.raw"
-    with open(vol, "wb") as f:
-        for _ in range(12):
-            f.write(os.urandom(32 * MiB))
+    vol.write_bytes(os.urandom(8 * MiB))
     store = tmp_path / "store"
     snapfs("volume", "add", "slow", vol, "--store", store)
     m = mount_factory(store)
-    # A race by nature (a capture of a cached volume can end before the signal):
-    # a few attempts, the volume evicted from the page cache before each, and opened
-    # for writing (so that no snapshot reuses the previous one's map: leases.py).
-    for attempt in range(5):
-        fd = os.open(vol, os.O_RDWR)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
-        run("mkdir", m.volume("slow") / f"s{attempt}")
-        s = m.snapshots() / f"s{attempt}"
-        reader = subprocess.Popen(["cat", str(s / "image.raw")], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
-        time.sleep(0.1)
-        reader.send_signal(signal.SIGINT)
-        reader.wait(timeout=5)
-        assert m.wait_state(s) == "available"
-        if reader.returncode != 0:
-            break
-    assert reader.returncode != 0
-    if "was signalled while waiting" in m.log():  # (the capture may have won the race)
-        assert "EINTR: process" in m.log()
+    s = m.snapshots() / "s"
+    with index_lock_held(store):
+        run("mkdir", m.volume("slow") / "s")
+        reader = subprocess.Popen([sys.executable, "-c", OPENER, str(s / "image.raw")],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            blocked_in_open(reader.pid)
+            t0 = time.monotonic()
+            reader.send_signal(signal.SIGINT)
+            out, _ = reader.communicate(timeout=5)
+        finally:
+            reader.kill()
+        assert time.monotonic() - t0 < 2
+        assert out.split() == ["-1", str(errno.EINTR)], out
+        assert m.xattr(s, "state") == "snapshotting"  # the capture itself goes on
+        assert "EINTR: process" in m.log() and "was signalled while waiting" in m.log()
+    assert m.wait_state(s) == "available"
     run("cmp", s / "image.raw", vol)

@@ -4,6 +4,7 @@ is shown to know nothing of its backend."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -41,8 +42,10 @@ def test_tree_and_operations_on_the_cloud_backend(
     assert ls(m.project / "tags" / "y") == ["cloud"]
     run("mv", s, m.snapshots() / "cloud2")
     assert "cloud2" in ls(m.snapshots())
-    with pytest.raises(OSError):  # no staging bucket: refused, with the reason logged
+    with pytest.raises(OSError) as info:  # no staging bucket: refused, with the reason
         open(m.snapshots() / "cloud2" / "image.raw", "rb").close()
+    assert info.value.errno == errno.EPERM
+    assert "EPERM" in m.log() and "needs --staging-bucket" in m.log()
     run("rmdir", m.snapshots() / "cloud2")
     assert "cloud2" not in ls(m.snapshots())
 

@@ -202,8 +202,12 @@ class Flaky:
     def __init__(self, app: Any, script: list[int], delay: float = 0.0) -> None:
         self.app, self.script, self.delay = app, list(script), delay
         self.seen = 0
+        self.retry_after = b"0"  # the Retry-After its 429s carry
+        self.arrivals: list[float] = []  # trio.current_time() of each request
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            self.arrivals.append(trio.current_time())
         if scope["type"] != "http" or not self.script:
             if scope["type"] == "http":
                 self.seen += 1
@@ -214,7 +218,7 @@ class Flaky:
         await trio.sleep(self.delay)
         headers = [(b"content-type", b"application/json")]
         if status == 429:
-            headers.append((b"retry-after", b"0"))
+            headers.append((b"retry-after", self.retry_after))
         body = b'{"type": "transient_error", "message": "try again"}'
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -270,6 +274,21 @@ async def test_retries_429_and_5xx(flaky: Flaky) -> None:
         with trio.fail_after(2.5):
             assert (await svc.list_snapshots("fr-par-1")).total_count == 0
         assert flaky.seen == 2
+
+
+async def test_retry_after_is_honoured(flaky: Flaky) -> None:
+    """A 429 carrying Retry-After: 2 is retried 2 s later, not after the (here
+    0.01 s) backoff; measured between the two requests' arrivals at the server.
+    Checked by breaking it: with retry_after() (scaleway/errors.py) returning
+    None the retry comes after ~0.01 s and the lower bound fails."""
+    async with open_scaleway_service() as svc:
+        svc.backoff = 0.01
+        flaky.script, flaky.retry_after = [429], b"2"
+        flaky.arrivals.clear()
+        assert (await svc.list_snapshots("fr-par-1")).total_count == 0
+        assert len(flaky.arrivals) == 2 and svc.calls == 2
+        waited = flaky.arrivals[1] - flaky.arrivals[0]
+        assert 2.0 <= waited < 3.5, waited
 
 
 async def test_sdk_calls_leave_the_trio_thread_free(flaky: Flaky) -> None:

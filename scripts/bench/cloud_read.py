@@ -306,6 +306,14 @@ def main() -> None:
               "data fetched)")
         if hangs:
             print(f"qemu-img hung {hangs} time(s) with its default coroutines (killed, rerun)")
+        fell_back = [i for i, mode in enumerate(modes, 1) if mode != "default"]
+        if fell_back:  # one coroutine is slower than qemu-img's default 8: say so
+            print(f"FALLBACK: round(s) {', '.join(map(str, fell_back))} fell back to "
+                  f"qemu-img -m 1 (hung three times with 8 coroutines); their qemu-img "
+                  f"time is not the default's and flatters snapfs")
+        else:
+            print("qemu-img ran with its default coroutines in every round")
+        print("load average (1, 5, 15 min): %.2f %.2f %.2f" % os.getloadavg())
         med = statistics.median(qemu) / statistics.median(cloud)
         print(f"median rounds: snapfs/qemu-img {med:.2f}x")
         print(f"throughput snapfs/qemu-img {ratio:.2f}x (best rounds; target >= 1.0) "

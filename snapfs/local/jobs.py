@@ -13,7 +13,7 @@ from typing import Awaitable, Callable
 import trio
 
 from ..errors import InvalidData, PreconditionFailed, SnapfsError
-from ..model import now
+from ..model import PRODUCING_STATES, now
 from ..objects import ObjectStorage
 from ..service import ImageReader
 from . import leases
@@ -168,7 +168,7 @@ class BackgroundJobs:
             state = self.md.live_state(snapshot_id)
             if state is None:  # deleted by another process: its delete frees the map
                 log.info("snapshot %s was deleted while it was made", snapshot_id)
-            elif state in ("snapshotting", "importing"):
+            elif state in PRODUCING_STATES:
                 with trio.CancelScope(shield=True):
                     log.warning("snapshot %s failed: %s", snapshot_id, reason)
                     self.md.update_snapshot(snapshot_id, state=failed_state,

@@ -17,11 +17,10 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import trio
 
-from ..errors import (CorruptData, InvalidArgument, PreconditionFailed, SnapshotUnusable,
-                      VolumeChanged)
-from ..model import (DEFAULT_ZONE, FAILED_STATES, ZONES, BaseVolume, FileAccess, Page,
-                     Project, Snapshot, Task, Volume, check_name, check_paging, check_size,
-                     check_tags, check_uuid, check_volume_type, check_zone, new_id, now)
+from ..errors import (CorruptData, InvalidArgument, PreconditionFailed, VolumeChanged)
+from ..model import (DEFAULT_ZONE, PRODUCING_STATES, ZONES, BaseVolume, FileAccess, Page,
+                     Project, Snapshot, Task, Volume, check_name, check_paging, check_readable,
+                     check_size, check_tags, check_uuid, check_volume_type, check_zone, new_id, now)
 from ..objects import ObjectStorage
 from ..service import ImageReader, SnapshotService
 from . import leases
@@ -420,7 +419,7 @@ class LocalService(BackgroundJobs, SnapshotService):
         """Whether a capture, import or export of a dead process is unfinished
         (what recover() fails when the store is not to itself)."""
         md = self.md
-        return any(_dead(o) for _, o in md.snapshots_in_states(("snapshotting", "importing"))) \
+        return any(_dead(o) for _, o in md.snapshots_in_states(tuple(PRODUCING_STATES))) \
             or any(_dead(o) for _, o in md.unfinished_tasks())
 
     def _orphaned_work(self) -> bool:
@@ -485,11 +484,7 @@ class LocalService(BackgroundJobs, SnapshotService):
         return self._reader(snapshot_id, snap.size, held)
 
     def _check_readable(self, snap: Snapshot) -> None:
-        if snap.state in FAILED_STATES:
-            raise SnapshotUnusable(f"snapshot {snap.name!r} is in state {snap.state}: "
-                                   f"{snap.error_reason or 'no data'}")
-        if snap.state in ("snapshotting", "importing"):
-            raise PreconditionFailed(f"snapshot {snap.name!r} is still {snap.state}")
+        check_readable(snap)
         if snap.id in self._deleting:
             raise PreconditionFailed(f"snapshot {snap.name!r} is being deleted")
 

@@ -16,7 +16,8 @@ from ...model import PRODUCING_STATES, Snapshot, check_readable
 from ...service import Buffer, ImageReader
 from .. import transfer
 from ..access import image_access
-from ..context import IMAGE_BLKSIZE, FsContext, Stat, file_stat, ns
+from ..attributes import IMAGE_BLKSIZE, Stat, file_stat, ns
+from ..context import FsContext
 from ..keys import EXPORT, IMAGE, JSON, Key
 from ..prefetch import Prefetcher
 from .base import BufferHandle, Handle, Node

@@ -9,7 +9,7 @@ from ...errors import NotFound, NotPermitted
 from ...logtext import esc
 from ...model import Snapshot, check_name, check_tags
 from ..keys import SNAPSHOT_FILES, static_child
-from ..context import Stat
+from ..attributes import Stat
 from .base import Entry, Node
 from .files import file_node
 from .views import snapshot_at, snapshot_stat

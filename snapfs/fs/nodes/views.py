@@ -12,7 +12,8 @@ import trio
 from ...errors import AlreadyExists, NotFound, NotPermitted, PreconditionFailed
 from ...logtext import esc
 from ...model import Snapshot, check_name
-from ..context import FsContext, Stat, dir_stat, ns
+from ..attributes import Stat, dir_stat, ns
+from ..context import FsContext
 from ..keys import Key, Kind, View, may_create_snapshot_in, same_place, snapshot_dir
 from .base import Entry, Node
 from .hierarchy import ProjectNode, section_stat, volume_stat, volume_xattrs

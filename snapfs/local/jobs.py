@@ -25,9 +25,9 @@ from ..service import ImageReader
 from .background import BackgroundJobs
 from .capture import CaptureSource, FileSource, ReaderSource, capture
 from .capturequeue import Ticket
-from .leases import VolumeLeases
 from .chunkindex import ChunkIndex
 from .chunks import CHUNK_SIZE, PackFiles
+from .leases import VolumeLeases
 from .metadata import Metadata
 from .packpool import PackPool
 from .recovery import EXPORT_INTERRUPTED, INTERRUPTED

@@ -9,8 +9,8 @@ in (capturequeue.py).
 - ``spawn`` starts a task that ends by itself (a reader's read-ahead).
 
 A job's end is signalled by an event (what ``stop`` and ``idle`` wait on): nothing
-polls. Closing cancels the daemons, then every job (one may start another on its
-way out: that one too), and waits for each to finish.
+polls. Closing stops the daemons (the sweep may be starting jobs), then cancels every
+job (one may start another on its way out: that one too) and waits for each.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class BackgroundJobs:
         self._jobs: dict[str, trio.CancelScope] = {}
         #: Set when a snapshot's job has ended (what a delete stopping it waits for).
         self._done: dict[str, trio.Event] = {}
-        self._daemons: list[trio.CancelScope] = []
+        self._daemons: list[tuple[trio.CancelScope, trio.Event]] = []
         self._idle = trio.Event()
         self._idle.set()
 
@@ -113,12 +113,15 @@ class BackgroundJobs:
     def daemon(self, fn: Callable[[], Awaitable[None]]) -> None:
         """Run ``fn`` until the service closes."""
         nursery = self._started()
-        scope = trio.CancelScope()
-        self._daemons.append(scope)
+        scope, ended = trio.CancelScope(), trio.Event()
+        self._daemons.append((scope, ended))
 
         async def run() -> None:
-            with scope:
-                await fn()
+            try:
+                with scope:
+                    await fn()
+            finally:
+                ended.set()
         nursery.start_soon(run)
 
     def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
@@ -128,9 +131,11 @@ class BackgroundJobs:
             self._nursery.start_soon(fn)
 
     async def aclose(self) -> None:
-        for scope in self._daemons:
+        daemons, self._daemons = self._daemons, []
+        for scope, _ in daemons:
             scope.cancel()
-        self._daemons.clear()
+        for _, ended in daemons:  # ended before any job is stopped: none starts another
+            await ended.wait()
         while self._jobs:  # (a job may start another on its way out: cancel that too)
             for scope in list(self._jobs.values()):
                 scope.cancel()

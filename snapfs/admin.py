@@ -11,7 +11,8 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from .cli import add_store_option, store_path
+from .backends import BackendSettings, open_backend
+from .storeoptions import add_store_option, store_path
 from .errors import InvalidArgument, SnapfsError
 from .model import DEFAULT_ZONE, VOLUME_TYPES, ZONES
 
@@ -30,11 +31,12 @@ def _run(args: argparse.Namespace, fn: Callable[[Any], Awaitable[int | None]],
          readonly: bool = False) -> int:
     """``readonly``: a command that only reads opens the store without changing
     any file in it (no recovery, no migration, nothing created)."""
-    from .local import open_local_service
+    # The local store (the commands are its administration), without Object Storage.
+    settings = BackendSettings(store=store_path(args), objects=False, resume=False,
+                               readonly=readonly)
 
     async def main() -> int | None:
-        async with open_local_service(store_path(args), resume=False,
-                                      readonly=readonly) as svc:
+        async with open_backend(settings) as svc:
             return await fn(svc)
     try:
         return int(trio.run(main) or 0)
@@ -112,7 +114,7 @@ def _fsck(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         print(line, flush=True)
     if args.repair:
-        from .local.repair import run_repair
+        from .local.fsck import run_repair
         return int(trio.run(run_repair, store_path(args), say))
 
     async def go(svc: Any) -> int:

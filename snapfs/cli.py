@@ -1,35 +1,18 @@
 """The ``snapfs`` command line. Each area registers its own sub-commands:
-store administration here, ``mount``/``umount``/``wait`` in ``snapfs.fs.commands``,
-``serve`` in ``snapfs.http.commands``."""
+store administration in ``snapfs.admin``, ``mount``/``umount``/``wait`` in ``snapfs.fs.commands``,
+``serve`` in ``snapfs.http.commands``; their ``--store`` option is
+``snapfs.storeoptions`` (a leaf: no command module imports this one)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-from pathlib import Path
 from typing import NoReturn
 
 from .errors import SnapfsError
 from .logtext import EscapingFormatter
 from .memory import limit_malloc_arenas
-
-
-def default_store() -> Path:
-    env = os.environ.get("SNAPFS_STORE")
-    if env:
-        return Path(env)
-    return Path.home() / ".local" / "share" / "snapfs"
-
-
-def add_store_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--store", type=Path, default=None, metavar="DIR",
-                        help="store directory (default: $SNAPFS_STORE, else ~/.local/share/snapfs)")
-
-
-def store_path(args: argparse.Namespace) -> Path:
-    return args.store if getattr(args, "store", None) else default_store()
 
 
 class _Parser(argparse.ArgumentParser):

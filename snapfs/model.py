@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, PreconditionFailed, SnapshotUnusable
 
 ZONES: tuple[str, ...] = (
     "fr-par-1", "fr-par-2", "fr-par-3",
@@ -28,8 +28,14 @@ VOLUME_TYPES: tuple[str, ...] = ("l_ssd", "b_ssd", "unified")
 SNAPSHOT_STATES: tuple[str, ...] = (
     "available", "snapshotting", "error", "invalid_data", "importing", "exporting",
 )
+# The one state rule, for every backend and the filesystem alike: a snapshot is
+# readable when available or exporting; it has no data YET while producing (a
+# reader may wait), and never will once failed; busy (`snapfs wait` waits) while
+# its data is produced or moved.
+#: States in which the snapshot's data is still being produced (not readable yet).
+PRODUCING_STATES = frozenset({"snapshotting", "importing"})
 #: States in which the snapshot's data is still being produced or moved.
-BUSY_STATES = frozenset({"snapshotting", "importing", "exporting"})
+BUSY_STATES = PRODUCING_STATES | {"exporting"}
 #: States in which the snapshot has no readable data.
 FAILED_STATES = frozenset({"error", "invalid_data"})
 
@@ -394,3 +400,13 @@ class Task:
             "href_result": self.href_result, "started_at": self.started_at,
             "terminated_at": self.terminated_at, "zone": self.zone,
         }
+
+
+def check_readable(snap: "Snapshot") -> None:
+    """The state rule for reading a snapshot's data: refused for good when it
+    failed (SnapshotUnusable), for now while it is produced (PreconditionFailed)."""
+    if snap.state in FAILED_STATES:
+        raise SnapshotUnusable(f"snapshot {snap.name!r} is in state {snap.state}: "
+                               f"{snap.error_reason or 'no data'}")
+    if snap.state in PRODUCING_STATES:
+        raise PreconditionFailed(f"snapshot {snap.name!r} is still {snap.state}")

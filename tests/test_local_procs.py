@@ -110,8 +110,8 @@ async def test_a_capture_whose_snapshot_another_process_deletes_leaves_nothing(
         finally:
             a.index_lock.release()
         with trio.fail_after(30):
-            while a._jobs or b._jobs:
-                await trio.sleep(0.02)
+            await a.jobs.idle()
+            await b.jobs.idle()
         await deletes_done(b)
         assert map_rows(a.md.conn) == 0
         assert a.md.conn.execute("SELECT count(*) FROM snapshots").fetchone()[0] == 0
@@ -287,8 +287,8 @@ async def test_a_clone_backed_snapshot_deleted_by_another_process_while_it_is_st
             await b.delete_snapshot(ZONE, snap.id)
             await trio.sleep(0.2)
         with trio.fail_after(30):
-            while a._jobs or b._jobs:
-                await trio.sleep(0.02)
+            await a.jobs.idle()
+            await b.jobs.idle()
         await deletes_done(b)
         for table in ("snapshots", "snapshot_chunks", "chunks"):
             assert a.md.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0

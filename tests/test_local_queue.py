@@ -27,7 +27,7 @@ async def test_a_volumes_captures_queue_in_order_and_reuse_the_map(
             snaps = [await service.create_snapshot(ZONE, name=f"s{i}", volume_id=vol.id)
                      for i in range(4)]
             await tasks_waiting(service.hash_limiter)
-            assert service.captures.queued(vol.id) == 4
+            assert service.jobs.captures.queued(vol.id) == 4
             for s in snaps[1:]:  # waiting their turn: nothing read, nothing held
                 got = await service.get_snapshot(ZONE, s.id)
                 assert (got.state, got.progress) == ("snapshotting", 0)
@@ -36,7 +36,7 @@ async def test_a_volumes_captures_queue_in_order_and_reuse_the_map(
                 await service.delete_snapshot(ZONE, snaps[2].id)
             with pytest.raises(NotFound):
                 await service.get_snapshot(ZONE, snaps[2].id)
-            assert service.captures.queued(vol.id) == 3
+            assert service.jobs.captures.queued(vol.id) == 3
         done = [await wait_state(service, s.id) for s in (snaps[0], snaps[1], snaps[3])]
     assert [s.state for s in done] == ["available"] * 3
     for s in done:
@@ -44,7 +44,7 @@ async def test_a_volumes_captures_queue_in_order_and_reuse_the_map(
     text = caplog.text
     assert text.count(f"{len(data)} bytes read from the volume") == 1
     assert text.count("map reused") == 2
-    assert service.captures.queued(vol.id) == 0 and service.captures.tickets == 0
+    assert service.jobs.captures.queued(vol.id) == 0 and service.jobs.captures.tickets == 0
 
 
 async def test_at_most_running_captures_read_at_once(
@@ -68,7 +68,7 @@ async def test_a_full_queue_refuses_and_changes_nothing(
         service: LocalService, volume_file: Callable[..., Path]) -> None:
     data = random_bytes(MiB, seed=5)
     vol = await service.add_volume("v", volume_file("v", len(data), [(0, data)]))
-    service.captures = CaptureQueue(limit=2)
+    service.jobs.captures = CaptureQueue(limit=2)
     with all_tokens_held(service.hash_limiter):
         first = [await service.create_snapshot(ZONE, name=f"s{i}", volume_id=vol.id)
                  for i in range(2)]

@@ -11,7 +11,8 @@ import pytest
 from fixtures_s3 import ADMIN, SeaweedServer
 from snapfs.errors import InvalidArgument, NotFound, PermissionDenied, SnapfsError, Transient
 from snapfs.s3.calls import is_temp_failure, map_error
-from snapfs.s3.config import object_storage_from_config, region_of_zone, resolve_settings
+from snapfs.s3.config import region_of_zone, resolve_settings
+from snapfs.s3.storage import object_storage_from_config
 from snapfs.s3.storage import S3ObjectStorage
 
 AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",

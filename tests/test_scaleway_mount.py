@@ -1,5 +1,7 @@
 """`snapfs mount --backend scaleway` through the kernel, against `snapfs serve`
-(real HTTP, the official SDK) with SeaweedFS as Object Storage: mkdir, tags,
+(real HTTP, the official SDK; the Scaleway API served by a real local store), so
+the filesystem is shown to know nothing of its backend: the tree and operations
+without Object Storage, then with SeaweedFS as Object Storage: mkdir, tags,
 rename, export, image.raw bytes, rmdir -- each checked on the server's side too."""
 
 from __future__ import annotations
@@ -18,11 +20,18 @@ from fixtures_http import ACCESS_KEY, SECRET, Served
 from fixtures_mount import Mount, run
 from fixtures_s3 import ADMIN
 
-pytestmark = [pytest.mark.mount, pytest.mark.s3]
+pytestmark = pytest.mark.mount
 
 
 def ls(path: Path) -> list[str]:
     return run("ls", "-1", path).stdout.split()
+
+
+def scw_env(s: Served) -> dict[str, str]:
+    return {"SCW_ACCESS_KEY": ACCESS_KEY, "SCW_SECRET_KEY": SECRET, "SCW_API_URL": s.url,
+            "SCW_DEFAULT_ORGANIZATION_ID": s.organization,
+            "SCW_DEFAULT_PROJECT_ID": s.default_project, "SCW_DEFAULT_ZONE": "fr-par-1",
+            "SCW_CONFIG_PATH": "/nonexistent/scw.yaml"}
 
 
 @pytest.fixture
@@ -41,6 +50,7 @@ def cloud_mount(served_s3: Served, s3_server: Any, bucket: str, tmp_path: Path,
                          "--s3-endpoint", s3_server.endpoint, env=env)
 
 
+@pytest.mark.s3
 def test_cloud_tree_end_to_end(cloud_mount: Mount, served_s3: Served, s3_server: Any,
                                bucket: str, tmp_path: Path) -> None:
     m = cloud_mount
@@ -96,6 +106,7 @@ def test_cloud_tree_end_to_end(cloud_mount: Mount, served_s3: Served, s3_server:
     assert res == []
 
 
+@pytest.mark.s3
 def test_cloud_refusals_keep_the_server_unchanged(cloud_mount: Mount,
                                                   served_s3: Served) -> None:
     m = cloud_mount
@@ -108,3 +119,41 @@ def test_cloud_refusals_keep_the_server_unchanged(cloud_mount: Mount,
         os.rmdir(m.snapshots() / "does-not-exist")
     assert exc.value.errno == errno.ENOENT
     assert int(api.list_snapshots().total_count) == before
+
+
+def test_tree_and_operations_on_the_cloud_backend(
+        mount_factory: Callable[..., Mount], served: Served, tmp_path: Path) -> None:
+    m = mount_factory(tmp_path / "store", "--backend", "scaleway", env=scw_env(served))
+    assert "fr-par-1" in ls(m.path)
+    assert {"default", "other"} <= set(ls(m.path / "fr-par-1"))
+    assert "vol-a" in ls(m.volume(""))
+    run("mkdir", m.volume("vol-a") / "cloud")
+    s = m.snapshots() / "cloud"
+    assert m.wait_state(s) == "available"
+    assert m.xattr(s, "base_volume_name") == "vol-a"
+    run("setfattr", "-n", "user.tags", "-v", "x,y", s)
+    assert ls(m.project / "tags" / "y") == ["cloud"]
+    run("mv", s, m.snapshots() / "cloud2")
+    assert "cloud2" in ls(m.snapshots())
+    with pytest.raises(OSError) as info:  # no staging bucket: refused, with the reason
+        open(m.snapshots() / "cloud2" / "image.raw", "rb").close()
+    assert info.value.errno == errno.EPERM
+    assert "EPERM" in m.log() and "needs --staging-bucket" in m.log()
+    run("rmdir", m.snapshots() / "cloud2")
+    assert "cloud2" not in ls(m.snapshots())
+
+
+@pytest.mark.s3
+def test_image_raw_on_the_cloud_backend(mount_factory: Callable[..., Mount],
+                                        served_s3: Served, s3_server: Any,
+                                        tmp_path: Path) -> None:
+    bucket = s3_server.new_bucket()
+    env = dict(scw_env(served_s3), AWS_ACCESS_KEY_ID=ADMIN[0],
+               AWS_SECRET_ACCESS_KEY=ADMIN[1], AWS_DEFAULT_REGION="us-east-1")
+    m = mount_factory(tmp_path / "store", "--backend", "scaleway", "--s3-endpoint",
+                      s3_server.endpoint, "--staging-bucket", bucket, env=env)
+    run("mkdir", m.volume("vol-a") / "img")
+    s = m.snapshots() / "img"
+    assert m.wait_state(s) == "available"
+    run("cmp", s / "image.raw", served_s3.volumes["vol-a"]["path"])
+    assert os.stat(s / "image.raw").st_size == served_s3.volumes["vol-a"]["size"]

@@ -53,7 +53,7 @@ STALL = 15.0  # seconds without qemu-img progress output: a hang
 #: the time goes (backend + S3 reader vs the mount's FUSE path).
 BACKEND_READ = """
 import sys, time, trio
-from snapfs.s3.config import object_storage_from_config
+from snapfs.s3.storage import object_storage_from_config
 from snapfs.scaleway import open_scaleway_service
 
 async def main():

@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..cli import add_store_option, store_path
+from ..backends import add_backend_options
+from ..storeoptions import store_path
 from ..errors import InvalidArgument, SnapfsError
+from ..model import BUSY_STATES, FAILED_STATES
 
-BUSY = ("snapshotting", "importing", "exporting")
-FAILED = ("error", "invalid_data")
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -24,11 +24,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                        "the mount is live; the daemon logs to mount.log in the store "
                        "directory (to stderr with --foreground).")
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
-    add_store_option(p)
-    p.add_argument("--backend", choices=("local", "scaleway"), default="local",
-                   help="which service to show (default: the local store)")
-    p.add_argument("--s3-endpoint", metavar="URL", default=None,
-                   help="Object Storage endpoint for export and import")
+    add_backend_options(p)  # --store, --backend, --s3-endpoint, --zones ...
     p.add_argument("--foreground", "-f", action="store_true",
                    help="stay in the foreground, log to stderr")
     p.add_argument("--debug", action="store_true", help="log every request")
@@ -53,11 +49,6 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--listen", default=None, metavar="HOST:PORT",
                    help="also serve the Instance API from the mount daemon, as "
                    "`snapfs serve` would (X-Auth-Token: SCW_SECRET_KEY when set)")
-    p.add_argument("--zones", default=None, metavar="Z1,Z2",
-                   help="scaleway backend: extra zones to show")
-    p.add_argument("--profile", default=None, help="scaleway backend: config profile")
-    p.add_argument("--staging-bucket", default=None, metavar="BUCKET",
-                   help="scaleway backend: bucket image.raw exports are staged in")
     p.set_defaults(func=_mount)
 
     p = sub.add_parser("umount", help="unmount a snapfs mount",
@@ -165,7 +156,8 @@ def _snapshot_probe(target: Path) -> Callable[[], Status]:
             progress = int(os.getxattr(target, "user.progress"))
         except (OSError, ValueError):
             progress = 0
-        reason = os.getxattr(target, "user.error_reason").decode() if state in FAILED else ""
+        reason = (os.getxattr(target, "user.error_reason").decode()
+                  if state in FAILED_STATES else "")
         return state, progress, reason
     return probe
 
@@ -184,7 +176,7 @@ def _probe_for(path: Path) -> tuple[Callable[[], Status], frozenset[str], frozen
     target = path if path.is_dir() else path.parent
     try:
         os.getxattr(target, "user.state")
-        return _snapshot_probe(target), frozenset(BUSY), frozenset(FAILED)
+        return _snapshot_probe(target), BUSY_STATES, FAILED_STATES
     except OSError as exc:
         error = exc.strerror
     if path.parent.name == "imports" and path.is_file():

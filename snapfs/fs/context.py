@@ -3,9 +3,7 @@ the background nursery, and the in-memory records of transfers started here."""
 
 from __future__ import annotations
 
-import datetime as dt
 import os
-import stat as stat_mod
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -19,54 +17,6 @@ from ..service import SnapshotService
 from .catalog import DEFAULT_TTL, Catalog
 from .inodes import InodeTable
 from .transfer import Target
-
-#: Reported as st_blksize of image.raw: cp/cat size their buffers from it, so
-#: sequential readers reach the daemon with 1 MiB requests (one chunk each).
-IMAGE_BLKSIZE = 1 << 20
-
-
-@dataclass
-class Stat:
-    """The attributes of a node, before it has an inode number."""
-
-    mode: int
-    size: int = 0
-    mtime_ns: int = 0
-    ctime_ns: int = 0
-    blksize: int = 4096
-    #: How long the kernel may keep these attributes (and the entry).
-    timeout: float = 1.0
-    #: Owner and group (None: the mount's owner's; image.raw: access.py).
-    uid: int | None = None
-    gid: int | None = None
-
-    @property
-    def is_dir(self) -> bool:
-        return stat_mod.S_ISDIR(self.mode)
-
-
-def dir_stat(writable: bool, mtime_ns: int = 0, ctime_ns: int = 0,
-             timeout: float = 1.0) -> Stat:
-    return Stat(stat_mod.S_IFDIR | (0o755 if writable else 0o555), 0, mtime_ns, ctime_ns,
-                timeout=timeout)
-
-
-def file_stat(writable: bool, size: int, mtime_ns: int = 0, ctime_ns: int = 0,
-              blksize: int = 4096, timeout: float = 1.0) -> Stat:
-    return Stat(stat_mod.S_IFREG | (0o644 if writable else 0o444), size, mtime_ns, ctime_ns,
-                blksize, timeout)
-
-
-def ns(rfc3339: str | None, default: int = 0) -> int:
-    """An API date as nanoseconds since the epoch (0 when absent or unparsable)."""
-    if not rfc3339:
-        return default
-    try:
-        when = dt.datetime.fromisoformat(rfc3339.replace("Z", "+00:00"))
-    except ValueError:
-        return default
-    return int(when.timestamp() * 1_000_000_000)
-
 
 @dataclass
 class ImportRecord:

@@ -1,4 +1,4 @@
-"""Running a mount: opening the backend, serving FUSE on trio, daemonizing.
+"""Running a mount: opening the backend (snapfs/backends.py), serving FUSE on trio, daemonizing.
 
 ``snapfs mount`` forks before anything starts (no threads, no trio loop yet):
 the child opens the backend, mounts, and reports "ready" (or the one-line
@@ -14,18 +14,17 @@ import os
 import signal
 import socket
 import sys
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import IO, AsyncIterator, Callable, TextIO
+from typing import IO, Callable, TextIO
 
 import pyfuse3
 import trio
 
+from ..backends import BackendSettings, open_backend
 from ..errors import InvalidArgument, SnapfsError
 from ..logtext import EscapingFormatter
-from ..objects import ObjectStorage
 from ..service import SnapshotService
 from .context import FsContext
 from .ops import SnapfsOperations
@@ -62,34 +61,10 @@ class MountConfig:
     #: HOST:PORT to serve the Instance API on from this daemon (snapfs/http), or None.
     listen: str | None = None
 
-
-def object_storage(endpoint: str | None) -> ObjectStorage | None:
-    """Object Storage for export/import, or None (the service then refuses them
-    with a clear reason)."""
-    try:
-        from ..s3.config import object_storage_from_config
-    except ImportError:
-        log.warning("Object Storage support is not installed; export/import will fail")
-        return None
-    return object_storage_from_config(endpoint)
-
-
-@asynccontextmanager
-async def open_backend(cfg: MountConfig) -> AsyncIterator[SnapshotService]:
-    """The one place that knows the backends: the filesystem only sees the
-    SnapshotService it yields."""
-    objects = object_storage(cfg.s3_endpoint)
-    if cfg.backend == "local":
-        from ..local import open_local_service
-        async with open_local_service(cfg.store, objects=objects) as svc:
-            yield svc
-    elif cfg.backend == "scaleway":
-        from ..scaleway import open_scaleway_service
-        async with open_scaleway_service(cfg.zones, staging_bucket=cfg.staging_bucket,
-                                         profile=cfg.profile, objects=objects) as svc:
-            yield svc
-    else:
-        raise InvalidArgument("backend", f"unknown backend {cfg.backend!r} (local, scaleway)")
+    def backend_settings(self) -> BackendSettings:
+        return BackendSettings(store=self.store, backend=self.backend,
+                               s3_endpoint=self.s3_endpoint, zones=self.zones,
+                               profile=self.profile, staging_bucket=self.staging_bucket)
 
 
 def fuse_options(cfg: MountConfig) -> set[str]:
@@ -123,7 +98,7 @@ async def serve(cfg: MountConfig, ready: Callable[[], None] | None = None) -> No
     if cfg.listen is not None:  # bound first: a taken port is the mount's one refusal
         from ..http.server import bind
         api = bind(cfg.listen)
-    async with open_backend(cfg) as svc:
+    async with open_backend(cfg.backend_settings()) as svc:
         ctx = FsContext.create(svc, ttl=cfg.ttl)
         ctx.direct_io = cfg.direct_io
         ctx.image_mode, ctx.image_owner = cfg.image_mode, cfg.image_owner

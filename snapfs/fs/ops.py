@@ -21,7 +21,8 @@ from ..service import Buffer
 from ..errors import (InvalidArgument, NotFound, NotPermitted, NotSupported, ReadOnly,
                       SnapfsError, errno_for)
 from ..logtext import esc
-from .context import FsContext, Stat
+from .attributes import Stat
+from .context import FsContext
 from .keys import Key
 from .nodes import Entry, Handle, Node, node_for
 

@@ -1,40 +1,37 @@
-"""``snapfs serve``: the local store as the Scaleway Instance API over HTTP."""
+"""``snapfs serve``: a backend (the local store by default) as the Scaleway Instance
+API over HTTP."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import signal
 import sys
 from contextlib import AsyncExitStack
-from pathlib import Path
 from typing import Any
 
 import trio
 
-from .. import cli
+from ..backends import BackendSettings, add_backend_options, open_backend, settings_from_args
 from ..errors import SnapfsError
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser(
         "serve", help="serve the local store as the Scaleway Instance API v1 over HTTP",
-        description="Serve the local store as the Scaleway Instance API v1 (snapshots, "
+        description="Serve the local store (or --backend) as the Scaleway Instance API v1 "
+                    "(snapshots, "
                     "volumes, tasks) and the Account v3 project list. Clients send "
                     "X-Auth-Token; when SCW_SECRET_KEY is set it must equal it, and without "
                     "it only a loopback address is served (unless --no-auth). The first "
                     "line on stdout is 'serving URL' once the socket is bound.")
     p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
                    help="address to bind (default 127.0.0.1:8080; port 0 picks a free one)")
-    p.add_argument("--s3-endpoint", default=None, metavar="URL",
-                   help="Object Storage endpoint for export/import (default: the S3 "
-                        "configuration, if any)")
     p.add_argument("--no-auth", action="store_true",
                    help="without SCW_SECRET_KEY, listen on a non-loopback address anyway "
                         "(any token is then accepted; a warning is logged)")
-    cli.add_store_option(p)
+    add_backend_options(p)  # --store, --backend, --s3-endpoint, --zones ...
     p.set_defaults(func=_run)
 
 
@@ -43,7 +40,7 @@ def _run(args: argparse.Namespace) -> int:
     # job, at INFO; cli.main's default of WARNING would hide the refusals.
     logging.getLogger("snapfs").setLevel(logging.INFO)
     try:
-        trio.run(_serve, cli.store_path(args), args.listen, args.s3_endpoint, args.no_auth)
+        trio.run(_serve, settings_from_args(args), args.listen, args.no_auth)
     except BaseExceptionGroup as group:
         # A refusal from inside a task group: give cli.main the one error it reports.
         leaf = _single_leaf(group)
@@ -62,22 +59,7 @@ def _single_leaf(group: BaseExceptionGroup) -> BaseException | None:
     return exc
 
 
-async def _open_objects(stack: AsyncExitStack, endpoint: str | None) -> Any:
-    """The Object Storage for export/import when the S3 area provides one; None
-    otherwise (the service then refuses export/import with a clear reason)."""
-    try:
-        config = importlib.import_module("snapfs.s3.config")
-    except ModuleNotFoundError:
-        return None
-    objects = config.object_storage_from_config(endpoint)
-    if objects is not None:
-        stack.push_async_callback(objects.aclose)
-    return objects
-
-
-async def _serve(store: Path, listen: str, s3_endpoint: str | None,
-                 no_auth: bool = False) -> None:
-    from ..local import open_local_service  # type: ignore[attr-defined]
+async def _serve(settings: BackendSettings, listen: str, no_auth: bool = False) -> None:
     from .server import bind, check_exposure, serve
 
     sock = bind(listen)  # an unknown host or a taken port is its own clear refusal
@@ -88,8 +70,7 @@ async def _serve(store: Path, listen: str, s3_endpoint: str | None,
         raise
     async with AsyncExitStack() as stack:
         stack.callback(sock.close)
-        objects = await _open_objects(stack, s3_endpoint)
-        service = await stack.enter_async_context(open_local_service(store, objects=objects))
+        service = await stack.enter_async_context(open_backend(settings))
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             stop = trio.Event()
             async with trio.open_nursery() as nursery:
@@ -108,4 +89,5 @@ async def _serve(store: Path, listen: str, s3_endpoint: str | None,
                 nursery.start_soon(on_signal)
                 binds = await nursery.start(run_server)
                 print(f"serving {binds[0]}", flush=True)
-                print(f"snapfs: serving {store} on {binds[0]}", file=sys.stderr, flush=True)
+                print(f"snapfs: serving {settings.describe()} on {binds[0]}", file=sys.stderr,
+                      flush=True)

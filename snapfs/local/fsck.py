@@ -2,9 +2,9 @@
 
 Reads every stored chunk once, pack by pack in offset order (sequential I/O),
 hashing in worker threads. Reports problems; fixes nothing and changes no file
-(the CLI opens the store read-only); ``snapfs fsck --repair`` (repair.py) does
-the safe repairs. What any exclusive open tidies by itself (pack tails, queued
-punches, empty packs) is listed as "to tidy", not as a problem.
+(the CLI opens the store read-only); ``snapfs fsck --repair`` (run_repair) does
+the safe repairs of repair.py first. What any exclusive open tidies by itself
+(pack tails, queued punches, empty packs) is listed as "to tidy", not as a problem.
 """
 
 from __future__ import annotations
@@ -12,15 +12,17 @@ from __future__ import annotations
 import os
 import sqlite3
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import trio
 
 from ..errors import CorruptData
 from .chunks import CHUNK_SIZE
-from .repair import (pending_tidying, store_idle, suspicious_tails, unaccounted_packs,
-                     unaccounted_shadows)
+from .repair import (exclusive_lock, pending_tidying, repair, store_idle, suspicious_tails,
+                     unaccounted_packs, unaccounted_shadows)
 from .service import LocalService
+from .store import open_store
 
 
 @dataclass
@@ -136,3 +138,24 @@ def _still_there(conn: sqlite3.Connection, cid: int, pack: int, offset: int) -> 
     row goes before its space is punched, so a punched chunk shows as gone here."""
     return conn.execute("SELECT 1 FROM chunks WHERE id = ? AND pack = ? AND offset = ?",
                         (cid, pack, offset)).fetchone() is not None
+
+
+async def run_repair(store: Path, say: Callable[[str], None]) -> int:
+    """``snapfs fsck --repair``: with the store to ourselves, repair, then check;
+    the fsck exit status."""
+    if not store.is_dir() or not any(store.iterdir()):
+        open_store(store, writing=False)  # refuses: no store there (repair makes none)
+    open_store(store, writing=True)
+    fd = exclusive_lock(store)
+    try:
+        svc = LocalService(store, None)
+        try:
+            await repair(svc, say)
+            rep = await fsck(svc)
+        finally:
+            svc.pool.close()
+            svc.packs.close()
+            svc.md.close()
+    finally:
+        os.close(fd)
+    return print_report(rep, say)

@@ -1,27 +1,35 @@
-"""The local service's background work: captures (a full read, or the previous
-map reused under a read lease), imports and exports, each a task in the service's
-nursery that leaves its snapshot or task in a final state whatever happens."""
+"""What the local service's background jobs do: captures (a full read, or the
+previous map reused under a read lease), imports, exports, the storing of
+clone-backed snapshots and the background half of deletes, each a job of the
+service's BackgroundJobs (background.py) that leaves its snapshot or task in a
+final state whatever happens.
+
+``key`` is a snapshot's map key (its rowid, see schema.py) throughout; an Object
+Storage object is ``bucket``/``obj``."""
 
 from __future__ import annotations
 
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from functools import partial
 from typing import Awaitable, Callable
 
 import trio
 
 from ..errors import InvalidData, PreconditionFailed, SnapfsError
-from ..model import now
+from ..model import PRODUCING_STATES, now
 from ..objects import ObjectStorage
 from ..service import ImageReader
-from . import leases
-from .capture import CaptureSource, FileSource, PackPool, ReaderSource, capture
-from .capturequeue import CaptureQueue, Ticket
+from .background import BackgroundJobs
+from .capture import CaptureSource, FileSource, ReaderSource, capture
+from .capturequeue import Ticket
 from .chunkindex import ChunkIndex
 from .chunks import CHUNK_SIZE, PackFiles
+from .leases import VolumeLeases
 from .metadata import Metadata
+from .packpool import PackPool
 from .recovery import EXPORT_INTERRUPTED, INTERRUPTED
 from .shadows import Ranges, Shadow, Shadows, complement
 from .volumefile import VolumeFile
@@ -45,8 +53,11 @@ NO_OBJECT_STORAGE = ("Object Storage is not configured (set AWS_ENDPOINT_URL or 
                      "snapfs mount --s3-endpoint, and credentials)")
 
 
-class BackgroundJobs:
-    """Mixed into LocalService, whose state it uses."""
+@dataclass(eq=False)
+class SnapshotWork:
+    """The bodies of the local service's jobs, over the store's parts (given by the
+    service that holds this). Each job runs in ``jobs``; ``reader`` opens a
+    snapshot for an export (LocalService._reader)."""
 
     md: Metadata
     index: ChunkIndex
@@ -56,36 +67,33 @@ class BackgroundJobs:
     index_lock: StoreLock
     io_limiter: trio.CapacityLimiter
     hash_limiter: trio.CapacityLimiter
-    _nursery: trio.Nursery | None
-    _jobs: dict[str, trio.CancelScope]
-    #: Set when a snapshot's job has ended (what a delete stopping it waits for).
-    _done: dict[str, trio.Event]
-    #: Captures (and the storing of clones): bounded, one volume's in order.
-    captures: CaptureQueue
-    #: Imports: bounded on their own, so that they and captures never wait on each other.
-    import_queue: CaptureQueue
+    jobs: BackgroundJobs
     left_uploads: LeftUploads
-    _leases: leases.VolumeLeases
+    leases: VolumeLeases
     shadows: Shadows
-    _freeing: set[str]
+    reader: Callable[[str, int], ImageReader]
 
-    def _reader(self, snapshot_id: str, size: int) -> ImageReader:
-        raise NotImplementedError
+    def __post_init__(self) -> None:
+        self._freeing: set[str] = set()  # snapshots whose delete's background half runs
 
     async def _reclaim(self) -> None:
         """Punch out the space of deleted chunks (queued in free_extents)."""
         await trio.to_thread.run_sync(self.index.reclaim_in_steps, self.packs.punch,
                                       limiter=self.io_limiter)
 
-    async def _release(self, snapshot_id: str, key: int) -> None:
+    async def release(self, snapshot_id: str, key: int) -> None:
         """The background half of a delete: the map in steps, then the space."""
-        stop, ended = threading.Event(), threading.Event()
+        stop, ended = threading.Event(), trio.Event()
+        token = trio.lowlevel.current_trio_token()
 
         def release() -> None:
             try:
                 self.index.release_in_steps(key, snapshot_id, stop)
             finally:
-                ended.set()
+                try:  # the thread's end, signalled to a cancelled caller waiting for it
+                    trio.from_thread.run_sync(ended.set, trio_token=token)
+                except trio.RunFinishedError:
+                    pass
         self._freeing.add(snapshot_id)
         try:
             async with self.index_lock:
@@ -98,8 +106,7 @@ class BackgroundJobs:
                     # process's capture may not look up chunks that step frees.
                     stop.set()
                     with trio.CancelScope(shield=True):
-                        while not ended.is_set():
-                            await trio.sleep(0.005)
+                        await ended.wait()
                     raise
             await self._reclaim()
         finally:
@@ -109,35 +116,6 @@ class BackgroundJobs:
     def freeing(self) -> bool:
         """Whether some delete's background half (map, then space) is not done."""
         return bool(self._freeing) or bool(self.md.deleting())
-
-    def _start(self, snapshot_id: str, fn: Callable[..., Awaitable[None]], *args: object
-               ) -> None:
-        assert self._nursery is not None, "service used outside open_local_service()"
-        scope = trio.CancelScope()
-        done = trio.Event()
-        self._jobs[snapshot_id] = scope
-        self._done[snapshot_id] = done
-
-        async def job() -> None:
-            try:
-                with scope:
-                    await fn(*args)
-            except Exception:  # a bug in one job must not take the whole service down
-                log.exception("background job for snapshot %s failed", snapshot_id)
-            finally:
-                if self._jobs.get(snapshot_id) is scope:
-                    del self._jobs[snapshot_id]
-                    del self._done[snapshot_id]
-                done.set()
-        self._nursery.start_soon(job)
-
-    async def _stop_job(self, snapshot_id: str) -> None:
-        """Cancel the snapshot's job (a capture or import, queued or running) and
-        return once it has cleaned up after itself."""
-        scope, done = self._jobs.get(snapshot_id), self._done.get(snapshot_id)
-        if scope is not None and done is not None:
-            scope.cancel()
-            await done.wait()
 
     async def _produce_map(self, snapshot_id: str, key: int,
                            work: Callable[[], Awaitable[None]]) -> bool:
@@ -164,7 +142,7 @@ class BackgroundJobs:
             state = self.md.live_state(snapshot_id)
             if state is None:  # deleted by another process: its delete frees the map
                 log.info("snapshot %s was deleted while it was made", snapshot_id)
-            elif state in ("snapshotting", "importing"):
+            elif state in PRODUCING_STATES:
                 with trio.CancelScope(shield=True):
                     log.warning("snapshot %s failed: %s", snapshot_id, reason)
                     self.md.update_snapshot(snapshot_id, state=failed_state,
@@ -198,7 +176,7 @@ class BackgroundJobs:
         finally:
             await source.aclose()
 
-    async def _snapshot_by_clone(self, snapshot_id: str, key: int, volume_id: str,
+    async def snapshot_by_clone(self, snapshot_id: str, key: int, volume_id: str,
                                  volume: VolumeFile, size: int) -> bool:
         """On XFS/btrfs (shadows.py): a durable clone of the volume makes its snapshot
         available before Create returns (as `zfs snapshot` or `btrfs subvolume
@@ -220,10 +198,11 @@ class BackgroundJobs:
             self.md.shadow_backed(snapshot_id, self.shadows.name(shadow))
         log.info("snapshot %s available (a clone of the volume); its chunks are "
                  "stored in the background", snapshot_id)
-        self._start(snapshot_id, self._store_shadow, snapshot_id, key, volume_id, shadow, size)
+        self.jobs.start(snapshot_id, self._store_shadow, snapshot_id, key, volume_id, shadow,
+                        size)
         return True
 
-    async def _run_capture(self, snapshot_id: str, key: int, volume_id: str,
+    async def run_capture(self, snapshot_id: str, key: int, volume_id: str,
                            volume: VolumeFile, size: int, lease: bool, ticket: Ticket) -> None:
         """A volume's snapshot read from the volume: a copy of the previous
         snapshot's map when the volume's read lease proves the file unchanged since
@@ -232,14 +211,14 @@ class BackgroundJobs:
         it would cost writers that open with O_NONBLOCK (truncate(1)) an EAGAIN.
         Waits its turn in the capture queue first (capturequeue.py): the volume's
         earlier captures are done by then, so the lease can show it unchanged."""
-        async with self.captures.turn(ticket):
+        async with self.jobs.captures.turn(ticket):
             await self._capture_volume(snapshot_id, key, volume_id, volume, size, lease)
 
     async def _capture_volume(self, snapshot_id: str, key: int, volume_id: str,
                               volume: VolumeFile, size: int, lease: bool) -> None:
         held, base = None, None
         if lease:
-            held, base = await self._leases.before_capture(volume_id, volume, size)
+            held, base = await self.leases.before_capture(volume_id, volume, size)
 
         async def work() -> None:
             if base is not None and await self._copy_map(snapshot_id, key, base):
@@ -282,7 +261,8 @@ class BackgroundJobs:
     async def _try_storing(self, snapshot_id: str, key: int, volume_id: str, shadow: Shadow,
                            size: int, retry: float) -> bool:
         try:
-            async with self.captures.turn(self.captures.ticket(volume_id, bounded=False)):
+            captures = self.jobs.captures
+            async with captures.turn(captures.ticket(volume_id, bounded=False)):
                 only = await self._unchanged_copied(snapshot_id, key, volume_id, shadow, size)
                 source = await trio.to_thread.run_sync(partial(
                     FileSource, str(shadow.path), self.hash_limiter, size, only=only,
@@ -306,7 +286,7 @@ class BackgroundJobs:
         await self._reclaim()
         await self._drop_cut_packs()
 
-    async def _resume_storing(self, snapshot_id: str, key: int, volume_id: str,
+    async def resume_storing(self, snapshot_id: str, key: int, volume_id: str,
                               shadow: Shadow, size: int) -> None:
         await self._release_partial(key)
         await self._store_shadow(snapshot_id, key, volume_id, shadow, size)
@@ -347,10 +327,10 @@ class BackgroundJobs:
                                           limiter=self.io_limiter)
         return False
 
-    async def _run_import(self, snapshot_id: str, key: int, bucket: str, obj: str,
+    async def run_import(self, snapshot_id: str, key: int, bucket: str, obj: str,
                           size: int | None, ticket: Ticket) -> None:
         async def work() -> None:
-            async with self.import_queue.turn(ticket):
+            async with self.jobs.imports.turn(ticket):
                 await read_object()
 
         async def read_object() -> None:
@@ -358,7 +338,7 @@ class BackgroundJobs:
                 raise PreconditionFailed(NO_OBJECT_STORAGE)
             zone = self.md.snapshot(None, snapshot_id).zone
             reader = await self.objects.open_qcow2(bucket, obj, zone=zone,
-                                                   nursery=self._nursery)
+                                                   nursery=self.jobs.nursery)
             if size is not None and reader.size != size:
                 await reader.aclose()
                 raise InvalidData(f"size {size} does not match the image's virtual size "
@@ -367,7 +347,7 @@ class BackgroundJobs:
             await self._store(ReaderSource(reader, self.hash_limiter), snapshot_id, key)
         await self._produce_map(snapshot_id, key, work)
 
-    async def _run_export(self, snapshot_id: str, task_id: str, bucket: str, key: str) -> None:
+    async def run_export(self, snapshot_id: str, task_id: str, bucket: str, obj: str) -> None:
         self.md.update_task(task_id, status="started")
         status, nbytes = "failure", 0
         error: str | None = EXPORT_INTERRUPTED
@@ -384,11 +364,11 @@ class BackgroundJobs:
             if self.objects is None:
                 raise PreconditionFailed(NO_OBJECT_STORAGE)
             snap = self.md.snapshot(None, snapshot_id)
-            reader = self._reader(snapshot_id, snap.size)
+            reader = self.reader(snapshot_id, snap.size)
             try:
                 nbytes = await self.objects.export_qcow2(
-                    reader, bucket, key, progress, zone=snap.zone,
-                    left=partial(self.left_uploads.record, bucket, key, snap.zone))
+                    reader, bucket, obj, progress, zone=snap.zone,
+                    left=partial(self.left_uploads.record, bucket, obj, snap.zone))
             finally:
                 await reader.aclose()
             status, error = "success", None

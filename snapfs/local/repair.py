@@ -220,28 +220,3 @@ def exclusive_lock(store: Path) -> int:
         raise PreconditionFailed(f"store {store} is open in another process (a mount or "
                                  "'snapfs serve'): stop it, then run fsck --repair") from None
     return fd
-
-
-async def run_repair(store: Path, say: Callable[[str], None]) -> int:
-    """``snapfs fsck --repair``: with the store to ourselves, repair, then check;
-    the fsck exit status."""
-    from .fsck import fsck, print_report
-    from .service import LocalService
-    from .store import open_store
-
-    if not store.is_dir() or not any(store.iterdir()):
-        open_store(store, writing=False)  # refuses: no store there (repair makes none)
-    open_store(store, writing=True)
-    fd = exclusive_lock(store)
-    try:
-        svc = LocalService(store, None)
-        try:
-            await repair(svc, say)
-            rep = await fsck(svc)
-        finally:
-            svc.pool.close()
-            svc.packs.close()
-            svc.md.close()
-    finally:
-        os.close(fd)
-    return print_report(rep, say)

@@ -7,42 +7,39 @@ Captures, imports and exports run as tasks in the service's nursery.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
-from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Awaitable, Callable
 
 import trio
 
-from ..errors import (CorruptData, InvalidArgument, PreconditionFailed, SnapshotUnusable,
-                      VolumeChanged)
-from ..model import (DEFAULT_ZONE, FAILED_STATES, ZONES, BaseVolume, FileAccess, Page,
-                     Project, Snapshot, Task, Volume, check_name, check_paging, check_size,
-                     check_tags, check_uuid, check_volume_type, check_zone, new_id, now)
+from ..errors import (CorruptData, InvalidArgument, PreconditionFailed, VolumeChanged)
+from ..model import (DEFAULT_ZONE, PRODUCING_STATES, ZONES, BaseVolume, FileAccess, Page,
+                     Project, Snapshot, Task, Volume, check_name, check_paging, check_readable,
+                     check_size, check_tags, check_uuid, check_volume_type, check_zone, new_id, now)
 from ..objects import ObjectStorage
 from ..service import ImageReader, SnapshotService
 from . import leases
-from .capture import PackPool
-from .capturequeue import CaptureQueue
 from .chunkindex import ChunkIndex
+from .packpool import PackPool
 from .chunks import PackFiles
 from .image import LocalImageReader, ShadowReader
-from .jobs import NO_OBJECT_STORAGE, BackgroundJobs
+from .background import BackgroundJobs
+from .jobs import NO_OBJECT_STORAGE, SnapshotWork
 from .metadata import Metadata
 from .owner import alive
 from .recovery import DELETING, recover
 from .shadows import Shadows
 from .volumefile import Inspected, VolumeFile, identity_of, inspect_new, inspected, open_volume
 from .uploads import LeftUploads
-from .store import managed_volume_file, open_lock, open_store
-from .storelocks import OPEN, ReaderLocks, StoreLock
+from .store import managed_volume_file
+from .storelocks import ReaderLocks, StoreLock
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LocalService", "NO_OBJECT_STORAGE", "open_local_service"]
+__all__ = ["LocalService", "NO_OBJECT_STORAGE"]
 
 #: Seconds between two looks for the work of processes that died (adopt_orphans).
 ORPHAN_SWEEP = 10.0
@@ -51,7 +48,12 @@ ORPHAN_SWEEP = 10.0
 READER_GRACE = 1.0
 
 
-class LocalService(BackgroundJobs, SnapshotService):
+class LocalService(SnapshotService):
+    """The service over a store's parts. Its background work (captures, imports,
+    exports, the halves of deletes, the storing of clones) is ``work``, run as jobs
+    of ``jobs``, which owns their nursery and queues (background.py); a service is
+    used inside open_local_service() (opening.py), which opens and closes both."""
+
     def __init__(self, store: Path, objects: ObjectStorage | None,
                  readonly: bool = False) -> None:
         self.store = store
@@ -65,19 +67,16 @@ class LocalService(BackgroundJobs, SnapshotService):
         self.reader_locks = ReaderLocks(store / "lock")
         self.io_limiter = trio.CapacityLimiter(4)
         self.hash_limiter = trio.CapacityLimiter(2)
-        self._nursery: trio.Nursery | None = None
-        self._jobs: dict[str, trio.CancelScope] = {}
-        self._done: dict[str, trio.Event] = {}
-        self.captures = CaptureQueue()
-        self.import_queue = CaptureQueue()
+        self.jobs = BackgroundJobs()  # the nursery and queues of the work below
         self.left_uploads = LeftUploads(self.md, objects)  # uploads failed exports left
         #: Snapshots whose delete has begun (in this process): no new reader or
         #: export may start on them while it stops their capture.
         self._deleting: set[str] = set()
         self._leases = leases.VolumeLeases()  # read leases on volume files
         self.shadows = Shadows(store / "shadows")  # volume clones on XFS/btrfs
-        self._freeing: set[str] = set()  # snapshots whose delete's background half runs
-        self._sweeper = trio.CancelScope()  # adopt_orphans
+        self.work = SnapshotWork(self.md, self.index, self.packs, self.pool, objects,
+                                 self.index_lock, self.io_limiter, self.hash_limiter, self.jobs,
+                                 self.left_uploads, self._leases, self.shadows, self._reader)
 
     @property
     def organization(self) -> str:
@@ -250,19 +249,20 @@ class LocalService(BackgroundJobs, SnapshotService):
                        access=FileAccess(found.uid, found.gid, found.mode))
         # A clone's snapshot is available before Create returns, and that commit syncs
         # this one too; without a clone, _snapshot_by_clone syncs it.
-        ticket = self.captures.ticket(vol.id)  # refused before any row when the queue is full
+        # Refused before any row when the queue is full.
+        ticket = self.jobs.captures.ticket(vol.id)
         try:
             key_ = self.md.insert_snapshot(snap, None, durable=not cloneable)
             log.info("snapshot %s (%s): capturing volume %s", snap.id, name, vol.name)
-            if cloneable and await self._snapshot_by_clone(snap.id, key_, vol.id,
+            if cloneable and await self.work.snapshot_by_clone(snap.id, key_, vol.id,
                                                            vf, nbytes):
-                self.captures.give_back(ticket)  # its storing takes a ticket of its own
+                self.jobs.captures.give_back(ticket)  # its storing takes a ticket of its own
                 return self.md.snapshot(zone, snap.id)
         except BaseException:
-            self.captures.give_back(ticket)
+            self.jobs.captures.give_back(ticket)
             raise
-        self._start(snap.id, self._run_capture, snap.id, key_, vol.id, vf, nbytes,
-                    not cloneable, ticket)
+        self.jobs.start(snap.id, self.work.run_capture, snap.id, key_, vol.id, vf, nbytes,
+                        not cloneable, ticket)
         return snap
 
     def _probe(self, vf: VolumeFile) -> tuple[Inspected, bool]:
@@ -297,14 +297,14 @@ class LocalService(BackgroundJobs, SnapshotService):
                         tags=tags, volume_type=volume_type or "b_ssd", size=size or 0,
                         state="importing", base_volume=None, creation_date=t,
                         modification_date=t, error_reason=None, zone=zone, progress=0)
-        ticket = self.import_queue.ticket(None)
+        ticket = self.jobs.imports.ticket(None)
         try:
             key_ = self.md.insert_snapshot(snap, {"bucket": bucket, "key": key, "size": size})
         except BaseException:
-            self.import_queue.give_back(ticket)
+            self.jobs.imports.give_back(ticket)
             raise
         log.info("snapshot %s (%s): importing s3://%s/%s", snap.id, name, bucket, key)
-        self._start(snap.id, self._run_import, snap.id, key_, bucket, key, size, ticket)
+        self.jobs.start(snap.id, self.work.run_import, snap.id, key_, bucket, key, size, ticket)
         return snap
 
     async def set_snapshot(self, zone: str, snapshot: Snapshot) -> Snapshot:
@@ -347,7 +347,7 @@ class LocalService(BackgroundJobs, SnapshotService):
         self._deleting.add(snapshot_id)
         try:
             # A capture or import queued or in flight: stop it, it cleans up after itself.
-            await self._stop_job(snapshot_id)
+            await self.jobs.stop(snapshot_id)
             key = self.md.snap_key(snapshot_id)
             # Durably first: from here on the snapshot is gone to everyone, and a
             # crash while its map is half released leaves nothing that reads as holes.
@@ -362,7 +362,7 @@ class LocalService(BackgroundJobs, SnapshotService):
             os.close(held)
         log.info("snapshot %s (%s) deleted; its space is freed in the background",
                  snapshot_id, snap.name)
-        self._start(snapshot_id, self._release, snapshot_id, key)
+        self.jobs.start(snapshot_id, self.work.release, snapshot_id, key)
         # Its shadow pins the blocks the volume rewrote since (shadows.py).
         await trio.to_thread.run_sync(self.shadows.drop_snapshot, snapshot_id)
 
@@ -377,25 +377,25 @@ class LocalService(BackgroundJobs, SnapshotService):
         for snapshot_id, key, owner in self.md.deleting():
             if self._claim(snapshot_id, owner, exclusive):
                 log.info("snapshot %s: resuming its delete", snapshot_id)
-                work.append((snapshot_id, self._release, (snapshot_id, key)))
+                work.append((snapshot_id, self.work.release, (snapshot_id, key)))
         for snapshot_id, key, shadow, owner, volume_id, size in \
                 self.md.shadow_backed_snapshots():
             if self._claim(snapshot_id, owner, exclusive):
                 log.info("snapshot %s: storing its chunks again", snapshot_id)
-                work.append((snapshot_id, self._resume_storing,
+                work.append((snapshot_id, self.work.resume_storing,
                              (snapshot_id, key, volume_id,
                               self.shadows.named(shadow, key, snapshot_id), size)))
         return work
 
     def _claim(self, snapshot_id: str, owner: str | None, exclusive: bool) -> bool:
-        return snapshot_id not in self._jobs and \
+        return snapshot_id not in self.jobs and \
             (exclusive or owner is None or not alive(owner)) and \
             self.md.take_over(snapshot_id, owner)
 
     def resume(self, work: list[tuple[str, Callable[..., Awaitable[None]],
                                       tuple[object, ...]]]) -> None:
         for snapshot_id, fn, args in work:
-            self._start(snapshot_id, fn, *args)
+            self.jobs.start(snapshot_id, fn, *args)
 
     async def adopt_orphans(self) -> None:
         """While this process runs: every ORPHAN_SWEEP seconds, the work of
@@ -403,32 +403,31 @@ class LocalService(BackgroundJobs, SnapshotService):
         recovered as an open would -- their captures fail, their exports end,
         their deletes and storing resume here -- instead of waiting for the next
         open of the store."""
-        with self._sweeper:
-            while True:
-                await trio.sleep(ORPHAN_SWEEP)
-                try:
-                    if not self._orphaned_work():
-                        continue
-                    async with self.index_lock:
-                        await recover(self.md, self.index, self.packs, self.objects,
-                                      exclusive=False)
-                    self.resume(self.claim_work(False))
-                except Exception:  # a bug here must not take the service down
-                    log.exception("recovering the work of stopped processes failed")
+        while True:
+            await trio.sleep(ORPHAN_SWEEP)
+            try:
+                if not self._orphaned_work():
+                    continue
+                async with self.index_lock:
+                    await recover(self.md, self.index, self.packs, self.objects,
+                                  exclusive=False)
+                self.resume(self.claim_work(False))
+            except Exception:  # a bug here must not take the service down
+                log.exception("recovering the work of stopped processes failed")
 
     def dead_jobs(self) -> bool:
         """Whether a capture, import or export of a dead process is unfinished
         (what recover() fails when the store is not to itself)."""
         md = self.md
-        return any(_dead(o) for _, o in md.snapshots_in_states(("snapshotting", "importing"))) \
+        return any(_dead(o) for _, o in md.snapshots_in_states(tuple(PRODUCING_STATES))) \
             or any(_dead(o) for _, o in md.unfinished_tasks())
 
     def _orphaned_work(self) -> bool:
         md = self.md
         return self.dead_jobs() \
-            or any((o is None or _dead(o)) and i not in self._jobs
+            or any((o is None or _dead(o)) and i not in self.jobs
                    for i, _, o in md.deleting()) \
-            or any((r[3] is None or _dead(r[3])) and r[0] not in self._jobs
+            or any((r[3] is None or _dead(r[3])) and r[0] not in self.jobs
                    for r in md.shadow_backed_snapshots())
 
     def storing(self) -> bool:
@@ -458,7 +457,7 @@ class LocalService(BackgroundJobs, SnapshotService):
             self.md.insert_task(task, snapshot_id)
         log.info("snapshot %s: exporting to s3://%s/%s (task %s)", snapshot_id, bucket, key,
                  task.id)
-        self._start(snapshot_id, self._run_export, snapshot_id, task.id, bucket, key)
+        self.jobs.start(snapshot_id, self.work.run_export, snapshot_id, task.id, bucket, key)
         return task
 
     async def get_task(self, zone: str, task_id: str) -> Task:
@@ -485,11 +484,7 @@ class LocalService(BackgroundJobs, SnapshotService):
         return self._reader(snapshot_id, snap.size, held)
 
     def _check_readable(self, snap: Snapshot) -> None:
-        if snap.state in FAILED_STATES:
-            raise SnapshotUnusable(f"snapshot {snap.name!r} is in state {snap.state}: "
-                                   f"{snap.error_reason or 'no data'}")
-        if snap.state in ("snapshotting", "importing"):
-            raise PreconditionFailed(f"snapshot {snap.name!r} is still {snap.state}")
+        check_readable(snap)
         if snap.id in self._deleting:
             raise PreconditionFailed(f"snapshot {snap.name!r} is being deleted")
 
@@ -507,7 +502,7 @@ class LocalService(BackgroundJobs, SnapshotService):
             if shadow is not None:
                 try:
                     return ShadowReader(self.shadows.root / shadow, size, self.io_limiter,
-                                        self._nursery, closed)
+                                        self.jobs.nursery, closed)
                 except OSError as exc:
                     # Unless its chunks were stored meanwhile (maybe by another
                     # process) and the clone dropped since: then its map is whole.
@@ -515,18 +510,18 @@ class LocalService(BackgroundJobs, SnapshotService):
                         raise CorruptData(f"the clone holding this snapshot's data is "
                                           f"gone: {exc.strerror}") from None
             return LocalImageReader(self.md.snap_key(snapshot_id), size, self.index,
-                                    self.packs, self.io_limiter, self._nursery,
+                                    self.packs, self.io_limiter, self.jobs.nursery,
                                     on_close=closed)
         except BaseException:
             closed()
             raise
 
+    def freeing(self) -> bool:
+        """Whether some delete's background half (map, then space) is not done."""
+        return self.work.freeing()
+
     async def aclose(self) -> None:
-        self._sweeper.cancel()
-        while self._jobs:  # (a job may start another on its way out: cancel that too)
-            for scope in list(self._jobs.values()):
-                scope.cancel()
-            await next(iter(self._done.values())).wait()
+        await self.jobs.aclose()  # the orphan sweep first, then every job
         self.left_uploads.stop()
         self._leases.close()
 
@@ -534,78 +529,3 @@ class LocalService(BackgroundJobs, SnapshotService):
 def _dead(owner: str | None) -> bool:
     """A job's owner that is gone (None: no owner recorded, nothing to say)."""
     return owner is not None and not alive(owner)
-
-
-@asynccontextmanager
-async def open_local_service(store: Path | str, objects: ObjectStorage | None = None,
-                             resume: bool = True, readonly: bool = False
-                             ) -> AsyncIterator[LocalService]:
-    """Open (creating, mode 0700) the store at ``store``. When no other process has
-    it open, interrupted work of an earlier process is recovered first.
-    ``resume=False``, for short-lived commands (the CLI's volume, project and fsck):
-    the background halves of deletes and the storing of clone-backed snapshots are
-    left to the next long-lived open, instead of being started only to be stopped
-    at exit (storing starts by releasing what an earlier attempt stored).
-    ``readonly``: read without changing any file (no recovery, no migration)."""
-    store = Path(store)
-    # Trusted, recognised (made if new), or refused: store.py.
-    await trio.to_thread.run_sync(open_store, store, not readonly)
-    if readonly:
-        svc = LocalService(store, objects, readonly=True)
-        try:
-            yield svc
-        finally:
-            svc.packs.close()
-            svc.md.close()
-        return
-    lock_fd = open_lock(store)
-    try:
-        svc = LocalService(store, objects)
-        try:
-            # One open at a time: another must not find the store to itself while
-            # the whole-file lock turns from exclusive to shared (not atomic in
-            # flock). Recovery changes the index as a delete would: under its lock.
-            opening = StoreLock(store / "lock", OPEN)
-            try:
-                async with opening:
-                    try:
-                        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        exclusive = True
-                    except BlockingIOError:
-                        exclusive = False
-                    if exclusive or svc.dead_jobs():
-                        async with svc.index_lock:
-                            await recover(svc.md, svc.index, svc.packs, svc.objects,
-                                          exclusive=exclusive)
-                    if exclusive:  # before another process may be making a clone
-                        backing = svc.md.needing_shadows()
-                        await trio.to_thread.run_sync(svc.shadows.tidy,
-                                                      svc.md.usable_maps(), backing,
-                                                      svc.md.snapshot_keys())
-                    work = svc.claim_work(exclusive) if resume else []
-                    fcntl.flock(lock_fd, fcntl.LOCK_SH)  # others may open it beside us now
-            finally:
-                opening.close()
-            body_error: Exception | None = None
-            async with trio.open_nursery() as nursery:
-                svc._nursery = nursery
-                svc.resume(work)
-                if resume:
-                    nursery.start_soon(svc.adopt_orphans)
-                    nursery.start_soon(svc.left_uploads.run)
-                try:
-                    yield svc
-                except Exception as exc:  # re-raised below, not wrapped in an ExceptionGroup
-                    body_error = exc
-                finally:
-                    with trio.CancelScope(shield=True):
-                        await svc.aclose()
-            if body_error is not None:
-                raise body_error
-        finally:
-            svc.pool.close()
-            svc.packs.close()
-            svc.md.close()
-            svc.index_lock.close()
-    finally:
-        os.close(lock_fd)

@@ -21,7 +21,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import InvalidArgument
-from ..objects import ObjectStorage
 from .calls import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -192,15 +191,3 @@ def make_client(settings: S3Settings) -> Any:
         kwargs["aws_access_key_id"] = settings.access_key
         kwargs["aws_secret_access_key"] = settings.secret_key
     return session.client("s3", **kwargs)
-
-
-def object_storage_from_config(endpoint: str | None = None, region: str | None = None
-                               ) -> ObjectStorage | None:
-    """The ObjectStorage the daemon uses, or None when nothing is configured.
-    ``endpoint`` is ``snapfs mount --s3-endpoint``; ``region`` the zone's region
-    (used for the Scaleway endpoint and as the signing region)."""
-    settings = resolve_settings(endpoint, region)
-    if settings is None:
-        return None
-    from .storage import S3ObjectStorage
-    return S3ObjectStorage(settings)

@@ -13,7 +13,7 @@ from ..errors import InvalidArgument, NotFound
 from ..objects import LeftFn, ObjectStorage, ProgressFn
 from ..service import ImageReader
 from .calls import S3Calls
-from .config import S3Settings, make_client, region_of_zone
+from .config import S3Settings, make_client, region_of_zone, resolve_settings
 from .export import export_qcow2
 from .reader import open_reader
 
@@ -122,6 +122,17 @@ class S3ObjectStorage(ObjectStorage):
         for client in clients:
             if hasattr(client, "close"):
                 await trio.to_thread.run_sync(client.close)
+
+
+def object_storage_from_config(endpoint: str | None = None, region: str | None = None
+                               ) -> ObjectStorage | None:
+    """The ObjectStorage the daemon uses, or None when nothing is configured.
+    ``endpoint`` is ``snapfs mount --s3-endpoint``; ``region`` the zone's region
+    (used for the Scaleway endpoint and as the signing region)."""
+    settings = resolve_settings(endpoint, region)
+    if settings is None:
+        return None
+    return S3ObjectStorage(settings)
 
 
 def _check(bucket: str, key: str) -> None:

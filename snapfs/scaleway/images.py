@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import TYPE_CHECKING
 
 import trio
 
-from ..errors import NotFound, NotPermitted, PreconditionFailed, SnapfsError, SnapshotUnusable
-from ..model import FAILED_STATES, Snapshot
+from ..errors import NotFound, NotPermitted, PreconditionFailed, SnapfsError
+from ..model import Snapshot, check_readable
 from ..objects import ObjectStorage
-from ..service import ImageReader
+from ..service import ImageReader, SnapshotService
 
-if TYPE_CHECKING:
-    from .service import ScalewayService
 
 log = logging.getLogger("snapfs.scaleway")
 
@@ -46,7 +43,7 @@ def staging_key(snap: Snapshot) -> str:
 
 
 class CloudImages:
-    def __init__(self, service: "ScalewayService", bucket: str | None,
+    def __init__(self, service: SnapshotService, bucket: str | None,
                  objects: ObjectStorage | None, nursery: trio.Nursery | None = None) -> None:
         self.service = service
         self.nursery = nursery  # the service's: readers' read-ahead runs there
@@ -60,7 +57,7 @@ class CloudImages:
             raise NotPermitted("image.raw of a cloud snapshot needs --staging-bucket (and "
                                "Object Storage credentials) to export it to")
         snap = await self.service.get_snapshot(zone, snapshot_id)
-        _check_readable(snap)
+        check_readable(snap)
         key = staging_key(snap)
         with trio.fail_after(EXPORT_TIMEOUT):
             while True:
@@ -123,7 +120,7 @@ class CloudImages:
             except PreconditionFailed:
                 # Busy (someone else's export): wait for it to become available again.
                 current = await svc.get_snapshot(snap.zone, snap.id)
-                _check_readable(current)
+                check_readable(current)
                 await trio.sleep(delay)
                 delay = min(delay * POLL_GROWTH, POLL_CAP)
         self.exports_started += 1
@@ -148,16 +145,10 @@ class CloudImages:
                     continue
             current = await svc.get_snapshot(snap.zone, snap.id)
             if current.state != "exporting":
-                _check_readable(current)
+                check_readable(current)
                 return  # the caller opens the object: missing means it failed
 
     async def aclose(self) -> None:
         pass
 
 
-def _check_readable(snap: Snapshot) -> None:
-    if snap.state in FAILED_STATES:
-        raise SnapshotUnusable(f"snapshot {snap.name!r} is in state {snap.state}: "
-                               f"{snap.error_reason or 'no data'}")
-    if snap.state in ("snapshotting", "importing"):
-        raise PreconditionFailed(f"snapshot {snap.name!r} is still {snap.state}")

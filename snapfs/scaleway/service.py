@@ -34,6 +34,7 @@ from ..objects import ObjectStorage
 from ..service import ImageReader, SnapshotService
 from . import convert
 from .errors import is_retryable, retry_after, to_domain
+from .images import CloudImages
 
 log = logging.getLogger("snapfs.scaleway")
 
@@ -76,7 +77,7 @@ class ScalewayService(SnapshotService):
         self.call_timeout = CALL_TIMEOUT
         self.calls = 0  # SDK calls made (retries included); tests and benchmarks read it
         self._targets: dict[str, tuple[str, str]] = {}  # export task id -> (bucket, key)
-        self._images: Any = None  # snapfs.scaleway.images.CloudImages, made on first use
+        self._images: CloudImages | None = None  # made on first use
 
     async def call(self, what: str, fn: Callable[..., T], **kwargs: Any) -> T:
         """Run one SDK call in a worker thread with retries; domain errors out."""
@@ -257,9 +258,7 @@ class ScalewayService(SnapshotService):
     async def open_image(self, zone: str, snapshot_id: str) -> ImageReader:
         return await self._cloud_images().open(self._zone(zone), snapshot_id)
 
-    def _cloud_images(self) -> Any:
-        from .images import CloudImages
-
+    def _cloud_images(self) -> CloudImages:
         if self._images is None:
             self._images = CloudImages(self, self.staging_bucket, self.objects, self.nursery)
         return self._images

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from ...errors import NoSuchAttribute, NotPermitted, ReadOnly, TooLarge
 from ...service import Buffer
-from ..context import FsContext, Stat
+from ..attributes import Stat
+from ..context import FsContext
 from ..keys import Key
 
 #: The most a control file (snapshot.json, export, imports/*) takes: a write or

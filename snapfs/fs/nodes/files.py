@@ -10,16 +10,17 @@ import os
 import trio
 
 from ... import jsontext
-from ...errors import InvalidArgument, Interrupted, NotFound, ReadOnly, SnapshotUnusable
+from ...errors import InvalidArgument, Interrupted, NotFound, ReadOnly
 from ...logtext import esc
-from ...model import BUSY_STATES, FAILED_STATES, Snapshot
+from ...model import PRODUCING_STATES, Snapshot, check_readable
 from ...service import Buffer, ImageReader
 from .. import transfer
 from ..access import image_access
-from ..context import IMAGE_BLKSIZE, FsContext, Stat, file_stat, ns
+from ..attributes import IMAGE_BLKSIZE, Stat, file_stat, ns
+from ..context import FsContext
 from ..keys import EXPORT, IMAGE, JSON, Key
 from .base import BufferHandle, Handle, Node
-from .snapshot import SnapshotNode
+from .views import snapshot_at
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,8 @@ class FileNode(Node):
     def describe(self) -> str:
         return f"{self.key.name} of snapshot {self.key.snapshot}"
 
-    @property
-    def snapshot_node(self) -> SnapshotNode:
-        return SnapshotNode(self.ctx, self.key.parent())
-
     async def snapshot(self, max_age: float | None = None) -> Snapshot:
-        return await self.snapshot_node.snapshot(max_age)
+        return await snapshot_at(self.ctx, self.key.parent(), max_age)
 
 
 class ImageNode(FileNode):
@@ -73,13 +70,10 @@ async def wait_until_readable(ctx: FsContext, key: Key, pid: int) -> Snapshot:
     """The snapshot once its bytes can be read: waits while it is being captured
     or imported, and stops waiting when the caller gets a signal (see
     ``signalled``)."""
-    node = SnapshotNode(ctx, key.parent())
     while True:
-        snap = await node.snapshot(max_age=0)
-        if snap.state in FAILED_STATES:
-            raise SnapshotUnusable(f"snapshot {snap.id} is in state {snap.state}: "
-                                   f"{snap.error_reason or 'no data'}")
-        if snap.state not in BUSY_STATES or snap.state == "exporting":
+        snap = await snapshot_at(ctx, key.parent(), max_age=0)
+        if snap.state not in PRODUCING_STATES:
+            check_readable(snap)  # a failed one: SnapshotUnusable
             return snap
         if pid and signalled(pid):
             raise Interrupted(f"process {pid} was signalled while waiting for snapshot "

@@ -8,7 +8,7 @@ import os
 from ...errors import NotFound
 from ...model import Project, Volume
 from .. import names
-from ..context import Stat, dir_stat, ns
+from ..attributes import Stat, dir_stat, ns
 from ..keys import (SECTIONS, Key, Kind, project_dir, static_child, tag_dir, volume_dir,
                     zone_dir)
 from .base import Entry, Node

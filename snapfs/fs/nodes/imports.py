@@ -15,7 +15,8 @@ from ...errors import AlreadyExists, NotFound
 from ...logtext import esc
 from ...model import Snapshot, check_name, name_problem
 from .. import transfer
-from ..context import ImportRecord, Stat, file_stat
+from ..attributes import Stat, file_stat
+from ..context import ImportRecord
 from ..keys import Kind, View, import_file
 from .base import Entry, Handle, Node
 from .files import TargetHandle, wants_write

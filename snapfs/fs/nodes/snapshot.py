@@ -9,9 +9,10 @@ from ...errors import NotFound, NotPermitted
 from ...logtext import esc
 from ...model import Snapshot, check_name, check_tags
 from ..keys import SNAPSHOT_FILES, static_child
-from ..context import Stat
+from ..attributes import Stat
 from .base import Entry, Node
-from .views import snapshot_stat
+from .files import file_node
+from .views import snapshot_at, snapshot_stat
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +45,12 @@ class SnapshotNode(Node):
         return f"snapshot {self.key.snapshot}"
 
     async def snapshot(self, max_age: float | None = None) -> Snapshot:
-        snap = await self.ctx.catalog.snapshot(self.key.zone, self.key.snapshot, max_age)
-        if snap.project != self.key.project:
-            raise NotFound("snapshot", self.key.snapshot)
-        return snap
+        return await snapshot_at(self.ctx, self.key, max_age)
 
     async def stat(self) -> Stat:
         return snapshot_stat(await self.snapshot())
 
     async def entries(self) -> list[Entry]:
-        from .files import file_node  # files.py imports this module
         out = []
         for name in SNAPSHOT_FILES:
             key = static_child(self.key, name)
@@ -62,7 +59,6 @@ class SnapshotNode(Node):
         return out
 
     async def lookup(self, name: str) -> Entry:
-        from .files import file_node
         key = static_child(self.key, name)
         if key is None:
             await self.snapshot()  # a gone snapshot answers ENOENT for itself first

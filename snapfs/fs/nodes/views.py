@@ -12,7 +12,8 @@ import trio
 from ...errors import AlreadyExists, NotFound, NotPermitted, PreconditionFailed
 from ...logtext import esc
 from ...model import Snapshot, check_name
-from ..context import Stat, dir_stat, ns
+from ..attributes import Stat, dir_stat, ns
+from ..context import FsContext
 from ..keys import Key, Kind, View, may_create_snapshot_in, same_place, snapshot_dir
 from .base import Entry, Node
 from .hierarchy import ProjectNode, section_stat, volume_stat, volume_xattrs
@@ -137,3 +138,12 @@ class ViewNode(Node):
             catalog.invalidate()
             catalog.remember(updated)
         log.info("rename %s%s -> %s: snapshot %s", self.describe(), esc(old), esc(new), snap.id)
+
+
+async def snapshot_at(ctx: FsContext, key: Key, max_age: float | None = None) -> Snapshot:
+    """The snapshot of the snapshot directory ``key`` (ENOENT when it is not in
+    that project). For the snapshot directory and the files in it."""
+    snap = await ctx.catalog.snapshot(key.zone, key.snapshot, max_age)
+    if snap.project != key.project:
+        raise NotFound("snapshot", key.snapshot)
+    return snap

@@ -322,6 +322,11 @@ class Snapshot:
     #: Not part of the API object: who may read image.raw -- its volume file's
     #: owner and mode when the snapshot was taken -- or None (imports, other backends).
     access: FileAccess | None = None
+    #: Not part of the API object: which cloud API owns the snapshot (``instance`` or
+    #: ``block``, shown as user.api), None on the local store; and the fields only
+    #: that API has (Block's public, references, class), shown as user.<name>.
+    api: str | None = None
+    api_xattrs: tuple[tuple[str, str], ...] = ()
 
     #: Fields Set may not change; a differing value is an invalid argument.
     IMMUTABLE = ("id", "organization", "project", "size", "volume_type", "zone",
@@ -353,7 +358,8 @@ class Snapshot:
         """Parse an API snapshot object; wrong shapes raise InvalidArgument."""
         if not isinstance(data, dict):
             raise InvalidArgument("snapshot", "must be a JSON object")
-        known = {f.name for f in dataclasses.fields(cls)} - {"progress", "warning", "access"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"progress", "warning", "access",
+                                                             "api", "api_xattrs"}
         unknown = set(data) - known
         if unknown:
             raise InvalidArgument(sorted(unknown)[0], "unknown field")

@@ -38,11 +38,12 @@ from scaleway.instance.v1.types import SnapshotBaseVolume
 from scaleway_core.api import ScalewayException
 
 from .. import block_model
-from ..errors import NotFound
+from ..errors import NotFound, SnapfsError
 from ..model import (MAX_PER_PAGE, Page, Project, Snapshot, Task, Volume, check_name,
                      check_paging, check_tag_filter, check_tags, check_zone, new_id, now)
 from ..objects import ObjectStorage
 from ..service import ImageReader, SnapshotService
+from ..taskgroups import first_error
 from . import convert
 from .block import BlockSide
 from .errors import is_retryable, retry_after, to_domain
@@ -99,6 +100,7 @@ class ScalewayService(SnapshotService):
         #: Block exports have no task: task id -> (zone, snapshot id, bucket, key).
         self._block_exports: dict[str, tuple[str, str, str, str]] = {}
         self._last_block_export: dict[str, str] = {}  # snapshot id -> its latest task id
+        self._block_verdicts: dict[str, Task] = {}  # task id -> its final status
 
     async def call(self, what: str, fn: Callable[..., T], **kwargs: Any) -> T:
         """Run one SDK call in a worker thread with retries; domain errors out."""
@@ -211,9 +213,12 @@ class ScalewayService(SnapshotService):
         cached = self._merged.get(query)
         if page == 1 or cached is None or time.monotonic() - cached[0] > MERGED_TTL:
             results: dict[str, list[Any]] = {}
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_all_pages_into, results, "instance", instance_page)
-                nursery.start_soon(_all_pages_into, results, "block", block_page)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_all_pages_into, results, "instance", instance_page)
+                    nursery.start_soon(_all_pages_into, results, "block", block_page)
+            except BaseExceptionGroup as group:
+                raise first_error(group) from None
             block_ids = {x.id for x in results["block"]}
             for x in results["block"]:
                 self._owner[x.id] = "block"
@@ -366,7 +371,7 @@ class ScalewayService(SnapshotService):
             task_id = new_id()
             self._block_exports[task_id] = (zone, snapshot_id, bucket, key)
             self._last_block_export[snapshot_id] = task_id
-            return self._block_task(task_id, zone, snap, bucket, key, started=now())
+            return await self._block_task(task_id, zone, snap, bucket, key, started=now())
         res = await self.call("export snapshot", self.instance.export_snapshot,
                               zone=self._zone(zone), snapshot_id=snapshot_id, bucket=bucket,
                               key=key)
@@ -375,15 +380,30 @@ class ScalewayService(SnapshotService):
         self._targets[task.id] = (bucket, key)
         return dataclasses.replace(task, bucket=bucket, key=key)
 
-    def _block_task(self, task_id: str, zone: str, snap: Snapshot, bucket: str, key: str,
-                    started: str | None = None) -> Task:
+    async def _block_task(self, task_id: str, zone: str, snap: Snapshot, bucket: str,
+                          key: str, started: str | None = None) -> Task:
+        """A Block export's status, derived from the snapshot's: exporting ->
+        started; back to available -> success, checked with Object Storage when
+        there is one to ask (the API says nothing of a failed export); anything
+        else -> failure."""
+        done = self._block_verdicts.get(task_id)
+        if done is not None:
+            return done
         status = block_model.export_status(dict(snap.api_xattrs).get("status", ""), True)
-        return Task(id=task_id, description="export_snapshot_to_object_storage",
+        error = f"the snapshot is in state {snap.state}" if status == "failure" else None
+        if status == "success" and self.objects is not None and bucket:
+            try:
+                reader = await self.objects.open_qcow2(bucket, key, zone=zone)
+                await reader.aclose()
+            except SnapfsError as exc:
+                status, error = "failure", f"s3://{bucket}/{key} after the export: {exc}"
+        task = Task(id=task_id, description="export_snapshot_to_object_storage",
                     progress=100 if status == "success" else 0, status=status, zone=zone,
-                    started_at=started, bucket=bucket, key=key,
-                    terminated_at=snap.modification_date if status != "started" else None,
-                    error=("the snapshot is in state " + snap.state
-                           if status == "failure" else None))
+                    started_at=started, bucket=bucket, key=key, error=error,
+                    terminated_at=snap.modification_date if status != "started" else None)
+        if status in ("success", "failure") and task_id in self._block_exports:
+            self._block_verdicts[task_id] = task
+        return task
 
     async def latest_export(self, zone: str, snapshot_id: str) -> Task | None:
         """A Block snapshot's export: the one asked for in this process, else one
@@ -396,14 +416,14 @@ class ScalewayService(SnapshotService):
         snap = await self.get_snapshot(zone, snapshot_id)
         if snap.state != "exporting":
             return None
-        return self._block_task(snapshot_id, zone, snap, "", "")
+        return await self._block_task(snapshot_id, zone, snap, "", "")
 
     async def get_task(self, zone: str, task_id: str) -> Task:
         block_export = self._block_exports.get(task_id)
         if block_export is not None:
             _, snapshot_id, bucket, key = block_export
             snap = await self.get_snapshot(zone, snapshot_id)
-            return self._block_task(task_id, zone, snap, bucket, key)
+            return await self._block_task(task_id, zone, snap, bucket, key)
         # The generated SDK has no Get Task; the Instance API serves it at /tasks/{id}.
         # The SDK's own transport is used so auth, URL and errors stay the SDK's.
         path = f"/instance/v1/zones/{self._zone(zone)}/tasks/{task_id}"

@@ -10,6 +10,7 @@ name), so they are applied here over the service's pages.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Awaitable, Callable, TypeVar
 
 from .. import block_model as bm
@@ -20,6 +21,10 @@ from .asgi import Request, Response, Router, json_response
 
 ZONE = "/block/v1/zones/{zone}"
 DEFAULT_PAGE_SIZE = 50
+#: Later pages of one list query are cut, for this long, from the list fetched for
+#: its page 1 (a client pages right after): a listing costs one pass over the store.
+PAGED_TTL = 30.0
+PAGED_MAX = 64
 
 T = TypeVar("T")
 
@@ -95,6 +100,21 @@ def _list_response(key: str, items: list[dict[str, Any]], total: int) -> Respons
 class BlockRoutes:
     def __init__(self, service: SnapshotService) -> None:
         self.svc = service
+        self._paged: dict[tuple[Any, ...], tuple[float, list[Any]]] = {}
+
+    async def _chosen(self, query: tuple[Any, ...], page: int,
+                      compute: Callable[[], Awaitable[list[T]]]) -> list[T]:
+        """The filtered, ordered list of a query: computed at page 1 (and when not
+        kept or too old), else the one kept from its page 1."""
+        kept = self._paged.get(query)
+        if page == 1 or kept is None or time.monotonic() - kept[0] > PAGED_TTL:
+            if len(self._paged) >= PAGED_MAX:
+                self._paged.pop(next(iter(self._paged)))
+            kept = self._paged[query] = (time.monotonic(), await compute())
+        return kept[1]
+
+    def _changed(self) -> None:
+        self._paged.clear()
 
     def add_to(self, r: Router) -> None:
         r.add("GET", f"{ZONE}/volume-types", self.list_volume_types)
@@ -151,17 +171,22 @@ class BlockRoutes:
         ids = req.list_param("volume_ids")
         if req.param("product_resource_id"):
             raise InvalidArgument("product_resource_id", "filter not supported by this server")
-        vols = await _all(lambda p: self.svc.list_volumes(zone, project=project, name=name,
-                                                          per_page=MAX_PER_PAGE, page=p))
-        orgs = {p.id: p.organization for p in await self.svc.list_projects()}
-        chosen = [v for v in vols
-                  if bm.is_block_type(v.volume_type)
-                  and (org is None or orgs.get(v.project) == org)
-                  and (tags is None or set(tags) & set(v.tags))
-                  and (vtype is None or bm.BLOCK_VOLUME_TYPE[v.volume_type] == vtype)
-                  and (ids is None or v.id in ids)]
-        chosen = _sorted(chosen, order, lambda v: v.creation_date, lambda v: v.name,
-                         lambda v: v.id)
+
+        async def compute() -> list[Volume]:
+            vols = await _all(lambda p: self.svc.list_volumes(
+                zone, project=project, name=name, per_page=MAX_PER_PAGE, page=p))
+            orgs = {p.id: p.organization for p in await self.svc.list_projects()}
+            chosen = [v for v in vols
+                      if bm.is_block_type(v.volume_type)
+                      and (org is None or orgs.get(v.project) == org)
+                      and (tags is None or set(tags) & set(v.tags))
+                      and (vtype is None or bm.BLOCK_VOLUME_TYPE[v.volume_type] == vtype)
+                      and (ids is None or v.id in ids)]
+            return _sorted(chosen, order, lambda v: v.creation_date, lambda v: v.name,
+                           lambda v: v.id)
+
+        chosen = await self._chosen(("volumes", zone, order, project, org, name,
+                                     tuple(tags or ()), vtype, tuple(ids or ())), page, compute)
         return _list_response("volumes", [bm.volume_to_block(v) for v in
                                           _page(chosen, size, page)], len(chosen))
 
@@ -180,14 +205,19 @@ class BlockRoutes:
         name = req.param("name") or None
         volume_id = req.param("volume_id") or None
         tags = req.list_param("tags")
-        snaps = await _all(lambda p: self.svc.list_snapshots(
-            zone, organization=org, project=project, name=name, base_volume_id=volume_id,
-            per_page=MAX_PER_PAGE, page=p))
-        # Block's tag filter: a snapshot with ANY of the tags (the service's needs all).
-        chosen = [s for s in snaps if bm.is_block_type(s.volume_type)
-                  and (tags is None or set(tags) & set(s.tags))]
-        chosen = _sorted(chosen, order, lambda s: s.creation_date, lambda s: s.name,
-                         lambda s: s.id)
+
+        async def compute() -> list[Snapshot]:
+            snaps = await _all(lambda p: self.svc.list_snapshots(
+                zone, organization=org, project=project, name=name, base_volume_id=volume_id,
+                per_page=MAX_PER_PAGE, page=p))
+            # Block's tag filter: a snapshot with ANY of the tags (the service's needs all).
+            chosen = [s for s in snaps if bm.is_block_type(s.volume_type)
+                      and (tags is None or set(tags) & set(s.tags))]
+            return _sorted(chosen, order, lambda s: s.creation_date, lambda s: s.name,
+                           lambda s: s.id)
+
+        chosen = await self._chosen(("snapshots", zone, order, project, org, name, volume_id,
+                                     tuple(tags or ())), page, compute)
         return _list_response("snapshots", [bm.snapshot_to_block(s) for s in
                                             _page(chosen, size, page)], len(chosen))
 
@@ -196,6 +226,7 @@ class BlockRoutes:
         return json_response(200, bm.snapshot_to_block(snap))
 
     async def create_snapshot(self, req: Request) -> Response:
+        self._changed()
         zone = req.args["zone"]
         body = req.json()
         _only(body, ("volume_id", "public", "name", "project_id", "tags"))
@@ -211,6 +242,7 @@ class BlockRoutes:
         return json_response(200, bm.snapshot_to_block(snap))
 
     async def import_snapshot(self, req: Request) -> Response:
+        self._changed()
         body = req.json()
         _only(body, ("bucket", "key", "name", "project_id", "tags", "size"))
         snap = await self.svc.create_snapshot(
@@ -221,6 +253,7 @@ class BlockRoutes:
         return json_response(200, bm.snapshot_to_block(snap))
 
     async def update_snapshot(self, req: Request) -> Response:
+        self._changed()
         zone, snapshot_id = req.args["zone"], req.args["snapshot_id"]
         body = req.json()
         _only(body, ("name", "tags", "public"))
@@ -232,12 +265,14 @@ class BlockRoutes:
         return json_response(200, bm.snapshot_to_block(snap))
 
     async def delete_snapshot(self, req: Request) -> Response:
+        self._changed()
         zone, snapshot_id = req.args["zone"], req.args["snapshot_id"]
         await self._snapshot(zone, snapshot_id)
         await self.svc.delete_snapshot(zone, snapshot_id)
         return Response(204)
 
     async def export_snapshot(self, req: Request) -> Response:
+        self._changed()
         zone, snapshot_id = req.args["zone"], req.args["snapshot_id"]
         body = req.json()
         _only(body, ("bucket", "key"))

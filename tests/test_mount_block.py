@@ -84,6 +84,9 @@ def test_both_apis_in_one_tree(mount_factory: Callable[..., Mount], served_s3: S
     assert listed.count("blk") == 1 and listed.count("inst") == 1
     assert "blk" in ls(m.volume("vol-a")) and "inst" in ls(m.volume(lname))
     assert "inst" not in ls(m.volume("vol-a"))
+    # ID lookups, whichever API owns the snapshot.
+    assert m.xattr(m.snapshots() / blk_id, "name") == "blk"
+    assert m.xattr(m.snapshots() / inst_id, "name") == "inst"
     # Which API, and the fields only Block has.
     assert (m.xattr(blk, "api"), m.xattr(inst, "api")) == ("block", "instance")
     assert (m.xattr(blk, "class"), m.xattr(blk, "public"), m.xattr(blk, "references")) == (

@@ -283,6 +283,26 @@ class BaseVolume:
     name: str
 
 
+def _instant(value: str) -> dt.datetime | None:
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
+def _same_value(name: str, sent: object, current: object) -> bool:
+    """Whether a Set leaves a read-only field as it is: dates compare as instants
+    (a client may send ``...43.794Z`` for ``...43.794569+00:00``: JavaScript keeps
+    milliseconds), everything else as values."""
+    if name.endswith("_date") and isinstance(sent, str) and isinstance(current, str):
+        a, b = _instant(sent), _instant(current)
+        if a is not None and b is not None:
+            # Equal to the sender's precision: milliseconds are the coarsest a client keeps.
+            return abs(a - b) < dt.timedelta(milliseconds=1)
+    return sent == current
+
+
 @dataclass(frozen=True)
 class Snapshot:
     id: str
@@ -306,6 +326,11 @@ class Snapshot:
     #: Not part of the API object: who may read image.raw -- its volume file's
     #: owner and mode when the snapshot was taken -- or None (imports, other backends).
     access: FileAccess | None = None
+    #: Not part of the API object: which cloud API owns the snapshot (``instance`` or
+    #: ``block``, shown as user.api), None on the local store; and the fields only
+    #: that API has (Block's public, references, class), shown as user.<name>.
+    api: str | None = None
+    api_xattrs: tuple[tuple[str, str], ...] = ()
 
     #: Fields Set may not change; a differing value is an invalid argument.
     IMMUTABLE = ("id", "organization", "project", "size", "volume_type", "zone",
@@ -318,7 +343,7 @@ class Snapshot:
         """Refuse a Set of ``self`` over ``current`` that changes more than the
         name and tags (the only fields a Set changes)."""
         for name in self.READ_ONLY:
-            if getattr(self, name) != getattr(current, name):
+            if not _same_value(name, getattr(self, name), getattr(current, name)):
                 raise InvalidArgument(name, "cannot be changed (only name and tags can be set)")
 
     def to_api(self) -> dict[str, Any]:
@@ -337,7 +362,8 @@ class Snapshot:
         """Parse an API snapshot object; wrong shapes raise InvalidArgument."""
         if not isinstance(data, dict):
             raise InvalidArgument("snapshot", "must be a JSON object")
-        known = {f.name for f in dataclasses.fields(cls)} - {"progress", "warning", "access"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"progress", "warning", "access",
+                                                             "api", "api_xattrs"}
         unknown = set(data) - known
         if unknown:
             raise InvalidArgument(sorted(unknown)[0], "unknown field")

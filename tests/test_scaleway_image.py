@@ -59,6 +59,9 @@ async def test_image_raw_bytes_and_reuse(cloud: tuple[ScalewayService, str], scw
     vol = scw_env.volumes["vol-a"]
     expected = Path(vol["path"]).read_bytes()
     snap = await _snapshot(svc, vol["id"])
+    # vol-a is a block volume: its snapshot is the Block API's, exported with Block's
+    # export (no task: followed through the snapshot's status).
+    assert snap.api == "block"
 
     reader = await svc.open_image("fr-par-1", snap.id)
     try:

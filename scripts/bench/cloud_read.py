@@ -295,6 +295,7 @@ def main() -> None:
               f"QCOW2 object {qcow2_bytes / MiB:.0f} MiB; mount "
               f"{'--page-cache' if args.page_cache else 'direct I/O (default)'}")
         print(f"capture (mkdir -> available) {capture_s:6.2f} s")
+        print(f"snapshot owned by the {os.getxattr(snap_dir, 'user.api').decode()} API")
         print(f"first open (export to staging) {export_s:6.2f} s")
         print(f"{'round':<6} {'snapfs s':>9} {'MiB/s':>7} {'lo MiB':>8} "
               f"{'qemu-img s':>11} {'MiB/s':>7} {'no-FUSE s':>10}")

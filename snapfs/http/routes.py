@@ -1,4 +1,5 @@
-"""The Instance API v1 snapshot/volume routes and the Account v3 project list,
+"""The Instance API v1 snapshot/volume routes and the Account v3 project list
+(the Block Storage v1 routes are ``block_routes``),
 each a thin translation between HTTP and ``SnapshotService``.
 
 Validation is the service's (per_page, sizes, ids, zones): handlers only decode
@@ -15,6 +16,7 @@ from ..model import (MAX_PAGE, MAX_PER_PAGE, Page, Project, Snapshot, Volume, ch
                      check_zone)
 from ..service import SnapshotService
 from .asgi import App, Request, Response, Router, json_response
+from .block_routes import BlockRoutes
 
 ZONE = "/instance/v1/zones/{zone}"
 
@@ -211,4 +213,6 @@ def _project_api(project: Project) -> dict[str, Any]:
 
 def make_app(service: SnapshotService, secret: str | None) -> App:
     """The ASGI app serving ``service``; ``secret`` is SCW_SECRET_KEY when set."""
-    return App(Routes(service).router(), secret)
+    router = Routes(service).router()
+    BlockRoutes(service).add_to(router)
+    return App(router, secret)

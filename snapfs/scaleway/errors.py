@@ -16,9 +16,11 @@ from scaleway_core.api import ScalewayException, ValidationError
 
 from ..errors import (AlreadyExists, InvalidArgument, NotFound, NotPermitted, PermissionDenied,
                       PreconditionFailed, SnapfsError, SnapshotUnusable, Transient)
+from ..block_model import BLOCK_RESOURCE
 from ..http.api_errors import API_RESOURCE, UNUSABLE_PRECONDITION
 
-_OUR_RESOURCE = {api: ours for ours, api in API_RESOURCE.items()}
+_OUR_RESOURCE = {api: ours for table in (API_RESOURCE, BLOCK_RESOURCE)
+                 for ours, api in table.items()}
 
 
 def is_retryable(exc: BaseException) -> bool:

@@ -1,5 +1,14 @@
-"""``--backend scaleway``: SnapshotService on the real Instance API through the
-official SDK (``scaleway.instance.v1.InstanceV1API``, ``scaleway.account.v3``).
+"""``--backend scaleway``: SnapshotService on the real Instance and Block Storage
+APIs through the official SDK (``scaleway.instance.v1.InstanceV1API``,
+``scaleway.block.v1.BlockV1API`` in ``.block``, ``scaleway.account.v3``).
+
+Both APIs in one tree: lists merge the two (a snapshot or volume the Block API
+knows is the Block one, even when the Instance API lists it too, as Scaleway's
+does), and every operation goes to the API that owns the resource -- learnt from
+listings and gets, else asked of Block first (where Scaleway keeps block
+volumes since 2025), then Instance. A merged list is fetched whole at page 1 and
+later pages of the same query (within ``MERGED_TTL``) are cut from it, so the
+pages of one listing are consistent and a listing costs one pass over each API.
 
 The SDK is synchronous (``requests``): every call runs in a worker thread under
 one CapacityLimiter, so the trio thread never waits on the network; 429 and 5xx
@@ -16,7 +25,8 @@ import datetime as dt
 import functools
 import logging
 import random
-from typing import Any, Callable, TypeVar
+import time
+from typing import Any, Awaitable, Callable, TypeVar
 
 import requests
 import trio
@@ -27,12 +37,15 @@ from scaleway.instance.v1.marshalling import unmarshal_Task
 from scaleway.instance.v1.types import SnapshotBaseVolume
 from scaleway_core.api import ScalewayException
 
-from ..errors import NotFound
+from .. import block_model
+from ..errors import NotFound, SnapfsError
 from ..model import (MAX_PER_PAGE, Page, Project, Snapshot, Task, Volume, check_name,
-                     check_paging, check_tag_filter, check_tags, check_zone)
+                     check_paging, check_tag_filter, check_tags, check_zone, new_id, now)
 from ..objects import ObjectStorage
 from ..service import ImageReader, SnapshotService
+from ..taskgroups import first_error
 from . import convert
+from .block import BlockSide
 from .errors import is_retryable, retry_after, to_domain
 from .images import CloudImages
 
@@ -47,6 +60,10 @@ BACKOFF = 0.25  # seconds, doubled per attempt, capped at BACKOFF_CAP
 BACKOFF_CAP = 8.0
 #: One attempt of one call (the SDK's requests carry no timeout of their own).
 CALL_TIMEOUT = 120.0
+#: How long later pages of a merged list are cut from the one fetched at page 1.
+MERGED_TTL = 30.0
+#: Merged lists kept at once (one per query being paged through).
+MERGED_MAX = 64
 
 #: Exceptions an SDK call raises for API, transport or client-side validation
 #: failures; anything else is a bug and propagates as is.
@@ -78,6 +95,15 @@ class ScalewayService(SnapshotService):
         self.calls = 0  # SDK calls made (retries included); tests and benchmarks read it
         self._targets: dict[str, tuple[str, str]] = {}  # export task id -> (bucket, key)
         self._images: CloudImages | None = None  # made on first use
+        self.block = BlockSide(self, client)
+        #: snapshot or volume id -> "block" | "instance": the API that owns it.
+        self._owner: dict[str, str] = {}
+        #: query -> (fetched at, merged items) for paging through a merged list.
+        self._merged: dict[tuple[Any, ...], tuple[float, list[Any]]] = {}
+        #: Block exports have no task: task id -> (zone, snapshot id, bucket, key).
+        self._block_exports: dict[str, tuple[str, str, str, str]] = {}
+        self._last_block_export: dict[str, str] = {}  # snapshot id -> its latest task id
+        self._block_verdicts: dict[str, Task] = {}  # task id -> its final status
 
     async def call(self, what: str, fn: Callable[..., T], **kwargs: Any) -> T:
         """Run one SDK call in a worker thread with retries; domain errors out."""
@@ -136,14 +162,78 @@ class ScalewayService(SnapshotService):
                            name: str | None = None, per_page: int | None = None,
                            page: int | None = None) -> Page[Volume]:
         per_page, page = check_paging(per_page, page)
-        res = await self.call("list volumes", self._lists.list_volumes, zone=self._zone(zone),
-                              project=project, name=name, per_page=per_page, page=page)
-        return Page([convert.volume(v) for v in res.volumes], int(res.total_count or 0))
+        self._zone(zone)
+
+        async def instance_page(p: int) -> Page[Volume]:
+            res = await self.call("list volumes", self._lists.list_volumes, zone=zone,
+                                  project=project, name=name, per_page=MAX_PER_PAGE, page=p)
+            return Page([convert.volume(v) for v in res.volumes], int(res.total_count or 0))
+
+        return await self._merged_page(
+            ("volumes", zone, project, name), per_page, page, instance_page,
+            lambda p: self.block.list_volumes(zone, project=project, name=name, page=p),
+            lambda v: (v.creation_date, v.id))
 
     async def get_volume(self, zone: str, volume_id: str) -> Volume:
-        res = await self.call("get volume", self.instance.get_volume, zone=self._zone(zone),
-                              volume_id=volume_id)
-        return convert.volume(res.volume)
+        zone = self._zone(zone)
+
+        async def instance() -> Volume:
+            res = await self.call("get volume", self.instance.get_volume, zone=zone,
+                                  volume_id=volume_id)
+            return convert.volume(res.volume)
+
+        return await self._routed(volume_id, lambda: self.block.get_volume(zone, volume_id),
+                                  instance)
+
+    # --- routing between the two APIs ------------------------------------------------
+
+    async def _routed(self, ident: str, block: Callable[[], Awaitable[T]],
+                      instance: Callable[[], Awaitable[T]]) -> T:
+        """Run the owning API's call; an unknown owner is asked of Block, then Instance."""
+        owner = self._owner.get(ident)
+        if owner == "instance":
+            return await instance()
+        if owner == "block":
+            return await block()
+        try:
+            result = await block()
+        except NotFound:
+            result = await instance()
+            self._owner[ident] = "instance"
+        else:
+            self._owner[ident] = "block"
+        return result
+
+    async def _is_block(self, zone: str, snapshot_id: str) -> bool:
+        if snapshot_id not in self._owner:
+            await self.get_snapshot(zone, snapshot_id)
+        return self._owner.get(snapshot_id) == "block"
+
+    async def _merged_page(self, query: tuple[Any, ...], per_page: int, page: int,
+                           instance_page: Callable[[int], Awaitable[Page[Any]]],
+                           block_page: Callable[[int], Awaitable[Page[Any]]],
+                           order: Callable[[Any], Any]) -> Page[Any]:
+        cached = self._merged.get(query)
+        if page == 1 or cached is None or time.monotonic() - cached[0] > MERGED_TTL:
+            results: dict[str, list[Any]] = {}
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_all_pages_into, results, "instance", instance_page)
+                    nursery.start_soon(_all_pages_into, results, "block", block_page)
+            except BaseExceptionGroup as group:
+                raise first_error(group) from None
+            block_ids = {x.id for x in results["block"]}
+            for x in results["block"]:
+                self._owner[x.id] = "block"
+            instance_only = [x for x in results["instance"] if x.id not in block_ids]
+            for x in instance_only:
+                self._owner.setdefault(x.id, "instance")
+            merged = sorted(results["block"] + instance_only, key=order)
+            if len(self._merged) >= MERGED_MAX:
+                self._merged.pop(next(iter(self._merged)))
+            cached = self._merged[query] = (time.monotonic(), merged)
+        items = cached[1]
+        return Page(items[(page - 1) * per_page: page * per_page], len(items))
 
     # --- snapshots -----------------------------------------------------------------
 
@@ -155,12 +245,24 @@ class ScalewayService(SnapshotService):
         per_page, page = check_paging(per_page, page)
         if tags is not None:
             check_tag_filter(tags)
-        res = await self.call(
-            "list snapshots", self._lists.list_snapshots, zone=self._zone(zone),
-            organization=organization, project=project, name=name,
-            tags=",".join(tags) if tags else None, base_volume_id=base_volume_id,
-            per_page=per_page, page=page)
-        return Page([convert.snapshot(s) for s in res.snapshots], int(res.total_count or 0))
+        self._zone(zone)
+
+        async def instance_page(p: int) -> Page[Snapshot]:
+            res = await self.call(
+                "list snapshots", self._lists.list_snapshots, zone=zone,
+                organization=organization, project=project, name=name,
+                tags=",".join(tags) if tags else None, base_volume_id=base_volume_id,
+                per_page=MAX_PER_PAGE, page=p)
+            return Page([_instance(convert.snapshot(s)) for s in res.snapshots],
+                        int(res.total_count or 0))
+
+        return await self._merged_page(
+            ("snapshots", zone, organization, project, name, tuple(tags or ()), base_volume_id),
+            per_page, page, instance_page,
+            lambda p: self.block.list_snapshots(
+                zone, organization=organization, project=project, name=name, tags=tags,
+                base_volume_id=base_volume_id, page=p),
+            lambda s: (s.creation_date, s.id))
 
     async def list_all_snapshots(self, zone: str, **filters: Any) -> list[Snapshot]:
         """Every page at per_page 100 (what a directory listing needs)."""
@@ -181,20 +283,48 @@ class ScalewayService(SnapshotService):
         check_name(name)
         if tags is not None:
             tags = check_tags(tags)
+        zone = self._zone(zone)
+        snap: Snapshot | None = None
+        if volume_id is not None:
+            await self.get_volume(zone, volume_id)  # learns which API owns the volume
+            if self._owner.get(volume_id) == "block":
+                snap = await self.block.create_snapshot(zone, name=name, volume_id=volume_id,
+                                                        tags=tags, project=project)
+        elif volume_type != "l_ssd" and bucket is not None and key is not None:
+            # The Instance API no longer makes block snapshots: imports go to Block
+            # (an l_ssd import still goes to Instance, should the API accept it).
+            snap = await self.block.import_snapshot(zone, name=name, bucket=bucket, key=key,
+                                                    tags=tags, project=project, size=size)
+        if snap is not None:
+            self._owner[snap.id] = "block"
+            self._merged.clear()
+            return snap
         res = await self.call(
-            "create snapshot", self.instance.create_snapshot, zone=self._zone(zone), name=name,
+            "create snapshot", self.instance.create_snapshot, zone=zone, name=name,
             volume_id=volume_id, tags=tags, project=project, organization=organization,
             volume_type=volume_type, bucket=bucket, key=key, size=size)
-        return convert.snapshot(res.snapshot)
+        self._owner[res.snapshot.id] = "instance"
+        self._merged.clear()
+        return _instance(convert.snapshot(res.snapshot))
 
     async def get_snapshot(self, zone: str, snapshot_id: str) -> Snapshot:
-        res = await self.call("get snapshot", self.instance.get_snapshot,
-                              zone=self._zone(zone), snapshot_id=snapshot_id)
-        return convert.snapshot(res.snapshot)
+        zone = self._zone(zone)
+
+        async def instance() -> Snapshot:
+            res = await self.call("get snapshot", self.instance.get_snapshot, zone=zone,
+                                  snapshot_id=snapshot_id)
+            return _instance(convert.snapshot(res.snapshot))
+
+        return await self._routed(snapshot_id,
+                                  lambda: self.block.get_snapshot(zone, snapshot_id), instance)
 
     async def set_snapshot(self, zone: str, snapshot: Snapshot) -> Snapshot:
         check_name(snapshot.name)
         tags = check_tags(snapshot.tags)
+        if await self._is_block(zone, snapshot.id):
+            # Block has no Set: the read-only fields must be unchanged, then an Update.
+            snapshot.check_set(await self.get_snapshot(zone, snapshot.id))
+            return await self.update_snapshot(zone, snapshot.id, name=snapshot.name, tags=tags)
         bv = snapshot.base_volume
         res = await self.call(
             "set snapshot", self.instance._set_snapshot, zone=self._zone(zone),
@@ -204,7 +334,8 @@ class ScalewayService(SnapshotService):
             base_volume=None if bv is None else SnapshotBaseVolume(id=bv.id, name=bv.name),
             creation_date=_parse_date(snapshot.creation_date),
             modification_date=_parse_date(snapshot.modification_date), tags=tags)
-        return convert.snapshot(res.snapshot)
+        self._merged.clear()
+        return _instance(convert.snapshot(res.snapshot))
 
     async def update_snapshot(self, zone: str, snapshot_id: str, *, name: str | None = None,
                               tags: list[str] | None = None) -> Snapshot:
@@ -212,22 +343,38 @@ class ScalewayService(SnapshotService):
             check_name(name)
         if tags is not None:
             tags = check_tags(tags)
+        zone = self._zone(zone)
+        self._merged.clear()
+        if await self._is_block(zone, snapshot_id):
+            return await self.block.update_snapshot(zone, snapshot_id, name=name, tags=tags)
         res = await self.call("update snapshot", self.instance.update_snapshot,
-                              zone=self._zone(zone), snapshot_id=snapshot_id, name=name,
-                              tags=tags)
-        return convert.snapshot(res.snapshot)
+                              zone=zone, snapshot_id=snapshot_id, name=name, tags=tags)
+        return _instance(convert.snapshot(res.snapshot))
 
     async def delete_snapshot(self, zone: str, snapshot_id: str) -> None:
         # With a staging bucket, image.raw may have exported the snapshot there:
         # that object (named from the snapshot's id and date) goes with it.
         snap = await self.get_snapshot(zone, snapshot_id) if self.staging_bucket else None
-        await self.call("delete snapshot", self.instance.delete_snapshot,
-                        zone=self._zone(zone), snapshot_id=snapshot_id)
+        self._merged.clear()
+        if await self._is_block(zone, snapshot_id):
+            await self.block.delete_snapshot(self._zone(zone), snapshot_id)
+        else:
+            await self.call("delete snapshot", self.instance.delete_snapshot,
+                            zone=self._zone(zone), snapshot_id=snapshot_id)
         if snap is not None:
             await self._cloud_images().forget(snap)
 
     async def export_snapshot(self, zone: str, snapshot_id: str, *, bucket: str,
                               key: str) -> Task:
+        if await self._is_block(zone, snapshot_id):
+            snap = await self.block.export_snapshot(self._zone(zone), snapshot_id,
+                                                    bucket=bucket, key=key)
+            # Block answers the snapshot, no task: one is made up here, whose
+            # status get_task derives from the snapshot's.
+            task_id = new_id()
+            self._block_exports[task_id] = (zone, snapshot_id, bucket, key)
+            self._last_block_export[snapshot_id] = task_id
+            return await self._block_task(task_id, zone, snap, bucket, key, started=now())
         res = await self.call("export snapshot", self.instance.export_snapshot,
                               zone=self._zone(zone), snapshot_id=snapshot_id, bucket=bucket,
                               key=key)
@@ -236,7 +383,50 @@ class ScalewayService(SnapshotService):
         self._targets[task.id] = (bucket, key)
         return dataclasses.replace(task, bucket=bucket, key=key)
 
+    async def _block_task(self, task_id: str, zone: str, snap: Snapshot, bucket: str,
+                          key: str, started: str | None = None) -> Task:
+        """A Block export's status, derived from the snapshot's: exporting ->
+        started; back to available -> success, checked with Object Storage when
+        there is one to ask (the API says nothing of a failed export); anything
+        else -> failure."""
+        done = self._block_verdicts.get(task_id)
+        if done is not None:
+            return done
+        status = block_model.export_status(dict(snap.api_xattrs).get("status", ""), True)
+        error = f"the snapshot is in state {snap.state}" if status == "failure" else None
+        if status == "success" and self.objects is not None and bucket:
+            try:
+                reader = await self.objects.open_qcow2(bucket, key, zone=zone)
+                await reader.aclose()
+            except SnapfsError as exc:
+                status, error = "failure", f"s3://{bucket}/{key} after the export: {exc}"
+        task = Task(id=task_id, description="export_snapshot_to_object_storage",
+                    progress=100 if status == "success" else 0, status=status, zone=zone,
+                    started_at=started, bucket=bucket, key=key, error=error,
+                    terminated_at=snap.modification_date if status != "started" else None)
+        if status in ("success", "failure") and task_id in self._block_exports:
+            self._block_verdicts[task_id] = task
+        return task
+
+    async def latest_export(self, zone: str, snapshot_id: str) -> Task | None:
+        """A Block snapshot's export: the one asked for in this process, else one
+        under way (its status says ``exporting``), derived from the snapshot."""
+        if not await self._is_block(zone, snapshot_id):
+            return None
+        known = self._last_block_export.get(snapshot_id)
+        if known is not None:
+            return await self.get_task(zone, known)
+        snap = await self.get_snapshot(zone, snapshot_id)
+        if snap.state != "exporting":
+            return None
+        return await self._block_task(snapshot_id, zone, snap, "", "")
+
     async def get_task(self, zone: str, task_id: str) -> Task:
+        block_export = self._block_exports.get(task_id)
+        if block_export is not None:
+            _, snapshot_id, bucket, key = block_export
+            snap = await self.get_snapshot(zone, snapshot_id)
+            return await self._block_task(task_id, zone, snap, bucket, key)
         # The generated SDK has no Get Task; the Instance API serves it at /tasks/{id}.
         # The SDK's own transport is used so auth, URL and errors stay the SDK's.
         path = f"/instance/v1/zones/{self._zone(zone)}/tasks/{task_id}"
@@ -267,6 +457,28 @@ class ScalewayService(SnapshotService):
         # Worker threads are abandoned on cancel; nothing of ours is left half-done.
         if self._images is not None:
             await self._images.aclose()
+
+
+def _instance(snap: Snapshot) -> Snapshot:
+    return dataclasses.replace(snap, api="instance")
+
+
+async def _all_pages_into(out: dict[str, list[Any]], name: str,
+                          fetch: Callable[[int], Awaitable[Page[Any]]]) -> None:
+    """Every page of one API's list: the first, then the rest at once (their count is
+    known from the first's total; the limiter bounds the calls in flight)."""
+    first = await fetch(1)
+    pages: dict[int, list[Any]] = {1: first.items}
+    if first.items and len(first.items) < first.total_count:
+        count = -(-first.total_count // len(first.items))
+
+        async def one(p: int) -> None:
+            pages[p] = (await fetch(p)).items
+
+        async with trio.open_nursery() as nursery:
+            for p in range(2, count + 1):
+                nursery.start_soon(one, p)
+    out[name] = [x for p in sorted(pages) for x in pages[p]]
 
 
 def _parse_date(value: str) -> dt.datetime | None:

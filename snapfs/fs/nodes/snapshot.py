@@ -21,7 +21,9 @@ XATTR_MAX_AGE = 0.25
 
 
 def snapshot_xattrs(s: Snapshot) -> dict[str, str]:
-    return {
+    # A cloud snapshot also says which API owns it, and what only that API has.
+    api = {"api": s.api, **dict(s.api_xattrs)} if s.api else {}
+    return api | {
         "id": s.id, "name": s.name, "tags": ",".join(s.tags), "state": s.state,
         "size": str(s.size), "volume_type": s.volume_type,
         "base_volume_id": s.base_volume.id if s.base_volume else "",

@@ -1,0 +1,286 @@
+"""The Block Storage API v1 routes (``/block/v1/zones/{zone}/...``) over the same
+``SnapshotService`` as the Instance routes.
+
+The Block API shows only volumes of block types and their snapshots
+(``snapfs.block_model`` holds the mapping and says which); anything else is a
+404 here, as a local SSD is to Scaleway's Block API. Its lists have filters the
+service has not (tags match if ANY is present, volume types, ordering by
+name), so they are applied here over the service's pages.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Awaitable, Callable, TypeVar
+
+from .. import block_model as bm
+from ..errors import InvalidArgument, NotFound
+from ..model import MAX_PAGE, MAX_PER_PAGE, Page, Snapshot, Volume
+from ..service import SnapshotService
+from .asgi import Request, Response, Router, json_response
+
+ZONE = "/block/v1/zones/{zone}"
+DEFAULT_PAGE_SIZE = 50
+#: Later pages of one list query are cut, for this long, from the list fetched for
+#: its page 1 (a client pages right after): a listing costs one pass over the store.
+PAGED_TTL = 30.0
+PAGED_MAX = 64
+
+T = TypeVar("T")
+
+_ORDER = ("created_at_asc", "created_at_desc", "name_asc", "name_desc")
+
+
+def _typed(body: dict[str, Any], name: str, kind: type) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise InvalidArgument(name, f"must be of type {kind.__name__}")
+    return value
+
+
+def _only(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    for name in body:
+        if name not in allowed:
+            raise InvalidArgument(name, "unknown field")
+
+
+def _block_not_found(exc: NotFound) -> NotFound:
+    return NotFound(bm.BLOCK_RESOURCE.get(exc.resource, exc.resource), exc.ident)
+
+
+def _paging(req: Request) -> tuple[int, int]:
+    size = req.int_param("page_size")
+    page = req.int_param("page")
+    size = DEFAULT_PAGE_SIZE if size is None else size
+    page = 1 if page is None else page
+    if not 1 <= size <= MAX_PER_PAGE:
+        raise InvalidArgument("page_size", f"must be between 1 and {MAX_PER_PAGE}")
+    if not 1 <= page <= MAX_PAGE:
+        raise InvalidArgument("page", f"must be between 1 and {MAX_PAGE}")
+    return size, page
+
+
+def _order(req: Request) -> str:
+    order = req.param("order_by") or "created_at_asc"
+    if order not in _ORDER:
+        raise InvalidArgument("order_by", f"one of {', '.join(_ORDER)}")
+    return order
+
+
+def _sorted(items: list[T], order: str, created: Callable[[T], str],
+            name: Callable[[T], str], ident: Callable[[T], str]) -> list[T]:
+    if order.startswith("name"):
+        return sorted(items, key=lambda x: (name(x), ident(x)), reverse=order.endswith("desc"))
+    return sorted(items, key=lambda x: (created(x), ident(x)), reverse=order.endswith("desc"))
+
+
+def _page(items: list[T], size: int, page: int) -> list[T]:
+    return items[(page - 1) * size: page * size]
+
+
+async def _all(fetch: Callable[[int], Awaitable[Page[T]]]) -> list[T]:
+    """Every item of a service list, page by page (the service's pages are bounded)."""
+    out: list[T] = []
+    page = 1
+    while True:
+        got = await fetch(page)
+        out.extend(got.items)
+        if not got.items or len(out) >= got.total_count:
+            return out
+        page += 1
+
+
+def _list_response(key: str, items: list[dict[str, Any]], total: int) -> Response:
+    return json_response(200, {key: items, "total_count": total},
+                         [(b"x-total-count", str(total).encode())])
+
+
+class BlockRoutes:
+    def __init__(self, service: SnapshotService) -> None:
+        self.svc = service
+        self._paged: dict[tuple[Any, ...], tuple[float, list[Any]]] = {}
+
+    async def _chosen(self, query: tuple[Any, ...], page: int,
+                      compute: Callable[[], Awaitable[list[T]]]) -> list[T]:
+        """The filtered, ordered list of a query: computed at page 1 (and when not
+        kept or too old), else the one kept from its page 1."""
+        kept = self._paged.get(query)
+        if page == 1 or kept is None or time.monotonic() - kept[0] > PAGED_TTL:
+            if len(self._paged) >= PAGED_MAX:
+                self._paged.pop(next(iter(self._paged)))
+            kept = self._paged[query] = (time.monotonic(), await compute())
+        return kept[1]
+
+    def _changed(self) -> None:
+        self._paged.clear()
+
+    def add_to(self, r: Router) -> None:
+        r.add("GET", f"{ZONE}/volume-types", self.list_volume_types)
+        r.add("GET", f"{ZONE}/volumes", self.list_volumes)
+        r.add("GET", f"{ZONE}/volumes/{{volume_id}}", self.get_volume)
+        r.add("GET", f"{ZONE}/snapshots", self.list_snapshots)
+        r.add("POST", f"{ZONE}/snapshots", self.create_snapshot)
+        r.add("POST", f"{ZONE}/snapshots/import-from-object-storage", self.import_snapshot)
+        r.add("GET", f"{ZONE}/snapshots/{{snapshot_id}}", self.get_snapshot)
+        r.add("PATCH", f"{ZONE}/snapshots/{{snapshot_id}}", self.update_snapshot)
+        r.add("DELETE", f"{ZONE}/snapshots/{{snapshot_id}}", self.delete_snapshot)
+        r.add("POST", f"{ZONE}/snapshots/{{snapshot_id}}/export-to-object-storage",
+              self.export_snapshot)
+
+    # --- lookups owned by the Block API ------------------------------------------------
+
+    async def _snapshot(self, zone: str, snapshot_id: str) -> Snapshot:
+        try:
+            snap = await self.svc.get_snapshot(zone, snapshot_id)
+        except NotFound as exc:
+            raise _block_not_found(exc) from None
+        if not bm.is_block_type(snap.volume_type):
+            raise NotFound("block_snapshot", snapshot_id)
+        return snap
+
+    async def _volume(self, zone: str, volume_id: str) -> Volume:
+        try:
+            vol = await self.svc.get_volume(zone, volume_id)
+        except NotFound as exc:
+            raise _block_not_found(exc) from None
+        if not bm.is_block_type(vol.volume_type):
+            raise NotFound("block_volume", volume_id)
+        return vol
+
+    # --- volumes -----------------------------------------------------------------------
+
+    async def list_volume_types(self, req: Request) -> Response:
+        size, page = _paging(req)
+        types = [{"type": t, "zone": req.args["zone"], "pricing": None,
+                  "snapshot_pricing": None,
+                  "specs": {"class": bm.BLOCK_CLASS[m], "perf_iops": bm.PERF_IOPS[t]}}
+                 for m, t in bm.BLOCK_VOLUME_TYPE.items()]
+        return _list_response("volume_types", _page(types, size, page), len(types))
+
+    async def list_volumes(self, req: Request) -> Response:
+        zone = req.args["zone"]
+        size, page = _paging(req)
+        order = _order(req)
+        project = req.param("project_id") or None
+        org = req.param("organization_id") or None
+        name = req.param("name") or None
+        tags = req.list_param("tags")
+        vtype = req.param("volume_type") or None
+        ids = req.list_param("volume_ids")
+        if req.param("product_resource_id"):
+            raise InvalidArgument("product_resource_id", "filter not supported by this server")
+
+        async def compute() -> list[Volume]:
+            vols = await _all(lambda p: self.svc.list_volumes(
+                zone, project=project, name=name, per_page=MAX_PER_PAGE, page=p))
+            orgs = {p.id: p.organization for p in await self.svc.list_projects()}
+            chosen = [v for v in vols
+                      if bm.is_block_type(v.volume_type)
+                      and (org is None or orgs.get(v.project) == org)
+                      and (tags is None or set(tags) & set(v.tags))
+                      and (vtype is None or bm.BLOCK_VOLUME_TYPE[v.volume_type] == vtype)
+                      and (ids is None or v.id in ids)]
+            return _sorted(chosen, order, lambda v: v.creation_date, lambda v: v.name,
+                           lambda v: v.id)
+
+        chosen = await self._chosen(("volumes", zone, order, project, org, name,
+                                     tuple(tags or ()), vtype, tuple(ids or ())), page, compute)
+        return _list_response("volumes", [bm.volume_to_block(v) for v in
+                                          _page(chosen, size, page)], len(chosen))
+
+    async def get_volume(self, req: Request) -> Response:
+        vol = await self._volume(req.args["zone"], req.args["volume_id"])
+        return json_response(200, bm.volume_to_block(vol))
+
+    # --- snapshots ---------------------------------------------------------------------
+
+    async def list_snapshots(self, req: Request) -> Response:
+        zone = req.args["zone"]
+        size, page = _paging(req)
+        order = _order(req)
+        project = req.param("project_id") or None
+        org = req.param("organization_id") or None
+        name = req.param("name") or None
+        volume_id = req.param("volume_id") or None
+        tags = req.list_param("tags")
+
+        async def compute() -> list[Snapshot]:
+            snaps = await _all(lambda p: self.svc.list_snapshots(
+                zone, organization=org, project=project, name=name, base_volume_id=volume_id,
+                per_page=MAX_PER_PAGE, page=p))
+            # Block's tag filter: a snapshot with ANY of the tags (the service's needs all).
+            chosen = [s for s in snaps if bm.is_block_type(s.volume_type)
+                      and (tags is None or set(tags) & set(s.tags))]
+            return _sorted(chosen, order, lambda s: s.creation_date, lambda s: s.name,
+                           lambda s: s.id)
+
+        chosen = await self._chosen(("snapshots", zone, order, project, org, name, volume_id,
+                                     tuple(tags or ())), page, compute)
+        return _list_response("snapshots", [bm.snapshot_to_block(s) for s in
+                                            _page(chosen, size, page)], len(chosen))
+
+    async def get_snapshot(self, req: Request) -> Response:
+        snap = await self._snapshot(req.args["zone"], req.args["snapshot_id"])
+        return json_response(200, bm.snapshot_to_block(snap))
+
+    async def create_snapshot(self, req: Request) -> Response:
+        self._changed()
+        zone = req.args["zone"]
+        body = req.json()
+        _only(body, ("volume_id", "public", "name", "project_id", "tags"))
+        volume_id = _typed(body, "volume_id", str)
+        if not volume_id:
+            raise InvalidArgument("volume_id", "required")
+        if _typed(body, "public", bool):
+            raise InvalidArgument("public", "public snapshots are not supported by this server")
+        vol = await self._volume(zone, volume_id)
+        snap = await self.svc.create_snapshot(
+            zone, name=_typed(body, "name", str) or "", volume_id=vol.id,
+            tags=_typed(body, "tags", list), project=_typed(body, "project_id", str))
+        return json_response(200, bm.snapshot_to_block(snap))
+
+    async def import_snapshot(self, req: Request) -> Response:
+        self._changed()
+        body = req.json()
+        _only(body, ("bucket", "key", "name", "project_id", "tags", "size"))
+        snap = await self.svc.create_snapshot(
+            req.args["zone"], name=_typed(body, "name", str) or "",
+            tags=_typed(body, "tags", list), project=_typed(body, "project_id", str),
+            volume_type=bm.IMPORT_VOLUME_TYPE, bucket=_typed(body, "bucket", str) or "",
+            key=_typed(body, "key", str) or "", size=_typed(body, "size", int))
+        return json_response(200, bm.snapshot_to_block(snap))
+
+    async def update_snapshot(self, req: Request) -> Response:
+        self._changed()
+        zone, snapshot_id = req.args["zone"], req.args["snapshot_id"]
+        body = req.json()
+        _only(body, ("name", "tags", "public"))
+        if _typed(body, "public", bool):
+            raise InvalidArgument("public", "public snapshots are not supported by this server")
+        await self._snapshot(zone, snapshot_id)
+        snap = await self.svc.update_snapshot(zone, snapshot_id, name=_typed(body, "name", str),
+                                              tags=_typed(body, "tags", list))
+        return json_response(200, bm.snapshot_to_block(snap))
+
+    async def delete_snapshot(self, req: Request) -> Response:
+        self._changed()
+        zone, snapshot_id = req.args["zone"], req.args["snapshot_id"]
+        await self._snapshot(zone, snapshot_id)
+        await self.svc.delete_snapshot(zone, snapshot_id)
+        return Response(204)
+
+    async def export_snapshot(self, req: Request) -> Response:
+        self._changed()
+        zone, snapshot_id = req.args["zone"], req.args["snapshot_id"]
+        body = req.json()
+        _only(body, ("bucket", "key"))
+        await self._snapshot(zone, snapshot_id)
+        # No task in Block's answer: the snapshot, now ``exporting`` (or already
+        # back to ``available`` when the export was quick).
+        await self.svc.export_snapshot(zone, snapshot_id,
+                                       bucket=_typed(body, "bucket", str) or "",
+                                       key=_typed(body, "key", str) or "")
+        snap = await self._snapshot(zone, snapshot_id)
+        return json_response(200, bm.snapshot_to_block(snap))

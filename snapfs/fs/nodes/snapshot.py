@@ -95,7 +95,7 @@ class SnapshotNode(Node):
         if name != "tags":
             if name == "name":
                 raise NotPermitted("user.name cannot be removed: a snapshot always has a name")
-            await self._refuse_xattr(name)
+            await self._refuse_xattr(name, removing=True)
         snap = await self.snapshot(max_age=0)
         self._changed(await self.ctx.svc.update_snapshot(snap.zone, snap.id, tags=[]))
         log.info("setfattr -x user.tags on snapshot %s: tags removed", snap.id)

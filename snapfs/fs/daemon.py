@@ -133,6 +133,7 @@ async def serve(cfg: MountConfig, ready: Callable[[], None] | None = None) -> No
             pyfuse3.init(ops, mnt, fuse_options(cfg))
         except RuntimeError as exc:
             raise SnapfsError(f"cannot mount {mnt}: {exc}") from None
+        ctx.notify_kernel = True
         log.info("mounted %s (backend %s, store %s, pid %d)", mnt, cfg.backend, cfg.store,
                  os.getpid())
         try:

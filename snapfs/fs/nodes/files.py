@@ -17,6 +17,7 @@ from ...service import Buffer, ImageReader
 from .. import transfer
 from ..access import image_access
 from ..context import IMAGE_BLKSIZE, FsContext, Stat, file_stat, ns
+from ..forget import forget_names
 from ..keys import EXPORT, IMAGE, JSON, Key
 from ..prefetch import Prefetcher
 from .base import BufferHandle, Handle, Node
@@ -152,10 +153,12 @@ class JsonHandle(BufferHandle):
         if snap.id != node.key.snapshot:
             raise InvalidArgument("id", "cannot be changed")
         # Refused here, whichever backend: state, error_reason... are the service's.
-        snap.check_set(await node.snapshot(max_age=0))
+        before = await node.snapshot(max_age=0)
+        snap.check_set(before)
         updated = await node.ctx.svc.set_snapshot(node.key.zone, snap)
         node.ctx.catalog.invalidate()
         node.ctx.catalog.remember(updated)
+        forget_names(node.ctx, before, updated)
         log.info("snapshot.json of %s written: name %s, tags %s", updated.id,
                  esc(updated.name), esc(",".join(updated.tags)))
 

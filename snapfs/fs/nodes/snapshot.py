@@ -8,6 +8,7 @@ import logging
 from ...errors import NotFound, NotPermitted
 from ...logtext import esc
 from ...model import Snapshot, check_name, check_tags
+from ..forget import forget_names
 from ..keys import SNAPSHOT_FILES, static_child
 from ..context import Stat
 from .base import Entry, Node
@@ -89,6 +90,7 @@ class SnapshotNode(Node):
             updated = await self.ctx.svc.update_snapshot(snap.zone, snap.id,
                                                          tags=parse_tags(value))
         self._changed(updated)
+        forget_names(self.ctx, snap, updated)
         log.info("setfattr user.%s on snapshot %s: set to %s", name, snap.id, esc(value))
 
     async def removexattr(self, name: str) -> None:
@@ -97,7 +99,9 @@ class SnapshotNode(Node):
                 raise NotPermitted("user.name cannot be removed: a snapshot always has a name")
             await self._refuse_xattr(name, removing=True)
         snap = await self.snapshot(max_age=0)
-        self._changed(await self.ctx.svc.update_snapshot(snap.zone, snap.id, tags=[]))
+        updated = await self.ctx.svc.update_snapshot(snap.zone, snap.id, tags=[])
+        self._changed(updated)
+        forget_names(self.ctx, snap, updated)
         log.info("setfattr -x user.tags on snapshot %s: tags removed", snap.id)
 
     def _changed(self, snap: Snapshot) -> None:

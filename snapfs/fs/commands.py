@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Callable
 
 from ..cli import add_store_option, store_path
-from ..errors import InvalidArgument, SnapfsError
+from ..errors import InvalidArgument, PermissionDenied, SnapfsError
 
 BUSY = ("snapshotting", "importing", "exporting")
+FUSE_DEVICE = "/dev/fuse"
 FAILED = ("error", "invalid_data")
 
 
@@ -109,6 +110,11 @@ def _mount(args: argparse.Namespace) -> int:
         raise InvalidArgument("mountpoint", f"{cfg.mountpoint} is not a directory")
     if is_mounted(cfg.mountpoint):
         raise InvalidArgument("mountpoint", f"{cfg.mountpoint} is already a mount point")
+    if not os.access(FUSE_DEVICE, os.R_OK | os.W_OK):
+        # libfuse would only say "fuse_session_mount failed" after the fork.
+        raise PermissionDenied(f"cannot mount: {FUSE_DEVICE} is not readable and writable "
+                               "by you (distributions ship it 0666; as root: chmod 0666 "
+                               f"{FUSE_DEVICE}, or modprobe fuse if it is missing)")
     return run_foreground(cfg) if args.foreground else run_daemon(cfg)
 
 

@@ -9,7 +9,7 @@ import pyfuse3
 
 from ..model import Snapshot
 from .context import FsContext
-from .keys import Kind
+from .keys import Key, Kind
 from .names import SEPARATOR, label_base, short_id
 
 
@@ -34,3 +34,12 @@ def forget_names(ctx: FsContext, before: Snapshot, after: Snapshot | None) -> No
             # Queued to pyfuse3's notifier thread (a handler must not wait for the
             # kernel); a name the kernel does not hold is ENOENT there, ignored.
             pyfuse3.invalidate_entry_async(parent, name.encode(), ignore_enoent=True)
+
+
+def forget_entry(ctx: FsContext, parent: Key, name: str) -> None:
+    """Invalidate one name the kernel may hold (an imports/ file now gone)."""
+    if not ctx.notify_kernel:
+        return
+    inode = ctx.inodes.known(parent)
+    if inode is not None:
+        pyfuse3.invalidate_entry_async(inode, name.encode(), ignore_enoent=True)

@@ -16,6 +16,7 @@ from ...logtext import esc
 from ...model import Snapshot, check_name, name_problem
 from .. import transfer
 from ..context import ImportRecord, Stat, file_stat
+from ..forget import forget_entry
 from ..keys import Kind, View, import_file
 from .base import Entry, Handle, Node
 from .files import TargetHandle, wants_write
@@ -65,6 +66,7 @@ class ImportsNode(Node):
             except NotFound:
                 del records[name]
                 self.ctx.imports.pop((self.key.zone, self.key.project, name), None)
+                forget_entry(self.ctx, self.key, name)
                 log.info("imports/%s: snapshot %s is gone; the import is forgotten",
                          esc(name), rec.snapshot_id)
         return records
@@ -164,5 +166,6 @@ class ImportHandle(TargetHandle):
         rec = node.record
         if self.writable and rec is not None and rec.snapshot_id is None:
             node.ctx.imports.pop((node.key.zone, node.key.project, node.key.name), None)
+            forget_entry(node.ctx, node.key.parent(), node.key.name)
             log.info("imports/%s: closed without an import started; removed",
                      esc(node.key.name))

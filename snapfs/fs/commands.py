@@ -16,6 +16,7 @@ from ..errors import InvalidArgument, PermissionDenied, SnapfsError
 
 BUSY = ("snapshotting", "importing", "exporting")
 FUSE_DEVICE = "/dev/fuse"
+FUSE_CONF = "/etc/fuse.conf"
 FAILED = ("error", "invalid_data")
 
 
@@ -115,7 +116,19 @@ def _mount(args: argparse.Namespace) -> int:
         raise PermissionDenied(f"cannot mount: {FUSE_DEVICE} is not readable and writable "
                                "by you (distributions ship it 0666; as root: chmod 0666 "
                                f"{FUSE_DEVICE}, or modprobe fuse if it is missing)")
+    if "allow_other" in cfg.options and os.geteuid() != 0 and not _user_allow_other():
+        raise PermissionDenied("cannot mount with -o allow_other: only root may, unless "
+                               f"{FUSE_CONF} says user_allow_other (root edits it)")
     return run_foreground(cfg) if args.foreground else run_daemon(cfg)
+
+
+def _user_allow_other() -> bool:
+    """fusermount3 lets a regular user mount with allow_other only if fuse.conf says so."""
+    try:
+        with open(FUSE_CONF) as f:
+            return any(line.split("#", 1)[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
 
 
 def is_mounted(path: Path) -> bool:

@@ -12,7 +12,7 @@ import trio
 
 from fixtures_store import MiB, ZONE, deletes_done, random_bytes, read_all, snapshot_of, wait_state
 from snapfs.errors import (InvalidArgument, NotConfigured, NotFound, PreconditionFailed,
-                           SnapshotUnusable, errno_for)
+                           errno_for)
 from snapfs.local import LocalService, open_local_service
 from snapfs.local.service import NO_OBJECT_STORAGE
 from snapfs.model import ZONES, Snapshot

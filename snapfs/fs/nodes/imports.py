@@ -100,6 +100,7 @@ class ImportsNode(Node):
         """Forgets the record of an import (the snapshot stays)."""
         if self.ctx.imports.pop((self.key.zone, self.key.project, name), None) is None:
             raise NotFound("import", name)
+        self.ctx.catalog.invalidate()  # the listing answers from the current states
 
 
 class ImportNode(Node):

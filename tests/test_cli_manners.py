@@ -136,7 +136,7 @@ def test_every_mount_flag_has_an_o_spelling() -> None:
              if o.startswith("--") and o != "--help"}
     from snapfs.fs.mountopts import FLAGS, VALUED
     assert flags <= set(FLAGS) | set(VALUED)
-    for bad in ("bogus", "backend=nope", "readahead=x", "backend="):
+    for bad in ("bogus", "backend=nope", "readahead=x", "backend=", "suid", "dev"):
         with pytest.raises(InvalidArgument):
             apply_mount_options(_mount_args(bad))
 

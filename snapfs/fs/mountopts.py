@@ -12,8 +12,9 @@ from ..errors import InvalidArgument
 FUSE_OPTIONS = frozenset({"allow_other", "ro", "default_permissions"})
 
 #: For mount(8), fstab and systemd, not for the filesystem: accepted and dropped.
+#: (``suid`` and ``dev`` stay refused: a snapfs mount never honours them.)
 IGNORED = frozenset({"rw", "defaults", "auto", "noauto", "_netdev", "nofail", "user",
-                     "users", "owner", "group", "dev", "nodev", "suid", "nosuid", "exec",
+                     "users", "owner", "group", "nodev", "nosuid", "exec",
                      "noexec", "atime", "noatime", "relatime", "async", "sync"})
 IGNORED_PREFIXES = ("x-", "comment=")
 

@@ -134,21 +134,22 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         p.add_argument("--type", default="b_ssd", choices=VOLUME_TYPES, help="volume type")
 
     p = vsub.add_parser("add", help="register an existing raw image file or block device")
-    p.add_argument("name")
-    p.add_argument("path")
+    p.add_argument("name", help="the volume's name")
+    p.add_argument("path", help="the raw image file or block device it is")
     placement(p)
     p.set_defaults(func=_volume_add)
 
     p = vsub.add_parser("repoint", help="make a volume another file or device, on purpose "
                                         "(after its file was replaced or moved)")
     p.add_argument("name", help="volume name or ID")
-    p.add_argument("path")
-    p.add_argument("--zone", default=None, choices=ZONES, metavar="ZONE")
+    p.add_argument("path", help="the file or block device it is from now on")
+    p.add_argument("--zone", default=None, choices=ZONES, metavar="ZONE",
+                   help="the volume's zone (default: wherever the name is)")
     add_store_option(p)
     p.set_defaults(func=_volume_repoint)
 
     p = vsub.add_parser("create", help="make a new sparse raw volume file inside the store")
-    p.add_argument("name")
+    p.add_argument("name", help="the volume's name")
     p.add_argument("--size", required=True, help="size, e.g. 10G")
     placement(p)
     p.set_defaults(func=_volume_create)
@@ -160,18 +161,22 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
     p = vsub.add_parser("rm", help="forget a volume (a file made by 'create' is deleted)")
     p.add_argument("name", help="volume name or ID")
-    p.add_argument("--zone", default=None, choices=ZONES, metavar="ZONE")
+    p.add_argument("--zone", default=None, choices=ZONES, metavar="ZONE",
+                   help="the volume's zone (default: wherever the name is)")
     add_store_option(p)
     p.set_defaults(func=_volume_rm)
 
     proj = sub.add_parser("project", help="manage projects")
     psub = proj.add_subparsers(dest="project_command", required=True, metavar="COMMAND")
-    p = psub.add_parser("create", help="create a project")
-    p.add_argument("name")
+    p = psub.add_parser("create", help="create a project (in every zone)",
+                        description="Create a project. As in Scaleway, a project belongs "
+                        "to the organization, not to a zone: it appears under every zone "
+                        "of the mount.")
+    p.add_argument("name", help="the project's name")
     add_store_option(p)
     p.set_defaults(func=_project_create)
     p = psub.add_parser("list", help="list projects")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print a JSON list of project objects")
     add_store_option(p)
     p.set_defaults(func=_project_list)
 

@@ -7,12 +7,51 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 from .errors import SnapfsError
 from .logtext import EscapingFormatter
 from .memory import limit_malloc_arenas
+
+
+#: Options whose value may look like a negative number (argparse would take it for an
+#: option and say "expected one argument"): glued as --opt=VALUE so the value is judged.
+_VALUE_OPTIONS = ("--size", "--readahead", "--timeout")
+
+
+def _commands(parser: argparse.ArgumentParser) -> set[str]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return set(action.choices)
+    return set()
+
+
+def normalize_argv(argv: list[str], commands: set[str]) -> list[str]:
+    """The mount helper's form ``snapfs STORE MOUNTPOINT [-o OPTS]`` (what mount.fuse3
+    runs for ``mount -t fuse.snapfs`` and /etc/fstab) becomes ``snapfs mount``; values
+    starting with '-' are glued to their option."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _VALUE_OPTIONS and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    positional = [a for a in out if not a.startswith("-")]
+    # Only a path names a store there: a mistyped command stays an error.
+    if (len(positional) >= 2 and out[0] == positional[0] and out[0] not in commands
+            and ("/" in out[0] or os.path.isdir(out[0]))):
+        store, mountpoint = positional[0], positional[1]
+        rest = list(out[1:])
+        rest.remove(mountpoint)
+        return ["mount", mountpoint, "--store", store, *rest]
+    return out
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,7 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     from .fs import commands as fs_commands
     from .http import commands as http_commands
 
-    parser = _Parser(prog="snapfs", description="The snapshot service as a filesystem.")
+    from . import __version__
+
+    parser = _Parser(prog="snapfs", description="The snapshot service as a filesystem.",
+                     epilog="Also run as `snapfs STORE MOUNTPOINT -o OPTIONS` (the form "
+                     "mount -t fuse.snapfs and /etc/fstab use): see `snapfs mount --help`.")
+    parser.add_argument("--version", action="version", version=f"snapfs {__version__}")
+    parser.add_argument("--store", dest="global_store", type=Path, default=None,
+                        metavar="DIR", help="store directory, before or after the command "
+                        "(default: $SNAPFS_STORE, else ~/.local/share/snapfs)")
     sub: argparse._SubParsersAction[argparse.ArgumentParser] = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     admin.register(sub)
@@ -37,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     limit_malloc_arenas()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # a bare `snapfs`: what it can do, not just what is missing
+        parser.print_help(sys.stderr)
+        return 2
+    args = parser.parse_args(normalize_argv(argv, _commands(parser)))
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="snapfs: %(message)s")
         for handler in logging.getLogger().handlers:  # what clients send, escaped

@@ -145,6 +145,13 @@ class NotSupported(SnapfsError):
     api_type = "invalid_request_error"
 
 
+class NotConfigured(SnapfsError):
+    """A request that needs something this daemon was not given (export or import
+    without any Object Storage configured): refused when asked, not later."""
+
+    api_type = "precondition_failed"
+
+
 # The one table: every refusal is decided here. Order matters only through
 # the class hierarchy (most specific class first in ``errno_for``'s MRO walk).
 ERRNO: dict[type[SnapfsError], int] = {
@@ -166,6 +173,7 @@ ERRNO: dict[type[SnapfsError], int] = {
     Interrupted: errno.EINTR,
     NoSuchAttribute: errno.ENODATA,
     NotSupported: errno.EOPNOTSUPP,
+    NotConfigured: errno.ENXIO,  # "no such device or address": no endpoint to reach
     SnapfsError: errno.EIO,
 }
 
@@ -188,6 +196,7 @@ HTTP_STATUS: dict[type[SnapfsError], int] = {
     Interrupted: 500,
     NoSuchAttribute: 404,
     NotSupported: 501,
+    NotConfigured: 501,
     SnapfsError: 500,
 }
 

@@ -21,4 +21,8 @@ def add_store_option(parser: argparse.ArgumentParser) -> None:
 
 
 def store_path(args: argparse.Namespace) -> Path:
-    return args.store if getattr(args, "store", None) else default_store()
+    # --store after the sub-command wins over one given before it (cli.py).
+    for name in ("store", "global_store"):
+        if getattr(args, name, None):
+            return Path(getattr(args, name))
+    return default_store()

@@ -232,18 +232,22 @@ def test_projects(served: Served) -> None:
     assert _error(exc)[0] == 400
 
 
-def test_export_without_object_storage(served: Served) -> None:
-    """Export answers with a task; with no Object Storage configured the task fails
-    with the reason, and the snapshot is back to available."""
+def test_export_and_import_without_object_storage_are_refused(served: Served) -> None:
+    """With no Object Storage configured, export and import are refused when asked
+    (501, the one table's NotConfigured), leaving no task and no snapshot."""
     api = served.instance()
     snap = api.create_snapshot(name="exp", volume_id=served.volumes["vol-a"]["id"]).snapshot
     wait_state(api, snap.id)
-    task = api.export_snapshot(snapshot_id=snap.id, bucket="bkt", key="exp.qcow2").task
-    assert task.id and str(task.status) in ("pending", "started", "failure")
-    final = wait_state(api, snap.id)
-    assert str(final.state) == "available"
-    r = _raw(served, "GET", f"/instance/v1/zones/fr-par-1/tasks/{task.id}")
-    assert r.status_code == 200 and r.json()["task"]["status"] == "failure"
+    before = int(api.list_snapshots().total_count)
+    with pytest.raises(ScalewayException) as exc:
+        api.export_snapshot(snapshot_id=snap.id, bucket="bkt", key="exp.qcow2")
+    status, body = _error(exc)
+    assert status == 501 and "Object Storage is not configured" in body["message"]
+    assert str(api.get_snapshot(snapshot_id=snap.id).snapshot.state) == "available"
+    with pytest.raises(ScalewayException) as exc:
+        api.create_snapshot(name="imp", bucket="bkt", key="k.qcow2")
+    assert _error(exc)[0] == 501
+    assert int(api.list_snapshots().total_count) == before
     with pytest.raises(ScalewayException) as exc:
         api.export_snapshot(snapshot_id=snap.id, bucket="", key="k")
     assert _error(exc)[1]["details"][0]["argument_name"] == "bucket"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 from pathlib import Path
 from typing import Callable
 
@@ -9,7 +11,8 @@ import pytest
 import trio
 
 from fixtures_store import MiB, ZONE, deletes_done, random_bytes, read_all, snapshot_of, wait_state
-from snapfs.errors import InvalidArgument, NotFound, PreconditionFailed, SnapshotUnusable
+from snapfs.errors import (InvalidArgument, NotConfigured, NotFound, PreconditionFailed,
+                           errno_for)
 from snapfs.local import LocalService, open_local_service
 from snapfs.local.service import NO_OBJECT_STORAGE
 from snapfs.model import ZONES, Snapshot
@@ -148,16 +151,14 @@ async def test_create_refusals_change_nothing(service: LocalService,
     assert await state_of_store(service) == before
 
 
-async def test_import_without_object_storage_ends_in_error_saying_so(
+async def test_import_without_object_storage_is_refused_at_once(
         service: LocalService) -> None:
-    snap = await service.create_snapshot(ZONE, name="imp", bucket="b", key="k.qcow2",
-                                         size=512 * 1024)
-    assert snap.state == "importing" and snap.base_volume is None
-    done = await wait_state(service, snap.id)
-    assert done.state == "error"
-    assert done.error_reason == NO_OBJECT_STORAGE
-    with pytest.raises(SnapshotUnusable):
-        await service.open_image(ZONE, snap.id)
+    before = await state_of_store(service)
+    with pytest.raises(NotConfigured) as exc:
+        await service.create_snapshot(ZONE, name="imp", bucket="b", key="k.qcow2",
+                                      size=512 * 1024)
+    assert NO_OBJECT_STORAGE in str(exc.value) and errno_for(exc.value) == errno.ENXIO
+    assert await state_of_store(service) == before  # no snapshot left in error
 
 
 async def test_set_applies_mutable_fields_and_refuses_immutable_ones(
@@ -276,16 +277,16 @@ async def test_delete_refused_while_exporting_and_stops_an_import(
         await svc.delete_snapshot(ZONE, snap.id)
 
 
-async def test_export_without_object_storage_fails_and_leaves_snapshot_available(
+async def test_export_without_object_storage_is_refused_at_once(
         service: LocalService, volume_file: Callable[..., Path]) -> None:
     snap = await snapshot_of(service, volume_file("v", MiB, [(0, b"x")]))
-    task = await service.export_snapshot(ZONE, snap.id, bucket="b", key="k")
     await wait_state(service, snap.id)
-    with trio.fail_after(10):
-        while (t := await service.get_task(ZONE, task.id)).status in ("pending", "started"):
-            await trio.sleep(0.01)
-    assert t.status == "failure" and t.error == NO_OBJECT_STORAGE
-    assert await service.latest_export(ZONE, snap.id) == t
+    before = await state_of_store(service)
+    with pytest.raises(NotConfigured) as exc:
+        await service.export_snapshot(ZONE, snap.id, bucket="b", key="k")
+    assert NO_OBJECT_STORAGE in str(exc.value) and errno_for(exc.value) == errno.ENXIO
+    assert await service.latest_export(ZONE, snap.id) is None
+    assert await state_of_store(service) == before
     assert (await service.get_snapshot(ZONE, snap.id)).state == "available"
     with pytest.raises(InvalidArgument):
         await service.export_snapshot(ZONE, snap.id, bucket="", key="k")

@@ -21,9 +21,19 @@ import pytest
 import trio
 
 from fixtures_mount import MiB, ZONE, Mount, run, snapfs
+from fixtures_s3 import SeaweedServer
 from snapfs.local import open_local_service
+from test_mount_s3 import mount_with_s3
 
 pytestmark = pytest.mark.mount
+
+
+@pytest.fixture
+def mounted_s3(mount_factory: Callable[..., Mount], store_with_volume: Path,
+               s3_server: SeaweedServer) -> tuple[Mount, str]:
+    """A mount with Object Storage (imports start; a missing object fails them fast),
+    and an empty bucket."""
+    return mount_with_s3(mount_factory, store_with_volume, s3_server), s3_server.new_bucket()
 
 
 def ls(path: Path) -> list[str]:
@@ -334,14 +344,15 @@ def test_files_cannot_be_made_removed_or_rechmodded(mounted: Mount) -> None:
     assert state_of(mounted) == before
 
 
-def test_an_import_is_started_once(mounted: Mount) -> None:
+def test_an_import_is_started_once(mounted_s3: tuple[Mount, str]) -> None:
+    mounted, bucket = mounted_s3
     imp = mounted.project / "imports" / "once"
-    imp.write_text("bucket/a.qcow2\n")
+    imp.write_text(f"{bucket}/a.qcow2\n")
     first = json.loads(imp.read_text())
     before = state_of(mounted)
     fd = os.open(imp, os.O_WRONLY | os.O_TRUNC)
     try:
-        refused(errno.EEXIST, os.write, fd, b"bucket/b.qcow2\n")
+        refused(errno.EEXIST, os.write, fd, f"{bucket}/b.qcow2\n".encode())
     finally:
         os.close(fd)
     refused(errno.EEXIST, os.open, imp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -350,6 +361,8 @@ def test_an_import_is_started_once(mounted: Mount) -> None:
         snap_state.pop("once", None)
     assert after == before
     assert json.loads(imp.read_text())["key"] == first["key"] == "a.qcow2"
+    # (imports/ also lists any snapshot still importing: let this one end first.)
+    assert mounted.wait_state(mounted.snapshots() / "once") == "error"
     os.unlink(imp)  # forgets the record; the snapshot stays
     assert "once" not in ls(mounted.project / "imports")
     assert "once" in ls(mounted.snapshots())
@@ -422,9 +435,10 @@ def test_image_raw_mmap_private_by_default_shared_with_page_cache(
         os.close(fd)
 
 
-def test_error_snapshot_image_is_eio(mounted: Mount) -> None:
-    # Without Object Storage an import ends in error: a snapshot with no bytes.
-    (mounted.project / "imports" / "broken").write_text("bucket/disk.qcow2\n")
+def test_error_snapshot_image_is_eio(mounted_s3: tuple[Mount, str]) -> None:
+    # An import of a missing object ends in error: a snapshot with no bytes.
+    mounted, bucket = mounted_s3
+    (mounted.project / "imports" / "broken").write_text(f"{bucket}/disk.qcow2\n")
     s = mounted.snapshots() / "broken"
     assert mounted.wait_state(s) == "error"
     assert mounted.xattr(s, "error_reason")
@@ -482,23 +496,23 @@ def test_export_text_is_validated_at_once(mounted: Mount) -> None:
     assert json.loads((s / "export").read_text()) == status
 
 
-def test_export_without_object_storage_fails_visibly(mounted: Mount) -> None:
+def test_export_without_object_storage_is_refused_at_the_write(mounted: Mount) -> None:
     s = snap(mounted)
-    (s / "export").write_text("bucket/key.qcow2\n")
-    deadline = time.monotonic() + 30
-    while (status := json.loads((s / "export").read_text()))["state"] in ("pending", "started"):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    assert status["state"] == "failure" and "Object Storage" in status["error"]
-    assert status["bucket"] == "bucket" and status["key"] == "key.qcow2" and status["task_id"]
-    assert mounted.wait_state(s) == "available"
-    # The status outlives the mount: the store keeps its export tasks.
-    snapfs("umount", mounted.path)
-    mounted.start()
-    assert json.loads((s / "export").read_text()) == status
+    before = state_of(mounted)
+    status = (s / "export").read_text()
+    fd = os.open(s / "export", os.O_WRONLY)
+    try:
+        refused(errno.ENXIO, os.write, fd, b"bucket/key.qcow2\n")
+    finally:
+        os.close(fd)
+    assert (s / "export").read_text() == status  # no task, not even a failed one
+    assert json.loads(status)["state"] is None
+    assert mounted.xattr(s, "state") == "available"
+    assert state_of(mounted) == before
+    assert "Object Storage is not configured" in mounted.log()
 
 
-def test_import_without_object_storage_fails_visibly(mounted: Mount) -> None:
+def test_import_without_object_storage_is_refused_at_the_write(mounted: Mount) -> None:
     imports = mounted.project / "imports"
     before = state_of(mounted)
     fd = os.open(imports / "bad", os.O_WRONLY | os.O_CREAT)
@@ -506,19 +520,14 @@ def test_import_without_object_storage_fails_visibly(mounted: Mount) -> None:
         refused(errno.EINVAL, os.write, fd, b"nokey\n")
     finally:
         os.close(fd)
-    assert state_of(mounted)["snapshots"] == before["snapshots"]
-    (imports / "restored").write_text("bucket/disk.qcow2\n")
-    deadline = time.monotonic() + 30
-    while (status := json.loads((imports / "restored").read_text()))["state"] in (
-            "pending", "started"):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    assert status["state"] == "failure" and "Object Storage" in status["error"]
-    wait = snapfs("wait", imports / "restored", check=False)
-    assert wait.returncode == 1 and "failure: Object Storage" in wait.stderr
-    s = mounted.snapshots() / "restored"
-    assert mounted.xattr(s, "state") == "error"
-    refused(errno.EIO, os.open, s / "image.raw", os.O_RDONLY)
+    fd = os.open(imports / "restored", os.O_WRONLY | os.O_CREAT)
+    try:
+        refused(errno.ENXIO, os.write, fd, b"bucket/disk.qcow2\n")
+    finally:
+        os.close(fd)
+    assert state_of(mounted) == before  # no snapshot in error, no imports/ entry
+    assert ls(imports) == []
+    assert "Object Storage is not configured" in mounted.log()
 
 
 def test_open_waiting_for_a_capture_is_interruptible(mount_factory: Callable[..., Mount],

@@ -13,8 +13,11 @@ from typing import Callable
 
 from ..backends import add_backend_options
 from ..storeoptions import store_path
-from ..errors import InvalidArgument, SnapfsError
+from ..errors import InvalidArgument, PermissionDenied, SnapfsError
 from ..model import BUSY_STATES, FAILED_STATES
+
+FUSE_DEVICE = "/dev/fuse"
+FUSE_CONF = "/etc/fuse.conf"
 
 
 
@@ -23,13 +26,18 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                        description="Mount the snapshot service at MOUNTPOINT. Returns once "
                        "the mount is live; the daemon logs to mount.log in the store "
                        "directory (to stderr with --foreground).")
-    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT",
+                   help="an existing directory to mount on (mkdir -p it first)")
     add_backend_options(p)  # --store, --backend, --s3-endpoint, --zones ...
     p.add_argument("--foreground", "-f", action="store_true",
                    help="stay in the foreground, log to stderr")
     p.add_argument("--debug", action="store_true", help="log every request")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT",
-                   help="mount option: allow_other (then default_permissions applies), ro")
+                   help="mount options, comma-separated: allow_other (then "
+                   "default_permissions applies), ro, and every flag here spelt as "
+                   "an option (backend=scaleway, page_cache, readahead=4, "
+                   "s3_endpoint=URL, image_mode=0440 ...); fstab's noauto, _netdev, "
+                   "nofail, x-systemd.* are ignored")
     cache = p.add_mutually_exclusive_group()
     cache.add_argument("--direct-io", dest="direct_io", action="store_const", const=True,
                        default=True, help="serve image.raw with direct I/O: every read "
@@ -54,7 +62,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p = sub.add_parser("umount", help="unmount a snapfs mount",
                        description="Unmount MOUNTPOINT (lazily when its daemon died) and "
                        "wait for the daemon to finish.")
-    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT", help="the mount point")
     p.set_defaults(func=_umount)
 
     p = sub.add_parser("wait", help="wait for a snapshot to be ready",
@@ -62,15 +70,19 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                        "in it) leaves snapshotting/importing/exporting, or until the import "
                        "imports/<name> ends. Exits 1 if it ends in error, invalid_data or "
                        "failure.")
-    p.add_argument("path", type=Path, metavar="PATH")
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
+    p.add_argument("path", type=Path, metavar="PATH",
+                   help="a snapshot directory, a file in it, or imports/<name>")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="give up (exit 1) after this long (default: wait for ever)")
     p.set_defaults(func=_wait)
 
 
 def _mount(args: argparse.Namespace) -> int:
     from .access import parse_image_mode, parse_image_owner
     from .daemon import MountConfig, run_daemon, run_foreground
+    from .mountopts import apply_mount_options
 
+    apply_mount_options(args)
     if args.readahead:
         raise InvalidArgument("--readahead", "retired: image readers read ahead themselves "
                               "(one engine, snapfs/readahead.py); drop the option")
@@ -83,11 +95,31 @@ def _mount(args: argparse.Namespace) -> int:
         image_mode=None if args.image_mode is None else parse_image_mode(args.image_mode),
         image_owner=None if args.image_owner is None else parse_image_owner(args.image_owner),
         listen=args.listen)
+    if not cfg.mountpoint.exists():
+        raise InvalidArgument("mountpoint", f"{cfg.mountpoint} does not exist "
+                              f"(create it: mkdir -p {cfg.mountpoint})")
     if not cfg.mountpoint.is_dir():
         raise InvalidArgument("mountpoint", f"{cfg.mountpoint} is not a directory")
     if is_mounted(cfg.mountpoint):
         raise InvalidArgument("mountpoint", f"{cfg.mountpoint} is already a mount point")
+    if not os.access(FUSE_DEVICE, os.R_OK | os.W_OK):
+        # libfuse would only say "fuse_session_mount failed" after the fork.
+        raise PermissionDenied(f"cannot mount: {FUSE_DEVICE} is not readable and writable "
+                               "by you (distributions ship it 0666; as root: chmod 0666 "
+                               f"{FUSE_DEVICE}, or modprobe fuse if it is missing)")
+    if "allow_other" in cfg.options and os.geteuid() != 0 and not _user_allow_other():
+        raise PermissionDenied("cannot mount with -o allow_other: only root may, unless "
+                               f"{FUSE_CONF} says user_allow_other (root edits it)")
     return run_foreground(cfg) if args.foreground else run_daemon(cfg)
+
+
+def _user_allow_other() -> bool:
+    """fusermount3 lets a regular user mount with allow_other only if fuse.conf says so."""
+    try:
+        with open(FUSE_CONF) as f:
+            return any(line.split("#", 1)[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
 
 
 def is_mounted(path: Path) -> bool:
@@ -173,6 +205,8 @@ def _import_probe(path: Path) -> Callable[[], Status]:
 def _probe_for(path: Path) -> tuple[Callable[[], Status], frozenset[str], frozenset[str]]:
     """What to poll for PATH: a snapshot directory (or a file in it) by its
     user.state, or an imports/<name> file by its status."""
+    if not path.exists():
+        raise InvalidArgument("path", f"{path}: no such snapshot (nothing at that path)")
     target = path if path.is_dir() else path.parent
     try:
         os.getxattr(target, "user.state")

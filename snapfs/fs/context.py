@@ -59,6 +59,8 @@ class FsContext:
     #: Mode and (uid, gid) of every image.raw, instead of its volume file's (access.py).
     image_mode: int | None = None
     image_owner: tuple[int, int] | None = None
+    #: A kernel session is live: stale names may be invalidated (fs/forget.py).
+    notify_kernel: bool = False
 
     @contextmanager
     def claim(self, zone: str, project: str, name: str, where: str) -> Iterator[None]:

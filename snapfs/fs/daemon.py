@@ -27,6 +27,7 @@ from ..errors import InvalidArgument, SnapfsError
 from ..logtext import EscapingFormatter
 from ..service import SnapshotService
 from .context import FsContext
+from .mountopts import FUSE_OPTIONS
 from .ops import SnapfsOperations
 
 log = logging.getLogger("snapfs.fs")
@@ -77,9 +78,9 @@ def fuse_options(cfg: MountConfig) -> set[str]:
             part = part.strip()
             if not part:
                 continue
-            if part not in ("allow_other", "ro"):
+            if part not in FUSE_OPTIONS:  # snapfs's own were taken out (mountopts.py)
                 raise InvalidArgument("-o", f"unsupported mount option {part!r} "
-                                      "(allow_other, ro)")
+                                      f"({', '.join(sorted(FUSE_OPTIONS))})")
             options.add(part)
     if "allow_other" in options:
         # Shared with other users: let the kernel check the modes we report.
@@ -107,6 +108,7 @@ async def serve(cfg: MountConfig, ready: Callable[[], None] | None = None) -> No
             pyfuse3.init(ops, mnt, fuse_options(cfg))
         except RuntimeError as exc:
             raise SnapfsError(f"cannot mount {mnt}: {exc}") from None
+        ctx.notify_kernel = True
         log.info("mounted %s (backend %s, store %s, pid %d)", mnt, cfg.backend, cfg.store,
                  os.getpid())
         try:
@@ -192,8 +194,9 @@ def setup_logging(cfg: MountConfig, stream: TextIO | None = None) -> None:
 
 
 def run_foreground(cfg: MountConfig) -> int:
+    from .sdnotify import notifier
     setup_logging(cfg, sys.stderr)
-    trio.run(serve, cfg)
+    trio.run(serve, cfg, notifier())  # READY=1 to systemd (Type=notify) once live
     return 0
 
 

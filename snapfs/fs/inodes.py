@@ -13,7 +13,7 @@ from __future__ import annotations
 import pyfuse3
 
 from ..errors import NotFound
-from .keys import ROOT, Key
+from .keys import ROOT, Key, Kind
 
 
 class InodeTable:
@@ -43,3 +43,9 @@ class InodeTable:
 
     def __len__(self) -> int:
         return len(self._by_key)
+
+    def snapshot_keys(self, snapshot_id: str) -> list[Key]:
+        """The directories of snapshot ``snapshot_id`` the kernel was shown, in every
+        view (to invalidate the names it may have cached for them)."""
+        return [k for k in self._by_key
+                if k.kind is Kind.SNAPSHOT and k.snapshot == snapshot_id]

@@ -78,7 +78,8 @@ def refusals(fn: F) -> F:
             log.exception("%s(%s): failed unexpectedly (bug #%d of this mount)", op,
                           _described(self, params, args), self.unexpected)
             raise pyfuse3.FUSEError(errno_for(SnapfsError())) from None
-        log.log(logging.DEBUG if code in QUIET else logging.INFO, "%s(%s): %s: %s", op,
+        quiet = code in QUIET and op != "setxattr"  # a set is a request, not a question
+        log.log(logging.DEBUG if quiet else logging.INFO, "%s(%s): %s: %s", op,
                 _described(self, params, args), errno.errorcode.get(code, code), reason)
         raise pyfuse3.FUSEError(code) from None
 

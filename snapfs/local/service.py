@@ -15,7 +15,8 @@ from typing import Awaitable, Callable
 
 import trio
 
-from ..errors import (CorruptData, InvalidArgument, PreconditionFailed, VolumeChanged)
+from ..errors import (CorruptData, InvalidArgument, NotConfigured, PreconditionFailed,
+                      VolumeChanged)
 from ..model import (DEFAULT_ZONE, PRODUCING_STATES, ZONES, BaseVolume, FileAccess, Page,
                      Project, Snapshot, Task, Volume, check_name, check_paging, check_readable,
                      check_size, check_tags, check_uuid, check_volume_type, check_zone, new_id, now)
@@ -291,6 +292,8 @@ class LocalService(SnapshotService):
             raise InvalidArgument("key", "must be a non-empty string")
         if size is not None:
             check_size(size)
+        if self.objects is None:  # refused now, not as a snapshot in error later
+            raise NotConfigured(f"cannot import s3://{bucket}/{key}: {NO_OBJECT_STORAGE}")
         proj = self._owner(project, organization)
         t = now()
         snap = Snapshot(id=new_id(), name=name, organization=proj.organization, project=proj.id,
@@ -445,6 +448,9 @@ class LocalService(SnapshotService):
             raise InvalidArgument("key", "must be a non-empty string")
         if snap.state != "available":
             raise PreconditionFailed(f"snapshot {snap.name!r} is {snap.state}, not available")
+        if self.objects is None:  # refused now, not as a failed task later
+            raise NotConfigured(f"cannot export snapshot {snapshot_id} to s3://{bucket}/{key}"
+                                f": {NO_OBJECT_STORAGE}")
         if snapshot_id in self._deleting:
             raise PreconditionFailed(f"snapshot {snap.name!r} is being deleted")
         task = Task(id=new_id(), description="export_snapshot", progress=0, status="pending",

@@ -7,7 +7,7 @@ and refuses everything else with a domain error saying why.
 
 from __future__ import annotations
 
-from ...errors import NoSuchAttribute, NotPermitted, ReadOnly, TooLarge
+from ...errors import NoSuchAttribute, NotPermitted, NotSupported, ReadOnly, TooLarge
 from ...service import Buffer
 from ..attributes import Stat
 from ..context import FsContext
@@ -75,12 +75,16 @@ class Node:
         await self._refuse_xattr(name)
 
     async def removexattr(self, name: str) -> None:
-        await self._refuse_xattr(name)
+        await self._refuse_xattr(name, removing=True)
 
-    async def _refuse_xattr(self, name: str) -> None:
+    async def _refuse_xattr(self, name: str, removing: bool = False) -> None:
         if name in await self.xattrs():
             raise NotPermitted(f"user.{name} of {self.describe()} is read-only")
-        raise NotPermitted(f"{self.describe()} has no attribute user.{name} to set")
+        # What backup tools expect of a file without that attribute: setting an
+        # unknown one is "not supported" (ENOTSUP), removing it "no data" (ENODATA).
+        if removing:
+            raise NoSuchAttribute(f"{self.describe()} has no attribute user.{name}")
+        raise NotSupported(f"{self.describe()} has no attribute user.{name} to set")
 
     # --- files -----------------------------------------------------------------------
 

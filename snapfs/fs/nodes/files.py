@@ -18,6 +18,7 @@ from .. import transfer
 from ..access import image_access
 from ..attributes import IMAGE_BLKSIZE, Stat, file_stat, ns
 from ..context import FsContext
+from ..forget import forget_names
 from ..keys import EXPORT, IMAGE, JSON, Key
 from .base import BufferHandle, Handle, Node
 from .views import snapshot_at
@@ -141,10 +142,12 @@ class JsonHandle(BufferHandle):
         if snap.id != node.key.snapshot:
             raise InvalidArgument("id", "cannot be changed")
         # Refused here, whichever backend: state, error_reason... are the service's.
-        snap.check_set(await node.snapshot(max_age=0))
+        before = await node.snapshot(max_age=0)
+        snap.check_set(before)
         updated = await node.ctx.svc.set_snapshot(node.key.zone, snap)
         node.ctx.catalog.invalidate()
         node.ctx.catalog.remember(updated)
+        forget_names(node.ctx, before, updated)
         log.info("snapshot.json of %s written: name %s, tags %s", updated.id,
                  esc(updated.name), esc(",".join(updated.tags)))
 

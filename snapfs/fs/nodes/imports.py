@@ -17,6 +17,7 @@ from ...model import Snapshot, check_name, name_problem
 from .. import transfer
 from ..attributes import Stat, file_stat
 from ..context import ImportRecord
+from ..forget import forget_entry
 from ..keys import Kind, View, import_file
 from .base import Entry, Handle, Node
 from .files import TargetHandle, wants_write
@@ -54,8 +55,25 @@ class ImportsNode(Node):
         return {r.name: r for (z, p, _), r in self.ctx.imports.items()
                 if z == self.key.zone and p == self.key.project}
 
+    async def _live_records(self) -> dict[str, ImportRecord]:
+        """The records, less those whose snapshot was deleted since (forgotten
+        here, so that no import of a gone snapshot lingers as ``pending``)."""
+        records = self._records()
+        for name, rec in list(records.items()):
+            if rec.snapshot_id is None:
+                continue
+            try:
+                await self.ctx.catalog.snapshot(self.key.zone, rec.snapshot_id)
+            except NotFound:
+                del records[name]
+                self.ctx.imports.pop((self.key.zone, self.key.project, name), None)
+                forget_entry(self.ctx, self.key, name)
+                log.info("imports/%s: snapshot %s is gone; the import is forgotten",
+                         esc(name), rec.snapshot_id)
+        return records
+
     async def entries(self) -> list[Entry]:
-        names = list(self._records())
+        names = list(await self._live_records())
         names += [n for n in await self._importing() if n not in names]
         out = []
         for name in names:
@@ -64,7 +82,7 @@ class ImportsNode(Node):
         return out
 
     async def lookup(self, name: str) -> Entry:
-        if name not in self._records() and name not in await self._importing():
+        if name not in await self._live_records() and name not in await self._importing():
             raise NotFound("import", name)
         key = import_file(self.key.zone, self.key.project, name)
         return name, key, await ImportNode(self.ctx, key).stat()
@@ -83,6 +101,7 @@ class ImportsNode(Node):
         """Forgets the record of an import (the snapshot stays)."""
         if self.ctx.imports.pop((self.key.zone, self.key.project, name), None) is None:
             raise NotFound("import", name)
+        self.ctx.catalog.invalidate()  # the listing answers from the current states
 
 
 class ImportNode(Node):
@@ -141,3 +160,14 @@ class ImportHandle(TargetHandle):
         log.info("import %s from s3://%s/%s: snapshot %s started", esc(node.key.name),
                  esc(target.bucket), esc(target.key), snap.id)
 
+    async def release(self) -> None:
+        """A file whose write started no import (refused, or never written) goes
+        with its last close: imports/ lists only imports that exist."""
+        node = self.node
+        assert isinstance(node, ImportNode)
+        rec = node.record
+        if self.writable and rec is not None and rec.snapshot_id is None:
+            node.ctx.imports.pop((node.key.zone, node.key.project, node.key.name), None)
+            forget_entry(node.ctx, node.key.parent(), node.key.name)
+            log.info("imports/%s: closed without an import started; removed",
+                     esc(node.key.name))

@@ -8,6 +8,7 @@ import logging
 from ...errors import NotFound, NotPermitted
 from ...logtext import esc
 from ...model import Snapshot, check_name, check_tags
+from ..forget import forget_names
 from ..keys import SNAPSHOT_FILES, static_child
 from ..attributes import Stat
 from .base import Entry, Node
@@ -87,15 +88,18 @@ class SnapshotNode(Node):
             updated = await self.ctx.svc.update_snapshot(snap.zone, snap.id,
                                                          tags=parse_tags(value))
         self._changed(updated)
+        forget_names(self.ctx, snap, updated)
         log.info("setfattr user.%s on snapshot %s: set to %s", name, snap.id, esc(value))
 
     async def removexattr(self, name: str) -> None:
         if name != "tags":
             if name == "name":
                 raise NotPermitted("user.name cannot be removed: a snapshot always has a name")
-            await self._refuse_xattr(name)
+            await self._refuse_xattr(name, removing=True)
         snap = await self.snapshot(max_age=0)
-        self._changed(await self.ctx.svc.update_snapshot(snap.zone, snap.id, tags=[]))
+        updated = await self.ctx.svc.update_snapshot(snap.zone, snap.id, tags=[])
+        self._changed(updated)
+        forget_names(self.ctx, snap, updated)
         log.info("setfattr -x user.tags on snapshot %s: tags removed", snap.id)
 
     def _changed(self, snap: Snapshot) -> None:

@@ -14,6 +14,7 @@ from ...logtext import esc
 from ...model import Snapshot, check_name
 from ..attributes import Stat, dir_stat, ns
 from ..context import FsContext
+from ..forget import forget_names
 from ..keys import Key, Kind, View, may_create_snapshot_in, same_place, snapshot_dir
 from .base import Entry, Node
 from .hierarchy import ProjectNode, section_stat, volume_stat, volume_xattrs
@@ -117,6 +118,7 @@ class ViewNode(Node):
         await self.ctx.svc.delete_snapshot(self.key.zone, snap.id)
         self.ctx.catalog.invalidate()
         self.ctx.catalog.forget(snap.id)
+        forget_names(self.ctx, snap, None)
         log.info("rmdir %s%s: snapshot %s deleted", self.describe(), esc(name), snap.id)
 
     async def rename(self, old: str, new_parent: Key, new: str) -> None:
@@ -137,6 +139,7 @@ class ViewNode(Node):
             updated = await self.ctx.svc.update_snapshot(self.key.zone, snap.id, name=new)
             catalog.invalidate()
             catalog.remember(updated)
+        forget_names(self.ctx, snap, updated)
         log.info("rename %s%s -> %s: snapshot %s", self.describe(), esc(old), esc(new), snap.id)
 
 

@@ -1,0 +1,148 @@
+"""The CLI's manners (issue 18): global options anywhere, --version, usage on a bare
+``snapfs``, help for every argument, one clear line for each mistake a new user makes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from fixtures_mount import snapfs
+from snapfs import __version__
+from snapfs.cli import _commands, build_parser, normalize_argv
+from snapfs.errors import InvalidArgument
+from snapfs.fs.mountopts import apply_mount_options
+
+
+def one_line_error(res: "object", *needles: str) -> str:
+    err = res.stderr  # type: ignore[attr-defined]
+    assert res.returncode != 0, err  # type: ignore[attr-defined]
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    for needle in needles:
+        assert needle in err, err
+    return str(err)
+
+
+def test_store_option_before_or_after_the_command(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    made = snapfs("--store", store, "project", "create", "web").stdout.strip()
+    for argv in (["--store", str(store), "project", "list", "--json"],
+                 ["project", "list", "--json", "--store", str(store)],
+                 [f"--store={store}", "project", "list", "--json"]):
+        assert made in {p["id"] for p in json.loads(snapfs(*argv).stdout)}, argv
+    # After the command wins: the one nearest to what it applies to.
+    other = tmp_path / "other"
+    snapfs("--store", other, "project", "create", "db", "--store", store)
+    names = {p["name"] for p in json.loads(snapfs("project", "list", "--json",
+                                                  "--store", store).stdout)}
+    assert "db" in names and not other.exists()
+
+
+def test_version_and_usage_on_a_bare_snapfs() -> None:
+    assert snapfs("--version").stdout.strip() == f"snapfs {__version__}"
+    res = snapfs(check=False)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.startswith("usage: snapfs") and "Traceback" not in res.stderr
+    for command in ("volume", "project", "mount", "umount", "wait", "serve", "fsck"):
+        assert command in res.stderr
+
+
+def _parsers(parser: argparse.ArgumentParser, path: str = "snapfs"
+             ) -> list[tuple[str, argparse.ArgumentParser]]:
+    out = [(path, parser)]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out += _parsers(sub, f"{path} {name}")
+    return out
+
+
+def test_every_argument_of_every_command_has_help() -> None:
+    missing = []
+    for path, parser in _parsers(build_parser()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue
+            if not action.help or action.help == argparse.SUPPRESS:
+                missing.append(f"{path}: {action.dest}")
+    assert missing == []
+    # And argparse shows it: the issue's examples.
+    out = snapfs("volume", "add", "--help").stdout
+    assert "raw image file or block device" in out and "the volume's name" in out
+    assert "zone" in snapfs("volume", "rm", "--help").stdout.split("--zone", 2)[-1]
+    assert "every zone" in snapfs("project", "create", "--help").stdout
+
+
+def test_negative_or_malformed_size_is_one_line(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    snapfs("--store", store, "project", "create", "p")
+    before = sorted(os.listdir(store))
+    for size in ("-1G", "-5", "ten"):
+        res = snapfs("volume", "create", "x", "--size", size, "--store", store, check=False)
+        one_line_error(res, "invalid size", repr(size))
+    assert sorted(os.listdir(store)) == before
+    assert json.loads(snapfs("volume", "list", "--json", "--store", store).stdout) == []
+
+
+def test_mount_on_a_missing_mountpoint_says_so_and_the_fix(tmp_path: Path) -> None:
+    mnt = tmp_path / "no" / "such"
+    res = snapfs("mount", mnt, "--store", tmp_path / "store", check=False)
+    one_line_error(res, f"{mnt} does not exist", f"mkdir -p {mnt}")
+    assert not (tmp_path / "no").exists() and not (tmp_path / "store").exists()
+
+
+def test_wait_on_a_missing_snapshot_says_so(tmp_path: Path) -> None:
+    res = snapfs("wait", tmp_path / "gone", check=False)
+    one_line_error(res, "no such snapshot", str(tmp_path / "gone"))
+
+
+def test_mount_helper_form_becomes_mount() -> None:
+    commands = _commands(build_parser())
+    assert normalize_argv(["/srv/store", "/mnt/snap", "-o", "rw,page_cache"], commands) == \
+        ["mount", "/mnt/snap", "--store", "/srv/store", "-o", "rw,page_cache"]
+    # Commands, and words that are not paths, stay what they were (a typo is an error).
+    assert normalize_argv(["volume", "list"], commands) == ["volume", "list"]
+    assert normalize_argv(["volme", "list"], commands) == ["volme", "list"]
+    assert normalize_argv(["volume", "create", "x", "--size", "-1G"], commands) == \
+        ["volume", "create", "x", "--size=-1G"]
+
+
+def _mount_args(*options: str) -> argparse.Namespace:
+    return build_parser().parse_args(["mount", "/mnt", *[a for o in options
+                                                         for a in ("-o", o)]])
+
+
+def test_every_mount_flag_has_an_o_spelling() -> None:
+    args = _mount_args("backend=scaleway,page_cache,allow_other,readahead=8",
+                       "s3_endpoint=http://127.0.0.1:1,image_mode=0440,image-owner=1:2",
+                       "listen=127.0.0.1:8080,zones=nl-ams-1,profile=p,staging_bucket=b",
+                       "debug,foreground,store=/srv/s",
+                       "noauto,_netdev,nofail,x-systemd.automount,x-systemd.idle-timeout=60,"
+                       "rw,nosuid,nodev,defaults,comment=x")
+    apply_mount_options(args)
+    assert args.options == ["allow_other"]
+    assert (args.backend, args.direct_io, args.readahead) == ("scaleway", False, 8)
+    assert (args.s3_endpoint, args.image_mode, args.image_owner) == \
+        ("http://127.0.0.1:1", "0440", "1:2")
+    assert (args.listen, args.zones, args.profile, args.staging_bucket) == \
+        ("127.0.0.1:8080", "nl-ams-1", "p", "b")
+    assert args.debug and args.foreground and args.store == "/srv/s"
+    # Every long flag of `snapfs mount` is covered by an -o spelling.
+    mount = dict(_parsers(build_parser()))["snapfs mount"]
+    flags = {o[2:].replace("-", "_") for a in mount._actions for o in a.option_strings
+             if o.startswith("--") and o != "--help"}
+    from snapfs.fs.mountopts import FLAGS, VALUED
+    assert flags <= set(FLAGS) | set(VALUED)
+    for bad in ("bogus", "backend=nope", "readahead=x", "backend=", "suid", "dev"):
+        with pytest.raises(InvalidArgument):
+            apply_mount_options(_mount_args(bad))
+
+
+def test_unknown_mount_option_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    res = snapfs(tmp_path / "store", tmp_path / "mnt", "-o", "bogus", check=False)
+    one_line_error(res, "unsupported mount option 'bogus'")
+    assert not (tmp_path / "store").exists()

@@ -50,7 +50,23 @@ def normalize_argv(argv: list[str], commands: set[str]) -> list[str]:
         store, mountpoint = positional[0], positional[1]
         rest = list(out[1:])
         rest.remove(mountpoint)
-        return ["mount", mountpoint, "--store", store, *rest]
+        return ["mount", mountpoint, "--store", store, *_helper_options(rest)]
+    return out
+
+
+#: What mount.fuse3, run by root, adds to the options of every mount it starts unless
+#: the fstab line says nodev/nosuid. A snapfs mount is always nosuid,nodev (libfuse's
+#: default, which only these would lift), so the helper's defaults are dropped here;
+#: `snapfs mount -o suid` asked for by a person stays refused (mountopts.py).
+_HELPER_DEFAULTS = ("dev", "suid")
+
+
+def _helper_options(args: list[str]) -> list[str]:
+    out = list(args)
+    for i, arg in enumerate(out[:-1]):
+        if arg == "-o":
+            out[i + 1] = ",".join(o for o in out[i + 1].split(",")
+                                  if o not in _HELPER_DEFAULTS)
     return out
 
 

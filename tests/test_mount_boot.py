@@ -91,9 +91,9 @@ def test_fstab_line_mounts_and_every_unmount_ends_the_daemon(boot: Path, unmount
                                                              ) -> None:
     fstab = boot / "fstab"
     # What a user writes in /etc/fstab: fstab/systemd options are ignored, snapfs
-    # options (page_cache, readahead=) and FUSE ones (allow_other) honoured.
+    # options (page_cache) and FUSE ones (allow_other) honoured.
     fstab.write_text(f"# snapfs at boot\n{boot}/store {boot}/mnt fuse.snapfs "
-                     "noauto,_netdev,nofail,x-systemd.automount,page_cache,readahead=2,"
+                     "noauto,_netdev,nofail,x-systemd.automount,page_cache,"
                      "allow_other 0 0\n")
     out = round_trip(boot, f"mount --fstab {fstab} {boot}/mnt", unmount)
     assert out[0] == "v"
@@ -106,7 +106,7 @@ def test_fstab_line_mounts_and_every_unmount_ends_the_daemon(boot: Path, unmount
 
 def test_mount_t_fuse_snapfs_with_options(boot: Path) -> None:
     out = round_trip(boot, f"mount -t fuse.snapfs {boot}/store {boot}/mnt "
-                     "-o backend=local,direct_io,readahead=1,default_permissions", "umount")
+                     "-o backend=local,direct_io,default_permissions", "umount")
     line = next(x for x in out if " fuse.snapfs " in x)
     assert "default_permissions" in line.split()[3]
     assert out[-2:] == ["daemon-gone", "0"]

@@ -262,6 +262,15 @@ class LocalImageReader(ImageReader):
                 and len(self._free) < SPARE_BUFFERS):
             self._free.append(data.obj)
 
+    async def next_allocated(self, offset: int) -> int:
+        idx = self.index.next_mapped(self.snap, offset // CHUNK_SIZE)
+        return self.size if idx is None else min(self.size, max(offset, idx * CHUNK_SIZE))
+
+    async def allocated_bytes(self) -> int | None:
+        count = await trio.to_thread.run_sync(self.index.mapped_count, self.snap,
+                                              limiter=self.limiter)
+        return min(self.size, count * CHUNK_SIZE)
+
     async def aclose(self) -> None:
         log.debug("image reader closed: %s", self.stats)
         self._closed = True

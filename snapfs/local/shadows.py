@@ -46,6 +46,7 @@ import trio
 
 from ..errors import CorruptData, SnapfsError
 from ..service import ImageReader
+from .allocation import data_bytes, seek_data
 from .chunks import fsync_dir, libc
 from .volumefile import VolumeFile, open_volume
 
@@ -412,6 +413,14 @@ class ShadowReader(ImageReader):
             await self._fetch(start)
         except (CorruptData, OSError):
             pass  # the request that needs these bytes reads them again and reports
+
+    async def next_allocated(self, offset: int) -> int:
+        return await trio.to_thread.run_sync(seek_data, self.fd, offset, self.size,
+                                             limiter=self.limiter)
+
+    async def allocated_bytes(self) -> int | None:
+        return await trio.to_thread.run_sync(data_bytes, self.fd, self.size,
+                                             limiter=self.limiter)
 
     async def _pread(self, offset: int, n: int) -> bytes:
         data = await trio.to_thread.run_sync(os.pread, self.fd, n, offset,

@@ -17,10 +17,11 @@ from ..model import now
 from ..objects import ObjectStorage
 from ..service import ImageReader
 from . import leases
-from .capture import CaptureSource, FileSource, PackPool, ReaderSource, capture
+from .capture import CaptureSource, FileSource, PackPool, capture
 from .capturequeue import CaptureQueue, Ticket
 from .chunkindex import ChunkIndex
 from .chunks import CHUNK_SIZE, PackFiles
+from .importsource import import_source
 from .metadata import Metadata
 from .recovery import EXPORT_INTERRUPTED, INTERRUPTED
 from .shadows import Ranges, Shadow, Shadows, complement
@@ -367,7 +368,8 @@ class BackgroundJobs:
                 raise InvalidData(f"size {size} does not match the image's virtual size "
                                   f"{reader.size}")
             self.md.update_snapshot(snapshot_id, size=reader.size)
-            await self._store(ReaderSource(reader, self.hash_limiter), snapshot_id, key)
+            async with import_source(reader, self.hash_limiter) as source:
+                await self._store(source, snapshot_id, key)
         await self._produce_map(snapshot_id, key, work)
 
     async def _run_export(self, snapshot_id: str, task_id: str, bucket: str, key: str) -> None:

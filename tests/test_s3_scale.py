@@ -5,6 +5,7 @@ rule at S3's and Scaleway's part limits."""
 
 from __future__ import annotations
 
+import os
 import struct
 import subprocess
 import time
@@ -214,3 +215,55 @@ async def test_tables_past_the_end_are_invalid_data_and_store_nothing(
     finally:
         raw.unlink()
         img.unlink()
+
+
+# --- the allocation walk's pieces ------------------------------------------------------
+
+def test_skipping_holes_encodes_the_same_image_as_feeding_zeros() -> None:
+    size = 3 * GiB + 5 * CLUSTER_SIZE
+    runs = [(0, random_bytes(CLUSTER_SIZE + 4096, 1)), (GiB + 3 * CLUSTER_SIZE,
+            random_bytes(2 * CLUSTER_SIZE, 2)), (size - CLUSTER_SIZE, random_bytes(CLUSTER_SIZE, 3))]
+    walked, fed = StreamingEncoder(size), StreamingEncoder(size)
+    body_w, body_f = [], []
+    pos = 0
+    for offset, data in runs:
+        walked.skip_to(offset)
+        body_w.append(walked.feed(data + bytes(-len(data) % CLUSTER_SIZE)))
+        while pos < offset:  # the old way: every byte of the address space fed
+            n = min(64 * MiB, offset - pos)
+            body_f.append(fed.feed(bytes(n)))
+            pos += n
+        padded = data + bytes(-len(data) % CLUSTER_SIZE)
+        body_f.append(fed.feed(padded))
+        pos += len(padded)
+    assert walked.finish() == fed.finish() and body_w == [b for b in body_f if b]
+    assert walked.image_size <= walked.max_image_size(sum(len(d) + CLUSTER_SIZE for _, d in runs))
+    with pytest.raises(ValueError):
+        walked.skip_to(0)
+
+
+def test_allocation_bitmap_walks_runs_and_holes() -> None:
+    from snapfs.qcow2.allocation import Allocation
+    alloc = Allocation(64 * TiB)
+    for offset, n in ((0, 1), (5 * MiB, 3 * MiB), (40 * TiB + 7, 1), (64 * TiB - MiB, MiB)):
+        alloc.mark(offset, n)
+    assert list(alloc.runs()) == [(0, 1), (5, 8), (40 * TiB // MiB, 40 * TiB // MiB + 1),
+                                  (64 * TiB // MiB - 1, 64 * TiB // MiB)]
+    assert alloc.count() == 6 and 6 in alloc and 8 not in alloc
+    assert alloc.next_set(9) == 40 * TiB // MiB and alloc.next_clear(5) == 8
+
+
+def test_shadow_allocation_follows_the_file_holes(big_files: Path) -> None:
+    from snapfs.local.allocation import data_bytes, seek_data
+    size = TiB
+    path = write_volume(big_files / "holes.raw", size, [(GiB, bytes([1]) * MiB),
+                                                        (size - MiB, bytes([2]) * MiB)])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert seek_data(fd, 0, size) == GiB
+        assert seek_data(fd, GiB + MiB, size) == size - MiB
+        assert seek_data(fd, size, size) == size
+        assert data_bytes(fd, size) == 2 * MiB
+    finally:
+        os.close(fd)
+        path.unlink()

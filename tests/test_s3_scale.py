@@ -267,3 +267,63 @@ def test_shadow_allocation_follows_the_file_holes(big_files: Path) -> None:
     finally:
         os.close(fd)
         path.unlink()
+
+
+class _Image:
+    """An AllocatedReader over bytes in memory that records what it is asked
+    for (a stand-in for the S3 reader, not for the store)."""
+
+    def __init__(self, size: int, runs: list[tuple[int, bytes]]) -> None:
+        from snapfs.qcow2.allocation import Allocation
+        self.size, self.runs = size, runs
+        self.allocation = Allocation(size)
+        for offset, data in runs:
+            self.allocation.mark(offset, len(data))
+        self.fetched: list[tuple[int, int]] = []
+
+    async def fetch(self, offset: int, length: int) -> bytes:
+        self.fetched.append((offset, length))
+        out = bytearray(length)
+        for o, d in self.runs:
+            lo, hi = max(o, offset), min(o + len(d), offset + length)
+            if lo < hi:
+                out[lo - offset:hi - offset] = d[lo - o:hi - o]
+        return bytes(out)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_allocated_source_fetches_only_the_allocation_in_big_windows() -> None:
+    import trio
+
+    from snapfs.local.capture import BATCH_CHUNKS
+    from snapfs.local.importsource import WINDOW, import_source
+    size = 4 * TiB
+    runs = [(0, random_bytes(3 * MiB, 1)), (4 * MiB, random_bytes(MiB, 2)),  # a 1-grain gap
+            (TiB, random_bytes(40 * MiB, 3)), (size - MiB, random_bytes(MiB, 4))]
+    image = _Image(size, runs)
+    got: dict[int, bytes] = {}
+    percents = []
+    async with import_source(image, trio.CapacityLimiter(2)) as source:  # type: ignore[arg-type]
+        first, total = 0, size // MiB
+        while first < total:
+            first = max(first, await source.next_data(first * MiB) // MiB)
+            if first >= total:
+                break
+            for h in await source.read_batch(first, BATCH_CHUNKS):
+                if h.data is not None:
+                    got[h.idx] = bytes(h.data)
+                else:  # a hole: never fetched, never hashed
+                    assert h.hash is None and h.idx not in image.allocation
+            percents.append(source.percent(first + BATCH_CHUNKS))
+            first += BATCH_CHUNKS
+        await source.aclose()
+    for offset, data in runs:
+        assert b"".join(got[i] for i in range(offset // MiB, (offset + len(data)) // MiB)) == data
+    # Only the allocation was fetched: neighbours joined, at most WINDOW at once.
+    assert image.fetched[0] == (0, 5 * MiB)
+    assert sum(n for _, n in image.fetched) == 46 * MiB
+    assert all(n <= WINDOW for _, n in image.fetched)
+    # Progress follows the data: past half once the first TiB's run is done.
+    assert percents == sorted(percents) and percents[-1] == 99 and percents[0] < 20

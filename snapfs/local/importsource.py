@@ -28,7 +28,7 @@ from .chunks import CHUNK_SIZE
 #: Guest bytes one window spans (holes inside included): the reader's GET size.
 WINDOW = 16 << 20
 #: Windows fetched at once, ahead of the capture.
-WINDOWS_IN_FLIGHT = 4
+WINDOWS_IN_FLIGHT = 3
 #: Holes up to this many grains between two runs are spanned by one window:
 #: they cost nothing to fetch (zero-filled, not hashed) and save a round trip.
 GAP_GRAINS = 2

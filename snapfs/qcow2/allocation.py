@@ -29,12 +29,16 @@ class Allocation:
         self.grain = grain
         self.grains = -(-size // grain)
         self.bits = bytearray(-(-self.grains // 8))
+        self.marked = 0  # grains set, counted as they are
 
     def mark(self, offset: int, length: int) -> None:
         """Guest bytes offset..+length hold data."""
         first, last = offset // self.grain, (offset + length - 1) // self.grain
         for g in range(first, min(last, self.grains - 1) + 1):
-            self.bits[g >> 3] |= 1 << (g & 7)
+            bit = 1 << (g & 7)
+            if not self.bits[g >> 3] & bit:
+                self.bits[g >> 3] |= bit
+                self.marked += 1
 
     def mark_l2(self, qmap: Qcow2Map, l1_index: int, table: array) -> None:
         """The clusters one (validated) L2 table maps to data or compressed
@@ -52,7 +56,7 @@ class Allocation:
 
     def count(self) -> int:
         """Grains marked."""
-        return int.from_bytes(self.bits, "little").bit_count()
+        return self.marked
 
     def next_set(self, grain: int) -> int:
         """The first marked grain >= ``grain`` (``grains`` when none)."""

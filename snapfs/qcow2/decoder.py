@@ -165,6 +165,8 @@ class Qcow2Map:
                               f"{len(l1_bytes)} of {header.l1_size * 8} bytes")
         self.l1 = _be64_array(l1_bytes[:header.l1_size * 8])
         for i, entry in enumerate(self.l1):
+            if not entry:  # most of a sparse image's L1: nothing to check
+                continue
             if entry & L1_RESERVED_MASK:
                 raise InvalidData(f"QCOW2 L1 entry {i} has reserved bits set "
                                   f"(0x{entry:016x})")

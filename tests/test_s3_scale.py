@@ -221,8 +221,9 @@ async def test_tables_past_the_end_are_invalid_data_and_store_nothing(
 
 def test_skipping_holes_encodes_the_same_image_as_feeding_zeros() -> None:
     size = 3 * GiB + 5 * CLUSTER_SIZE
-    runs = [(0, random_bytes(CLUSTER_SIZE + 4096, 1)), (GiB + 3 * CLUSTER_SIZE,
-            random_bytes(2 * CLUSTER_SIZE, 2)), (size - CLUSTER_SIZE, random_bytes(CLUSTER_SIZE, 3))]
+    runs = [(0, random_bytes(CLUSTER_SIZE + 4096, 1)),
+            (GiB + 3 * CLUSTER_SIZE, random_bytes(2 * CLUSTER_SIZE, 2)),
+            (size - CLUSTER_SIZE, random_bytes(CLUSTER_SIZE, 3))]
     walked, fed = StreamingEncoder(size), StreamingEncoder(size)
     body_w, body_f = [], []
     pos = 0

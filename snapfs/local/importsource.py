@@ -5,10 +5,12 @@ data, learnt from the L2 tables it validated: s3/reader.py) is read in windows
 of allocated grains -- runs of neighbours coalesced, at most WINDOW bytes, so
 each is one or a few large ranged GETs -- with WINDOWS_IN_FLIGHT windows fetched
 at once, delivered in guest order through a bounded channel. Grains outside the
-allocation are holes in the map at once: never fetched, zero-filled or hashed.
+allocation are holes in the map at once: never fetched or hashed (a gap of up to
+GAP_GRAINS inside a window is zero-filled in its buffer, without a GET).
 Progress counts allocated grains done, so a sparse import moves from the start.
 
-Memory: WINDOWS_IN_FLIGHT + 1 windows (the one being consumed) of WINDOW bytes.
+Memory: WINDOWS_IN_FLIGHT windows fetched or waiting, the one being consumed,
+and those the capture's two batches in hand still view: about 6 x WINDOW.
 """
 
 from __future__ import annotations

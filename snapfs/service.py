@@ -32,6 +32,16 @@ class ImageReader(abc.ABC):
         reuses later, and save a copy per request."""
         return await self.read(offset, length)
 
+    async def next_allocated(self, offset: int) -> int:
+        """The first offset >= ``offset`` that may hold data (``size`` when none):
+        export walks the allocation, not the address space. Default: anywhere."""
+        return min(offset, self.size)
+
+    async def allocated_bytes(self) -> int | None:
+        """Bytes the snapshot's allocation holds (holes excluded), None when not
+        known cheaply: export sizes its parts from it."""
+        return None
+
     @abc.abstractmethod
     async def aclose(self) -> None:
         ...

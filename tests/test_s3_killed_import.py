@@ -22,16 +22,19 @@ pytestmark = pytest.mark.s3
 #: after its first group commit, so that the kill always lands mid-way.
 KILLED_IMPORT = textwrap.dedent("""
     import sys, trio
-    from snapfs.local import capture, open_local_service
+    from snapfs.local import capture, importsource, open_local_service
     from snapfs.s3.config import S3Settings
     from snapfs.s3.storage import S3ObjectStorage
 
-    _read = capture.ReaderSource.read_batch
-    async def paced(self, first, count):
-        if first >= capture.GROUP_BYTES // capture.CHUNK_SIZE:
-            await trio.sleep(0.05)
-        return await _read(self, first, count)
-    capture.ReaderSource.read_batch = paced
+    def pace(cls):  # imports read through either source (importsource.import_source)
+        read = cls.read_batch
+        async def paced(self, first, count):
+            if first >= capture.GROUP_BYTES // capture.CHUNK_SIZE:
+                await trio.sleep(0.05)
+            return await read(self, first, count)
+        cls.read_batch = paced
+    pace(capture.ReaderSource)
+    pace(importsource.AllocatedSource)
 
     async def main():
         store, endpoint, bucket, key = sys.argv[1:5]

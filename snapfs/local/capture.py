@@ -19,6 +19,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
 import trio
 
 from ..errors import SnapfsError, StoreFull
@@ -61,6 +63,11 @@ class CaptureSource(abc.ABC):
         """The first offset >= ``offset`` that may hold data (size when none):
         lets a capture jump over the holes of a huge sparse volume."""
         return offset
+
+    def percent(self, next_idx: int) -> int:
+        """Progress once chunks before ``next_idx`` are stored (0..99)."""
+        total = -(-self.size // CHUNK_SIZE)
+        return min(99, next_idx * 100 // max(total, 1))
 
     async def aclose(self) -> None:
         pass
@@ -215,8 +222,10 @@ class _Capture:
 
     def __init__(self, snapshot_id: str, snap: int, total: int, index: ChunkIndex,
                  pool: PackPool, index_lock: StoreLock,
-                 io_limiter: trio.CapacityLimiter, clone_fd: int | None) -> None:
+                 io_limiter: trio.CapacityLimiter, clone_fd: int | None,
+                 percent: Callable[[int], int] | None = None) -> None:
         self.snapshot_id, self.snap, self.total = snapshot_id, snap, total
+        self.percent = percent or (lambda done: min(99, done * 100 // max(total, 1)))
         self.index, self.pool, self.lock, self.io = index, pool, index_lock, io_limiter
         self.writer: PackWriter | None = None
         self.clone_fd = clone_fd  # the source's (CaptureSource.clone_fd)
@@ -229,8 +238,7 @@ class _Capture:
             assert w is not None
             await trio.to_thread.run_sync(w.sync, limiter=self.io)
         self.index.commit_batch(self.snap, w.pack if w else None, w.end if w else 0, g.new,
-                                g.refs, (self.snapshot_id,
-                                         min(99, self.done * 100 // max(self.total, 1))))
+                                g.refs, (self.snapshot_id, self.percent(self.done)))
         if w is not None:
             w.committed = w.end
         self.group = _Group()
@@ -314,7 +322,7 @@ async def capture(source: CaptureSource, snapshot_id: str, snap: int, index: Chu
     total = (source.size + CHUNK_SIZE - 1) // CHUNK_SIZE
     send, recv = trio.open_memory_channel[list[Hashed]](1)
     cap = _Capture(snapshot_id, snap, total, index, pool, index_lock, io_limiter,
-                   source.clone_fd)
+                   source.clone_fd, source.percent)
 
     async def produce() -> None:
         async with send:

@@ -146,6 +146,21 @@ class ChunkIndex:
                 self.conn.execute("UPDATE snapshots SET progress = ? WHERE id = ?",
                                   (progress[1], progress[0]))
 
+    def next_mapped(self, snap: int, first: int) -> int | None:
+        """The first chunk index >= ``first`` the map has (None: only holes
+        follow). One primary-key seek, however many holes lie before it."""
+        row = self.conn.execute(
+            "SELECT idx FROM snapshot_chunks WHERE snap = ? AND idx >= ? ORDER BY idx "
+            "LIMIT 1", (snap, first)).fetchone()
+        return None if row is None else int(row[0])
+
+    def mapped_count(self, snap: int) -> int:
+        """How many chunks the snapshot's map has (its allocation, in chunks). A
+        scan of the map: on the worker connection, for a worker thread."""
+        with self._worker() as conn:
+            return int(conn.execute("SELECT count(*) FROM snapshot_chunks WHERE snap = ?",
+                                    (snap,)).fetchone()[0])
+
     def locate(self, snap: int, first: int, last: int) -> dict[int, Location]:
         """Map entries for chunk indices first..last (inclusive); absent = hole."""
         rows = self.conn.execute(

@@ -27,6 +27,7 @@ import trio
 from ..errors import CorruptData
 from ..readahead import ReadAhead
 from ..service import Buffer, ImageReader
+from .allocation import data_bytes, seek_data
 from .chunkindex import ChunkIndex, Location
 from .chunks import CHUNK_SIZE, ZERO_CHUNK, PackFiles, chunk_buffer
 
@@ -146,6 +147,15 @@ class LocalImageReader(ImageReader):
                 and len(self._free) < SPARE_BUFFERS):
             self._free.append(data.obj)
 
+    async def next_allocated(self, offset: int) -> int:
+        idx = self.index.next_mapped(self.snap, offset // CHUNK_SIZE)
+        return self.size if idx is None else min(self.size, max(offset, idx * CHUNK_SIZE))
+
+    async def allocated_bytes(self) -> int | None:
+        count = await trio.to_thread.run_sync(self.index.mapped_count, self.snap,
+                                              limiter=self.limiter)
+        return min(self.size, count * CHUNK_SIZE)
+
     async def aclose(self) -> None:
         log.debug("image reader closed: %s", self.stats)
         try:
@@ -178,6 +188,14 @@ class ShadowReader(ImageReader):
 
     async def read_transient(self, offset: int, length: int) -> Buffer:
         return await self.ra.read_transient(offset, length)
+
+    async def next_allocated(self, offset: int) -> int:
+        return await trio.to_thread.run_sync(seek_data, self.fd, offset, self.size,
+                                             limiter=self.limiter)
+
+    async def allocated_bytes(self) -> int | None:
+        return await trio.to_thread.run_sync(data_bytes, self.fd, self.size,
+                                             limiter=self.limiter)
 
     async def _pread(self, offset: int, n: int) -> bytes:
         data = await trio.to_thread.run_sync(os.pread, self.fd, n, offset,

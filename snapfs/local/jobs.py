@@ -23,11 +23,12 @@ from ..model import PRODUCING_STATES, now
 from ..objects import ObjectStorage
 from ..service import ImageReader
 from .background import BackgroundJobs
-from .capture import CaptureSource, FileSource, ReaderSource, capture
+from .capture import CaptureSource, FileSource, capture
 from .capturequeue import Ticket
 from .chunkindex import ChunkIndex
 from .chunks import CHUNK_SIZE, PackFiles
 from .leases import VolumeLeases
+from .importsource import import_source
 from .metadata import Metadata
 from .packpool import PackPool
 from .recovery import EXPORT_INTERRUPTED, INTERRUPTED
@@ -344,7 +345,8 @@ class SnapshotWork:
                 raise InvalidData(f"size {size} does not match the image's virtual size "
                                   f"{reader.size}")
             self.md.update_snapshot(snapshot_id, size=reader.size)
-            await self._store(ReaderSource(reader, self.hash_limiter), snapshot_id, key)
+            async with import_source(reader, self.hash_limiter) as source:
+                await self._store(source, snapshot_id, key)
         await self._produce_map(snapshot_id, key, work)
 
     async def run_export(self, snapshot_id: str, task_id: str, bucket: str, obj: str) -> None:

@@ -109,7 +109,7 @@ def _check_header(h: Header, file_size: int) -> None:
                           "of 512")
     if h.size > MAX_VIRTUAL_SIZE:
         raise InvalidData(f"QCOW2 virtual size {h.size} bytes is beyond the {MAX_VIRTUAL_SIZE}"
-                          f"-byte limit (10 TB, the largest Scaleway volume)")
+                          f"-byte limit (64 TiB)")
     needed = div_round_up(div_round_up(h.size, h.cluster_size), h.l2_entries)
     if h.l1_size < needed:
         raise InvalidData(f"QCOW2 L1 table has {h.l1_size} entries; the virtual size "
@@ -165,6 +165,8 @@ class Qcow2Map:
                               f"{len(l1_bytes)} of {header.l1_size * 8} bytes")
         self.l1 = _be64_array(l1_bytes[:header.l1_size * 8])
         for i, entry in enumerate(self.l1):
+            if not entry:  # most of a sparse image's L1: nothing to check
+                continue
             if entry & L1_RESERVED_MASK:
                 raise InvalidData(f"QCOW2 L1 entry {i} has reserved bits set "
                                   f"(0x{entry:016x})")

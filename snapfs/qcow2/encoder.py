@@ -19,6 +19,8 @@ the tail because only then is the number of host clusters known.
 
 Memory: the L1 table (8 bytes per 512 MiB of virtual size), one L2 table
 (64 KiB) and whatever output the caller has not consumed yet. No I/O here.
+Work: the bytes fed; a caller walking the allocation jumps over holes with
+:meth:`skip_to`, so a sparse 64 TiB image costs its data and its tables.
 """
 
 from __future__ import annotations
@@ -88,6 +90,28 @@ class StreamingEncoder:
     @property
     def guest_pos(self) -> int:
         return self._guest_pos
+
+    def skip_to(self, guest_pos: int) -> None:
+        """Leave guest bytes up to ``guest_pos`` (cluster-aligned, or the virtual
+        size) unallocated without feeding them: a hole costs nothing to encode."""
+        if self._finished:
+            raise ValueError("encoder already finished")
+        if guest_pos < self._guest_pos or guest_pos > self.virtual_size:
+            raise ValueError("skip_to goes backwards or past the virtual size")
+        if guest_pos % CLUSTER_SIZE and guest_pos != self.virtual_size:
+            raise ValueError("skip_to must land on a cluster boundary")
+        if self._guest_pos % CLUSTER_SIZE and guest_pos != self._guest_pos:
+            raise ValueError("only the last feed may end inside a cluster")
+        self._guest_pos = guest_pos
+
+    def max_image_size(self, allocated: int) -> int:
+        """An upper bound of the image's size when ``allocated`` guest bytes (in
+        whole clusters) hold data: head, data, one L2 table per 512 MiB span
+        touched, refcount blocks. What an export sizes its parts from."""
+        data = min(self.guest_clusters, div_round_up(allocated, CLUSTER_SIZE))
+        l2 = min(self.l1_size, data)
+        used = self.head_size // CLUSTER_SIZE + data + l2
+        return (used + div_round_up(used, REFBLOCK_ENTRIES - 1) + 1) * CLUSTER_SIZE
 
     def feed(self, data: bytes | bytearray | memoryview) -> bytes:
         """Guest bytes at the current guest position (every call but the last must

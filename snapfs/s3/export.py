@@ -9,12 +9,22 @@ S3's 5 MiB minimum; it is held back and uploaded last. Any failure or
 cancellation aborts the upload (with its own, longer retries) so no part is
 left behind on the server.
 
-Memory bound: part 1 (<= 5 MiB) + (concurrency + 1) reused part buffers +
-three read blocks (one being read, one queued, one being encoded); with the
-defaults (6 MiB parts, 4 in flight, 2 MiB reads) about 41 MiB whatever the
-image's size up to 54 GiB of virtual size; beyond that part_size grows as
-size / 9000 to stay under S3's 10 000 parts (Scaleway: 1000, see
-``max_parts``), and so does the bound.
+Cost: the data, not the virtual size. Blocks are read only where the
+snapshot's allocation (its chunk map, or its shadow's extents) says data may
+lie; the encoder jumps over the holes in between (``skip_to``), so a 64 TiB
+volume holding 1 GiB reads, encodes and uploads that 1 GiB plus its tables.
+
+Parts: sized from the image's expected size (allocated data plus tables, an
+upper bound: ``StreamingEncoder.max_image_size``), not from the virtual size,
+so that it fits in ``max_parts`` parts (10 000 for S3, 1 000 for Scaleway
+endpoints: see config.py) of at least 5 MiB -- :func:`part_size_for`.
+
+Memory bound: part 1 (<= 5 MiB) + (in flight + 1) reused part buffers + three
+read blocks (one being read, one queued, one being encoded); with the defaults
+(6 MiB parts, 4 in flight, 2 MiB reads) about 41 MiB. Bigger parts (more than
+~60 GiB of data at 10 000 parts, ~6 GiB at 1 000) lower the parts in flight to
+keep the buffers within ``BUFFER_BUDGET``, down to one in flight and one being
+filled: beyond ~600 GiB of data (60 GiB on Scaleway) two parts are the bound.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import trio
 from ..errors import NotFound, SnapfsError
 from ..objects import LeftFn, ProgressFn
 from ..qcow2.encoder import StreamingEncoder
+from ..qcow2.format import CLUSTER_SIZE
 from ..service import ImageReader
 from ..taskgroups import first_error
 from .calls import S3Calls
@@ -38,6 +49,8 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 MIN_PART = 5 * MiB  # S3: every part but the last
 READ_BLOCK = 2 * MiB
+#: Part buffers' memory the in-flight count is lowered to stay within.
+BUFFER_BUDGET = 128 * MiB
 #: How long a cancelled export keeps trying to abort its upload.
 CANCELLED_ABORT_TIME = 10.0
 
@@ -48,13 +61,26 @@ def _cancelled(exc: BaseException) -> bool:
     return isinstance(exc, trio.Cancelled)
 
 
-def part_size_for(settings: S3Settings, virtual_size: int) -> int:
-    """Parts big enough that even an image with every cluster allocated fits
-    in ``max_parts`` parts (with a 10 % margin for metadata and part 1)."""
-    max_parts = settings.max_parts
-    need = -(-virtual_size // (max_parts - max(1, max_parts // 10)))
+def part_size_for(settings: S3Settings, expected_size: int) -> int:
+    """The part size for an image of at most ``expected_size`` bytes: the
+    configured size, unless that would take more than ``max_parts`` parts; never
+    under S3's 5 MiB; whole MiB. Part 1 holds the head and the body's first
+    bytes, up to MIN_PART (see _produce); the rest are part_size each."""
+    max_parts = max(2, settings.max_parts)
+    need = -(-max(0, expected_size - MIN_PART) // (max_parts - 1))
     size = max(settings.part_size, MIN_PART, need)
     return -(-size // MiB) * MiB
+
+
+def part_count(image_size: int, part_size: int) -> int:
+    """How many parts _produce cuts an image of ``image_size`` bytes into."""
+    return 1 + max(0, -(-(image_size - MIN_PART) // part_size))
+
+
+def parts_in_flight(concurrency: int, part_size: int) -> int:
+    """Uploads in flight: ``concurrency``, fewer when (in flight + 1) part
+    buffers would pass BUFFER_BUDGET; at least one."""
+    return max(1, min(concurrency, BUFFER_BUDGET // part_size - 1))
 
 
 class _Buffers:
@@ -85,16 +111,19 @@ async def export_qcow2(calls: S3Calls, settings: S3Settings, image: ImageReader,
                        cpu_limiter: trio.CapacityLimiter, left: LeftFn | None = None) -> int:
     client = calls.client
     size = image.size
-    part_size = part_size_for(settings, size)
-    concurrency = max(1, settings.concurrency)
     enc = StreamingEncoder(size)
+    allocated = await image.allocated_bytes()
+    expected = enc.max_image_size(size if allocated is None else allocated)
+    part_size = part_size_for(settings, expected)
+    concurrency = parts_in_flight(max(1, settings.concurrency), part_size)
     created = await calls.call(
         "create_multipart_upload", bucket, key,
         lambda: client.create_multipart_upload(
             Bucket=bucket, Key=key, ContentType="application/x-qemu-disk"))
     upload_id = created["UploadId"]
-    log.info("export to %s/%s: upload started (%d bytes virtual, %d MiB parts)",
-             bucket, key, size, part_size // MiB)
+    log.info("export to %s/%s: upload started (%d bytes virtual, %s allocated, "
+             "%d MiB parts, %d in flight)", bucket, key, size,
+             "?" if allocated is None else allocated, part_size // MiB, concurrency)
     etags: dict[int, str] = {}
     buffers = _Buffers(part_size, concurrency + 1)
 
@@ -116,10 +145,11 @@ async def export_qcow2(calls: S3Calls, settings: S3Settings, image: ImageReader,
                 async with recv:
                     for _ in range(concurrency):
                         nursery.start_soon(upload, recv.clone())
-                blocks_send, blocks_recv = trio.open_memory_channel[bytes](1)
+                blocks_send, blocks_recv = trio.open_memory_channel[tuple[int, bytes]](1)
                 nursery.start_soon(_read_blocks, image, blocks_send)
                 async with send, blocks_recv:
-                    await _produce(enc, blocks_recv, send, buffers, size, progress,
+                    total = size if allocated is None else max(1, allocated)
+                    await _produce(enc, blocks_recv, send, buffers, total, progress,
                                    cpu_limiter)
         except BaseExceptionGroup as group:
             raise first_error(group) from None
@@ -149,22 +179,32 @@ async def export_qcow2(calls: S3Calls, settings: S3Settings, image: ImageReader,
     return enc.image_size
 
 
-async def _read_blocks(image: ImageReader, send: trio.MemorySendChannel[bytes]) -> None:
-    """The snapshot in guest order, one block ahead of the encoder."""
+async def _read_blocks(image: ImageReader,
+                       send: trio.MemorySendChannel[tuple[int, bytes]]) -> None:
+    """(guest offset, bytes) of the snapshot's allocation in guest order, one
+    block ahead of the encoder; the holes between are never read."""
     size = image.size
+    offset = 0
     async with send:
-        for offset in range(0, size, READ_BLOCK):
+        while offset < size:
+            found = await image.next_allocated(offset)
+            # Cluster-aligned (offset is: blocks are whole clusters), never backwards.
+            offset = max(offset, found - found % CLUSTER_SIZE)
+            if offset >= size:
+                break
             want = min(READ_BLOCK, size - offset)
             data = await image.read(offset, want)
             if len(data) != want:
                 raise SnapfsError(f"snapshot read returned {len(data)} bytes at {offset}, "
                                   f"expected {want}")
-            await send.send(data)
+            await send.send((offset, data))
+            offset += want
 
 
-async def _produce(enc: StreamingEncoder, blocks: trio.MemoryReceiveChannel[bytes],
+async def _produce(enc: StreamingEncoder,
+                   blocks: trio.MemoryReceiveChannel[tuple[int, bytes]],
                    send: trio.MemorySendChannel[tuple[int, Any]], buffers: _Buffers,
-                   size: int, progress: ProgressFn,
+                   total: int, progress: ProgressFn,
                    cpu_limiter: trio.CapacityLimiter) -> None:
     """Encode and cut into parts; part 1 (head + first body bytes) goes last."""
     part_size = buffers.size
@@ -174,9 +214,10 @@ async def _produce(enc: StreamingEncoder, blocks: trio.MemoryReceiveChannel[byte
     fill = 0
     number = 2
     done = 0
-    async for data in blocks:
+    async for offset, data in blocks:
+        enc.skip_to(offset)
         pieces = await trio.to_thread.run_sync(enc.feed_pieces, data, limiter=cpu_limiter)
-        done += len(data)
+        done = min(total, done + len(data))  # progress: allocated bytes done
         for piece in pieces:
             view = memoryview(piece)
             while view:
@@ -197,7 +238,7 @@ async def _produce(enc: StreamingEncoder, blocks: trio.MemoryReceiveChannel[byte
                     number += 1
                     cur = None
         del pieces, data
-        progress(done, size)
+        progress(done, total)
     tail, head = await trio.to_thread.run_sync(enc.finish, limiter=cpu_limiter)
     rest = bytes(cur[:fill]) if cur is not None else b""
     if number == 2 and first_fill < len(first):

@@ -28,6 +28,7 @@ from urllib3.exceptions import ProtocolError
 
 from ..errors import InvalidData, NotFound, SnapfsError
 from ..memory import aligned_buffer
+from ..qcow2.allocation import Allocation
 from ..qcow2.decoder import (COMPRESSED, DATA, HEADER_PROBE, ZERO, Extent, Qcow2Map,
                              decompress_cluster, parse_header)
 from ..qcow2.format import OFFSET_MASK
@@ -172,6 +173,8 @@ class S3Qcow2Reader(ImageReader):
         self.cpu_limiter = cpu_limiter
         self._l2: OrderedDict[int, array] = OrderedDict()
         self._l2_max = max(4, L2_CACHE_BYTES // self.header.cluster_size)
+        #: Guest grains holding data, marked as validate_tables reads the L2 tables.
+        self.allocation = Allocation(self.size)
         self._spare: list[mmap.mmap] = []  # buffers of dropped windows, for reuse
         # The stream holds the window it reads, the one it just left (kept while
         # shuffled parallel reads may still want it) and AHEAD_WINDOWS ahead.
@@ -198,9 +201,19 @@ class S3Qcow2Reader(ImageReader):
             got = await self._parallel([(off, self.header.cluster_size) for _, off in batch])
             for i, off in batch:
                 table = self.map.parse_l2(got[off])
-                await trio.to_thread.run_sync(self.map.check_l2, i, table,
+                await trio.to_thread.run_sync(self._check_and_mark, i, table,
                                               limiter=self.cpu_limiter)
                 self._remember_l2(off, table)
+
+    def _check_and_mark(self, l1_index: int, table: array) -> None:
+        self.map.check_l2(l1_index, table)
+        self.allocation.mark_l2(self.map, l1_index, table)
+
+    async def fetch(self, offset: int, length: int) -> mmap.mmap:
+        """Guest bytes offset..+length in a buffer of their own, from one round of
+        parallel ranged GETs, with no read-ahead or caching: for a caller that
+        walks the allocation itself (snapfs.s3.allocfetch)."""
+        return await self._fetch(offset, length)
 
     def next_data(self, offset: int) -> int:
         """The first guest offset >= ``offset`` that some L2 table maps (the size

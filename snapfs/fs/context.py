@@ -17,6 +17,7 @@ import trio
 from ..errors import AlreadyExists
 from ..service import SnapshotService
 from .catalog import DEFAULT_TTL, Catalog
+from .allocation import AllocationCache
 from .inodes import InodeTable
 from .transfer import Target
 
@@ -39,6 +40,10 @@ class Stat:
     #: Owner and group (None: the mount's owner's; image.raw: access.py).
     uid: int | None = None
     gid: int | None = None
+    #: Places the node is listed in (image.raw: every view of its snapshot), and
+    #: 512-byte blocks stored (None: the size's): see fs/allocation.py.
+    nlink: int | None = None
+    blocks: int | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -111,6 +116,8 @@ class FsContext:
     #: Mode and (uid, gid) of every image.raw, instead of its volume file's (access.py).
     image_mode: int | None = None
     image_owner: tuple[int, int] | None = None
+    #: Stored bytes and rendered maps of snapshots (immutable once complete).
+    allocation: AllocationCache = field(default_factory=AllocationCache)
 
     @contextmanager
     def claim(self, zone: str, project: str, name: str, where: str) -> Iterator[None]:

@@ -28,6 +28,7 @@ from ..logtext import EscapingFormatter
 from ..objects import ObjectStorage
 from ..service import SnapshotService
 from .context import FsContext
+from .inodes import InodeTable
 from .ops import SnapfsOperations
 
 log = logging.getLogger("snapfs.fs")
@@ -126,6 +127,7 @@ async def serve(cfg: MountConfig, ready: Callable[[], None] | None = None) -> No
         api = bind(cfg.listen)
     async with open_backend(cfg) as svc:
         ctx = FsContext.create(svc, ttl=cfg.ttl)
+        ctx.inodes = InodeTable.in_store(cfg.store)  # the same numbers across remounts
         ctx.direct_io, ctx.readahead = cfg.direct_io, cfg.readahead
         ctx.image_mode, ctx.image_owner = cfg.image_mode, cfg.image_owner
         ops = SnapfsOperations(ctx)
@@ -146,6 +148,7 @@ async def serve(cfg: MountConfig, ready: Callable[[], None] | None = None) -> No
                 nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)
+            ctx.inodes.close()
             log.info("unmounted %s", mnt)
 
 

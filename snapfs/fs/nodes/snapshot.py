@@ -8,7 +8,8 @@ import logging
 from ...errors import NotFound, NotPermitted
 from ...logtext import esc
 from ...model import Snapshot, check_name, check_tags
-from ..keys import SNAPSHOT_FILES, static_child
+from ..keys import (ALLOCATION_ENTRIES, CHANGES_DIR, SNAPSHOT_FILES, Key, Kind,
+                    static_child)
 from ..context import Stat
 from .base import Entry, Node
 from .views import snapshot_stat
@@ -52,22 +53,28 @@ class SnapshotNode(Node):
     async def stat(self) -> Stat:
         return snapshot_stat(await self.snapshot())
 
+    def _child(self, key: Key) -> Node:
+        from .extents import ChangesNode  # (both import this module)
+        from .files import file_node
+        return ChangesNode(self.ctx, key) if key.kind is Kind.CHANGES else \
+            file_node(self.ctx, key)
+
     async def entries(self) -> list[Entry]:
-        from .files import file_node  # files.py imports this module
         out = []
-        for name in SNAPSHOT_FILES:
+        for name in (*SNAPSHOT_FILES, CHANGES_DIR):
+            if name in ALLOCATION_ENTRIES and not self.ctx.svc.knows_allocation:
+                continue  # the backend cannot know: looked up, they answer ENOTSUP
             key = static_child(self.key, name)
             assert key is not None
-            out.append((name, key, await file_node(self.ctx, key).stat()))
+            out.append((name, key, await self._child(key).stat()))
         return out
 
     async def lookup(self, name: str) -> Entry:
-        from .files import file_node
         key = static_child(self.key, name)
         if key is None:
             await self.snapshot()  # a gone snapshot answers ENOENT for itself first
             raise NotFound("file", name)
-        return name, key, await file_node(self.ctx, key).stat()
+        return name, key, await self._child(key).stat()
 
     async def xattrs(self) -> dict[str, str]:
         # Fresher than listings: user.state and user.progress are what `snapfs wait`

@@ -35,12 +35,13 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT",
                    help="mount option: allow_other (then default_permissions applies), ro")
     cache = p.add_mutually_exclusive_group()
-    cache.add_argument("--direct-io", dest="direct_io", action="store_const", const=True,
-                       default=True, help="serve image.raw with direct I/O: every read "
-                       "reaches the daemon (the default: streams fastest)")
     cache.add_argument("--page-cache", dest="direct_io", action="store_const", const=False,
-                       help="serve image.raw through the kernel page cache: re-reads "
-                       "and shared mmaps, at a slower first read (see the README)")
+                       default=False, help="serve image.raw through the kernel page cache "
+                       "(the default: small and large readers, re-reads and shared mmaps; "
+                       "see the README's measurements)")
+    cache.add_argument("--direct-io", dest="direct_io", action="store_const", const=True,
+                       help="serve image.raw with direct I/O: every read reaches the "
+                       "daemon (1 MiB streaming readers only; no shared mmap)")
     p.add_argument("--readahead", type=int, default=0, metavar="N",
                    help="requests the filesystem reads ahead for sequential image readers "
                    "(default 0: both backends' readers read ahead themselves, and the "

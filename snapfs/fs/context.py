@@ -108,9 +108,9 @@ class FsContext:
     imports: dict[tuple[str, str, str], ImportRecord] = field(default_factory=dict)
     #: Read-ahead depth in chunks for sequential readers of image.raw (0 = off).
     readahead: int = 0
-    #: Serve image.raw with direct_io, or through the page cache (README design
-    #: notes: direct I/O streams faster, measured on both backends).
-    direct_io: bool = True
+    #: Serve image.raw with direct_io, or through the page cache (the default:
+    #: README design notes, measured over backup tools' whole read matrix).
+    direct_io: bool = False
     #: How often a wait (open of a snapshotting image, mkdir) polls the state.
     poll_interval: float = 0.2
     #: Mode and (uid, gid) of every image.raw, instead of its volume file's (access.py).

@@ -51,7 +51,7 @@ class MountConfig:
     options: list[str] = field(default_factory=list)
     foreground: bool = False
     debug: bool = False
-    direct_io: bool = True
+    direct_io: bool = False
     readahead: int = 0
     ttl: float = 2.0
     #: Scaleway backend settings (see snapfs.scaleway).

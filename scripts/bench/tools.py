@@ -28,7 +28,10 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[2]
-CEILING = ROOT.parent / "shared" / "bench" / "passthrough_ceiling.py"
+#: ../shared/bench beside the main checkout (a worktree sits one level deeper).
+CEILING = next((p / "shared" / "bench" / "passthrough_ceiling.py" for p in ROOT.parents
+                if (p / "shared" / "bench" / "passthrough_ceiling.py").exists()),
+               ROOT.parent / "shared" / "bench" / "passthrough_ceiling.py")
 MiB = 1 << 20
 
 

@@ -83,6 +83,10 @@ class InodeMap:
                                     (text,)).fetchone()
         return int(row[0])
 
+    def highest(self) -> int:
+        row = self.conn.execute("SELECT max(ino) FROM inodes").fetchone()
+        return int(row[0] or pyfuse3.ROOT_INODE)
+
     def key(self, ino: int) -> Key | None:
         row = self.conn.execute("SELECT key FROM inodes WHERE ino = ?", (ino,)).fetchone()
         return None if row is None else decode(row[0])
@@ -114,18 +118,37 @@ class InodeTable:
         ino = self._by_key.get(key)
         if ino is None:
             if self._map is not None:
-                ino = self._map.number(key)
-            else:
+                try:
+                    ino = self._map.number(key)
+                except sqlite3.Error as exc:  # a read-only store, a full disk
+                    self._detach(exc)
+            if ino is None:
                 ino, self._next = self._next, self._next + 1
             self._by_key[key] = ino
             self._by_inode[ino] = key
         return ino
 
+    def _detach(self, exc: Exception) -> None:
+        """Number the rest of this mount in memory, above every stored number (so
+        none is given twice), when the map file stops taking new numbers."""
+        assert self._map is not None
+        log.warning("inode numbers given from now on last only for this mount: %s", exc)
+        try:
+            highest = self._map.highest()
+        except sqlite3.Error:
+            highest = 1 << 40  # far above any map this store could have filled
+        self._next = max(highest, *self._by_inode) + 1
+        self._map.close()
+        self._map = None
+
     def key(self, inode: int) -> Key:
         key = self._by_inode.get(inode)
         if key is None and self._map is not None:
             # Shown by an earlier mount (the kernel may still hold it, e.g. NFS).
-            key = self._map.key(inode)
+            try:
+                key = self._map.key(inode)
+            except sqlite3.Error:
+                key = None
             if key is not None:
                 self._by_key[key] = inode
                 self._by_inode[inode] = key

@@ -204,6 +204,13 @@ def test_changes_and_an_incremental_backup_with_dd(
     assert "not of the same volume" in m.log()
     with pytest.raises(FileNotFoundError):
         os.stat(s3 / "changes" / "nosuch")
+    # The volume resized: EINVAL too.
+    with open(vol, "r+b") as f:
+        f.truncate(12 * MiB)
+    s4 = snap(m, "s4")
+    with pytest.raises(OSError) as exc:
+        os.stat(s4 / "changes" / "s1")
+    assert exc.value.errno == errno.EINVAL and "resized" in m.log()
 
 
 def test_restic_twice_across_a_remount_finds_nothing_new(

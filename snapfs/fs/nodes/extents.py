@@ -6,7 +6,7 @@ the chunk maps, without reading data; backends that cannot know answer ENOTSUP.
 
 from __future__ import annotations
 
-from ...errors import NotFound, PreconditionFailed, ReadOnly
+from ...errors import NotFound, NotSupported, PreconditionFailed, ReadOnly
 from ...local.extents import render
 from ...logtext import esc
 from ...model import Snapshot
@@ -88,7 +88,8 @@ class ChangesNode(Node):
     async def stat(self) -> Stat:
         s = await self.snapshot()
         if not self.ctx.svc.knows_allocation:
-            await self.ctx.svc.changed_extents(s.zone, s.id, s.id)  # NotSupported
+            raise NotSupported(f"snapshot {s.id}: this backend does not know which "
+                               "blocks changed")
         return dir_stat(False, ns(s.creation_date), ns(s.creation_date))
 
     async def entries(self) -> list[Entry]:

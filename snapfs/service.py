@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 
+from .errors import NotSupported
 from .model import Page, Project, Snapshot, Task, Volume
 
 
@@ -122,6 +123,32 @@ class SnapshotService(abc.ABC):
         local store does; the Scaleway API has no such query): lets ``export``
         show a status across restarts. None when unknown."""
         return None
+
+    # --- allocation (backup tools; see snapfs/local/extents.py) ----------------------
+
+    #: Whether allocated_extents/changed_extents can answer (the tree then shows
+    #: map.json and changes/ in each snapshot directory).
+    knows_allocation = False
+
+    async def stored_bytes(self, zone: str, snapshot_id: str) -> int | None:
+        """Bytes of the snapshot's image actually stored (holes excluded): its
+        st_blocks. None where the backend cannot know (or not yet)."""
+        return None
+
+    async def allocated_extents(self, zone: str, snapshot_id: str
+                                ) -> list[tuple[int, int, bool]]:
+        """(start, length, data) covering the whole image; data False reads as zeros.
+        NotSupported where the backend cannot know."""
+        raise NotSupported(f"snapshot {snapshot_id}: this backend does not know which "
+                           "blocks are allocated")
+
+    async def changed_extents(self, zone: str, snapshot_id: str, other_id: str
+                              ) -> list[tuple[int, int, bool]]:
+        """The extents of ``snapshot_id`` whose bytes differ from ``other_id``'s, at the
+        backend's block granularity, without reading data. InvalidArgument for
+        snapshots of different volumes or sizes; NotSupported where unknown."""
+        raise NotSupported(f"snapshot {snapshot_id}: this backend does not know which "
+                           "blocks changed")
 
     # --- data ----------------------------------------------------------------------
 

@@ -160,7 +160,8 @@ async def test_image_reads_sequential_and_random(fs: SnapfsOperations) -> None:
     assert st.st_size == len(data) and st.st_blksize == MiB
     assert await fuse_errno(fs.open(image, os.O_WRONLY, CTX)) == errno.EROFS
     info = await fs.open(image, os.O_RDONLY, CTX)
-    assert info.direct_io  # the packs' page cache is the cache: no second copy
+    # The default: through the page cache (bytes never change: kept across opens).
+    assert not info.direct_io and info.keep_cache
     # bytes(): a read's result is lent until the next await (pyfuse3 replies at once)
     got = b"".join([bytes(await fs.read(info.fh, off, MiB))
                     for off in range(0, len(data), MiB)])

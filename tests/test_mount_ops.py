@@ -411,11 +411,11 @@ def test_image_raw_opened_for_writing_is_erofs(mounted: Mount) -> None:
     assert run("sha256sum", s / "image.raw").stdout.split()[0] == digest
 
 
-def test_image_raw_mmap_private_by_default_shared_with_page_cache(
+def test_image_raw_mmap_shared_by_default_private_only_with_direct_io(
         mount_factory: Callable[..., Mount], store_with_volume: Path) -> None:
-    """Direct I/O (the default): the kernel refuses shared mmaps (ENODEV) and
-    serves private ones; --page-cache serves both (the README says so)."""
-    m = mount_factory(store_with_volume)
+    """--direct-io: the kernel refuses shared mmaps (ENODEV) and serves private
+    ones; the default (page cache) serves both (the README says so)."""
+    m = mount_factory(store_with_volume, "--direct-io")
     image = snap(m) / "image.raw"
     data = image.read_bytes()
     fd = os.open(image, os.O_RDONLY)
@@ -426,7 +426,7 @@ def test_image_raw_mmap_private_by_default_shared_with_page_cache(
     finally:
         os.close(fd)
     m.stop()
-    m = mount_factory(store_with_volume, "--page-cache")
+    m = mount_factory(store_with_volume)
     fd = os.open(m.snapshots() / "s1" / "image.raw", os.O_RDONLY)
     try:
         with mmap.mmap(fd, len(data), mmap.MAP_SHARED, mmap.PROT_READ) as shared:

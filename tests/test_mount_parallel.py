@@ -20,7 +20,7 @@ READERS = 8
 SIZE = 24 * MiB
 
 
-@pytest.mark.parametrize("mode", [[], ["--page-cache"]], ids=["direct-io", "page-cache"])
+@pytest.mark.parametrize("mode", [["--direct-io"], []], ids=["direct-io", "page-cache"])
 def test_parallel_readers_with_changes_going_on(mount_factory: Callable[..., Mount],
                                                 tmp_path: Path, mode: list[str]) -> None:
     store = tmp_path / "store"

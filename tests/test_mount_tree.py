@@ -60,7 +60,7 @@ def test_zone_project_volume_xattrs(mounted: Mount) -> None:
 
 def test_snapshot_dir_files_and_xattrs(mounted: Mount) -> None:
     s = snap(mounted)
-    assert ls(s) == ["export", "image.raw", "snapshot.json"]
+    assert ls(s) == ["changes", "export", "image.raw", "map.json", "snapshot.json"]
     out = run("getfattr", "-d", s).stdout
     for field in ("id", "name", "state", "size", "volume_type", "base_volume_id",
                   "base_volume_name", "organization", "project", "zone", "creation_date",

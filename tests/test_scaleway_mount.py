@@ -84,6 +84,15 @@ def test_cloud_tree_end_to_end(cloud_mount: Mount, served_s3: Served, s3_server:
     staged = s3_server.client().list_objects_v2(Bucket=bucket, Prefix="snapfs-staging/")
     assert [o["Key"] for o in staged.get("Contents", []) if sid in o["Key"]]
 
+    # The cloud backend cannot know allocation: no map.json or changes/ listed,
+    # ENOTSUP when looked up.
+    assert ls(renamed) == ["export", "image.raw", "snapshot.json"]
+    for entry in ("map.json", "changes"):
+        with pytest.raises(OSError) as exc:
+            os.stat(renamed / entry)
+        assert exc.value.errno == errno.EOPNOTSUPP
+    image_mtime = os.stat(renamed / "image.raw").st_mtime_ns
+
     # export: a QCOW2 object of the same bytes.
     (renamed / "export").write_text(f"{bucket}/exports/{name}.qcow2\n")
     deadline = time.monotonic() + 120
@@ -97,6 +106,8 @@ def test_cloud_tree_end_to_end(cloud_mount: Mount, served_s3: Served, s3_server:
     local = tmp_path / "exported.qcow2"
     s3_server.client().download_file(bucket, f"exports/{name}.qcow2", str(local))
     run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", local, volume_file)
+    time.sleep(2.1)  # past every attribute and listing cache of the mount
+    assert os.stat(renamed / "image.raw").st_mtime_ns == image_mtime  # export moved no mtime
 
     # rmdir: deleted on the server.
     m.wait_state(renamed)

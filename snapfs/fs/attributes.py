@@ -26,6 +26,10 @@ class Stat:
     #: Owner and group (None: the mount's owner's; image.raw: access.py).
     uid: int | None = None
     gid: int | None = None
+    #: Places the node is listed in (image.raw: every view of its snapshot), and
+    #: 512-byte blocks stored (None: the size's): see fs/allocation.py.
+    nlink: int | None = None
+    blocks: int | None = None
 
     @property
     def is_dir(self) -> bool:

@@ -39,12 +39,13 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    "s3_endpoint=URL, image_mode=0440 ...); fstab's noauto, _netdev, "
                    "nofail, x-systemd.* are ignored")
     cache = p.add_mutually_exclusive_group()
-    cache.add_argument("--direct-io", dest="direct_io", action="store_const", const=True,
-                       default=True, help="serve image.raw with direct I/O: every read "
-                       "reaches the daemon (the default: streams fastest)")
     cache.add_argument("--page-cache", dest="direct_io", action="store_const", const=False,
-                       help="serve image.raw through the kernel page cache: re-reads "
-                       "and shared mmaps, at a slower first read (see the README)")
+                       default=False, help="serve image.raw through the kernel page cache "
+                       "(the default: small and large readers, re-reads and shared mmaps; "
+                       "see the README's measurements)")
+    cache.add_argument("--direct-io", dest="direct_io", action="store_const", const=True,
+                       help="serve image.raw with direct I/O: every read reaches the "
+                       "daemon (1 MiB streaming readers only; no shared mmap)")
     p.add_argument("--readahead", type=int, default=0, metavar="N",
                    help="retired: every backend's image reader reads ahead itself "
                    "(snapfs/readahead.py); only 0 is accepted")

@@ -15,6 +15,7 @@ import trio
 from ..errors import AlreadyExists
 from ..service import SnapshotService
 from .catalog import DEFAULT_TTL, Catalog
+from .allocation import AllocationCache
 from .inodes import InodeTable
 from .transfer import Target
 
@@ -51,9 +52,9 @@ class FsContext:
     open_images: Counter[str] = field(default_factory=Counter)
     #: Imports started through this mount, by (zone, project, name).
     imports: dict[tuple[str, str, str], ImportRecord] = field(default_factory=dict)
-    #: Serve image.raw with direct_io, or through the page cache (README design
-    #: notes: direct I/O streams faster, measured on both backends).
-    direct_io: bool = True
+    #: Serve image.raw with direct_io, or through the page cache (the default:
+    #: README design notes, measured over backup tools' whole read matrix).
+    direct_io: bool = False
     #: How often a wait (open of a snapshotting image, mkdir) polls the state.
     poll_interval: float = 0.2
     #: Mode and (uid, gid) of every image.raw, instead of its volume file's (access.py).
@@ -61,6 +62,8 @@ class FsContext:
     image_owner: tuple[int, int] | None = None
     #: A kernel session is live: stale names may be invalidated (fs/forget.py).
     notify_kernel: bool = False
+    #: Stored bytes and rendered maps of snapshots (immutable once complete).
+    allocation: AllocationCache = field(default_factory=AllocationCache)
 
     @contextmanager
     def claim(self, zone: str, project: str, name: str, where: str) -> Iterator[None]:

@@ -28,6 +28,7 @@ from ..logtext import EscapingFormatter
 from ..service import SnapshotService
 from .context import FsContext
 from .mountopts import FUSE_OPTIONS
+from .inodes import InodeTable
 from .ops import SnapfsOperations
 
 log = logging.getLogger("snapfs.fs")
@@ -50,7 +51,7 @@ class MountConfig:
     options: list[str] = field(default_factory=list)
     foreground: bool = False
     debug: bool = False
-    direct_io: bool = True
+    direct_io: bool = False
     ttl: float = 2.0
     #: Scaleway backend settings (see snapfs.scaleway).
     zones: list[str] | None = None
@@ -101,6 +102,7 @@ async def serve(cfg: MountConfig, ready: Callable[[], None] | None = None) -> No
         api = bind(cfg.listen)
     async with open_backend(cfg.backend_settings()) as svc:
         ctx = FsContext.create(svc, ttl=cfg.ttl)
+        ctx.inodes = InodeTable.in_store(cfg.store)  # the same numbers across remounts
         ctx.direct_io = cfg.direct_io
         ctx.image_mode, ctx.image_owner = cfg.image_mode, cfg.image_owner
         ops = SnapfsOperations(ctx)
@@ -122,6 +124,7 @@ async def serve(cfg: MountConfig, ready: Callable[[], None] | None = None) -> No
                 nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)
+            ctx.inodes.close()
             log.info("unmounted %s", mnt)
 
 

@@ -1,45 +1,164 @@
-"""Inode numbers for tree keys, stable for the life of the mount.
+"""Inode numbers for tree keys, the same across remounts and restarts.
 
-A key gets a number the first time the kernel sees it and keeps it: numbers are
-never reused, so a stale inode the kernel still holds can never designate
-another node (it resolves to a key whose resource may be gone, and the node
-answers ENOENT). The table grows with the nodes the kernel has been shown; at a
-few hundred bytes per key, 10,000 snapshots in four views stay a few MB, so
-``forget`` is not worth the bookkeeping.
+A key gets a number the first time any mount of the store shows it to the
+kernel, and keeps it for good: the numbers live in a small SQLite map file in
+the store directory (``inodes.sqlite``; one file for every backend, so the
+cloud backend has stable numbers too), handed out by AUTOINCREMENT, which
+never reuses a number even after its row is gone. So a backup tool that keys
+its cache on (device, inode) sees the same files after a remount, and a stale
+inode the kernel still holds can never designate another node (it resolves to
+a key whose resource may be gone, and the node answers ENOENT).
+
+A snapshot's files are numbered without the view they were reached through
+(``canonical``): ``image.raw`` is one inode in ``snapshots/``, ``volumes/<v>/``
+and ``tags/<t>/``, so ``du`` and backup tools count it once (st_nlink says how
+many places list it). Snapshot directories keep one number per view, since
+their ``..`` differs.
+
+The map grows with the nodes ever shown (a few hundred bytes per key); the
+in-memory table in front of it saves a query per request. Without a writable
+store directory (a read-only one) numbers fall back to this mount's life only.
 """
 
 from __future__ import annotations
 
+import logging
+import sqlite3
+from pathlib import Path
+
 import pyfuse3
 
 from ..errors import NotFound
-from .keys import ROOT, Key, Kind
+from .keys import ROOT, Key, Kind, View
+
+log = logging.getLogger(__name__)
+
+MAP_NAME = "inodes.sqlite"
+_SEP = "\x00"
+
+
+def canonical(key: Key) -> Key:
+    """The key whose number ``key`` shares: a snapshot's files are one node."""
+    if key.kind in (Kind.FILE, Kind.CHANGE) and key.view != View(Kind.SNAPSHOTS):
+        return Key(key.kind, key.zone, key.project, View(Kind.SNAPSHOTS), key.snapshot,
+                   key.name)
+    return key
+
+
+def encode(key: Key) -> str:
+    view = key.view or View(Kind.ROOT)
+    return _SEP.join((key.kind.value, key.zone, key.project, view.kind.value, view.arg,
+                      key.snapshot, key.name))
+
+
+def decode(text: str) -> Key:
+    kind, zone, project, vkind, varg, snapshot, name = text.split(_SEP)
+    view = None if vkind == Kind.ROOT.value else View(Kind(vkind), varg)
+    return Key(Kind(kind), zone, project, view, snapshot, name)
+
+
+class InodeMap:
+    """The persisted key <-> number map (one SQLite file; several mounts of one
+    store share it: INSERT OR IGNORE then SELECT gives them the same numbers)."""
+
+    def __init__(self, path: Path) -> None:
+        self.conn = sqlite3.connect(str(path), isolation_level=None, timeout=10.0,
+                                    check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        # Numbers from 2 up: 1 is the root (pyfuse3.ROOT_INODE), never stored.
+        self.conn.execute("CREATE TABLE IF NOT EXISTS inodes (ino INTEGER PRIMARY KEY "
+                          "AUTOINCREMENT, key TEXT NOT NULL UNIQUE)")
+        self.conn.execute("INSERT OR IGNORE INTO sqlite_sequence (name, seq) "
+                          "SELECT 'inodes', ? WHERE NOT EXISTS "
+                          "(SELECT 1 FROM sqlite_sequence WHERE name = 'inodes')",
+                          (pyfuse3.ROOT_INODE,))
+
+    def number(self, key: Key) -> int:
+        text = encode(key)
+        row = self.conn.execute("SELECT ino FROM inodes WHERE key = ?", (text,)).fetchone()
+        if row is None:
+            self.conn.execute("INSERT OR IGNORE INTO inodes (key) VALUES (?)", (text,))
+            row = self.conn.execute("SELECT ino FROM inodes WHERE key = ?",
+                                    (text,)).fetchone()
+        return int(row[0])
+
+    def highest(self) -> int:
+        row = self.conn.execute("SELECT max(ino) FROM inodes").fetchone()
+        return int(row[0] or pyfuse3.ROOT_INODE)
+
+    def key(self, ino: int) -> Key | None:
+        row = self.conn.execute("SELECT key FROM inodes WHERE ino = ?", (ino,)).fetchone()
+        return None if row is None else decode(row[0])
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 class InodeTable:
-    def __init__(self) -> None:
+    def __init__(self, persisted: InodeMap | None = None) -> None:
         self._by_key: dict[Key, int] = {ROOT: pyfuse3.ROOT_INODE}
         self._by_inode: dict[int, Key] = {pyfuse3.ROOT_INODE: ROOT}
         self._next = pyfuse3.ROOT_INODE + 1
+        self._map = persisted
+
+    @classmethod
+    def in_store(cls, store: Path) -> "InodeTable":
+        """Numbers kept in ``store``'s map file; for this mount only when it
+        cannot be opened (the reason is logged once)."""
+        try:
+            return cls(InodeMap(store / MAP_NAME))
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("inode numbers last only for this mount: cannot open %s: %s",
+                        store / MAP_NAME, exc)
+            return cls()
 
     def inode(self, key: Key) -> int:
+        key = canonical(key)
         ino = self._by_key.get(key)
         if ino is None:
-            ino = self._next
-            self._next += 1
+            if self._map is not None:
+                try:
+                    ino = self._map.number(key)
+                except sqlite3.Error as exc:  # a read-only store, a full disk
+                    self._detach(exc)
+            if ino is None:
+                ino, self._next = self._next, self._next + 1
             self._by_key[key] = ino
             self._by_inode[ino] = key
         return ino
 
-    def key(self, inode: int) -> Key:
+    def _detach(self, exc: Exception) -> None:
+        """Number the rest of this mount in memory, above every stored number (so
+        none is given twice), when the map file stops taking new numbers."""
+        assert self._map is not None
+        log.warning("inode numbers given from now on last only for this mount: %s", exc)
         try:
-            return self._by_inode[inode]
-        except KeyError:
-            raise NotFound("inode", str(inode)) from None
+            highest = self._map.highest()
+        except sqlite3.Error:
+            highest = 1 << 40  # far above any map this store could have filled
+        self._next = max(highest, *self._by_inode) + 1
+        self._map.close()
+        self._map = None
+
+    def key(self, inode: int) -> Key:
+        key = self._by_inode.get(inode)
+        if key is None and self._map is not None:
+            # Shown by an earlier mount (the kernel may still hold it, e.g. NFS).
+            try:
+                key = self._map.key(inode)
+            except sqlite3.Error:
+                key = None
+            if key is not None:
+                self._by_key[key] = inode
+                self._by_inode[inode] = key
+        if key is None:
+            raise NotFound("inode", str(inode))
+        return key
 
     def known(self, key: Key) -> int | None:
         """The inode of ``key`` if the kernel was ever shown it."""
-        return self._by_key.get(key)
+        return self._by_key.get(canonical(key))
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -49,3 +168,7 @@ class InodeTable:
         view (to invalidate the names it may have cached for them)."""
         return [k for k in self._by_key
                 if k.kind is Kind.SNAPSHOT and k.snapshot == snapshot_id]
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()

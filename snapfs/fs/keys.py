@@ -26,7 +26,9 @@ class Kind(enum.Enum):
     IMPORTS = "imports"          # .../imports/
     IMPORT = "import"            # .../imports/<name>      (a file)
     SNAPSHOT = "snapshot"        # <view>/<snapshot>/
-    FILE = "file"                # <view>/<snapshot>/{image.raw,snapshot.json,export}
+    FILE = "file"                # <view>/<snapshot>/{image.raw,snapshot.json,export,map.json}
+    CHANGES = "changes"          # <view>/<snapshot>/changes/
+    CHANGE = "change"            # <view>/<snapshot>/changes/<other>  (a file; not listed)
 
 
 #: The sections of a project directory, in listing order.
@@ -40,8 +42,13 @@ SECTIONS: dict[str, Kind] = {
 IMAGE = "image.raw"
 JSON = "snapshot.json"
 EXPORT = "export"
+MAP = "map.json"
+CHANGES_DIR = "changes"
 #: The files of a snapshot directory, in listing order.
-SNAPSHOT_FILES: tuple[str, ...] = (IMAGE, JSON, EXPORT)
+SNAPSHOT_FILES: tuple[str, ...] = (IMAGE, JSON, EXPORT, MAP)
+#: The entries a snapshot directory shows only where the backend knows its
+#: allocation (the local store; the cloud backend answers ENOTSUP).
+ALLOCATION_ENTRIES = frozenset({MAP, CHANGES_DIR})
 
 #: The directories whose entries are snapshots.
 VIEW_KINDS = frozenset({Kind.SNAPSHOTS, Kind.VOLUME, Kind.TAG})
@@ -72,11 +79,12 @@ class Key:
     project: str = ""            # project ID
     view: View | None = None     # VOLUME, TAG, SNAPSHOT, FILE: the view; SNAPSHOTS: View(SNAPSHOTS)
     snapshot: str = ""           # SNAPSHOT, FILE: the snapshot ID
-    name: str = ""               # FILE: the file name; IMPORT: the import's name
+    name: str = ""               # FILE: the file name; IMPORT: the import's name;
+                                 # CHANGE: the other snapshot's ID
 
     @property
     def is_dir(self) -> bool:
-        return self.kind not in (Kind.FILE, Kind.IMPORT)
+        return self.kind not in (Kind.FILE, Kind.IMPORT, Kind.CHANGE)
 
     @property
     def is_view(self) -> bool:
@@ -99,7 +107,9 @@ class Key:
         if k is Kind.SNAPSHOT:
             assert self.view is not None
             return view_dir(self.zone, self.project, self.view)
-        assert k is Kind.FILE
+        if k is Kind.CHANGE:
+            return Key(Kind.CHANGES, self.zone, self.project, self.view, self.snapshot)
+        assert k in (Kind.FILE, Kind.CHANGES)
         return Key(Kind.SNAPSHOT, self.zone, self.project, self.view, self.snapshot)
 
 
@@ -134,6 +144,12 @@ def snapshot_dir(view_key: Key, snapshot_id: str) -> Key:
     return Key(Kind.SNAPSHOT, view_key.zone, view_key.project, view_key.view, snapshot_id)
 
 
+def change_file(changes: Key, other_id: str) -> Key:
+    """``changes/<other>`` of a snapshot: the blocks that differ from ``other_id``."""
+    return Key(Kind.CHANGE, changes.zone, changes.project, changes.view, changes.snapshot,
+               other_id)
+
+
 def import_file(zone: str, project: str, name: str) -> Key:
     return Key(Kind.IMPORT, zone, project, name=name)
 
@@ -152,6 +168,9 @@ def static_child(parent: Key, name: str) -> Key | None:
         if name in SNAPSHOT_FILES:
             return Key(Kind.FILE, parent.zone, parent.project, parent.view, parent.snapshot,
                        name)
+        if name == CHANGES_DIR:
+            return Key(Kind.CHANGES, parent.zone, parent.project, parent.view,
+                       parent.snapshot)
     return None
 
 

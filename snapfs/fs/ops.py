@@ -109,12 +109,12 @@ class SnapfsOperations(pyfuse3.Operations):
         a.st_ino = self.ctx.inodes.inode(key)
         a.generation = 0
         a.st_mode = st.mode
-        a.st_nlink = 2 if st.is_dir else 1
+        a.st_nlink = st.nlink if st.nlink is not None else (2 if st.is_dir else 1)
         a.st_uid = self.ctx.uid if st.uid is None else st.uid
         a.st_gid = self.ctx.gid if st.gid is None else st.gid
         a.st_size = st.size
         a.st_blksize = st.blksize
-        a.st_blocks = (st.size + 511) // 512
+        a.st_blocks = st.blocks if st.blocks is not None else (st.size + 511) // 512
         a.st_mtime_ns = a.st_atime_ns = st.mtime_ns
         a.st_ctime_ns = st.ctime_ns
         a.attr_timeout = a.entry_timeout = st.timeout
@@ -197,8 +197,13 @@ class SnapfsOperations(pyfuse3.Operations):
 
     @refusals
     async def opendir(self, inode: int, ctx: Any) -> int:
-        node = self.node(inode)
-        entries = await node.entries()
+        key = self.ctx.inodes.key(inode)
+        entries = await node_for(self.ctx, key).entries()
+        # `.` and `..` first, as ls -a, find and backup tools expect them.
+        here = await node_for(self.ctx, key).stat()
+        up = key.parent()
+        entries[:0] = [(".", key, here),
+                       ("..", up, here if up == key else await node_for(self.ctx, up).stat())]
         fh = self._fh()
         self._dirs[fh] = entries
         return fh

@@ -22,7 +22,7 @@ from ..model import (DEFAULT_ZONE, PRODUCING_STATES, ZONES, BaseVolume, FileAcce
                      check_size, check_tags, check_uuid, check_volume_type, check_zone, new_id, now)
 from ..objects import ObjectStorage
 from ..service import ImageReader, SnapshotService
-from . import leases
+from . import extents, leases
 from .chunkindex import ChunkIndex
 from .packpool import PackPool
 from .chunks import PackFiles
@@ -472,6 +472,21 @@ class LocalService(SnapshotService):
     async def latest_export(self, zone: str, snapshot_id: str) -> Task | None:
         self.md.snapshot(check_zone(zone), snapshot_id)
         return self.md.latest_task(snapshot_id)
+
+    # --- allocation (extents.py) -------------------------------------------------------
+
+    knows_allocation = True
+
+    async def stored_bytes(self, zone: str, snapshot_id: str) -> int | None:
+        return await extents.snapshot_stored_bytes(self.md, zone, snapshot_id)
+
+    async def allocated_extents(self, zone: str, snapshot_id: str
+                                ) -> list[tuple[int, int, bool]]:
+        return await extents.snapshot_allocation(self.md, zone, snapshot_id)
+
+    async def changed_extents(self, zone: str, snapshot_id: str, other_id: str
+                              ) -> list[tuple[int, int, bool]]:
+        return await extents.snapshot_changes(self.md, zone, snapshot_id, other_id)
 
     # --- data ------------------------------------------------------------------------
 

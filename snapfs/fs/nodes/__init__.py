@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..context import FsContext
 from ..keys import Key, Kind
 from .base import Entry, Handle, Node
+from .extents import ChangeNode, ChangesNode
 from .files import file_node
 from .hierarchy import ProjectNode, RootNode, TagsNode, VolumesNode, ZoneNode
 from .imports import ImportNode, ImportsNode
@@ -16,6 +17,7 @@ _NODES: dict[Kind, type[Node]] = {
     Kind.SNAPSHOTS: ViewNode, Kind.VOLUME: ViewNode, Kind.TAG: ViewNode,
     Kind.VOLUMES: VolumesNode, Kind.TAGS: TagsNode,
     Kind.IMPORTS: ImportsNode, Kind.IMPORT: ImportNode, Kind.SNAPSHOT: SnapshotNode,
+    Kind.CHANGES: ChangesNode, Kind.CHANGE: ChangeNode,
 }
 
 

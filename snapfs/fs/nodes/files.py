@@ -16,10 +16,11 @@ from ...model import PRODUCING_STATES, Snapshot, check_readable
 from ...service import Buffer, ImageReader
 from .. import transfer
 from ..access import image_access
+from ..allocation import image_blocks, places
 from ..attributes import IMAGE_BLKSIZE, Stat, file_stat, ns
 from ..context import FsContext
 from ..forget import forget_names
-from ..keys import EXPORT, IMAGE, JSON, Key
+from ..keys import EXPORT, IMAGE, JSON, MAP, Key
 from .base import BufferHandle, Handle, Node
 from .views import snapshot_at
 
@@ -53,9 +54,12 @@ class ImageNode(FileNode):
         s = await self.snapshot()
         ctx = self.ctx
         uid, gid, mode = image_access(s, ctx.uid, ctx.gid, ctx.image_mode, ctx.image_owner)
-        # The size of a snapshot never changes: the kernel may keep it.
-        return Stat(mode, s.size, ns(s.modification_date), ns(s.creation_date),
-                    IMAGE_BLKSIZE, timeout=10.0, uid=uid, gid=gid)
+        # The size of a snapshot never changes: the kernel may keep it. mtime is
+        # when its bytes were taken, whatever happens to the snapshot since (a
+        # rename, tags, an export): backup tools key their caches on it.
+        return Stat(mode, s.size, ns(s.creation_date), ns(s.modification_date),
+                    IMAGE_BLKSIZE, timeout=10.0, uid=uid, gid=gid, nlink=places(s),
+                    blocks=await image_blocks(ctx, s))
 
     async def open(self, flags: int, pid: int) -> Handle:
         if wants_write(flags):
@@ -124,8 +128,10 @@ class ImageHandle(Handle):
 class JsonNode(FileNode):
     async def stat(self) -> Stat:
         s = await self.snapshot()
-        return file_stat(True, len(render_json(s)), ns(s.modification_date),
-                         ns(s.creation_date))
+        st = file_stat(True, len(render_json(s)), ns(s.modification_date),
+                       ns(s.modification_date))
+        st.nlink = places(s)
+        return st
 
     async def open(self, flags: int, pid: int) -> Handle:
         s = await self.snapshot(max_age=0)
@@ -170,8 +176,10 @@ class ExportNode(FileNode):
 
     async def stat(self) -> Stat:
         s = await self.snapshot()
-        return file_stat(True, len(await self.status()), ns(s.modification_date),
-                         ns(s.creation_date))
+        st = file_stat(True, len(await self.status()), ns(s.modification_date),
+                       ns(s.modification_date))
+        st.nlink = places(s)
+        return st
 
     async def open(self, flags: int, pid: int) -> Handle:
         return ExportHandle(self, await self.status(), wants_write(flags))
@@ -212,5 +220,8 @@ FILE_NODES: dict[str, type[FileNode]] = {IMAGE: ImageNode, JSON: JsonNode, EXPOR
 
 
 def file_node(ctx: FsContext, key: Key) -> FileNode:
+    if key.name == MAP:
+        from .extents import MapNode  # extents.py builds on this module
+        return MapNode(ctx, key)
     return FILE_NODES[key.name](ctx, key)
 

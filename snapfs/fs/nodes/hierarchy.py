@@ -9,8 +9,9 @@ from ...errors import NotFound
 from ...model import Project, Volume
 from .. import names
 from ..attributes import Stat, dir_stat, ns
-from ..keys import (SECTIONS, Key, Kind, project_dir, static_child, tag_dir, volume_dir,
-                    zone_dir)
+from ..context import FsContext
+from ..keys import (SECTIONS, Key, Kind, View, project_dir, static_child, tag_dir,
+                    volume_dir, zone_dir)
 from .base import Entry, Node
 
 #: The tree's fixed directories change only with the resources below them.
@@ -22,7 +23,7 @@ class RootNode(Node):
         return "the mount's root"
 
     async def stat(self) -> Stat:
-        return dir_stat(False, self.ctx.mounted_ns, self.ctx.mounted_ns, STRUCTURE_TIMEOUT)
+        return await structure_stat(self.ctx)
 
     async def entries(self) -> list[Entry]:
         return [(z, zone_dir(z), await ZoneNode(self.ctx, zone_dir(z)).stat())
@@ -43,7 +44,7 @@ class ZoneNode(Node):
         return f"zone {self.key.zone}"
 
     async def stat(self) -> Stat:
-        return dir_stat(False, self.ctx.mounted_ns, self.ctx.mounted_ns, STRUCTURE_TIMEOUT)
+        return await structure_stat(self.ctx)
 
     async def entries(self) -> list[Entry]:
         listing = await self.ctx.catalog.projects()
@@ -60,6 +61,15 @@ class ZoneNode(Node):
     async def xattrs(self) -> dict[str, str]:
         # A zone has no ID in the API: its name is its identifier.
         return {"id": self.key.zone, "name": self.key.zone, "zone": self.key.zone}
+
+
+async def structure_stat(ctx: FsContext) -> Stat:
+    """The root's and a zone's times: the newest change among the projects (the
+    same across remounts, unlike the mount's own time, which is the fallback
+    only where a backend dates no project)."""
+    when = max((ns(p.updated_at) for p in (await ctx.catalog.projects()).items), default=0)
+    when = when or ctx.mounted_ns
+    return dir_stat(False, when, when, STRUCTURE_TIMEOUT)
 
 
 def project_stat(p: Project) -> Stat:
@@ -155,12 +165,29 @@ class TagsNode(Node):
         return names.tag_labels(await self.ctx.catalog.tags(self.key.zone, self.key.project))
 
     async def entries(self) -> list[Entry]:
-        st = dir_stat(False)
-        return [(label, tag_dir(self.key.zone, self.key.project, t), st)
+        times = await tag_times(self.ctx, self.key.zone, self.key.project)
+        return [(label, tag_dir(self.key.zone, self.key.project, t), tag_stat(times[t]))
                 for label, t in (await self._labels()).items()]
 
     async def lookup(self, name: str) -> Entry:
         tag = (await self._labels()).get(name)
         if tag is None:
             raise NotFound("tag", name)
-        return name, tag_dir(self.key.zone, self.key.project, tag), dir_stat(False)
+        times = await tag_times(self.ctx, self.key.zone, self.key.project)
+        return name, tag_dir(self.key.zone, self.key.project, tag), tag_stat(times[tag])
+
+
+async def tag_times(ctx: FsContext, zone: str, project: str) -> dict[str, int]:
+    """Per tag, the newest change among its snapshots (a tag exists only while a
+    snapshot carries it): the time of its directory."""
+    listing = await ctx.catalog.snapshots(zone, project, View(Kind.SNAPSHOTS))
+    times: dict[str, int] = {}
+    for s in listing.items:
+        when = ns(s.modification_date)
+        for t in s.tags:
+            times[t] = max(times.get(t, 0), when)
+    return times
+
+
+def tag_stat(when: int) -> Stat:
+    return dir_stat(False, when, when)

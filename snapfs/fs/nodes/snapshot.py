@@ -9,7 +9,8 @@ from ...errors import NotFound, NotPermitted
 from ...logtext import esc
 from ...model import Snapshot, check_name, check_tags
 from ..forget import forget_names
-from ..keys import SNAPSHOT_FILES, static_child
+from ..keys import (ALLOCATION_ENTRIES, CHANGES_DIR, SNAPSHOT_FILES, Key, Kind,
+                    static_child)
 from ..attributes import Stat
 from .base import Entry, Node
 from .files import file_node
@@ -53,12 +54,19 @@ class SnapshotNode(Node):
     async def stat(self) -> Stat:
         return snapshot_stat(await self.snapshot())
 
+    def _child(self, key: Key) -> Node:
+        from .extents import ChangesNode  # (both import this module)
+        return ChangesNode(self.ctx, key) if key.kind is Kind.CHANGES else \
+            file_node(self.ctx, key)
+
     async def entries(self) -> list[Entry]:
         out = []
-        for name in SNAPSHOT_FILES:
+        for name in (*SNAPSHOT_FILES, CHANGES_DIR):
+            if name in ALLOCATION_ENTRIES and not self.ctx.svc.knows_allocation:
+                continue  # the backend cannot know: looked up, they answer ENOTSUP
             key = static_child(self.key, name)
             assert key is not None
-            out.append((name, key, await file_node(self.ctx, key).stat()))
+            out.append((name, key, await self._child(key).stat()))
         return out
 
     async def lookup(self, name: str) -> Entry:
@@ -66,7 +74,7 @@ class SnapshotNode(Node):
         if key is None:
             await self.snapshot()  # a gone snapshot answers ENOENT for itself first
             raise NotFound("file", name)
-        return name, key, await file_node(self.ctx, key).stat()
+        return name, key, await self._child(key).stat()
 
     async def xattrs(self) -> dict[str, str]:
         # Fresher than listings: user.state and user.progress are what `snapfs wait`

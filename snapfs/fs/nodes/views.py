@@ -17,7 +17,8 @@ from ..context import FsContext
 from ..forget import forget_names
 from ..keys import Key, Kind, View, may_create_snapshot_in, same_place, snapshot_dir
 from .base import Entry, Node
-from .hierarchy import ProjectNode, section_stat, volume_stat, volume_xattrs
+from .hierarchy import (ProjectNode, section_stat, tag_stat, tag_times, volume_stat,
+                        volume_xattrs)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ class ViewNode(Node):
             vol = await self.ctx.catalog.volume(self.key.zone, self.key.project, self.view.arg)
             return volume_stat(vol)
         if self.key.kind is Kind.TAG:
-            return dir_stat(False)
+            times = await tag_times(self.ctx, self.key.zone, self.key.project)
+            return tag_stat(times.get(self.view.arg, 0))
         return section_stat(self.key, await ProjectNode(self.ctx, self.key.parent()).stat())
 
     async def xattrs(self) -> dict[str, str]:

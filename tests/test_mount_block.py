@@ -21,7 +21,7 @@ from fixtures_http import Served
 from fixtures_mount import Mount, run
 from fixtures_s3 import ADMIN, qemu_img_judges
 from fixtures_store import snapfs_cli
-from test_mount_scaleway import scw_env
+from test_scaleway_mount import scw_env
 
 pytestmark = [pytest.mark.mount, pytest.mark.s3]
 

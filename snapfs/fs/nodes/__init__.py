@@ -5,8 +5,7 @@ from __future__ import annotations
 from ..context import FsContext
 from ..keys import Key, Kind
 from .base import Entry, Handle, Node
-from .extents import ChangeNode, ChangesNode
-from .files import file_node
+from .extents import ChangeNode, ChangesNode, snapshot_file
 from .hierarchy import ProjectNode, RootNode, TagsNode, VolumesNode, ZoneNode
 from .imports import ImportNode, ImportsNode
 from .snapshot import SnapshotNode
@@ -23,7 +22,7 @@ _NODES: dict[Kind, type[Node]] = {
 
 def node_for(ctx: FsContext, key: Key) -> Node:
     if key.kind is Kind.FILE:
-        return file_node(ctx, key)
+        return snapshot_file(ctx, key)
     return _NODES[key.kind](ctx, key)
 
 

@@ -12,10 +12,11 @@ from ...logtext import esc
 from ...model import Snapshot
 from ..allocation import places
 from ..attributes import Stat, dir_stat, file_stat, ns
-from ..keys import Kind, View, change_file
+from ..context import FsContext
+from ..keys import MAP, Key, Kind, View, change_file
 from .base import BufferHandle, Entry, Handle, Node
-from .files import FileNode, wants_write
-from .snapshot import SnapshotNode
+from .files import FileNode, file_node, wants_write
+from .views import snapshot_at
 
 
 class DocumentHandle(BufferHandle):
@@ -69,9 +70,8 @@ class ChangeNode(ExtentsFile):
     def describe(self) -> str:
         return f"changes/{self.key.name} of snapshot {self.key.snapshot}"
 
-    @property
-    def snapshot_node(self) -> SnapshotNode:
-        return SnapshotNode(self.ctx, self.key.parent().parent())
+    async def snapshot(self, max_age: float | None = None) -> Snapshot:
+        return await snapshot_at(self.ctx, self.key.parent().parent(), max_age)
 
     async def render(self) -> bytes:
         s = await self.snapshot()
@@ -83,7 +83,7 @@ class ChangesNode(Node):
         return f"changes/ of snapshot {self.key.snapshot}"
 
     async def snapshot(self) -> Snapshot:
-        return await SnapshotNode(self.ctx, self.key.parent()).snapshot()
+        return await snapshot_at(self.ctx, self.key.parent())
 
     async def stat(self) -> Stat:
         s = await self.snapshot()
@@ -103,3 +103,9 @@ class ChangesNode(Node):
             raise NotFound("snapshot", esc(name))
         key = change_file(self.key, other.id)
         return name, key, await ChangeNode(self.ctx, key).stat()
+
+
+def snapshot_file(ctx: FsContext, key: Key) -> FileNode:
+    """The node of a file in a snapshot directory: map.json here, the others in
+    files.py (which this module builds on)."""
+    return MapNode(ctx, key) if key.name == MAP else file_node(ctx, key)

@@ -20,7 +20,7 @@ from ..allocation import image_blocks, places
 from ..attributes import IMAGE_BLKSIZE, Stat, file_stat, ns
 from ..context import FsContext
 from ..forget import forget_names
-from ..keys import EXPORT, IMAGE, JSON, MAP, Key
+from ..keys import EXPORT, IMAGE, JSON, Key
 from .base import BufferHandle, Handle, Node
 from .views import snapshot_at
 
@@ -220,8 +220,6 @@ FILE_NODES: dict[str, type[FileNode]] = {IMAGE: ImageNode, JSON: JsonNode, EXPOR
 
 
 def file_node(ctx: FsContext, key: Key) -> FileNode:
-    if key.name == MAP:
-        from .extents import MapNode  # extents.py builds on this module
-        return MapNode(ctx, key)
+    """image.raw, snapshot.json or export (map.json: extents.snapshot_file)."""
     return FILE_NODES[key.name](ctx, key)
 

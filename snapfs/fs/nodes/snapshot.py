@@ -13,7 +13,7 @@ from ..keys import (ALLOCATION_ENTRIES, CHANGES_DIR, SNAPSHOT_FILES, Key, Kind,
                     static_child)
 from ..attributes import Stat
 from .base import Entry, Node
-from .files import file_node
+from .extents import ChangesNode, snapshot_file
 from .views import snapshot_at, snapshot_stat
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,8 @@ class SnapshotNode(Node):
         return snapshot_stat(await self.snapshot())
 
     def _child(self, key: Key) -> Node:
-        from .extents import ChangesNode  # (both import this module)
         return ChangesNode(self.ctx, key) if key.kind is Kind.CHANGES else \
-            file_node(self.ctx, key)
+            snapshot_file(self.ctx, key)
 
     async def entries(self) -> list[Entry]:
         out = []

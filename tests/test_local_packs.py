@@ -10,7 +10,7 @@ from typing import Callable
 import pytest
 
 from fixtures_store import MiB, ZONE, deletes_done, random_bytes, read_all, snapshot_of
-from snapfs.local import open_local_service
+from snapfs.local import LocalService, open_local_service
 from snapfs.local.capture import BATCH_CHUNKS
 from snapfs.local.chunks import (ALIGN, CHUNK_SIZE, STAGE_BYTES, PackFiles, PackWriter, check,
                                  digest)
@@ -177,3 +177,13 @@ async def test_packs_roll_over_at_the_limit_and_an_empty_pack_is_unlinked(
         second = (await svc.list_snapshots(ZONE)).items
         assert [s.name for s in second] == ["second"]
         assert await read_all(svc, second[0].id) == small
+
+
+async def test_a_pack_number_is_never_given_twice(service: LocalService) -> None:
+    """The highest pack's row dropped (its pack emptied and removed), the next pack
+    still gets a new number: another process may hold a descriptor of the removed
+    file and would read the new pack's chunks from it. Fails with SQLite's rowid
+    reuse (max(id) + 1)."""
+    first = service.index.new_pack()
+    service.index.drop_pack(first)
+    assert service.index.new_pack() > first

@@ -108,10 +108,22 @@ class ChunkIndex:
         return found
 
     def new_pack(self, floor: int = 0) -> int:
-        """A new pack's id: above every row and above ``floor`` (PackFiles.floor)."""
-        return int(self.conn.execute(
-            "INSERT INTO packs (id, committed) SELECT max(coalesce(max(id), 0), ?) + 1, 0 "
-            "FROM packs", (floor,)).lastrowid or 0)
+        """A new pack's id: above every row, above ``floor`` (PackFiles.floor) and
+        above every id ever given (a high-water mark in meta). A pack number is
+        never given twice: another process on the store may still hold a
+        descriptor of a removed pack of that number, and would read the new
+        pack's chunks from the old file (seen: a hash mismatch under the stress
+        test), as SQLite would reuse a deleted highest rowid."""
+        with self.md.transaction():
+            row = self.conn.execute(
+                "SELECT max(coalesce((SELECT max(id) FROM packs), 0), "
+                "coalesce((SELECT CAST(value AS INTEGER) FROM meta "
+                "WHERE key = 'last_pack_id'), 0), ?) + 1", (floor,)).fetchone()
+            pack = int(row[0])
+            self.conn.execute("INSERT INTO packs (id, committed) VALUES (?, 0)", (pack,))
+            self.conn.execute("INSERT OR REPLACE INTO meta (key, value) "
+                              "VALUES ('last_pack_id', ?)", (str(pack),))
+        return pack
 
     def commit_batch(self, snap: int, pack: int | None, pack_end: int,
                      new: list[tuple[bytes, int, int, bytes]], refs: list[tuple[int, bytes]],

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -104,6 +105,21 @@ def test_no_phantom_import_after_its_snapshot_was_deleted(
     assert "is gone; the import is forgotten" in m.log()
 
 
+#: The kernel drops a cached name when told (fs/forget.py), from pyfuse3's notifier
+#: thread, so just after the handler returned; without being told it would keep
+#: answering for its whole entry timeout (1 s).
+INVALIDATED_WITHIN = 0.3
+
+
+def gone_soon(path: Path) -> bool:
+    deadline = time.monotonic() + INVALIDATED_WITHIN
+    while path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def test_rename_is_seen_at_once_under_the_new_name_only(mounted: Mount) -> None:
     s = snap(mounted, "old")
     run("setfattr", "-n", "user.tags", "-v", "t1", s)
@@ -113,16 +129,16 @@ def test_rename_is_seen_at_once_under_the_new_name_only(mounted: Mount) -> None:
     # setfattr user.name: every view answers the new name only, at once.
     run("setfattr", "-n", "user.name", "-v", "new", s)
     for view in views:
-        assert not (view / "old").exists(), view
+        assert gone_soon(view / "old"), view
         assert json.loads((view / "new" / "snapshot.json").read_text())["name"] == "new"
     # mv in one view: the others follow at once too.
     run("mv", mounted.snapshots() / "new", mounted.snapshots() / "newer")
     for view in views:
-        assert not (view / "new").exists(), view
+        assert gone_soon(view / "new"), view
         assert (view / "newer").is_dir(), view
     # A tag removed: that tag's view stops answering at once.
     run("setfattr", "-x", "user.tags", mounted.snapshots() / "newer")
-    assert not (views[2] / "newer").exists()
+    assert gone_soon(views[2] / "newer")
     # rmdir in one view: gone from the others at once.
     run("rmdir", mounted.volume("vol1") / "newer")
-    assert not (mounted.snapshots() / "newer").exists()
+    assert gone_soon(mounted.snapshots() / "newer")

@@ -15,3 +15,11 @@ def pytest_configure() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
         signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+    # A suite ended by SIGTERM (a timeout, a kill) would die without teardown and
+    # leave its FUSE mounts and servers behind: as an interrupt, pytest still runs
+    # every fixture's finalizer (unmount, stop the server) on its way out.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")

@@ -64,19 +64,27 @@ def _task(row: sqlite3.Row) -> Task:
         error=row["error"], bucket=row["bucket"], key=row["key"], bytes=row["bytes"])
 
 
-#: Attempts at migrating a database that other processes may be migrating too.
-MIGRATE_ATTEMPTS = 5
+#: Attempts at preparing a database that other processes may be preparing too.
+MIGRATE_ATTEMPTS = 10
 
 
-def _migrate_beside_others(conn: sqlite3.Connection) -> None:
-    """migrate(), again when it failed because another process opening the store
-    at the same moment (a mount and `serve` started together on a new store)
-    applied the same migration first: the next attempt reads the version it left."""
+def _prepare_beside_others(conn: sqlite3.Connection) -> None:
+    """WAL mode and migrate(), again when either failed because another process
+    opening the store at the same moment (a mount and `serve` started together on
+    a new store) held the lock or applied the same migration first: the next
+    attempt reads the mode and version it left. Switching a new database to WAL
+    answers "database is locked" at once, without the busy handler, while another
+    connection switches it (seen in CI with three openers)."""
     for attempt in range(MIGRATE_ATTEMPTS):
         try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            # FULL: a commit is durable on return, so a reference never outlives
+            # a crash while the data it points at was fsynced before it.
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
             migrate(conn)
             return
-        except sqlite3.OperationalError:  # "table ... already exists", a busy snapshot
+        except sqlite3.OperationalError:  # "table ... already exists", locked, busy
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             if attempt == MIGRATE_ATTEMPTS - 1:
@@ -102,12 +110,7 @@ class Metadata:
             if readonly:
                 conn.execute("PRAGMA query_only = ON")
             else:
-                conn.execute("PRAGMA journal_mode = WAL")
-                # FULL: a commit is durable on return, so a reference never outlives
-                # a crash while the data it points at was fsynced before it.
-                conn.execute("PRAGMA synchronous = FULL")
-                conn.execute("PRAGMA foreign_keys = ON")
-                _migrate_beside_others(conn)
+                _prepare_beside_others(conn)
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise CorruptData(f"{path} is not a usable snapfs store database: {exc}") from None

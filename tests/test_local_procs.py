@@ -21,7 +21,7 @@ from fixtures_store import (MiB, ZONE, deletes_done, kill_mid_way, random_bytes,
                             shadow_files, snapshot_of, write_volume)
 from snapfs.errors import NotFound, PreconditionFailed
 from snapfs.local import open_local_service
-from snapfs.local import service as service_module
+from snapfs.local import adoption as adoption_module
 from snapfs.local.fsck import fsck
 from snapfs.local.metadata import Metadata
 from snapfs.local.owner import _boot_id, _start_time, alive
@@ -254,7 +254,7 @@ async def test_a_process_that_dies_beside_a_running_one_is_recovered_by_it(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A server OOM-killed mid-capture beside a mount: the mount fails the capture
     (and frees what it stored) without waiting for some process to open the store."""
-    monkeypatch.setattr(service_module, "ORPHAN_SWEEP", 0.1)
+    monkeypatch.setattr(adoption_module, "ORPHAN_SWEEP", 0.1)
     keep = random_bytes(2 * MiB, 8)
     big = volume_file("big", 96 * MiB, [(0, random_bytes(96 * MiB, 9))])
     async with open_local_service(store_dir) as svc:

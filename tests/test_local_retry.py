@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 from fixtures_store import ZONE, random_bytes, read_all
-from snapfs.local import open_local_service, service
+from snapfs.local import adoption, open_local_service
 
 FAILED = "storing its chunks failed"
 
@@ -34,7 +34,7 @@ def test_storing_retries_after_30_s_then_twice_as_long_up_to_an_hour(
     ten = trio.Event()
     # Virtual time: only the retry's sleeps may be jumped to, not the service's
     # sweep for dead processes' work (every 10 s, which would cost a jump each).
-    monkeypatch.setattr(service, "ORPHAN_SWEEP", 1e7)
+    monkeypatch.setattr(adoption, "ORPHAN_SWEEP", 1e7)
 
     class FailureTimes(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:

@@ -9,23 +9,16 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import sqlite_utils
 
-from ..errors import CorruptData, InvalidArgument, NotFound, SnapfsError
+from ..errors import InvalidArgument, NotFound
 from ..model import BaseVolume, FileAccess, Page, Project, Snapshot, Task, Volume, new_id, now
 from .owner import this_process
-from .schema import migrate
-from .store import readonly_uri
-
-#: Seconds a statement waits for another connection's write (of this process or
-#: another one on the store) before failing: writes are short transactions, the
-#: longest a release step of ~0.1 s, so this is only reached by a stuck process.
-BUSY_TIMEOUT = 60.0
+from .connection import connect, transaction, worker_connection
 
 _SNAPSHOT_COLS = ("rowid, id, name, zone, project, organization, tags, volume_type, size, state, "
                   "base_volume_id, base_volume_name, creation_date, modification_date, "
@@ -64,34 +57,6 @@ def _task(row: sqlite3.Row) -> Task:
         error=row["error"], bucket=row["bucket"], key=row["key"], bytes=row["bytes"])
 
 
-#: Attempts at preparing a database that other processes may be preparing too.
-MIGRATE_ATTEMPTS = 10
-
-
-def _prepare_beside_others(conn: sqlite3.Connection) -> None:
-    """WAL mode and migrate(), again when either failed because another process
-    opening the store at the same moment (a mount and `serve` started together on
-    a new store) held the lock or applied the same migration first: the next
-    attempt reads the mode and version it left. Switching a new database to WAL
-    answers "database is locked" at once, without the busy handler, while another
-    connection switches it (seen in CI with three openers)."""
-    for attempt in range(MIGRATE_ATTEMPTS):
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            # FULL: a commit is durable on return, so a reference never outlives
-            # a crash while the data it points at was fsynced before it.
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            migrate(conn)
-            return
-        except sqlite3.OperationalError:  # "table ... already exists", locked, busy
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if attempt == MIGRATE_ATTEMPTS - 1:
-                raise
-            time.sleep(0.05 * (attempt + 1))
-
-
 class Metadata:
     """The store's database: projects, volumes, snapshots, chunk map, tasks."""
 
@@ -99,24 +64,7 @@ class Metadata:
         """``readonly``: a connection that changes no file (store.readonly_uri); the
         caller (store.open_store) checked that no migration is due."""
         self.path = path
-        if readonly:
-            conn = sqlite3.connect(readonly_uri(path), uri=True, isolation_level=None,
-                                   check_same_thread=False, timeout=BUSY_TIMEOUT)
-        else:
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                                   timeout=BUSY_TIMEOUT)
-        conn.row_factory = sqlite3.Row
-        try:
-            if readonly:
-                conn.execute("PRAGMA query_only = ON")
-            else:
-                _prepare_beside_others(conn)
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise CorruptData(f"{path} is not a usable snapfs store database: {exc}") from None
-        except SnapfsError:
-            conn.close()
-            raise
+        conn = connect(path, readonly)
         self.conn = conn
         self.db = sqlite_utils.Database(conn)
         self.organization = self._ensure_defaults() if not readonly else self._org()
@@ -128,34 +76,11 @@ class Metadata:
         """A connection of its own for long jobs in a worker thread (releasing a
         million-chunk map): WAL lets the trio thread's connection keep reading, and
         the job's short transactions let its writes in between."""
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT)
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA foreign_keys = ON")
-        return conn
+        return worker_connection(self.path)
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite_utils.Database]:
-        """``with md.transaction():`` -- one atomic write (nested: a savepoint).
-        ``BEGIN IMMEDIATE``: the write lock is taken (waiting up to BUSY_TIMEOUT)
-        before the first read, so a transaction that reads and then writes never
-        fails with "database is locked" because another process wrote between."""
-        if self.conn.in_transaction:
-            with self.db.atomic():
-                yield self.db
-            return
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise
-        try:
-            self.conn.execute("COMMIT")
-        except BaseException:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise
+    def transaction(self) -> AbstractContextManager[sqlite_utils.Database]:
+        """``with md.transaction():`` -- one atomic write (connection.transaction)."""
+        return transaction(self.conn, self.db)
 
     def _org(self) -> str:
         row = self.conn.execute("SELECT value FROM meta WHERE key = 'organization'").fetchone()

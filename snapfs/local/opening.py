@@ -58,7 +58,7 @@ async def open_local_service(store: Path | str, objects: ObjectStorage | None = 
                         exclusive = True
                     except BlockingIOError:
                         exclusive = False
-                    if exclusive or svc.dead_jobs():
+                    if exclusive or svc.adoption.dead_jobs():
                         async with svc.index_lock:
                             await recover(svc.md, svc.index, svc.packs, svc.objects,
                                           exclusive=exclusive)
@@ -67,14 +67,14 @@ async def open_local_service(store: Path | str, objects: ObjectStorage | None = 
                         await trio.to_thread.run_sync(svc.shadows.tidy,
                                                       svc.md.usable_maps(), backing,
                                                       svc.md.snapshot_keys())
-                    work = svc.claim_work(exclusive) if resume else []
+                    work = svc.adoption.claim(exclusive) if resume else []
                     fcntl.flock(lock_fd, fcntl.LOCK_SH)  # others may open it beside us now
             finally:
                 opening.close()
             async with svc.jobs.open():  # an error of the body is raised as it is
-                svc.resume(work)
+                svc.adoption.resume(work)
                 if resume:
-                    svc.jobs.daemon(svc.adopt_orphans)
+                    svc.jobs.daemon(svc.adoption.sweep)
                     svc.jobs.daemon(svc.left_uploads.run)
                 try:
                     yield svc

@@ -11,13 +11,11 @@ import logging
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Awaitable, Callable
-
 import trio
 
 from ..errors import (CorruptData, InvalidArgument, NotConfigured, PreconditionFailed,
                       VolumeChanged)
-from ..model import (DEFAULT_ZONE, PRODUCING_STATES, ZONES, BaseVolume, FileAccess, Page,
+from ..model import (DEFAULT_ZONE, ZONES, BaseVolume, FileAccess, Page,
                      Project, Snapshot, Task, Volume, check_name, check_paging, check_readable,
                      check_size, check_tags, check_uuid, check_volume_type, check_zone, new_id, now)
 from ..objects import ObjectStorage
@@ -30,8 +28,8 @@ from .image import LocalImageReader, ShadowReader
 from .background import BackgroundJobs
 from .jobs import NO_OBJECT_STORAGE, SnapshotWork
 from .metadata import Metadata
-from .owner import alive
-from .recovery import DELETING, recover
+from .adoption import Adoption
+from .recovery import DELETING
 from .shadows import Shadows
 from .volumefile import Inspected, VolumeFile, identity_of, inspect_new, inspected, open_volume
 from .uploads import LeftUploads
@@ -42,8 +40,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LocalService", "NO_OBJECT_STORAGE"]
 
-#: Seconds between two looks for the work of processes that died (adopt_orphans).
-ORPHAN_SWEEP = 10.0
 #: Seconds a delete waits for the readers of its snapshot to close before it is
 #: refused: one that was just closed lets go only once its mount hears of it.
 READER_GRACE = 1.0
@@ -78,6 +74,9 @@ class LocalService(SnapshotService):
         self.work = SnapshotWork(self.md, self.index, self.packs, self.pool, objects,
                                  self.index_lock, self.io_limiter, self.hash_limiter, self.jobs,
                                  self.left_uploads, self._leases, self.shadows, self._reader)
+        #: What stopped processes left half done: found, claimed and resumed here.
+        self.adoption = Adoption(self.md, self.index, self.packs, objects, self.index_lock,
+                                 self.jobs, self.work, self.shadows)
 
     @property
     def organization(self) -> str:
@@ -369,70 +368,6 @@ class LocalService(SnapshotService):
         # Its shadow pins the blocks the volume rewrote since (shadows.py).
         await trio.to_thread.run_sync(self.shadows.drop_snapshot, snapshot_id)
 
-    def claim_work(self, exclusive: bool) -> list[tuple[str, Callable[..., Awaitable[None]],
-                                                        tuple[object, ...]]]:
-        """The deletes and the storing of clone-backed snapshots that stopped
-        processes left half done (any, when ``exclusive``: no other process has
-        the store open -- decided under the open lock, before another may start
-        work of its own), each taken over by one compare-and-set of its owner;
-        ``resume`` starts them."""
-        work: list[tuple[str, Callable[..., Awaitable[None]], tuple[object, ...]]] = []
-        for snapshot_id, key, owner in self.md.deleting():
-            if self._claim(snapshot_id, owner, exclusive):
-                log.info("snapshot %s: resuming its delete", snapshot_id)
-                work.append((snapshot_id, self.work.release, (snapshot_id, key)))
-        for snapshot_id, key, shadow, owner, volume_id, size in \
-                self.md.shadow_backed_snapshots():
-            if self._claim(snapshot_id, owner, exclusive):
-                log.info("snapshot %s: storing its chunks again", snapshot_id)
-                work.append((snapshot_id, self.work.resume_storing,
-                             (snapshot_id, key, volume_id,
-                              self.shadows.named(shadow, key, snapshot_id), size)))
-        return work
-
-    def _claim(self, snapshot_id: str, owner: str | None, exclusive: bool) -> bool:
-        return snapshot_id not in self.jobs and \
-            (exclusive or owner is None or not alive(owner)) and \
-            self.md.take_over(snapshot_id, owner)
-
-    def resume(self, work: list[tuple[str, Callable[..., Awaitable[None]],
-                                      tuple[object, ...]]]) -> None:
-        for snapshot_id, fn, args in work:
-            self.jobs.start(snapshot_id, fn, *args)
-
-    async def adopt_orphans(self) -> None:
-        """While this process runs: every ORPHAN_SWEEP seconds, the work of
-        processes that died meanwhile (a server OOM-killed beside this mount) is
-        recovered as an open would -- their captures fail, their exports end,
-        their deletes and storing resume here -- instead of waiting for the next
-        open of the store."""
-        while True:
-            await trio.sleep(ORPHAN_SWEEP)
-            try:
-                if not self._orphaned_work():
-                    continue
-                async with self.index_lock:
-                    await recover(self.md, self.index, self.packs, self.objects,
-                                  exclusive=False)
-                self.resume(self.claim_work(False))
-            except Exception:  # a bug here must not take the service down
-                log.exception("recovering the work of stopped processes failed")
-
-    def dead_jobs(self) -> bool:
-        """Whether a capture, import or export of a dead process is unfinished
-        (what recover() fails when the store is not to itself)."""
-        md = self.md
-        return any(_dead(o) for _, o in md.snapshots_in_states(tuple(PRODUCING_STATES))) \
-            or any(_dead(o) for _, o in md.unfinished_tasks())
-
-    def _orphaned_work(self) -> bool:
-        md = self.md
-        return self.dead_jobs() \
-            or any((o is None or _dead(o)) and i not in self.jobs
-                   for i, _, o in md.deleting()) \
-            or any((r[3] is None or _dead(r[3])) and r[0] not in self.jobs
-                   for r in md.shadow_backed_snapshots())
-
     def storing(self) -> bool:
         """Whether some snapshot is still read from its shadow (chunks being stored)."""
         return bool(self.md.shadow_backed_snapshots())
@@ -546,7 +481,3 @@ class LocalService(SnapshotService):
         self.left_uploads.stop()
         self._leases.close()
 
-
-def _dead(owner: str | None) -> bool:
-    """A job's owner that is gone (None: no owner recorded, nothing to say)."""
-    return owner is not None and not alive(owner)

@@ -116,8 +116,8 @@ def step(what: str) -> None:
 
 
 def evict(path: Path) -> None:
-    """Drop ``path``'s pages from the kernel page cache (with --page-cache the
-    mount serves image.raw through it), so that the next read reaches the daemon
+    """Drop ``path``'s pages from the kernel page cache (by default the mount
+    serves image.raw through it), so that the next read reaches the daemon
     -- without dropping the whole machine's cache."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -211,8 +211,8 @@ def main() -> None:
     p.add_argument("--dir", type=Path, default=None)
     p.add_argument("--keep", action="store_true")
     p.add_argument("--no-verify", action="store_true", help="skip the final cmp")
-    p.add_argument("--page-cache", action="store_true",
-                   help="mount with --page-cache instead of the default direct I/O")
+    p.add_argument("--direct-io", action="store_true",
+                   help="mount with --direct-io instead of the default page-cache mode")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="snapfs-cloud-bench-", dir=args.dir or "/var/tmp"))
     s3 = BenchSeaweed(work / "s3")
@@ -238,7 +238,7 @@ def main() -> None:
         mnt.mkdir()
         snapfs("mount", mnt, "--store", work / "mount-state", "--backend", "scaleway",
                "--staging-bucket", BUCKET, "--s3-endpoint", s3.endpoint,
-               *(["--page-cache"] if args.page_cache else []), env=env)
+               *(["--direct-io"] if args.direct_io else []), env=env)
         daemon = int(os.getxattr(mnt, "user.pid"))
         name = f"bench-{uuid.uuid4().hex[:6]}"
         snap_dir = mnt / "fr-par-1" / "default" / "snapshots" / name
@@ -293,7 +293,7 @@ def main() -> None:
         ratio = best_q / best_c  # throughput ratio = inverse time ratio
         print(f"image {size / MiB:.0f} MiB virtual, {args.data_mib} MiB data; "
               f"QCOW2 object {qcow2_bytes / MiB:.0f} MiB; mount "
-              f"{'--page-cache' if args.page_cache else 'direct I/O (default)'}")
+              f"{'--direct-io' if args.direct_io else 'page cache (default)'}")
         print(f"capture (mkdir -> available) {capture_s:6.2f} s")
         print(f"snapshot owned by the {os.getxattr(snap_dir, 'user.api').decode()} API")
         print(f"first open (export to staging) {export_s:6.2f} s")

@@ -10,11 +10,10 @@ registered in a fresh store, snapshotted through the mount (mkdir), then read
 with ``dd bs=1M`` and with ``cat`` from both mounts, after one warm-up pass each
 (so both sources are in the page cache: the ceiling's backing file, snapfs's pack
 files). snapfs is timed twice per run: the first read on a freshly started mount
-(every byte through the daemon) and the same read again (by default the local
-store is served with direct I/O, so again through the daemon, from the packs'
-page cache; with ``--mount-args=--page-cache`` from the kernel's cache of
-image.raw). Medians of --runs. Targets: snapfs >= 0.8x the ceiling for both
-tools; the daemon's peak RSS <= 200 MB.
+(every byte through the daemon) and the same read again (by default from the
+kernel's page cache of image.raw; with ``--mount-args=--direct-io`` again through
+the daemon, from the packs' page cache). Medians of --runs. Targets: snapfs >=
+0.8x the ceiling for both tools; the daemon's peak RSS <= 200 MB.
 """
 
 from __future__ import annotations

@@ -94,7 +94,11 @@ class SeaweedServer:
                "-ip.bind=127.0.0.1", f"-s3.config={self.config}",
                "-s3.autoCreateBucket=false", "-webdav=false", "-admin.ui=false",
                "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-               "-s3.iam=false"]
+               "-s3.iam=false",
+               # A bucket is a collection, each with volumes of its own: by default
+               # their count is the free disk over the volume size (38 with 38 GiB
+               # free), and a suite's 39th bucket could not be written (CI failed so).
+               "-volume.max=10000"]
         cmd += [f"-{flag}={port}" for flag, port in self.ports.items()]
         return cmd
 

@@ -202,10 +202,17 @@ SYS_OPENAT = 257
 
 
 def blocked_in_open(pid: int, timeout: float = 5) -> None:
-    """Until ``pid`` sits in openat(2) (/proc/PID/syscall: its number first)."""
+    """Until ``pid`` sits in openat(2) (/proc/PID/syscall: its number first) waiting
+    for the FUSE daemon's answer (/proc/PID/wchan) -- not in some other open, of a
+    library or a module while it starts (a CI run under load caught Python there)."""
     deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}/syscall").read_text().split()[0] != str(SYS_OPENAT):
-        assert time.monotonic() < deadline, f"process {pid} is not waiting in open()"
+    while True:
+        call = Path(f"/proc/{pid}/syscall").read_text().split()[0]
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+        if call == str(SYS_OPENAT) and ("fuse" in wchan or "request_wait_answer" in wchan):
+            return
+        assert time.monotonic() < deadline, \
+            f"process {pid} is not waiting in open() (syscall {call}, in {wchan})"
         time.sleep(0.02)
 
 

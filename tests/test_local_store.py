@@ -203,6 +203,7 @@ async def test_a_version_1_store_is_migrated_and_reads_the_same(
     conn = sqlite3.connect(store_dir / "metadata.db")
     with conn:
         conn.execute("ALTER TABLE chunks DROP COLUMN xxh")
+        conn.execute("ALTER TABLE chunks DROP COLUMN raw_length")
         conn.execute("ALTER TABLE snapshots DROP COLUMN owner")
         conn.execute("ALTER TABLE tasks DROP COLUMN owner")
         conn.execute("ALTER TABLE snapshots DROP COLUMN deleting")

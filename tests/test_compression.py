@@ -35,7 +35,8 @@ def text_bytes(n: int, seed: int = 0) -> bytes:
     out = bytearray()
     i = 0
     while len(out) < n:
-        out += f"{seed}:{i} the quick brown fox jumps over the lazy dog {i * 7919 % 1000}\n".encode()
+        line = f"{seed}:{i} the quick brown fox jumps over the lazy dog {i * 7919 % 1000}\n"
+        out += line.encode()
         i += 1
     return bytes(out[:n])
 

@@ -366,6 +366,7 @@ async def test_a_delete_cut_short_under_schema_3_is_finished_after_the_migration
     # reason, part of the map.
     conn = sqlite3.connect(store_dir / "metadata.db")
     with conn:
+        conn.execute("ALTER TABLE chunks DROP COLUMN raw_length")
         conn.execute("ALTER TABLE snapshots DROP COLUMN deleting")
         conn.execute("ALTER TABLE snapshots DROP COLUMN shadow")
         conn.execute("ALTER TABLE snapshots DROP COLUMN warning")

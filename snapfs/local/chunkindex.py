@@ -134,7 +134,8 @@ class ChunkIndex:
         return pack
 
     def commit_batch(self, snap: int, pack: int | None, pack_end: int,
-                     new: list[tuple[bytes, int, int, bytes, int | None]], refs: list[tuple[int, bytes]],
+                     new: list[tuple[bytes, int, int, bytes, int | None]],
+                     refs: list[tuple[int, bytes]],
                      progress: tuple[str, int] | None) -> None:
         """One atomic step of a capture: new chunks (hash, offset, stored length, xxh,
         raw length or None when stored raw) already

@@ -21,7 +21,8 @@ def text(n: int, seed: int) -> bytes:
     out = bytearray()
     i = 0
     while len(out) < n:
-        out += f"{seed}:{i} the quick brown fox jumps over the lazy dog {i * 7919 % 1000}\n".encode()
+        line = f"{seed}:{i} the quick brown fox jumps over the lazy dog {i * 7919 % 1000}\n"
+        out += line.encode()
         i += 1
     return bytes(out[:n])
 

@@ -37,9 +37,10 @@ from .metadata import Metadata
 
 LEVEL_KEY = "zstd_level"
 #: Level 1 vs 3 on the real-image benchmark (scripts/bench/real_image.py, README
-#: Performance): level 3 keeps ~8% fewer bytes (0.99x restic's repository vs
-#: 1.07x) but takes twice as long (150 vs 290 MB/s on two shared cores).
-DEFAULT_LEVEL = 1
+#: Performance): level 3 keeps ~8% fewer bytes (0.99-1.02x restic's repository vs
+#: 1.07-1.10x) for a first snapshot 1.4-1.9x as long (150-250 vs 290-350 MB/s
+#: on two shared cores); second snapshots take the same time.
+DEFAULT_LEVEL = 3
 MAX_LEVEL = 19
 #: A compressed chunk is kept only at <= 7/8 of its raw length.
 KEEP_NUM, KEEP_DEN = 7, 8

@@ -19,12 +19,15 @@ import trio
 
 from fixtures_mount import Mount, run, snapfs
 from fixtures_s3 import SeaweedServer, qemu_img_judges
-from fixtures_store import (MiB, ZONE, flip_bits, kill_mid_way, random_bytes, read_all,
-                            snapfs_cli, snapshot_of, wait_state, write_volume)
+from fixtures_store import (MiB, ZONE, chunks_stored, flip_bits, kill_mid_way, random_bytes,
+                            read_all, snapfs_cli, snapshot_of, wait_state, write_volume)
 from snapfs.errors import CorruptData
 from snapfs.local import open_local_service
 from snapfs.local.compression import set_store_level
 from snapfs.local.fsck import fsck
+from snapfs.local.shadows import fiemap
+
+FIEMAP_EXTENT_SHARED = 0x2000
 
 KiB = 1 << 10
 PRECHANGE_STORE = Path(__file__).parent / "data" / "prechange_store.tar.gz"
@@ -250,3 +253,29 @@ async def test_a_capture_killed_mid_way_with_compression_leaves_fsck_clean(
         assert await read_all(svc, keep.id) == big.read_bytes()
     res = snapfs_cli("fsck", store=store_dir)
     assert res.returncode == 0 and "clean" in res.stdout, res.stdout + res.stderr
+
+
+async def test_on_a_reflink_filesystem_raw_chunks_are_cloned_and_the_rest_compressed(
+        reflink_dir: Path) -> None:
+    """XFS/btrfs: a snapshot is a clone of the volume (shadows.py) whose chunks are
+    stored after; those compression leaves raw are cloned into the pack (their
+    blocks shared with the shadow), the others appended compressed; both read back."""
+    store = reflink_dir / "store"
+    vol = mixed_volume(reflink_dir / "v.raw")
+    async with open_local_service(store) as svc:
+        snap = await snapshot_of(svc, vol, "s")
+        await chunks_stored(svc)
+        assert forms(svc.md.conn, "s") == {0: True, 1: False, 2: True, 4: True}
+        pack, offset = svc.md.conn.execute(
+            "SELECT c.pack, c.offset FROM chunks c JOIN snapshot_chunks m ON m.chunk = c.id "
+            "WHERE m.idx = 1").fetchone()
+        assert await read_all(svc, snap.id) == vol.read_bytes()
+        rep = await fsck(svc)
+        assert rep.ok, rep.problems
+    fd = os.open(store / "packs" / f"{pack:08d}.pack", os.O_RDONLY)
+    try:
+        extents = [e for e in fiemap(fd, os.fstat(fd).st_size)
+                   if e.logical <= offset < e.logical + e.length]
+    finally:
+        os.close(fd)
+    assert extents and extents[0].flags & FIEMAP_EXTENT_SHARED

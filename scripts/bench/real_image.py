@@ -23,7 +23,7 @@ Targets: store after both snapshots <= 1.0x restic's repository; each snapshot
 <= 1.0x qemu-img's; first read >= 0.7x the ceiling; peak RSS <= 200 MB.
 
     flock /tmp/snapfs-bench.lock .venv/bin/python scripts/bench/real_image.py \\
-        [--dir DIR] [--levels 1,3] [--keep]
+        [--dir DIR] [--levels 3,1] [--keep]
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def first_read(store: Path, backing: Path, work: Path, runs: int) -> tuple[float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir)")
-    ap.add_argument("--levels", default="1,3",
+    ap.add_argument("--levels", default="3,1",
                     help="snapfs zstd levels, each in a store of its own (the first is the "
                          "one read and exported; 0: off)")
     ap.add_argument("--read-runs", type=int, default=2)

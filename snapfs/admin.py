@@ -1,4 +1,5 @@
-"""Store administration commands of the local backend: volume, project, fsck."""
+"""Store administration commands of the local backend: volume, project, fsck,
+compression."""
 
 from __future__ import annotations
 
@@ -122,6 +123,23 @@ def _fsck(args: argparse.Namespace) -> int:
     return _run(args, go, readonly=True)
 
 
+def _compression(args: argparse.Namespace) -> int:
+    from .local.compression import DEFAULT_LEVEL, MAX_LEVEL, set_store_level, store_level
+
+    if args.level is not None and not 0 <= args.level <= MAX_LEVEL:
+        raise InvalidArgument("level", f"{args.level} is not a zstd level from 0 (off) "
+                              f"to {MAX_LEVEL}")
+
+    async def go(svc: Any) -> None:
+        if args.level is not None:
+            set_store_level(svc.md, args.level)
+        level = store_level(svc.md.conn)
+        print(f"zstd level {level}" + (" (off: new chunks are stored raw)" if level == 0
+                                       else " (the default)" if level == DEFAULT_LEVEL
+                                       else ""))
+    return _run(args, go, readonly=args.level is None)
+
+
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     vol = sub.add_parser("volume", help="manage local volumes")
     vsub = vol.add_subparsers(dest="volume_command", required=True, metavar="COMMAND")
@@ -190,3 +208,13 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="do the safe repairs, after printing them")
     add_store_option(p)
     p.set_defaults(func=_fsck)
+
+    p = sub.add_parser("compression", help="show or set the store's zstd level",
+                       description="Chunks stored from now on are compressed with zstd at "
+                       "this level where that shrinks them to 7/8 or less, else stored "
+                       "raw; 0 stores every new chunk raw. Chunks already stored keep "
+                       "their form. Without LEVEL: print the level.")
+    p.add_argument("level", type=int, nargs="?", default=None, metavar="LEVEL",
+                   help="0 (off) to 19")
+    add_store_option(p)
+    p.set_defaults(func=_compression)

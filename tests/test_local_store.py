@@ -203,6 +203,7 @@ async def test_a_version_1_store_is_migrated_and_reads_the_same(
     conn = sqlite3.connect(store_dir / "metadata.db")
     with conn:
         conn.execute("ALTER TABLE chunks DROP COLUMN xxh")
+        conn.execute("ALTER TABLE chunks DROP COLUMN raw_length")
         conn.execute("ALTER TABLE snapshots DROP COLUMN owner")
         conn.execute("ALTER TABLE tasks DROP COLUMN owner")
         conn.execute("ALTER TABLE snapshots DROP COLUMN deleting")
@@ -365,6 +366,7 @@ async def test_a_delete_cut_short_under_schema_3_is_finished_after_the_migration
     # reason, part of the map.
     conn = sqlite3.connect(store_dir / "metadata.db")
     with conn:
+        conn.execute("ALTER TABLE chunks DROP COLUMN raw_length")
         conn.execute("ALTER TABLE snapshots DROP COLUMN deleting")
         conn.execute("ALTER TABLE snapshots DROP COLUMN shadow")
         conn.execute("ALTER TABLE snapshots DROP COLUMN warning")

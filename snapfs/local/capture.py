@@ -4,8 +4,9 @@ Two stages joined by a one-slot memory channel, so memory stays at a few
 batches whatever the volume's size:
   1. read + zero-check + hash a batch of chunks (in a worker thread), skipping
      ranges the file reports as holes (SEEK_DATA) without reading them;
-  2. under the index lock: look up which hashes are new, append those to this
-     capture's pack, fdatasync, then commit chunk rows + map entries + progress.
+  2. under the index lock: look up which hashes are new, compress those (where
+     it pays, in parallel: compression.py), append them to this capture's pack,
+     fdatasync, then commit chunk rows + map entries + progress.
 Stage 1 of batch n+1 runs while stage 2 of batch n writes, using both cores.
 """
 
@@ -28,6 +29,7 @@ from ..service import ImageReader
 from ..taskgroups import first_error
 from .chunkindex import ChunkIndex
 from .chunks import CHUNK_SIZE, PackWriter, check, digest, is_zero
+from .compression import compress_all, store_level
 from .packpool import PackPool
 from .shadows import Ranges, in_ranges
 from .volumefile import VolumeFile, open_volume
@@ -207,7 +209,7 @@ class _Group:
     """Chunks appended since the last commit (not yet synced) and map entries."""
 
     def __init__(self) -> None:
-        self.new: list[tuple[bytes, int, int, bytes]] = []
+        self.new: list[tuple[bytes, int, int, bytes, int | None]] = []
         self.refs: list[tuple[int, bytes]] = []
         self.fresh: set[bytes] = set()
         self.bytes = 0
@@ -223,12 +225,13 @@ class _Capture:
     def __init__(self, snapshot_id: str, snap: int, total: int, index: ChunkIndex,
                  pool: PackPool, index_lock: StoreLock,
                  io_limiter: trio.CapacityLimiter, clone_fd: int | None,
-                 percent: Callable[[int], int] | None = None) -> None:
+                 percent: Callable[[int], int] | None = None, level: int = 0) -> None:
         self.snapshot_id, self.snap, self.total = snapshot_id, snap, total
         self.percent = percent or (lambda done: min(99, done * 100 // max(total, 1)))
         self.index, self.pool, self.lock, self.io = index, pool, index_lock, io_limiter
         self.writer: PackWriter | None = None
         self.clone_fd = clone_fd  # the source's (CaptureSource.clone_fd)
+        self.level = level  # zstd level of new chunks, 0: stored raw
         self.group = _Group()
         self.done = 0
 
@@ -267,19 +270,32 @@ class _Capture:
             w = self.writer
             src = self.clone_fd
 
-            def write_all() -> list[tuple[bytes, int, int, bytes]]:
+            level = self.level
+
+            def write_all() -> list[tuple[bytes, int, int, bytes, int | None]]:
+                # Compressed where it pays (compression.py), COMPRESS_THREADS at once.
+                hashes = list(fresh)
+                packed = dict(zip(hashes, compress_all([fresh[hh] for hh in hashes], level)))
                 placed: dict[bytes, int] = {}
-                if src is not None:
-                    for hh, idx in first_idx.items():
-                        at = w.clone_in(src, idx * CHUNK_SIZE, len(fresh[hh]))
-                        if at is not None:
-                            placed[hh] = at
-                rest = [hh for hh in fresh if hh not in placed]
-                placed.update(zip(rest, w.append_all([fresh[hh] for hh in rest])))
-                return [(hh, placed[hh], len(d), check(d)) for hh, d in fresh.items()]
-            g.new += await trio.to_thread.run_sync(write_all, limiter=self.io)
+                if src is not None:  # a clone is raw: only what compression leaves raw
+                    for hh in hashes:
+                        if packed[hh] is None:
+                            at = w.clone_in(src, first_idx[hh] * CHUNK_SIZE, len(fresh[hh]))
+                            if at is not None:
+                                placed[hh] = at
+                rest = [hh for hh in hashes if hh not in placed]
+                body = [packed[hh] or fresh[hh] for hh in rest]
+                placed.update(zip(rest, w.append_all(body)))
+                out: list[tuple[bytes, int, int, bytes, int | None]] = []
+                for hh in hashes:
+                    z, d = packed[hh], fresh[hh]
+                    out.append((hh, placed[hh], len(d), check(d), None) if z is None
+                               else (hh, placed[hh], len(z), check(z), len(d)))
+                return out
+            new = await trio.to_thread.run_sync(write_all, limiter=self.io)
+            g.new += new
             g.fresh.update(fresh)
-            g.bytes += sum(len(d) for d in fresh.values())
+            g.bytes += sum(n for _, _, n, _, _ in new)  # stored bytes: what the sync writes
         g.refs += [(h.idx, h.hash) for h in stored]  # type: ignore[misc]
 
     async def consume(self, recv: trio.MemoryReceiveChannel[list[Hashed]]) -> None:
@@ -322,7 +338,7 @@ async def capture(source: CaptureSource, snapshot_id: str, snap: int, index: Chu
     total = (source.size + CHUNK_SIZE - 1) // CHUNK_SIZE
     send, recv = trio.open_memory_channel[list[Hashed]](1)
     cap = _Capture(snapshot_id, snap, total, index, pool, index_lock, io_limiter,
-                   source.clone_fd, source.percent)
+                   source.clone_fd, source.percent, store_level(index.conn))
 
     async def produce() -> None:
         async with send:

@@ -26,8 +26,16 @@ class Location:
     pack: int
     offset: int
     length: int
-    hash: bytes
-    xxh: bytes | None
+    hash: bytes  # blake3 of the raw bytes
+    xxh: bytes | None  # xxh3 of the stored bytes
+    #: None: stored raw (``length`` bytes); else a zstd frame of ``length`` bytes
+    #: holding this many raw bytes (compression.py).
+    raw_length: int | None = None
+
+    @property
+    def size(self) -> int:
+        """The chunk's raw length (what a reader gets)."""
+        return self.length if self.raw_length is None else self.raw_length
 
 
 #: Map entries released per transaction by release_in_steps (~0.1 s each).
@@ -126,9 +134,11 @@ class ChunkIndex:
         return pack
 
     def commit_batch(self, snap: int, pack: int | None, pack_end: int,
-                     new: list[tuple[bytes, int, int, bytes]], refs: list[tuple[int, bytes]],
+                     new: list[tuple[bytes, int, int, bytes, int | None]],
+                     refs: list[tuple[int, bytes]],
                      progress: tuple[str, int] | None) -> None:
-        """One atomic step of a capture: new chunks (hash, offset, length, xxh) already
+        """One atomic step of a capture: new chunks (hash, offset, stored length, xxh,
+        raw length or None when stored raw) already
         fsynced in ``pack`` up to ``pack_end``, and the snapshot's map entries
         (idx, hash). The caller guarantees (by holding the index lock since
         ``known``) that every hash in refs is either stored or in ``new``.
@@ -139,8 +149,9 @@ class ChunkIndex:
             _check_live(self.conn, snap)
             if new:
                 self.conn.executemany(
-                    "INSERT INTO chunks (hash, pack, offset, length, xxh) VALUES (?, ?, ?, ?, ?)",
-                    [(h, pack, off, ln, x) for h, off, ln, x in new])
+                    "INSERT INTO chunks (hash, pack, offset, length, xxh, raw_length) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    [(h, pack, off, ln, x, raw) for h, off, ln, x, raw in new])
             if pack is not None:
                 self.conn.execute("UPDATE packs SET committed = max(committed, ?) WHERE id = ?",
                                   (pack_end, pack))
@@ -176,10 +187,11 @@ class ChunkIndex:
     def locate(self, snap: int, first: int, last: int) -> dict[int, Location]:
         """Map entries for chunk indices first..last (inclusive); absent = hole."""
         rows = self.conn.execute(
-            "SELECT m.idx, c.pack, c.offset, c.length, c.hash, c.xxh FROM snapshot_chunks m "
+            "SELECT m.idx, c.pack, c.offset, c.length, c.hash, c.xxh, c.raw_length "
+            "FROM snapshot_chunks m "
             "JOIN chunks c ON c.id = m.chunk WHERE m.snap = ? AND m.idx BETWEEN ? AND ?",
             (snap, first, last))
-        return {r[0]: Location(r[1], r[2], r[3], bytes(r[4]), r[5] and bytes(r[5]))
+        return {r[0]: Location(r[1], r[2], r[3], bytes(r[4]), r[5] and bytes(r[5]), r[6])
                 for r in rows}
 
     def release(self, snap: int) -> None:

@@ -1,4 +1,6 @@
 """``snapfs fsck``: verify every chunk against its hash and every reference.
+A compressed chunk is checked twice: its stored bytes against the read check,
+its decompressed bytes against the content address (compression.py).
 
 Reads every stored chunk once, pack by pack in offset order (sequential I/O),
 hashing in worker threads. Reports problems; fixes nothing and changes no file
@@ -18,7 +20,9 @@ from typing import Callable
 import trio
 
 from ..errors import CorruptData
-from .chunks import CHUNK_SIZE
+from .chunks import CHUNK_SIZE, PackFiles
+from .chunks import digest as blake3_digest
+from .compression import decompress
 from .repair import (exclusive_lock, pending_tidying, repair, store_idle, suspicious_tails,
                      unaccounted_packs, unaccounted_shadows)
 from .service import LocalService
@@ -90,17 +94,18 @@ async def fsck(svc: LocalService) -> FsckReport:
     # Data: every chunk's bytes against its hash, pack by pack in offset order: one
     # pack's rows in memory at a time (a 1 TiB store has a million chunks).
     for pack in sorted(packs):
-        rows = conn.execute("SELECT id, offset, length, hash FROM chunks WHERE pack = ? "
-                            "ORDER BY offset", (pack,)).fetchall()
+        rows = conn.execute("SELECT id, offset, length, hash, xxh, raw_length FROM chunks "
+                            "WHERE pack = ? ORDER BY offset", (pack,)).fetchall()
         row = conn.execute("SELECT committed FROM packs WHERE id = ?", (pack,)).fetchone()
         if row is None:  # dropped since (an exclusive open elsewhere): nothing to read
             continue
         committed = row[0]  # read after the rows: it only grows
-        for cid, offset, length, digest in rows:
+        for cid, offset, length, digest, xxh, raw_length in rows:
             if offset + length > committed:
                 rep.problems.append(f"chunk {cid} ends past pack {pack}'s committed length")
                 continue
-            problem = await _verify(svc, pack, offset, length, bytes(digest))
+            problem = await _verify(svc, pack, offset, length, bytes(digest),
+                                    xxh and bytes(xxh), raw_length)
             if problem and _still_there(conn, cid, pack, offset):
                 rep.problems.append(f"chunk {cid}: {problem}")
             rep.chunks += 1
@@ -119,12 +124,28 @@ def print_report(rep: FsckReport, say: Callable[[str], None]) -> int:
     return 0 if rep.ok else 1
 
 
+def _read_raw(packs: PackFiles, pack: int, offset: int, length: int, digest: bytes,
+              xxh: bytes | None, raw_length: int | None) -> None:
+    """A chunk checked end to end: a raw chunk's bytes against its blake3 digest; a
+    compressed one's stored bytes against their xxh3 check (as every read does),
+    then its decompressed bytes' length and blake3 digest (the content address)."""
+    if raw_length is None:
+        packs.read(pack, offset, length, digest)
+        return
+    what = f"chunk {digest.hex()[:16]} in pack {pack} at offset {offset}"
+    if xxh is None:
+        raise CorruptData(f"{what} is compressed but has no read check")
+    raw = decompress(packs.read(pack, offset, length, digest, xxh), raw_length, what)
+    if blake3_digest(raw) != digest:
+        raise CorruptData(f"{what} decompresses to bytes that do not match its hash")
+
+
 async def _verify(svc: LocalService, pack: int, offset: int, length: int,
-                  digest: bytes) -> str | None:
+                  digest: bytes, xxh: bytes | None, raw_length: int | None) -> str | None:
     """What is wrong with a chunk's bytes, or None."""
     try:
-        await trio.to_thread.run_sync(svc.packs.read, pack, offset, length, digest,
-                                      limiter=svc.io_limiter)
+        await trio.to_thread.run_sync(_read_raw, svc.packs, pack, offset, length, digest,
+                                      xxh, raw_length, limiter=svc.io_limiter)
     except CorruptData as exc:
         return str(exc)
     except OSError as exc:

@@ -7,7 +7,8 @@ LocalImageReader: the chunk map is looked up a window at a time (one query per
 LOC_WINDOW chunks, not per read). A chunk whose bytes are all in the page cache
 is read and checked right on the trio thread (RWF_NOWAIT: it never waits for
 the disk), which costs less than a round trip through a worker thread. Any
-other chunk is read and checked in a worker thread; while a sequential reader is
+other chunk is read and checked in a worker thread, as is every compressed
+chunk (checked, then decompressed: compression.py); while a sequential reader is
 being served from the disk, the next chunks are fetched in the background, and a
 request for a chunk already being fetched waits for that fetch instead of
 reading it again. On two cores the per-request cost on the trio thread bounds
@@ -30,6 +31,7 @@ from ..service import Buffer, ImageReader
 from .allocation import data_bytes, seek_data
 from .chunkindex import ChunkIndex, Location
 from .chunks import CHUNK_SIZE, ZERO_CHUNK, PackFiles, chunk_buffer
+from .compression import decompress
 
 ZERO_VIEW = memoryview(ZERO_CHUNK)
 
@@ -69,7 +71,7 @@ class LocalImageReader(ImageReader):
         self._locs: dict[int, Location] = {}
         self._loc_window = (-1, -1)  # [start, end) of chunk indices in _locs
         #: chunks read on the trio thread / by workers: logged at close (tuning aid)
-        self.stats = {"inline": 0, "worker": 0}
+        self.stats = {"inline": 0, "worker": 0, "zstd": 0}
         # A request within a chunk or the next one continues the stream; a chunk
         # it has read to the end goes back to the pool at once: its buffer is the
         # next one filled, still warm in the CPU cache.
@@ -102,6 +104,8 @@ class LocalImageReader(ImageReader):
         loc = self._location(start // CHUNK_SIZE)
         if loc is None:
             return self._zeros(n)
+        if loc.raw_length is not None:  # decompressing is a worker's job
+            return None
         if not self.packs.is_open(loc.pack):
             try:
                 await trio.to_thread.run_sync(self.packs.open, loc.pack, limiter=self.limiter)
@@ -120,6 +124,11 @@ class LocalImageReader(ImageReader):
         loc = self._location(start // CHUNK_SIZE)
         if loc is None:
             return self._zeros(n)
+        if loc.raw_length is not None:
+            raw = await trio.to_thread.run_sync(self._read_compressed, loc,
+                                                limiter=self.limiter)
+            self.stats["zstd"] += 1
+            return memoryview(raw).toreadonly()
         buf = self._free.pop() if self._free else None
         try:
             got = await trio.to_thread.run_sync(self._read_chunk, loc, buf, limiter=self.limiter)
@@ -139,6 +148,15 @@ class LocalImageReader(ImageReader):
                                          view):
             self.packs.read_into(loc.pack, loc.offset, loc.length, loc.hash, loc.xxh, view)
         return buf
+
+    def _read_compressed(self, loc: Location) -> bytes:
+        """In a worker: a zstd chunk's stored bytes, checked (xxh3 of the stored
+        bytes: corruption is CorruptData, never fed to the decompressor), then
+        decompressed and its length checked."""
+        assert loc.raw_length is not None
+        stored = self.packs.read(loc.pack, loc.offset, loc.length, loc.hash, loc.xxh)
+        return decompress(stored, loc.raw_length,
+                          f"chunk {loc.hash.hex()[:16]} in pack {loc.pack} at {loc.offset}")
 
     def _release(self, data: Buffer) -> None:
         """A chunk left the cache: a pooled buffer goes back to the pool (last in,

@@ -211,6 +211,17 @@ MIGRATIONS: list[str] = [
         left_at    TEXT NOT NULL                -- RFC 3339: when the abort failed
     );
     """,
+    # --- version 9 -----------------------------------------------------------------
+    """
+    -- Compressed chunks (compression.py). NULL: the chunk is stored raw, as every
+    -- chunk before this version and every chunk cloned in (FICLONERANGE) -- its
+    -- 'length' bytes in the pack are the chunk. Else the 'length' stored bytes are
+    -- one zstd frame that decompresses to raw_length bytes. 'length' stays what the
+    -- chunk occupies in its pack (free_extents, tails); 'hash' (blake3, the content
+    -- address) covers the raw bytes, 'xxh' (the read check) the stored bytes,
+    -- checked before decompressing.
+    ALTER TABLE chunks ADD COLUMN raw_length INTEGER;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

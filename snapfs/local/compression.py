@@ -1,0 +1,136 @@
+"""Compressed chunks: zstd where it pays, raw where it does not.
+
+A chunk is stored as a zstd frame only when that shrinks it to at most
+KEEP_NUM/KEEP_DEN of its length; otherwise (random or already compressed data,
+and every chunk cloned with FICLONERANGE) it is stored raw, so incompressible
+data costs nothing extra and the fast inline read path stays for it. A sample
+of the chunk is tried first: what it says will not shrink is not compressed at
+all (random data then costs ~2% of a full attempt; a chunk whose compressible
+part the sample misses entirely stays raw). The
+chunk's row says which (``chunks.raw_length``: NULL = raw, see schema.py).
+
+What the two hashes cover:
+  * the content address (blake3, ``chunks.hash``) covers the *raw* bytes: dedup
+    is by content, whatever form a copy was stored in;
+  * the read check (xxh3, ``chunks.xxh``) covers the *stored* bytes, and is
+    checked before decompressing: a flipped bit reads as CorruptData (EIO),
+    never as a decompressor fault; the decompressed length is checked too.
+fsck checks both (stored bytes against xxh3, raw bytes against blake3).
+
+The level is a store setting (meta key ``zstd_level``, 0 = off; ``snapfs
+compression``); DEFAULT_LEVEL when unset, chosen by measurement (README,
+Performance). Compression and decompression run in worker threads: zstandard
+releases the GIL, so COMPRESS_THREADS chunks compress at once on as many cores.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import zstandard
+
+from ..errors import CorruptData
+from .metadata import Metadata
+
+LEVEL_KEY = "zstd_level"
+#: Level 1 vs 3 on the real-image benchmark (scripts/bench/real_image.py, README
+#: Performance): level 3 keeps ~8% fewer bytes (0.99-1.02x restic's repository vs
+#: 1.07-1.10x) for a first snapshot 1.4-1.9x as long (150-250 vs 290-350 MB/s
+#: on two shared cores); second snapshots take the same time.
+DEFAULT_LEVEL = 3
+MAX_LEVEL = 19
+#: A compressed chunk is kept only at <= 7/8 of its raw length.
+KEEP_NUM, KEEP_DEN = 7, 8
+COMPRESS_THREADS = max(1, min(4, os.cpu_count() or 1))
+#: The probe: PROBES slices of PROBE_BYTES; a chunk is compressed only if they
+#: shrink below PROBE_KEEP of their length.
+PROBES, PROBE_BYTES, PROBE_KEEP = 4, 8 << 10, 0.97
+
+_local = threading.local()
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _cctx(level: int) -> zstandard.ZstdCompressor:
+    """This thread's compressor (a context is not to be shared between threads)."""
+    ctxs: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "cctx", None)
+    if ctxs is None:
+        ctxs = _local.cctx = {}
+    c = ctxs.get(level)
+    if c is None:
+        c = ctxs[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return c
+
+
+def _dctx() -> zstandard.ZstdDecompressor:
+    d: zstandard.ZstdDecompressor | None = getattr(_local, "dctx", None)
+    if d is None:
+        d = _local.dctx = zstandard.ZstdDecompressor()
+    return d
+
+
+def _worth_trying(data: bytes | memoryview) -> bool:
+    """Whether a sample (PROBES slices spread over the chunk, at level 1) shrinks:
+    random or already compressed data then costs ~2% of a full attempt."""
+    n = len(data)
+    if n < 4 * PROBE_BYTES * PROBES:
+        return True
+    view = memoryview(data)
+    sample = b"".join(view[i * n // PROBES:i * n // PROBES + PROBE_BYTES]
+                      for i in range(PROBES))
+    return len(_cctx(1).compress(sample)) < len(sample) * PROBE_KEEP
+
+
+def compress(data: bytes | memoryview, level: int) -> bytes | None:
+    """The chunk's zstd frame, or None when it does not pay (store it raw)."""
+    if level <= 0 or not _worth_trying(data):
+        return None
+    out = _cctx(level).compress(data)
+    return out if len(out) * KEEP_DEN <= len(data) * KEEP_NUM else None
+
+
+def compress_all(chunks: list[bytes | memoryview], level: int) -> list[bytes | None]:
+    """compress() of each chunk, COMPRESS_THREADS at a time (for a worker thread)."""
+    global _pool
+    if level <= 0 or not chunks:
+        return [None] * len(chunks)
+    if len(chunks) == 1:
+        return [compress(chunks[0], level)]
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(COMPRESS_THREADS, thread_name_prefix="compress")
+        pool = _pool
+    return list(pool.map(compress, chunks, [level] * len(chunks)))
+
+
+def decompress(stored: bytes | memoryview, raw_length: int, what: str) -> bytes:
+    """The raw bytes of a zstd chunk whose stored bytes passed their check;
+    CorruptData if they do not decompress to exactly ``raw_length`` bytes."""
+    try:
+        out = _dctx().decompress(stored, max_output_size=raw_length)
+    except zstandard.ZstdError as exc:
+        raise CorruptData(f"{what} does not decompress: {exc}") from None
+    if len(out) != raw_length:
+        raise CorruptData(f"{what} decompresses to {len(out)} bytes, not {raw_length}")
+    return out
+
+
+def store_level(conn: sqlite3.Connection) -> int:
+    """The store's compression level (DEFAULT_LEVEL when never set)."""
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (LEVEL_KEY,)).fetchone()
+    if row is None:
+        return DEFAULT_LEVEL
+    try:
+        return max(0, min(MAX_LEVEL, int(row[0])))
+    except ValueError:
+        return DEFAULT_LEVEL
+
+
+def set_store_level(md: Metadata, level: int) -> None:
+    """Chunks stored from now on (by any process on the store) use ``level``."""
+    with md.transaction():
+        md.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                        (LEVEL_KEY, str(level)))

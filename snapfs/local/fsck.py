@@ -18,6 +18,7 @@ from typing import Callable
 import trio
 
 from ..errors import CorruptData
+from . import mapdigest
 from .chunks import CHUNK_SIZE
 from .repair import (exclusive_lock, pending_tidying, repair, store_idle, suspicious_tails,
                      unaccounted_packs, unaccounted_shadows)
@@ -69,6 +70,8 @@ async def fsck(svc: LocalService) -> FsckReport:
     for (cid,) in conn.execute("SELECT id FROM chunks c WHERE NOT EXISTS "
                                "(SELECT 1 FROM snapshot_chunks m WHERE m.chunk = c.id)"):
         rep.problems.append(f"chunk {cid} is not referenced by any snapshot (leaked)")
+    rep.problems += [what + " (fsck --repair drops them; they are computed again when "
+                     "needed)" for _, what in mapdigest.wrong(conn)]
     for (cid, pack) in conn.execute("SELECT id, pack FROM chunks c WHERE NOT EXISTS "
                                     "(SELECT 1 FROM packs p WHERE p.id = c.pack)"):
         rep.problems.append(f"chunk {cid} lies in unknown pack {pack}")

@@ -211,6 +211,20 @@ MIGRATIONS: list[str] = [
         left_at    TEXT NOT NULL                -- RFC 3339: when the abort failed
     );
     """,
+    # --- version 9 -----------------------------------------------------------------
+    """
+    -- Per-window digests of a complete chunk map (mapdigest.py): changes/ skips
+    -- the windows two maps share, map.json the wholly full or empty ones. Written
+    -- once the map is complete, deleted when its release begins; a complete map
+    -- without a row gets one on first use. fsck recomputes them.
+    CREATE TABLE map_digests (
+        snap    INTEGER PRIMARY KEY,            -- snapshots.rowid (the map key)
+        window  INTEGER NOT NULL,               -- map entries per window
+        digests BLOB NOT NULL,                  -- 16 bytes per window: blake2b of its
+                                                -- "idx:chunk" entries
+        counts  BLOB NOT NULL                   -- 1 byte per window: its entries
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

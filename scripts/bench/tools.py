@@ -109,6 +109,10 @@ def tool_commands(work: Path) -> dict[str, Callable[[Path], str]]:
         "loop+tar": lambda p: (f"dev=$(losetup -r -f --show {p}) && mount -o ro,noload $dev "
                                f"{loopmnt} && tar -C {loopmnt} -cf - . | cat > /dev/null; "
                                f"umount {loopmnt}; losetup -d $dev"),
+        # The loop device reading its file with O_DIRECT: no second page cache.
+        "loop-dio": lambda p: (f"dev=$(losetup -r --direct-io=on -f --show {p}) && mount -o "
+                               f"ro,noload $dev {loopmnt} && tar -C {loopmnt} -cf - . | cat "
+                               f"> /dev/null; umount {loopmnt}; losetup -d $dev"),
     }
 
 

@@ -119,7 +119,11 @@ def ensure(conn: sqlite3.Connection, snap: int, size: int) -> MapDigest:
     digest = load(conn, snap, size)
     if digest is None:
         log.info("map #%d has no window digests yet: computing them", snap)
-        digest = write(conn, snap) or compute(conn, snap, size)
+        try:
+            digest = write(conn, snap)
+        except sqlite3.Error as exc:  # a read-only store, say: used, not kept
+            log.info("map #%d: its window digests are not stored (%s)", snap, exc)
+        digest = digest or compute(conn, snap, size)
     return digest
 
 

@@ -127,6 +127,11 @@ async def test_the_next_capture_reads_only_what_changed_even_after_a_restart(
         assert changed_logged(caplog, second.id) == (1, SIZE // MiB)
         assert await read_all(svc, second.id) == volume.read_bytes()
         assert await read_all(svc, first.id) == original
+        # Window digests written when the chunks were stored (mapdigest.py).
+        digested = {k for (k,) in svc.md.conn.execute("SELECT snap FROM map_digests")}
+        assert {svc.md.snap_key(first.id), svc.md.snap_key(second.id)} <= digested
+        assert [(s // MiB, d) for s, _, d in
+                await svc.changed_extents(ZONE, second.id, first.id)] == [(10, True)]
     [two] = shadows(reflink_dir / "store")
     assert second.id in two
 

@@ -213,6 +213,7 @@ async def test_a_version_1_store_is_migrated_and_reads_the_same(
         for col in ("image_uid", "image_gid", "image_mode"):
             conn.execute(f"ALTER TABLE snapshots DROP COLUMN {col}")
         conn.execute("DROP TABLE left_uploads")
+        conn.execute("DROP TABLE map_digests")
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     conn.close()
     assert SCHEMA_VERSION == len(MIGRATIONS) >= 2
@@ -377,6 +378,7 @@ async def test_a_delete_cut_short_under_schema_3_is_finished_after_the_migration
         conn.execute("UPDATE snapshots SET state = 'error', error_reason = 'being deleted; "
                      "if this stays, the delete was interrupted: delete it again'")
         assert _release_step(conn, key, 2)
+        conn.execute("DROP TABLE map_digests")  # after the step, which deletes its row
         conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
     conn.close()
     async with open_local_service(store_dir) as svc:

@@ -85,6 +85,12 @@ async def test_import_images_qemu_img_made(
         assert done.state == "available", done.error_reason
         assert done.size == raw.stat().st_size
         assert await read_all(svc, snap.id) == raw.read_bytes()
+        # The import wrote its map's window digests (mapdigest.py) with the map.
+        key = svc.md.snap_key(snap.id)
+        assert svc.md.conn.execute("SELECT 1 FROM map_digests WHERE snap = ?",
+                                   (key,)).fetchone()
+        assert [(s // MiB, n // MiB) for s, n, d in
+                await svc.allocated_extents(ZONE, snap.id) if d] == [(0, 2), (9, 5), (24, 0)]
     await objects.aclose()
 
 

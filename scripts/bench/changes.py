@@ -9,7 +9,10 @@ A real snapshot of a small volume is taken through the mount; two more snapshot
 rows of the same volume are then written into the store's metadata with maps of
 --entries entries over its chunks, as a 1 TiB snapshot's map and its successor's
 would be: B differs from A in one run of --run entries out of every --every runs
-(a filesystem's writes cluster; --run 1 scatters them, the worst case).
+(a filesystem's writes cluster; --run 1 scatters them, the worst case). Their
+window digests are then written as a capture writes them when its map is
+complete (snapfs/local/mapdigest.py; timed apart); --no-digests leaves them out,
+so that the first changes/ computes them (a store made before they existed).
 Prints os.getloadavg().
 """
 
@@ -27,6 +30,9 @@ import time
 import uuid
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from snapfs.local import mapdigest  # noqa: E402
+
 MiB = 1 << 20
 
 
@@ -39,7 +45,7 @@ def snapfs(*args: object) -> str:
     return sh(sys.executable, "-m", "snapfs", *args)
 
 
-def add_maps(db: Path, entries: int, every: int, run: int) -> None:
+def add_maps(db: Path, entries: int, every: int, run: int) -> list[int]:
     conn = sqlite3.connect(db, isolation_level=None)
     (base,) = conn.execute("SELECT rowid FROM snapshots WHERE name = 'seed'").fetchone()
     chunks = [r[0] for r in conn.execute("SELECT chunk FROM snapshot_chunks WHERE snap = ?",
@@ -67,6 +73,7 @@ def add_maps(db: Path, entries: int, every: int, run: int) -> None:
                       for i in range(entries)))
     conn.execute("COMMIT")
     conn.close()
+    return keys
 
 
 def main() -> int:
@@ -75,6 +82,8 @@ def main() -> int:
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--run", type=int, default=64)
     ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--no-digests", action="store_true",
+                    help="no window digests: the first changes/ computes them")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="snapfs-changes-", dir=args.dir))
     mnt = work / "mnt"
@@ -90,9 +99,17 @@ def main() -> int:
         snapfs("wait", vdir / "seed")
         snapfs("umount", mnt)
         t0 = time.perf_counter()
-        add_maps(store / "metadata.db", args.entries, args.every, args.run)
+        keys = add_maps(store / "metadata.db", args.entries, args.every, args.run)
         print(f"two maps of {args.entries} entries written in "
               f"{time.perf_counter() - t0:.1f}s")
+        if not args.no_digests:
+            conn = sqlite3.connect(store / "metadata.db", isolation_level=None)
+            for key in keys:
+                t0 = time.perf_counter()
+                mapdigest.write(conn, key)
+                print(f"window digests of map #{key}: {time.perf_counter() - t0:.2f}s "
+                      f"(load average {os.getloadavg()[0]:.1f})")
+            conn.close()
         snapfs("mount", mnt, "--store", store)
         b = vdir / "B"
         t0 = time.perf_counter()
@@ -106,6 +123,10 @@ def main() -> int:
         sh("cat", vdir / "A" / "map.json")
         print(f"map.json of A (one extent over {args.entries} entries): "
               f"{time.perf_counter() - t0:.2f}s")
+        t0 = time.perf_counter()
+        again = sh("cat", vdir / "A" / "changes" / "B")
+        print(f"changes/B of A (a fresh render): {time.perf_counter() - t0:.2f}s, "
+              f"{len(json.loads(again))} extents")
         return 0 if len(extents) == expected else 1
     finally:
         if any(line.split()[1] == str(mnt) for line in open("/proc/self/mounts")):

@@ -90,6 +90,7 @@ def tool_commands(work: Path) -> dict[str, Callable[[Path], str]]:
     loopmnt = work / "loopmnt"
     loopmnt.mkdir(exist_ok=True)
     repo = work / "restic"
+    borg = work / "borg"
     return {
         "dd bs=4k": lambda p: f"dd if={p} of=/dev/null bs=4k status=none",
         "dd bs=64k": lambda p: f"dd if={p} of=/dev/null bs=64k status=none",
@@ -101,10 +102,17 @@ def tool_commands(work: Path) -> dict[str, Callable[[Path], str]]:
         "rsync": lambda p: f"rsync --inplace {p} {out} && rm -f {out}",
         "restic": lambda p: (f"RESTIC_PASSWORD=x restic -r {repo} backup --force -q "
                              f"--no-cache {p} > /dev/null"),
+        # --files-cache=disabled: borg reads the file every time, as restic --force.
+        "borg": lambda p: (f"BORG_REPO={borg} borg create --files-cache=disabled "
+                           f"::{{uuid4}} {p}"),
         "qemu-img": lambda p: f"qemu-img convert -f raw -O qcow2 {p} {out} && rm -f {out}",
         "loop+tar": lambda p: (f"dev=$(losetup -r -f --show {p}) && mount -o ro,noload $dev "
                                f"{loopmnt} && tar -C {loopmnt} -cf - . | cat > /dev/null; "
                                f"umount {loopmnt}; losetup -d $dev"),
+        # The loop device reading its file with O_DIRECT: no second page cache.
+        "loop-dio": lambda p: (f"dev=$(losetup -r --direct-io=on -f --show {p}) && mount -o "
+                               f"ro,noload $dev {loopmnt} && tar -C {loopmnt} -cf - . | cat "
+                               f"> /dev/null; umount {loopmnt}; losetup -d $dev"),
     }
 
 
@@ -191,7 +199,8 @@ def main() -> int:
         unmount(setup)
         time.sleep(1)
         tools = tool_commands(work)
-        missing = [t for t in ("rsync", "restic", "qemu-img") if shutil.which(t) is None]
+        missing = [t for t in ("rsync", "restic", "borg", "qemu-img")
+                   if shutil.which(t) is None]
         if missing:
             print(f"not installed, not measured: {', '.join(missing)}")
             tools = {k: v for k, v in tools.items() if k not in missing}
@@ -199,6 +208,8 @@ def main() -> int:
             tools = {k: v for k, v in tools.items() if k in args.tools.split(",")}
         if "restic" in tools:
             sh("restic", "-r", work / "restic", "init", env={"RESTIC_PASSWORD": "x"})
+        if "borg" in tools:
+            sh("borg", "init", "-e", "none", work / "borg")
         for mode in args.modes.split(","):
             sources.append(Source(f"snapfs {mode}", work, store, vol,
                                   args=[] if mode == "default" else [mode]))

@@ -46,6 +46,8 @@ def _release_step(conn: sqlite3.Connection, snap: int, limit: int | None) -> boo
     """Drop up to ``limit`` (None: all) of the snapshot's map entries, lowest
     indices first; chunks nobody references any more are deleted and their extents
     queued for punching, in the caller's transaction. True if entries remain."""
+    # The map's window digests go with its first step: never older than the map.
+    conn.execute("DELETE FROM map_digests WHERE snap = ?", (snap,))
     last = None
     if limit is not None:
         row = conn.execute("SELECT idx FROM snapshot_chunks WHERE snap = ? ORDER BY idx "

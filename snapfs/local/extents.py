@@ -5,7 +5,8 @@ ListChangedBlocks, at chunk granularity).
 
 A map entry is a stored chunk (content-addressed: equal chunk IDs = equal
 bytes); an absent entry is a hole that reads as zeros. Queries run on a worker
-connection in a thread: a million-entry map takes a good part of a second.
+connection in a thread, from the maps' window digests (mapdigest.py) and the
+entries of the windows they do not settle.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import trio
 from ..errors import InvalidArgument, NotFound, PreconditionFailed
 from ..extentmap import Extent
 from ..model import Snapshot, check_zone
+from . import mapdigest
 from .chunks import CHUNK_SIZE
 from .metadata import Metadata
 
@@ -32,9 +34,8 @@ def stored_bytes(conn: sqlite3.Connection, snap: int) -> int:
     return int(row[0])
 
 
-def runs(indices: Iterable[int], size: int) -> list[tuple[int, int]]:
-    """Sorted chunk indices -> (start, length) byte ranges of consecutive runs,
-    the last cut at the image's end."""
+def index_runs(indices: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted chunk indices -> (first, last) of their consecutive runs."""
     out: list[tuple[int, int]] = []
     first = prev = -2
     for idx in indices:
@@ -45,16 +46,50 @@ def runs(indices: Iterable[int], size: int) -> list[tuple[int, int]]:
         prev = idx
     if prev >= 0:
         out.append((first, prev))
+    return out
+
+
+def byte_ranges(pairs: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """(first, last) chunk index runs -> (start, length) byte ranges, the last cut
+    at the image's end."""
     return [(a * CHUNK_SIZE, min((b + 1) * CHUNK_SIZE, size) - a * CHUNK_SIZE)
-            for a, b in out]
+            for a, b in pairs]
+
+
+def runs(indices: Iterable[int], size: int) -> list[tuple[int, int]]:
+    """Sorted chunk indices -> (start, length) byte ranges of consecutive runs."""
+    return byte_ranges(index_runs(indices), size)
 
 
 def allocation(conn: sqlite3.Connection, snap: int, size: int) -> list[Extent]:
     """The whole image as alternating data and zero extents (``qemu-img map``'s
-    coverage: every byte in exactly one extent)."""
-    data = runs((r[0] for r in conn.execute(
-        "SELECT idx FROM snapshot_chunks WHERE snap = ? ORDER BY idx", (snap,))), size)
-    return cover(data, size)
+    coverage: every byte in exactly one extent). Windows wholly data or wholly
+    holes are taken from the map's digest counts; only the others are read."""
+    counts = mapdigest.ensure(conn, snap, size).counts
+    win = mapdigest.WINDOW
+    pairs: list[tuple[int, int]] = []
+    w = 0
+    while w < len(counts):
+        end = w + 1
+        if counts[w] == win:  # wholly data: one run, however many windows
+            while end < len(counts) and counts[end] == win:
+                end += 1
+            found = [(w * win, end * win - 1)]
+        elif counts[w]:  # partly: its entries (and those of partial windows after it)
+            while end < len(counts) and counts[end] not in (0, win):
+                end += 1
+            found = index_runs(r[0] for r in conn.execute(
+                "SELECT idx FROM snapshot_chunks WHERE snap = ? AND idx >= ? AND idx < ? "
+                "ORDER BY idx", (snap, w * win, end * win)))
+        else:
+            found = []
+        for a, b in found:
+            if pairs and pairs[-1][1] + 1 == a:
+                pairs[-1] = (pairs[-1][0], b)
+            else:
+                pairs.append((a, b))
+        w = end
+    return cover(byte_ranges(pairs, size), size)
 
 
 def cover(data: list[tuple[int, int]], size: int) -> list[Extent]:
@@ -71,19 +106,7 @@ def cover(data: list[tuple[int, int]], size: int) -> list[Extent]:
     return out
 
 
-#: Map entries compared per step.
-WINDOW = 1 << 14
-
-_WINDOW_MAP = ("SELECT group_concat(idx || ':' || chunk, ' ') FROM snapshot_chunks "
-               "WHERE snap = ? AND idx >= ? AND idx < ?")
-_WINDOW_DIFF = (
-    "SELECT a.idx, 1 FROM snapshot_chunks a LEFT JOIN snapshot_chunks b "
-    "ON b.snap = :o AND b.idx = a.idx WHERE a.snap = :s AND a.idx >= :lo AND a.idx < :hi "
-    "AND (b.chunk IS NULL OR b.chunk != a.chunk) "
-    "UNION ALL "
-    "SELECT b.idx, 0 FROM snapshot_chunks b WHERE b.snap = :o AND b.idx >= :lo "
-    "AND b.idx < :hi AND NOT EXISTS "
-    "(SELECT 1 FROM snapshot_chunks a WHERE a.snap = :s AND a.idx = b.idx)")
+_RANGE = "SELECT idx, chunk FROM snapshot_chunks WHERE snap = ? AND idx >= ? AND idx < ?"
 
 
 def changed(conn: sqlite3.Connection, snap: int, other: int, size: int) -> list[Extent]:
@@ -91,19 +114,17 @@ def changed(conn: sqlite3.Connection, snap: int, other: int, size: int) -> list[
     index (a chunk stored in one and a hole in the other, or different chunks),
     split by whether ``snap`` has data there (False: write zeros).
 
-    Both maps are read a window at a time, each as one string of its "idx:chunk"
-    entries that SQLite builds on a sequential scan: equal windows (most, between
-    two snapshots of one volume) compare as strings, without an index descent or
-    a Python object per entry; only windows that differ are joined entry by entry."""
-    chunks = (size + CHUNK_SIZE - 1) // CHUNK_SIZE
-    differ: list[tuple[int, int]] = []
-    for lo in range(0, chunks, WINDOW):
-        hi = lo + WINDOW
-        mine = conn.execute(_WINDOW_MAP, (snap, lo, hi)).fetchone()[0]
-        if mine == conn.execute(_WINDOW_MAP, (other, lo, hi)).fetchone()[0]:
-            continue
-        differ += conn.execute(_WINDOW_DIFF, {"s": snap, "o": other, "lo": lo, "hi": hi})
-    differ.sort()
+    Only the windows whose digests differ (mapdigest.py) are read, entry by entry;
+    between two snapshots of one volume that is the part the volume's writes
+    touched."""
+    mine, theirs = mapdigest.ensure(conn, snap, size), mapdigest.ensure(conn, other, size)
+    differ: list[tuple[int, bool]] = []
+    for first, end in mapdigest.differing(mine, theirs):
+        lo, hi = first * mapdigest.WINDOW, end * mapdigest.WINDOW
+        a = dict(conn.execute(_RANGE, (snap, lo, hi)).fetchall())
+        b = dict(conn.execute(_RANGE, (other, lo, hi)).fetchall())
+        differ += ((idx, idx in a) for idx in sorted(a.keys() | b.keys())
+                   if a.get(idx) != b.get(idx))
     out: list[Extent] = []
     group: list[int] = []
     kind = True
@@ -111,7 +132,7 @@ def changed(conn: sqlite3.Connection, snap: int, other: int, size: int) -> list[
         if group and (is_data != kind or idx != group[-1] + 1):
             out += [(s, n, kind) for s, n in runs(group, size)]
             group = []
-        kind = bool(is_data)
+        kind = is_data
         group.append(idx)
     out += [(s, n, kind) for s, n in runs(group, size)]
     return out

@@ -20,6 +20,7 @@ from typing import Callable
 import trio
 
 from ..errors import CorruptData
+from . import mapdigest
 from .chunks import CHUNK_SIZE, PackFiles
 from .chunks import digest as blake3_digest
 from .compression import decompress
@@ -73,6 +74,8 @@ async def fsck(svc: LocalService) -> FsckReport:
     for (cid,) in conn.execute("SELECT id FROM chunks c WHERE NOT EXISTS "
                                "(SELECT 1 FROM snapshot_chunks m WHERE m.chunk = c.id)"):
         rep.problems.append(f"chunk {cid} is not referenced by any snapshot (leaked)")
+    rep.problems += [what + " (fsck --repair drops them; they are computed again when "
+                     "needed)" for _, what in mapdigest.wrong(conn)]
     for (cid, pack) in conn.execute("SELECT id, pack FROM chunks c WHERE NOT EXISTS "
                                     "(SELECT 1 FROM packs p WHERE p.id = c.pack)"):
         rep.problems.append(f"chunk {cid} lies in unknown pack {pack}")

@@ -28,6 +28,7 @@ from .capturequeue import Ticket
 from .chunkindex import ChunkIndex
 from .chunks import CHUNK_SIZE, PackFiles
 from .leases import VolumeLeases
+from .mapdigest import write_completed
 from .importsource import import_source
 from .metadata import Metadata
 from .packpool import PackPool
@@ -126,6 +127,8 @@ class SnapshotWork:
         failed_state, reason = "error", INTERRUPTED
         try:
             await work()
+            await trio.to_thread.run_sync(write_completed, self.md, key,
+                                          limiter=self.io_limiter)
             self.md.update_snapshot(snapshot_id, state="available", progress=100)
             log.info("snapshot %s available", snapshot_id)
             return True
@@ -256,6 +259,8 @@ class SnapshotWork:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self.shadows.drop_older, volume_id, key, backing,
                                           self.md.snapshot_keys(), limiter=self.io_limiter)
+            await trio.to_thread.run_sync(write_completed, self.md, key,
+                                          limiter=self.io_limiter)
         self.md.stored(snapshot_id)
         log.info("snapshot %s: chunks stored", snapshot_id)
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable
 import trio
 
 from ..errors import PreconditionFailed
+from . import mapdigest
 from .recovery import TAIL_LIMIT, recover
 from .store import LOST_FOUND, open_lock
 
@@ -146,6 +147,9 @@ def plan(svc: "LocalService") -> list[Step]:
     for key, rows in deleted_maps(svc):
         steps.append(Step(f"release the {rows} chunk map row(s) of deleted snapshot #{key}",
                           _release(svc, key)))
+    for key, what in mapdigest.wrong(md.conn):
+        steps.append(Step(f"drop the window digests of map #{key} ({what}); they are "
+                          "computed again when needed", _drop_digests(svc, key)))
     lost = svc.store / LOST_FOUND
     for path in unaccounted_packs(svc):
         steps.append(Step(f"move pack file {path.name} (no metadata knows it) into {lost}/",
@@ -173,6 +177,16 @@ def _finish_delete(svc: "LocalService", snapshot_id: str, key: int) -> Callable[
 def _release(svc: "LocalService", key: int) -> Callable[[], None]:
     def do() -> None:
         svc.index.release_in_steps(key)
+    return do
+
+
+def _drop_digests(svc: "LocalService", key: int) -> Callable[[], None]:
+    def do() -> None:  # in a worker thread: a connection of its own
+        conn = svc.md.worker_connection()
+        try:
+            mapdigest.drop(conn, key)
+        finally:
+            conn.close()
     return do
 
 

@@ -222,6 +222,20 @@ MIGRATIONS: list[str] = [
     -- checked before decompressing.
     ALTER TABLE chunks ADD COLUMN raw_length INTEGER;
     """,
+    # --- version 10 ----------------------------------------------------------------
+    """
+    -- Per-window digests of a complete chunk map (mapdigest.py): changes/ skips
+    -- the windows two maps share, map.json the wholly full or empty ones. Written
+    -- once the map is complete, deleted when its release begins; a complete map
+    -- without a row gets one on first use. fsck recomputes them.
+    CREATE TABLE map_digests (
+        snap    INTEGER PRIMARY KEY,            -- snapshots.rowid (the map key)
+        window  INTEGER NOT NULL,               -- map entries per window
+        digests BLOB NOT NULL,                  -- 16 bytes per window: blake2b of its
+                                                -- "idx:chunk" entries
+        counts  BLOB NOT NULL                   -- 1 byte per window: its entries
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

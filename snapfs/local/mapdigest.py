@@ -1,0 +1,167 @@
+"""Per-window digests of a complete chunk map, so that ``changes/<other>`` skips
+the windows two maps share without reading their entries, and ``map.json`` the
+windows that are wholly data or wholly holes.
+
+A window is WINDOW consecutive chunk indices (64 MiB of image); its digest is a
+blake2b of the window's "idx:chunk" entries as SQLite concatenates them on a
+scan of the map's primary key, and its count the number of entries. Equal
+digests mean equal entries (equal chunk IDs are equal bytes); entries visited in
+another order would only make equal windows look different, which costs a
+closer look, never a wrong answer.
+
+One row per snapshot (``map_digests``), written in one transaction once its map
+is complete (capture, map reuse under a lease, import, the storing of a clone),
+before the snapshot shows complete; maps never change after that. Releasing a
+map deletes its row first (chunkindex._release_step), so a row never outlives
+the map it describes; a snapshot without a row (made before the table, or a
+crash between the two commits) gets one computed on first use. fsck recomputes
+every row (verify).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+from dataclasses import dataclass
+
+from .chunks import CHUNK_SIZE
+from .metadata import Metadata
+
+log = logging.getLogger(__name__)
+
+#: Map entries per window (a count fits a byte).
+WINDOW = 64
+#: Bytes of one window's digest.
+DIGEST = 16
+#: Windows compared at once before looking at single ones.
+_BLOCK = 256
+
+_WINDOW_MAP = ("SELECT group_concat(idx || ':' || chunk, ' '), count(*) FROM snapshot_chunks "
+               "WHERE snap = ? AND idx >= ? AND idx < ?")
+
+
+@dataclass(frozen=True)
+class MapDigest:
+    digests: bytes  # DIGEST bytes per window
+    counts: bytes   # one byte per window: its entries
+
+    @property
+    def windows(self) -> int:
+        return len(self.counts)
+
+
+def windows_of(size: int) -> int:
+    chunks = (size + CHUNK_SIZE - 1) // CHUNK_SIZE
+    return (chunks + WINDOW - 1) // WINDOW
+
+
+def compute(conn: sqlite3.Connection, snap: int, size: int) -> MapDigest:
+    """The digest of map ``snap`` of an image of ``size`` bytes, one range scan
+    per window (SQLite builds each window's string: no Python object per entry).
+    About a second for a million entries."""
+    digests = bytearray()
+    counts = bytearray()
+    for w in range(windows_of(size)):
+        text, n = conn.execute(_WINDOW_MAP, (snap, w * WINDOW, (w + 1) * WINDOW)).fetchone()
+        digests += hashlib.blake2b((text or "").encode(), digest_size=DIGEST).digest()
+        counts.append(n)
+    return MapDigest(bytes(digests), bytes(counts))
+
+
+def load(conn: sqlite3.Connection, snap: int, size: int) -> MapDigest | None:
+    row = conn.execute("SELECT window, digests, counts FROM map_digests WHERE snap = ?",
+                       (snap,)).fetchone()
+    if row is None or row[0] != WINDOW or len(row[2]) != windows_of(size):
+        return None  # none yet, or of another window size: computed again
+    return MapDigest(bytes(row[1]), bytes(row[2]))
+
+
+def write(conn: sqlite3.Connection, snap: int) -> MapDigest | None:
+    """Compute and store the digest of map ``snap``, whose entries are all
+    committed: on a connection of its own (a worker thread). The map is read
+    outside the write transaction; the row is inserted only if the snapshot is
+    not being deleted by then (a delete marks it before releasing its map, and
+    the release deletes the row). None: the snapshot is gone."""
+    row = conn.execute("SELECT size FROM snapshots WHERE rowid = ? AND deleting = 0",
+                       (snap,)).fetchone()
+    if row is None:
+        return None
+    digest = compute(conn, snap, int(row[0]))
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.execute("SELECT 1 FROM snapshots WHERE rowid = ? AND deleting = 0",
+                        (snap,)).fetchone() is None:
+            return None
+        conn.execute("INSERT OR REPLACE INTO map_digests (snap, window, digests, counts) "
+                     "VALUES (?, ?, ?, ?)", (snap, WINDOW, digest.digests, digest.counts))
+    finally:
+        conn.execute("COMMIT")
+    return digest
+
+
+def write_completed(md: Metadata, snap: int) -> None:
+    """``write`` on a connection of its own, for a worker thread, once a map's
+    entries are all committed and before its snapshot shows complete. A failure
+    costs only speed: the digest is then computed on first use."""
+    conn = md.worker_connection()
+    try:
+        write(conn, snap)
+    except sqlite3.Error as exc:
+        log.warning("map #%d: its window digests were not stored (%s); computed when "
+                    "first needed", snap, exc)
+    finally:
+        conn.close()
+
+
+def ensure(conn: sqlite3.Connection, snap: int, size: int) -> MapDigest:
+    """The stored digest of a complete map, computed and stored if missing."""
+    digest = load(conn, snap, size)
+    if digest is None:
+        log.info("map #%d has no window digests yet: computing them", snap)
+        try:
+            digest = write(conn, snap)
+        except sqlite3.Error as exc:  # a read-only store, say: used, not kept
+            log.info("map #%d: its window digests are not stored (%s)", snap, exc)
+        digest = digest or compute(conn, snap, size)
+    return digest
+
+
+def differing(a: MapDigest, b: MapDigest) -> list[tuple[int, int]]:
+    """Runs [first, end) of windows whose digests differ (same window count)."""
+    out: list[tuple[int, int]] = []
+    step = _BLOCK * DIGEST
+    for start in range(0, len(a.digests), step):
+        if a.digests[start:start + step] == b.digests[start:start + step]:
+            continue
+        for pos in range(start, min(start + step, len(a.digests)), DIGEST):
+            if a.digests[pos:pos + DIGEST] != b.digests[pos:pos + DIGEST]:
+                w = pos // DIGEST
+                if out and out[-1][1] == w:
+                    out[-1] = (out[-1][0], w + 1)
+                else:
+                    out.append((w, w + 1))
+    return out
+
+
+def wrong(conn: sqlite3.Connection) -> list[tuple[int, str]]:
+    """(map key, what is wrong) of every stored digest that does not match its map
+    or has no snapshot: what fsck reports and ``fsck --repair`` drops (a complete
+    map without a digest gets a new one on first use)."""
+    out: list[tuple[int, str]] = []
+    rows = conn.execute(
+        "SELECT d.snap, d.window, d.digests, d.counts, s.id, s.size, s.deleting "
+        "FROM map_digests d LEFT JOIN snapshots s ON s.rowid = d.snap").fetchall()
+    for snap, window, digests, counts, sid, size, deleting in rows:
+        if sid is None:
+            out.append((snap, f"window digests of a deleted snapshot #{snap}"))
+        elif deleting or window != WINDOW:
+            continue  # being released (maybe beside fsck) / recomputed when needed
+        elif compute(conn, snap, size) != MapDigest(bytes(digests), bytes(counts)):
+            out.append((snap, f"snapshot {sid}: its window digests do not match its chunk "
+                              "map (changes/ and map.json would be wrong)"))
+    return out
+
+
+def drop(conn: sqlite3.Connection, snap: int) -> None:
+    conn.execute("DELETE FROM map_digests WHERE snap = ?", (snap,))

@@ -10,7 +10,6 @@ name), so they are applied here over the service's pages.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Awaitable, Callable, TypeVar
 
 from .. import block_model as bm
@@ -18,13 +17,10 @@ from ..errors import InvalidArgument, NotFound
 from ..model import MAX_PAGE, MAX_PER_PAGE, Page, Snapshot, Volume
 from ..service import SnapshotService
 from .asgi import Request, Response, Router, json_response
+from .paged import PagedLists
 
 ZONE = "/block/v1/zones/{zone}"
 DEFAULT_PAGE_SIZE = 50
-#: Later pages of one list query are cut, for this long, from the list fetched for
-#: its page 1 (a client pages right after): a listing costs one pass over the store.
-PAGED_TTL = 30.0
-PAGED_MAX = 64
 
 T = TypeVar("T")
 
@@ -98,23 +94,9 @@ def _list_response(key: str, items: list[dict[str, Any]], total: int) -> Respons
 
 
 class BlockRoutes:
-    def __init__(self, service: SnapshotService) -> None:
+    def __init__(self, service: SnapshotService, paged: PagedLists) -> None:
         self.svc = service
-        self._paged: dict[tuple[Any, ...], tuple[float, list[Any]]] = {}
-
-    async def _chosen(self, query: tuple[Any, ...], page: int,
-                      compute: Callable[[], Awaitable[list[T]]]) -> list[T]:
-        """The filtered, ordered list of a query: computed at page 1 (and when not
-        kept or too old), else the one kept from its page 1."""
-        kept = self._paged.get(query)
-        if page == 1 or kept is None or time.monotonic() - kept[0] > PAGED_TTL:
-            if len(self._paged) >= PAGED_MAX:
-                self._paged.pop(next(iter(self._paged)))
-            kept = self._paged[query] = (time.monotonic(), await compute())
-        return kept[1]
-
-    def _changed(self) -> None:
-        self._paged.clear()
+        self.paged = paged  # shared with the Instance routes; cleared by App on changes
 
     def add_to(self, r: Router) -> None:
         r.add("GET", f"{ZONE}/volume-types", self.list_volume_types)
@@ -185,7 +167,7 @@ class BlockRoutes:
             return _sorted(chosen, order, lambda v: v.creation_date, lambda v: v.name,
                            lambda v: v.id)
 
-        chosen = await self._chosen(("volumes", zone, order, project, org, name,
+        chosen = await self.paged.get(("volumes", zone, order, project, org, name,
                                      tuple(tags or ()), vtype, tuple(ids or ())), page, compute)
         return _list_response("volumes", [bm.volume_to_block(v) for v in
                                           _page(chosen, size, page)], len(chosen))
@@ -207,16 +189,15 @@ class BlockRoutes:
         tags = req.list_param("tags")
 
         async def compute() -> list[Snapshot]:
-            snaps = await _all(lambda p: self.svc.list_snapshots(
+            snaps = await self.svc.list_all_snapshots(
                 zone, organization=org, project=project, name=name, base_volume_id=volume_id,
-                per_page=MAX_PER_PAGE, page=p))
+                volume_types=tuple(bm.BLOCK_CLASS))
             # Block's tag filter: a snapshot with ANY of the tags (the service's needs all).
-            chosen = [s for s in snaps if bm.is_block_type(s.volume_type)
-                      and (tags is None or set(tags) & set(s.tags))]
+            chosen = [s for s in snaps if tags is None or set(tags) & set(s.tags)]
             return _sorted(chosen, order, lambda s: s.creation_date, lambda s: s.name,
                            lambda s: s.id)
 
-        chosen = await self._chosen(("snapshots", zone, order, project, org, name, volume_id,
+        chosen = await self.paged.get(("snapshots", zone, order, project, org, name, volume_id,
                                      tuple(tags or ())), page, compute)
         return _list_response("snapshots", [bm.snapshot_to_block(s) for s in
                                             _page(chosen, size, page)], len(chosen))
@@ -226,7 +207,6 @@ class BlockRoutes:
         return json_response(200, bm.snapshot_to_block(snap))
 
     async def create_snapshot(self, req: Request) -> Response:
-        self._changed()
         zone = req.args["zone"]
         body = req.json()
         _only(body, ("volume_id", "public", "name", "project_id", "tags"))
@@ -242,7 +222,6 @@ class BlockRoutes:
         return json_response(200, bm.snapshot_to_block(snap))
 
     async def import_snapshot(self, req: Request) -> Response:
-        self._changed()
         body = req.json()
         _only(body, ("bucket", "key", "name", "project_id", "tags", "size"))
         snap = await self.svc.create_snapshot(
@@ -253,7 +232,6 @@ class BlockRoutes:
         return json_response(200, bm.snapshot_to_block(snap))
 
     async def update_snapshot(self, req: Request) -> Response:
-        self._changed()
         zone, snapshot_id = req.args["zone"], req.args["snapshot_id"]
         body = req.json()
         _only(body, ("name", "tags", "public"))
@@ -265,14 +243,12 @@ class BlockRoutes:
         return json_response(200, bm.snapshot_to_block(snap))
 
     async def delete_snapshot(self, req: Request) -> Response:
-        self._changed()
         zone, snapshot_id = req.args["zone"], req.args["snapshot_id"]
         await self._snapshot(zone, snapshot_id)
         await self.svc.delete_snapshot(zone, snapshot_id)
         return Response(204)
 
     async def export_snapshot(self, req: Request) -> Response:
-        self._changed()
         zone, snapshot_id = req.args["zone"], req.args["snapshot_id"]
         body = req.json()
         _only(body, ("bucket", "key"))

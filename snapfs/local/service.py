@@ -202,6 +202,15 @@ class LocalService(SnapshotService):
         return self.md.list_snapshots(check_zone(zone), organization, project, name, tags,
                                       base_volume_id, per_page, page)
 
+    async def list_all_snapshots(self, zone: str, *, organization: str | None = None,
+                                 project: str | None = None, name: str | None = None,
+                                 tags: list[str] | None = None,
+                                 base_volume_id: str | None = None,
+                                 volume_types: tuple[str, ...] | None = None
+                                 ) -> list[Snapshot]:
+        return self.md.all_snapshots(check_zone(zone), organization, project, name, tags,
+                                     base_volume_id, volume_types)
+
     async def get_snapshot(self, zone: str, snapshot_id: str) -> Snapshot:
         return self.md.snapshot(check_zone(zone), snapshot_id)
 

@@ -264,16 +264,6 @@ class ScalewayService(SnapshotService):
                 base_volume_id=base_volume_id, page=p),
             lambda s: (s.creation_date, s.id))
 
-    async def list_all_snapshots(self, zone: str, **filters: Any) -> list[Snapshot]:
-        """Every page at per_page 100 (what a directory listing needs)."""
-        out: list[Snapshot] = []
-        page = 1
-        while True:
-            res = await self.list_snapshots(zone, per_page=MAX_PER_PAGE, page=page, **filters)
-            out += res.items
-            if not res.items or len(out) >= res.total_count:
-                return out
-            page += 1
 
     async def create_snapshot(self, zone: str, *, name: str, volume_id: str | None = None,
                               tags: list[str] | None = None, project: str | None = None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 
 from .errors import NotSupported
-from .model import MAX_PER_PAGE, Page, Project, Snapshot, Task, Volume
+from .model import DEFAULT_ZONE, MAX_PER_PAGE, Page, Project, Snapshot, Task, Volume
 
 
 #: What ImageReader.read_transient returns: bytes, or a read-only view.
@@ -70,6 +70,22 @@ class SnapshotService(abc.ABC):
     @abc.abstractmethod
     async def get_volume(self, zone: str, volume_id: str) -> Volume:
         ...
+
+    # --- volumes the backend holds (the Block API's create/update/delete) ---------
+    # Not every backend can: the default refuses (NotSupported, HTTP 501).
+
+    async def create_volume(self, name: str, size: int, *, zone: str = DEFAULT_ZONE,
+                            project: str | None = None, volume_type: str = "b_ssd"
+                            ) -> Volume:
+        """A new empty volume of ``size`` bytes."""
+        raise NotSupported("this backend cannot create volumes")
+
+    async def update_volume(self, zone: str, volume_id: str, *, name: str | None = None,
+                            tags: list[str] | None = None) -> Volume:
+        raise NotSupported("this backend cannot change volumes")
+
+    async def delete_volume(self, zone: str, volume_id: str) -> None:
+        raise NotSupported("this backend cannot delete volumes")
 
     # --- snapshots -----------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 from .. import block_model as bm
 from ..errors import InvalidArgument, NotFound
-from ..model import MAX_PAGE, MAX_PER_PAGE, Page, Snapshot, Volume
+from ..model import MAX_PAGE, MAX_PER_PAGE, Page, Snapshot, Volume, new_id
 from ..service import SnapshotService
 from .asgi import Request, Response, Router, json_response
 from .paged import PagedLists
@@ -102,6 +102,9 @@ class BlockRoutes:
         r.add("GET", f"{ZONE}/volume-types", self.list_volume_types)
         r.add("GET", f"{ZONE}/volumes", self.list_volumes)
         r.add("GET", f"{ZONE}/volumes/{{volume_id}}", self.get_volume)
+        r.add("POST", f"{ZONE}/volumes", self.create_volume)
+        r.add("PATCH", f"{ZONE}/volumes/{{volume_id}}", self.update_volume)
+        r.add("DELETE", f"{ZONE}/volumes/{{volume_id}}", self.delete_volume)
         r.add("GET", f"{ZONE}/snapshots", self.list_snapshots)
         r.add("POST", f"{ZONE}/snapshots", self.create_snapshot)
         r.add("POST", f"{ZONE}/snapshots/import-from-object-storage", self.import_snapshot)
@@ -175,6 +178,61 @@ class BlockRoutes:
     async def get_volume(self, req: Request) -> Response:
         vol = await self._volume(req.args["zone"], req.args["volume_id"])
         return json_response(200, bm.volume_to_block(vol))
+
+    async def create_volume(self, req: Request) -> Response:
+        """An empty volume (``from_empty``), made by the store as ``snapfs volume
+        create`` makes one: a sparse file in the store, of type ``unified`` (Block's
+        sbs_5k, the class ``sbs``). Restoring a snapshot into a new volume
+        (``from_snapshot``), other IOPS and KMS keys are refused (400)."""
+        zone = req.args["zone"]
+        body = req.json()
+        _only(body, ("name", "perf_iops", "project_id", "from_empty", "from_snapshot", "tags",
+                     "kms_key_id"))
+        if body.get("from_snapshot") is not None:
+            raise InvalidArgument("from_snapshot", "creating a volume from a snapshot is not "
+                                                   "supported by this server (from_empty only)")
+        if body.get("kms_key_id") is not None:
+            raise InvalidArgument("kms_key_id", "not supported by this server")
+        iops = _typed(body, "perf_iops", int)
+        if iops not in (None, bm.PERF_IOPS[bm.BLOCK_VOLUME_TYPE[bm.IMPORT_VOLUME_TYPE]]):
+            raise InvalidArgument("perf_iops", "this server makes sbs_5k volumes (5000) only")
+        empty = _typed(body, "from_empty", dict)
+        if empty is None:
+            raise InvalidArgument("from_empty", "required (with its size)")
+        size = _typed(empty, "size", int)
+        if size is None:
+            raise InvalidArgument("from_empty.size", "required")
+        tags = _typed(body, "tags", list)
+        # The API names a volume left unnamed; the store needs a name.
+        name = _typed(body, "name", str) or f"volume-{new_id()[:8]}"
+        vol = await self.svc.create_volume(name, size, zone=zone,
+                                           project=_typed(body, "project_id", str),
+                                           volume_type=bm.IMPORT_VOLUME_TYPE)
+        if tags:
+            vol = await self.svc.update_volume(zone, vol.id, tags=tags)
+        return json_response(200, bm.volume_to_block(vol))
+
+    async def update_volume(self, req: Request) -> Response:
+        """Name and tags; a new size or IOPS is refused (400)."""
+        zone, volume_id = req.args["zone"], req.args["volume_id"]
+        body = req.json()
+        _only(body, ("name", "size", "tags", "perf_iops"))
+        vol = await self._volume(zone, volume_id)
+        size = _typed(body, "size", int)
+        if size is not None and size != vol.size:
+            raise InvalidArgument("size", "resizing is not supported by this server")
+        iops = _typed(body, "perf_iops", int)
+        if iops is not None and iops != bm.PERF_IOPS[bm.BLOCK_VOLUME_TYPE[vol.volume_type]]:
+            raise InvalidArgument("perf_iops", "changing IOPS is not supported by this server")
+        vol = await self.svc.update_volume(zone, vol.id, name=_typed(body, "name", str),
+                                           tags=_typed(body, "tags", list))
+        return json_response(200, bm.volume_to_block(vol))
+
+    async def delete_volume(self, req: Request) -> Response:
+        zone, volume_id = req.args["zone"], req.args["volume_id"]
+        vol = await self._volume(zone, volume_id)
+        await self.svc.delete_volume(zone, vol.id)
+        return Response(204)
 
     # --- snapshots ---------------------------------------------------------------------
 

@@ -266,6 +266,20 @@ class Metadata:
     def remove_volume(self, volume_id: str) -> None:
         self.conn.execute("DELETE FROM volumes WHERE id = ?", (volume_id,))
 
+    def update_volume(self, volume_id: str, zone: str, name: str | None,
+                      tags: list[str] | None) -> None:
+        """A new name (unique in the zone, as add_volume keeps it) and/or tags."""
+        with self.transaction():
+            if name is not None and self.conn.execute(
+                    "SELECT 1 FROM volumes WHERE zone = ? AND name = ? AND id != ?",
+                    (zone, name, volume_id)).fetchone():
+                raise InvalidArgument("name", f"a volume named {name!r} already exists in "
+                                              f"{zone}")
+            self.conn.execute(
+                "UPDATE volumes SET name = coalesce(?, name), tags = coalesce(?, tags), "
+                "modification_date = ? WHERE id = ?",
+                (name, None if tags is None else json.dumps(tags), now(), volume_id))
+
     def set_volume_size(self, volume_id: str, size: int) -> None:
         self.conn.execute("UPDATE volumes SET size = ? WHERE id = ?", (size, volume_id))
 

@@ -15,7 +15,8 @@ from typing import Awaitable, Callable
 
 import trio
 
-from ..errors import (CorruptData, InvalidArgument, NotConfigured, PreconditionFailed,
+from ..errors import (CorruptData, InvalidArgument, NotConfigured, NotFound, NotPermitted,
+                      PreconditionFailed,
                       VolumeChanged)
 from ..model import (DEFAULT_ZONE, PRODUCING_STATES, ZONES, BaseVolume, FileAccess, Page,
                      Project, Snapshot, Task, Volume, check_name, check_paging, check_readable,
@@ -187,6 +188,27 @@ class LocalService(SnapshotService):
             else:
                 own.unlink(missing_ok=True)
         return v
+
+    async def update_volume(self, zone: str, volume_id: str, *, name: str | None = None,
+                            tags: list[str] | None = None) -> Volume:
+        v = self.md.volume(check_zone(zone), volume_id)
+        if v.id != volume_id:
+            raise NotFound("volume", volume_id)
+        self.md.update_volume(v.id, v.zone, None if name is None else check_name(name),
+                              None if tags is None else check_tags(tags))
+        return self.md.volume(v.zone, v.id)
+
+    async def delete_volume(self, zone: str, volume_id: str) -> None:
+        """Only a volume whose file the store made (``volume create``): deleting a
+        registered file's volume through an API would leave the file behind."""
+        v = self.md.volume(check_zone(zone), volume_id)
+        if v.id != volume_id:
+            raise NotFound("volume", volume_id)
+        if not self.md.volume_managed(v.id):
+            raise NotPermitted(f"volume {v.id} ({v.name}) is the file {v.path} registered "
+                               "by 'snapfs volume add': remove it with 'snapfs volume "
+                               "remove' (its file stays)")
+        await self.remove_volume(v.id, v.zone)
 
     async def list_all_volumes(self) -> list[Volume]:
         return self.md.all_volumes()

@@ -176,3 +176,31 @@ async def test_catalog_answers_stale_while_refreshing(service: LocalService,
             await catalog.snapshots(ZONE, project, SNAPSHOTS)
         assert waited.cancelled_caught
         slow.release.set()
+
+
+async def test_paged_lists_are_bounded() -> None:
+    from snapfs.http.paged import PagedLists
+
+    computed: list[str] = []
+
+    def compute(name: str, size: int) -> Any:
+        async def run() -> list[int]:
+            computed.append(name)
+            return list(range(size))
+        return run
+
+    paged = PagedLists(max_kept=2, max_items=10)
+    await paged.get(("a",), 1, compute("a", 4))
+    await paged.get(("b",), 1, compute("b", 4))
+    await paged.get(("a",), 2, compute("a", 4))  # kept
+    assert computed == ["a", "b"]
+    await paged.get(("c",), 1, compute("c", 4))  # 3 lists > 2: "a", the oldest, goes
+    await paged.get(("b",), 2, compute("b", 4))
+    await paged.get(("a",), 2, compute("a", 4))
+    assert computed == ["a", "b", "c", "a"]
+    await paged.get(("big",), 1, compute("big", 11))  # longer than max_items: not kept
+    await paged.get(("big",), 2, compute("big", 11))
+    assert computed[-2:] == ["big", "big"]
+    paged.clear()
+    await paged.get(("a",), 2, compute("a", 4))
+    assert computed[-1] == "a"

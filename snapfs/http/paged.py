@@ -20,12 +20,18 @@ T = TypeVar("T")
 TTL = 30.0
 #: Queries kept at once (one per listing being paged through); the oldest goes first.
 MAX_KEPT = 64
+#: Items kept at once over all queries (a snapshot is ~1 KB in memory): the oldest
+#: lists go first; a list longer than this is answered but not kept (its later
+#: pages are computed again, each a scan).
+MAX_ITEMS = 100_000
 
 
 class PagedLists:
-    def __init__(self, ttl: float = TTL, max_kept: int = MAX_KEPT) -> None:
+    def __init__(self, ttl: float = TTL, max_kept: int = MAX_KEPT,
+                 max_items: int = MAX_ITEMS) -> None:
         self.ttl = ttl
         self.max_kept = max_kept
+        self.max_items = max_items
         self._kept: dict[tuple[Any, ...], tuple[float, int, list[Any]]] = {}
         self._generation = 0
 
@@ -40,9 +46,12 @@ class PagedLists:
             # A change made while computing: answer it, but do not keep it.
             if generation == self._generation:
                 self._kept.pop(query, None)
-                if len(self._kept) >= self.max_kept:
-                    self._kept.pop(next(iter(self._kept)))
-                self._kept[query] = (time.monotonic(), generation, items)
+                if len(items) <= self.max_items:
+                    held = sum(len(k[2]) for k in self._kept.values())
+                    while self._kept and (len(self._kept) >= self.max_kept
+                                          or held + len(items) > self.max_items):
+                        held -= len(self._kept.pop(next(iter(self._kept)))[2])
+                    self._kept[query] = (time.monotonic(), generation, items)
             return items
         return kept[2]
 

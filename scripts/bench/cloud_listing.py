@@ -16,6 +16,10 @@ volume, so since this issue it is a Block snapshot read through Block's export
 
     .venv/bin/python scripts/bench/cloud_listing.py [--per-api 5000] [--read]
                                                     [--data-mib 1024] [--dir DIR]
+                                                    [--keep DIR]
+
+``--keep DIR``: the store is populated there once and reused by later runs (each
+run still mounts afresh): for repeated timings and profiling.
 """
 
 from __future__ import annotations

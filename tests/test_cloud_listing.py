@@ -204,3 +204,62 @@ async def test_paged_lists_are_bounded() -> None:
     paged.clear()
     await paged.get(("a",), 2, compute("a", 4))
     assert computed[-1] == "a"
+
+
+async def test_ls_l_of_a_cloud_zone_asks_only_its_lists(
+        served: Served, mixed: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    """What `ls -l snapshots/` makes the daemon do -- the listing, then a lookup,
+    getattr and ACL/label xattr per entry -- costs the listing's pages and no call
+    per entry, fresh or answered stale past the TTL."""
+    import errno
+    import os
+
+    import pyfuse3
+
+    from fixtures_http import ACCESS_KEY
+    from snapfs.fs.context import FsContext
+    from snapfs.fs.ops import SnapfsOperations
+    monkeypatch.setenv("SCW_CONFIG_PATH", str(tmp_path / "absent.yaml"))
+    for name, value in (("SCW_ACCESS_KEY", ACCESS_KEY), ("SCW_SECRET_KEY", SECRET),
+                        ("SCW_API_URL", served.url), ("SCW_DEFAULT_ZONE", ZONE)):
+        monkeypatch.setenv(name, value)
+
+    class Req:
+        pid, uid, gid, umask = os.getpid(), 0, 0, 0o022
+
+    async with open_scaleway_service([ZONE]) as svc, trio.open_nursery() as nursery:
+        ctx = FsContext.create(svc, ttl=0.5)
+        ctx.nursery = ctx.catalog.nursery = nursery
+        ops = SnapfsOperations(ctx)
+        inode = pyfuse3.ROOT_INODE
+        for part in (ZONE, "default", "snapshots"):
+            inode = (await ops.lookup(inode, part.encode(), Req())).st_ino
+
+        async def ls_l() -> int:
+            calls = svc.calls
+            fh = await ops.opendir(inode, Req())
+            names = [n for n, _, _ in ops._dirs[fh] if n not in (".", "..")]
+            await ops.releasedir(fh)
+            assert {"on-lssd", "on-bssd"} <= set(names)
+            for n in names:
+                entry = await ops.lookup(inode, n.encode(), Req())
+                await ops.getattr(entry.st_ino, Req())
+                with pytest.raises(pyfuse3.FUSEError) as exc:
+                    await ops.getxattr(entry.st_ino, b"system.posix_acl_access", Req())
+                assert exc.value.errno == errno.EOPNOTSUPP
+            return svc.calls - calls
+
+        # Instance l_ssd + unified and Block: one page each; the Block side's first
+        # list also learns the projects' organizations (one project list).
+        assert await ls_l() == 4
+        # Fetched afresh, the organizations now known (the projects' listing kept).
+        for key in [k for k in ctx.catalog._listings if k[0] == "snapshots"]:
+            del ctx.catalog._listings[key]
+        assert await ls_l() == 3
+        assert await ls_l() == 0  # within the TTL
+        await trio.sleep(0.6)
+        # Past the TTL: answered from the listing, one refresh in the background
+        # (its 3 pages may or may not have been asked yet).
+        assert await ls_l() <= 3
+        nursery.cancel_scope.cancel()

@@ -52,6 +52,9 @@ class _Cached(Generic[T]):
     value: T
     fetched: float
     generation: int = 0
+    #: The listing this came with (its key), if any: while that listing is answered
+    #: stale and holds it, so is this (a stat per entry of ``ls -l``, no Get each).
+    listing: tuple[object, ...] | None = None
 
 
 async def list_all(fetch: Callable[[int, int], Awaitable[Page[T]]]) -> list[T]:
@@ -192,8 +195,9 @@ class Catalog:
             zone, project=project, name=name, per_page=per_page, page=page,
             **filters))  # type: ignore[arg-type]
         now, gen = time.monotonic(), self._generation
+        source = None if name is not None else ("snapshots", zone, project, view)
         for s in items:
-            self._snapshots[s.id] = _Cached(s, now, gen)
+            self._snapshots[s.id] = _Cached(s, now, gen, source)
         return items
 
     async def snapshots(self, zone: str, project: str, view: View) -> Listing[Snapshot]:
@@ -261,6 +265,13 @@ class Catalog:
         age = self.ttl if max_age is None else max_age
         if cached is not None and time.monotonic() - cached.fetched < age:
             return cached.value
+        if cached is not None and max_age is None and cached.listing is not None \
+                and cached.generation == self._generation:
+            # Came with a listing still answered (stale, being refreshed) and that
+            # fetch is the listing's latest (a newer one lacking it: ask the service).
+            listing = self._usable(cached.listing)
+            if listing is not None and cached.fetched >= listing.fetched:
+                return cached.value
         try:
             return self.remember(await self.svc.get_snapshot(zone, snapshot_id))
         except NotFound:

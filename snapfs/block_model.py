@@ -32,9 +32,11 @@ class                user.public, user.references, user.class)
 Local volumes each API shows (``snapfs serve``): the Block API shows volumes of
 the block types (``b_ssd`` as class ``bssd``, ``unified`` as class ``sbs``) and
 their snapshots; ``l_ssd`` volumes (local SSDs, which Scaleway keeps in the
-Instance API) are unknown to it (404). The Instance API keeps showing every
-snapshot, as Scaleway's Instance API lists block snapshots too; a client merging
-both (the cloud backend) keeps a snapshot once, under the API that owns it.
+Instance API) are unknown to it (404). The Instance API shows every snapshot
+when unfiltered (Instance-era clients list block snapshots through it) and
+honours List snapshots' ``volume_type`` filter; the cloud backend asks it only
+for the types Instance owns on Scaleway since 2025 (``l_ssd``, ``unified``) and
+keeps a snapshot both APIs list once, under Block.
 """
 
 from __future__ import annotations

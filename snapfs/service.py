@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 
 from .errors import NotSupported
-from .model import Page, Project, Snapshot, Task, Volume
+from .model import DEFAULT_ZONE, MAX_PER_PAGE, Page, Project, Snapshot, Task, Volume
 
 
 #: What ImageReader.read_transient returns: bytes, or a read-only view.
@@ -71,6 +71,22 @@ class SnapshotService(abc.ABC):
     async def get_volume(self, zone: str, volume_id: str) -> Volume:
         ...
 
+    # --- volumes the backend holds (the Block API's create/update/delete) ---------
+    # Not every backend can: the default refuses (NotSupported, HTTP 501).
+
+    async def create_volume(self, name: str, size: int, *, zone: str = DEFAULT_ZONE,
+                            project: str | None = None, volume_type: str = "b_ssd"
+                            ) -> Volume:
+        """A new empty volume of ``size`` bytes."""
+        raise NotSupported("this backend cannot create volumes")
+
+    async def update_volume(self, zone: str, volume_id: str, *, name: str | None = None,
+                            tags: list[str] | None = None) -> Volume:
+        raise NotSupported("this backend cannot change volumes")
+
+    async def delete_volume(self, zone: str, volume_id: str) -> None:
+        raise NotSupported("this backend cannot delete volumes")
+
     # --- snapshots -----------------------------------------------------------------
 
     @abc.abstractmethod
@@ -81,6 +97,27 @@ class SnapshotService(abc.ABC):
                              ) -> Page[Snapshot]:
         """One page in a stable order (creation, then id). ``name`` matches as a
         substring, like the API; ``tags`` requires every listed tag."""
+
+    async def list_all_snapshots(self, zone: str, *, organization: str | None = None,
+                                 project: str | None = None, name: str | None = None,
+                                 tags: list[str] | None = None,
+                                 base_volume_id: str | None = None,
+                                 volume_types: tuple[str, ...] | None = None
+                                 ) -> list[Snapshot]:
+        """Every snapshot of list_snapshots' pages, in their order (``volume_types``:
+        only those types). Backends that can do better than paging override it."""
+        out: list[Snapshot] = []
+        page = 1
+        while True:
+            res = await self.list_snapshots(zone, organization=organization, project=project,
+                                            name=name, tags=tags,
+                                            base_volume_id=base_volume_id,
+                                            per_page=MAX_PER_PAGE, page=page)
+            out += res.items
+            if not res.items or len(out) >= res.total_count:
+                break
+            page += 1
+        return [s for s in out if volume_types is None or s.volume_type in volume_types]
 
     @abc.abstractmethod
     async def create_snapshot(self, zone: str, *, name: str, volume_id: str | None = None,

@@ -54,4 +54,4 @@ def test_typescript_sdk_against_serve(served_s3: Served, bucket: str) -> None:
         snapfs_cli("volume", "rm", name, store=served_s3.store)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     # Every test ran and passed (a suite that ran nothing must not pass).
-    assert "# pass 4" in run.stdout and "# fail 0" in run.stdout, run.stdout[-3000:]
+    assert "# pass 5" in run.stdout and "# fail 0" in run.stdout, run.stdout[-3000:]

@@ -16,6 +16,10 @@ volume, so since this issue it is a Block snapshot read through Block's export
 
     .venv/bin/python scripts/bench/cloud_listing.py [--per-api 5000] [--read]
                                                     [--data-mib 1024] [--dir DIR]
+                                                    [--keep DIR]
+
+``--keep DIR``: the store is populated there once and reused by later runs (each
+run still mounts afresh): for repeated timings and profiling.
 """
 
 from __future__ import annotations
@@ -84,18 +88,28 @@ def main() -> int:
     ap.add_argument("--read", action="store_true", help="also run cloud_read.py")
     ap.add_argument("--data-mib", type=int, default=1024, help="for --read")
     ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="a directory kept between runs: its store is made once and reused "
+                         "(for repeated timings and profiling)")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="snapfs-cloud-listing-", dir=args.dir))
+    if args.keep is not None:
+        work = args.keep
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="snapfs-cloud-listing-", dir=args.dir))
     store, mnt = work / "store", work / "mnt"
-    mnt.mkdir()
+    shutil.rmtree(work / "mount-state", ignore_errors=True)
+    mnt.mkdir(exist_ok=True)
     server = None
     try:
-        for name, vtype in (("local", "l_ssd"), ("block", "b_ssd")):
-            vol = work / f"{name}.raw"
-            vol.write_bytes(os.urandom(64 * 1024))  # every snapshot shares these chunks
-            snapfs("volume", "add", name, vol, "--type", vtype, "--store", store)
-        took = trio.run(bulk_create, store, args.per_api)
-        print(f"created {2 * args.per_api} snapshots through the service in {took:.1f}s")
+        if not (work / "populated").exists():
+            for name, vtype in (("local", "l_ssd"), ("block", "b_ssd")):
+                vol = work / f"{name}.raw"
+                vol.write_bytes(os.urandom(64 * 1024))  # every snapshot shares these chunks
+                snapfs("volume", "add", name, vol, "--type", vtype, "--store", store)
+            took = trio.run(bulk_create, store, args.per_api)
+            print(f"created {2 * args.per_api} snapshots through the service in {took:.1f}s")
+            (work / "populated").write_text(str(args.per_api))
         server, url = start_server(store, work / "serve.log", {"SCW_SECRET_KEY": SECRET})
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SCW_", "AWS_"))}
         env.update(SCW_ACCESS_KEY=ACCESS_KEY, SCW_SECRET_KEY=SECRET, SCW_API_URL=url,
@@ -124,7 +138,8 @@ def main() -> int:
         if server is not None:
             stop_server(server)
         time.sleep(0.5)
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
     if args.read:
         print("image.raw of a Block snapshot (scripts/bench/cloud_read.py):", flush=True)
         subprocess.run([sys.executable, str(ROOT / "scripts/bench/cloud_read.py"),

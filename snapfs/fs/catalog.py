@@ -2,20 +2,26 @@
 
 Directory listings page through the service's List (``per_page`` 100) and are
 kept for ``ttl`` seconds, so ``ls -l`` (readdir, then a stat of every entry) asks
-the service once; changes made outside the mount appear within the TTL.
-The mount's own changes invalidate the listings of their project at once.
-Concurrent requests for the same listing share one fetch.
+the service once. Past the TTL a listing is still answered (stale-while-
+revalidate, up to ``stale_max`` seconds old) while one fetch refreshes it in the
+background: a listing that takes longer than the TTL to fetch (a cloud zone of
+thousands of snapshots) would otherwise be refetched by every ``ls``, and a
+lookup would wait for it. Changes made outside the mount therefore appear at
+the second access after the TTL (the one after the refresh). The mount's own
+changes invalidate the listings at once: the next access waits for a fresh
+fetch. Concurrent requests for the same listing share one fetch.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Generic, TypeVar
 
 import trio
 
-from ..errors import NotFound
+from ..errors import NotFound, SnapfsError
 from ..model import MAX_PER_PAGE, Page, Project, Snapshot, Volume
 from ..service import SnapshotService
 from . import names
@@ -24,7 +30,11 @@ from .keys import Kind, View
 T = TypeVar("T")
 N = TypeVar("N", bound=names.Named)
 
+log = logging.getLogger(__name__)
+
 DEFAULT_TTL = 2.0
+#: Oldest listing answered while it is refreshed (seconds since its fetch began).
+STALE_MAX = 60.0
 
 
 @dataclass
@@ -42,6 +52,9 @@ class _Cached(Generic[T]):
     value: T
     fetched: float
     generation: int = 0
+    #: The listing this came with (its key), if any: while that listing is answered
+    #: stale and holds it, so is this (a stat per entry of ``ls -l``, no Get each).
+    listing: tuple[object, ...] | None = None
 
 
 async def list_all(fetch: Callable[[int, int], Awaitable[Page[T]]]) -> list[T]:
@@ -65,6 +78,13 @@ class Catalog:
     _snapshots: dict[str, _Cached[Snapshot]] = field(default_factory=dict)
     _zones: _Cached[list[str]] | None = None
     _generation: int = 0
+    stale_max: float = STALE_MAX
+    #: Where background refreshes run (the mount's nursery); None: none, a stale
+    #: listing is refetched in the foreground as a missing one is.
+    nursery: trio.Nursery | None = None
+    _fetchers: dict[tuple[object, ...], Callable[[], Awaitable[list[Any]]]] = field(
+        default_factory=dict)
+    _refreshing: set[tuple[object, ...]] = field(default_factory=set)
 
     # --- freshness -----------------------------------------------------------------
 
@@ -84,11 +104,41 @@ class Catalog:
     def forget(self, snapshot_id: str) -> None:
         self._snapshots.pop(snapshot_id, None)
 
+    def _usable(self, key: tuple[object, ...]) -> Listing[Any] | None:
+        """The listing of ``key`` if fresh, or stale but young enough to answer
+        while a background refresh (started here) replaces it."""
+        cached = self._listings.get(key)
+        if cached is None or cached.generation != self._generation:
+            return None
+        age = time.monotonic() - cached.fetched
+        if age < self.ttl:
+            return cached
+        if age >= self.stale_max or self.nursery is None or key not in self._fetchers:
+            return None
+        if key not in self._refreshing:
+            self._refreshing.add(key)
+            self.nursery.start_soon(self._refresh, key)
+        return cached
+
+    async def _refresh(self, key: tuple[object, ...]) -> None:
+        try:
+            await self._fetch(key, self._fetchers[key])
+        except SnapfsError as exc:
+            # Not answered stale any longer: the next access fetches and reports it.
+            log.info("refreshing listing %s failed: %s", key, exc)
+            self._listings.pop(key, None)
+        finally:
+            self._refreshing.discard(key)
+
     async def _listing(self, key: tuple[object, ...],
                        fetch: Callable[[], Awaitable[list[N]]]) -> Listing[N]:
-        cached = self._listings.get(key)
-        if cached is not None and self._fresh(cached.fetched, cached.generation):
+        cached = self._usable(key)
+        if cached is not None:
             return cached
+        return await self._fetch(key, fetch)
+
+    async def _fetch(self, key: tuple[object, ...],
+                     fetch: Callable[[], Awaitable[list[N]]]) -> Listing[N]:
         lock = self._locks.setdefault(key, trio.Lock())
         async with lock:
             cached = self._listings.get(key)
@@ -99,6 +149,7 @@ class Catalog:
             listing = Listing(items, names.labels(items), started, generation)
             if generation == self._generation:
                 self._listings[key] = listing
+                self._fetchers[key] = fetch
             return listing
 
     # --- hierarchy -----------------------------------------------------------------
@@ -144,8 +195,9 @@ class Catalog:
             zone, project=project, name=name, per_page=per_page, page=page,
             **filters))  # type: ignore[arg-type]
         now, gen = time.monotonic(), self._generation
+        source = None if name is not None else ("snapshots", zone, project, view)
         for s in items:
-            self._snapshots[s.id] = _Cached(s, now, gen)
+            self._snapshots[s.id] = _Cached(s, now, gen, source)
         return items
 
     async def snapshots(self, zone: str, project: str, view: View) -> Listing[Snapshot]:
@@ -153,10 +205,8 @@ class Catalog:
                                    lambda: self._list_snapshots(zone, project, view))
 
     def fresh_snapshots(self, zone: str, project: str, view: View) -> Listing[Snapshot] | None:
-        cached = self._listings.get(("snapshots", zone, project, view))
-        if cached is not None and self._fresh(cached.fetched, cached.generation):
-            return cached
-        return None
+        """The listing of ``view`` if fresh or answered stale (see ``_usable``)."""
+        return self._usable(("snapshots", zone, project, view))
 
     async def find_snapshot(self, zone: str, project: str, view: View,
                             entry: str) -> Snapshot | None:
@@ -166,7 +216,11 @@ class Catalog:
         listing = self.fresh_snapshots(zone, project, view)
         if listing is not None:
             found = listing.by_label.get(entry)  # what ls -l asks for: no relabelling
-            return found if found is not None else names.resolve(entry, listing.items)
+            if found is not None:
+                return found
+            if self._fresh(listing.fetched, listing.generation):
+                return names.resolve(entry, listing.items)
+            # Stale: a name it lacks may be new; ask the service below.
         ident = names.as_uuid(entry)
         if ident is not None:
             try:
@@ -211,6 +265,13 @@ class Catalog:
         age = self.ttl if max_age is None else max_age
         if cached is not None and time.monotonic() - cached.fetched < age:
             return cached.value
+        if cached is not None and max_age is None and cached.listing is not None \
+                and cached.generation == self._generation:
+            # Came with a listing still answered (stale, being refreshed) and that
+            # fetch is the listing's latest (a newer one lacking it: ask the service).
+            listing = self._usable(cached.listing)
+            if listing is not None and cached.fetched >= listing.fetched:
+                return cached.value
         try:
             return self.remember(await self.svc.get_snapshot(zone, snapshot_id))
         except NotFound:

@@ -116,6 +116,7 @@ async def serve(cfg: MountConfig, ready: Callable[[], None] | None = None) -> No
         try:
             async with trio.open_nursery() as nursery:
                 ctx.nursery = nursery
+                ctx.catalog.nursery = nursery  # background refreshes of stale listings
                 nursery.start_soon(_on_signals, nursery)
                 if api is not None:
                     await _serve_api(nursery, svc, api)

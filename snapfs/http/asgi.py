@@ -113,9 +113,13 @@ def json_response(status: int, body: Any, extra: list[tuple[bytes, bytes]] | Non
 class App:
     """The ASGI callable. ``secret``: when set, X-Auth-Token must equal it."""
 
-    def __init__(self, router: Router, secret: str | None) -> None:
+    def __init__(self, router: Router, secret: str | None,
+                 on_change: Callable[[], None] | None = None) -> None:
         self.router = router
         self.secret = secret
+        #: Called before and after every request that may change something (all
+        #: but GET and HEAD): the lists kept between pages are dropped.
+        self.on_change = on_change
         #: Requests answered 500 because of an unexpected exception (a bug each).
         self.unexpected = 0
 
@@ -168,7 +172,13 @@ class App:
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"),
                              keep_blank_values=True)
             request = Request(method, path, query, headers, body, args)
-            return await handler(request)
+            if self.on_change is None or method in ("GET", "HEAD"):
+                return await handler(request)
+            self.on_change()
+            try:
+                return await handler(request)
+            finally:
+                self.on_change()
         except SnapfsError as exc:
             status, err = error_body(exc)
             log.info("%s -> %d: %s", shown, status, esc(str(exc)))

@@ -10,21 +10,17 @@ name), so they are applied here over the service's pages.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Awaitable, Callable, TypeVar
 
 from .. import block_model as bm
 from ..errors import InvalidArgument, NotFound
-from ..model import MAX_PAGE, MAX_PER_PAGE, Page, Snapshot, Volume
+from ..model import MAX_PAGE, MAX_PER_PAGE, Page, Snapshot, Volume, new_id
 from ..service import SnapshotService
 from .asgi import Request, Response, Router, json_response
+from .paged import PagedLists
 
 ZONE = "/block/v1/zones/{zone}"
 DEFAULT_PAGE_SIZE = 50
-#: Later pages of one list query are cut, for this long, from the list fetched for
-#: its page 1 (a client pages right after): a listing costs one pass over the store.
-PAGED_TTL = 30.0
-PAGED_MAX = 64
 
 T = TypeVar("T")
 
@@ -98,28 +94,17 @@ def _list_response(key: str, items: list[dict[str, Any]], total: int) -> Respons
 
 
 class BlockRoutes:
-    def __init__(self, service: SnapshotService) -> None:
+    def __init__(self, service: SnapshotService, paged: PagedLists) -> None:
         self.svc = service
-        self._paged: dict[tuple[Any, ...], tuple[float, list[Any]]] = {}
-
-    async def _chosen(self, query: tuple[Any, ...], page: int,
-                      compute: Callable[[], Awaitable[list[T]]]) -> list[T]:
-        """The filtered, ordered list of a query: computed at page 1 (and when not
-        kept or too old), else the one kept from its page 1."""
-        kept = self._paged.get(query)
-        if page == 1 or kept is None or time.monotonic() - kept[0] > PAGED_TTL:
-            if len(self._paged) >= PAGED_MAX:
-                self._paged.pop(next(iter(self._paged)))
-            kept = self._paged[query] = (time.monotonic(), await compute())
-        return kept[1]
-
-    def _changed(self) -> None:
-        self._paged.clear()
+        self.paged = paged  # shared with the Instance routes; cleared by App on changes
 
     def add_to(self, r: Router) -> None:
         r.add("GET", f"{ZONE}/volume-types", self.list_volume_types)
         r.add("GET", f"{ZONE}/volumes", self.list_volumes)
         r.add("GET", f"{ZONE}/volumes/{{volume_id}}", self.get_volume)
+        r.add("POST", f"{ZONE}/volumes", self.create_volume)
+        r.add("PATCH", f"{ZONE}/volumes/{{volume_id}}", self.update_volume)
+        r.add("DELETE", f"{ZONE}/volumes/{{volume_id}}", self.delete_volume)
         r.add("GET", f"{ZONE}/snapshots", self.list_snapshots)
         r.add("POST", f"{ZONE}/snapshots", self.create_snapshot)
         r.add("POST", f"{ZONE}/snapshots/import-from-object-storage", self.import_snapshot)
@@ -185,7 +170,7 @@ class BlockRoutes:
             return _sorted(chosen, order, lambda v: v.creation_date, lambda v: v.name,
                            lambda v: v.id)
 
-        chosen = await self._chosen(("volumes", zone, order, project, org, name,
+        chosen = await self.paged.get(("volumes", zone, order, project, org, name,
                                      tuple(tags or ()), vtype, tuple(ids or ())), page, compute)
         return _list_response("volumes", [bm.volume_to_block(v) for v in
                                           _page(chosen, size, page)], len(chosen))
@@ -193,6 +178,61 @@ class BlockRoutes:
     async def get_volume(self, req: Request) -> Response:
         vol = await self._volume(req.args["zone"], req.args["volume_id"])
         return json_response(200, bm.volume_to_block(vol))
+
+    async def create_volume(self, req: Request) -> Response:
+        """An empty volume (``from_empty``), made by the store as ``snapfs volume
+        create`` makes one: a sparse file in the store, of type ``unified`` (Block's
+        sbs_5k, the class ``sbs``). Restoring a snapshot into a new volume
+        (``from_snapshot``), other IOPS and KMS keys are refused (400)."""
+        zone = req.args["zone"]
+        body = req.json()
+        _only(body, ("name", "perf_iops", "project_id", "from_empty", "from_snapshot", "tags",
+                     "kms_key_id"))
+        if body.get("from_snapshot") is not None:
+            raise InvalidArgument("from_snapshot", "creating a volume from a snapshot is not "
+                                                   "supported by this server (from_empty only)")
+        if body.get("kms_key_id") is not None:
+            raise InvalidArgument("kms_key_id", "not supported by this server")
+        iops = _typed(body, "perf_iops", int)
+        if iops not in (None, bm.PERF_IOPS[bm.BLOCK_VOLUME_TYPE[bm.IMPORT_VOLUME_TYPE]]):
+            raise InvalidArgument("perf_iops", "this server makes sbs_5k volumes (5000) only")
+        empty = _typed(body, "from_empty", dict)
+        if empty is None:
+            raise InvalidArgument("from_empty", "required (with its size)")
+        size = _typed(empty, "size", int)
+        if size is None:
+            raise InvalidArgument("from_empty.size", "required")
+        tags = _typed(body, "tags", list)
+        # The API names a volume left unnamed; the store needs a name.
+        name = _typed(body, "name", str) or f"volume-{new_id()[:8]}"
+        vol = await self.svc.create_volume(name, size, zone=zone,
+                                           project=_typed(body, "project_id", str),
+                                           volume_type=bm.IMPORT_VOLUME_TYPE)
+        if tags:
+            vol = await self.svc.update_volume(zone, vol.id, tags=tags)
+        return json_response(200, bm.volume_to_block(vol))
+
+    async def update_volume(self, req: Request) -> Response:
+        """Name and tags; a new size or IOPS is refused (400)."""
+        zone, volume_id = req.args["zone"], req.args["volume_id"]
+        body = req.json()
+        _only(body, ("name", "size", "tags", "perf_iops"))
+        vol = await self._volume(zone, volume_id)
+        size = _typed(body, "size", int)
+        if size is not None and size != vol.size:
+            raise InvalidArgument("size", "resizing is not supported by this server")
+        iops = _typed(body, "perf_iops", int)
+        if iops is not None and iops != bm.PERF_IOPS[bm.BLOCK_VOLUME_TYPE[vol.volume_type]]:
+            raise InvalidArgument("perf_iops", "changing IOPS is not supported by this server")
+        vol = await self.svc.update_volume(zone, vol.id, name=_typed(body, "name", str),
+                                           tags=_typed(body, "tags", list))
+        return json_response(200, bm.volume_to_block(vol))
+
+    async def delete_volume(self, req: Request) -> Response:
+        zone, volume_id = req.args["zone"], req.args["volume_id"]
+        vol = await self._volume(zone, volume_id)
+        await self.svc.delete_volume(zone, vol.id)
+        return Response(204)
 
     # --- snapshots ---------------------------------------------------------------------
 
@@ -207,16 +247,15 @@ class BlockRoutes:
         tags = req.list_param("tags")
 
         async def compute() -> list[Snapshot]:
-            snaps = await _all(lambda p: self.svc.list_snapshots(
+            snaps = await self.svc.list_all_snapshots(
                 zone, organization=org, project=project, name=name, base_volume_id=volume_id,
-                per_page=MAX_PER_PAGE, page=p))
+                volume_types=tuple(bm.BLOCK_CLASS))
             # Block's tag filter: a snapshot with ANY of the tags (the service's needs all).
-            chosen = [s for s in snaps if bm.is_block_type(s.volume_type)
-                      and (tags is None or set(tags) & set(s.tags))]
+            chosen = [s for s in snaps if tags is None or set(tags) & set(s.tags)]
             return _sorted(chosen, order, lambda s: s.creation_date, lambda s: s.name,
                            lambda s: s.id)
 
-        chosen = await self._chosen(("snapshots", zone, order, project, org, name, volume_id,
+        chosen = await self.paged.get(("snapshots", zone, order, project, org, name, volume_id,
                                      tuple(tags or ())), page, compute)
         return _list_response("snapshots", [bm.snapshot_to_block(s) for s in
                                             _page(chosen, size, page)], len(chosen))
@@ -226,7 +265,6 @@ class BlockRoutes:
         return json_response(200, bm.snapshot_to_block(snap))
 
     async def create_snapshot(self, req: Request) -> Response:
-        self._changed()
         zone = req.args["zone"]
         body = req.json()
         _only(body, ("volume_id", "public", "name", "project_id", "tags"))
@@ -242,7 +280,6 @@ class BlockRoutes:
         return json_response(200, bm.snapshot_to_block(snap))
 
     async def import_snapshot(self, req: Request) -> Response:
-        self._changed()
         body = req.json()
         _only(body, ("bucket", "key", "name", "project_id", "tags", "size"))
         snap = await self.svc.create_snapshot(
@@ -253,7 +290,6 @@ class BlockRoutes:
         return json_response(200, bm.snapshot_to_block(snap))
 
     async def update_snapshot(self, req: Request) -> Response:
-        self._changed()
         zone, snapshot_id = req.args["zone"], req.args["snapshot_id"]
         body = req.json()
         _only(body, ("name", "tags", "public"))
@@ -265,14 +301,12 @@ class BlockRoutes:
         return json_response(200, bm.snapshot_to_block(snap))
 
     async def delete_snapshot(self, req: Request) -> Response:
-        self._changed()
         zone, snapshot_id = req.args["zone"], req.args["snapshot_id"]
         await self._snapshot(zone, snapshot_id)
         await self.svc.delete_snapshot(zone, snapshot_id)
         return Response(204)
 
     async def export_snapshot(self, req: Request) -> Response:
-        self._changed()
         zone, snapshot_id = req.args["zone"], req.args["snapshot_id"]
         body = req.json()
         _only(body, ("bucket", "key"))

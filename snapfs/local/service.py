@@ -13,7 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 import trio
 
-from ..errors import (CorruptData, InvalidArgument, NotConfigured, PreconditionFailed,
+from ..errors import (CorruptData, InvalidArgument, NotConfigured, NotFound, NotPermitted,
+                      PreconditionFailed,
                       VolumeChanged)
 from ..model import (DEFAULT_ZONE, ZONES, BaseVolume, FileAccess, Page,
                      Project, Snapshot, Task, Volume, check_name, check_paging, check_readable,
@@ -187,6 +188,27 @@ class LocalService(SnapshotService):
                 own.unlink(missing_ok=True)
         return v
 
+    async def update_volume(self, zone: str, volume_id: str, *, name: str | None = None,
+                            tags: list[str] | None = None) -> Volume:
+        v = self.md.volume(check_zone(zone), volume_id)
+        if v.id != volume_id:
+            raise NotFound("volume", volume_id)
+        self.md.update_volume(v.id, v.zone, None if name is None else check_name(name),
+                              None if tags is None else check_tags(tags))
+        return self.md.volume(v.zone, v.id)
+
+    async def delete_volume(self, zone: str, volume_id: str) -> None:
+        """Only a volume whose file the store made (``volume create``): deleting a
+        registered file's volume through an API would leave the file behind."""
+        v = self.md.volume(check_zone(zone), volume_id)
+        if v.id != volume_id:
+            raise NotFound("volume", volume_id)
+        if not self.md.volume_managed(v.id):
+            raise NotPermitted(f"volume {v.id} ({v.name}) is the file {v.path} registered "
+                               "by 'snapfs volume add': remove it with 'snapfs volume "
+                               "remove' (its file stays)")
+        await self.remove_volume(v.id, v.zone)
+
     async def list_all_volumes(self) -> list[Volume]:
         return self.md.all_volumes()
 
@@ -200,6 +222,15 @@ class LocalService(SnapshotService):
         per_page, page = check_paging(per_page, page)
         return self.md.list_snapshots(check_zone(zone), organization, project, name, tags,
                                       base_volume_id, per_page, page)
+
+    async def list_all_snapshots(self, zone: str, *, organization: str | None = None,
+                                 project: str | None = None, name: str | None = None,
+                                 tags: list[str] | None = None,
+                                 base_volume_id: str | None = None,
+                                 volume_types: tuple[str, ...] | None = None
+                                 ) -> list[Snapshot]:
+        return self.md.all_snapshots(check_zone(zone), organization, project, name, tags,
+                                     base_volume_id, volume_types)
 
     async def get_snapshot(self, zone: str, snapshot_id: str) -> Snapshot:
         return self.md.snapshot(check_zone(zone), snapshot_id)

@@ -18,6 +18,7 @@ from scaleway import Client
 from scaleway.block.v1 import BlockV1API
 
 from .. import block_model as bm
+from . import convert
 from ..model import MAX_PER_PAGE, Page, Snapshot, Volume
 
 if TYPE_CHECKING:
@@ -101,11 +102,29 @@ class BlockSide:
     async def list_snapshots(self, zone: str, *, organization: str | None, project: str | None,
                              name: str | None, tags: list[str] | None,
                              base_volume_id: str | None, page: int) -> Page[Snapshot]:
-        res = await self.svc.call(
-            "list block snapshots", self._lists.list_snapshots, include_deleted=False,
-            zone=zone, organization_id=organization, project_id=project, name=name,
-            tags=tags or None, volume_id=base_volume_id, page=page, page_size=MAX_PER_PAGE)
-        items = [await self._snapshot(s) for s in res.snapshots]
+        if not self._orgs:
+            await self._organization("")
+        orgs, unknown = dict(self._orgs), set()
+
+        def from_json(d: dict[str, Any]) -> Snapshot:
+            for field in ("created_at", "updated_at"):
+                d[field] = convert.json_date(d.get(field)) or None
+            proj = str(d.get("project_id") or "")
+            if proj not in orgs:
+                unknown.add(proj)
+            return mark(*bm.snapshot_from_block(d, orgs.get(proj, self._default_org)))
+
+        res = await self.svc._list_json(
+            "list block snapshots", self._lists, f"/block/v1/zones/{zone}/snapshots",
+            {"include_deleted": "false", "organization_id": organization,
+             "project_id": project, "name": name, "tags": tags or None,
+             "volume_id": base_volume_id, "page": page, "page_size": MAX_PER_PAGE},
+            "snapshots", from_json)
+        items = res.items
+        if unknown:  # a project created since the projects were listed
+            self._orgs.clear()
+            items = [dataclasses.replace(s, organization=await self._organization(s.project))
+                     for s in items]
         # Block's tag filter matches ANY tag; the model's needs every one.
         if tags:
             items = [s for s in items if set(tags) <= set(s.tags)]

@@ -39,6 +39,36 @@ def snapshot(s: Any) -> Snapshot:
         progress=0 if _text(s.state) in ("snapshotting", "importing") else 100)
 
 
+def json_date(value: Any) -> str:
+    """An API date as the SDK path above renders it (``+00:00``, not ``Z``)."""
+    if not value:
+        return ""
+    try:
+        return dt.datetime.fromisoformat(str(value)).isoformat()
+    except ValueError:
+        return str(value)
+
+
+def snapshot_json(d: dict[str, Any]) -> Snapshot:
+    """An Instance snapshot as the API's JSON -> the model, as ``snapshot`` would
+    after the SDK's unmarshalling; for lists, where the SDK's per-field parsing
+    (dateutil) was a third of the mount's listing time."""
+    bv = d.get("base_volume")
+    state = _text(d.get("state"))
+    return Snapshot(
+        id=_text(d.get("id")), name=_text(d.get("name")),
+        organization=_text(d.get("organization")), project=_text(d.get("project")),
+        tags=[str(t) for t in d.get("tags") or []],
+        volume_type=_text(d.get("volume_type") or "l_ssd"), size=int(d.get("size") or 0),
+        state=state,
+        base_volume=(BaseVolume(id=_text(bv.get("id")), name=_text(bv.get("name")))
+                     if isinstance(bv, dict) else None),
+        creation_date=json_date(d.get("creation_date")),
+        modification_date=json_date(d.get("modification_date")),
+        error_reason=d.get("error_reason"), zone=_text(d.get("zone")),
+        progress=0 if state in ("snapshotting", "importing") else 100)
+
+
 def volume(v: Any) -> Volume:
     return Volume(
         id=v.id, name=_text(v.name), size=int(v.size or 0), volume_type=_text(v.volume_type),

@@ -84,6 +84,30 @@ test('block: create, wait, get, update, list with paging and filters, delete', a
   assert.equal(gone.status, 404)
 })
 
+test('block: volume create, update, delete (and what this server refuses)', async () => {
+  const GiB = 1024 ** 3
+  const vol = await block.createVolume({ name: 'ts-made', fromEmpty: { size: GiB },
+                                         tags: ['a'] })
+  assert.equal(vol.type, 'sbs_5k')
+  assert.equal(Number(vol.size), GiB)
+  assert.deepEqual(vol.tags, ['a'])
+  const upd = await block.updateVolume({ volumeId: vol.id, name: 'ts-renamed',
+                                         tags: ['b'] })
+  assert.equal(upd.name, 'ts-renamed')
+  assert.deepEqual((await block.getVolume({ volumeId: vol.id })).tags, ['b'])
+  const resize = await refused(block.updateVolume({ volumeId: vol.id, size: 2 * GiB }))
+  assert.equal(resize.status, 400)
+  const restore = await refused(block.createVolume({ name: 'ts-restored',
+    fromSnapshot: { snapshotId: randomUUID() } }))
+  assert.equal(restore.status, 400)
+  assert.equal(Number((await block.getVolume({ volumeId: vol.id })).size), GiB)
+  await block.deleteVolume({ volumeId: vol.id })
+  const gone = await refused(block.getVolume({ volumeId: vol.id }))
+  assert.equal(gone.status, 404)
+  const vols = await block.listVolumes({}).all()
+  assert.ok(!vols.some(v => v.name === 'ts-restored' || v.id === vol.id))
+})
+
 test('block: export to and import from Object Storage', async () => {
   const s = await block.createSnapshot({ volumeId: env.SNAPFS_VOLUME, public: false,
                                          name: 'ts-exp' })

@@ -7,7 +7,7 @@ knows is the Block one, even when the Instance API lists it too, as Scaleway's
 does), and every operation goes to the API that owns the resource -- learnt from
 listings and gets, else asked of Block first (where Scaleway keeps block
 volumes since 2025), then Instance. A merged list is fetched whole at page 1 and
-later pages of the same query (within ``MERGED_TTL``) are cut from it, so the
+later pages of the same query are cut from it (merged.py), so the
 pages of one listing are consistent and a listing costs one pass over each API.
 
 The SDK is synchronous (``requests``): every call runs in a worker thread under
@@ -25,7 +25,6 @@ import datetime as dt
 import functools
 import logging
 import random
-import time
 from typing import Any, Awaitable, Callable, TypeVar
 
 import requests
@@ -43,11 +42,11 @@ from ..model import (MAX_PER_PAGE, Page, Project, Snapshot, Task, Volume, check_
                      check_paging, check_tag_filter, check_tags, check_zone, new_id, now)
 from ..objects import ObjectStorage
 from ..service import ImageReader, SnapshotService
-from ..taskgroups import first_error
 from . import convert
 from .block import BlockSide
 from .errors import is_retryable, retry_after, to_domain
 from .images import CloudImages
+from .merged import MergedLists
 
 log = logging.getLogger("snapfs.scaleway")
 
@@ -60,11 +59,6 @@ BACKOFF = 0.25  # seconds, doubled per attempt, capped at BACKOFF_CAP
 BACKOFF_CAP = 8.0
 #: One attempt of one call (the SDK's requests carry no timeout of their own).
 CALL_TIMEOUT = 120.0
-#: How long later pages of a merged list are cut from the one fetched at page 1.
-MERGED_TTL = 30.0
-#: Merged lists kept at once (one per query being paged through).
-MERGED_MAX = 64
-
 #: The Instance API's own snapshot types since 2025 (block snapshots are the Block
 #: API's): its List is asked for these only (its ``volume_type`` filter), one list
 #: each, so its pages do not repeat the Block snapshots. An API that ignored the
@@ -105,7 +99,7 @@ class ScalewayService(SnapshotService):
         #: snapshot or volume id -> "block" | "instance": the API that owns it.
         self._owner: dict[str, str] = {}
         #: query -> (fetched at, merged items) for paging through a merged list.
-        self._merged: dict[tuple[Any, ...], tuple[float, list[Any]]] = {}
+        self._merged = MergedLists(self._owner)  # merged.py
         #: Block exports have no task: task id -> (zone, snapshot id, bucket, key).
         self._block_exports: dict[str, tuple[str, str, str, str]] = {}
         self._last_block_export: dict[str, str] = {}  # snapshot id -> its latest task id
@@ -175,7 +169,7 @@ class ScalewayService(SnapshotService):
                                   project=project, name=name, per_page=MAX_PER_PAGE, page=p)
             return Page([convert.volume(v) for v in res.volumes], int(res.total_count or 0))
 
-        return await self._merged_page(
+        return await self._merged.page(
             ("volumes", zone, project, name), per_page, page, [instance_page],
             lambda p: self.block.list_volumes(zone, project=project, name=name, page=p),
             lambda v: (v.creation_date, v.id))
@@ -229,39 +223,6 @@ class ScalewayService(SnapshotService):
             await self.get_snapshot(zone, snapshot_id)
         return self._owner.get(snapshot_id) == "block"
 
-    async def _merged_page(self, query: tuple[Any, ...], per_page: int, page: int,
-                           instance_pages: list[Callable[[int], Awaitable[Page[Any]]]],
-                           block_page: Callable[[int], Awaitable[Page[Any]]],
-                           order: Callable[[Any], Any]) -> Page[Any]:
-        """``instance_pages``: one or more Instance lists (merged, each item once)."""
-        cached = self._merged.get(query)
-        if page == 1 or cached is None or time.monotonic() - cached[0] > MERGED_TTL:
-            results: dict[str, list[Any]] = {}
-            try:
-                async with trio.open_nursery() as nursery:
-                    for i, instance_page in enumerate(instance_pages):
-                        nursery.start_soon(_all_pages_into, results, f"instance{i}",
-                                           instance_page)
-                    nursery.start_soon(_all_pages_into, results, "block", block_page)
-            except BaseExceptionGroup as group:
-                raise first_error(group) from None
-            seen = {x.id for x in results["block"]}
-            for x in results["block"]:
-                self._owner[x.id] = "block"
-            instance_only = []
-            for i in range(len(instance_pages)):
-                for x in results[f"instance{i}"]:
-                    if x.id not in seen:
-                        seen.add(x.id)
-                        instance_only.append(x)
-                        self._owner.setdefault(x.id, "instance")
-            merged = sorted(results["block"] + instance_only, key=order)
-            if len(self._merged) >= MERGED_MAX:
-                self._merged.pop(next(iter(self._merged)))
-            cached = self._merged[query] = (time.monotonic(), merged)
-        items = cached[1]
-        return Page(items[(page - 1) * per_page: page * per_page], len(items))
-
     # --- snapshots -----------------------------------------------------------------
 
     async def list_snapshots(self, zone: str, *, organization: str | None = None,
@@ -285,7 +246,7 @@ class ScalewayService(SnapshotService):
                     "snapshots", lambda d: _instance(convert.snapshot_json(d)))
             return instance_page
 
-        return await self._merged_page(
+        return await self._merged.page(
             ("snapshots", zone, organization, project, name, tuple(tags or ()), base_volume_id),
             per_page, page, [instance_pages(t) for t in INSTANCE_SNAPSHOT_TYPES],
             lambda p: self.block.list_snapshots(
@@ -480,24 +441,6 @@ class ScalewayService(SnapshotService):
 
 def _instance(snap: Snapshot) -> Snapshot:
     return dataclasses.replace(snap, api="instance")
-
-
-async def _all_pages_into(out: dict[str, list[Any]], name: str,
-                          fetch: Callable[[int], Awaitable[Page[Any]]]) -> None:
-    """Every page of one API's list: the first, then the rest at once (their count is
-    known from the first's total; the limiter bounds the calls in flight)."""
-    first = await fetch(1)
-    pages: dict[int, list[Any]] = {1: first.items}
-    if first.items and len(first.items) < first.total_count:
-        count = -(-first.total_count // len(first.items))
-
-        async def one(p: int) -> None:
-            pages[p] = (await fetch(p)).items
-
-        async with trio.open_nursery() as nursery:
-            for p in range(2, count + 1):
-                nursery.start_soon(one, p)
-    out[name] = [x for p in sorted(pages) for x in pages[p]]
 
 
 def _parse_date(value: str) -> dt.datetime | None:

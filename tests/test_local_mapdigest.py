@@ -121,3 +121,18 @@ def test_differing_windows_are_found_in_runs() -> None:
     b = mapdigest.MapDigest(bytes(changed), bytes(n))
     assert mapdigest.differing(a, b) == [(0, 3), (300, 301), (767, 768), (770, 771)]
     assert mapdigest.differing(a, a) == []
+
+
+async def test_a_map_reused_under_a_lease_takes_its_bases_digest(
+        service: LocalService, volume_file: Callable[..., Path]) -> None:
+    """The volume unchanged: the second snapshot copies the first's map (lease)
+    and its digest row, without reading the map again -- a row equal to one
+    computed from its own map."""
+    path = volume_file("vol", SIZE, [(i * MiB, random_bytes(MiB, seed=i)) for i in DATA])
+    first = await snapshot_of(service, path, "first")
+    second = await snapshot_of(service, path, "second")
+    k1, k2 = service.md.snap_key(first.id), service.md.snap_key(second.id)
+    assert entries(service, first.id) == entries(service, second.id)
+    rows = digest_rows(service)
+    assert rows[k2] == rows[k1] == mapdigest.compute(service.md.conn, k2, SIZE).digests
+    assert mapdigest.wrong(service.md.conn) == []

@@ -120,14 +120,14 @@ class SnapshotWork:
         return bool(self._freeing) or bool(self.md.deleting())
 
     async def _produce_map(self, snapshot_id: str, key: int,
-                           work: Callable[[], Awaitable[None]]) -> bool:
+                           work: Callable[[], Awaitable[int | None]]) -> bool:
         """Run ``work`` (which stores the snapshot's map); on any failure or
         cancellation, leave the snapshot in ``error`` (or ``invalid_data``) with the
         reason and its partial map released. True once the snapshot is available."""
         failed_state, reason = "error", INTERRUPTED
         try:
-            await work()
-            await trio.to_thread.run_sync(write_completed, self.md, key,
+            same_as = await work()  # the map this one copied whole, if any
+            await trio.to_thread.run_sync(write_completed, self.md, key, same_as,
                                           limiter=self.io_limiter)
             self.md.update_snapshot(snapshot_id, state="available", progress=100)
             log.info("snapshot %s available", snapshot_id)
@@ -224,9 +224,9 @@ class SnapshotWork:
         if lease:
             held, base = await self.leases.before_capture(volume_id, volume, size)
 
-        async def work() -> None:
+        async def work() -> int | None:
             if base is not None and await self._copy_map(snapshot_id, key, base):
-                return
+                return base
             before = await trio.to_thread.run_sync(_written_stamp, volume.path)
             source = await trio.to_thread.run_sync(FileSource, volume, self.hash_limiter, size)
             await self._store(source, snapshot_id, key)
@@ -235,6 +235,7 @@ class SnapshotWork:
             if await trio.to_thread.run_sync(_written_stamp, volume.path) != before:
                 log.warning("snapshot %s: %s", snapshot_id, WRITTEN_WHILE_READ)
                 self.md.update_snapshot(snapshot_id, warning=WRITTEN_WHILE_READ)
+            return None
         if await self._produce_map(snapshot_id, key, work) and held is not None:
             held.base = key
 

@@ -42,6 +42,9 @@ class S3Settings:
     profile: str | None = None
     #: Upload part size (grown for huge images to stay under 10 000 parts).
     part_size: int = 6 * MiB
+    #: Where an export spills parts too big for memory (temporary files,
+    #: unlinked at once); None: $TMPDIR, else /var/tmp (disk, not a tmpfs).
+    spill_dir: str | None = None
     #: The server's limit on parts per upload (S3: 10 000; Scaleway: 1000).
     max_parts: int = 10_000
     #: Parallel part uploads / ranged GETs of one export or import.

@@ -39,7 +39,7 @@ import functools
 import logging
 import os
 import tempfile
-from typing import IO, Any
+from typing import IO, Any, Sequence
 
 import trio
 
@@ -143,6 +143,10 @@ def _write_all(file: IO[bytes] | None, pieces: list[memoryview | bytes]) -> None
     file.flush()
 
 
+def _spill_file(where: str) -> IO[bytes]:
+    return tempfile.TemporaryFile("w+b", dir=where)  # O_TMPFILE: unlinked from the start
+
+
 class _Buffers:
     """Where parts are filled, at most ``limit`` at once: reused part buffers
     (allocated on demand, so memory stays bounded and the allocator is not
@@ -161,8 +165,7 @@ class _Buffers:
         if self.spill_to is not None:
             await self._files.acquire()
             try:
-                file = await trio.to_thread.run_sync(
-                    functools.partial(tempfile.TemporaryFile, "w+b", dir=self.spill_to))
+                file = await trio.to_thread.run_sync(_spill_file, self.spill_to)
             except BaseException:
                 self._files.release()
                 raise
@@ -312,7 +315,7 @@ class _Cutter:
         self.cur: _Part | None = None
         self.number = 2
 
-    async def add(self, pieces: list[bytes | memoryview]) -> None:
+    async def add(self, pieces: Sequence[bytes | memoryview]) -> None:
         """Take ``pieces`` (views that are not used after this returns)."""
         part_size = self.buffers.size
         for piece in pieces:

@@ -14,7 +14,7 @@ import for the 16 GiB case: `aws s3 cp` of the object down, then `qemu-img
 convert -O raw` into a sparse file. The
 16 GiB case is also exported with 256 MiB parts (``--spill-part``): parts too
 big for memory are spilled to temporary files, as for volumes holding more
-than ~120 GiB; its time and peak RSS are printed beside the default's.
+than ~250 GiB; its time and peak RSS are printed beside the default's.
 
 Targets: export and import at 1 TiB <= 1.2x their 16 GiB time, at 64 TiB
 <= 1.5x; export >= 1.0x the aws upload's throughput in every case; import of
@@ -162,7 +162,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="16G,1T,64T", help="virtual sizes (16G, 1T, 64T)")
     ap.add_argument("--spill-part", type=int, default=256, metavar="MIB",
                     help="also export the 16G case with parts this big (spilled to "
-                         "temporary files: what volumes with >~120 GiB of data get); 0: not")
+                         "temporary files: what volumes with >~250 GiB of data get); 0: not")
     args = ap.parse_args()
     aws = aws_cli()
     work = Path(tempfile.mkdtemp(prefix="snapfs-bench-scale-", dir=args.dir))

@@ -41,7 +41,9 @@ class S3Settings:
     secret_key: str | None = field(default=None, repr=False)
     profile: str | None = None
     #: Upload part size (grown for huge images to stay under 10 000 parts).
-    part_size: int = 6 * MiB
+    #: SeaweedFS, measured: 1 GiB in 7.4 s (median of 3) with 16 MiB parts,
+    #: 8.2 s with 6 MiB ones; 8 in flight no faster than 4.
+    part_size: int = 16 * MiB
     #: Where an export spills parts too big for memory (temporary files,
     #: unlinked at once); None: $TMPDIR, else /var/tmp (disk, not a tmpfs).
     spill_dir: str | None = None

@@ -21,8 +21,8 @@ endpoints: see config.py) of at least 5 MiB -- :func:`part_size_for`.
 
 Memory bound, for any volume size: part 1 (<= 5 MiB) + (in flight + 1) reused
 part buffers + three read blocks (one being read, one queued, one being
-encoded); with the defaults (6 MiB parts, 4 in flight, 2 MiB reads) about
-41 MiB, and never over BUFFER_BUDGET of part buffers. Parts too big for that
+encoded); with the defaults (8 MiB parts, 4 in flight, 2 MiB reads) about
+51 MiB, and never over BUFFER_BUDGET of part buffers. Parts too big for that
 (over ~25 MiB: more than ~250 GiB of data at 10 000 parts, ~25 GiB at 1 000)
 are spilled: each is appended to a temporary file as it is encoded and uploaded
 from there (re-read from its start on a retry, which a pipe could not do), so

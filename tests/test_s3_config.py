@@ -162,7 +162,7 @@ def test_part_size_stays_under_the_part_limit(clean_env: pytest.MonkeyPatch) -> 
     from snapfs.s3.config import S3Settings
     from snapfs.s3.export import part_count, part_size_for
     MiB = 1 << 20
-    assert part_size_for(S3Settings(), 2 << 30) == 6 * MiB
+    assert part_size_for(S3Settings(), 2 << 30) == 8 * MiB
     big = 1 << 40
     assert part_count(big, part_size_for(S3Settings(), big)) <= 10_000
     clean_env.setenv("SCW_ACCESS_KEY", "SCWXXXXXXXXXXXXXXXXX")

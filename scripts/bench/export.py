@@ -10,7 +10,9 @@ if missing: its pinned botocore must not replace the project's).
 
 It then uploads the exported object's own bytes (the QCOW2 file, 1 GiB of data
 where the raw file is 2 GiB) with `aws s3 cp` as well: the same-bytes anchor.
-Both ratios are printed, with the load average.
+Both ratios are printed, with the load average. Each aws upload goes to an
+empty SeaweedFS of its own, as the export did (the import of the object runs
+before them, on the export's server).
 
 Targets (issue 4): aws time / export time >= 1.0; object size / data <= 1.05;
 peak RSS of the exporting process <= 200 MB.
@@ -142,7 +144,18 @@ def main() -> int:
     args = ap.parse_args()
     aws = aws_cli()
     work = Path(tempfile.mkdtemp(prefix="snapfs-bench-export-", dir=args.dir))
-    server = SeaweedServer(work / "seaweedfs")
+    servers = [SeaweedServer(work / "seaweedfs")]
+
+    def fresh_server(tag: str) -> tuple[SeaweedServer, str]:
+        """An empty SeaweedFS for the next timed upload, as the export's was."""
+        for old in servers:
+            old.stop()
+            shutil.rmtree(old.root, ignore_errors=True)
+        servers[:] = [SeaweedServer(work / f"seaweedfs-{tag}")]
+        servers[0].start()
+        return servers[0], servers[0].new_bucket()
+
+    server = servers[0]
     try:
         vol = work / "volume.raw"
         make_volume(vol)
@@ -157,11 +170,18 @@ def main() -> int:
             print(f"bench: export failed: {ours['error']}", file=sys.stderr)
             return 1
         size = server.client().head_object(Bucket=bucket, Key="snap.qcow2")["ContentLength"]
+        qcow2 = work / "snap.qcow2"
+        server.client().download_file(bucket, "snap.qcow2", str(qcow2))
+        r = subprocess.run([sys.executable, "-c", IMPORT, str(work / "store2"),
+                            server.endpoint, ADMIN[0], ADMIN[1], bucket],
+                           capture_output=True, text=True, check=True)
+        back = json.loads(r.stdout.strip().splitlines()[-1])
 
         env = dict(os.environ, AWS_ACCESS_KEY_ID=ADMIN[0], AWS_SECRET_ACCESS_KEY=ADMIN[1],
                    AWS_DEFAULT_REGION="us-east-1", AWS_REQUEST_CHECKSUM_CALCULATION="when_required",
                    AWS_RESPONSE_CHECKSUM_VALIDATION="when_required")
         subprocess.run(["sync"], check=True)
+        server, bucket = fresh_server("raw")
         t = time.perf_counter()
         subprocess.run([str(aws), "s3", "cp", "--only-show-errors", "--endpoint-url",
                         server.endpoint, str(vol), f"s3://{bucket}/volume.raw"],
@@ -169,9 +189,8 @@ def main() -> int:
         aws_s = time.perf_counter() - t
         # The same-bytes anchor: aws s3 cp of the exported object itself (the QCOW2
         # file, data only), so the ratio compares uploads of equal size.
-        qcow2 = work / "snap.qcow2"
-        server.client().download_file(bucket, "snap.qcow2", str(qcow2))
         subprocess.run(["sync"], check=True)
+        server, bucket = fresh_server("same")
         t = time.perf_counter()
         subprocess.run([str(aws), "s3", "cp", "--only-show-errors", "--endpoint-url",
                         server.endpoint, str(qcow2), f"s3://{bucket}/copy.qcow2"],
@@ -186,10 +205,6 @@ def main() -> int:
         print(f"aws s3 cp raw : {aws_s:7.2f} s  object {SIZE / MiB:8.1f} MiB")
         print(f"aws s3 cp qcow2: {same_s:6.2f} s  object {size / MiB:8.1f} MiB "
               f"(the exported object's bytes: the same-bytes anchor)")
-        r = subprocess.run([sys.executable, "-c", IMPORT, str(work / "store2"),
-                            server.endpoint, ADMIN[0], ADMIN[1], bucket],
-                           capture_output=True, text=True, check=True)
-        back = json.loads(r.stdout.strip().splitlines()[-1])
         print(f"snapfs import of the object (fresh process): {back['seconds']:.2f} s "
               f"({back['state']}), peak RSS {back['rss'] / MiB:.0f} MiB")
         ratio = aws_s / ours["seconds"]
@@ -205,7 +220,8 @@ def main() -> int:
               f"{'OK' if peak <= 200e6 else 'MISSED'}")
         return 0
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
         if args.keep:
             print("kept", work)
         else:

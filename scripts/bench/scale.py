@@ -5,10 +5,16 @@ The same 1 GiB of random data (64 runs of 16 MiB spread over the volume, the
 rest holes) in sparse volumes of 16 GiB, 1 TiB and 64 TiB (on an XFS loop
 filesystem: ext4 files stop at 16 TiB). For each: a snapshot (not timed), the
 export to SeaweedFS (timed, peak RSS of the process from the export's start),
-then a fresh process imports the object (timed, peak RSS). Anchors measured in
-the same run: `aws s3 cp` uploading the same object bytes (line rate, every
-case), and the user's alternative to an import for the 16 GiB case: `aws s3 cp`
-of the object down, then `qemu-img convert -O raw` into a sparse file.
+then a fresh process imports the object (timed, peak RSS). Every timed upload (the
+export, the aws anchor) goes to a SeaweedFS of its own, started empty: one
+holding the earlier steps' gigabytes answers slower, which biased the later
+step of each pair. Anchors measured in the same run: `aws s3 cp` uploading the
+same object bytes (line rate, every case), and the user's alternative to an
+import for the 16 GiB case: `aws s3 cp` of the object down, then `qemu-img
+convert -O raw` into a sparse file. The
+16 GiB case is also exported with 256 MiB parts (``--spill-part``): parts too
+big for memory are spilled to temporary files, as for volumes holding more
+than ~250 GiB; its time and peak RSS are printed beside the default's.
 
 Targets: export and import at 1 TiB <= 1.2x their 16 GiB time, at 64 TiB
 <= 1.5x; export >= 1.0x the aws upload's throughput in every case; import of
@@ -56,9 +62,11 @@ def rss_peak():
             return int(line.split()[1]) * 1024
 
 async def main():
-    store, path, endpoint, ak, sk, bucket, key = sys.argv[1:8]
-    objects = S3ObjectStorage(S3Settings(endpoint=endpoint, region="us-east-1",
-                                         access_key=ak, secret_key=sk))
+    store, path, endpoint, ak, sk, bucket, key, part_mib = sys.argv[1:9]
+    settings = S3Settings(endpoint=endpoint, region="us-east-1", access_key=ak, secret_key=sk)
+    if int(part_mib):  # bigger parts than memory holds: spilled to temporary files
+        settings = settings.replace(part_size=int(part_mib) << 20)
+    objects = S3ObjectStorage(settings)
     async with open_local_service(store, objects=objects) as svc:
         vol = await svc.add_volume("bench", path)
         t = time.perf_counter()
@@ -152,10 +160,26 @@ def main() -> int:
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--sizes", default="16G,1T,64T", help="virtual sizes (16G, 1T, 64T)")
+    ap.add_argument("--spill-part", type=int, default=256, metavar="MIB",
+                    help="also export the 16G case with parts this big (spilled to "
+                         "temporary files: what volumes with >~250 GiB of data get); 0: not")
     args = ap.parse_args()
     aws = aws_cli()
     work = Path(tempfile.mkdtemp(prefix="snapfs-bench-scale-", dir=args.dir))
-    server = SeaweedServer(work / "seaweedfs")
+    servers: list[SeaweedServer] = []
+
+    def fresh_server(tag: str) -> tuple[SeaweedServer, str]:
+        """A SeaweedFS of its own, empty: every timed upload meets the same
+        server state (one holding earlier cases' gigabytes answers slower)."""
+        for old in servers:
+            old.stop()
+            shutil.rmtree(old.root, ignore_errors=True)
+        servers.clear()
+        server = SeaweedServer(work / f"seaweedfs-{tag}")
+        servers.append(server)
+        server.start()
+        return server, server.new_bucket()
+
     fs_img, mnt = work / "xfs.img", work / "xfs"
     mounted = False
     env = dict(os.environ, AWS_ACCESS_KEY_ID=ADMIN[0], AWS_SECRET_ACCESS_KEY=ADMIN[1],
@@ -169,16 +193,15 @@ def main() -> int:
         mnt.mkdir()
         subprocess.run(["mount", "-o", "loop", str(fs_img), str(mnt)], check=True)
         mounted = True
-        server.start()
-        bucket = server.new_bucket()
         print(f"load before: {os.getloadavg()}")
         for name in args.sizes.split(","):
             size = SIZES[name]
             vol = mnt / f"vol-{name}.raw"
             make_volume(vol, size)
             key = f"snap-{name}.qcow2"
+            server, bucket = fresh_server(f"{name}-export")
             ours = py(EXPORT, str(work / f"store-{name}"), str(vol), server.endpoint,
-                      ADMIN[0], ADMIN[1], bucket, key)
+                      ADMIN[0], ADMIN[1], bucket, key, "0")
             if ours["status"] != "success":
                 raise SystemExit(f"bench: export failed: {ours['error']}")
             shutil.rmtree(work / f"store-{name}", ignore_errors=True)
@@ -191,8 +214,19 @@ def main() -> int:
             obj = work / "object.qcow2"
             down = timed(aws, "s3", "cp", "--only-show-errors", "--endpoint-url",
                          server.endpoint, f"s3://{bucket}/{key}", str(obj), env=env)
+            server, bucket = fresh_server(f"{name}-aws")  # as empty as the export's was
             up = timed(aws, "s3", "cp", "--only-show-errors", "--endpoint-url",
                        server.endpoint, str(obj), f"s3://{bucket}/copy-{key}", env=env)
+            if name == "16G" and args.spill_part:  # not compared: after the anchor
+                spill = py(EXPORT, str(work / f"store-{name}"), str(vol), server.endpoint,
+                           ADMIN[0], ADMIN[1], bucket, f"spill-{key}", str(args.spill_part))
+                shutil.rmtree(work / f"store-{name}", ignore_errors=True)
+                if spill["status"] != "success":
+                    raise SystemExit(f"bench: export failed: {spill['error']}")
+                print(f"16G export with {args.spill_part} MiB parts (spilled to temporary "
+                      f"files, after the anchor, on its server): {spill['seconds']:6.2f} s, "
+                      f"peak RSS {spill['rss'] / 1e6:.0f} MB (memory parts: "
+                      f"{ours['seconds']:6.2f} s, {ours['rss'] / 1e6:.0f} MB)")
             convert = None
             if size <= 16 * GiB:
                 out = work / "converted.raw"
@@ -216,7 +250,8 @@ def main() -> int:
         verdicts(results)
         return 0
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
         if mounted and subprocess.run(["umount", str(mnt)]).returncode != 0:
             subprocess.run(["umount", "-l", str(mnt)])
         if args.keep:

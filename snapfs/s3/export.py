@@ -19,23 +19,31 @@ upper bound: ``StreamingEncoder.max_image_size``), not from the virtual size,
 so that it fits in ``max_parts`` parts (10 000 for S3, 1 000 for Scaleway
 endpoints: see config.py) of at least 5 MiB -- :func:`part_size_for`.
 
-Memory bound: part 1 (<= 5 MiB) + (in flight + 1) reused part buffers + three
-read blocks (one being read, one queued, one being encoded); with the defaults
-(6 MiB parts, 4 in flight, 2 MiB reads) about 41 MiB. Bigger parts (more than
-~60 GiB of data at 10 000 parts, ~6 GiB at 1 000) lower the parts in flight to
-keep the buffers within ``BUFFER_BUDGET``, down to one in flight and one being
-filled: beyond ~600 GiB of data (60 GiB on Scaleway) two parts are the bound.
+Memory bound, for any volume size: part 1 (<= 5 MiB) + (in flight + 1) reused
+part buffers + three read blocks (one being read, one queued, one being
+encoded); with the defaults (8 MiB parts, 4 in flight, 2 MiB reads) about
+51 MiB, and never over BUFFER_BUDGET of part buffers. Parts too big for that
+(over ~25 MiB: more than ~250 GiB of data at 10 000 parts, ~25 GiB at 1 000)
+are spilled: each is appended to a temporary file as it is encoded and uploaded
+from there (re-read from its start on a retry, which a pipe could not do), so
+memory stays the read blocks whatever the part size; their disk stays within
+SPILL_BUDGET ((in flight + 1) parts, at least two). The tail's refcount blocks
+(64 KiB per 2 GiB of data) are pieces sharing one full block, cut like the body.
+An image that would need parts over S3's 5 GiB (~48 TiB of data at 10 000
+parts, ~4.8 TiB at 1 000) is refused (TooLarge) before anything is uploaded.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+import os
+import tempfile
+from typing import IO, Any, Sequence
 
 import trio
 
-from ..errors import NotFound, SnapfsError
+from ..errors import NotFound, SnapfsError, TooLarge
 from ..objects import LeftFn, ProgressFn
 from ..qcow2.encoder import StreamingEncoder
 from ..qcow2.format import CLUSTER_SIZE
@@ -49,8 +57,12 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 MIN_PART = 5 * MiB  # S3: every part but the last
 READ_BLOCK = 2 * MiB
-#: Part buffers' memory the in-flight count is lowered to stay within.
+#: S3's largest part: an image needing bigger parts is refused.
+MAX_PART = 5 << 30
+#: Part buffers in memory at most; bigger parts are spilled to temporary files.
 BUFFER_BUDGET = 128 * MiB
+#: Spilled parts' disk at most (in flight + 1 files), but always two parts.
+SPILL_BUDGET = 4 << 30
 #: How long a cancelled export keeps trying to abort its upload.
 CANCELLED_ABORT_TIME = 10.0
 
@@ -77,33 +89,103 @@ def part_count(image_size: int, part_size: int) -> int:
     return 1 + max(0, -(-(image_size - MIN_PART) // part_size))
 
 
-def parts_in_flight(concurrency: int, part_size: int) -> int:
-    """Uploads in flight: ``concurrency``, fewer when (in flight + 1) part
-    buffers would pass BUFFER_BUDGET; at least one."""
-    return max(1, min(concurrency, BUFFER_BUDGET // part_size - 1))
+def part_plan(concurrency: int, part_size: int) -> tuple[int, bool]:
+    """(uploads in flight, spilled): parts are held in memory while (in flight
+    + 1) of them fit in BUFFER_BUDGET; bigger ones are spilled to temporary
+    files, (in flight + 1) of them within SPILL_BUDGET, at least one in flight."""
+    concurrency = max(1, concurrency)
+    if (concurrency + 1) * part_size <= BUFFER_BUDGET:
+        return concurrency, False
+    return max(1, min(concurrency, SPILL_BUDGET // part_size - 1)), True
+
+
+def spill_dir(settings: S3Settings) -> str:
+    """Where spilled parts go: disk, not RAM (/tmp is often a tmpfs)."""
+    return settings.spill_dir or os.environ.get("TMPDIR") or "/var/tmp"
+
+
+class _Part:
+    """One part being filled: views are added (``add``) and written out
+    (``flush``, before the views' block is reused) -- copied into a reused
+    buffer in memory, or, for a spilled part, appended to a temporary file in a
+    thread, so that a part of any size costs only the block being encoded."""
+
+    def __init__(self, buf: bytearray | None, file: IO[bytes] | None) -> None:
+        self.buf = buf
+        self.file = file
+        self.fill = 0
+        self._pending: list[memoryview | bytes] = []
+
+    def add(self, view: memoryview) -> None:
+        if self.buf is not None:
+            self.buf[self.fill:self.fill + len(view)] = view
+        else:
+            self._pending.append(view)
+        self.fill += len(view)
+
+    async def flush(self, limiter: trio.CapacityLimiter) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        await trio.to_thread.run_sync(_write_all, self.file, pending, limiter=limiter)
+
+    def body(self) -> bytes | bytearray | IO[bytes]:
+        if self.file is not None:
+            return self.file
+        assert self.buf is not None
+        return self.buf if self.fill == len(self.buf) else bytes(self.buf[:self.fill])
+
+
+def _write_all(file: IO[bytes] | None, pieces: list[memoryview | bytes]) -> None:
+    assert file is not None
+    for piece in pieces:
+        file.write(piece)  # a BufferedWriter writes it all (or raises)
+    file.flush()
+
+
+def _spill_file(where: str) -> IO[bytes]:
+    return tempfile.TemporaryFile("w+b", dir=where)  # O_TMPFILE: unlinked from the start
 
 
 class _Buffers:
-    """Part buffers, reused: at most ``limit`` exist, allocated on demand, so
-    memory stays bounded and the allocator is not churned by part-sized blocks."""
+    """Where parts are filled, at most ``limit`` at once: reused part buffers
+    (allocated on demand, so memory stays bounded and the allocator is not
+    churned by part-sized blocks), or temporary files for spilled parts (created
+    per part, unlinked at once: nothing is left behind, even by a crash)."""
 
-    def __init__(self, size: int, limit: int) -> None:
+    def __init__(self, size: int, limit: int, spill_to: str | None = None) -> None:
         self.size = size
         self.limit = limit
+        self.spill_to = spill_to
         self.made = 0
         self._send, self._recv = trio.open_memory_channel[bytearray](limit)
+        self._files = trio.Semaphore(limit)
 
-    async def get(self) -> bytearray:
+    async def get(self) -> _Part:
+        if self.spill_to is not None:
+            await self._files.acquire()
+            try:
+                file = await trio.to_thread.run_sync(_spill_file, self.spill_to)
+            except BaseException:
+                self._files.release()
+                raise
+            return _Part(None, file)
         try:
-            return self._recv.receive_nowait()
+            return _Part(self._recv.receive_nowait(), None)
         except trio.WouldBlock:
             if self.made < self.limit:
                 self.made += 1
-                return bytearray(self.size)
-            return await self._recv.receive()
+                return _Part(bytearray(self.size), None)
+            return _Part(await self._recv.receive(), None)
 
-    def put(self, buf: bytearray) -> None:
-        self._send.send_nowait(buf)
+    async def put(self, part: _Part) -> None:
+        """The part is uploaded (or given up): its buffer or file is free."""
+        if part.file is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(part.file.close)
+            self._files.release()
+        elif part.buf is not None and len(part.buf) == self.size:
+            self._send.send_nowait(part.buf)
 
 
 async def export_qcow2(calls: S3Calls, settings: S3Settings, image: ImageReader,
@@ -115,33 +197,48 @@ async def export_qcow2(calls: S3Calls, settings: S3Settings, image: ImageReader,
     allocated = await image.allocated_bytes()
     expected = enc.max_image_size(size if allocated is None else allocated)
     part_size = part_size_for(settings, expected)
-    concurrency = parts_in_flight(max(1, settings.concurrency), part_size)
+    if part_size > MAX_PART:
+        log.warning("export to %s/%s refused: %d bytes of image take %d MiB parts, over "
+                    "Object Storage's 5 GiB part limit at %d parts", bucket, key, expected,
+                    part_size // MiB, settings.max_parts)
+        raise TooLarge(f"a {expected}-byte image does not fit in {settings.max_parts} "
+                       "parts of at most 5 GiB")
+    concurrency, spilled = part_plan(settings.concurrency, part_size)
     created = await calls.call(
         "create_multipart_upload", bucket, key,
         lambda: client.create_multipart_upload(
             Bucket=bucket, Key=key, ContentType="application/x-qemu-disk"))
     upload_id = created["UploadId"]
     log.info("export to %s/%s: upload started (%d bytes virtual, %s allocated, "
-             "%d MiB parts, %d in flight)", bucket, key, size,
-             "?" if allocated is None else allocated, part_size // MiB, concurrency)
+             "%d MiB parts%s, %d in flight)", bucket, key, size,
+             "?" if allocated is None else allocated, part_size // MiB,
+             " spilled to " + spill_dir(settings) if spilled else "", concurrency)
     etags: dict[int, str] = {}
-    buffers = _Buffers(part_size, concurrency + 1)
+    buffers = _Buffers(part_size, concurrency + 1, spill_dir(settings) if spilled else None)
 
-    async def upload(recv: trio.MemoryReceiveChannel[tuple[int, Any]]) -> None:
+    def send_part(number: int, body: Any, length: int) -> Any:
+        if hasattr(body, "seek"):  # a spilled part: from its start on every attempt
+            body.seek(0)
+        return client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id,
+                                  PartNumber=number, Body=body, ContentLength=length)
+
+    async def upload(recv: trio.MemoryReceiveChannel[tuple[int, Any, int, _Part | None]]
+                     ) -> None:
         async with recv:
-            async for number, body in recv:
-                resp = await calls.call(
-                    "upload_part", bucket, key,
-                    functools.partial(client.upload_part, Bucket=bucket, Key=key,
-                                      UploadId=upload_id, PartNumber=number, Body=body))
+            async for number, body, length, part in recv:
+                try:
+                    resp = await calls.call(
+                        "upload_part", bucket, key,
+                        functools.partial(send_part, number, body, length))
+                finally:
+                    if part is not None:
+                        await buffers.put(part)
                 etags[number] = resp["ETag"]
-                if isinstance(body, bytearray) and len(body) == part_size:
-                    buffers.put(body)
 
     try:
         try:
             async with trio.open_nursery() as nursery:
-                send, recv = trio.open_memory_channel[tuple[int, Any]](0)
+                send, recv = trio.open_memory_channel[tuple[int, Any, int, _Part | None]](0)
                 async with recv:
                     for _ in range(concurrency):
                         nursery.start_soon(upload, recv.clone())
@@ -201,53 +298,91 @@ async def _read_blocks(image: ImageReader,
             offset += want
 
 
-async def _produce(enc: StreamingEncoder,
-                   blocks: trio.MemoryReceiveChannel[tuple[int, bytes]],
-                   send: trio.MemorySendChannel[tuple[int, Any]], buffers: _Buffers,
-                   total: int, progress: ProgressFn,
-                   cpu_limiter: trio.CapacityLimiter) -> None:
-    """Encode and cut into parts; part 1 (head + first body bytes) goes last."""
-    part_size = buffers.size
-    first = bytearray(max(0, MIN_PART - enc.head_size))  # body bytes joining the head
-    first_fill = 0
-    cur: bytearray | None = None
-    fill = 0
-    number = 2
-    done = 0
-    async for offset, data in blocks:
-        enc.skip_to(offset)
-        pieces = await trio.to_thread.run_sync(enc.feed_pieces, data, limiter=cpu_limiter)
-        done = min(total, done + len(data))  # progress: allocated bytes done
+class _Cutter:
+    """Cuts the image's stream after the head (body, then tail) into parts:
+    part 1's share first (its first MIN_PART - head_size bytes, held back and
+    sent last, with the head), then parts of ``buffers.size`` bytes, sent as
+    they fill; the last one holds what remains."""
+
+    def __init__(self, head_size: int, buffers: _Buffers,
+                 send: trio.MemorySendChannel[tuple[int, Any, int, _Part | None]],
+                 io_limiter: trio.CapacityLimiter) -> None:
+        self.first = bytearray(max(0, MIN_PART - head_size))  # body bytes joining the head
+        self.first_fill = 0
+        self.buffers = buffers
+        self.send = send
+        self.io_limiter = io_limiter
+        self.cur: _Part | None = None
+        self.number = 2
+
+    async def add(self, pieces: Sequence[bytes | memoryview]) -> None:
+        """Take ``pieces`` (views that are not used after this returns)."""
+        part_size = self.buffers.size
         for piece in pieces:
             view = memoryview(piece)
             while view:
-                if first_fill < len(first):
-                    n = min(len(view), len(first) - first_fill)
-                    first[first_fill:first_fill + n] = view[:n]
-                    first_fill += n
+                if self.first_fill < len(self.first):
+                    n = min(len(view), len(self.first) - self.first_fill)
+                    self.first[self.first_fill:self.first_fill + n] = view[:n]
+                    self.first_fill += n
                     view = view[n:]
                     continue
-                if cur is None:
-                    cur, fill = await buffers.get(), 0
-                n = min(len(view), part_size - fill)
-                cur[fill:fill + n] = view[:n]
-                fill += n
+                if self.cur is None:
+                    self.cur = await self.buffers.get()
+                n = min(len(view), part_size - self.cur.fill)
+                self.cur.add(view[:n])
                 view = view[n:]
-                if fill == part_size:
-                    await send.send((number, cur))
-                    number += 1
-                    cur = None
-        del pieces, data
-        progress(done, total)
-    tail, head = await trio.to_thread.run_sync(enc.finish, limiter=cpu_limiter)
-    rest = bytes(cur[:fill]) if cur is not None else b""
-    if number == 2 and first_fill < len(first):
-        # Everything fits in one part (small images): head + body + tail.
-        await send.send((1, head + bytes(first[:first_fill]) + rest + tail))
-        return
-    if rest or tail:
-        await send.send((number, rest + tail))
-    await send.send((1, head + bytes(first)))
+                if self.cur.fill == part_size:
+                    await self._send_cur()
+        if self.cur is not None:
+            await self.cur.flush(self.io_limiter)
+
+    async def _send_cur(self) -> None:
+        part, self.cur = self.cur, None
+        assert part is not None
+        try:
+            await part.flush(self.io_limiter)
+            await self.send.send((self.number, part.body(), part.fill, part))
+        except BaseException:
+            await self.buffers.put(part)
+            raise
+        self.number += 1
+
+    async def finish(self, head: bytes) -> None:
+        """The last part (if any), then part 1: the head and its share."""
+        if self.cur is not None:
+            await self._send_cur()
+        body = head + bytes(self.first[:self.first_fill])
+        await self.send.send((1, body, len(body), None))
+
+    async def aclose(self) -> None:
+        if self.cur is not None:  # failed or cancelled mid-part: its file is closed
+            part, self.cur = self.cur, None
+            await self.buffers.put(part)
+
+
+async def _produce(enc: StreamingEncoder,
+                   blocks: trio.MemoryReceiveChannel[tuple[int, bytes]],
+                   send: trio.MemorySendChannel[tuple[int, Any, int, _Part | None]],
+                   buffers: _Buffers, total: int, progress: ProgressFn,
+                   cpu_limiter: trio.CapacityLimiter) -> None:
+    """Encode and cut into parts; part 1 (head + first body bytes) goes last."""
+    cutter = _Cutter(enc.head_size, buffers, send, cpu_limiter)
+    try:
+        done = 0
+        async for offset, data in blocks:
+            enc.skip_to(offset)
+            pieces = await trio.to_thread.run_sync(enc.feed_pieces, data, limiter=cpu_limiter)
+            done = min(total, done + len(data))  # progress: allocated bytes done
+            await cutter.add(pieces)
+            del pieces, data
+            progress(done, total)
+        tail, head = await trio.to_thread.run_sync(enc.finish_pieces, limiter=cpu_limiter)
+        await cutter.add(tail)
+        del tail
+        await cutter.finish(head)
+    finally:
+        await cutter.aclose()
 
 
 async def _abort(calls: S3Calls, settings: S3Settings, bucket: str, key: str,

@@ -1,7 +1,8 @@
 """Capture: a volume's (or an imported image's) bytes into the chunk store.
 
-Three stages joined by one-slot memory channels, so memory stays at a few
-batches whatever the volume's size:
+Three stages joined by memory channels (rendezvous ones when compressing: each
+stage holds one batch), so memory stays at a few batches whatever the volume's
+size:
   1. read + zero-check + hash a batch of chunks (in worker threads), skipping
      ranges the file reports as holes (SEEK_DATA) without reading them;
   2. compress the chunks the index does not hold yet (where it pays, in
@@ -12,8 +13,9 @@ batches whatever the volume's size:
      is dropped), append them to this capture's pack, fdatasync, then commit
      chunk rows + map entries + progress.
 While stage 3 writes and syncs batch n, stage 2 compresses n+1 and stage 1
-reads n+2: on two cores compression no longer waits for the writes (profiled:
-with compression in the write step, the capture used ~1.05 cores of 2).
+reads n+2: the compression threads, most of a first snapshot's CPU, no longer
+idle during the appends and fdatasyncs (as they did with compression in the
+write step). At level 0 stage 2 is left out.
 """
 
 from __future__ import annotations

@@ -279,3 +279,42 @@ async def test_on_a_reflink_filesystem_raw_chunks_are_cloned_and_the_rest_compre
     finally:
         os.close(fd)
     assert extents and extents[0].flags & FIEMAP_EXTENT_SHARED
+
+
+async def test_the_compress_stage_compresses_only_new_chunks_once_and_the_write_stage_decides(
+        store_dir: Path, tmp_path: Path) -> None:
+    """Stage 2 (capture._compress_stage) compresses, once per hash, only what the
+    index does not hold; through a whole capture a known chunk dedups and a new
+    one is stored once, compressed."""
+    from snapfs.local.capture import Hashed, _compress_stage
+    from snapfs.local.chunks import digest
+
+    old = text_bytes(MiB, 20)
+    vol = write_volume(tmp_path / "old.raw", MiB, [(0, old)])
+    async with open_local_service(store_dir) as svc:
+        await snapshot_of(svc, vol, "old")
+        new = text_bytes(MiB, 21)
+        batch = [Hashed(0, old, digest(old)), Hashed(1, new, digest(new)),
+                 Hashed(2, new, digest(new)), Hashed(3, None, None)]
+        send, recv = trio.open_memory_channel[list[Hashed]](1)
+        send2, recv2 = trio.open_memory_channel[list[Hashed]](1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_compress_stage, recv, send2, svc.index, 3,
+                               trio.CapacityLimiter(1))
+            await send.send(batch)
+            await send.aclose()
+            out = await recv2.receive()
+        assert out[0].packed is None and out[3].packed is None  # known / a hole
+        assert out[1].packed and out[1].packed is out[2].packed  # compressed once
+        assert len(out[1].packed) < MiB // 4
+
+        # The whole path: the known chunk dedups (not stored again), the new one
+        # is stored once, compressed, and everything reads back.
+        before = svc.md.conn.execute("SELECT count(*) FROM chunks").fetchone()[0]
+        vol2 = write_volume(tmp_path / "again.raw", 3 * MiB, [(0, old), (MiB, new + new)])
+        snap = await snapshot_of(svc, vol2, "again")
+        assert svc.md.conn.execute("SELECT count(*) FROM chunks").fetchone()[0] == before + 1
+        assert forms(svc.md.conn, "again") == {0: True, 1: True, 2: True}
+        assert await read_all(svc, snap.id) == vol2.read_bytes()
+        rep = await fsck(svc)
+        assert rep.ok, rep.problems

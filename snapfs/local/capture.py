@@ -1,13 +1,21 @@
 """Capture: a volume's (or an imported image's) bytes into the chunk store.
 
-Two stages joined by a one-slot memory channel, so memory stays at a few
-batches whatever the volume's size:
-  1. read + zero-check + hash a batch of chunks (in a worker thread), skipping
+Three stages joined by memory channels (rendezvous ones when compressing: each
+stage holds one batch), so memory stays at a few batches whatever the volume's
+size:
+  1. read + zero-check + hash a batch of chunks (in worker threads), skipping
      ranges the file reports as holes (SEEK_DATA) without reading them;
-  2. under the index lock: look up which hashes are new, compress those (where
-     it pays, in parallel: compression.py), append them to this capture's pack,
-     fdatasync, then commit chunk rows + map entries + progress.
-Stage 1 of batch n+1 runs while stage 2 of batch n writes, using both cores.
+  2. compress the chunks the index does not hold yet (where it pays, in
+     parallel: compression.py) -- a hint looked up without the index lock, so a
+     second snapshot compresses only its new chunks;
+  3. under the index lock: look up which hashes are new (the answer that
+     counts: a chunk the hint missed is compressed here, one stored meanwhile
+     is dropped), append them to this capture's pack, fdatasync, then commit
+     chunk rows + map entries + progress.
+While stage 3 writes and syncs batch n, stage 2 compresses n+1 and stage 1
+reads n+2: the compression threads, most of a first snapshot's CPU, no longer
+idle during the appends and fdatasyncs (as they did with compression in the
+write step). At level 0 stage 2 is left out.
 """
 
 from __future__ import annotations
@@ -49,6 +57,9 @@ class Hashed:
     idx: int
     data: bytes | memoryview | None  # None: all zeros (a hole)
     hash: bytes | None
+    #: Stage 2's verdict: None = not tried; b"" = stays raw; else the zstd frame
+    #: stored instead of ``data``.
+    packed: bytes | None = None
 
 
 class CaptureSource(abc.ABC):
@@ -252,6 +263,7 @@ class _Capture:
         self.done = batch[-1].idx + 1
         known = self.index.known([h.hash for h in stored if h.hash not in g.fresh])  # type: ignore[misc]
         fresh: dict[bytes, bytes | memoryview] = {}
+        tried: dict[bytes, bytes] = {}  # stage 2's verdicts (b"": raw)
         first_idx: dict[bytes, int] = {}  # where each fresh chunk lies in the source
         for h in stored:
             hh = h.hash
@@ -259,6 +271,8 @@ class _Capture:
             if hh not in known and hh not in g.fresh and hh not in fresh:
                 fresh[hh] = h.data
                 first_idx[hh] = h.idx
+                if h.packed is not None:
+                    tried[hh] = h.packed
         if fresh:
             if self.writer is None or self.writer.full:
                 if g.new:
@@ -274,8 +288,11 @@ class _Capture:
 
             def write_all() -> list[tuple[bytes, int, int, bytes, int | None]]:
                 # Compressed where it pays (compression.py), COMPRESS_THREADS at once.
+                # Stage 2 compressed what its hint said was new; the rest here.
                 hashes = list(fresh)
-                packed = dict(zip(hashes, compress_all([fresh[hh] for hh in hashes], level)))
+                todo = [hh for hh in hashes if hh not in tried]
+                packed = {hh: z or None for hh, z in tried.items()}
+                packed.update(zip(todo, compress_all([fresh[hh] for hh in todo], level)))
                 placed: dict[bytes, int] = {}
                 if src is not None:  # a clone is raw: only what compression leaves raw
                     for hh in hashes:
@@ -336,9 +353,12 @@ async def capture(source: CaptureSource, snapshot_id: str, snap: int, index: Chu
     """Store all of ``source`` as the chunk map of snapshot ``snap``. Raises on any
     failure; the caller then marks the snapshot and releases the partial map."""
     total = (source.size + CHUNK_SIZE - 1) // CHUNK_SIZE
-    send, recv = trio.open_memory_channel[list[Hashed]](1)
+    level = store_level(index.conn)
+    # With a compression stage the channels hold no batch of their own: each
+    # stage holds one (3 in all, as two stages with a one-slot channel did).
+    send, recv = trio.open_memory_channel[list[Hashed]](0 if level > 0 else 1)
     cap = _Capture(snapshot_id, snap, total, index, pool, index_lock, io_limiter,
-                   source.clone_fd, source.percent, store_level(index.conn))
+                   source.clone_fd, source.percent, level)
 
     async def produce() -> None:
         async with send:
@@ -356,6 +376,10 @@ async def capture(source: CaptureSource, snapshot_id: str, snap: int, index: Chu
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(produce)
+                if level > 0:
+                    send2, recv2 = trio.open_memory_channel[list[Hashed]](0)
+                    nursery.start_soon(_compress_stage, recv, send2, index, level, io_limiter)
+                    recv = recv2
                 nursery.start_soon(cap.consume, recv)
         except BaseExceptionGroup as group:
             # One stage failed and the other was cancelled because of it: the caller
@@ -370,6 +394,32 @@ async def capture(source: CaptureSource, snapshot_id: str, snap: int, index: Chu
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(pool.retire, cap.writer,
                                                   limiter=io_limiter)
+
+
+async def _compress_stage(recv: trio.MemoryReceiveChannel[list[Hashed]],
+                          send: trio.MemorySendChannel[list[Hashed]], index: ChunkIndex,
+                          level: int, limiter: trio.CapacityLimiter) -> None:
+    """Stage 2: each batch's chunks the index does not hold (a hint, read without
+    the index lock: stage 3 decides) compressed, COMPRESS_THREADS at a time."""
+    async with recv, send:
+        async for batch in recv:
+            todo: dict[bytes, list[Hashed]] = {}
+            for h in batch:
+                if h.hash is not None:
+                    todo.setdefault(h.hash, []).append(h)
+            for hh in index.known(list(todo)):
+                del todo[hh]
+            if todo:
+                raws: list[bytes | memoryview] = []
+                for hs in todo.values():
+                    assert hs[0].data is not None  # hashed: not a hole
+                    raws.append(hs[0].data)
+                packed = await trio.to_thread.run_sync(compress_all, raws, level,
+                                                       limiter=limiter)
+                for hs, z in zip(todo.values(), packed):
+                    for h in hs:
+                        h.packed = z or b""
+            await send.send(batch)
 
 
 def _full(store: Path, what: str) -> StoreFull:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 import re
 import shutil
 import signal
@@ -139,6 +140,29 @@ def proc_io(field: str) -> int:
 
 def bytes_read() -> int:
     return proc_io("rchar")
+
+
+#: A process that starts a capture of argv[2] in store argv[1], slowed so that a
+#: kill lands mid-way on any machine, and says "started" (for kill_mid_way).
+PACED_CAPTURE = textwrap.dedent("""
+    import sys, trio
+    from snapfs.local import capture, open_local_service
+
+    _read = capture.FileSource.read_batch
+    async def paced(self, first, count):  # the kill lands mid-way on any machine
+        await trio.sleep(0.05)
+        return await _read(self, first, count)
+    capture.FileSource.read_batch = paced
+    capture.GROUP_REFS = 16  # a commit (and progress) per batch
+
+    async def main():
+        async with open_local_service(sys.argv[1]) as svc:
+            vol = await svc.add_volume("big", sys.argv[2])
+            await svc.create_snapshot("fr-par-1", name="doomed", volume_id=vol.id)
+            print("started", flush=True)
+            await trio.sleep_forever()
+    trio.run(main)
+""")
 
 
 def kill_mid_way(script: str, store_dir: Path, *args: object) -> int:

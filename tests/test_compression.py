@@ -10,7 +10,6 @@ import errno
 import os
 import sqlite3
 import tarfile
-import textwrap
 from pathlib import Path
 from typing import Callable
 
@@ -19,8 +18,9 @@ import trio
 
 from fixtures_mount import Mount, run, snapfs
 from fixtures_s3 import SeaweedServer, qemu_img_judges
-from fixtures_store import (MiB, ZONE, chunks_stored, flip_bits, kill_mid_way, random_bytes,
-                            read_all, snapfs_cli, snapshot_of, wait_state, write_volume)
+from fixtures_store import (PACED_CAPTURE, MiB, ZONE, chunks_stored, flip_bits, kill_mid_way,
+                            random_bytes, read_all, snapfs_cli, snapshot_of, wait_state,
+                            write_volume)
 from snapfs.errors import CorruptData
 from snapfs.local import open_local_service
 from snapfs.local.compression import set_store_level
@@ -212,25 +212,6 @@ async def test_export_and_import_round_trip_compressed_chunks(
     await objects.aclose()
 
 
-KILLED_CAPTURE = textwrap.dedent("""
-    import sys, trio
-    from snapfs.local import capture, open_local_service
-
-    _read = capture.FileSource.read_batch
-    async def paced(self, first, count):  # the kill lands mid-way on any machine
-        await trio.sleep(0.05)
-        return await _read(self, first, count)
-    capture.FileSource.read_batch = paced
-    capture.GROUP_REFS = 16  # a commit (and progress) per batch
-
-    async def main():
-        async with open_local_service(sys.argv[1]) as svc:
-            vol = await svc.add_volume("big", sys.argv[2])
-            await svc.create_snapshot("fr-par-1", name="doomed", volume_id=vol.id)
-            print("started", flush=True)
-            await trio.sleep_forever()
-    trio.run(main)
-""")
 
 
 async def test_a_capture_killed_mid_way_with_compression_leaves_fsck_clean(
@@ -239,7 +220,7 @@ async def test_a_capture_killed_mid_way_with_compression_leaves_fsck_clean(
     runs = [(i * MiB, text_bytes(MiB, 100 + i) if i % 3 else random_bytes(MiB, i))
             for i in range(size // MiB)]
     big = write_volume(tmp_path / "big.raw", size, runs)
-    progress = await trio.to_thread.run_sync(kill_mid_way, KILLED_CAPTURE, store_dir, big)
+    progress = await trio.to_thread.run_sync(kill_mid_way, PACED_CAPTURE, store_dir, big)
     assert 10 <= progress < 100
     db = sqlite3.connect(store_dir / "metadata.db")
     compressed = db.execute("SELECT count(*) FROM chunks WHERE raw_length IS NOT NULL"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -17,8 +16,8 @@ from typing import Callable
 import pytest
 import trio
 
-from fixtures_store import (MiB, ZONE, deletes_done, kill_mid_way, random_bytes, read_all,
-                            shadow_files, snapshot_of, write_volume)
+from fixtures_store import (PACED_CAPTURE, MiB, ZONE, deletes_done, kill_mid_way,
+                            random_bytes, read_all, shadow_files, snapshot_of, write_volume)
 from snapfs.errors import NotFound, PreconditionFailed
 from snapfs.local import open_local_service
 from snapfs.local import adoption as adoption_module
@@ -228,25 +227,6 @@ def test_processes_opening_a_new_store_at_once_agree_on_it(tmp_path: Path) -> No
         db.close()
 
 
-PACED_CAPTURE = textwrap.dedent("""
-    import sys, trio
-    from snapfs.local import capture, open_local_service
-
-    _read = capture.FileSource.read_batch
-    async def paced(self, first, count):  # the kill lands mid-way on any machine
-        await trio.sleep(0.05)
-        return await _read(self, first, count)
-    capture.FileSource.read_batch = paced
-    capture.GROUP_REFS = 16  # a commit (and progress) per batch
-
-    async def main():
-        async with open_local_service(sys.argv[1]) as svc:
-            vol = await svc.add_volume("big", sys.argv[2])
-            await svc.create_snapshot("fr-par-1", name="doomed", volume_id=vol.id)
-            print("started", flush=True)
-            await trio.sleep_forever()
-    trio.run(main)
-""")
 
 
 async def test_a_process_that_dies_beside_a_running_one_is_recovered_by_it(

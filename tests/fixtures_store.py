@@ -270,3 +270,12 @@ async def tasks_waiting(limiter: trio.CapacityLimiter, count: int = 1) -> None:
     with trio.fail_after(10):
         while limiter.statistics().tasks_waiting < count:
             await trio.sleep(0.001)
+
+
+def undo_reference_counts(conn: sqlite3.Connection) -> None:
+    """Turn a store back from schema 11: the index by chunk instead of the
+    reference counts and their triggers (for tests of older stores)."""
+    for trigger in ("ref", "unref", "reref"):
+        conn.execute(f"DROP TRIGGER snapshot_chunks_{trigger}")
+    conn.execute("ALTER TABLE chunks DROP COLUMN refs")
+    conn.execute("CREATE INDEX snapshot_chunks_chunk ON snapshot_chunks (chunk)")

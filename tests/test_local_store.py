@@ -18,7 +18,8 @@ import trio
 
 from fixtures_store import (MiB, ZONE, all_tokens_held, chunk_place, deletes_done, flip_bits,
                             kill_mid_way, random_bytes, read_all, snapfs_cli, snapshot_of,
-                            tasks_waiting, wait_state, write_elsewhere)
+                            tasks_waiting, undo_reference_counts, wait_state,
+                            write_elsewhere)
 from snapfs.errors import CorruptData, NotFound
 from snapfs.local import LocalService, open_local_service
 from snapfs.local.chunkindex import _release_step
@@ -214,6 +215,7 @@ async def test_a_version_1_store_is_migrated_and_reads_the_same(
             conn.execute(f"ALTER TABLE snapshots DROP COLUMN {col}")
         conn.execute("DROP TABLE left_uploads")
         conn.execute("DROP TABLE map_digests")
+        undo_reference_counts(conn)
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     conn.close()
     assert SCHEMA_VERSION == len(MIGRATIONS) >= 2
@@ -379,6 +381,7 @@ async def test_a_delete_cut_short_under_schema_3_is_finished_after_the_migration
                      "if this stays, the delete was interrupted: delete it again'")
         assert _release_step(conn, key, 2)
         conn.execute("DROP TABLE map_digests")  # after the step, which deletes its row
+        undo_reference_counts(conn)
         conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
     conn.close()
     async with open_local_service(store_dir) as svc:

@@ -59,8 +59,7 @@ def _release_step(conn: sqlite3.Connection, snap: int, limit: int | None) -> boo
     conn.execute(f"CREATE TEMP TABLE cand AS SELECT DISTINCT chunk AS id FROM snapshot_chunks "
                  f"WHERE {cond}", args)
     conn.execute(f"DELETE FROM snapshot_chunks WHERE {cond}", args)
-    orphan = ("SELECT c.id FROM chunks c JOIN cand USING (id) WHERE NOT EXISTS "
-              "(SELECT 1 FROM snapshot_chunks m WHERE m.chunk = c.id)")
+    orphan = "SELECT c.id FROM chunks c JOIN cand USING (id) WHERE c.refs <= 0"
     conn.execute("INSERT INTO free_extents (pack, offset, length) "
                  f"SELECT pack, offset, length FROM chunks WHERE id IN ({orphan})")
     conn.execute(f"DELETE FROM chunks WHERE id IN ({orphan})")
@@ -69,6 +68,24 @@ def _release_step(conn: sqlite3.Connection, snap: int, limit: int | None) -> boo
         return False
     return conn.execute("SELECT 1 FROM snapshot_chunks WHERE snap = ? LIMIT 1",
                         (snap,)).fetchone() is not None
+
+
+def wrong_refs(conn: sqlite3.Connection) -> list[tuple[int, int, int]]:
+    """(chunk, its refs, the map entries naming it) of every chunk that no entry
+    names or whose count is off. One pass over the maps (grouped in a temporary
+    b-tree: there is no index by chunk), in one statement: one snapshot of a store
+    that others may be writing."""
+    return [(int(c), int(r), int(n)) for c, r, n in conn.execute(
+        "SELECT c.id, c.refs, coalesce(m.n, 0) FROM chunks c LEFT JOIN "
+        "(SELECT chunk, count(*) AS n FROM snapshot_chunks GROUP BY chunk) m "
+        "ON m.chunk = c.id WHERE m.n IS NULL OR c.refs != m.n")]
+
+
+def recount_refs(conn: sqlite3.Connection, chunks: list[int]) -> None:
+    """Set these chunks' refs to the map entries naming them (fsck --repair)."""
+    with _immediate(conn):
+        conn.executemany("UPDATE chunks SET refs = (SELECT count(*) FROM snapshot_chunks m "
+                         "WHERE m.chunk = chunks.id) WHERE id = ?", [(c,) for c in chunks])
 
 
 def _check_live(conn: sqlite3.Connection, snap: int) -> None:
@@ -165,7 +182,10 @@ class ChunkIndex:
                     raise CorruptData("a chunk this capture reuses was deleted meanwhile by "
                                       "another process on the same store; take it again")
                 self.conn.executemany(
-                    "INSERT OR REPLACE INTO snapshot_chunks (snap, idx, chunk) VALUES (?, ?, ?)",
+                    # An upsert, not OR REPLACE: its delete would not fire the
+                    # trigger that counts references (schema v11).
+                    "INSERT INTO snapshot_chunks (snap, idx, chunk) VALUES (?, ?, ?) "
+                    "ON CONFLICT (snap, idx) DO UPDATE SET chunk = excluded.chunk",
                     [(snap, idx, ids[h]) for idx, h in refs])
             if progress is not None:
                 self.conn.execute("UPDATE snapshots SET progress = ? WHERE id = ?",

@@ -21,6 +21,7 @@ import trio
 
 from ..errors import CorruptData
 from . import mapdigest
+from .chunkindex import wrong_refs
 from .chunks import CHUNK_SIZE, PackFiles
 from .chunks import digest as blake3_digest
 from .compression import decompress
@@ -71,9 +72,12 @@ async def fsck(svc: LocalService) -> FsckReport:
             "JOIN snapshot_chunks m ON m.snap = s.rowid GROUP BY s.rowid"):
         if n * CHUNK_SIZE >= size:
             rep.problems.append(f"snapshot {sid} ({name}) maps chunk {n} beyond its size {size}")
-    for (cid,) in conn.execute("SELECT id FROM chunks c WHERE NOT EXISTS "
-                               "(SELECT 1 FROM snapshot_chunks m WHERE m.chunk = c.id)"):
-        rep.problems.append(f"chunk {cid} is not referenced by any snapshot (leaked)")
+    for cid, refs, n in wrong_refs(conn):
+        if n == 0:
+            rep.problems.append(f"chunk {cid} is not referenced by any snapshot (leaked)")
+        if refs != n:
+            rep.problems.append(f"chunk {cid} counts {refs} reference(s), the maps hold {n} "
+                                "(fsck --repair counts them again)")
     rep.problems += [what + " (fsck --repair drops them; they are computed again when "
                      "needed)" for _, what in mapdigest.wrong(conn)]
     for (cid, pack) in conn.execute("SELECT id, pack FROM chunks c WHERE NOT EXISTS "

@@ -22,6 +22,7 @@ import trio
 
 from ..errors import PreconditionFailed
 from . import mapdigest
+from .chunkindex import recount_refs, wrong_refs
 from .recovery import TAIL_LIMIT, recover
 from .store import LOST_FOUND, open_lock
 
@@ -147,6 +148,10 @@ def plan(svc: "LocalService") -> list[Step]:
     for key, rows in deleted_maps(svc):
         steps.append(Step(f"release the {rows} chunk map row(s) of deleted snapshot #{key}",
                           _release(svc, key)))
+    off = [cid for cid, refs, n in wrong_refs(md.conn) if refs != n]
+    if off:
+        steps.append(Step(f"count the references of {len(off)} chunk(s) again",
+                          _recount(svc, off)))
     for key, what in mapdigest.wrong(md.conn):
         steps.append(Step(f"drop the window digests of map #{key} ({what}); they are "
                           "computed again when needed", _drop_digests(svc, key)))
@@ -177,6 +182,16 @@ def _finish_delete(svc: "LocalService", snapshot_id: str, key: int) -> Callable[
 def _release(svc: "LocalService", key: int) -> Callable[[], None]:
     def do() -> None:
         svc.index.release_in_steps(key)
+    return do
+
+
+def _recount(svc: "LocalService", chunks: list[int]) -> Callable[[], None]:
+    def do() -> None:  # in a worker thread: a connection of its own
+        conn = svc.md.worker_connection()
+        try:
+            recount_refs(conn, chunks)
+        finally:
+            conn.close()
     return do
 
 

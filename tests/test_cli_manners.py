@@ -145,4 +145,10 @@ def test_unknown_mount_option_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "mnt").mkdir()
     res = snapfs(tmp_path / "store", tmp_path / "mnt", "-o", "bogus", check=False)
     one_line_error(res, "unsupported mount option 'bogus'")
+    # readahead=N maps to the retired --readahead: said so in one line, not listed
+    # among the spellings in the README or the help.
+    res = snapfs(tmp_path / "store", tmp_path / "mnt", "-o", "readahead=4", check=False)
+    one_line_error(res, "--readahead", "retired")
     assert not (tmp_path / "store").exists()
+    assert "readahead=" not in snapfs("mount", "--help").stdout
+    assert "`readahead=N`" not in (Path(__file__).parent.parent / "README.md").read_text()

@@ -35,7 +35,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT",
                    help="mount options, comma-separated: allow_other (then "
                    "default_permissions applies), ro, and every flag here spelt as "
-                   "an option (backend=scaleway, page_cache, readahead=4, "
+                   "an option (backend=scaleway, page_cache, direct_io, "
                    "s3_endpoint=URL, image_mode=0440 ...); fstab's noauto, _netdev, "
                    "nofail, x-systemd.* are ignored")
     cache = p.add_mutually_exclusive_group()

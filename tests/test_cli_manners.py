@@ -152,3 +152,22 @@ def test_unknown_mount_option_is_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "store").exists()
     assert "readahead=" not in snapfs("mount", "--help").stdout
     assert "`readahead=N`" not in (Path(__file__).parent.parent / "README.md").read_text()
+
+
+def test_a_command_that_makes_a_new_store_says_so(tmp_path: Path) -> None:
+    """A mistyped --store is seen at once: the command that made the store says so
+    on stderr (stdout stays the answer); a store that was there is not mentioned."""
+    store = tmp_path / "typo"
+    res = snapfs("project", "create", "web", "--store", store)
+    assert res.stderr == f"snapfs: made a new store in {store}\n"
+    assert res.stdout.strip() in {p["id"] for p in json.loads(
+        snapfs("project", "list", "--json", "--store", store).stdout)}
+    assert snapfs("project", "create", "db", "--store", store).stderr == ""
+    # The mount makes one too, and says so once it is live.
+    (tmp_path / "mnt").mkdir()
+    other = tmp_path / "other"
+    res = snapfs("mount", tmp_path / "mnt", "--store", other)
+    try:
+        assert res.stderr == f"snapfs: made a new store in {other}\n"
+    finally:
+        snapfs("umount", tmp_path / "mnt")

@@ -111,7 +111,14 @@ def _mount(args: argparse.Namespace) -> int:
     if "allow_other" in cfg.options and os.geteuid() != 0 and not _user_allow_other():
         raise PermissionDenied("cannot mount with -o allow_other: only root may, unless "
                                f"{FUSE_CONF} says user_allow_other (root edits it)")
-    return run_foreground(cfg) if args.foreground else run_daemon(cfg)
+    if args.foreground:
+        return run_foreground(cfg)
+    from ..admin import is_store, say_if_new
+    existed = is_store(cfg.store)
+    code = run_daemon(cfg)
+    if code == 0:  # (refused: its one line only)
+        say_if_new(cfg.store, existed)
+    return code
 
 
 def _user_allow_other() -> bool:

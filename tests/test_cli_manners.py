@@ -97,6 +97,11 @@ def test_mount_on_a_missing_mountpoint_says_so_and_the_fix(tmp_path: Path) -> No
 def test_wait_on_a_missing_snapshot_says_so(tmp_path: Path) -> None:
     res = snapfs("wait", tmp_path / "gone", check=False)
     one_line_error(res, "no such snapshot", str(tmp_path / "gone"))
+    # A path that is there but no snapshot: said so, without an errno's text
+    # ("No data available" was all a new user got).
+    res = snapfs("wait", tmp_path, check=False)
+    err = one_line_error(res, f"{tmp_path} is not a snapshot (or an import) in a snapfs mount")
+    assert "No data available" not in err and "not supported" not in err
 
 
 def test_mount_helper_form_becomes_mount() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import subprocess
@@ -219,8 +220,8 @@ def _probe_for(path: Path) -> tuple[Callable[[], Status], frozenset[str], frozen
     try:
         os.getxattr(target, "user.state")
         return _snapshot_probe(target), BUSY_STATES, FAILED_STATES
-    except OSError as exc:
-        error = exc.strerror
+    except OSError as exc:  # no such attribute: simply not a snapshot (no errno text)
+        error = "" if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP) else exc.strerror
     if path.parent.name == "imports" and path.is_file():
         try:
             _import_probe(path)()
@@ -229,7 +230,7 @@ def _probe_for(path: Path) -> tuple[Callable[[], Status], frozenset[str], frozen
         except (OSError, ValueError, KeyError) as exc:
             error = str(exc)
     raise InvalidArgument("path", f"{path} is not a snapshot (or an import) in a snapfs "
-                          f"mount ({error})")
+                          f"mount{f' ({error})' if error else ''}")
 
 
 def _wait(args: argparse.Namespace) -> int:

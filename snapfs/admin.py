@@ -52,6 +52,7 @@ def _run(args: argparse.Namespace, fn: Callable[[Any], Awaitable[int | None]],
 
 
 def is_store(store: Path) -> bool:
+    """Whether ``store`` holds a store already (its marker; see local/store.py)."""
     from .local.store import MARKER
     return os.path.lexists(store / MARKER)
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sqlite3
 import sys
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import trio
@@ -40,9 +42,27 @@ def _run(args: argparse.Namespace, fn: Callable[[Any], Awaitable[int | None]],
         async with open_backend(settings) as svc:
             return await fn(svc)
     try:
-        return int(trio.run(main) or 0)
+        existed = is_store(store_path(args))
+        code = int(trio.run(main) or 0)
+        if code == 0:
+            say_if_new(store_path(args), existed)
+        return code
     except sqlite3.DatabaseError as exc:  # the store changed under a reader, a bad disk
         raise SnapfsError(f"{store_path(args) / 'metadata.db'}: {exc}") from None
+
+
+def is_store(store: Path) -> bool:
+    """Whether ``store`` holds a store already (its marker; see local/store.py)."""
+    from .local.store import MARKER
+    return os.path.lexists(store / MARKER)
+
+
+def say_if_new(store: Path, existed: bool) -> None:
+    """A command that made a new store says so on stderr once it succeeded (as
+    `git init` does): a mistyped --store shows at once, not as an empty list later.
+    (A refusal stays its one line: this is not reached.)"""
+    if not existed and is_store(store):
+        print(f"snapfs: made a new store in {store}", file=sys.stderr)
 
 
 def _print_table(rows: list[list[str]], header: list[str]) -> None:

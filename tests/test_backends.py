@@ -12,9 +12,11 @@ import pytest
 import trio
 
 from fixtures_http import ACCESS_KEY, SECRET, Served, start_server, stop_server, wait_state
+from fixtures_s3 import ADMIN, SeaweedServer
 from snapfs.backends import BackendSettings, open_backend
 from snapfs.errors import InvalidArgument
 from snapfs.local import LocalService
+from snapfs.s3.storage import S3ObjectStorage
 from snapfs.scaleway import ScalewayService
 
 
@@ -34,6 +36,34 @@ def test_the_local_backend_is_opened_and_closed(tmp_path: Path) -> None:
     svc = trio.run(main)
     with pytest.raises(sqlite3.ProgrammingError):  # closed with the block
         svc.md.conn.execute("SELECT 1")
+
+
+@pytest.mark.s3
+def test_the_object_storage_is_the_backends_and_closed_after_it(
+        s3_server: SeaweedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backend gets its Object Storage from the settings and loses it with the
+    block, for every command alike (once only `serve` closed its own). Checked by
+    breaking it: without the aclose in open_backend its clients outlive the block."""
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "SCW_ACCESS_KEY",
+                 "SCW_SECRET_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ADMIN[0])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", ADMIN[1])
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    bucket = s3_server.new_bucket()
+
+    async def main() -> S3ObjectStorage:
+        settings = BackendSettings(store=tmp_path / "s", s3_endpoint=s3_server.endpoint)
+        async with open_backend(settings) as svc:
+            assert isinstance(svc, LocalService)
+            objects = svc.objects
+            assert isinstance(objects, S3ObjectStorage)
+            assert objects.settings.endpoint == s3_server.endpoint
+            assert await objects.abort_uploads(bucket, "none") == 0  # a real request
+            assert objects._clients  # its connection is open
+            return objects
+    assert trio.run(main)._clients == {}  # closed with the block
 
 
 def test_the_cloud_backend_is_opened_from_the_same_settings(

@@ -230,7 +230,7 @@ async def test_ls_l_of_a_cloud_zone_asks_only_its_lists(
 
     async with open_scaleway_service([ZONE]) as svc, trio.open_nursery() as nursery:
         ctx = FsContext.create(svc, ttl=0.5)
-        ctx.nursery = ctx.catalog.nursery = nursery
+        ctx.catalog.nursery = nursery
         ops = SnapfsOperations(ctx)
         inode = pyfuse3.ROOT_INODE
         for part in (ZONE, "default", "snapshots"):

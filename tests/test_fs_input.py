@@ -28,7 +28,6 @@ async def fs(service: Any, volume_file: Any, nursery: trio.Nursery) -> SnapfsOpe
     path = volume_file("vol1", 1 * MiB, [(0, random_bytes(4096, seed=3))])
     await service.add_volume("vol1", path)
     ctx = FsContext.create(service)
-    ctx.nursery = nursery
     return SnapfsOperations(ctx)
 
 

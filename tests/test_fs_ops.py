@@ -51,7 +51,6 @@ async def fs(service: Any, volume_file: Any, nursery: trio.Nursery) -> SnapfsOpe
     path = volume_file("vol1", len(data), [(0, data)])
     await service.add_volume("vol1", path)
     ctx = FsContext.create(service)
-    ctx.nursery = nursery
     ops = SnapfsOperations(ctx)
     ops.volume_data = data  # type: ignore[attr-defined]
     return ops

@@ -62,7 +62,6 @@ class Harness:
         async with open_local_service(self.store) as svc, trio.open_nursery() as nursery:
             await svc.add_volume("vol1", self.volume)
             ctx = FsContext.create(svc)
-            ctx.nursery = nursery
             ops = self.ops = SnapfsOperations(ctx)
             root = pyfuse3.ROOT_INODE
             for path in (("volumes", "vol1"), ("snapshots",), ("imports",), ("tags",)):

@@ -5,6 +5,7 @@ effect checked afterwards through the official SDK of the API that owns it."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -92,8 +93,9 @@ def test_both_apis_in_one_tree(mount_factory: Callable[..., Mount], served_s3: S
     assert (m.xattr(blk, "class"), m.xattr(blk, "public"), m.xattr(blk, "references")) == (
         "bssd", "false", "0")
     assert m.xattr(blk, "volume_type") == "b_ssd"
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as info:  # as a file without it: ENODATA
         m.xattr(inst, "class")
+    assert info.value.errno == errno.ENODATA
 
     # setfattr and mv go to the owner; tags/ spans both.
     run("setfattr", "-n", "user.tags", "-v", f"{tag},b", blk)
@@ -112,8 +114,9 @@ def test_both_apis_in_one_tree(mount_factory: Callable[..., Mount], served_s3: S
     assert block.get_snapshot(snapshot_id=blk_id).name == "blk3"
     blk = m.snapshots() / "blk3"
     doc["size"] = doc["size"] + 512  # a read-only field: refused, nothing changes
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as info:
         (blk / "snapshot.json").write_text(json.dumps(doc))
+    assert info.value.errno == errno.EINVAL
     assert block.get_snapshot(snapshot_id=blk_id).size == served_s3.volumes["vol-a"]["size"]
 
     # image.raw of a Block snapshot: exported with Block's export to the staging bucket.

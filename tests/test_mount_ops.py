@@ -316,6 +316,12 @@ def test_rename_onto_an_existing_snapshot_is_eexist(mounted: Mount) -> None:
     snap(mounted, "b")
     before = state_of(mounted)
     refused(errno.EEXIST, os.rename, a, mounted.snapshots() / "b")
+    # What the README says of the tool: `mv a b` onto an existing directory means
+    # "move into b" (refused, EPERM); `mv -T` asks for the rename (EEXIST).
+    res = run("mv", a, mounted.snapshots() / "b", check=False)
+    assert res.returncode != 0 and "Operation not permitted" in res.stderr, res.stderr
+    res = run("mv", "-T", a, mounted.snapshots() / "b", check=False)
+    assert res.returncode != 0 and "File exists" in res.stderr, res.stderr
     assert state_of(mounted) == before
 
 

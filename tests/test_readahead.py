@@ -121,7 +121,7 @@ async def test_an_on_demand_failure_is_the_reads_and_waiters_try_again(
     src = Source()
     src.fail = {5 * W}
     ra = engine(src, nursery)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="bad window at"):
         await ra.read(5 * W + 1, 10)
     src.fail.clear()
     assert await ra.read(5 * W + 1, 10) == DATA[5 * W + 1:5 * W + 11]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import subprocess
@@ -35,7 +36,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT",
                    help="mount options, comma-separated: allow_other (then "
                    "default_permissions applies), ro, and every flag here spelt as "
-                   "an option (backend=scaleway, page_cache, readahead=4, "
+                   "an option (backend=scaleway, page_cache, direct_io, "
                    "s3_endpoint=URL, image_mode=0440 ...); fstab's noauto, _netdev, "
                    "nofail, x-systemd.* are ignored")
     cache = p.add_mutually_exclusive_group()
@@ -111,7 +112,14 @@ def _mount(args: argparse.Namespace) -> int:
     if "allow_other" in cfg.options and os.geteuid() != 0 and not _user_allow_other():
         raise PermissionDenied("cannot mount with -o allow_other: only root may, unless "
                                f"{FUSE_CONF} says user_allow_other (root edits it)")
-    return run_foreground(cfg) if args.foreground else run_daemon(cfg)
+    if args.foreground:
+        return run_foreground(cfg)
+    from ..admin import is_store, say_if_new
+    existed = is_store(cfg.store)
+    code = run_daemon(cfg)
+    if code == 0:  # (refused: its one line only)
+        say_if_new(cfg.store, existed)
+    return code
 
 
 def _user_allow_other() -> bool:
@@ -212,8 +220,8 @@ def _probe_for(path: Path) -> tuple[Callable[[], Status], frozenset[str], frozen
     try:
         os.getxattr(target, "user.state")
         return _snapshot_probe(target), BUSY_STATES, FAILED_STATES
-    except OSError as exc:
-        error = exc.strerror
+    except OSError as exc:  # no such attribute: simply not a snapshot (no errno text)
+        error = "" if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP) else exc.strerror
     if path.parent.name == "imports" and path.is_file():
         try:
             _import_probe(path)()
@@ -222,7 +230,7 @@ def _probe_for(path: Path) -> tuple[Callable[[], Status], frozenset[str], frozen
         except (OSError, ValueError, KeyError) as exc:
             error = str(exc)
     raise InvalidArgument("path", f"{path} is not a snapshot (or an import) in a snapfs "
-                          f"mount ({error})")
+                          f"mount{f' ({error})' if error else ''}")
 
 
 def _wait(args: argparse.Namespace) -> int:

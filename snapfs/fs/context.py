@@ -1,5 +1,5 @@
 """What every node of a mount shares: the service, the caches, the inode table,
-the background nursery, and the in-memory records of transfers started here."""
+and the in-memory records of transfers started here."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
-
-import trio
 
 from ..errors import AlreadyExists
 from ..service import SnapshotService
@@ -37,8 +35,6 @@ class FsContext:
     svc: SnapshotService
     catalog: Catalog
     inodes: InodeTable = field(default_factory=InodeTable)
-    #: Background work of the mount (read-ahead); set when the mount runs.
-    nursery: trio.Nursery | None = None
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
     mounted_ns: int = field(default_factory=time.time_ns)

@@ -115,7 +115,6 @@ async def serve(cfg: MountConfig, ready: Callable[[], None] | None = None) -> No
                  os.getpid())
         try:
             async with trio.open_nursery() as nursery:
-                ctx.nursery = nursery
                 ctx.catalog.nursery = nursery  # background refreshes of stale listings
                 nursery.start_soon(_on_signals, nursery)
                 if api is not None:

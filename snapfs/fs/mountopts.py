@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..backends import BACKENDS  # the composition root knows them
 from ..errors import InvalidArgument
 
 #: Passed on to the kernel / libfuse as they are.
@@ -25,7 +26,6 @@ VALUED = {"backend": "backend", "s3_endpoint": "s3_endpoint", "readahead": "read
           "store": "store"}
 FLAGS = {"foreground": ("foreground", True), "debug": ("debug", True),
          "direct_io": ("direct_io", True), "page_cache": ("direct_io", False)}
-BACKENDS = ("local", "scaleway")
 
 
 def apply_mount_options(args: argparse.Namespace) -> None:

@@ -11,6 +11,7 @@ import logging
 import trio
 
 from ..errors import SnapfsError
+from ..model import PRODUCING_STATES
 from ..objects import ObjectStorage
 from .capture import GROUP_BYTES
 from .chunkindex import ChunkIndex
@@ -46,7 +47,7 @@ async def recover(md: Metadata, index: ChunkIndex, packs: PackFiles,
         return exclusive or (owner is not None and not alive(owner))
 
     # 1. Captures and imports that never finished: error, partial map released.
-    for snap, owner in md.snapshots_in_states(("snapshotting", "importing")):
+    for snap, owner in md.snapshots_in_states(PRODUCING_STATES):
         if not orphaned(owner):
             continue
         log.warning("snapshot %s (%s) was %s when the service stopped: marking it error",

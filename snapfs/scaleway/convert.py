@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from ..model import BaseVolume, Project, Snapshot, Task, Volume
+from ..model import PRODUCING_STATES, BaseVolume, Project, Snapshot, Task, Volume
 
 
 def _date(value: dt.datetime | str | None) -> str:
@@ -36,7 +36,7 @@ def snapshot(s: Any) -> Snapshot:
         base_volume=None if bv is None else BaseVolume(id=_text(bv.id), name=_text(bv.name)),
         creation_date=_date(s.creation_date), modification_date=_date(s.modification_date),
         error_reason=s.error_reason, zone=_text(s.zone),
-        progress=0 if _text(s.state) in ("snapshotting", "importing") else 100)
+        progress=0 if _text(s.state) in PRODUCING_STATES else 100)
 
 
 def json_date(value: Any) -> str:
@@ -66,7 +66,7 @@ def snapshot_json(d: dict[str, Any]) -> Snapshot:
         creation_date=json_date(d.get("creation_date")),
         modification_date=json_date(d.get("modification_date")),
         error_reason=d.get("error_reason"), zone=_text(d.get("zone")),
-        progress=0 if state in ("snapshotting", "importing") else 100)
+        progress=0 if state in PRODUCING_STATES else 100)
 
 
 def volume(v: Any) -> Volume:

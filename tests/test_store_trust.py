@@ -384,6 +384,33 @@ def test_a_symlinked_mount_log_is_never_followed(shared_tmp: Path) -> None:
     assert victim.read_text() == "root's file\n"
 
 
+@pytest.mark.parametrize("planted", ["inodes.sqlite", "inodes.sqlite-wal"])
+def test_a_symlinked_inode_map_is_never_followed(tmp_path: Path, planted: str) -> None:
+    """SQLite follows symlinks and creates what they point at: the mount's inode
+    map (and its -wal) is checked first, as the log and metadata.db are."""
+    store = tmp_path / "store"
+    make_store(store, tmp_path)
+    if planted != "inodes.sqlite":
+        (store / "inodes.sqlite").touch(mode=0o600)
+    target = tmp_path / "cron.d-file"  # where a root-owned file must not appear
+    (store / planted).symlink_to(target)
+    before = tree(store)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        one_line_refusal(snapfs_cli("mount", str(mnt), store=store), planted, "symlink")
+        assert not is_mounted(mnt)
+    finally:
+        if is_mounted(mnt):
+            pid = int(os.getxattr(mnt, "user.pid"))
+            subprocess.run(["fusermount3", "-u", str(mnt)])
+            stop_process(pid)
+    assert not list(tmp_path.glob("cron.d-file*"))
+    after = tree(store)
+    assert {k: v for k, v in after.items() if k not in (".", "mount.log")} == \
+        {k: v for k, v in before.items() if k not in (".", "mount.log")}
+
+
 def test_volume_rm_deletes_only_a_file_inside_the_stores_volumes(shared_tmp: Path) -> None:
     store = shared_tmp / "store"
     make_store(store, shared_tmp)

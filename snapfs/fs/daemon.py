@@ -28,7 +28,7 @@ from ..logtext import EscapingFormatter
 from ..service import SnapshotService
 from .context import FsContext
 from .mountopts import FUSE_OPTIONS
-from .inodes import InodeTable
+from .inodes import MAP_NAME, InodeTable
 from .ops import SnapfsOperations
 
 log = logging.getLogger("snapfs.fs")
@@ -106,6 +106,8 @@ async def serve(cfg: MountConfig, ready: Callable[[], None] | None = None) -> No
         api = bind(cfg.listen)
     async with open_backend(cfg.backend_settings()) as svc:
         ctx = FsContext.create(svc, ttl=cfg.ttl)
+        from ..local.store import private_database
+        private_database(cfg.store / MAP_NAME)  # never through a planted symlink
         ctx.inodes = InodeTable.in_store(cfg.store)  # the same numbers across remounts
         ctx.direct_io = cfg.direct_io
         ctx.image_mode, ctx.image_owner = cfg.image_mode, cfg.image_owner

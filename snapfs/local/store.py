@@ -338,6 +338,33 @@ def open_lock(path: Path) -> int:
     return fd
 
 
+def private_database(path: Path) -> None:
+    """Make sure an SQLite file of the store other than metadata.db (the mount's
+    ``inodes.sqlite``) is a regular file of ours, 0600, before SQLite opens it:
+    SQLite follows symlinks, and would create the file, its -wal and its -shm
+    wherever a planted one points."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StoreUnusable(f"cannot open {path}: {exc.strerror} (a symlink is "
+                            "refused)") from None
+    try:
+        st = _own_regular_file(fd, path)
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for side in (Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            st = os.lstat(side)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise StoreUnusable(f"{side} is not a regular file of this user (a symlink is "
+                                "refused): remove it (check who put it there)")
+
+
 def managed_volume_file(store: Path, path: str) -> Path | None:
     """The file a store-managed volume lives in, if ``path`` really is one inside
     ``<store>/volumes/`` (defence in depth: metadata is not trusted to name any

@@ -411,6 +411,24 @@ def test_a_symlinked_inode_map_is_never_followed(tmp_path: Path, planted: str) -
         {k: v for k, v in before.items() if k not in (".", "mount.log")}
 
 
+def test_a_symlinked_packs_directory_is_refused(tmp_path: Path) -> None:
+    """A `packs` link planted while the store was open to others would have every
+    chunk written (and read) where the link's owner reads them."""
+    store = tmp_path / "store"
+    make_store(store, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    (store / "packs").rename(elsewhere)
+    (store / "packs").symlink_to(elsewhere)
+    before, theirs = tree(store), tree(elsewhere)
+    for cmd in (["volume", "list"], ["fsck"], ["project", "create", "p"]):
+        one_line_refusal(snapfs_cli(*cmd, store=store), "packs", "symlink")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    one_line_refusal(snapfs_cli("mount", str(mnt), store=store), "packs", "symlink")
+    assert not is_mounted(mnt)
+    assert tree(store) == before and tree(elsewhere) == theirs
+
+
 def test_volume_rm_deletes_only_a_file_inside_the_stores_volumes(shared_tmp: Path) -> None:
     store = shared_tmp / "store"
     make_store(store, shared_tmp)

@@ -89,8 +89,9 @@ def damage(store: Path, how: str, tmp: Path) -> str:
 #: Every command given the store, as a user would run it.
 COMMANDS: list[list[str]] = [
     ["volume", "add", "x", "{vol}"], ["volume", "create", "y", "--size", "1M"],
-    ["volume", "list"], ["volume", "rm", "v"], ["project", "create", "p"],
-    ["project", "list"], ["fsck"], ["fsck", "--repair"],
+    ["volume", "list"], ["volume", "rm", "v"], ["volume", "repoint", "v", "{vol}"],
+    ["project", "create", "p"], ["project", "list"], ["fsck"], ["fsck", "--repair"],
+    ["compression"], ["compression", "1"],
 ]
 
 

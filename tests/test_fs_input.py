@@ -214,6 +214,35 @@ async def test_snapshot_json_bounded(fs: SnapfsOperations, body: bytes) -> None:
     assert await fs.getxattr(snap, b"user.name", CTX) == b"j"
 
 
+@pytest.mark.parametrize("order", ["released-first", "opened-first"])
+async def test_a_refused_import_file_written_again_at_once_is_refused_the_same(
+        fs: SnapfsOperations, order: str) -> None:
+    """`dd seek=4G of=imports/x` twice in a row: close(2) returns before the kernel
+    sends the first file's release, so the second writer may open the name the
+    kernel still holds before or after that release arrives. Either way it meets
+    EFBIG again, never ENOENT, and the file goes with the last close."""
+    imports = await place(fs, "imports")
+    info, attrs = await fs.create(imports, b"x", 0o644, os.O_WRONLY | os.O_CREAT, CTX)
+    assert await fuse_errno(fs.write(info.fh, 4 << 30, b"\0")) == errno.EFBIG
+    if order == "released-first":
+        await fs.release(info.fh)
+        assert await listing(fs, imports) == []
+        again = await fs.open(attrs.st_ino, os.O_WRONLY, CTX)
+    else:
+        again = await fs.open(attrs.st_ino, os.O_WRONLY, CTX)
+        await fs.release(info.fh)
+        assert await listing(fs, imports) == ["x"]  # the second writer holds it
+    assert await fuse_errno(fs.write(again.fh, 64 << 10, b"\0")) == errno.EFBIG
+    await fs.flush(again.fh)
+    await fs.release(again.fh)
+    assert await listing(fs, imports) == []
+    assert await fuse_errno(fs.lookup(imports, b"x", CTX)) == errno.ENOENT
+    # A reader of the stale name is not a writer: nothing is made for it.
+    assert await fuse_errno(fs.open(attrs.st_ino, os.O_RDONLY, CTX)) == errno.ENOENT
+    assert await listing(fs, imports) == []
+    assert fs.unexpected == 0
+
+
 async def test_an_unexpected_exception_is_counted_and_logged_once(
         fs: SnapfsOperations, caplog: Any, monkeypatch: Any) -> None:
     snaps = await place(fs, "snapshots")

@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 import requests
+import trio
 
 from fixtures_http import SECRET, Served, start_server, stop_server
+from snapfs.http.asgi import App, Request, Response, Router
 
 SNAPSHOTS = "/instance/v1/zones/fr-par-1/snapshots"
 
@@ -177,3 +179,41 @@ def test_serve_with_a_secret_or_on_loopback_needs_no_flag(tmp_path: Path) -> Non
 def test_which_addresses_count_as_loopback(host: str, loopback: bool) -> None:
     from snapfs.http.server import is_loopback
     assert is_loopback(host) is loopback
+
+
+def test_an_unexpected_exception_is_a_500_counted_and_logged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Only a bug is a 500: the app answers it, keeps serving, counts it, and logs
+    it once with its traceback, the client's path escaped."""
+    async def broken(request: Request) -> Response:
+        raise RuntimeError("a bug")
+
+    async def fine(request: Request) -> Response:
+        return Response(200, {"ok": True}, [])
+
+    router = Router()
+    router.add("GET", "/broken/{x}", broken)
+    router.add("GET", "/fine", fine)
+    app = App(router, secret=None)
+
+    async def call(path: str) -> tuple[int, Any]:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+        scope = {"type": "http", "method": "GET", "path": path, "query_string": b"",
+                 "headers": [(b"x-auth-token", b"t")]}
+        await app(scope, receive, send)
+        return sent[0]["status"], json.loads(sent[1]["body"])
+
+    with caplog.at_level("INFO", logger="snapfs.http"):
+        status, body = trio.run(call, "/broken/a\nb")
+        assert (status, body["type"]) == (500, "internal_error")
+        assert trio.run(call, "/fine")[0] == 200  # still serving
+    assert app.unexpected == 1
+    errors = [r for r in caplog.records if r.levelno >= 40]
+    assert len(errors) == 1 and errors[0].exc_info is not None
+    assert errors[0].getMessage().startswith("GET /broken/a\\nb -> 500: unexpected error")

@@ -31,6 +31,7 @@ def shared_store(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
         vol = write_volume(tmp_path / f"{name}.raw", MiB, [(0, data[name])])
         vol.chmod(mode)
         snapfs("volume", "add", name, vol, "--store", store)
+    snapfs("volume", "create", "scratch", "--size", "1M", "--store", store)
     return store, data
 
 
@@ -95,6 +96,14 @@ def test_allow_other_image_raw_is_readable_by_whom_its_volume_was(
     assert (pub / "snapshot.json").read_bytes() == json_before
     assert sorted(os.listdir(pub.parent)) == ["p", "q"]
     assert os.listdir(m.project / "imports") == []
+    # A volume the store made (`volume create`) is the store's alone: 0600, so its
+    # snapshots are the mount owner's to read.
+    [scratch] = (store / "volumes").iterdir()
+    assert stat.S_IMODE(scratch.stat().st_mode) == 0o600
+    made = snapshot(m, "scratch", "c")
+    assert stat.S_IMODE(os.stat(made / "image.raw").st_mode) == 0o400
+    res = as_nobody("cat", made / "image.raw")
+    assert res.returncode != 0 and "Permission denied" in res.stderr
 
 
 def test_image_mode_and_owner_options_set_every_image(

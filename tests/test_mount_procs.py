@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import pytest
 
 from fixtures_http import SECRET, start_server, stop_server
-from fixtures_mount import MiB, Mount, run, snapfs
+from fixtures_mount import MiB, Mount, is_mounted, run, snapfs
 from stress_procs import Api, Cluster, Stress, fsck, make_volumes
 
 pytestmark = pytest.mark.mount
@@ -176,3 +176,29 @@ def test_a_mount_serves_the_api_itself_with_listen(
     m.stop()
     with pytest.raises(OSError):  # the server went with the mount
         api.call("GET", "/snapshots")
+
+
+def test_a_mount_listens_beyond_loopback_only_with_a_secret_or_no_auth(
+        tmp_path: Path, mount_factory: Callable[..., Mount]) -> None:
+    """`mount --listen` follows serve's rule: without SCW_SECRET_KEY any token
+    would do, so a non-loopback address is refused (one line, nothing mounted)
+    unless --no-auth (-o no_auth) says so, with a warning in mount.log."""
+    store = tmp_path / "store"
+    (tmp_path / "v.raw").write_bytes(os.urandom(MiB))
+    snapfs("volume", "add", "v", tmp_path / "v.raw", "--store", store)
+    mnt = tmp_path / "refused"
+    mnt.mkdir()
+    no_secret = {"SCW_SECRET_KEY": ""}
+    res = snapfs("mount", mnt, "--store", store, "--listen", "0.0.0.0:0", check=False,
+                 env=no_secret)
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1 and "SCW_SECRET_KEY is not set" in res.stderr
+    assert "--no-auth" in res.stderr
+    assert not is_mounted(mnt)
+    with socket.socket() as s:  # a free port (the daemon binds it again at once)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    m = mount_factory(store, "-o", f"listen=0.0.0.0:{port},no_auth", env=no_secret)
+    status, body = Api(f"http://127.0.0.1:{port}").call("GET", "/snapshots")
+    assert status == 200 and body["snapshots"] == []
+    assert "without authentication (--no-auth)" in m.log()

@@ -90,8 +90,9 @@ def damage(store: Path, how: str, tmp: Path) -> str:
 #: Every command given the store, as a user would run it.
 COMMANDS: list[list[str]] = [
     ["volume", "add", "x", "{vol}"], ["volume", "create", "y", "--size", "1M"],
-    ["volume", "list"], ["volume", "rm", "v"], ["project", "create", "p"],
-    ["project", "list"], ["fsck"], ["fsck", "--repair"],
+    ["volume", "list"], ["volume", "rm", "v"], ["volume", "repoint", "v", "{vol}"],
+    ["project", "create", "p"], ["project", "list"], ["fsck"], ["fsck", "--repair"],
+    ["compression"], ["compression", "1"],
 ]
 
 
@@ -383,6 +384,51 @@ def test_a_symlinked_mount_log_is_never_followed(shared_tmp: Path) -> None:
             subprocess.run(["fusermount3", "-u", str(mnt)])
             stop_process(pid)
     assert victim.read_text() == "root's file\n"
+
+
+@pytest.mark.parametrize("planted", ["inodes.sqlite", "inodes.sqlite-wal"])
+def test_a_symlinked_inode_map_is_never_followed(tmp_path: Path, planted: str) -> None:
+    """SQLite follows symlinks and creates what they point at: the mount's inode
+    map (and its -wal) is checked first, as the log and metadata.db are."""
+    store = tmp_path / "store"
+    make_store(store, tmp_path)
+    if planted != "inodes.sqlite":
+        (store / "inodes.sqlite").touch(mode=0o600)
+    target = tmp_path / "cron.d-file"  # where a root-owned file must not appear
+    (store / planted).symlink_to(target)
+    before = tree(store)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        one_line_refusal(snapfs_cli("mount", str(mnt), store=store), planted, "symlink")
+        assert not is_mounted(mnt)
+    finally:
+        if is_mounted(mnt):
+            pid = int(os.getxattr(mnt, "user.pid"))
+            subprocess.run(["fusermount3", "-u", str(mnt)])
+            stop_process(pid)
+    assert not list(tmp_path.glob("cron.d-file*"))
+    after = tree(store)
+    assert {k: v for k, v in after.items() if k not in (".", "mount.log")} == \
+        {k: v for k, v in before.items() if k not in (".", "mount.log")}
+
+
+def test_a_symlinked_packs_directory_is_refused(tmp_path: Path) -> None:
+    """A `packs` link planted while the store was open to others would have every
+    chunk written (and read) where the link's owner reads them."""
+    store = tmp_path / "store"
+    make_store(store, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    (store / "packs").rename(elsewhere)
+    (store / "packs").symlink_to(elsewhere)
+    before, theirs = tree(store), tree(elsewhere)
+    for cmd in (["volume", "list"], ["fsck"], ["project", "create", "p"]):
+        one_line_refusal(snapfs_cli(*cmd, store=store), "packs", "symlink")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    one_line_refusal(snapfs_cli("mount", str(mnt), store=store), "packs", "symlink")
+    assert not is_mounted(mnt)
+    assert tree(store) == before and tree(elsewhere) == theirs
 
 
 def test_volume_rm_deletes_only_a_file_inside_the_stores_volumes(shared_tmp: Path) -> None:

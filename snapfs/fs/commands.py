@@ -58,7 +58,11 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    "snapshot was taken; the mount's owner)")
     p.add_argument("--listen", default=None, metavar="HOST:PORT",
                    help="also serve the Instance API from the mount daemon, as "
-                   "`snapfs serve` would (X-Auth-Token: SCW_SECRET_KEY when set)")
+                   "`snapfs serve` would (X-Auth-Token: SCW_SECRET_KEY when set; without "
+                   "it only a loopback address is served, unless --no-auth)")
+    p.add_argument("--no-auth", action="store_true",
+                   help="with --listen and no SCW_SECRET_KEY: listen on a non-loopback "
+                   "address anyway, accepting any token (a warning is logged)")
     p.set_defaults(func=_mount)
 
     p = sub.add_parser("umount", help="unmount a snapfs mount",
@@ -96,7 +100,7 @@ def _mount(args: argparse.Namespace) -> int:
         staging_bucket=args.staging_bucket,
         image_mode=None if args.image_mode is None else parse_image_mode(args.image_mode),
         image_owner=None if args.image_owner is None else parse_image_owner(args.image_owner),
-        listen=args.listen)
+        listen=args.listen, no_auth=args.no_auth)
     if not cfg.mountpoint.exists():
         raise InvalidArgument("mountpoint", f"{cfg.mountpoint} does not exist "
                               f"(create it: mkdir -p {cfg.mountpoint})")

@@ -28,6 +28,8 @@ class ImportRecord:
     target: Target | None = None
     snapshot_id: str | None = None
     error: str | None = None
+    #: Handles open for writing: a file that started no import goes with the last.
+    writers: int = 0
 
 
 @dataclass

@@ -28,7 +28,7 @@ from ..logtext import EscapingFormatter
 from ..service import SnapshotService
 from .context import FsContext
 from .mountopts import FUSE_OPTIONS
-from .inodes import InodeTable
+from .inodes import MAP_NAME, InodeTable
 from .ops import SnapfsOperations
 
 log = logging.getLogger("snapfs.fs")
@@ -62,6 +62,8 @@ class MountConfig:
     image_owner: tuple[int, int] | None = None
     #: HOST:PORT to serve the Instance API on from this daemon (snapfs/http), or None.
     listen: str | None = None
+    #: Serve ``listen`` beyond loopback without SCW_SECRET_KEY (any token accepted).
+    no_auth: bool = False
 
     def backend_settings(self) -> BackendSettings:
         return BackendSettings(store=self.store, backend=self.backend,
@@ -98,10 +100,14 @@ async def serve(cfg: MountConfig, ready: Callable[[], None] | None = None) -> No
         raise InvalidArgument("mountpoint", f"{mnt} is not a directory")
     api = None
     if cfg.listen is not None:  # bound first: a taken port is the mount's one refusal
-        from ..http.server import bind
+        from ..http.server import bind, check_exposure
+        # As `snapfs serve`: no secret, no listening beyond loopback unless asked.
+        check_exposure(cfg.listen, os.environ.get("SCW_SECRET_KEY") or None, cfg.no_auth)
         api = bind(cfg.listen)
     async with open_backend(cfg.backend_settings()) as svc:
         ctx = FsContext.create(svc, ttl=cfg.ttl)
+        from ..local.store import private_database
+        private_database(cfg.store / MAP_NAME)  # never through a planted symlink
         ctx.inodes = InodeTable.in_store(cfg.store)  # the same numbers across remounts
         ctx.direct_io = cfg.direct_io
         ctx.image_mode, ctx.image_owner = cfg.image_mode, cfg.image_owner

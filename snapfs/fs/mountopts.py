@@ -25,7 +25,8 @@ VALUED = {"backend": "backend", "s3_endpoint": "s3_endpoint", "readahead": "read
           "zones": "zones", "profile": "profile", "staging_bucket": "staging_bucket",
           "store": "store"}
 FLAGS = {"foreground": ("foreground", True), "debug": ("debug", True),
-         "direct_io": ("direct_io", True), "page_cache": ("direct_io", False)}
+         "direct_io": ("direct_io", True), "page_cache": ("direct_io", False),
+         "no_auth": ("no_auth", True)}
 
 
 def apply_mount_options(args: argparse.Namespace) -> None:

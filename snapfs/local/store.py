@@ -96,6 +96,26 @@ def open_store(path: Path, writing: bool) -> StoreFacts:
                             f"{exc.strerror or exc}{where}") from None
 
 
+#: The store's own directories: real directories of ours, never symlinks (a planted
+#: ``packs`` link would have every chunk written where its owner reads them).
+SUBDIRS = ("packs", "shadows", "volumes", LOST_FOUND)
+
+
+def _trusted_subdirs(path: Path) -> None:
+    for name in SUBDIRS:
+        sub = path / name
+        try:
+            st = os.lstat(sub)
+        except FileNotFoundError:
+            continue
+        # (Their modes matter less: no one else may enter the store directory. A
+        # fresh ext4 root's lost+found is root's, and a fine part of a store.)
+        foreign = st.st_uid != os.geteuid() and name != LOST_FOUND
+        if not stat.S_ISDIR(st.st_mode) or foreign:
+            raise StoreUnusable(f"{sub} is not a directory of this user (a symlink is "
+                                "refused): check who put it there")
+
+
 def _open_store(path: Path, writing: bool) -> StoreFacts:
     trusted_dir(path, create=writing)
     if writing and os.statvfs(path).f_flag & os.ST_RDONLY:
@@ -116,6 +136,7 @@ def _open_store(path: Path, writing: bool) -> StoreFacts:
             raise StoreUnusable(f"{path}: no snapfs store there (a command that writes, "
                                 "such as 'snapfs volume add' or 'snapfs mount', makes one)")
         return _create(path)
+    _trusted_subdirs(path)
     if marker is not None and marker[0] > FORMAT:
         raise StoreUnusable(f"store {path} has format {marker[0]}, newer than this snapfs "
                             f"knows ({FORMAT}): upgrade snapfs")
@@ -336,6 +357,33 @@ def open_lock(path: Path) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def private_database(path: Path) -> None:
+    """Make sure an SQLite file of the store other than metadata.db (the mount's
+    ``inodes.sqlite``) is a regular file of ours, 0600, before SQLite opens it:
+    SQLite follows symlinks, and would create the file, its -wal and its -shm
+    wherever a planted one points."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StoreUnusable(f"cannot open {path}: {exc.strerror} (a symlink is "
+                            "refused)") from None
+    try:
+        st = _own_regular_file(fd, path)
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for side in (Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            st = os.lstat(side)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise StoreUnusable(f"{side} is not a regular file of this user (a symlink is "
+                                "refused): remove it (check who put it there)")
 
 
 def managed_volume_file(store: Path, path: str) -> Path | None:

@@ -62,7 +62,11 @@ class LocalVolumes:
         path = Path(os.path.abspath(vdir / f"{vid}.raw"))  # the store may be relative
         self._check_new_volume(name, zone, project, volume_type)
         try:
-            with open(path, "xb") as f:
+            # 0600: a snapshot's image.raw takes its volume file's read bits
+            # (shared mounts), and this file is the store's alone.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as f:
                 f.truncate(size)
                 ident = identity_of(os.fstat(f.fileno()))
             return self._add_volume(name, str(path), size, zone, project, volume_type,

@@ -138,10 +138,36 @@ class ImportNode(Node):
                          self.ctx.mounted_ns)
 
     async def open(self, flags: int, pid: int) -> Handle:
-        return ImportHandle(self, await self.status(), wants_write(flags))
+        writable = wants_write(flags)
+        if writable and self.record is None:
+            await self._made_again()
+        handle = ImportHandle(self, await self.status(), writable)
+        if writable and handle.record is not None:
+            handle.record.writers += 1
+        return handle
+
+    async def _made_again(self) -> None:
+        """A writer opens a name whose refused file went at its close. close(2)
+        returns before the kernel sends its release, so the kernel may still hold
+        the name when the next writer (`dd` again) opens it, and FUSE strips
+        O_CREAT from an open: the writer is making the file anew, as it asked."""
+        try:
+            await self._snapshot()  # an import of that name started elsewhere: as is
+            return
+        except NotFound:
+            pass
+        name = check_name(self.key.name)
+        await check_free(self, name)
+        self.ctx.imports[(self.key.zone, self.key.project, name)] = ImportRecord(
+            self.key.zone, self.key.project, name)
 
 
 class ImportHandle(TargetHandle):
+    def __init__(self, node: ImportNode, content: bytes, writable: bool) -> None:
+        super().__init__(node, content, writable)
+        #: The record this handle counts in (as a writer), whatever replaces it later.
+        self.record = node.record if writable else None
+
     async def start(self, target: transfer.Target) -> None:
         node = self.node
         assert isinstance(node, ImportNode)
@@ -165,8 +191,13 @@ class ImportHandle(TargetHandle):
         with its last close: imports/ lists only imports that exist."""
         node = self.node
         assert isinstance(node, ImportNode)
-        rec = node.record
-        if self.writable and rec is not None and rec.snapshot_id is None:
+        rec = self.record
+        if rec is None:
+            return
+        rec.writers -= 1
+        # Another writer may still hold it open (a second `dd` that opened the
+        # name before this release came): it goes with the last one.
+        if rec.writers <= 0 and rec.snapshot_id is None and node.record is rec:
             node.ctx.imports.pop((node.key.zone, node.key.project, node.key.name), None)
             forget_entry(node.ctx, node.key.parent(), node.key.name)
             log.info("imports/%s: closed without an import started; removed",

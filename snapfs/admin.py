@@ -41,14 +41,50 @@ def _run(args: argparse.Namespace, fn: Callable[[Any], Awaitable[int | None]],
     async def main() -> int | None:
         async with open_backend(settings) as svc:
             return await fn(svc)
+    store = store_path(args)
+    existed, was_there = is_store(store), os.path.lexists(store)
+    code = 1
     try:
-        existed = is_store(store_path(args))
         code = int(trio.run(main) or 0)
         if code == 0:
-            say_if_new(store_path(args), existed)
+            say_if_new(store, existed)
         return code
     except sqlite3.DatabaseError as exc:  # the store changed under a reader, a bad disk
-        raise SnapfsError(f"{store_path(args) / 'metadata.db'}: {exc}") from None
+        raise SnapfsError(f"{store / 'metadata.db'}: {exc}") from None
+    finally:
+        if code != 0 and not existed:
+            discard_new_store(store, was_there)
+
+
+#: What a new store holds before anything is put in it (local/store.py).
+_SKELETON = {"lock", "metadata.db", "metadata.db-wal", "metadata.db-shm", "snapfs-store",
+             "packs", "shadows", "volumes"}
+
+
+def discard_new_store(store: Path, dir_was_there: bool) -> None:
+    """Undo the store a refused command made (a mistyped --store then leaves
+    nothing behind) -- only while it holds nothing but its empty skeleton, with no
+    volume or snapshot row; its directory too if the command made it."""
+    if not is_store(store):
+        return
+    try:
+        conn = sqlite3.connect(f"file:{store / 'metadata.db'}?mode=ro", uri=True)
+        try:
+            rows = sum(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                       for t in ("volumes", "snapshots"))
+        finally:
+            conn.close()  # before the listing: reading a WAL database makes its -shm
+        names = set(os.listdir(store))
+        if rows or not names <= _SKELETON or any(
+                os.listdir(store / d) for d in ("packs", "shadows", "volumes") if d in names):
+            return
+        for name in names:
+            path = store / name
+            os.rmdir(path) if path.is_dir() else os.unlink(path)
+        if not dir_was_there:
+            os.rmdir(store)
+    except (OSError, sqlite3.Error):
+        return  # left as it is: never more than a refused command's empty store
 
 
 def is_store(store: Path) -> bool:

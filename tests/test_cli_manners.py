@@ -168,6 +168,18 @@ def test_a_command_that_makes_a_new_store_says_so(tmp_path: Path) -> None:
     assert res.stdout.strip() in {p["id"] for p in json.loads(
         snapfs("project", "list", "--json", "--store", store).stdout)}
     assert snapfs("project", "create", "db", "--store", store).stderr == ""
+    # A refused command leaves no store behind, in a new directory or an empty one.
+    (tmp_path / "empty").mkdir()
+    for where in (tmp_path / "missing", tmp_path / "empty"):
+        res = snapfs("volume", "add", "v", tmp_path / "no-such.raw", "--store", where,
+                     check=False)
+        assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert "made a new store" not in res.stderr
+    assert not (tmp_path / "missing").exists()
+    assert list((tmp_path / "empty").iterdir()) == []
+    # A store that was there stays, whatever is refused.
+    snapfs("volume", "add", "v", tmp_path / "no-such.raw", "--store", store, check=False)
+    assert (store / "metadata.db").exists()
     # The mount makes one too, and says so once it is live.
     (tmp_path / "mnt").mkdir()
     other = tmp_path / "other"

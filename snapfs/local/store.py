@@ -323,23 +323,29 @@ def readonly_uri(db: Path) -> str:
     return f"file:{quote(str(db))}?{mode}"
 
 
-def open_log(path: Path) -> IO[str]:
-    """Open (appending, creating 0600) a log in the store without following a
-    symlink, refusing one that is not a regular file of ours."""
+def _open_private(path: Path, flags: int, what: str) -> int:
+    """A descriptor of ``path`` opened without following a symlink, checked to be
+    a regular file of ours and made 0600 if it was not."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
-                     | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise StoreUnusable(f"cannot open the log {path}: {exc.strerror} (a symlink is "
+        raise StoreUnusable(f"cannot open {what}{path}: {exc.strerror} (a symlink is "
                             "refused)") from None
     try:
         st = _own_regular_file(fd, path)
         if stat.S_IMODE(st.st_mode) & 0o077:
             os.fchmod(fd, 0o600)
-        os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
+    return fd
+
+
+def open_log(path: Path) -> IO[str]:
+    """Open (appending, creating 0600) a log in the store without following a
+    symlink, refusing one that is not a regular file of ours."""
+    fd = _open_private(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "the log ")
+    os.set_blocking(fd, True)
     return os.fdopen(fd, "a", buffering=1)
 
 
@@ -364,18 +370,7 @@ def private_database(path: Path) -> None:
     ``inodes.sqlite``) is a regular file of ours, 0600, before SQLite opens it:
     SQLite follows symlinks, and would create the file, its -wal and its -shm
     wherever a planted one points."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
-                     | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise StoreUnusable(f"cannot open {path}: {exc.strerror} (a symlink is "
-                            "refused)") from None
-    try:
-        st = _own_regular_file(fd, path)
-        if stat.S_IMODE(st.st_mode) & 0o077:
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
+    os.close(_open_private(path, os.O_RDWR | os.O_CREAT, ""))
     for side in (Path(f"{path}-wal"), Path(f"{path}-shm")):
         try:
             st = os.lstat(side)

@@ -30,6 +30,10 @@ class ImportRecord:
     target: Target | None = None
     snapshot_id: str | None = None
     error: str | None = None
+    #: Handles open for writing: the last one's close removes a file that started
+    #: no import (another writer may have opened the name before that close's
+    #: RELEASE, which the kernel sends after close(2) returns).
+    writers: int = 0
 
 
 @dataclass

@@ -138,10 +138,31 @@ class ImportNode(Node):
                          self.ctx.mounted_ns)
 
     async def open(self, flags: int, pid: int) -> Handle:
-        return ImportHandle(self, await self.status(), wants_write(flags))
+        writable = wants_write(flags)
+        try:
+            status = await self.status()
+        except NotFound:
+            if not writable:
+                raise
+            # The kernel still holds the name the last close removed (RELEASE comes
+            # after close(2) returns, and the name's invalidation after that): a
+            # writer opening it then is making the file again, as create would.
+            await check_free(self, self.key.name)
+            self.ctx.imports[(self.key.zone, self.key.project, self.key.name)] = \
+                ImportRecord(self.key.zone, self.key.project, self.key.name)
+            status = await self.status()
+        handle = ImportHandle(self, status, writable)
+        if writable:
+            handle.record = self.record
+            if handle.record is not None:
+                handle.record.writers += 1
+        return handle
 
 
 class ImportHandle(TargetHandle):
+    #: The record this handle writes (counted in its ``writers``), if writable.
+    record: ImportRecord | None = None
+
     async def start(self, target: transfer.Target) -> None:
         node = self.node
         assert isinstance(node, ImportNode)
@@ -165,8 +186,11 @@ class ImportHandle(TargetHandle):
         with its last close: imports/ lists only imports that exist."""
         node = self.node
         assert isinstance(node, ImportNode)
-        rec = node.record
-        if self.writable and rec is not None and rec.snapshot_id is None:
+        rec = self.record
+        if rec is None:
+            return
+        rec.writers -= 1
+        if rec.snapshot_id is None and rec.writers <= 0 and node.record is rec:
             node.ctx.imports.pop((node.key.zone, node.key.project, node.key.name), None)
             forget_entry(node.ctx, node.key.parent(), node.key.name)
             log.info("imports/%s: closed without an import started; removed",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import socket
+import re
 import subprocess
 import sys
 import time
@@ -167,11 +167,12 @@ def test_a_mount_serves_the_api_itself_with_listen(
     data = os.urandom(3 * MiB)
     (tmp_path / "v.raw").write_bytes(data)
     snapfs("volume", "add", "v", tmp_path / "v.raw", "--store", store)
-    with socket.socket() as s:  # a free port (the daemon binds it again at once)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    m = mount_factory(store, "--listen", f"127.0.0.1:{port}", env={"SCW_SECRET_KEY": SECRET})
-    api = Api(f"http://127.0.0.1:{port}")
+    # Port 0: the daemon binds one the kernel picks, and logs it (a port found free
+    # here and bound again there could be taken in between).
+    m = mount_factory(store, "--listen", "127.0.0.1:0", env={"SCW_SECRET_KEY": SECRET})
+    url = re.search(r"serving the Instance API on (http://127\.0\.0\.1:\d+)", m.log())
+    assert url is not None, m.log()
+    api = Api(url.group(1))
     run("mkdir", m.volume("v") / "s1")
     assert m.wait_state(m.snapshots() / "s1") == "available"
     status, body = api.call("GET", "/snapshots")

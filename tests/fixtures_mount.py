@@ -109,6 +109,39 @@ class Mount:
             self.pid = None
 
 
+#: openat(2) on x86_64 (/proc/PID/syscall names the call a process sleeps in).
+SYS_OPENAT = 257
+
+
+def blocked_in_open(pid: int, timeout: float = 15) -> None:
+    """Until ``pid`` sits in openat(2) (/proc/PID/syscall: its number first) waiting
+    for the FUSE daemon's answer (/proc/PID/wchan) -- not in some other open, of a
+    library or a module while it starts (a CI run under load caught Python there).
+    ``timeout`` only guards a hang: a loaded machine may take seconds to get there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        call = Path(f"/proc/{pid}/syscall").read_text().split()[0]
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+        if call == str(SYS_OPENAT) and ("fuse" in wchan or "request_wait_answer" in wchan):
+            return
+        assert time.monotonic() < deadline, \
+            f"process {pid} is not waiting in open() (syscall {call}, in {wchan})"
+        time.sleep(0.02)
+
+
+#: open(2) of argv[1] through libc, not Python's retrying os.open (PEP 475), with
+#: a SIGINT handler: the errno open() answered is printed, not a death by signal.
+#: (A fatal signal would also drop a request the daemon has not read yet: then the
+#: daemon never sees the open, nor logs why it ended.)
+OPENER = """
+import ctypes, os, signal, sys
+signal.signal(signal.SIGINT, lambda *_: None)
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.open(sys.argv[1].encode(), os.O_RDONLY)
+print(fd, ctypes.get_errno(), flush=True)
+"""
+
+
 def is_mounted(path: Path) -> bool:
     target = os.path.realpath(path)
     with open("/proc/self/mounts") as f:

@@ -48,11 +48,23 @@ def _free(port: int) -> bool:
     return True
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out to connect() (ip_local_port_range)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port_pairs(n: int, taken: set[int]) -> list[int]:
-    """n loopback ports p, each with p + 10000 also free (weed's gRPC twins)."""
+    """n loopback ports p, each with p + 10000 also free (weed's gRPC twins), both
+    below the ephemeral range when it leaves room: a client's connect() elsewhere in
+    the run cannot take one while a stopped server waits to restart on it."""
+    top = _ephemeral_low() - GRPC_OFFSET
+    lo, hi = (10000, top) if top - 10000 >= 2000 else (20000, 55000)
     out: list[int] = []
     for _ in range(10000):
-        p = random.randrange(20000, 55000)
+        p = random.randrange(lo, hi)
         if {p, p + GRPC_OFFSET} & taken or not (_free(p) and _free(p + GRPC_OFFSET)):
             continue
         out.append(p)

@@ -151,6 +151,8 @@ PACED_CAPTURE = textwrap.dedent("""
     _read = capture.FileSource.read_batch
     async def paced(self, first, count):  # the kill lands mid-way on any machine
         await trio.sleep(0.05)
+        if (first + count) * capture.CHUNK_SIZE >= self.size:
+            await trio.sleep_forever()  # the end never comes: the kill cannot be late
         return await _read(self, first, count)
     capture.FileSource.read_batch = paced
     capture.GROUP_REFS = 16  # a commit (and progress) per batch

@@ -108,11 +108,14 @@ KILLED_CAPTURE = textwrap.dedent("""
     from snapfs.local import capture, open_local_service
 
     # Pace the real capture after its first group commit, so that the kill always
-    # lands mid-way however fast the machine is.
+    # lands mid-way however fast the machine is; its last batch never comes, so
+    # that it lands before the end however slow the machine is.
     _read = capture.FileSource.read_batch
     async def paced(self, first, count):
         if first >= capture.GROUP_BYTES // capture.CHUNK_SIZE:
             await trio.sleep(0.05)
+        if (first + count) * capture.CHUNK_SIZE >= self.size:
+            await trio.sleep_forever()
         return await _read(self, first, count)
     capture.FileSource.read_batch = paced
 

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import pytest
 import trio
 
-from fixtures_mount import MiB, ZONE, Mount, run, snapfs
+from fixtures_mount import OPENER, MiB, ZONE, Mount, blocked_in_open, run, snapfs
 from fixtures_s3 import SeaweedServer
 from snapfs.local import open_local_service
 from test_mount_s3 import mount_with_s3
@@ -195,36 +195,6 @@ def index_lock_held(store: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # drops the lock
-
-
-#: openat(2) on x86_64 (/proc/PID/syscall names the call a process sleeps in).
-SYS_OPENAT = 257
-
-
-def blocked_in_open(pid: int, timeout: float = 5) -> None:
-    """Until ``pid`` sits in openat(2) (/proc/PID/syscall: its number first) waiting
-    for the FUSE daemon's answer (/proc/PID/wchan) -- not in some other open, of a
-    library or a module while it starts (a CI run under load caught Python there)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        call = Path(f"/proc/{pid}/syscall").read_text().split()[0]
-        wchan = Path(f"/proc/{pid}/wchan").read_text()
-        if call == str(SYS_OPENAT) and ("fuse" in wchan or "request_wait_answer" in wchan):
-            return
-        assert time.monotonic() < deadline, \
-            f"process {pid} is not waiting in open() (syscall {call}, in {wchan})"
-        time.sleep(0.02)
-
-
-#: open(2) of argv[1] through libc, not Python's retrying os.open (PEP 475), with
-#: a SIGINT handler: the errno open() answered is printed, not a death by signal.
-OPENER = """
-import ctypes, os, signal, sys
-signal.signal(signal.SIGINT, lambda *_: None)
-libc = ctypes.CDLL(None, use_errno=True)
-fd = libc.open(sys.argv[1].encode(), os.O_RDONLY)
-print(fd, ctypes.get_errno(), flush=True)
-"""
 
 
 def test_open_of_a_snapshotting_image_waits(mount_factory: Callable[..., Mount],

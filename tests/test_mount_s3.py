@@ -7,13 +7,14 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
-from fixtures_mount import Mount, run, snapfs
+from fixtures_mount import OPENER, Mount, blocked_in_open, run, snapfs
 from fixtures_s3 import ADMIN, SeaweedServer
 
 pytestmark = [pytest.mark.mount, pytest.mark.s3]
@@ -92,6 +93,32 @@ def test_import_of_a_missing_object_fails_with_the_reason(
     assert m.xattr(m.snapshots() / "nothing", "state") in ("error", "invalid_data")
 
 
+def test_an_import_file_goes_with_its_last_writer_not_its_first(
+        mount_factory: Callable[..., Mount], store_with_volume: Path,
+        s3_server: SeaweedServer) -> None:
+    """Two writers open imports/<name>; the first closes without writing: the file
+    stays for the second, whose line starts the import. (The kernel sends a close's
+    RELEASE after close(2) returned: a dd just after another one raced the first's
+    removal under load, ENOENT or "already started".) Checked by breaking it:
+    with the removal at any writer's release the file is gone while the second
+    still holds it, and its line is EEXIST ("already started")."""
+    bucket = s3_server.new_bucket()
+    m = mount_with_s3(mount_factory, store_with_volume, s3_server)
+    imp = m.project / "imports" / "both"
+    first = os.open(imp, os.O_WRONLY | os.O_CREAT)
+    second = os.open(imp, os.O_WRONLY | os.O_CREAT)
+    try:
+        os.close(first)
+        time.sleep(0.5)  # its RELEASE handled (when it is not, this passes anyway)
+        assert "both" in os.listdir(imp.parent)
+        os.write(second, f"{bucket}/no/such.qcow2\n".encode())
+    finally:
+        os.close(second)
+    st = wait_done(imp)
+    assert st["state"] == "failure" and "no/such.qcow2" in json.dumps(st), st
+    assert "imports/both: closed without an import started" not in m.log()
+
+
 def test_rmdir_while_exporting_is_ebusy_and_stops_an_import(
         mount_factory: Callable[..., Mount], store_with_volume: Path,
         private_s3_server: SeaweedServer) -> None:
@@ -134,14 +161,20 @@ def test_open_of_an_importing_image_waits_and_is_interruptible(
     (m.project / "imports" / "pending").write_text(f"{bucket}/disk.qcow2\n")
     s = m.snapshots() / "pending"
     assert m.xattr(s, "state") == "importing"
-    reader = subprocess.Popen(["cat", str(s / "image.raw")], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
-    assert reader.poll() is None  # open() is waiting for the import
-    t0 = time.monotonic()
-    reader.send_signal(signal.SIGINT)
-    reader.wait(timeout=5)
-    assert time.monotonic() - t0 < 2 and reader.returncode != 0
+    # A reader that handles SIGINT (OPENER): a cat, killed by it while its open was
+    # still queued for the daemon, ended without the daemon ever seeing it (a loaded
+    # run lost the log line so).
+    reader = subprocess.Popen([sys.executable, "-c", OPENER, str(s / "image.raw")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        blocked_in_open(reader.pid)  # open() is waiting for the import
+        t0 = time.monotonic()
+        reader.send_signal(signal.SIGINT)
+        out, _ = reader.communicate(timeout=5)
+    finally:
+        reader.kill()
+    assert time.monotonic() - t0 < 2
+    assert out.split() == ["-1", str(errno.EINTR)], out
     assert m.xattr(s, "state") == "importing"
     assert "EINTR: process" in m.log() and "was signalled while waiting" in m.log()
 

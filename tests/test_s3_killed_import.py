@@ -31,6 +31,8 @@ KILLED_IMPORT = textwrap.dedent("""
         async def paced(self, first, count):
             if first >= capture.GROUP_BYTES // capture.CHUNK_SIZE:
                 await trio.sleep(0.05)
+            if (first + count) * capture.CHUNK_SIZE >= self.size:
+                await trio.sleep_forever()  # never done: a loaded run's kill came late
             return await read(self, first, count)
         cls.read_batch = paced
     pace(capture.ReaderSource)

@@ -39,6 +39,10 @@ _BLOCK = 256
 
 _WINDOW_MAP = ("SELECT group_concat(idx || ':' || chunk, ' '), count(*) FROM snapshot_chunks "
                "WHERE snap = ? AND idx >= ? AND idx < ?")
+#: The first mapped index at or after one (a seek on the primary key).
+_NEXT_ENTRY = "SELECT min(idx) FROM snapshot_chunks WHERE snap = ? AND idx >= ?"
+#: The digest of a window without entries (a hole).
+_EMPTY = hashlib.blake2b(b"", digest_size=DIGEST).digest()
 
 
 @dataclass(frozen=True)
@@ -58,14 +62,26 @@ def windows_of(size: int) -> int:
 
 def compute(conn: sqlite3.Connection, snap: int, size: int) -> MapDigest:
     """The digest of map ``snap`` of an image of ``size`` bytes, one range scan
-    per window (SQLite builds each window's string: no Python object per entry).
-    About a second for a million entries."""
+    per window that has entries (SQLite builds each window's string: no Python
+    object per entry); a seek skips each run of empty windows, whose digest is a
+    constant -- a query per window cost 10 s for a sparse 64 TiB map of a few
+    entries (a million windows). About a second for a million entries."""
+    total = windows_of(size)
     digests = bytearray()
     counts = bytearray()
-    for w in range(windows_of(size)):
+    w = 0
+    while w < total:
+        (nxt,) = conn.execute(_NEXT_ENTRY, (snap, w * WINDOW)).fetchone()
+        skip = total - w if nxt is None else min(nxt // WINDOW, total) - w
+        digests += _EMPTY * skip
+        counts += bytes(skip)
+        w += skip
+        if w >= total:
+            break
         text, n = conn.execute(_WINDOW_MAP, (snap, w * WINDOW, (w + 1) * WINDOW)).fetchone()
         digests += hashlib.blake2b((text or "").encode(), digest_size=DIGEST).digest()
         counts.append(n)
+        w += 1
     return MapDigest(bytes(digests), bytes(counts))
 
 

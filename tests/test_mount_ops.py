@@ -453,10 +453,10 @@ def kernel_tuning(m: Mount) -> tuple[int, int, int]:
             int((conn / "congestion_threshold").read_text()))
 
 
-def test_a_page_cache_mount_reads_ahead_16_mib_in_parallel_requests(
+def test_a_page_cache_mount_reads_ahead_8_mib_in_parallel_requests(
         mount_factory: Callable[..., Mount], store_with_volume: Path,
         ext4_volume: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
-    """The default mount lets the kernel read ahead 16 MiB and keep up to 64
+    """The default mount lets the kernel read ahead 8 MiB and keep up to 64
     requests queued (fs/daemon.py: the default 12, congested at 9, cut read-ahead
     short); --direct-io has no page cache and keeps the kernel's defaults."""
     m = mount_factory(store_with_volume)

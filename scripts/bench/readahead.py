@@ -11,7 +11,8 @@ Variants run paired in every round, their order rotated between rounds (A B C,
 B C A, ...), so a busy moment of the shared machine hits each about equally;
 the load average is printed with each round. The packs stay in the page cache
 (one warm-up read), so every first read measures the daemon and the kernel, not
-the disk. ``ra`` unset keeps the daemon's own setting.
+the disk (--cold: the packs are evicted before each read). ``ra`` unset keeps
+the daemon's own setting.
 """
 
 from __future__ import annotations
@@ -80,6 +81,18 @@ def children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def evict_store(store: Path) -> None:
+    """The store's files out of the page cache (theirs only: other work on the
+    machine keeps its cache), so that a first read reads the disk."""
+    for path in store.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def load() -> str:
     return Path("/proc/loadavg").read_text().split()[0]
 
@@ -92,6 +105,8 @@ def main() -> int:
     ap.add_argument("--tools", default="dd,cat")
     ap.add_argument("--mount-args", default="")
     ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--cold", action="store_true",
+                    help="the store's packs out of the page cache before each read")
     args = ap.parse_args()
     variants = [parse_variant(v) if v else {} for v in (args.variant or ["", "ra=8192"])]
     names = [",".join(f"{k}={v}" for k, v in var.items()) or "daemon" for var in variants]
@@ -124,6 +139,8 @@ def main() -> int:
                     snapfs("umount", mnt)
                     snapfs("mount", mnt, "--store", store, *margs)
                     tune(mnt, variants[i])
+                    if args.cold:
+                        evict_store(store)
                     pid = int(os.getxattr(mnt, "user.pid"))
                     d0, r0, s0 = cpu_seconds(pid), children_cpu(), sched(pid)
                     t = timed(TOOLS[tool].format(image))

@@ -43,10 +43,11 @@ READY_TIMEOUT = 120.0
 #: congested at 9) cut a read-ahead deeper than 9 requests short, so with 1 MiB
 #: of read-ahead a sequential reader had one 1 MiB request at the daemon at a
 #: time, and the daemon slept ~16% of a first read waiting for the next one.
-#: 16 MiB in 16 requests, paired A/B runs (scripts/bench/readahead.py; README,
-#: Performance): the daemon asleep 1-4%, first reads faster. Page cache is the
-#: kernel's: the daemon's memory does not grow (its reader caches 12 chunks).
-READAHEAD_KB = 16384
+#: 8 MiB in 8 requests, paired A/B runs (scripts/bench/readahead.py; README,
+#: Performance): the daemon asleep 0-1% (16 MiB: 1-4%, and a reader that stops
+#: early wastes more). Page cache is the kernel's: the daemon's memory does not
+#: grow (its reader caches 12 chunks; requests beyond wait for their chunk).
+READAHEAD_KB = 8192
 MAX_BACKGROUND = 64
 CONGESTION_THRESHOLD = 48
 FUSECTL = "/sys/fs/fuse/connections"

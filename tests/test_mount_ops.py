@@ -443,12 +443,14 @@ def test_image_raw_mmap_shared_by_default_private_only_with_direct_io(
         os.close(fd)
 
 
-def kernel_tuning(m: Mount) -> tuple[int, int, int]:
+def kernel_tuning(m: Mount) -> tuple[int, int | None, int | None]:
     """The mount's kernel read-ahead (KiB) and its FUSE connection's background
-    queue (max_background, congestion_threshold)."""
+    queue (max_background, congestion_threshold; None without fusectl)."""
     dev = os.stat(m.path).st_dev
     conn = Path(FUSECTL) / str(os.minor(dev))
     ra = int(Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read_text())
+    if not conn.is_dir():
+        return ra, None, None
     return (ra, int((conn / "max_background").read_text()),
             int((conn / "congestion_threshold").read_text()))
 
@@ -460,7 +462,12 @@ def test_a_page_cache_mount_reads_ahead_8_mib_in_parallel_requests(
     requests queued (fs/daemon.py: the default 12, congested at 9, cut read-ahead
     short); --direct-io has no page cache and keeps the kernel's defaults."""
     m = mount_factory(store_with_volume)
-    assert kernel_tuning(m) == (READAHEAD_KB, MAX_BACKGROUND, CONGESTION_THRESHOLD)
+    ra, background, congestion = kernel_tuning(m)
+    assert ra == READAHEAD_KB
+    if background is None:  # a machine where fusectl cannot be mounted: said in the log
+        assert "FUSE background queue stays at its default" in m.log()
+    else:
+        assert (background, congestion) == (MAX_BACKGROUND, CONGESTION_THRESHOLD)
     snap(m)
     m.stop()
     m = mount_factory(store_with_volume)  # nothing of the image cached yet

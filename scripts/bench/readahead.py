@@ -105,6 +105,10 @@ def main() -> int:
     ap.add_argument("--tools", default="dd,cat")
     ap.add_argument("--mount-args", default="")
     ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--volume", type=Path, default=None,
+                    help="read a snapshot of this image instead of --size-mib random bytes")
+    ap.add_argument("--compression", type=int, default=None,
+                    help="the store's zstd level (`snapfs compression`; random data stays raw)")
     ap.add_argument("--cold", action="store_true",
                     help="the store's packs out of the page cache before each read")
     args = ap.parse_args()
@@ -115,10 +119,15 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="snapfs-ra-", dir=args.dir))
     store, vol, mnt = work / "store", work / "volume.raw", work / "mnt"
     mnt.mkdir()
-    size = args.size_mib * MiB
+    size = args.size_mib * MiB if args.volume is None else args.volume.stat().st_size
     margs = args.mount_args.split()
     try:
-        make_volume(vol, size, 0)
+        if args.volume is None:
+            make_volume(vol, size, 0)
+        else:
+            vol = args.volume
+        if args.compression is not None:
+            snapfs("compression", args.compression, "--store", store)
         snapfs("volume", "add", "bench", vol, "--store", store)
         snapfs("mount", mnt, "--store", store, *margs)
         vdir = mnt / "fr-par-1" / "default" / "volumes" / "bench"

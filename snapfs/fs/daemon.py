@@ -42,11 +42,12 @@ READY_TIMEOUT = 120.0
 #: queue of background requests (read-ahead is one): the kernel's defaults (12,
 #: congested at 9) cut a read-ahead deeper than 9 requests short, so with 1 MiB
 #: of read-ahead a sequential reader had one 1 MiB request at the daemon at a
-#: time, and the daemon slept ~16% of a first read waiting for the next one.
-#: 8 MiB in 8 requests, paired A/B runs (scripts/bench/readahead.py; README,
-#: Performance): the daemon asleep 0-1% (16 MiB: 1-4%, and a reader that stops
-#: early wastes more). Page cache is the kernel's: the daemon's memory does not
-#: grow (its reader caches 12 chunks; requests beyond wait for their chunk).
+#: time, and the daemon slept 8-17% of a first read waiting for the next one
+#: (8 MiB with the default queue: 10-12%). 8 MiB in 8 requests with the queue at
+#: 64/48, paired A/B runs (scripts/bench/readahead.py; README, Performance): the
+#: daemon asleep 0-4%, as with 16 MiB, which wastes more for a reader that stops
+#: early. Page cache is the kernel's: the daemon's memory does not grow (its
+#: reader caches 12 chunks; requests beyond wait for their chunk).
 READAHEAD_KB = 8192
 MAX_BACKGROUND = 64
 CONGESTION_THRESHOLD = 48
@@ -183,7 +184,11 @@ def tune_kernel(mountpoint: str, readahead_kb: int = READAHEAD_KB,
     try:  # the queue first: a deeper read-ahead is cut short by the default one
         conn = Path(FUSECTL) / dev.split(":")[1]
         if not conn.is_dir():
-            _mount_fusectl()
+            try:
+                _mount_fusectl()
+            except OSError:
+                if not conn.is_dir():  # (not mounted meanwhile by another mount's daemon)
+                    raise
         (conn / "max_background").write_text(str(max_background))
         (conn / "congestion_threshold").write_text(str(congestion_threshold))
     except OSError as exc:

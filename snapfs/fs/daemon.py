@@ -42,11 +42,12 @@ READY_TIMEOUT = 120.0
 #: queue of background requests (read-ahead is one): the kernel's defaults (12,
 #: congested at 9) cut a read-ahead deeper than 9 requests short, so with 1 MiB
 #: of read-ahead a sequential reader had one 1 MiB request at the daemon at a
-#: time, and the daemon slept 8-17% of a first read waiting for the next one
-#: (8 MiB with the default queue: 10-12%). 8 MiB in 8 requests with the queue at
-#: 64/48, paired A/B runs (scripts/bench/readahead.py; README, Performance): the
-#: daemon asleep 0-4%, as with 16 MiB, which wastes more for a reader that stops
-#: early. Page cache is the kernel's: the daemon's memory does not grow (its
+#: time, and on a busy machine (load 3.6-8.9) the daemon slept 8-17% of a first
+#: read waiting for the next one (8 MiB with the default queue: 10-12%). 8 MiB in
+#: 8 requests with the queue at 64/48, paired A/B runs (scripts/bench/readahead.py;
+#: README, Performance): asleep 0-4%, as with 16 MiB, which wastes more for a
+#: reader that stops early; dd first reads 0.74 -> 0.92 GB/s at load 3.6-6.4,
+#: within noise (+9%) on a quiet machine, where the daemon is CPU-bound anyway. Page cache is the kernel's: the daemon's memory does not grow (its
 #: reader caches 12 chunks; requests beyond wait for their chunk).
 READAHEAD_KB = 8192
 MAX_BACKGROUND = 64

@@ -47,8 +47,9 @@ READY_TIMEOUT = 120.0
 #: 8 requests with the queue at 64/48, paired A/B runs (scripts/bench/readahead.py;
 #: README, Performance): asleep 0-4%, as with 16 MiB, which wastes more for a
 #: reader that stops early; dd first reads 0.74 -> 0.92 GB/s at load 3.6-6.4,
-#: within noise (+9%) on a quiet machine, where the daemon is CPU-bound anyway. Page cache is the kernel's: the daemon's memory does not grow (its
-#: reader caches 12 chunks; requests beyond wait for their chunk).
+#: within noise (+9%) on a quiet machine, where the daemon is CPU-bound anyway.
+#: Page cache is the kernel's: the daemon's memory does not grow (its reader
+#: caches 12 chunks; requests beyond wait for their chunk).
 READAHEAD_KB = 8192
 MAX_BACKGROUND = 64
 CONGESTION_THRESHOLD = 48

@@ -22,6 +22,7 @@ import trio
 
 from fixtures_mount import OPENER, MiB, ZONE, Mount, blocked_in_open, run, snapfs
 from fixtures_s3 import SeaweedServer
+from snapfs.fs.daemon import CONGESTION_THRESHOLD, FUSECTL, MAX_BACKGROUND, READAHEAD_KB
 from snapfs.local import open_local_service
 from test_mount_s3 import mount_with_s3
 
@@ -416,6 +417,44 @@ def test_image_raw_mmap_shared_by_default_private_only_with_direct_io(
             assert shared[:] == data
     finally:
         os.close(fd)
+
+
+def kernel_tuning(m: Mount) -> tuple[int, int | None, int | None]:
+    """The mount's kernel read-ahead (KiB) and its FUSE connection's background
+    queue (max_background, congestion_threshold; None without fusectl)."""
+    dev = os.stat(m.path).st_dev
+    conn = Path(FUSECTL) / str(os.minor(dev))
+    ra = int(Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read_text())
+    if not conn.is_dir():
+        return ra, None, None
+    return (ra, int((conn / "max_background").read_text()),
+            int((conn / "congestion_threshold").read_text()))
+
+
+def test_a_page_cache_mount_reads_ahead_8_mib_in_parallel_requests(
+        mount_factory: Callable[..., Mount], store_with_volume: Path,
+        ext4_volume: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
+    """The default mount lets the kernel read ahead 8 MiB and keep up to 64
+    requests queued (fs/daemon.py: the default 12, congested at 9, cut read-ahead
+    short); --direct-io has no page cache and keeps the kernel's defaults."""
+    m = mount_factory(store_with_volume)
+    ra, background, congestion = kernel_tuning(m)
+    assert ra == READAHEAD_KB
+    if background is None:  # a machine where fusectl cannot be mounted: said in the log
+        assert "FUSE background queue stays at its default" in m.log()
+    else:
+        assert (background, congestion) == (MAX_BACKGROUND, CONGESTION_THRESHOLD)
+    snap(m)
+    m.stop()
+    m = mount_factory(store_with_volume)  # nothing of the image cached yet
+    copy = tmp_path / "copy.raw"
+    run("dd", f"if={m.snapshots() / 's1' / 'image.raw'}", f"of={copy}", "bs=4k",
+        "status=none")  # a small reader through the deep read-ahead
+    assert copy.read_bytes() == ext4_volume[0].read_bytes()
+    m.stop()
+    m = mount_factory(store_with_volume, "--direct-io")
+    ra, background, _ = kernel_tuning(m)
+    assert ra != READAHEAD_KB and background != MAX_BACKGROUND
 
 
 def test_error_snapshot_image_is_eio(mounted_s3: tuple[Mount, str]) -> None:

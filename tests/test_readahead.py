@@ -213,6 +213,37 @@ async def test_concurrent_readers_cannot_evict_each_others_windows_forever(
     await ra.aclose()
 
 
+async def test_a_burst_of_kernel_read_ahead_requests_is_fetched_concurrently_once(
+        nursery: trio.Nursery) -> None:
+    """The kernel's read-ahead on the mount sends several consecutive requests at
+    once (fs/daemon.py): more than the engine caches. Each window is fetched once,
+    all at the same time, and every request gets its bytes."""
+    src = Source()
+    src.gate = trio.Event()
+    ra = engine(src, nursery, ahead=2, cached=4)
+    burst = 8
+    got: dict[int, bytes] = {}
+
+    async def request(i: int) -> None:
+        got[i] = bytes(await ra.read_transient(i * W, W))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            for i in range(burst):
+                n.start_soon(request, i)
+                await trio.sleep(0)  # arrival order, as pyfuse3's tasks start them
+            await trio.sleep(0.01)
+            assert src.running == burst  # all in flight together, none waits its turn
+            src.gate.set()
+    assert [got[i] for i in range(burst)] == [DATA[i * W:(i + 1) * W] for i in range(burst)]
+    await trio.sleep(0.01)
+    starts = src.starts()
+    assert len(starts) == len(set(starts))  # never fetched twice (read-ahead included)
+    assert sorted(starts)[:burst] == [i * W for i in range(burst)]
+    assert len(ra.cached_windows()) <= 4
+    await ra.aclose()
+
+
 async def test_without_a_nursery_reads_are_served_on_demand() -> None:
     src = Source()
     ra = engine(src, None)

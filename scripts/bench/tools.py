@@ -34,6 +34,9 @@ CEILING = next((p / "shared" / "bench" / "passthrough_ceiling.py" for p in ROOT.
                ROOT.parent / "shared" / "bench" / "passthrough_ceiling.py")
 MiB = 1 << 20
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from readahead import parse_variant, tune  # noqa: E402
+
 
 def sh(*cmd: object, env: dict[str, str] | None = None) -> str:
     return subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True,
@@ -137,7 +140,9 @@ class Source:
     """One way to serve the image: a snapfs mount (mode args) or the ceiling."""
 
     def __init__(self, name: str, work: Path, store: Path, vol: Path,
-                 args: list[str] | None = None, ceiling: list[str] | None = None) -> None:
+                 args: list[str] | None = None, ceiling: list[str] | None = None,
+                 kernel: dict[str, int] | None = None) -> None:
+        self.kernel = kernel  # the mount's kernel read-ahead / FUSE queue (readahead.py)
         self.name, self.store, self.vol, self.args, self.ceiling = (name, store, vol, args,
                                                                     ceiling)
         self.mnt = work / f"mnt-{len(name)}-{abs(hash(name)) % 10000}"
@@ -150,6 +155,8 @@ class Source:
             assert self.args is not None
             sh(sys.executable, "-m", "snapfs", "mount", self.mnt, "--store", self.store,
                *self.args)
+            if self.kernel:
+                tune(self.mnt, self.kernel)
             return (self.mnt / "fr-par-1" / "default" / "volumes" / "bench" / "snap" /
                     "image.raw")
         self.proc = subprocess.Popen([sys.executable, str(CEILING), str(self.mnt),
@@ -182,6 +189,9 @@ def main() -> int:
     ap.add_argument("--tools", default="", help="comma-separated subset of the tools")
     ap.add_argument("--modes", default="default,--direct-io,--page-cache",
                     help="snapfs mount modes to measure ('default' = no argument)")
+    ap.add_argument("--kernel", action="append", default=[], metavar="ra=KB,bg=N,cong=N",
+                    help="also the default mode with this kernel read-ahead / FUSE queue "
+                         "(A/B against the daemon's setting; readahead.py)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="snapfs-tools-", dir=args.dir))
@@ -213,6 +223,9 @@ def main() -> int:
         for mode in args.modes.split(","):
             sources.append(Source(f"snapfs {mode}", work, store, vol,
                                   args=[] if mode == "default" else [mode]))
+        for spec in args.kernel:
+            sources.append(Source(f"snapfs {spec}", work, store, vol, args=[],
+                                  kernel=parse_variant(spec)))
         sources.append(Source("ceiling direct", work, store, vol, ceiling=[]))
         sources.append(Source("ceiling page", work, store, vol, ceiling=["--page-cache"]))
 
@@ -242,6 +255,9 @@ def main() -> int:
                     for i in (0, 1)]
             dflt = results[(tool, sources[0].name)]
             print(f"{tool:<10}{row}   {best[0] / dflt[0]:.2f}, {best[1] / dflt[1]:.2f}")
+            for spec in args.kernel:
+                k = results[(tool, f"snapfs {spec}")]
+                print(f"{'':<10}{spec}: {best[0] / k[0]:.2f}, {best[1] / k[1]:.2f}")
         print("(MB/s first/again; ratios >= 0.80 meet the target)")
         print(f"daemon peak RSS: {max(s.rss for s in sources):.0f} MB (target <= 200)")
     finally:

@@ -51,6 +51,8 @@ COMPRESS_THREADS = max(1, min(4, os.cpu_count() or 1))
 #: The probe: PROBES slices of PROBE_BYTES; a chunk is compressed only if they
 #: shrink below PROBE_KEEP of their length.
 PROBES, PROBE_BYTES, PROBE_KEEP = 4, 8 << 10, 0.97
+#: The level of a chunk the probe rejects (see compress()).
+FALLBACK_LEVEL = 1
 
 _local = threading.local()
 _pool: ThreadPoolExecutor | None = None
@@ -89,9 +91,12 @@ def _worth_trying(data: bytes | memoryview) -> bool:
 
 def compress(data: bytes | memoryview, level: int) -> bytes | None:
     """The chunk's zstd frame, or None when it does not pay (store it raw)."""
-    if level <= 0 or not _worth_trying(data):
+    if level <= 0:
         return None
-    out = _cctx(level).compress(data)
+    # A chunk the probe rejects gets one full pass at FALLBACK_LEVEL: its samples
+    # miss redundancy between distant parts of the chunk (two copies of a .gz
+    # man page), and zstd skips through random data at ~3 GB/s per core anyway.
+    out = _cctx(level if _worth_trying(data) else min(level, FALLBACK_LEVEL)).compress(data)
     return out if len(out) * KEEP_DEN <= len(data) * KEEP_NUM else None
 
 

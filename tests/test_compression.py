@@ -299,3 +299,16 @@ async def test_the_compress_stage_compresses_only_new_chunks_once_and_the_write_
         assert await read_all(svc, snap.id) == vol2.read_bytes()
         rep = await fsck(svc)
         assert rep.ok, rep.problems
+
+
+def test_a_chunk_whose_redundancy_the_probe_misses_is_still_compressed() -> None:
+    """350,000 random bytes three times (copies of a .gz file in one chunk): every
+    sample of the probe is incompressible, the chunk compresses to a third; random
+    data stays raw."""
+    from snapfs.local.compression import _worth_trying, compress, decompress
+    thrice = (random_bytes(350_000, 21) * 3)[:MiB]
+    assert not _worth_trying(thrice)  # the probe alone would store it raw
+    z = compress(thrice, 3)
+    assert z is not None and len(z) < MiB * 0.4
+    assert decompress(z, MiB, "chunk") == thrice
+    assert compress(random_bytes(MiB, 22), 3) is None

@@ -4,10 +4,11 @@ A chunk is stored as a zstd frame only when that shrinks it to at most
 KEEP_NUM/KEEP_DEN of its length; otherwise (random or already compressed data,
 and every chunk cloned with FICLONERANGE) it is stored raw, so incompressible
 data costs nothing extra and the fast inline read path stays for it. A sample
-of the chunk is tried first: what it says will not shrink is not compressed at
-all (random data then costs ~2% of a full attempt; a chunk whose compressible
-part the sample misses entirely stays raw). The
-chunk's row says which (``chunks.raw_length``: NULL = raw, see schema.py).
+of the chunk is tried first: what it says will not shrink gets one pass at
+FALLBACK_LEVEL instead of the store's level (zstd runs through random data at
+~3 GB/s per core; the pass catches redundancy the samples miss, e.g. copies of
+a .gz file in one chunk: 1% of the real image's store). The chunk's row says
+which (``chunks.raw_length``: NULL = raw, see schema.py).
 
 What the two hashes cover:
   * the content address (blake3, ``chunks.hash``) covers the *raw* bytes: dedup
@@ -48,9 +49,11 @@ MAX_LEVEL = 19
 #: A compressed chunk is kept only at <= 7/8 of its raw length.
 KEEP_NUM, KEEP_DEN = 7, 8
 COMPRESS_THREADS = max(1, min(4, os.cpu_count() or 1))
-#: The probe: PROBES slices of PROBE_BYTES; a chunk is compressed only if they
-#: shrink below PROBE_KEEP of their length.
+#: The probe: PROBES slices of PROBE_BYTES; a chunk is compressed at the store's
+#: level only if they shrink below PROBE_KEEP of their length.
 PROBES, PROBE_BYTES, PROBE_KEEP = 4, 8 << 10, 0.97
+#: The level of a chunk the probe rejects (see compress()).
+FALLBACK_LEVEL = 1
 
 _local = threading.local()
 _pool: ThreadPoolExecutor | None = None
@@ -89,9 +92,12 @@ def _worth_trying(data: bytes | memoryview) -> bool:
 
 def compress(data: bytes | memoryview, level: int) -> bytes | None:
     """The chunk's zstd frame, or None when it does not pay (store it raw)."""
-    if level <= 0 or not _worth_trying(data):
+    if level <= 0:
         return None
-    out = _cctx(level).compress(data)
+    # A chunk the probe rejects gets one full pass at FALLBACK_LEVEL: its samples
+    # miss redundancy between distant parts of the chunk (two copies of a .gz
+    # man page), and zstd skips through random data at ~3 GB/s per core anyway.
+    out = _cctx(level if _worth_trying(data) else min(level, FALLBACK_LEVEL)).compress(data)
     return out if len(out) * KEEP_DEN <= len(data) * KEEP_NUM else None
 
 

@@ -142,6 +142,21 @@ print(fd, ctypes.get_errno(), flush=True)
 """
 
 
+def interrupted_open(path: Path) -> tuple[float, list[str]]:
+    """Open ``path`` in an OPENER, SIGINT it once it waits in open() for the
+    daemon: (seconds from the signal to the answer, its printed fd and errno)."""
+    reader = subprocess.Popen([sys.executable, "-c", OPENER, str(path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        blocked_in_open(reader.pid)
+        t0 = time.monotonic()
+        reader.send_signal(signal.SIGINT)
+        out, _ = reader.communicate(timeout=5)
+        return time.monotonic() - t0, out.split()
+    finally:
+        reader.kill()
+
+
 def is_mounted(path: Path) -> bool:
     target = os.path.realpath(path)
     with open("/proc/self/mounts") as f:

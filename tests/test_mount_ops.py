@@ -8,7 +8,6 @@ import fcntl
 import json
 import mmap
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from typing import Callable, Iterator
 import pytest
 import trio
 
-from fixtures_mount import OPENER, MiB, ZONE, Mount, blocked_in_open, run, snapfs
+from fixtures_mount import MiB, ZONE, Mount, blocked_in_open, interrupted_open, run, snapfs
 from fixtures_s3 import SeaweedServer
 from snapfs.fs.daemon import CONGESTION_THRESHOLD, FUSECTL, MAX_BACKGROUND, READAHEAD_KB
 from snapfs.local import open_local_service
@@ -566,17 +565,9 @@ def test_open_waiting_for_a_capture_is_interruptible(mount_factory: Callable[...
     s = m.snapshots() / "s"
     with index_lock_held(store):
         run("mkdir", m.volume("slow") / "s")
-        reader = subprocess.Popen([sys.executable, "-c", OPENER, str(s / "image.raw")],
-                                  stdout=subprocess.PIPE, text=True)
-        try:
-            blocked_in_open(reader.pid)
-            t0 = time.monotonic()
-            reader.send_signal(signal.SIGINT)
-            out, _ = reader.communicate(timeout=5)
-        finally:
-            reader.kill()
-        assert time.monotonic() - t0 < 2
-        assert out.split() == ["-1", str(errno.EINTR)], out
+        waited, out = interrupted_open(s / "image.raw")
+        assert waited < 2
+        assert out == ["-1", str(errno.EINTR)], out
         assert m.xattr(s, "state") == "snapshotting"  # the capture itself goes on
         assert "EINTR: process" in m.log() and "was signalled while waiting" in m.log()
     assert m.wait_state(s) == "available"

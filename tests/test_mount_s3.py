@@ -5,16 +5,13 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
-from fixtures_mount import OPENER, Mount, blocked_in_open, run, snapfs
+from fixtures_mount import Mount, interrupted_open, run, snapfs
 from fixtures_s3 import ADMIN, SeaweedServer
 
 pytestmark = [pytest.mark.mount, pytest.mark.s3]
@@ -164,17 +161,9 @@ def test_open_of_an_importing_image_waits_and_is_interruptible(
     # A reader that handles SIGINT (OPENER): a cat, killed by it while its open was
     # still queued for the daemon, ended without the daemon ever seeing it (a loaded
     # run lost the log line so).
-    reader = subprocess.Popen([sys.executable, "-c", OPENER, str(s / "image.raw")],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        blocked_in_open(reader.pid)  # open() is waiting for the import
-        t0 = time.monotonic()
-        reader.send_signal(signal.SIGINT)
-        out, _ = reader.communicate(timeout=5)
-    finally:
-        reader.kill()
-    assert time.monotonic() - t0 < 2
-    assert out.split() == ["-1", str(errno.EINTR)], out
+    waited, out = interrupted_open(s / "image.raw")  # open() waits for the import
+    assert waited < 2
+    assert out == ["-1", str(errno.EINTR)], out
     assert m.xattr(s, "state") == "importing"
     assert "EINTR: process" in m.log() and "was signalled while waiting" in m.log()
 

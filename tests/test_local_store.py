@@ -16,7 +16,8 @@ from typing import Callable
 import pytest
 import trio
 
-from fixtures_store import (MiB, ZONE, all_tokens_held, chunk_place, deletes_done, flip_bits,
+from fixtures_store import (PACED_CAPTURE, MiB, ZONE, all_tokens_held, chunk_place,
+                            deletes_done, flip_bits,
                             kill_mid_way, random_bytes, read_all, snapfs_cli, snapshot_of,
                             tasks_waiting, undo_reference_counts, wait_state,
                             write_elsewhere)
@@ -103,36 +104,10 @@ async def test_fsck_reports_a_dangling_reference(store_dir: Path,
     assert "refers to missing chunk 999" in res.stdout
 
 
-KILLED_CAPTURE = textwrap.dedent("""
-    import sys, trio
-    from snapfs.local import capture, open_local_service
-
-    # Pace the real capture after its first group commit, so that the kill always
-    # lands mid-way however fast the machine is; its last batch never comes, so
-    # that it lands before the end however slow the machine is.
-    _read = capture.FileSource.read_batch
-    async def paced(self, first, count):
-        if first >= capture.GROUP_BYTES // capture.CHUNK_SIZE:
-            await trio.sleep(0.05)
-        if (first + count) * capture.CHUNK_SIZE >= self.size:
-            await trio.sleep_forever()
-        return await _read(self, first, count)
-    capture.FileSource.read_batch = paced
-
-    async def main():
-        async with open_local_service(sys.argv[1]) as svc:
-            vol = await svc.add_volume("big", sys.argv[2])
-            await svc.create_snapshot("fr-par-1", name="doomed", volume_id=vol.id)
-            print("started", flush=True)
-            await trio.sleep_forever()
-    trio.run(main)
-""")
-
-
 def kill_capture_mid_way(store_dir: Path, volume: Path) -> int:
-    """Run KILLED_CAPTURE of ``volume`` in a subprocess and SIGKILL it once the
+    """Run PACED_CAPTURE of ``volume`` in a subprocess and SIGKILL it once the
     snapshot 'doomed' shows >= 10% progress; returns the progress last seen."""
-    return kill_mid_way(KILLED_CAPTURE, store_dir, volume)
+    return kill_mid_way(PACED_CAPTURE, store_dir, volume)
 
 
 def test_sigkill_mid_capture_damages_nothing(store_dir: Path, tmp_path: Path,

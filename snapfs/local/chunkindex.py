@@ -81,11 +81,12 @@ def wrong_refs(conn: sqlite3.Connection) -> list[tuple[int, int, int]]:
         "ON m.chunk = c.id WHERE m.n IS NULL OR c.refs != m.n")]
 
 
-def recount_refs(conn: sqlite3.Connection, chunks: list[int]) -> None:
-    """Set these chunks' refs to the map entries naming them (fsck --repair)."""
+def set_refs(conn: sqlite3.Connection, counts: list[tuple[int, int]]) -> None:
+    """Set chunks' refs to the counts (chunk, entries) that wrong_refs found: for
+    fsck --repair, which holds the store to itself, so nothing changed since."""
     with _immediate(conn):
-        conn.executemany("UPDATE chunks SET refs = (SELECT count(*) FROM snapshot_chunks m "
-                         "WHERE m.chunk = chunks.id) WHERE id = ?", [(c,) for c in chunks])
+        conn.executemany("UPDATE chunks SET refs = ? WHERE id = ?",
+                         [(n, c) for c, n in counts])
 
 
 def _check_live(conn: sqlite3.Connection, snap: int) -> None:

@@ -22,7 +22,7 @@ import trio
 
 from ..errors import PreconditionFailed
 from . import mapdigest
-from .chunkindex import recount_refs, wrong_refs
+from .chunkindex import set_refs, wrong_refs
 from .recovery import TAIL_LIMIT, recover
 from .store import LOST_FOUND, open_lock
 
@@ -130,6 +130,9 @@ def deleted_maps(svc: "LocalService") -> list[tuple[int, int]]:
 class Step:
     what: str
     do: Callable[[], None] | None = None  # None: done by the recovery pass
+    #: Done before the recovery pass: a count too low would let a release there
+    #: free a chunk another snapshot still maps.
+    first: bool = False
 
 
 def plan(svc: "LocalService") -> list[Step]:
@@ -148,10 +151,10 @@ def plan(svc: "LocalService") -> list[Step]:
     for key, rows in deleted_maps(svc):
         steps.append(Step(f"release the {rows} chunk map row(s) of deleted snapshot #{key}",
                           _release(svc, key)))
-    off = [cid for cid, refs, n in wrong_refs(md.conn) if refs != n]
+    off = [(cid, n) for cid, refs, n in wrong_refs(md.conn) if refs != n]
     if off:
         steps.append(Step(f"count the references of {len(off)} chunk(s) again",
-                          _recount(svc, off)))
+                          _recount(svc, off), first=True))
     for key, what in mapdigest.wrong(md.conn):
         steps.append(Step(f"drop the window digests of map #{key} ({what}); they are "
                           "computed again when needed", _drop_digests(svc, key)))
@@ -185,11 +188,11 @@ def _release(svc: "LocalService", key: int) -> Callable[[], None]:
     return do
 
 
-def _recount(svc: "LocalService", chunks: list[int]) -> Callable[[], None]:
+def _recount(svc: "LocalService", counts: list[tuple[int, int]]) -> Callable[[], None]:
     def do() -> None:  # in a worker thread: a connection of its own
         conn = svc.md.worker_connection()
         try:
-            recount_refs(conn, chunks)
+            set_refs(conn, counts)
         finally:
             conn.close()
     return do
@@ -226,11 +229,14 @@ async def repair(svc: "LocalService", say: Callable[[str], None]) -> int:
         return 0
     for step in steps:
         say(f"repair: will {step.what}")
+    for step in steps:
+        if step.first and step.do is not None:
+            await trio.to_thread.run_sync(step.do)
     # Interrupted jobs, pack tails, queued punches, empty packs: the recovery of an
     # exclusive open does exactly these.
     await recover(svc.md, svc.index, svc.packs, None, exclusive=True)
     for step in steps:
-        if step.do is not None:
+        if not step.first and step.do is not None:
             await trio.to_thread.run_sync(step.do)
     # What the releases above freed: punched, and packs left empty dropped.
     await recover(svc.md, svc.index, svc.packs, None, exclusive=True)

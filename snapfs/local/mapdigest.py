@@ -71,17 +71,18 @@ def compute(conn: sqlite3.Connection, snap: int, size: int) -> MapDigest:
     counts = bytearray()
     w = 0
     while w < total:
+        text, n = conn.execute(_WINDOW_MAP, (snap, w * WINDOW, (w + 1) * WINDOW)).fetchone()
+        if n:
+            digests += hashlib.blake2b(text.encode(), digest_size=DIGEST).digest()
+            counts.append(n)
+            w += 1
+            continue
+        # An empty window: one seek finds where the run of empty ones ends.
         (nxt,) = conn.execute(_NEXT_ENTRY, (snap, w * WINDOW)).fetchone()
         skip = total - w if nxt is None else min(nxt // WINDOW, total) - w
         digests += _EMPTY * skip
         counts += bytes(skip)
         w += skip
-        if w >= total:
-            break
-        text, n = conn.execute(_WINDOW_MAP, (snap, w * WINDOW, (w + 1) * WINDOW)).fetchone()
-        digests += hashlib.blake2b((text or "").encode(), digest_size=DIGEST).digest()
-        counts.append(n)
-        w += 1
     return MapDigest(bytes(digests), bytes(counts))
 
 

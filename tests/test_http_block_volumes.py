@@ -54,6 +54,9 @@ def test_create_update_delete_volume(served: Served) -> None:
                    from_snapshot=CreateVolumeRequestFromSnapshot(snapshot_id=snap.id)) == 400
     assert _status(api.create_volume, name="fast", perf_iops=15000,
                    from_empty=CreateVolumeRequestFromEmpty(size=GiB)) == 400
+    # A bad tag is refused before the volume is made (not made, then refused).
+    assert _status(api.create_volume, name="badtag", tags=["a/b"],
+                   from_empty=CreateVolumeRequestFromEmpty(size=GiB)) == 400
     # vol-a is a file registered by `snapfs volume add`: its file is not the API's to
     # delete.
     assert _status(api.delete_volume, volume_id=served.volumes["vol-a"]["id"]) == 400

@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 from .. import block_model as bm
 from ..errors import InvalidArgument, NotFound
-from ..model import MAX_PAGE, MAX_PER_PAGE, Page, Snapshot, Volume, new_id
+from ..model import MAX_PAGE, MAX_PER_PAGE, Page, Snapshot, Volume, check_tags, new_id
 from ..service import SnapshotService
 from .asgi import Request, Response, Router, json_response
 from .paged import PagedLists
@@ -203,6 +203,8 @@ class BlockRoutes:
         if size is None:
             raise InvalidArgument("from_empty.size", "required")
         tags = _typed(body, "tags", list)
+        if tags is not None:  # checked before the volume is made, not after
+            tags = check_tags(tags)
         # The API names a volume left unnamed; the store needs a name.
         name = _typed(body, "name", str) or f"volume-{new_id()[:8]}"
         vol = await self.svc.create_volume(name, size, zone=zone,

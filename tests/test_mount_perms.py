@@ -71,6 +71,14 @@ def test_allow_other_image_raw_is_readable_by_whom_its_volume_was(
     assert stat.S_IMODE(os.stat(pub / "image.raw").st_mode) == 0o444
     res = as_nobody("cat", priv / "image.raw")
     assert res.returncode != 0 and "Permission denied" in res.stderr
+    # Where the data lies (map.json, changes/) is readable by whom image.raw is.
+    for doc in (priv / "map.json", priv / "changes" / "p"):
+        st = os.stat(doc)
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o400), doc
+        res = as_nobody("cat", doc)
+        assert res.returncode != 0 and "Permission denied" in res.stderr, doc
+    res = as_nobody("cat", pub / "map.json")
+    assert res.returncode == 0 and res.stdout == (pub / "map.json").read_text()
     res = as_nobody("sha256sum", pub / "image.raw")
     assert res.returncode == 0, res.stderr
     assert res.stdout.split()[0] == run("sha256sum", m.volume("public") / "q" / "image.raw"

@@ -9,6 +9,8 @@ one more than the volume files did:
   snapshot without them (an import, one taken before they were recorded, the
   cloud backend) is the mount owner's, mode 0400. ``--image-mode`` and
   ``--image-owner`` set them for every image of the mount instead.
+- ``map.json`` and ``changes/<other>`` say where the image's data lies and
+  what changed in it: they take image.raw's owner and mode.
 - control files (``snapshot.json``, ``export``, ``imports/<name>``) and the
   directories a mkdir/rename/rmdir changes are writable by the mount's owner only
   (0644 / 0755); every directory stays traversable.

@@ -10,6 +10,7 @@ from ...errors import NotFound, NotSupported, PreconditionFailed, ReadOnly
 from ...extentmap import render
 from ...logtext import esc
 from ...model import Snapshot
+from ..access import image_access
 from ..allocation import places
 from ..attributes import Stat, dir_stat, file_stat, ns
 from ..context import FsContext
@@ -52,6 +53,10 @@ class ExtentsFile(FileNode):
             st = file_stat(False, size, ns(s.creation_date), ns(s.creation_date),
                            timeout=10.0)
         st.nlink = places(s)
+        # Where the data lies is the data's: readable by whom image.raw is.
+        ctx = self.ctx
+        st.uid, st.gid, st.mode = image_access(s, ctx.uid, ctx.gid, ctx.image_mode,
+                                               ctx.image_owner)
         return st
 
     async def open(self, flags: int, pid: int) -> Handle:

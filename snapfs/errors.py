@@ -138,6 +138,13 @@ class NoSuchAttribute(SnapfsError):
     api_type = "not_found"
 
 
+class NoMoreData(SnapfsError):
+    """A SEEK_DATA that finds only holes after its offset, or a SEEK_DATA or
+    SEEK_HOLE at or past the end: lseek(2)'s own answer, not a fault."""
+
+    api_type = "invalid_request_error"
+
+
 class NotSupported(SnapfsError):
     """A whole kind of request this place does not support (extended attributes
     outside ``user.*``): tools cache this answer instead of asking per file."""
@@ -172,6 +179,7 @@ ERRNO: dict[type[SnapfsError], int] = {
     Transient: errno.EAGAIN,
     Interrupted: errno.EINTR,
     NoSuchAttribute: errno.ENODATA,
+    NoMoreData: errno.ENXIO,  # lseek(2): "no data (or hole) from this offset on"
     NotSupported: errno.EOPNOTSUPP,
     NotConfigured: errno.ENXIO,  # "no such device or address": no endpoint to reach
     SnapfsError: errno.EIO,
@@ -195,6 +203,7 @@ HTTP_STATUS: dict[type[SnapfsError], int] = {
     Transient: 503,
     Interrupted: 500,
     NoSuchAttribute: 404,
+    NoMoreData: 416,
     NotSupported: 501,
     NotConfigured: 501,
     SnapfsError: 500,

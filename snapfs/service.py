@@ -38,6 +38,11 @@ class ImageReader(abc.ABC):
         export walks the allocation, not the address space. Default: anywhere."""
         return min(offset, self.size)
 
+    async def next_hole(self, offset: int) -> int:
+        """The first offset >= ``offset`` in a hole (``size`` when none: the end
+        is one), for SEEK_HOLE. Default: no holes."""
+        return self.size
+
     async def allocated_bytes(self) -> int | None:
         """Bytes the snapshot's allocation holds (holes excluded), None when not
         known cheaply: export sizes its parts from it."""

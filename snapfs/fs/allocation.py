@@ -1,7 +1,8 @@
 """What backup tools need of the tree besides bytes: how much of an image is
 stored (st_blocks, so cp, tar --sparse, rsync and du see its holes), how many
 places list a snapshot (st_nlink, so du counts it once), and the rendered
-``map.json``/``changes/<other>`` documents.
+``map.json``/``changes/<other>`` documents, and where lseek's SEEK_DATA and
+SEEK_HOLE land (so cp, tar --sparse and qemu-img skip holes without reading them).
 
 A complete snapshot never changes its bytes, so its stored size and documents
 are kept for the mount's life (documents: a few, most recently used).
@@ -9,9 +10,11 @@ are kept for the mount's life (documents: a few, most recently used).
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable, Callable
 
+from ..errors import InvalidArgument, NoMoreData
 from ..model import Snapshot
 
 if TYPE_CHECKING:
@@ -61,3 +64,19 @@ async def image_blocks(ctx: "FsContext", s: Snapshot) -> int | None:
             return None
         cache.stored[s.id] = stored
     return (stored + 511) // 512
+
+
+async def seek(offset: int, whence: int, size: int,
+               next_data: Callable[[int], Awaitable[int]],
+               next_hole: Callable[[int], Awaitable[int]]) -> int:
+    """lseek(2)'s SEEK_DATA / SEEK_HOLE from ``offset`` in a file of ``size``
+    bytes, given where data and holes start from an offset (each ``size`` when
+    none follows; the end counts as a hole). The kernel answers other seeks."""
+    if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+        raise InvalidArgument("whence", f"{whence} is neither SEEK_DATA nor SEEK_HOLE")
+    if not 0 <= offset < size:
+        raise NoMoreData(f"offset {offset} is not before the end ({size})")
+    found = await (next_data if whence == os.SEEK_DATA else next_hole)(offset)
+    if whence == os.SEEK_DATA and found >= size:
+        raise NoMoreData(f"only holes from {offset} to the end ({size})")
+    return min(max(found, offset), size)

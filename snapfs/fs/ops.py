@@ -34,6 +34,8 @@ XATTR_PREFIX = "user."
 #: Lookups of absent names and attributes are questions, not refusals: they are
 #: logged at debug level only (ls, shells and editors ask for many of them).
 QUIET = frozenset({errno.ENOENT, errno.ENODATA, errno.EOPNOTSUPP})
+#: Requests whose refusal is an ordinary answer (lseek's ENXIO: no data follows).
+QUIET_OPS = frozenset({"lseek"})
 
 
 #: Handler arguments that say what a request is about, as rendered in its log
@@ -78,7 +80,8 @@ def refusals(fn: F) -> F:
             log.exception("%s(%s): failed unexpectedly (bug #%d of this mount)", op,
                           _described(self, params, args), self.unexpected)
             raise pyfuse3.FUSEError(errno_for(SnapfsError())) from None
-        quiet = code in QUIET and op != "setxattr"  # a set is a request, not a question
+        quiet = (code in QUIET and op != "setxattr"  # a set is a request, not a question
+                 or op in QUIET_OPS)
         log.log(logging.DEBUG if quiet else logging.INFO, "%s(%s): %s: %s", op,
                 _described(self, params, args), errno.errorcode.get(code, code), reason)
         raise pyfuse3.FUSEError(code) from None
@@ -288,6 +291,10 @@ class SnapfsOperations(pyfuse3.Operations):
     @refusals
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         return await self.handle(fh).write(off, buf)
+
+    @refusals  # SEEK_DATA / SEEK_HOLE (pyfuse3 with lseek: scripts/pyfuse3-lseek.patch)
+    async def lseek(self, fh: int, off: int, whence: int) -> int:
+        return await self.handle(fh).seek(off, whence)
 
     @refusals
     async def flush(self, fh: int) -> None:

@@ -26,6 +26,19 @@ def seek_data(fd: int, offset: int, size: int) -> int:
         raise
 
 
+def seek_hole(fd: int, offset: int, size: int) -> int:
+    """The first offset >= ``offset`` of ``fd`` in a hole (``size`` when none,
+    or on a filesystem without SEEK_HOLE)."""
+    if offset >= size:
+        return size
+    try:
+        return min(size, os.lseek(fd, offset, os.SEEK_HOLE))
+    except OSError as exc:
+        if exc.errno in (errno.ENXIO, errno.EINVAL):
+            return size
+        raise
+
+
 def data_bytes(fd: int, size: int) -> int:
     """Bytes of ``fd``'s first ``size`` bytes not in holes (one lseek pair per
     extent: a sparse file costs its extents, not its size)."""

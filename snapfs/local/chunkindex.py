@@ -40,6 +40,8 @@ class Location:
 
 #: Map entries released per transaction by release_in_steps (~0.1 s each).
 RELEASE_STEP = 20_000
+#: Map entries read per query while looking for the end of a run (SEEK_HOLE).
+UNMAPPED_BATCH = 4096
 
 
 def _release_step(conn: sqlite3.Connection, snap: int, limit: int | None) -> bool:
@@ -199,6 +201,23 @@ class ChunkIndex:
             "SELECT idx FROM snapshot_chunks WHERE snap = ? AND idx >= ? ORDER BY idx "
             "LIMIT 1", (snap, first)).fetchone()
         return None if row is None else int(row[0])
+
+    def next_unmapped(self, snap: int, first: int) -> int:
+        """The first chunk index >= ``first`` the map lacks (a hole, or the end).
+        Reads the run of mapped indices from ``first`` a batch at a time, so a
+        long run costs its length: on the worker connection, for a worker thread."""
+        with self._worker() as conn:
+            expect = first
+            while True:
+                rows = conn.execute(
+                    "SELECT idx FROM snapshot_chunks WHERE snap = ? AND idx >= ? ORDER BY idx "
+                    "LIMIT ?", (snap, expect, UNMAPPED_BATCH)).fetchall()
+                for (idx,) in rows:
+                    if idx != expect:
+                        return expect
+                    expect += 1
+                if len(rows) < UNMAPPED_BATCH:
+                    return expect
 
     def mapped_count(self, snap: int) -> int:
         """How many chunks the snapshot's map has (its allocation, in chunks). A

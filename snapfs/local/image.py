@@ -28,7 +28,7 @@ import trio
 from ..errors import CorruptData
 from ..readahead import ReadAhead
 from ..service import Buffer, ImageReader
-from .allocation import data_bytes, seek_data
+from .allocation import data_bytes, seek_data, seek_hole
 from .chunkindex import ChunkIndex, Location
 from .chunks import CHUNK_SIZE, ZERO_CHUNK, PackFiles, chunk_buffer
 from .compression import decompress
@@ -169,6 +169,11 @@ class LocalImageReader(ImageReader):
         idx = self.index.next_mapped(self.snap, offset // CHUNK_SIZE)
         return self.size if idx is None else min(self.size, max(offset, idx * CHUNK_SIZE))
 
+    async def next_hole(self, offset: int) -> int:
+        idx = await trio.to_thread.run_sync(self.index.next_unmapped, self.snap,
+                                            offset // CHUNK_SIZE, limiter=self.limiter)
+        return min(self.size, max(offset, idx * CHUNK_SIZE))
+
     async def allocated_bytes(self) -> int | None:
         count = await trio.to_thread.run_sync(self.index.mapped_count, self.snap,
                                               limiter=self.limiter)
@@ -209,6 +214,10 @@ class ShadowReader(ImageReader):
 
     async def next_allocated(self, offset: int) -> int:
         return await trio.to_thread.run_sync(seek_data, self.fd, offset, self.size,
+                                             limiter=self.limiter)
+
+    async def next_hole(self, offset: int) -> int:
+        return await trio.to_thread.run_sync(seek_hole, self.fd, offset, self.size,
                                              limiter=self.limiter)
 
     async def allocated_bytes(self) -> int | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ...errors import NoSuchAttribute, NotPermitted, NotSupported, ReadOnly, TooLarge
 from ...service import Buffer
+from ..allocation import seek
 from ..attributes import Stat
 from ..context import FsContext
 from ..keys import Key
@@ -110,6 +111,17 @@ class Handle:
 
     async def truncate(self, size: int) -> None:
         raise ReadOnly(f"{self.node.describe()} is read-only")
+
+    async def seek(self, offset: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE: a file without holes, by default."""
+        size = (await self.node.stat()).size
+
+        async def at(offset: int) -> int:
+            return offset
+
+        async def end(offset: int) -> int:
+            return size
+        return await seek(offset, whence, size, at, end)
 
     async def flush(self) -> None:
         """On every close(2); errors raised here are what close(2) returns."""

@@ -16,7 +16,7 @@ from ...model import PRODUCING_STATES, Snapshot, check_readable
 from ...service import Buffer, ImageReader
 from .. import transfer
 from ..access import image_access
-from ..allocation import image_blocks, places
+from ..allocation import image_blocks, places, seek
 from ..attributes import IMAGE_BLKSIZE, Stat, file_stat, ns
 from ..context import FsContext
 from ..forget import forget_names
@@ -116,6 +116,10 @@ class ImageHandle(Handle):
 
     async def read(self, offset: int, size: int) -> Buffer:
         return await self.reader.read_transient(offset, size)  # replied before any await
+
+    async def seek(self, offset: int, whence: int) -> int:
+        r = self.reader
+        return await seek(offset, whence, r.size, r.next_allocated, r.next_hole)
 
     async def release(self) -> None:
         ctx, sid = self.node.ctx, self.node.key.snapshot

@@ -315,3 +315,24 @@ async def test_an_object_replaced_mid_read_fails_instead_of_mixing_versions(
         await reader.aclose()
     finally:
         await objects.aclose()
+
+
+async def test_a_qcow2_objects_holes_come_from_its_tables(s3_server: SeaweedServer, bucket: str,
+                                                           tmp_path: Path) -> None:
+    """SEEK_DATA/SEEK_HOLE of a cloud image.raw: the allocation the L2 tables map
+    (1 MiB grains), known at open without another request."""
+    raw = make_raw(tmp_path / "image.raw", 2048 * MiB,
+                   [(0, MiB), (700 * MiB + 4096, 2 * MiB), (2047 * MiB, MiB)])
+    s3_server.client().upload_file(str(qcow2_of(raw)), bucket, "sparse.qcow2")
+    objects = s3_server.objects()
+    try:
+        reader = await objects.open_qcow2(bucket, "sparse.qcow2")
+        got = [(await reader.next_allocated(o * MiB) // MiB, await reader.next_hole(o * MiB) // MiB)
+               for o in (0, 1, 300, 700, 703, 1000, 2047)]
+        # (data, hole) from each offset; a run of 2 MiB + 4 KiB spans 3 grains.
+        assert got == [(0, 1), (700, 1), (700, 300), (700, 703), (2047, 703), (2047, 1000),
+                       (2047, 2048)]
+        assert await reader.read(700 * MiB, 4096) == bytes(4096)  # a hole reads zeros
+        await reader.aclose()
+    finally:
+        await objects.aclose()

@@ -225,6 +225,15 @@ class S3Qcow2Reader(ImageReader):
             i += 1
         return min(self.size, max(offset, i * span))
 
+    async def next_allocated(self, offset: int) -> int:
+        """From the allocation validate_tables marked (no request): SEEK_DATA."""
+        a = self.allocation
+        return min(self.size, max(offset, a.next_set(offset // a.grain) * a.grain))
+
+    async def next_hole(self, offset: int) -> int:
+        a = self.allocation
+        return min(self.size, max(offset, a.next_clear(offset // a.grain) * a.grain))
+
     async def read(self, offset: int, length: int) -> bytes:
         return await self.ra.read(offset, length)
 

@@ -120,7 +120,11 @@ trio.run(main)
 
 
 def aws_cli() -> Path:
-    """`aws` from a venv of its own (awscli pins an exact botocore)."""
+    """`aws` from PATH (as scale.py), else from a venv of its own (awscli pins
+    an exact botocore)."""
+    found = shutil.which("aws")
+    if found:
+        return Path(found)
     venv = ROOT / ".venv" / "awscli-venv"
     exe = venv / "bin" / "aws"
     if not exe.exists():

@@ -69,6 +69,63 @@ class _Cut:
         return self.digests
 
 
+async def test_parts_in_memory_are_sent_without_copies() -> None:
+    """Part 1 (head + first body bytes) and the short last part are sent from
+    the buffers they were filled in, not copied into new ``bytes`` first (which
+    cost ~9 MiB of traced peak here, 6-20 MB of an export's peak RSS); the
+    parts' bytes are the encoder's image, cut alike."""
+    part_size, blocks, block = 8 * MiB, 14, 2 * MiB  # parts: 1, 2 and 3 full, 4 ~7 MiB
+    base = os.urandom(block)
+
+    def data(i: int) -> bytes:
+        return i.to_bytes(8, "little") + base[8:]
+
+    size = 2 * GiB
+    got: dict[int, str] = {}
+    sizes: dict[int, int] = {}
+    buffers = _Buffers(part_size, 2)
+
+    async def consume(recv: trio.MemoryReceiveChannel[tuple[int, Any, int, Any]]) -> None:
+        async for number, body, length, part in recv:
+            assert isinstance(body, bytearray) and len(body) == length
+            assert part is None or body is part.buf  # the buffer itself, cut in place
+            got[number], sizes[number] = hashlib.sha256(body).hexdigest(), length
+            if part is not None:
+                await buffers.put(part)
+
+    async def feed(send: trio.MemorySendChannel[tuple[int, bytes]]) -> None:
+        async with send:
+            for i in range(blocks):
+                await send.send((i * block, data(i)))
+
+    enc = StreamingEncoder(size)
+    async with trio.open_nursery() as nursery:
+        send, recv = trio.open_memory_channel[tuple[int, Any, int, Any]](0)
+        bsend, brecv = trio.open_memory_channel[tuple[int, bytes]](1)
+        nursery.start_soon(consume, recv)
+        nursery.start_soon(feed, bsend)
+        async with send, brecv:
+            await _produce(enc, brecv, send, buffers, blocks * block, lambda d, t: None,
+                           trio.CapacityLimiter(2))
+    assert sorted(got) == [1, 2, 3, 4] and sizes[1] == MIN_PART
+    assert sizes[2] == sizes[3] == part_size and 6 * MiB < sizes[4] < part_size
+    assert sum(sizes.values()) == enc.image_size
+    assert buffers.made <= 2  # full parts reuse at most the two buffers
+
+    ref = StreamingEncoder(size)  # the head first: known only at the end
+    for i in range(blocks):
+        ref.feed_pieces(data(i))
+    cut = _Cut(part_size)
+    cut.feed(ref.finish_pieces()[1])
+    ref = StreamingEncoder(size)
+    for i in range(blocks):
+        for piece in ref.feed_pieces(data(i)):
+            cut.feed(piece)
+    for piece in ref.finish_pieces()[0]:
+        cut.feed(piece)
+    assert cut.close() == got
+
+
 async def test_a_spilled_part_of_512_mib_costs_the_read_blocks(tmp_path: Path) -> None:
     part_size, blocks, block = 512 * MiB, 264, 2 * MiB  # 528 MiB: parts 1, 2 (full), 3
     base = os.urandom(block)

@@ -50,6 +50,9 @@ from snapfs.memory import limit_malloc_arenas
 from snapfs.s3.storage import S3ObjectStorage
 from snapfs.s3.config import S3Settings
 limit_malloc_arenas()  # as snapfs mount / serve do
+# The task's state is read every 50 ms: at 10 ms the reads (SQLite, in this
+# process) cost ~0.4 CPU-s per export (export_ab.py rounds), which no daemon spends.
+POLL = 0.05
 
 def rss_peak():
     for line in open("/proc/self/status"):
@@ -74,7 +77,7 @@ async def main():
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         task = await svc.export_snapshot("fr-par-1", snap.id, bucket=bucket, key="snap.qcow2")
         while (task := await svc.get_task("fr-par-1", task.id)).status in ("pending", "started"):
-            await trio.sleep(0.01)
+            await trio.sleep(POLL)
         dt = time.perf_counter() - t
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         export_rss = rss_peak()
@@ -94,6 +97,9 @@ from snapfs.memory import limit_malloc_arenas
 from snapfs.s3.storage import S3ObjectStorage
 from snapfs.s3.config import S3Settings
 limit_malloc_arenas()  # as snapfs mount / serve do
+# The task's state is read every 50 ms: at 10 ms the reads (SQLite, in this
+# process) cost ~0.4 CPU-s per export (export_ab.py rounds), which no daemon spends.
+POLL = 0.05
 
 async def main():
     store, endpoint, ak, sk, bucket = sys.argv[1:6]
@@ -104,7 +110,7 @@ async def main():
         imp = await svc.create_snapshot("fr-par-1", name="back", bucket=bucket,
                                         key="snap.qcow2")
         while (imp := await svc.get_snapshot("fr-par-1", imp.id)).state == "importing":
-            await trio.sleep(0.01)
+            await trio.sleep(POLL)
         dt = time.perf_counter() - t
     await objects.aclose()
     rss = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")]
@@ -114,7 +120,11 @@ trio.run(main)
 
 
 def aws_cli() -> Path:
-    """`aws` from a venv of its own (awscli pins an exact botocore)."""
+    """`aws` from PATH (as scale.py), else from a venv of its own (awscli pins
+    an exact botocore)."""
+    found = shutil.which("aws")
+    if found:
+        return Path(found)
     venv = ROOT / ".venv" / "awscli-venv"
     exe = venv / "bin" / "aws"
     if not exe.exists():

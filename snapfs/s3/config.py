@@ -44,7 +44,10 @@ class S3Settings:
     #: SeaweedFS, measured (1 GiB, interleaved rounds): 8 MiB parts 9.27 s
     #: median of 4, faster than 6 MiB in each pair (9.66 s); 16 MiB 7.4 s vs
     #: 8.2 s for 6 MiB, but the export's peak RSS rose from ~130 to 194-196 MB,
-    #: too near the 200 MB budget; 8 in flight were no faster than 4.
+    #: too near the 200 MB budget; 8 in flight were no faster than 4. Ninth
+    #: session, parts sent without copies, 5 paired rounds with aws s3 cp:
+    #: 8 MiB 8.84 s, 16 MiB x 3 in flight 8.78 s (150 vs 127 MB), aws 9.13 s --
+    #: SeaweedFS's CPU sets the pace: no measurable gain, so 8 MiB stays.
     part_size: int = 8 * MiB
     #: Where an export spills parts too big for memory (temporary files,
     #: unlinked at once); None: $TMPDIR, else /var/tmp (disk, not a tmpfs).

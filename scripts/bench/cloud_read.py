@@ -99,7 +99,12 @@ class BenchSeaweed(SeaweedServer):
 
 
 def snapfs(*args: str | Path, env: dict[str, str] | None = None) -> str:
-    res = subprocess.run([sys.executable, "-m", "snapfs", *map(str, args)],
+    """Run ``python -m snapfs`` from / (``-m`` puts the working directory first on
+    sys.path: a variant's PYTHONPATH, another checkout, would not count), this
+    checkout's code unless ``env`` names another PYTHONPATH."""
+    env = dict(os.environ if env is None else env)
+    env.setdefault("PYTHONPATH", str(ROOT))
+    res = subprocess.run([sys.executable, "-m", "snapfs", *map(str, args)], cwd="/",
                          capture_output=True, text=True, env=env, timeout=600)
     if res.returncode:
         raise SystemExit(f"snapfs {args[0]} failed: {res.stderr.strip()}")

@@ -279,7 +279,8 @@ def main() -> None:
         env.update(s3_env, SCW_ACCESS_KEY=ACCESS_KEY, SCW_SECRET_KEY=SECRET, SCW_API_URL=url,
                    SCW_DEFAULT_ZONE="fr-par-1", SCW_CONFIG_PATH=str(work / "no-scw.yaml"))
 
-        variants = [("base", {})] + [parse_env_variant(v) for v in args.variant]
+        variants: list[tuple[str, dict[str, str]]] = [("base", {})]
+        variants += [parse_env_variant(v) for v in args.variant]
         for i, (vname, venv) in enumerate(variants):
             m = work / f"mnt{i}"
             m.mkdir()
@@ -382,6 +383,7 @@ def main() -> None:
             modes.append(mode)
             hangs += h
         rss = peak_rss(daemon)
+        rss_of = [peak_rss(d) for d in daemons]  # before the cmp reads it all again
         if not args.no_verify:
             for im in images:
                 subprocess.run(["cmp", str(im), str(vol)], check=True)
@@ -411,7 +413,7 @@ def main() -> None:
                   f"{statistics.median(qemu) / statistics.median(ts):.2f}x median "
                   f"({', '.join(f'{t:.2f}' for t in ts)} s; daemon CPU "
                   f"{', '.join(f'{c:.2f}' for c in cpu_variant[vname])} s; peak RSS "
-                  f"{peak_rss(daemons[[v for v, _ in variants].index(vname)]) / 1e6:.0f} MB)")
+                  f"{rss_of[[v for v, _ in variants].index(vname)] / 1e6:.0f} MB)")
         print("(lo MiB: loopback traffic during the round, all processes: at least the "
               "data fetched)")
         if hangs:

@@ -264,3 +264,95 @@ def test_refuses_a_virtual_size_beyond_64_tib_at_once(tmp_path: Path) -> None:
                                match=f"beyond the {MAX_VIRTUAL_SIZE}-byte limit \\(64 TiB\\)"):
                 parse_header(head, p.stat().st_size)
         assert time.monotonic() - start < 1
+
+
+def _extents_per_cluster(qmap, offset: int, length: int, tables):  # type: ignore[no-untyped-def]
+    """The reference: one L2 entry at a time (the decoder's earlier algorithm)."""
+    from snapfs.qcow2.decoder import DATA, ZERO, Extent
+    from snapfs.qcow2.format import OFFSET_MASK
+    cs, per = qmap.header.cluster_size, qmap.header.l2_entries
+    end = min(offset + length, qmap.size)
+    out: list[Extent] = []
+    pos = offset
+    while pos < end:
+        within = pos % cs
+        n = min(cs - within, end - pos)
+        l1i, l2i = divmod(pos // cs, per)
+        l2_off = qmap.l1[l1i] & OFFSET_MASK
+        ext = Extent(ZERO, pos, n) if not l2_off else \
+            qmap._entry_extent(tables(l2_off)[l2i], pos, within, n)
+        last = out[-1] if out else None
+        if last is not None and last.kind == ext.kind == ZERO:
+            out[-1] = Extent(ZERO, last.guest_offset, last.length + n)
+        elif (last is not None and last.kind == ext.kind == DATA
+              and last.host_offset + last.length == ext.host_offset):
+            out[-1] = Extent(DATA, last.guest_offset, last.length + n, last.host_offset)
+        else:
+            out.append(ext)
+        pos += n
+    return out
+
+
+def test_extents_by_runs_equal_the_per_cluster_walk() -> None:
+    """The run-at-a-time extents (plain data runs, empty runs) give the very
+    pieces -- and the very refusals -- of the per-cluster walk, on random tables
+    mixing contiguous and scattered data, holes, zero flags, compressed entries,
+    copied flags, reserved bits and hosts past the object."""
+    import random
+    from array import array
+
+    from snapfs.qcow2.decoder import Qcow2Map, parse_header
+    from snapfs.qcow2.format import OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO
+    rng = random.Random(7)
+    cs, per = 4096, 512  # 4 KiB clusters: 512 entries per table, 2 MiB per table
+    n_tables = 4
+    size = n_tables * per * cs - 3 * 512  # a partial last cluster
+    hdr = bytearray(4096)
+    struct.pack_into(">4sIQIIQIIQQIIQ", hdr, 0, b"QFI\xfb", 3, 0, 0, 12, size, 0,
+                     n_tables, 1 << 20, 2 << 20, 1, 0, 0)
+    struct.pack_into(">QQQII", hdr, 72, 0, 0, 0, 4, 104)
+    outcomes = {"same": 0, "refused": 0, "data": 0}
+    for trial in range(150):
+        file_size = rng.choice([64 << 20, 8 << 20, (8 << 20) + 1234])
+        header = parse_header(bytes(hdr), file_size)
+        l1 = [0 if rng.random() < 0.2 else (3 << 20) + i * cs for i in range(n_tables)]
+        qmap = Qcow2Map(header, b"".join(struct.pack(">Q", e) for e in l1), file_size)
+        tables = {}
+        for i in range(n_tables):
+            entries = []
+            host = rng.randrange(1, 2000) * cs
+            while len(entries) < per:
+                kind = rng.random()
+                run = rng.randint(1, 60)
+                for _ in range(run):
+                    if kind < 0.45:  # contiguous data, sometimes copied
+                        entries.append(host | (OFLAG_COPIED if rng.random() < 0.7 else 0))
+                        host += cs
+                    elif kind < 0.65:
+                        entries.append(0)
+                    elif kind < 0.75:
+                        entries.append(rng.randrange(1, 2500) * cs)
+                    elif kind < 0.8:
+                        entries.append(OFLAG_ZERO | rng.choice([0, host]))
+                    elif kind < 0.85:
+                        entries.append(OFLAG_COMPRESSED | rng.randrange(1 << 20, 4 << 20))
+                    elif kind < 0.87:
+                        entries.append(host | rng.choice([2, 1 << 57, 4096 >> 1]))
+                    else:
+                        host = rng.randrange(1, 2500) * cs
+            tables[(3 << 20) + i * cs] = array("Q", entries[:per])
+        for _ in range(10):
+            off = rng.randrange(0, size)
+            length = rng.choice([1, 512, cs, 3 * cs + 17, 1 << 20, 5 << 20, size])
+            try:
+                want = _extents_per_cluster(qmap, off, length, tables.__getitem__)
+            except InvalidData as exc:
+                with pytest.raises(InvalidData) as got:
+                    qmap.extents(off, length, tables.__getitem__)
+                assert str(got.value) == str(exc), (trial, off, length)
+                outcomes["refused"] += 1
+                continue
+            assert qmap.extents(off, length, tables.__getitem__) == want, (trial, off, length)
+            outcomes["same"] += 1
+            outcomes["data"] += sum(e.length > cs for e in want if e.kind == "data")
+    assert min(outcomes.values()) > 100, outcomes  # every path taken, often

@@ -20,12 +20,20 @@ Targets (issue 5): snapfs >= 1.0x qemu-img's throughput; daemon peak RSS <= 200 
 
     .venv/bin/python scripts/bench/cloud_read.py [--data-mib 1024] [--rounds 2]
                                                  [--dir DIR] [--keep] [--no-verify]
+                                                 [--variant NAME:K=V,K=V ...]
+
+``--variant``: paired A/B of daemon settings: one more mount per variant, its
+daemon started with these extra environment variables (knobs a change under
+test reads), all mounts read in every round, order rotated. CPU seconds of the
+daemon(s), SeaweedFS and qemu-img are printed per round: on 2 cores the CPU one
+reader spends is taken from the server.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import os
 import random
 import shutil
@@ -91,7 +99,12 @@ class BenchSeaweed(SeaweedServer):
 
 
 def snapfs(*args: str | Path, env: dict[str, str] | None = None) -> str:
-    res = subprocess.run([sys.executable, "-m", "snapfs", *map(str, args)],
+    """Run ``python -m snapfs`` from / (``-m`` puts the working directory first on
+    sys.path: a variant's PYTHONPATH, another checkout, would not count), this
+    checkout's code unless ``env`` names another PYTHONPATH."""
+    env = dict(os.environ if env is None else env)
+    env.setdefault("PYTHONPATH", str(ROOT))
+    res = subprocess.run([sys.executable, "-m", "snapfs", *map(str, args)], cwd="/",
                          capture_output=True, text=True, env=env, timeout=600)
     if res.returncode:
         raise SystemExit(f"snapfs {args[0]} failed: {res.stderr.strip()}")
@@ -199,6 +212,23 @@ def _run_watching_progress(cmd: list[str]) -> float | None:
     return elapsed
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def parse_env_variant(text: str) -> tuple[str, dict[str, str]]:
+    name, _, rest = text.partition(":")
+    env = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
+    return name, env
+
+
 def peak_rss(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -216,6 +246,14 @@ def main() -> None:
     p.add_argument("--no-verify", action="store_true", help="skip the final cmp")
     p.add_argument("--direct-io", action="store_true",
                    help="mount with --direct-io instead of the default page-cache mode")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:K=V,K=V",
+                   help="one more mount whose daemon gets these environment variables; "
+                        "every mount is read in every round (paired A/B)")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="py-spy --native profile of the base daemon's first read "
+                        "(.svg: flame graph, else collapsed stacks)")
+    p.add_argument("--no-backend", action="store_true",
+                   help="skip the reader-without-FUSE run of each round")
     p.add_argument("--kernel", action="append", default=[], metavar="ra=KB,bg=N,cong=N",
                    help="paired A/B: each round reads once per setting of the mount's "
                         "kernel read-ahead / FUSE queue (readahead.py); '' = the daemon's")
@@ -223,6 +261,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="snapfs-cloud-bench-", dir=args.dir or "/var/tmp"))
     s3 = BenchSeaweed(work / "s3")
     server = mnt = None
+    mounts: list[Path] = []
     try:
         s3.start()
         s3.client().create_bucket(Bucket=BUCKET)
@@ -240,12 +279,18 @@ def main() -> None:
         env.update(s3_env, SCW_ACCESS_KEY=ACCESS_KEY, SCW_SECRET_KEY=SECRET, SCW_API_URL=url,
                    SCW_DEFAULT_ZONE="fr-par-1", SCW_CONFIG_PATH=str(work / "no-scw.yaml"))
 
-        mnt = work / "mnt"
-        mnt.mkdir()
-        snapfs("mount", mnt, "--store", work / "mount-state", "--backend", "scaleway",
-               "--staging-bucket", BUCKET, "--s3-endpoint", s3.endpoint,
-               *(["--direct-io"] if args.direct_io else []), env=env)
-        daemon = int(os.getxattr(mnt, "user.pid"))
+        variants: list[tuple[str, dict[str, str]]] = [("base", {})]
+        variants += [parse_env_variant(v) for v in args.variant]
+        for i, (vname, venv) in enumerate(variants):
+            m = work / f"mnt{i}"
+            m.mkdir()
+            snapfs("mount", m, "--store", work / f"mount-state{i}", "--backend", "scaleway",
+                   "--staging-bucket", BUCKET, "--s3-endpoint", s3.endpoint,
+                   *(["--direct-io"] if args.direct_io else []), env={**env, **venv})
+            mounts.append(m)
+        mnt = mounts[0]
+        daemons = [int(os.getxattr(m, "user.pid")) for m in mounts]
+        daemon = daemons[0]
         name = f"bench-{uuid.uuid4().hex[:6]}"
         snap_dir = mnt / "fr-par-1" / "default" / "snapshots" / name
         step("snapshot (mkdir)")
@@ -256,6 +301,7 @@ def main() -> None:
         capture_s = time.perf_counter() - t
         image = snap_dir / "image.raw"
         size = os.stat(image).st_size
+        images = [m / image.relative_to(mnt) for m in mounts]
 
         # First open: the export to the staging bucket (then the QCOW2 header/L1 read).
         step("first open of image.raw (export)")
@@ -263,6 +309,9 @@ def main() -> None:
         with open(image, "rb") as f:
             f.read(4096)
         export_s = time.perf_counter() - t
+        for other in images[1:]:  # the staged export is reused
+            with open(other, "rb") as f:
+                f.read(4096)
         keys = [o["Key"] for o in s3.client().list_objects_v2(
             Bucket=BUCKET, Prefix="snapfs-staging/").get("Contents", [])]
         assert len(keys) == 1, keys
@@ -280,27 +329,64 @@ def main() -> None:
         fetched: list[int] = []
         backend: list[float] = []
         sid = os.getxattr(snap_dir, "user.id").decode()
+        by_variant: dict[str, list[float]] = {v: [] for v, _ in variants}
+        cpu_variant: dict[str, list[float]] = {v: [] for v, _ in variants}
+        cpu_weed: list[tuple[float, float]] = []
+        cpu_qemu: list[float] = []
+        assert s3.proc is not None
+        weed = s3.proc.pid
         for r in range(args.rounds):
-            step("backend read without FUSE")
-            res = subprocess.run([sys.executable, "-c", BACKEND_READ, s3.endpoint, BUCKET, sid],
-                                 capture_output=True, text=True, env=env, timeout=STEP_TIMEOUT)
-            if res.returncode:
-                raise SystemExit(f"backend read failed: {res.stderr.strip()[-2000:]}")
-            backend.append(float(res.stdout.split()[-1]))
-            before = loopback_bytes()
-            for i in [(r + j) % len(knames) for j in range(len(knames))]:  # order rotated
-                if kernels:
-                    tune(mnt, kernels[i])
-                by_kernel[knames[i]].append(dd_read(image, size))
-            cloud.append(min(by_kernel[k][-1] for k in knames))  # the best setting
-            fetched.append((loopback_bytes() - before) // len(knames))
+            if not args.no_backend:
+                step("backend read without FUSE")
+                res = subprocess.run([sys.executable, "-c", BACKEND_READ, s3.endpoint, BUCKET,
+                                      sid], capture_output=True, text=True, env=env,
+                                     timeout=STEP_TIMEOUT)
+                if res.returncode:
+                    raise SystemExit(f"backend read failed: {res.stderr.strip()[-2000:]}")
+                backend.append(float(res.stdout.split()[-1]))
+            else:
+                backend.append(float("nan"))
+            w0 = cpu_seconds(weed)
+            for v in [(r + j) % len(variants) for j in range(len(variants))]:  # rotated
+                vname = variants[v][0]
+                c0 = cpu_seconds(daemons[v])
+                if v:
+                    by_variant[vname].append(dd_read(images[v], size))
+                    cpu_variant[vname].append(cpu_seconds(daemons[v]) - c0)
+                    continue
+                spy = None
+                if args.profile and r == 0:
+                    spy = subprocess.Popen(["py-spy", "record", "--native", "-r", "200", "-p",
+                                            str(daemon), "-o", str(args.profile), "-f",
+                                            "flamegraph" if args.profile.suffix == ".svg"
+                                            else "raw"],
+                                           stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL)
+                    time.sleep(1.0)
+                before = loopback_bytes()
+                for i in [(r + j) % len(knames) for j in range(len(knames))]:  # rotated
+                    if kernels:
+                        tune(mnt, kernels[i])
+                    by_kernel[knames[i]].append(dd_read(image, size))
+                if spy is not None:
+                    spy.send_signal(2)
+                    spy.wait()
+                cloud.append(min(by_kernel[k][-1] for k in knames))  # the best setting
+                fetched.append((loopback_bytes() - before) // len(knames))
+                by_variant["base"].append(cloud[-1])
+                cpu_variant["base"].append((cpu_seconds(daemon) - c0) / len(knames))
+            w1, q0 = cpu_seconds(weed), children_cpu()
             q, mode, h = qemu_convert(qemu_src, size)
+            cpu_qemu.append(children_cpu() - q0)
+            cpu_weed.append(((w1 - w0) / len(variants), cpu_seconds(weed) - w1))
             qemu.append(q)
             modes.append(mode)
             hangs += h
         rss = peak_rss(daemon)
+        rss_of = [peak_rss(d) for d in daemons]  # before the cmp reads it all again
         if not args.no_verify:
-            subprocess.run(["cmp", str(image), str(vol)], check=True)
+            for im in images:
+                subprocess.run(["cmp", str(im), str(vol)], check=True)
 
         best_c, best_q = min(cloud), min(qemu)
         ratio = best_q / best_c  # throughput ratio = inverse time ratio
@@ -316,6 +402,18 @@ def main() -> None:
             print(f"{i:<6} {c:9.2f} {size / MiB / c:7.0f} {n / MiB:8.0f} {q:11.2f} "
                   f"{size / MiB / q:7.0f} {b:10.2f}  (qemu-img {mode})")
         print("(no-FUSE: the cloud backend's image reader read directly, 1 MiB reads)")
+        print("CPU s per round: " + "; ".join(
+            f"{i}: daemon {cpu_variant['base'][i - 1]:.2f}, weed during snapfs "
+            f"{cpu_weed[i - 1][0]:.2f} (per mount read) / during qemu-img "
+            f"{cpu_weed[i - 1][1]:.2f}, qemu-img {cpu_qemu[i - 1]:.2f}"
+            for i in range(1, len(cloud) + 1)))
+        for vname, venv in variants:
+            ts = by_variant[vname]
+            print(f"variant {vname} {venv}: snapfs/qemu-img {best_q / min(ts):.2f}x best, "
+                  f"{statistics.median(qemu) / statistics.median(ts):.2f}x median "
+                  f"({', '.join(f'{t:.2f}' for t in ts)} s; daemon CPU "
+                  f"{', '.join(f'{c:.2f}' for c in cpu_variant[vname])} s; peak RSS "
+                  f"{rss_of[[v for v, _ in variants].index(vname)] / 1e6:.0f} MB)")
         print("(lo MiB: loopback traffic during the round, all processes: at least the "
               "data fetched)")
         if hangs:
@@ -343,10 +441,11 @@ def main() -> None:
         if not args.no_verify:
             print("image.raw == volume (cmp)")
     finally:
-        if mnt is not None and os.path.ismount(mnt):
-            if subprocess.run(["fusermount3", "-u", str(mnt)]).returncode:
-                subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
-            time.sleep(0.5)
+        for m in mounts:
+            if os.path.ismount(m):
+                if subprocess.run(["fusermount3", "-u", str(m)]).returncode:
+                    subprocess.run(["fusermount3", "-u", "-z", str(m)])
+                time.sleep(0.5)
         if server is not None:
             stop_server(server)
         s3.stop()

@@ -215,33 +215,62 @@ class Qcow2Map:
                 l2_tables: Callable[[int], array]) -> list[Extent]:
         """The pieces of guest ``offset``..+``length`` (clipped to the virtual
         size); ``l2_tables(host_offset)`` returns a parsed L2 table. Adjacent DATA
-        pieces contiguous on the host are merged so a reader fetches them at once."""
+        pieces contiguous on the host are merged so a reader fetches them at once.
+
+        Runs of plain data entries (host offsets ascending by one cluster) and of
+        empty entries are taken whole, one comparison per entry: the per-cluster
+        path cost a quarter of the trio thread while a cloud read streamed
+        (py-spy, 24k clusters per 1.5 GiB)."""
         h = self.header
         cs = h.cluster_size
+        per_table = h.l2_entries
         end = min(offset + length, self.size)
         out: list[Extent] = []
         pos = offset
         while pos < end:
-            cluster = pos // cs
-            within = pos % cs
-            n = min(cs - within, end - pos)
-            l1i, l2i = divmod(cluster, h.l2_entries)
+            l1i, l2i = divmod(pos // cs, per_table)
+            span_end = min(end, (l1i + 1) * per_table * cs)  # this L2 table's guest end
             l2_off = self.l1[l1i] & OFFSET_MASK
-            ext: Extent
             if not l2_off:
-                ext = Extent(ZERO, pos, n)
-            else:
-                ext = self._entry_extent(l2_tables(l2_off)[l2i], pos, within, n)
-            last = out[-1] if out else None
-            if (last is not None and last.kind == ext.kind == ZERO):
-                out[-1] = Extent(ZERO, last.guest_offset, last.length + n)
-            elif (last is not None and last.kind == ext.kind == DATA
-                  and last.host_offset + last.length == ext.host_offset):
-                out[-1] = Extent(DATA, last.guest_offset, last.length + n,
-                                 last.host_offset)
-            else:
-                out.append(ext)
-            pos += n
+                _push(out, Extent(ZERO, pos, span_end - pos))
+                pos = span_end
+                continue
+            table = l2_tables(l2_off)
+            while pos < span_end:
+                within = pos % cs
+                entry = table[l2i]
+                # clusters from l2i (included) to last (excluded) that this piece spans
+                last = l2i + 1
+                if not entry:
+                    while last * cs < span_end - l1i * per_table * cs and not table[last]:
+                        last += 1
+                    n = min((l1i * per_table + last) * cs, span_end) - pos
+                    ext = Extent(ZERO, pos, n)
+                elif not entry & _NOT_PLAIN and entry & OFFSET_MASK \
+                        and not (entry & OFFSET_MASK) % cs:
+                    limit = min(per_table, -(-(span_end - l1i * per_table * cs) // cs))
+                    nxt = entry + cs
+                    while last < limit and table[last] == nxt:
+                        last += 1
+                        nxt += cs
+                    n = min((l1i * per_table + last) * cs, span_end) - pos
+                    host = (entry & OFFSET_MASK) + within
+                    if host + n > self.file_size:  # the per-cluster check says where
+                        p = pos
+                        for k in range(l2i, last):
+                            m = min(cs - p % cs, span_end - p)
+                            self._entry_extent(table[k], p, p % cs, m)
+                            p += m
+                        raise InvalidData(f"truncated QCOW2 image: data for guest offset "
+                                          f"{pos} lies beyond the object")  # (not reached)
+                    ext = Extent(DATA, pos, n, host)
+                else:
+                    n = min(cs - within, span_end - pos)
+                    ext = self._entry_extent(entry, pos, within, n)
+                    last = l2i + 1
+                _push(out, ext)
+                pos += n
+                l2i = last
         return out
 
     def _entry_extent(self, entry: int, pos: int, within: int, n: int) -> Extent:
@@ -277,6 +306,24 @@ class Qcow2Map:
                               f"{pos - within} at byte {host} lies beyond the object's "
                               f"{self.file_size} bytes")
         return Extent(DATA, pos, n, host + within)
+
+
+#: Bits that make an L2 entry other than a plain data cluster (all but the
+#: offset and "copied"): compressed, zero, reserved.
+_NOT_PLAIN = ~(OFFSET_MASK | OFLAG_COPIED) & ((1 << 64) - 1)
+
+
+def _push(out: list[Extent], ext: Extent) -> None:
+    """Append ``ext``, merged into the last piece when both are zeros, or both
+    data contiguous on the host."""
+    last = out[-1] if out else None
+    if last is not None and last.kind == ext.kind == ZERO:
+        out[-1] = Extent(ZERO, last.guest_offset, last.length + ext.length)
+    elif (last is not None and last.kind == ext.kind == DATA
+          and last.host_offset + last.length == ext.host_offset):
+        out[-1] = Extent(DATA, last.guest_offset, last.length + ext.length, last.host_offset)
+    else:
+        out.append(ext)
 
 
 def decompress_cluster(data: bytes | memoryview, header: Header,

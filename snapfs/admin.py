@@ -61,10 +61,11 @@ _SKELETON = {"lock", "metadata.db", "metadata.db-wal", "metadata.db-shm", "snapf
              "packs", "shadows", "volumes"}
 
 
-def discard_new_store(store: Path, dir_was_there: bool) -> None:
+def discard_new_store(store: Path, dir_was_there: bool, also: tuple[str, ...] = ()) -> None:
     """Undo the store a refused command made (a mistyped --store then leaves
-    nothing behind) -- only while it holds nothing but its empty skeleton, with no
-    volume or snapshot row; its directory too if the command made it."""
+    nothing behind) -- only while it holds nothing but its empty skeleton (and
+    the files named in ``also``), with no volume or snapshot row; its directory
+    too if the command made it."""
     if not is_store(store):
         return
     try:
@@ -75,7 +76,7 @@ def discard_new_store(store: Path, dir_was_there: bool) -> None:
         finally:
             conn.close()  # before the listing: reading a WAL database makes its -shm
         names = set(os.listdir(store))
-        if rows or not names <= _SKELETON or any(
+        if rows or not names <= _SKELETON | set(also) or any(
                 os.listdir(store / d) for d in ("packs", "shadows", "volumes") if d in names):
             return
         for name in names:

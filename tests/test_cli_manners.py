@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,30 @@ def test_a_command_that_makes_a_new_store_says_so(tmp_path: Path) -> None:
         assert res.stderr == f"snapfs: made a new store in {other}\n"
     finally:
         snapfs("umount", tmp_path / "mnt")
+
+
+def test_a_mount_refused_after_its_fork_leaves_no_new_store(tmp_path: Path) -> None:
+    """--listen's port is taken: the daemon finds out after the fork, once the store
+    and its mount.log were made. The reason is printed; a store made for this mount
+    goes again, log and all, and a store that was there stays as it was."""
+    (tmp_path / "mnt").mkdir()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    listen = f"127.0.0.1:{taken.getsockname()[1]}"
+    try:
+        new = tmp_path / "new"
+        res = snapfs("mount", tmp_path / "mnt", "--store", new, "--listen", listen,
+                     "--no-auth", check=False)
+        one_line_error(res, "Address already in use")
+        assert not new.exists()
+        old = tmp_path / "old"
+        snapfs("project", "create", "web", "--store", old)
+        before = sorted(p.name for p in old.iterdir())
+        res = snapfs("mount", tmp_path / "mnt", "--store", old, "--listen", listen,
+                     "--no-auth", check=False)
+        one_line_error(res, "Address already in use")
+        assert sorted(p.name for p in old.iterdir()) == sorted({*before, "mount.log"})
+        assert "web" in snapfs("project", "list", "--store", old).stdout
+    finally:
+        taken.close()

@@ -252,9 +252,11 @@ def run_foreground(cfg: MountConfig) -> int:
     return 0
 
 
-def run_daemon(cfg: MountConfig) -> int:
+def run_daemon(cfg: MountConfig, on_refused: Callable[[], None] | None = None) -> int:
     """Fork; the parent waits for the child's "ready" and returns 0, or prints
-    the child's one-line reason and returns 1."""
+    the child's one-line reason and returns 1 (``on_refused`` is called first,
+    once the child is gone, when the child gave a reason: the log holds nothing
+    more)."""
     # The store is checked (ours, recognised; made if new) before the log goes in it.
     from ..local.store import open_log, open_store, trusted_dir
     if cfg.backend == "local":
@@ -267,7 +269,7 @@ def run_daemon(cfg: MountConfig) -> int:
     if pid:
         log_file.close()
         os.close(wfd)
-        return _wait_ready(rfd, pid, cfg)
+        return _wait_ready(rfd, pid, cfg, on_refused)
     # The child: detach, log to the store, serve.
     os.close(rfd)
     code = 1
@@ -309,7 +311,8 @@ def _redirect_stdio(log_file: IO[str]) -> None:
     os.close(null)
 
 
-def _wait_ready(rfd: int, pid: int, cfg: MountConfig) -> int:
+def _wait_ready(rfd: int, pid: int, cfg: MountConfig,
+                on_refused: Callable[[], None] | None) -> int:
     import select
     data = b""
     ready, _, _ = select.select([rfd], [], [], READY_TIMEOUT)
@@ -333,5 +336,7 @@ def _wait_ready(rfd: int, pid: int, cfg: MountConfig) -> int:
         os.waitpid(pid, 0)
     except ChildProcessError:
         pass
+    if ready and data.startswith(b"error ") and on_refused is not None:
+        on_refused()
     print(f"snapfs: {message}", file=sys.stderr)
     return 1

@@ -10,6 +10,7 @@ import json
 import os
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -179,7 +180,28 @@ def test_every_seek_lands_where_ext4_lands_on_the_volume_itself(
     img = take(m, "v", "s1") / "image.raw"
     offsets = [k * MiB + d for k in range(42) for d in (0, 4095, MiB - 1)]
     offsets += [size - 1, size, size + 1, -1, -MiB, 2**62, 2**63 - 1]
-    assert answers(img, offsets) == answers(vol, offsets)
+    want = answers(vol, offsets)
+    assert answers(img, offsets) == want
+    # Many at once, on one descriptor and on several: the same answers.
+    shared = os.open(img, os.O_RDONLY)
+    try:
+        def on_shared(_: int) -> list[tuple[int, int]]:
+            out = []
+            for off in offsets:
+                got = []
+                for whence in (os.SEEK_DATA, os.SEEK_HOLE):
+                    try:
+                        got.append(os.lseek(shared, off, whence))
+                    except OSError as exc:
+                        got.append(-exc.errno)
+                out.append((got[0], got[1]))
+            return out
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(on_shared, range(8)))
+            results += list(pool.map(lambda _: answers(img, offsets), range(8)))
+    finally:
+        os.close(shared)
+    assert all(r == want for r in results)
     assert lseek(img, size, os.SEEK_HOLE) == -errno.ENXIO  # at the end: ENXIO, not the size
     assert lseek(img, size - 1, os.SEEK_HOLE) == size  # the end is a hole
     # Tools built on them: qemu-img maps both alike, cp makes the same bytes.

@@ -171,6 +171,28 @@ async def test_image_reads_sequential_and_random(fs: SnapfsOperations) -> None:
     await fs.release(info.fh)
 
 
+async def test_lseek_enxio_is_an_answer_other_refusals_are_logged(
+        fs: SnapfsOperations, caplog: Any) -> None:
+    """SEEK_DATA past the last data is ENXIO as a matter of course (cp asks it of
+    every sparse file): not worth a log line. EINVAL or EIO from lseek is."""
+    image = await child(fs, await make_snapshot(fs, "seek"), "image.raw")
+    info = await fs.open(image, os.O_RDONLY, CTX)
+    size = len(fs.volume_data)  # type: ignore[attr-defined]
+    try:
+        with caplog.at_level(logging.INFO, logger="snapfs.fs"):
+            assert await fs.lseek(info.fh, 5, os.SEEK_DATA) == 5
+            assert await fs.lseek(info.fh, 5, os.SEEK_HOLE) == size  # all data
+            assert await fuse_errno(fs.lseek(info.fh, size, os.SEEK_DATA)) == errno.ENXIO
+            assert not [r for r in caplog.records if r.name == "snapfs.fs"]
+            assert await fuse_errno(fs.lseek(info.fh + 1000, 0, os.SEEK_DATA)) == errno.EINVAL
+            assert await fuse_errno(fs.lseek(info.fh, 0, os.SEEK_SET)) == errno.EINVAL
+        lines = [r.getMessage() for r in caplog.records if r.name == "snapfs.fs"]
+        assert len(lines) == 2 and all("lseek" in x and "EINVAL" in x for x in lines), lines
+        assert fs.unexpected == 0
+    finally:
+        await fs.release(info.fh)
+
+
 async def test_snapshot_json_applied_at_flush(fs: SnapfsOperations) -> None:
     import json
     snap = await make_snapshot(fs, "j")

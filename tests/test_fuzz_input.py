@@ -292,3 +292,41 @@ def test_snapshot_json(harness: Harness, body: tuple[bytes, dict[str, Any] | Non
     harness.call(ops.setxattr, harness.ino["keep"], b"user.name", b"keep", CTX)
     harness.call(ops.setxattr, harness.ino["keep"], b"user.tags", b"", CTX)
     assert harness.state() == before
+
+
+#: lseek offsets: anywhere in off_t, and near the edges of a 1 MiB file.
+offsets = st.one_of(st.integers(-2**63, 2**63 - 1), st.integers(-3, (1 << 20) + 3),
+                    st.sampled_from([2**62, 2**63 - 1, -2**63, (1 << 20) - 1]))
+
+
+@SETTINGS
+@given(offset=offsets, whence=st.integers(-2, 6), which=st.sampled_from(["image", "json"]))
+def test_lseek(harness: Harness, offset: int, whence: int, which: str) -> None:
+    """Any offset and whence the kernel could pass (it sends only SEEK_DATA and
+    SEEK_HOLE, but nothing else may escape): ENXIO outside the file, EINVAL for
+    another whence, else a landing the file's allocation allows; nothing changed."""
+    ops = harness.ops
+    assert ops is not None
+    before = harness.state()
+    ino = harness.ino["json"]
+    if which == "image":
+        ino = harness.call(ops.lookup, harness.ino["keep"], b"image.raw", CTX).st_ino
+    size = harness.call(ops.getattr, ino, CTX).st_size
+    info = harness.call(ops.open, ino, os.O_RDONLY, CTX)
+    try:
+        try:
+            got, code = harness.call(ops.lseek, info.fh, offset, whence), 0
+        except pyfuse3.FUSEError as exc:
+            got, code = None, exc.errno
+    finally:
+        harness.call(ops.release, info.fh)
+    if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+        assert code == errno.EINVAL
+    elif not 0 <= offset < size:
+        assert code == errno.ENXIO
+    elif whence == os.SEEK_DATA:
+        # The image's one chunk holds data, as the whole document does: data at once.
+        assert (code, got) == (0, offset)
+    else:
+        assert (code, got) == (0, size)  # no hole before the end
+    assert harness.state() == before

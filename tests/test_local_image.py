@@ -139,3 +139,42 @@ async def test_a_corrupt_chunk_is_an_error_on_both_read_paths(
         assert await reader.read(2 * MiB, MiB) == data[2 * MiB:3 * MiB]  # others still fine
         await reader.aclose()
         assert reader.stats["inline" if not cold else "worker"] >= 1
+
+
+async def test_the_end_of_a_run_is_found_for_every_length_and_start(
+        tmp_path: Path, volume_file: Callable[..., Path]) -> None:
+    """ChunkIndex.next_unmapped gallops and halves back over a run: runs of every
+    length up to 70, and around the powers of two it steps by, from every start
+    (a brute-force walk of the same map is the reference); the reader's kept run
+    gives the same answers."""
+    path = volume_file("v", MiB, [(0, random_bytes(MiB, seed=40))])
+    async with open_local_service(tmp_path / "store") as svc:
+        snap = await snapshot_of(svc, path, "s")
+        key, conn = svc.md.snap_key(snap.id), svc.md.conn
+        chunk = conn.execute("SELECT chunk FROM snapshot_chunks WHERE snap = ?",
+                             (key,)).fetchone()[0]
+        lengths = [*range(1, 71), 127, 128, 129, 1023, 1024, 1025, 4095, 4096, 4097]
+        mapped: set[int] = set()
+        pos = 0
+        for n in lengths:  # each run then a hole of 1..3 chunks
+            mapped.update(range(pos, pos + n))
+            pos += n + 1 + n % 3
+        with svc.md.transaction():
+            conn.execute("DELETE FROM snapshot_chunks WHERE snap = ?", (key,))
+            conn.executemany("INSERT INTO snapshot_chunks (snap, idx, chunk) VALUES (?, ?, ?)",
+                             [(key, i, chunk) for i in sorted(mapped)])
+        ends = {}
+        end = pos
+        for i in range(pos, -1, -1):  # the brute force: the first unmapped index >= i
+            end = end if i in mapped else i
+            ends[i] = end
+        starts = sorted(set(range(0, 400)) | set(random.Random(41).sample(range(pos), 600)))
+        got = await trio.to_thread.run_sync(
+            lambda: [svc.index.next_unmapped(key, i) for i in starts])
+        assert got == [ends[i] for i in starts]
+        reader = LocalImageReader(key, pos * MiB, svc.index, svc.packs, svc.io_limiter, None)
+        try:
+            assert [await reader.next_hole(i * MiB + 7) for i in starts] == \
+                [max(i * MiB + 7, ends[i] * MiB) for i in starts]
+        finally:
+            await reader.aclose()

@@ -5,6 +5,7 @@ previous clone and its own -- whoever wrote them and however."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import random
@@ -24,10 +25,13 @@ from fixtures_store import (MiB, ZONE, all_tokens_held, bytes_read, chunks_store
                             snapfs_cli, snapshot_of, tasks_waiting, wait_state, write_elsewhere,
                             write_volume)
 from snapfs.local import LocalService, jobs, open_local_service
+from snapfs.errors import NoMoreData
+from snapfs.fs.allocation import seek
 from snapfs.local.image import WINDOW, ShadowReader
 from snapfs.local.shadows import (FIEMAP_EXTENT_UNWRITTEN, Extent, changed_chunks, complement,
                                   in_ranges)
 from snapfs.model import Snapshot
+from snapfs.service import ImageReader
 
 C = 1 << 20  # chunk size in the pure tests
 SIZE = 32 * MiB
@@ -525,3 +529,81 @@ async def test_a_clone_still_in_the_making_is_never_dropped(
         write_elsewhere(volume, 0, b"x" * 4096)
         await stored_snapshot(svc, volume, "third")
         assert not any(first.id in n or second.id in n for n in shadows(store))
+
+
+async def test_seek_data_and_hole_from_the_clone_then_from_the_map(
+        reflink_dir: Path) -> None:
+    """lseek's SEEK_DATA/SEEK_HOLE of a snapshot still read from its clone are the
+    clone's own (its filesystem's 4 KiB extents: the volume's); once its chunks
+    are stored, the map's whole chunks: holes may turn into data, data never into
+    holes. At and past the end, and before the start: NoMoreData (ENXIO)."""
+    size = 8 * MiB + 4096
+    runs = [(0, random_bytes(4096, seed=30)), (MiB + 8192, random_bytes(4096, seed=31)),
+            (3 * MiB, random_bytes(2 * MiB, seed=32)), (8 * MiB, random_bytes(4096, seed=33))]
+    path = write_volume(reflink_dir / "v.raw", size, runs)
+    data = [(off, off + len(raw)) for off, raw in runs]
+    offsets = sorted({o + d for o in range(0, size, 4096) for d in (0, 1)} | {size - 1})
+    ENXIO = -1
+
+    async def answers(reader: ImageReader) -> list[tuple[int, int]]:
+        out = []
+        for off in offsets:
+            got = []
+            for whence in (os.SEEK_DATA, os.SEEK_HOLE):
+                try:
+                    got.append(await seek(off, whence, size, reader.next_allocated,
+                                          reader.next_hole))
+                except NoMoreData:
+                    got.append(ENXIO)
+            out.append((got[0], got[1]))
+        return out
+
+    def volume_answers() -> list[tuple[int, int]]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            out = []
+            for off in offsets:
+                try:
+                    d = os.lseek(fd, off, os.SEEK_DATA)
+                except OSError as exc:
+                    assert exc.errno == errno.ENXIO
+                    d = ENXIO
+                out.append((d, os.lseek(fd, off, os.SEEK_HOLE)))
+            return out
+        finally:
+            os.close(fd)
+
+    # The map: a chunk with any data is mapped, the others are holes.
+    mapped = {c for a, b in data for c in range(a // MiB, (b - 1) // MiB + 1)}
+    chunks = -(-size // MiB)
+
+    def map_answer(off: int) -> tuple[int, int]:
+        c = off // MiB
+        d = off if c in mapped else next((i * MiB for i in range(c, chunks) if i in mapped),
+                                         ENXIO)
+        h = off if c not in mapped else min(size, next(
+            (i * MiB for i in range(c, chunks) if i not in mapped), size))
+        return d, h
+
+    async with open_local_service(reflink_dir / "store") as svc:
+        vol = await svc.add_volume("v", path)
+        async with svc.index_lock:  # storing waits: the reader is the clone's
+            snap = await svc.create_snapshot(ZONE, name="s", volume_id=vol.id)
+            reader = await svc.open_image(ZONE, snap.id)
+            assert isinstance(reader, ShadowReader)
+            assert await answers(reader) == volume_answers()
+            for bad in (size, size + 1, -1, 2**63 - 1):
+                for whence in (os.SEEK_DATA, os.SEEK_HOLE):
+                    with pytest.raises(NoMoreData):
+                        await seek(bad, whence, size, reader.next_allocated, reader.next_hole)
+            await reader.aclose()
+        await chunks_stored(svc)
+        reader = await svc.open_image(ZONE, snap.id)
+        assert not isinstance(reader, ShadowReader)
+        got = await answers(reader)
+        assert got == [map_answer(off) for off in offsets]
+        for off, (d, h) in zip(offsets, got):  # never data called a hole
+            assert not any(a < (size if d == ENXIO else d) and b > off for a, b in data
+                           if d != off), (off, d)
+            assert not any(a <= h < b for a, b in data), (off, h)
+        await reader.aclose()

@@ -34,8 +34,9 @@ XATTR_PREFIX = "user."
 #: Lookups of absent names and attributes are questions, not refusals: they are
 #: logged at debug level only (ls, shells and editors ask for many of them).
 QUIET = frozenset({errno.ENOENT, errno.ENODATA, errno.EOPNOTSUPP})
-#: Requests whose refusal is an ordinary answer (lseek's ENXIO: no data follows).
-QUIET_OPS = frozenset({"lseek"})
+#: Refusals of a request that are ordinary answers (lseek's ENXIO: no data
+#: follows); any other refusal of it is logged as refusals are.
+QUIET_OPS = {"lseek": frozenset({errno.ENXIO})}
 
 
 #: Handler arguments that say what a request is about, as rendered in its log
@@ -81,7 +82,7 @@ def refusals(fn: F) -> F:
                           _described(self, params, args), self.unexpected)
             raise pyfuse3.FUSEError(errno_for(SnapfsError())) from None
         quiet = (code in QUIET and op != "setxattr"  # a set is a request, not a question
-                 or op in QUIET_OPS)
+                 or code in QUIET_OPS.get(op, ()))
         log.log(logging.DEBUG if quiet else logging.INFO, "%s(%s): %s: %s", op,
                 _described(self, params, args), errno.errorcode.get(code, code), reason)
         raise pyfuse3.FUSEError(code) from None

@@ -70,6 +70,10 @@ class LocalImageReader(ImageReader):
         self._free: list[mmap.mmap] = []  # chunk buffers to reuse
         self._locs: dict[int, Location] = {}
         self._loc_window = (-1, -1)  # [start, end) of chunk indices in _locs
+        #: [start, end) chunk indices the last SEEK_HOLE found mapped, end not: the
+        #: map cannot change while a reader is open (deletes wait), so a tool that
+        #: asks again from further in the run is answered without a scan.
+        self._run = (-1, -1)
         #: chunks read on the trio thread / by workers: logged at close (tuning aid)
         self.stats = {"inline": 0, "worker": 0, "zstd": 0}
         # A request within a chunk or the next one continues the stream; a chunk
@@ -170,9 +174,14 @@ class LocalImageReader(ImageReader):
         return self.size if idx is None else min(self.size, max(offset, idx * CHUNK_SIZE))
 
     async def next_hole(self, offset: int) -> int:
-        idx = await trio.to_thread.run_sync(self.index.next_unmapped, self.snap,
-                                            offset // CHUNK_SIZE, limiter=self.limiter)
-        return min(self.size, max(offset, idx * CHUNK_SIZE))
+        first = offset // CHUNK_SIZE
+        start, end = self._run
+        if not start <= first < end:
+            end = await trio.to_thread.run_sync(self.index.next_unmapped, self.snap, first,
+                                                limiter=self.limiter)
+            if end > first:
+                self._run = (first, end)
+        return min(self.size, max(offset, end * CHUNK_SIZE))
 
     async def allocated_bytes(self) -> int | None:
         count = await trio.to_thread.run_sync(self.index.mapped_count, self.snap,

@@ -114,14 +114,7 @@ class Handle:
 
     async def seek(self, offset: int, whence: int) -> int:
         """SEEK_DATA / SEEK_HOLE: a file without holes, by default."""
-        size = (await self.node.stat()).size
-
-        async def at(offset: int) -> int:
-            return offset
-
-        async def end(offset: int) -> int:
-            return size
-        return await seek(offset, whence, size, at, end)
+        return await without_holes(offset, whence, (await self.node.stat()).size)
 
     async def flush(self) -> None:
         """On every close(2); errors raised here are what close(2) returns."""
@@ -143,6 +136,15 @@ class BufferHandle(Handle):
 
     async def read(self, offset: int, size: int) -> bytes:
         return self.content[offset:offset + size]
+
+    async def seek(self, offset: int, whence: int) -> int:
+        """From what this open reads and wrote, not the node: the document was
+        rendered at open, and its snapshot may be changed or deleted since (reads
+        still answer; a stat would say ENOENT)."""
+        size = len(self.content)
+        if self.writable:
+            size = max(size, len(self.buffer))
+        return await without_holes(offset, whence, size)
 
     async def write(self, offset: int, data: bytes) -> int:
         if not self.writable:
@@ -178,3 +180,13 @@ class BufferHandle(Handle):
 
     async def apply(self, data: bytes) -> None:
         raise NotImplementedError
+
+
+async def without_holes(offset: int, whence: int, size: int) -> int:
+    """SEEK_DATA / SEEK_HOLE in a file of ``size`` bytes that has no holes."""
+    async def at(offset: int) -> int:
+        return offset
+
+    async def end(offset: int) -> int:
+        return size
+    return await seek(offset, whence, size, at, end)

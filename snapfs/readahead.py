@@ -199,6 +199,12 @@ class ReadAhead:
     def _has(self, start: int) -> bool:
         return start in self._windows or start in self._held
 
+    def holds(self, offset: int) -> bool:
+        """The window at ``offset`` is cached, being fetched or failed: a read
+        of it goes through the engine (which hands over that result)."""
+        start = offset - offset % self.window
+        return self._has(start) or start in self._inflight or start in self._failed
+
     async def _try_fast(self, start: int, fetching: bool = False) -> bool:
         """The cheap path for one window; ``fetching``: called by its own fetch."""
         if self.fast is None:

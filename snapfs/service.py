@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 
-from .errors import NotSupported
+from .errors import NotSupported, SnapfsError
 from .model import DEFAULT_ZONE, MAX_PER_PAGE, Page, Project, Snapshot, Task, Volume
 
 
@@ -32,6 +32,16 @@ class ImageReader(abc.ABC):
         awaits (a FUSE reply): a reader may then lend a view of a buffer it
         reuses later, and save a copy per request."""
         return await self.read(offset, length)
+
+    async def read_into(self, offset: int, into: memoryview) -> None:
+        """Exactly ``len(into)`` bytes at ``offset`` into ``into`` (a streaming
+        caller's own buffer). A reader may read them there straight from its
+        store, checked, saving the copy out of its own buffers."""
+        got = await self.read_transient(offset, len(into))
+        if len(got) != len(into):
+            raise SnapfsError(f"snapshot read returned {len(got)} bytes at {offset}, "
+                              f"expected {len(into)}")
+        into[:] = got
 
     async def next_allocated(self, offset: int) -> int:
         """The first offset >= ``offset`` that may hold data (``size`` when none):

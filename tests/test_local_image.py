@@ -141,6 +141,35 @@ async def test_a_corrupt_chunk_is_an_error_on_both_read_paths(
         assert reader.stats["inline" if not cold else "worker"] >= 1
 
 
+@pytest.mark.parametrize("cold", [False, True], ids=["page-cache", "disk"])
+async def test_read_into_reads_checked_chunks_into_the_callers_buffer(
+        store_dir: Path, volume_file: Callable[..., Path], cold: bool) -> None:
+    """read_into (the export's read): a cached whole chunk straight into the
+    caller's buffer, anything else through the engine; the same bytes either
+    way, a hole as zeros, part of a chunk too, and a corrupt chunk CorruptData
+    whichever path met it."""
+    data = random_bytes(3 * MiB, seed=5)
+    path = volume_file("v", 5 * MiB, [(0, data), (4 * MiB, data[:MiB])])  # hole at 3 MiB
+    expected = path.read_bytes()
+    async with open_local_service(store_dir) as svc:
+        sid = await snapshot_id(svc, path)
+        place = chunk_place(svc, 1)
+    flip_bits(store_dir, place, at=77, mask=0x01)
+    (evict_packs if cold else cache_packs)(store_dir)
+    async with open_local_service(store_dir) as svc:
+        reader = await open_reader(svc, sid)
+        buf = bytearray(b"\xaa" * (2 * MiB))
+        for off in (0, 3 * MiB, 4 * MiB):
+            await reader.read_into(off, memoryview(buf)[:MiB])
+            assert buf[:MiB] == expected[off:off + MiB]
+        await reader.read_into(2 * MiB + 4096, memoryview(buf)[MiB:MiB + 8192])
+        assert buf[MiB:MiB + 8192] == expected[2 * MiB + 4096:2 * MiB + 4096 + 8192]
+        with pytest.raises(CorruptData, match="does not match its hash"):
+            await reader.read_into(MiB, memoryview(buf)[:MiB])
+        await reader.aclose()
+        assert reader.stats["inline" if not cold else "worker"] >= 1
+
+
 async def test_the_end_of_a_run_is_found_for_every_length_and_start(
         tmp_path: Path, volume_file: Callable[..., Path]) -> None:
     """ChunkIndex.next_unmapped gallops and halves back over a run: runs of every

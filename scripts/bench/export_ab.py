@@ -13,6 +13,9 @@ of snapfs/s3/export.py's constants (upper case; BUFFER_BUDGET in MiB):
 
     .venv/bin/python scripts/bench/export_ab.py --rounds 3 \\
         --variant p8:part_size=8 --variant p16:part_size=16
+
+``code=DIR`` runs that variant's export with another checkout's snapfs (A/B of
+code: e.g. ``git archive main | tar -x -C /tmp/base``, then ``base:code=/tmp/base``).
 """
 
 from __future__ import annotations
@@ -102,6 +105,9 @@ def parse_variant(text: str) -> tuple[str, dict]:
     fields: dict = {}
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
+        if key == "code":
+            fields[key] = value
+            continue
         fields[key] = int(value) * MiB if key in ("part_size", "BUFFER_BUDGET") else int(value)
     return name, fields
 
@@ -164,10 +170,12 @@ def main() -> int:
                            "cpu": (after.children_user - before.children_user
                                    + after.children_system - before.children_system)}
                 else:
+                    fields = dict(fields)
+                    code = fields.pop("code", None)
                     r = subprocess.run([sys.executable, "-c", EXPORT, str(work / "store"),
                                         snap_id, server.endpoint, ADMIN[0], ADMIN[1], bucket,
-                                        json.dumps(fields)],
-                                       capture_output=True, text=True, env=env)
+                                        json.dumps(fields)], capture_output=True, text=True,
+                                       env=dict(env, PYTHONPATH=code) if code else env)
                     if r.returncode:
                         sys.stderr.write(r.stderr[-3000:])
                         return 1

@@ -98,6 +98,23 @@ class LocalImageReader(ImageReader):
     async def read_transient(self, offset: int, length: int) -> Buffer:
         return await self.ra.read_transient(offset, length)
 
+    async def read_into(self, offset: int, into: memoryview) -> None:
+        """A whole stored chunk whose bytes are in the page cache is read straight
+        into ``into`` and checked there (a streaming export saves the copy out
+        of a chunk buffer); anything else -- a hole, a compressed chunk, a part
+        of a chunk, a chunk on the disk, one the engine holds (read ahead, or
+        failed: its error is this read's) -- goes through the read-ahead engine
+        as read_transient does (a cold stream keeps its read-ahead)."""
+        n = len(into)
+        loc = (self._location(offset // CHUNK_SIZE)
+               if offset % CHUNK_SIZE == 0 and not self.ra.holds(offset) else None)
+        if (loc is not None and loc.raw_length is None and loc.length == n
+                and self.packs.read_if_cached(loc.pack, loc.offset, n, loc.hash, loc.xxh,
+                                              into)):
+            self.stats["inline"] += 1
+            return
+        await super().read_into(offset, into)
+
     @staticmethod
     def _zeros(n: int) -> memoryview:
         return ZERO_VIEW if n == CHUNK_SIZE else memoryview(bytes(n))

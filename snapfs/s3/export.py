@@ -247,12 +247,14 @@ async def export_qcow2(calls: S3Calls, settings: S3Settings, image: ImageReader,
                 async with recv:
                     for _ in range(concurrency):
                         nursery.start_soon(upload, recv.clone())
-                blocks_send, blocks_recv = trio.open_memory_channel[tuple[int, bytes]](1)
-                nursery.start_soon(_read_blocks, image, blocks_send)
+                blocks_send, blocks_recv = trio.open_memory_channel[
+                    tuple[int, bytes | bytearray]](1)
+                free: list[bytearray] = []
+                nursery.start_soon(_read_blocks, image, blocks_send, free)
                 async with send, blocks_recv:
                     total = size if allocated is None else max(1, allocated)
                     await _produce(enc, blocks_recv, send, buffers, total, progress,
-                                   cpu_limiter)
+                                   cpu_limiter, free)
         except BaseExceptionGroup as group:
             raise first_error(group) from None
         parts = [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
@@ -282,9 +284,14 @@ async def export_qcow2(calls: S3Calls, settings: S3Settings, image: ImageReader,
 
 
 async def _read_blocks(image: ImageReader,
-                       send: trio.MemorySendChannel[tuple[int, bytes]]) -> None:
+                       send: trio.MemorySendChannel[tuple[int, bytes | bytearray]],
+                       free: list[bytearray]) -> None:
     """(guest offset, bytes) of the snapshot's allocation in guest order, one
-    block ahead of the encoder; the holes between are never read."""
+    block ahead of the encoder; the holes between are never read. Blocks are
+    reused (``free``: given back by _produce once encoded and cut), not
+    allocated per block, and filled by ``read_into``: the local store reads a
+    cached chunk straight into the block and checks it there (xxh3), without
+    the copy out of its own chunk buffer."""
     size = image.size
     offset = 0
     async with send:
@@ -295,11 +302,19 @@ async def _read_blocks(image: ImageReader,
             if offset >= size:
                 break
             want = min(READ_BLOCK, size - offset)
-            data = await image.read(offset, want)
-            if len(data) != want:
-                raise SnapfsError(f"snapshot read returned {len(data)} bytes at {offset}, "
-                                  f"expected {want}")
-            await send.send((offset, data))
+            block = free.pop() if free else bytearray(READ_BLOCK)
+            pos = 0
+            while pos < want:
+                # Up to the next MiB: within one window of the reader (whole MiB).
+                n = min(want - pos, MiB - (offset + pos) % MiB)
+                await image.read_into(offset + pos, memoryview(block)[pos:pos + n])
+                pos += n
+            if want == READ_BLOCK:
+                await send.send((offset, block))
+            else:  # the image's last bytes: a block of their own size
+                data = bytes(memoryview(block)[:want])
+                free.append(block)
+                await send.send((offset, data))
             offset += want
 
 
@@ -372,11 +387,13 @@ class _Cutter:
 
 
 async def _produce(enc: StreamingEncoder,
-                   blocks: trio.MemoryReceiveChannel[tuple[int, bytes]],
+                   blocks: trio.MemoryReceiveChannel[tuple[int, bytes | bytearray]],
                    send: trio.MemorySendChannel[tuple[int, Any, int, _Part | None]],
                    buffers: _Buffers, total: int, progress: ProgressFn,
-                   cpu_limiter: trio.CapacityLimiter) -> None:
-    """Encode and cut into parts; part 1 (head + first body bytes) goes last."""
+                   cpu_limiter: trio.CapacityLimiter,
+                   free: list[bytearray] | None = None) -> None:
+    """Encode and cut into parts; part 1 (head + first body bytes) goes last.
+    Blocks (bytearrays) are given back to ``free`` for _read_blocks to refill."""
     cutter = _Cutter(enc.head_size, buffers, send, cpu_limiter)
     try:
         done = 0
@@ -385,7 +402,10 @@ async def _produce(enc: StreamingEncoder,
             pieces = await trio.to_thread.run_sync(enc.feed_pieces, data, limiter=cpu_limiter)
             done = min(total, done + len(data))  # progress: allocated bytes done
             await cutter.add(pieces)
-            del pieces, data
+            del pieces  # the views into data: it can be refilled now
+            if free is not None and isinstance(data, bytearray):
+                free.append(data)
+            del data
             progress(done, total)
         tail, head = await trio.to_thread.run_sync(enc.finish_pieces, limiter=cpu_limiter)
         await cutter.add(tail)

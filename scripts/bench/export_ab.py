@@ -175,7 +175,8 @@ def main() -> int:
                     r = subprocess.run([sys.executable, "-c", EXPORT, str(work / "store"),
                                         snap_id, server.endpoint, ADMIN[0], ADMIN[1], bucket,
                                         json.dumps(fields)], capture_output=True, text=True,
-                                       env=dict(env, PYTHONPATH=code) if code else env)
+                                       env=dict(env, PYTHONPATH=code) if code else env,
+                                       cwd=work)  # -c imports from the cwd first
                     if r.returncode:
                         sys.stderr.write(r.stderr[-3000:])
                         return 1

@@ -119,8 +119,9 @@ class StreamingEncoder:
         return b"".join(self.feed_pieces(data))
 
     def feed_pieces(self, data: bytes | bytearray | memoryview) -> list[bytes | memoryview]:
-        """Like :meth:`feed`, but the body bytes as pieces (views into ``data`` and
-        L2 tables) for a caller that copies them into its own buffers."""
+        """Like :meth:`feed`, but the body bytes as pieces (views into ``data``,
+        one per run of data clusters, and L2 tables) for a caller that copies
+        them into its own buffers."""
         if self._finished:
             raise ValueError("encoder already finished")
         if self._guest_pos % CLUSTER_SIZE:
@@ -139,25 +140,33 @@ class StreamingEncoder:
         raw = data if isinstance(data, (bytes, bytearray)) else view.tobytes()
         if n <= len(_ZERO_BLOCK) and _ZERO_BLOCK.startswith(raw):
             return out
+        run = -1  # where the run of data clusters not yet appended starts (one view)
         for start in range(0, n, CLUSTER_SIZE):
-            piece: bytes | memoryview = view[start:start + CLUSTER_SIZE]
-            if (raw.startswith(_ZERO_CLUSTER, start) if len(piece) == CLUSTER_SIZE
-                    else _ZERO_CLUSTER.startswith(piece)):
-                cluster += 1
-                continue
-            if len(piece) < CLUSTER_SIZE:
-                piece = bytes(piece) + bytes(CLUSTER_SIZE - len(piece))
+            end = min(start + CLUSTER_SIZE, n)
+            full = end - start == CLUSTER_SIZE
+            zero = (raw.startswith(_ZERO_CLUSTER, start) if full
+                    else _ZERO_CLUSTER.startswith(view[start:end]))
             l1i, l2i = divmod(cluster, L2_ENTRIES)
+            cluster += 1
+            if run >= 0 and (zero or not full or l1i != self._l2_index):
+                out.append(view[run:start])  # the run ends: before what follows it
+                run = -1
+            if zero:
+                continue
             if l1i != self._l2_index:
                 self._flush_l2(out)
                 self._l2 = array("Q", bytes(CLUSTER_SIZE))
                 self._l2_index = l1i
             assert self._l2 is not None
             self._l2[l2i] = self._host_next | OFLAG_COPIED
-            out.append(piece)
             self._host_next += CLUSTER_SIZE
             self.data_clusters += 1
-            cluster += 1
+            if full:
+                run = start if run < 0 else run
+            else:  # the image's last, partial cluster: padded with zeros
+                out.append(bytes(view[start:end]) + bytes(CLUSTER_SIZE - (end - start)))
+        if run >= 0:
+            out.append(view[run:])
         return out
 
     def _flush_l2(self, out: list) -> None:

@@ -129,3 +129,22 @@ def test_head_is_small_for_large_volumes() -> None:
     """Only header, L1 and refcount table are sized up front: 1 TiB -> 3 clusters."""
     enc = StreamingEncoder(1 << 40)
     assert enc.head_size == 3 * CLUSTER_SIZE
+
+
+def test_pieces_are_one_view_per_run_of_data_clusters() -> None:
+    """feed_pieces hands a caller one view per run of data clusters (not one per
+    cluster: the export copies each piece with Python overhead per piece); zero
+    clusters split runs, and a new L2 range starts after the table of the last."""
+    enc = StreamingEncoder(1024 * MiB)
+    data = bytearray(os.urandom(2 * MiB))
+    data[5 * CLUSTER_SIZE:7 * CLUSTER_SIZE] = bytes(2 * CLUSTER_SIZE)
+    pieces = enc.feed_pieces(data)
+    assert all(isinstance(p, memoryview) for p in pieces)
+    assert [len(p) for p in pieces] == [5 * CLUSTER_SIZE, 25 * CLUSTER_SIZE]
+    assert b"".join(pieces) == data[:5 * CLUSTER_SIZE] + data[7 * CLUSTER_SIZE:]
+    enc.skip_to(512 * MiB - CLUSTER_SIZE)  # one cluster before the second L2 range
+    pieces = enc.feed_pieces(data[:3 * CLUSTER_SIZE])
+    assert [len(p) for p in pieces] == [CLUSTER_SIZE, CLUSTER_SIZE, 2 * CLUSTER_SIZE]
+    assert bytes(pieces[0]) == data[:CLUSTER_SIZE]  # the last cluster of range 0,
+    assert bytes(pieces[2]) == data[CLUSTER_SIZE:3 * CLUSTER_SIZE]  # then range 1's two
+    assert pieces[1][:8] != bytes(8)  # between them: range 0's L2 table, mapping data

@@ -228,3 +228,17 @@ def store_with_volume(tmp_path: Path, ext4_volume: tuple[Path, dict[str, bytes]]
 @pytest.fixture
 def mounted(mount_factory: Callable[..., Mount], store_with_volume: Path) -> Mount:
     return mount_factory(store_with_volume)
+
+
+def seek_landings(fd: int, offsets: list[int]) -> list[tuple[int, int]]:
+    """(SEEK_DATA, SEEK_HOLE) landing of each offset in the open file ``fd``, or -errno."""
+    out = []
+    for off in offsets:
+        got = []
+        for whence in (os.SEEK_DATA, os.SEEK_HOLE):
+            try:
+                got.append(os.lseek(fd, off, whence))
+            except OSError as exc:
+                got.append(-exc.errno)
+        out.append((got[0], got[1]))
+    return out

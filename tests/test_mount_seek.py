@@ -18,7 +18,7 @@ import pyfuse3
 import pytest
 import trio
 
-from fixtures_mount import MiB, Mount, run, snapfs
+from fixtures_mount import MiB, Mount, run, seek_landings, snapfs
 from snapfs.errors import InvalidArgument, NoMoreData, errno_for
 from snapfs.fs.allocation import seek
 from snapfs.local.allocation import seek_hole
@@ -185,19 +185,8 @@ def test_every_seek_lands_where_ext4_lands_on_the_volume_itself(
     # Many at once, on one descriptor and on several: the same answers.
     shared = os.open(img, os.O_RDONLY)
     try:
-        def on_shared(_: int) -> list[tuple[int, int]]:
-            out = []
-            for off in offsets:
-                got = []
-                for whence in (os.SEEK_DATA, os.SEEK_HOLE):
-                    try:
-                        got.append(os.lseek(shared, off, whence))
-                    except OSError as exc:
-                        got.append(-exc.errno)
-                out.append((got[0], got[1]))
-            return out
         with ThreadPoolExecutor(8) as pool:
-            results = list(pool.map(on_shared, range(8)))
+            results = list(pool.map(lambda _: seek_landings(shared, offsets), range(8)))
             results += list(pool.map(lambda _: answers(img, offsets), range(8)))
     finally:
         os.close(shared)

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import pytest
 
 from fixtures_http import ACCESS_KEY, SECRET, Served
-from fixtures_mount import Mount, run
+from fixtures_mount import Mount, run, seek_landings
 from fixtures_s3 import ADMIN
 
 pytestmark = pytest.mark.mount
@@ -184,16 +184,7 @@ def test_image_raw_on_the_cloud_backend(mount_factory: Callable[..., Mount],
 def seeks(path: Path | str, offsets: list[int]) -> list[tuple[int, int]]:
     """(SEEK_DATA, SEEK_HOLE) landing of each offset in ``path``, or -errno."""
     fd = os.open(path, os.O_RDONLY)
-    out = []
     try:
-        for off in offsets:
-            got = []
-            for whence in (os.SEEK_DATA, os.SEEK_HOLE):
-                try:
-                    got.append(os.lseek(fd, off, whence))
-                except OSError as exc:
-                    got.append(-exc.errno)
-            out.append((got[0], got[1]))
+        return seek_landings(fd, offsets)
     finally:
         os.close(fd)
-    return out

@@ -11,7 +11,7 @@ import pytest
 from fixtures_s3 import ADMIN, SeaweedServer
 from snapfs.errors import InvalidArgument, NotFound, PermissionDenied, SnapfsError, Transient
 from snapfs.s3.calls import is_temp_failure, map_error
-from snapfs.s3.config import region_of_zone, resolve_settings
+from snapfs.s3.config import make_client, payload_guarded, region_of_zone, resolve_settings
 from snapfs.s3.storage import object_storage_from_config
 from snapfs.s3.storage import S3ObjectStorage
 
@@ -181,3 +181,35 @@ def test_scaleway_endpoint_uses_scaleway_keys(clean_env: pytest.MonkeyPatch) -> 
     clean_env.setenv("AWS_ACCESS_KEY_ID", "AKIA")  # boto3's own credentials win
     s = resolve_settings(endpoint="https://s3.nl-ams.scw.cloud")
     assert s is not None and s.access_key is None
+
+
+@pytest.mark.parametrize("endpoint, guarded", [
+    (None, True), ("https://s3.fr-par.scw.cloud", True), ("http://127.0.0.1:8333", True),
+    ("http://127.9.8.7:80", True), ("http://[::1]:8333", True), ("http://localhost:9000", True),
+    ("http://10.0.0.5:8333", False), ("http://minio.lan:9000", False),
+    ("http://localhost.example.com", False)])
+def test_payload_guarded(endpoint: str | None, guarded: bool) -> None:
+    assert payload_guarded(endpoint) is guarded
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("sign", [None, True, False], ids=["auto", "signed", "unsigned"])
+def test_payload_signing_as_configured(s3_server: SeaweedServer, bucket: str,
+                                       sign: bool | None) -> None:
+    """Loopback (the test server) skips the body's SHA-256 unless asked for it,
+    and the server takes the upload either way."""
+    client = make_client(s3_server.settings(sign_payload=sign))
+    sent: list[str] = []
+
+    def record(request: object, **_: object) -> None:
+        value = request.headers["X-Amz-Content-SHA256"]  # type: ignore[attr-defined]
+        sent.append(value.decode() if isinstance(value, bytes) else value)
+
+    client.meta.events.register("before-send.s3.PutObject", record)
+    body = bytes(range(256)) * 4000
+    client.put_object(Bucket=bucket, Key=f"signed-{sign}", Body=body)
+    assert sent and (sent[0] == "UNSIGNED-PAYLOAD") is (sign is not True)
+    if sign:
+        assert len(sent[0]) == 64  # the body's SHA-256 in hex
+    got = s3_server.client().get_object(Bucket=bucket, Key=f"signed-{sign}")["Body"].read()
+    assert got == body

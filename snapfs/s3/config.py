@@ -68,6 +68,11 @@ class S3Settings:
     #: Retries for abort_multipart_upload: longer, so no part is left behind
     #: when the server comes back within this time.
     abort_retry: RetryPolicy = RetryPolicy(attempts=12, budget=60.0)
+    #: SHA-256 of every request body in its signature. None (default): only where
+    #: the bytes cross a network without TLS; over https TLS already guards them
+    #: and on loopback nobody sits between, so the hash is CPU spent twice (once
+    #: here, once by the server checking it) for nothing.
+    sign_payload: bool | None = None
     #: No endpoint configured, Scaleway keys: each zone's region has its own
     #: endpoint (``for_region``); ``endpoint``/``region`` are the default region's.
     scw_fallback: bool = False
@@ -78,6 +83,24 @@ class S3Settings:
 
     def replace(self, **changes: Any) -> "S3Settings":
         return dataclasses.replace(self, **changes)
+
+
+def payload_guarded(endpoint: str | None) -> bool:
+    """Whether request bodies to ``endpoint`` are safe from tampering without a
+    payload hash: TLS (https; no endpoint means AWS's own, https) or a loopback
+    address, which no other machine sees."""
+    if endpoint is None:
+        return True
+    parts = urlsplit(endpoint)
+    if parts.scheme == "https":
+        return True
+    host = parts.hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def scaleway_endpoint(region: str) -> str:
@@ -178,6 +201,12 @@ def make_client(settings: S3Settings) -> Any:
             is_ip = host == "localhost"
         if is_ip:  # no virtual-hosted buckets on an IP address
             s3_options["addressing_style"] = "path"
+    sign = settings.sign_payload
+    if sign is None:
+        sign = not payload_guarded(settings.endpoint)
+    # botocore signs the payload of every request over http, and over https too
+    # unless a checksum header is sent (we send none: see below).
+    s3_options["payload_signing_enabled"] = bool(sign)
     config = Config(
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,

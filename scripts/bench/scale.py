@@ -9,18 +9,26 @@ then a fresh process imports the object (timed, peak RSS). Every timed upload (t
 export, the aws anchor) goes to a SeaweedFS of its own, started empty: one
 holding the earlier steps' gigabytes answers slower, which biased the later
 step of each pair. Anchors measured in the same run: `aws s3 cp` uploading the
-same object bytes (line rate, every case), and the user's alternative to an
+same object bytes (line rate, every case; its file evicted from the page cache
+first, as the export's packs are, written with O_DIRECT), and the user's alternative to an
 import for the 16 GiB case: `aws s3 cp` of the object down, then `qemu-img
 convert -O raw` into a sparse file. The
 16 GiB case is also exported with 256 MiB parts (``--spill-part``): parts too
 big for memory are spilled to temporary files, as for volumes holding more
 than ~250 GiB; its time and peak RSS are printed beside the default's.
 
+Each case runs ``--repeat`` rounds (default 3) of export, import and both aws
+steps in turn, and each step's median is compared (peak RSS: the highest): on
+2 shared cores one step moves by +-20 % between rounds (session 11: the same
+export 6.4-9.5 s in one hour), which decided single-round verdicts.
+``--server-dir /dev/shm`` keeps SeaweedFS's data off the disk.
+
 Targets: export and import at 1 TiB <= 1.2x their 16 GiB time, at 64 TiB
 <= 1.5x; export >= 1.0x the aws upload's throughput in every case; import of
 the 16 GiB case >= 1.0x the alternative; peak RSS <= 200 MB in every case.
 
     .venv/bin/python scripts/bench/scale.py [--dir DIR] [--keep] [--sizes 16G,1T,64T]
+        [--repeat 3] [--server-dir DIR]
 
 Needs root (mounts the XFS loop filesystem), qemu-img and the aws CLI (awscli
 from PyPI; installed into a venv of its own when `aws` is not on PATH).
@@ -32,6 +40,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -155,6 +164,16 @@ def py(script: str, *args: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def evict(path: Path) -> None:
+    """Drop ``path``'s pages from the page cache (written back first)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def timed(*cmd: str, env: dict | None = None) -> float:
     t = time.perf_counter()
     subprocess.run(cmd, check=True, env=env)
@@ -169,6 +188,10 @@ def main() -> int:
     ap.add_argument("--spill-part", type=int, default=256, metavar="MIB",
                     help="also export the 16G case with parts this big (spilled to "
                          "temporary files: what volumes with >~250 GiB of data get); 0: not")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="rounds per case; each step's median is compared")
+    ap.add_argument("--server-dir", type=Path, default=None,
+                    help="where SeaweedFS keeps its data (default: the work directory)")
     args = ap.parse_args()
     aws = aws_cli()
     work = Path(tempfile.mkdtemp(prefix="snapfs-bench-scale-", dir=args.dir))
@@ -181,7 +204,7 @@ def main() -> int:
             old.stop()
             shutil.rmtree(old.root, ignore_errors=True)
         servers.clear()
-        server = SeaweedServer(work / f"seaweedfs-{tag}")
+        server = SeaweedServer((args.server_dir or work) / f"snapfs-bench-seaweedfs-{tag}")
         servers.append(server)
         server.start()
         return server, server.new_bucket()
@@ -205,59 +228,77 @@ def main() -> int:
             vol = mnt / f"vol-{name}.raw"
             make_volume(vol, size)
             key = f"snap-{name}.qcow2"
-            server, bucket = fresh_server(f"{name}-export")
-            ours = py(EXPORT, str(work / f"store-{name}"), str(vol), server.endpoint,
-                      ADMIN[0], ADMIN[1], bucket, key, "0")
-            if ours["status"] != "success":
-                raise SystemExit(f"bench: export failed: {ours['error']}")
-            shutil.rmtree(work / f"store-{name}", ignore_errors=True)
-            back = py(IMPORT, str(work / f"import-{name}"), server.endpoint, ADMIN[0],
-                      ADMIN[1], bucket, key)
-            if back["state"] != "available":
-                raise SystemExit(f"bench: import failed: {back['error']}")
-            shutil.rmtree(work / f"import-{name}", ignore_errors=True)
-            # The anchors: the same object's bytes down and up with the aws CLI.
             obj = work / "object.qcow2"
-            down = timed(aws, "s3", "cp", "--only-show-errors", "--endpoint-url",
-                         server.endpoint, f"s3://{bucket}/{key}", str(obj), env=env)
-            server, bucket = fresh_server(f"{name}-aws")  # as empty as the export's was
-            up = timed(aws, "s3", "cp", "--only-show-errors", "--endpoint-url",
-                       server.endpoint, str(obj), f"s3://{bucket}/copy-{key}", env=env)
-            if name == "16G" and args.spill_part:  # not compared: after the anchor
-                spill = py(EXPORT, str(work / f"store-{name}"), str(vol), server.endpoint,
-                           ADMIN[0], ADMIN[1], bucket, f"spill-{key}", str(args.spill_part))
+            steps: dict[str, list[float]] = {k: [] for k in (
+                "export", "export_rss", "snapshot", "import_", "import_rss", "aws_up",
+                "aws_down", "convert")}
+            for rep in range(args.repeat):  # each step's median: one round moves by +-20 %
+                server, bucket = fresh_server(f"{name}-export")
+                ours = py(EXPORT, str(work / f"store-{name}"), str(vol), server.endpoint,
+                          ADMIN[0], ADMIN[1], bucket, key, "0")
+                if ours["status"] != "success":
+                    raise SystemExit(f"bench: export failed: {ours['error']}")
                 shutil.rmtree(work / f"store-{name}", ignore_errors=True)
-                if spill["status"] != "success":
-                    raise SystemExit(f"bench: export failed: {spill['error']}")
-                print(f"16G export with {args.spill_part} MiB parts (spilled to temporary "
-                      f"files, after the anchor, on its server): {spill['seconds']:6.2f} s, "
-                      f"peak RSS {spill['rss'] / 1e6:.0f} MB (memory parts: "
-                      f"{ours['seconds']:6.2f} s, {ours['rss'] / 1e6:.0f} MB)")
-            convert = None
-            if size <= 16 * GiB:
-                out = work / "converted.raw"
-                convert = timed("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(obj),
-                                str(out))
-                out.unlink()
-            obj.unlink()
+                back = py(IMPORT, str(work / f"import-{name}"), server.endpoint, ADMIN[0],
+                          ADMIN[1], bucket, key)
+                if back["state"] != "available":
+                    raise SystemExit(f"bench: import failed: {back['error']}")
+                shutil.rmtree(work / f"import-{name}", ignore_errors=True)
+                # The anchors: the same object's bytes down and up with the aws CLI.
+                down = timed(aws, "s3", "cp", "--only-show-errors", "--endpoint-url",
+                             server.endpoint, f"s3://{bucket}/{key}", str(obj), env=env)
+                server, bucket = fresh_server(f"{name}-aws")  # as empty as the export's was
+                # The export reads packs its capture wrote with O_DIRECT (not cached):
+                # the anchor reads its source from the disk too, not the page cache.
+                evict(obj)
+                up = timed(aws, "s3", "cp", "--only-show-errors", "--endpoint-url",
+                           server.endpoint, str(obj), f"s3://{bucket}/copy-{key}", env=env)
+                if size <= 16 * GiB:
+                    out = work / "converted.raw"
+                    steps["convert"].append(timed("qemu-img", "convert", "-f", "qcow2",
+                                                  "-O", "raw", str(obj), str(out)))
+                    out.unlink()
+                if name == "16G" and args.spill_part and rep == 0:  # not compared
+                    spill = py(EXPORT, str(work / f"store-{name}"), str(vol), server.endpoint,
+                               ADMIN[0], ADMIN[1], bucket, f"spill-{key}",
+                               str(args.spill_part))
+                    shutil.rmtree(work / f"store-{name}", ignore_errors=True)
+                    if spill["status"] != "success":
+                        raise SystemExit(f"bench: export failed: {spill['error']}")
+                    print(f"16G export with {args.spill_part} MiB parts (spilled to "
+                          f"temporary files, after the anchor, on its server): "
+                          f"{spill['seconds']:6.2f} s, peak RSS {spill['rss'] / 1e6:.0f} MB "
+                          f"(memory parts: {ours['seconds']:6.2f} s, "
+                          f"{ours['rss'] / 1e6:.0f} MB)")
+                obj.unlink()
+                for k, v in (("export", ours["seconds"]), ("export_rss", ours["rss"]),
+                             ("snapshot", ours["snapshot"]), ("import_", back["seconds"]),
+                             ("import_rss", back["rss"]), ("aws_up", up), ("aws_down", down)):
+                    steps[k].append(v)
+                print(f"{name:>4} round {rep}: export {ours['seconds']:6.2f} s, aws up "
+                      f"{up:6.2f} s | import {back['seconds']:6.2f} s, aws down {down:6.2f} s"
+                      f" | load {os.getloadavg()[0]:.1f}")
             vol.unlink()
-            results[name] = dict(export=ours["seconds"], export_rss=ours["rss"],
-                                 snapshot=ours["snapshot"], bytes=ours["bytes"],
-                                 import_=back["seconds"], import_rss=back["rss"],
-                                 aws_up=up, aws_down=down, convert=convert,
-                                 load=os.getloadavg())
-            r = results[name]
+            med = statistics.median
+            r = results[name] = dict(
+                export=med(steps["export"]), export_rss=max(steps["export_rss"]),
+                snapshot=med(steps["snapshot"]), bytes=ours["bytes"],
+                import_=med(steps["import_"]), import_rss=max(steps["import_rss"]),
+                aws_up=med(steps["aws_up"]), aws_down=med(steps["aws_down"]),
+                convert=med(steps["convert"]) if steps["convert"] else None,
+                load=os.getloadavg())
             print(f"{name:>4}: snapshot {r['snapshot']:6.2f} s | export {r['export']:6.2f} s "
                   f"(object {r['bytes'] / MiB:.0f} MiB, peak RSS {r['export_rss'] / 1e6:.0f} MB)"
                   f" | import {r['import_']:6.2f} s (peak RSS {r['import_rss'] / 1e6:.0f} MB)"
-                  f" | aws up {up:6.2f} s, aws down {down:6.2f} s"
-                  + (f", qemu-img convert {convert:6.2f} s" if convert is not None else "")
-                  + f" | load {r['load'][0]:.1f}")
+                  f" | aws up {r['aws_up']:6.2f} s, aws down {r['aws_down']:6.2f} s"
+                  + (f", qemu-img convert {r['convert']:6.2f} s" if r["convert"] else "")
+                  + f" | load {r['load'][0]:.1f}  (medians of {args.repeat}; peak RSS: max)")
         verdicts(results)
         return 0
     finally:
         for server in servers:
             server.stop()
+            shutil.rmtree(server.root, ignore_errors=True)
         if mounted and subprocess.run(["umount", str(mnt)]).returncode != 0:
             subprocess.run(["umount", "-l", str(mnt)])
         if args.keep:

@@ -52,6 +52,7 @@ from fixtures_http import ACCESS_KEY, SECRET, start_server, stop_server  # noqa:
 from fixtures_s3 import ADMIN, SeaweedServer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pagecache import evict  # noqa: E402  (image.raw: the next read reaches the daemon)
 from readahead import parse_variant, tune  # noqa: E402
 
 MiB = 1 << 20
@@ -129,17 +130,6 @@ def make_volume(path: Path, data: int) -> None:
 
 def step(what: str) -> None:
     print(f"... {what}", file=sys.stderr, flush=True)
-
-
-def evict(path: Path) -> None:
-    """Drop ``path``'s pages from the kernel page cache (by default the mount
-    serves image.raw through it), so that the next read reaches the daemon
-    -- without dropping the whole machine's cache."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def dd_read(image: Path, size: int) -> float:

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pagecache import evict  # noqa: E402
 from read import make_volume, mounted, peak_rss_mb, snapfs, timed  # noqa: E402
 
 MiB = 1 << 20
@@ -91,11 +92,7 @@ def evict_store(store: Path) -> None:
     machine keeps its cache), so that a first read reads the disk."""
     for path in store.rglob("*"):
         if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            evict(path)
 
 
 def load() -> str:

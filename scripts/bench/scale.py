@@ -52,6 +52,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from fixtures_s3 import ADMIN, SeaweedServer  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pagecache import evict  # noqa: E402
+
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 RUN = 16 * MiB
 RUNS = 64  # 1 GiB in all
@@ -164,16 +167,6 @@ def py(script: str, *args: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def evict(path: Path) -> None:
-    """Drop ``path``'s pages from the page cache (written back first)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def timed(*cmd: str, env: dict | None = None) -> float:
     t = time.perf_counter()
     subprocess.run(cmd, check=True, env=env)
@@ -250,7 +243,7 @@ def main() -> int:
                 server, bucket = fresh_server(f"{name}-aws")  # as empty as the export's was
                 # The export reads packs its capture wrote with O_DIRECT (not cached):
                 # the anchor reads its source from the disk too, not the page cache.
-                evict(obj)
+                evict(obj, write_back=True)
                 up = timed(aws, "s3", "cp", "--only-show-errors", "--endpoint-url",
                            server.endpoint, str(obj), f"s3://{bucket}/copy-{key}", env=env)
                 if size <= 16 * GiB:

@@ -42,7 +42,7 @@ def _run(args: argparse.Namespace, fn: Callable[[Any], Awaitable[int | None]],
         async with open_backend(settings) as svc:
             return await fn(svc)
     store = store_path(args)
-    existed, was_there = is_store(store), os.path.lexists(store)
+    existed, found = is_store(store), existing_part(store)
     code = 1
     try:
         code = int(trio.run(main) or 0)
@@ -53,7 +53,7 @@ def _run(args: argparse.Namespace, fn: Callable[[Any], Awaitable[int | None]],
         raise SnapfsError(f"{store / 'metadata.db'}: {exc}") from None
     finally:
         if code != 0 and not existed:
-            discard_new_store(store, was_there)
+            discard_new_store(store, found)
 
 
 #: What a new store holds before anything is put in it (local/store.py).
@@ -61,11 +61,21 @@ _SKELETON = {"lock", "metadata.db", "metadata.db-wal", "metadata.db-shm", "snapf
              "packs", "shadows", "volumes"}
 
 
-def discard_new_store(store: Path, dir_was_there: bool, also: tuple[str, ...] = ()) -> None:
+def existing_part(path: Path) -> Path:
+    """``path`` itself if it exists, else its nearest ancestor that does: what a
+    command found before it made any directory (see discard_new_store)."""
+    for p in (path, *path.parents):
+        if os.path.lexists(p):
+            return p
+    return Path(path.anchor or ".")
+
+
+def discard_new_store(store: Path, found: Path, also: tuple[str, ...] = ()) -> None:
     """Undo the store a refused command made (a mistyped --store then leaves
     nothing behind) -- only while it holds nothing but its empty skeleton (and
     the files named in ``also``), with no volume or snapshot row; its directory
-    too if the command made it."""
+    too if the command made it, and the parents it made (``found``: what
+    existed of the path before, from existing_part), each only while empty."""
     if not is_store(store):
         return
     try:
@@ -82,8 +92,13 @@ def discard_new_store(store: Path, dir_was_there: bool, also: tuple[str, ...] = 
         for name in names:
             path = store / name
             os.rmdir(path) if path.is_dir() else os.unlink(path)
-        if not dir_was_there:
-            os.rmdir(store)
+        if found == store:
+            return
+        os.rmdir(store)
+        for parent in store.parents:  # as `rmdir -p`, down to what was there
+            if parent == found or found not in parent.parents:
+                break
+            os.rmdir(parent)
     except (OSError, sqlite3.Error):
         return  # left as it is: never more than a refused command's empty store
 

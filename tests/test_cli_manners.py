@@ -169,15 +169,19 @@ def test_a_command_that_makes_a_new_store_says_so(tmp_path: Path) -> None:
     assert res.stdout.strip() in {p["id"] for p in json.loads(
         snapfs("project", "list", "--json", "--store", store).stdout)}
     assert snapfs("project", "create", "db", "--store", store).stderr == ""
-    # A refused command leaves no store behind, in a new directory or an empty one.
+    # A refused command leaves no store behind, in a new directory or an empty one,
+    # nor the parents it made for it (as `rmdir -p`, down to what was there).
     (tmp_path / "empty").mkdir()
-    for where in (tmp_path / "missing", tmp_path / "empty"):
+    (tmp_path / "kept").mkdir()
+    for where in (tmp_path / "missing", tmp_path / "empty", tmp_path / "deep" / "er" / "s",
+                  tmp_path / "kept" / "new" / "s"):
         res = snapfs("volume", "add", "v", tmp_path / "no-such.raw", "--store", where,
                      check=False)
         assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1, res.stderr
         assert "made a new store" not in res.stderr
-    assert not (tmp_path / "missing").exists()
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "deep").exists()
     assert list((tmp_path / "empty").iterdir()) == []
+    assert list((tmp_path / "kept").iterdir()) == []
     # A store that was there stays, whatever is refused.
     snapfs("volume", "add", "v", tmp_path / "no-such.raw", "--store", store, check=False)
     assert (store / "metadata.db").exists()
@@ -201,11 +205,11 @@ def test_a_mount_refused_after_its_fork_leaves_no_new_store(tmp_path: Path) -> N
     taken.listen()
     listen = f"127.0.0.1:{taken.getsockname()[1]}"
     try:
-        new = tmp_path / "new"
+        new = tmp_path / "made" / "for" / "it"
         res = snapfs("mount", tmp_path / "mnt", "--store", new, "--listen", listen,
                      "--no-auth", check=False)
         one_line_error(res, "Address already in use")
-        assert not new.exists()
+        assert not (tmp_path / "made").exists()
         old = tmp_path / "old"
         snapfs("project", "create", "web", "--store", old)
         before = sorted(p.name for p in old.iterdir())

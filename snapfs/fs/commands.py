@@ -118,12 +118,12 @@ def _mount(args: argparse.Namespace) -> int:
                                f"{FUSE_CONF} says user_allow_other (root edits it)")
     if args.foreground:
         return run_foreground(cfg)
-    from ..admin import discard_new_store, is_store, say_if_new
-    existed, was_there = is_store(cfg.store), os.path.lexists(cfg.store)
+    from ..admin import discard_new_store, existing_part, is_store, say_if_new
+    existed, found = is_store(cfg.store), existing_part(cfg.store)
     # Refused after the fork (e.g. --listen's port taken): a store made for this
     # mount goes again, its log with it (the reason was printed).
     code = run_daemon(cfg, None if existed else
-                      lambda: discard_new_store(cfg.store, was_there, also=(LOG_NAME,)))
+                      lambda: discard_new_store(cfg.store, found, also=(LOG_NAME,)))
     if code == 0:  # (refused: its one line only)
         say_if_new(cfg.store, existed)
     return code

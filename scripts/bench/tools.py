@@ -4,6 +4,7 @@ its two read modes), side by side with the Python-FUSE ceiling
 (../shared/bench/passthrough_ceiling.py) in both of its modes on the same bytes.
 
     .venv/bin/python scripts/bench/tools.py [--size-mib 2048] [--tools dd4k,cat,...]
+        [--repeat N]
 
 The volume is a real ext4 image (mkfs.ext4 -d) of mixed files (text, small and
 large random files) filling about half of it, plus random data in the rest of the
@@ -23,6 +24,7 @@ import argparse
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -193,6 +195,9 @@ def main() -> int:
     ap.add_argument("--tools", default="", help="comma-separated subset of the tools")
     ap.add_argument("--modes", default="default,--direct-io,--page-cache",
                     help="snapfs mount modes to measure ('default' = no argument)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds per tool (sources interleaved in each); each cell is "
+                         "the median: one round's cell moves by up to 5x on 2 shared cores")
     ap.add_argument("--out-dir", type=Path, default=Path("/dev/shm"),
                     help="where the tools' copies and repositories go (default: a tmpfs; "
                          "on the disk, write stalls decided the first reads)")
@@ -237,23 +242,29 @@ def main() -> int:
         sources.append(Source("ceiling direct", work, store, vol, ceiling=[]))
         sources.append(Source("ceiling page", work, store, vol, ceiling=["--page-cache"]))
 
-        results: dict[tuple[str, str], tuple[float, float]] = {}
+        rounds: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for tool, cmd in tools.items():
-            for src in sources:  # interleaved: all see the same machine load
-                path = src.start()
-                try:
-                    timed(f"cat {path} > /dev/null")  # backing bytes warm (packs / file)
-                    src.stop()
-                    path = src.start()  # a fresh mount: the FUSE file's cache is empty
-                    first = timed(cmd(path))
-                    again = timed(cmd(path))
-                finally:
-                    src.stop()
-                results[(tool, src.name)] = (first, again)
-                print(f"{tool:<10} {src.name:<20} first {first:7.2f}s  again {again:7.2f}s"
-                      f"  load {os.getloadavg()[0]:.1f}", flush=True)
+            for rep in range(args.repeat):
+                for src in sources:  # interleaved: all see the same machine load
+                    path = src.start()
+                    try:
+                        timed(f"cat {path} > /dev/null")  # backing bytes warm (packs / file)
+                        src.stop()
+                        path = src.start()  # a fresh mount: the FUSE file's cache is empty
+                        first = timed(cmd(path))
+                        again = timed(cmd(path))
+                    finally:
+                        src.stop()
+                    rounds.setdefault((tool, src.name), []).append((first, again))
+                    print(f"{tool:<10} {src.name:<20} first {first:7.2f}s  again "
+                          f"{again:7.2f}s  load {os.getloadavg()[0]:.1f}"
+                          + (f"  (round {rep})" if args.repeat > 1 else ""), flush=True)
+        # Each cell: the median of its rounds (first reads and re-reads apart).
+        results = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v))
+                   for k, v in rounds.items()}
         size = args.size_mib * MiB
-        print(f"\n{args.size_mib} MiB image; load average {os.getloadavg()}")
+        print(f"\n{args.size_mib} MiB image; load average {os.getloadavg()}"
+              + (f"; medians of {args.repeat} rounds" if args.repeat > 1 else ""))
         head = "".join(f"{s.name:>22}" for s in sources)
         print(f"{'tool':<10}{head}   default/best-ceiling first, again")
         for tool in tools:

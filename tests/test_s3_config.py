@@ -11,7 +11,8 @@ import pytest
 from fixtures_s3 import ADMIN, SeaweedServer
 from snapfs.errors import InvalidArgument, NotFound, PermissionDenied, SnapfsError, Transient
 from snapfs.s3.calls import is_temp_failure, map_error
-from snapfs.s3.config import make_client, payload_guarded, region_of_zone, resolve_settings
+from snapfs.s3.config import (S3Settings, make_client, payload_guarded, region_of_zone,
+                              resolve_settings)
 from snapfs.s3.storage import object_storage_from_config
 from snapfs.s3.storage import S3ObjectStorage
 
@@ -213,3 +214,17 @@ def test_payload_signing_as_configured(s3_server: SeaweedServer, bucket: str,
         assert len(sent[0]) == 64  # the body's SHA-256 in hex
     got = s3_server.client().get_object(Bucket=bucket, Key=f"signed-{sign}")["Body"].read()
     assert got == body
+
+
+@pytest.mark.parametrize("url, signed", [("http://minio.lan:9000", True),
+                                         ("https://minio.lan:9000", False),
+                                         ("http://127.0.0.1:9000", False)])
+def test_payload_signing_follows_boto3s_own_endpoint(clean_env: pytest.MonkeyPatch, url: str,
+                                                     signed: bool) -> None:
+    """No endpoint in the settings (resolve_settings leaves AWS_ENDPOINT_URL and
+    profiles to boto3): the endpoint boto3 will use decides, so plain http to
+    another machine stays signed."""
+    clean_env.setenv("AWS_ENDPOINT_URL", url)
+    client = make_client(S3Settings(region="us-east-1", access_key="a", secret_key="b"))
+    assert client.meta.endpoint_url.rstrip("/") == url
+    assert client.meta.config.s3["payload_signing_enabled"] is signed

@@ -87,8 +87,9 @@ class S3Settings:
 
 def payload_guarded(endpoint: str | None) -> bool:
     """Whether request bodies to ``endpoint`` are safe from tampering without a
-    payload hash: TLS (https; no endpoint means AWS's own, https) or a loopback
-    address, which no other machine sees."""
+    payload hash: TLS (https; None means AWS's own, https -- callers pass the
+    endpoint boto3 will really use, see make_client) or a loopback address,
+    which no other machine sees."""
     if endpoint is None:
         return True
     parts = urlsplit(endpoint)
@@ -202,8 +203,8 @@ def make_client(settings: S3Settings) -> Any:
         if is_ip:  # no virtual-hosted buckets on an IP address
             s3_options["addressing_style"] = "path"
     sign = settings.sign_payload
-    if sign is None:
-        sign = not payload_guarded(settings.endpoint)
+    if sign is None:  # judged by the endpoint boto3 will use: ours, else its env's or profile's
+        sign = not payload_guarded(settings.endpoint or _configured_endpoint(settings.profile))
     # botocore signs the payload of every request over http, and over https too
     # unless a checksum header is sent (we send none: see below).
     s3_options["payload_signing_enabled"] = bool(sign)

@@ -13,10 +13,12 @@ import pytest
 import trio
 
 from fixtures_http import ACCESS_KEY, SECRET, Served
+from fixtures_store import snapfs_cli
 from snapfs.errors import (InvalidArgument, NotFound, PermissionDenied, SnapfsError,
                            Transient, errno_for)
 from snapfs.local import open_local_service
 from snapfs.scaleway import ScalewayService, open_scaleway_service
+from snapfs.scaleway import service as scw_service
 from snapfs.scaleway.config import load_client, zones_for
 
 
@@ -188,6 +190,46 @@ async def test_same_refusals_as_local(scw_env: Served) -> None:
         assert (await local.list_snapshots("fr-par-1", per_page=100)).total_count == before
         err = await _refusal(lambda: cloud.list_snapshots("pl-waw-3"))  # zone not shown
         assert isinstance(err, NotFound) and errno_for(err) == errno.ENOENT
+
+
+async def test_bookkeeping_stays_bounded(scw_env: Served,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which API owns a resource is remembered for at most OWNER_MAX of them: one
+    forgotten is asked again and still routed to its own API; a deleted snapshot is
+    forgotten at once. (A mount that runs for months lists and deletes without bound.)"""
+    served = scw_env
+    monkeypatch.setattr(scw_service, "OWNER_MAX", 3)
+    name = f"lssd-{uuid.uuid4().hex[:6]}"
+    res = snapfs_cli("volume", "create", name, "--size", "1M", "--type", "l_ssd",
+                     store=served.store)
+    assert res.returncode == 0, res.stderr
+    lssd = res.stdout.strip()
+    try:
+        async with open_scaleway_service(["fr-par-1"]) as svc:
+            made = {}
+            for i, (vol, api) in enumerate([(served.volumes["vol-a"]["id"], "block")] * 3
+                                           + [(lssd, "instance")] * 2):
+                snap = await svc.create_snapshot("fr-par-1", name=f"bounded-{i}",
+                                                 volume_id=vol)
+                made[snap.id] = api
+                await _wait_available(svc, "fr-par-1", snap.id)
+            listed = await svc.list_all_snapshots("fr-par-1")
+            assert set(made) <= {s.id for s in listed}
+            assert len(svc._owner) <= 3
+            for sid, api in made.items():  # forgotten or not, each goes to its own API
+                renamed = await svc.update_snapshot("fr-par-1", sid, name=f"r-{sid[:8]}")
+                assert (renamed.api, renamed.name) == (api, f"r-{sid[:8]}")
+                assert len(svc._owner) <= 3
+            calls = svc.calls
+            for sid in made:
+                await svc.delete_snapshot("fr-par-1", sid)
+                assert sid not in svc._owner
+            assert svc.calls > calls
+            for sid in made:
+                err = await _refusal(lambda: svc.get_snapshot("fr-par-1", sid))
+                assert isinstance(err, NotFound)
+    finally:
+        snapfs_cli("volume", "rm", name, store=served.store)
 
 
 async def test_wrong_credentials(scw_env: Served, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,7 @@ listing are consistent and a listing costs one pass over each API.
 from __future__ import annotations
 
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, MutableMapping
 
 import trio
 
@@ -28,7 +28,7 @@ PageFetch = Callable[[int], Awaitable[Page[Any]]]
 class MergedLists:
     """The merged lists being paged through, and who owns what they hold."""
 
-    def __init__(self, owner: dict[str, str]) -> None:
+    def __init__(self, owner: MutableMapping[str, str]) -> None:
         self._owner = owner
         self._lists: dict[tuple[Any, ...], tuple[float, list[Any]]] = {}
 

@@ -38,6 +38,7 @@ from scaleway_core.api import ScalewayException
 
 from .. import block_model
 from ..errors import NotFound, SnapfsError
+from ..lru import LRUDict
 from ..model import (MAX_PER_PAGE, Page, Project, Snapshot, Task, Volume, check_name,
                      check_paging, check_tag_filter, check_tags, check_zone, new_id, now)
 from ..objects import ObjectStorage
@@ -64,6 +65,12 @@ CALL_TIMEOUT = 120.0
 #: each, so its pages do not repeat the Block snapshots. An API that ignored the
 #: filter would answer every snapshot to each: still merged once, only slower.
 INSTANCE_SNAPSHOT_TYPES = ("l_ssd", "unified")
+#: Resources whose owning API is remembered (most recent first): one forgotten is
+#: asked of Block, then Instance, again -- a call more, never a wrong route.
+OWNER_MAX = 100_000
+#: Exports remembered (their target, a Block export's made-up task): a mount that
+#: runs for months exports without bound; a task this old answers 404.
+TASKS_MAX = 4096
 
 #: Exceptions an SDK call raises for API, transport or client-side validation
 #: failures; anything else is a bug and propagates as is.
@@ -93,17 +100,19 @@ class ScalewayService(SnapshotService):
         self.backoff = BACKOFF
         self.call_timeout = CALL_TIMEOUT
         self.calls = 0  # SDK calls made (retries included); tests and benchmarks read it
-        self._targets: dict[str, tuple[str, str]] = {}  # export task id -> (bucket, key)
+        # export task id -> (bucket, key)
+        self._targets: LRUDict[str, tuple[str, str]] = LRUDict(TASKS_MAX)
         self._images: CloudImages | None = None  # made on first use
         self.block = BlockSide(self, client)
         #: snapshot or volume id -> "block" | "instance": the API that owns it.
-        self._owner: dict[str, str] = {}
+        self._owner: LRUDict[str, str] = LRUDict(OWNER_MAX)
         #: query -> (fetched at, merged items) for paging through a merged list.
         self._merged = MergedLists(self._owner)  # merged.py
         #: Block exports have no task: task id -> (zone, snapshot id, bucket, key).
-        self._block_exports: dict[str, tuple[str, str, str, str]] = {}
-        self._last_block_export: dict[str, str] = {}  # snapshot id -> its latest task id
-        self._block_verdicts: dict[str, Task] = {}  # task id -> its final status
+        self._block_exports: LRUDict[str, tuple[str, str, str, str]] = LRUDict(TASKS_MAX)
+        #: snapshot id -> its latest task id
+        self._last_block_export: LRUDict[str, str] = LRUDict(TASKS_MAX)
+        self._block_verdicts: LRUDict[str, Task] = LRUDict(TASKS_MAX)  # task id -> final
 
     async def call(self, what: str, fn: Callable[..., T], **kwargs: Any) -> T:
         """Run one SDK call in a worker thread with retries; domain errors out."""
@@ -341,8 +350,17 @@ class ScalewayService(SnapshotService):
         else:
             await self.call("delete snapshot", self.instance.delete_snapshot,
                             zone=self._zone(zone), snapshot_id=snapshot_id)
+        self._forget(snapshot_id)
         if snap is not None:
             await self._cloud_images().forget(snap)
+
+    def _forget(self, snapshot_id: str) -> None:
+        """A deleted snapshot's bookkeeping goes with it."""
+        self._owner.pop(snapshot_id, None)
+        task = self._last_block_export.pop(snapshot_id, None)
+        if task is not None:
+            self._block_exports.pop(task, None)
+            self._block_verdicts.pop(task, None)
 
     async def export_snapshot(self, zone: str, snapshot_id: str, *, bucket: str,
                               key: str) -> Task:

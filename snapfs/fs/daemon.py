@@ -114,10 +114,11 @@ async def serve(cfg: MountConfig, ready: Callable[[], None] | None = None) -> No
         raise InvalidArgument("mountpoint", f"{mnt} is not a directory")
     api = None
     if cfg.listen is not None:  # bound first: a taken port is the mount's one refusal
-        from ..http.server import bind, check_exposure
+        from ..http.server import listener
         # As `snapfs serve`: no secret, no listening beyond loopback unless asked.
-        check_exposure(cfg.listen, os.environ.get("SCW_SECRET_KEY") or None, cfg.no_auth)
-        api = bind(cfg.listen)
+        api = await trio.to_thread.run_sync(listener, cfg.listen,
+                                            os.environ.get("SCW_SECRET_KEY") or None,
+                                            cfg.no_auth)
     async with open_backend(cfg.backend_settings()) as svc:
         ctx = FsContext.create(svc, ttl=cfg.ttl)
         from ..local.store import private_database

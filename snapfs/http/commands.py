@@ -60,14 +60,10 @@ def _single_leaf(group: BaseExceptionGroup) -> BaseException | None:
 
 
 async def _serve(settings: BackendSettings, listen: str, no_auth: bool = False) -> None:
-    from .server import bind, check_exposure, serve
+    from .server import listener, serve
 
-    sock = bind(listen)  # an unknown host or a taken port is its own clear refusal
-    try:
-        check_exposure(listen, os.environ.get("SCW_SECRET_KEY") or None, no_auth)
-    except BaseException:
-        sock.close()
-        raise
+    sock = await trio.to_thread.run_sync(listener, listen,
+                                         os.environ.get("SCW_SECRET_KEY") or None, no_auth)
     async with AsyncExitStack() as stack:
         stack.callback(sock.close)
         service = await stack.enter_async_context(open_backend(settings))

@@ -74,6 +74,20 @@ def bind(listen: str) -> socket.socket:
     return sock
 
 
+def listener(listen: str, secret: str | None, no_auth: bool) -> socket.socket:
+    """The API's listening socket for ``snapfs serve`` and ``mount --listen`` alike:
+    bound first (an unknown host or a taken port is its own refusal, not a word
+    about exposure), then check_exposure. Blocking (name resolution): run it in a
+    worker thread."""
+    sock = bind(listen)
+    try:
+        check_exposure(listen, secret, no_auth)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def serve(service: SnapshotService, listen: str | socket.socket, *,
                 shutdown: Callable[[], Awaitable[None]] | None = None,
                 secret: str | None = None,

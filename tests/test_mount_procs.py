@@ -228,6 +228,12 @@ def test_a_mount_listens_beyond_loopback_only_with_a_secret_or_no_auth(
     assert res.stderr.count("\n") == 1 and "SCW_SECRET_KEY is not set" in res.stderr
     assert "--no-auth" in res.stderr
     assert not is_mounted(mnt)
+    # A name that does not resolve is refused as such (as by serve), not as exposed.
+    res = snapfs("mount", mnt, "--store", store, "--listen", "no-such-host.invalid:0",
+                 check=False, env=no_secret)
+    assert res.returncode != 0 and res.stderr.count("\n") == 1, res.stderr
+    assert "no-such-host.invalid:0" in res.stderr and "SCW_SECRET_KEY" not in res.stderr
+    assert not is_mounted(mnt)
     m = mount_factory(store, "-o", "listen=0.0.0.0:0,no_auth", env=no_secret)
     port = re.search(r"serving the Instance API on http://0\.0\.0\.0:(\d+)", m.log())
     assert port is not None, m.log()

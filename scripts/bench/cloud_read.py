@@ -52,7 +52,8 @@ from fixtures_http import ACCESS_KEY, SECRET, start_server, stop_server  # noqa:
 from fixtures_s3 import ADMIN, SeaweedServer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pagecache import evict  # noqa: E402  (image.raw: the next read reaches the daemon)
+# evict: image.raw's pages, so the next read reaches the daemon
+from pagecache import evict, reclaim_paused  # noqa: E402
 from readahead import parse_variant, tune  # noqa: E402
 
 MiB = 1 << 20
@@ -247,6 +248,9 @@ def main() -> None:
     p.add_argument("--kernel", action="append", default=[], metavar="ra=KB,bg=N,cong=N",
                    help="paired A/B: each round reads once per setting of the mount's "
                         "kernel read-ahead / FUSE queue (readahead.py); '' = the daemon's")
+    p.add_argument("--leave-reclaim", action="store_true",
+                   help="leave DAMON's proactive pageout on (default: paused for the "
+                        "run: it evicts cached bytes the run warms and reads)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="snapfs-cloud-bench-", dir=args.dir or "/var/tmp"))
     s3 = BenchSeaweed(work / "s3")
@@ -446,4 +450,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with reclaim_paused("--leave-reclaim" not in sys.argv):
+        main()

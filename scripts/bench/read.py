@@ -29,6 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pagecache import reclaim_paused  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 #: ../shared/bench beside the checkout (a worktree's is further up).
 CEILING = next((p / "shared" / "bench" / "passthrough_ceiling.py" for p in ROOT.parents
@@ -86,6 +89,9 @@ def main() -> int:
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir)")
     ap.add_argument("--mount-args", default="", help="extra `snapfs mount` arguments")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    ap.add_argument("--leave-reclaim", action="store_true",
+                    help="leave DAMON's proactive pageout on (default: paused for the "
+                         "run: it evicts cached bytes the run warms and reads)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="snapfs-read-", dir=args.dir))
@@ -167,4 +173,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with reclaim_paused("--leave-reclaim" not in sys.argv):
+        sys.exit(main())

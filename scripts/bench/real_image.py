@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pagecache import reclaim_paused  # noqa: E402
 import snapshot as snapbench  # noqa: E402  (Snapfs: a capture process of its own)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -208,6 +209,9 @@ def main() -> None:
                          "one read and exported; 0: off)")
     ap.add_argument("--read-runs", type=int, default=2)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--leave-reclaim", action="store_true",
+                    help="leave DAMON's proactive pageout on (default: paused for the "
+                         "run: it evicts cached bytes the run warms and reads)")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     work = Path(tempfile.mkdtemp(prefix="snapfs-real-", dir=args.dir))
@@ -310,4 +314,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with reclaim_paused("--leave-reclaim" not in sys.argv):
+        main()

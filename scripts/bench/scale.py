@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from fixtures_s3 import ADMIN, SeaweedServer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pagecache import evict  # noqa: E402
+from pagecache import evict, reclaim_paused  # noqa: E402
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 RUN = 16 * MiB
@@ -185,6 +185,9 @@ def main() -> int:
                     help="rounds per case; each step's median is compared")
     ap.add_argument("--server-dir", type=Path, default=None,
                     help="where SeaweedFS keeps its data (default: the work directory)")
+    ap.add_argument("--leave-reclaim", action="store_true",
+                    help="leave DAMON's proactive pageout on (default: paused for the "
+                         "run: it evicts cached bytes the run warms and reads)")
     args = ap.parse_args()
     aws = aws_cli()
     work = Path(tempfile.mkdtemp(prefix="snapfs-bench-scale-", dir=args.dir))
@@ -323,4 +326,5 @@ def verdicts(results: dict[str, dict]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with reclaim_paused("--leave-reclaim" not in sys.argv):
+        sys.exit(main())

@@ -40,6 +40,7 @@ CEILING = next((p / "shared" / "bench" / "passthrough_ceiling.py" for p in ROOT.
 MiB = 1 << 20
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pagecache import reclaim_paused  # noqa: E402
 from readahead import parse_variant, tune  # noqa: E402
 
 
@@ -204,6 +205,9 @@ def main() -> int:
     ap.add_argument("--kernel", action="append", default=[], metavar="ra=KB,bg=N,cong=N",
                     help="also the default mode with this kernel read-ahead / FUSE queue "
                          "(A/B against the daemon's setting; readahead.py)")
+    ap.add_argument("--leave-reclaim", action="store_true",
+                    help="leave DAMON's proactive pageout on (default: paused for the "
+                         "run: it evicts cached bytes the run warms and reads)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="snapfs-tools-", dir=args.dir))
@@ -289,4 +293,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with reclaim_paused("--leave-reclaim" not in sys.argv):
+        sys.exit(main())

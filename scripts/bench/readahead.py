@@ -29,18 +29,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pagecache import evict  # noqa: E402
+from pagecache import evict, reclaim_paused  # noqa: E402
 from read import make_volume, mounted, peak_rss_mb, snapfs, timed  # noqa: E402
 
 MiB = 1 << 20
 TOOLS = {"dd": "dd if={} of=/dev/null bs=1M status=none",
          "cat": "cat {} > /dev/null",
          "dd4k": "dd if={} of=/dev/null bs=4k status=none",
-         # issue 17's CPU-bound readers ({work}: the run's directory)
-         "restic": "RESTIC_PASSWORD=x restic -r {work}/restic backup --force -q --no-cache {} "
+         # issue 17's CPU-bound readers ({out}: where they write, a tmpfs by default:
+         # written to this disk, write stalls decided their first reads; tools.py)
+         "restic": "RESTIC_PASSWORD=x restic -r {out}/restic backup --force -q --no-cache {} "
                    "> /dev/null",
-         "qemu-img": "qemu-img convert -f raw -O qcow2 {} {work}/out.qcow2 && "
-                     "rm -f {work}/out.qcow2"}
+         "qemu-img": "qemu-img convert -f raw -O qcow2 {} {out}/out.qcow2 && "
+                     "rm -f {out}/out.qcow2"}
 
 
 def parse_variant(text: str) -> dict[str, int]:
@@ -113,12 +114,18 @@ def main() -> int:
                     help="the store's zstd level (`snapfs compression`; random data stays raw)")
     ap.add_argument("--cold", action="store_true",
                     help="the store's packs out of the page cache before each read")
+    ap.add_argument("--out-dir", type=Path, default=Path("/dev/shm"),
+                    help="where restic's repository and qemu-img's output go")
+    ap.add_argument("--leave-reclaim", action="store_true",
+                    help="leave DAMON's proactive pageout on (default: paused for the "
+                         "run: it evicts cached bytes the run warms and reads)")
     args = ap.parse_args()
     variants = [parse_variant(v) if v else {} for v in (args.variant or ["", "ra=8192"])]
     names = [",".join(f"{k}={v}" for k, v in var.items()) or "daemon" for var in variants]
     tools = args.tools.split(",")
 
     work = Path(tempfile.mkdtemp(prefix="snapfs-ra-", dir=args.dir))
+    out = Path(tempfile.mkdtemp(prefix="snapfs-ra-out-", dir=args.out_dir))
     store, vol, mnt = work / "store", work / "volume.raw", work / "mnt"
     mnt.mkdir()
     size = args.size_mib * MiB if args.volume is None else args.volume.stat().st_size
@@ -136,9 +143,9 @@ def main() -> int:
         (vdir / "snap").mkdir()
         snapfs("wait", vdir / "snap")
         image = vdir / "snap" / "image.raw"
-        timed(TOOLS["cat"].format(image, work=work))  # the packs warm
+        timed(TOOLS["cat"].format(image, out=out))  # the packs warm
         if "restic" in tools:
-            subprocess.run(["restic", "-r", str(work / "restic"), "init", "-q"], check=True,
+            subprocess.run(["restic", "-r", str(out / "restic"), "init", "-q"], check=True,
                            env={**os.environ, "RESTIC_PASSWORD": "x"}, capture_output=True)
         times: dict[tuple[str, str], list[float]] = {}
         busy: dict[tuple[str, str], list[tuple[float, float]]] = {}
@@ -157,7 +164,7 @@ def main() -> int:
                         evict_store(store)
                     pid = int(os.getxattr(mnt, "user.pid"))
                     d0, r0, s0 = cpu_seconds(pid), children_cpu(), sched(pid)
-                    t = timed(TOOLS[tool].format(image, work=work))
+                    t = timed(TOOLS[tool].format(image, out=out))
                     d1, r1, s1 = cpu_seconds(pid), children_cpu(), sched(pid)
                     idle = 1 - (s1[0] - s0[0] + s1[1] - s0[1]) / t
                     idles.setdefault((names[i], tool), []).append(idle)
@@ -184,8 +191,10 @@ def main() -> int:
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
         time.sleep(0.3)
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with reclaim_paused("--leave-reclaim" not in sys.argv):
+        sys.exit(main())

@@ -249,8 +249,8 @@ def main() -> None:
                    help="paired A/B: each round reads once per setting of the mount's "
                         "kernel read-ahead / FUSE queue (readahead.py); '' = the daemon's")
     p.add_argument("--leave-reclaim", action="store_true",
-                   help="leave DAMON's proactive pageout on (default: paused for the "
-                        "run: it evicts cached bytes the run warms and reads)")
+                   help="leave the VM's memory reclaim on (default: held off for the "
+                        "run: DAMON pageout, free page reporting; pagecache.py)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="snapfs-cloud-bench-", dir=args.dir or "/var/tmp"))
     s3 = BenchSeaweed(work / "s3")

@@ -25,6 +25,9 @@ def evict(path: Path, *, write_back: bool = False) -> None:
 #: DAMON's sysfs interface: a VM (firecracker here) may run a kdamond whose scheme
 #: pages out memory idle for about a minute, page cache included.
 KDAMONDS = Path("/sys/kernel/mm/damon/admin/kdamonds")
+#: Free page reporting (virtio-balloon): free blocks of this order and up are
+#: handed back to the host, which must fault them in again when they are reused.
+REPORTING_ORDER = Path("/sys/module/page_reporting/parameters/page_reporting_order")
 
 
 def _pageout_kdamonds() -> list[Path]:
@@ -43,6 +46,12 @@ def _pageout_kdamonds() -> list[Path]:
     return found
 
 
+def _above_max_order() -> int:
+    """An order no free block reaches (one above the buddy allocator's largest)."""
+    with open("/proc/buddyinfo") as f:
+        return max(len(line.split()) - 4 for line in f)
+
+
 def file_refaults() -> int:
     """Page-cache pages read back after an eviction, since boot."""
     with open("/proc/vmstat") as f:
@@ -54,33 +63,46 @@ def file_refaults() -> int:
 
 @contextmanager
 def reclaim_paused(pause: bool = True) -> Iterator[None]:
-    """DAMON's proactive pageout paused for the run (``pause``) and turned back on
-    after; either way one line says what was found, and one at the end how many
-    cached pages were read back after an eviction meanwhile. On this VM a
-    kdamond pages out what its sampling (one page per region every 0.5 s) finds
-    idle for a minute: 3.8 GB in the first 30 minutes after boot, 2.4 GB of them
-    read back, much of it the packs and volume files the benchmarks warm and
-    read. Whether a warmed file stays cached until its timed read then depends
-    on how the sampling went, which no run controls."""
-    states = _pageout_kdamonds()
-    paused = []
-    if states and pause:
-        for state in states:
+    """The VM's memory reclaim held off for the run (``pause``) and restored after:
+    DAMON's proactive pageout, and free page reporting. One line says what was
+    found; one at the end how many cached pages were read back after an eviction.
+
+    Measured on this VM (kernel 6.18, 2 cores): a kdamond pages out cache its
+    sampling finds idle for a minute (3.8 GB in the first 30 minutes after boot),
+    and every free 2 MiB block is reported to the host at once (145 GB in the
+    first hour), so the pages a page-cache read allocates must be faulted in by
+    the host again: the same `dd bs=1M` first read of a 2 GiB image.raw took
+    0.55-2.62 s (3 of 12 reads over 0.9 s, kernel time 0.9-3.0 s) with reporting
+    on and 0.57-0.63 s in 8 of 8 with it off. Direct I/O allocates no pages, so
+    reporting weighed on one side of every page cache vs direct I/O figure."""
+    paused: list[tuple[Path, str]] = []
+    if pause:
+        for state in _pageout_kdamonds():
             try:
                 state.write_text("off")
-                paused.append(state)
+                paused.append((state, "on"))
             except OSError as exc:
                 print(f"cannot pause {state.parent.name}: {exc}", flush=True)
-        print(f"DAMON pageout paused for the run ({len(paused)} kdamond)", flush=True)
-    elif states:
-        print("DAMON pageout left on: warmed bytes may be evicted before a timed read",
-              flush=True)
+        try:
+            order = REPORTING_ORDER.read_text().strip()
+            off = str(_above_max_order())
+            if order != off:
+                REPORTING_ORDER.write_text(off)
+                paused.append((REPORTING_ORDER, order))
+        except OSError:
+            pass  # no free page reporting here (or not ours to change)
+        if paused:
+            print("held off for the run: "
+                  + ", ".join("DAMON pageout" if p.name == "state" else "free page reporting"
+                              for p, _ in paused), flush=True)
+    else:
+        print("memory reclaim left as it is (--leave-reclaim)", flush=True)
     before = file_refaults()
     try:
         yield
     finally:
-        for state in paused:
-            state.write_text("on")
+        for path, value in paused:
+            path.write_text(value)
         if paused:
-            print("DAMON pageout turned back on", flush=True)
+            print("memory reclaim restored", flush=True)
         print(f"page-cache refaults during the run: {file_refaults() - before}", flush=True)

@@ -90,8 +90,8 @@ def main() -> int:
     ap.add_argument("--mount-args", default="", help="extra `snapfs mount` arguments")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     ap.add_argument("--leave-reclaim", action="store_true",
-                    help="leave DAMON's proactive pageout on (default: paused for the "
-                         "run: it evicts cached bytes the run warms and reads)")
+                    help="leave the VM's memory reclaim on (default: held off for the "
+                         "run: DAMON pageout, free page reporting; pagecache.py)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="snapfs-read-", dir=args.dir))

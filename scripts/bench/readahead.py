@@ -117,8 +117,8 @@ def main() -> int:
     ap.add_argument("--out-dir", type=Path, default=Path("/dev/shm"),
                     help="where restic's repository and qemu-img's output go")
     ap.add_argument("--leave-reclaim", action="store_true",
-                    help="leave DAMON's proactive pageout on (default: paused for the "
-                         "run: it evicts cached bytes the run warms and reads)")
+                    help="leave the VM's memory reclaim on (default: held off for the "
+                         "run: DAMON pageout, free page reporting; pagecache.py)")
     args = ap.parse_args()
     variants = [parse_variant(v) if v else {} for v in (args.variant or ["", "ra=8192"])]
     names = [",".join(f"{k}={v}" for k, v in var.items()) or "daemon" for var in variants]

@@ -210,8 +210,8 @@ def main() -> None:
     ap.add_argument("--read-runs", type=int, default=2)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--leave-reclaim", action="store_true",
-                    help="leave DAMON's proactive pageout on (default: paused for the "
-                         "run: it evicts cached bytes the run warms and reads)")
+                    help="leave the VM's memory reclaim on (default: held off for the "
+                         "run: DAMON pageout, free page reporting; pagecache.py)")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     work = Path(tempfile.mkdtemp(prefix="snapfs-real-", dir=args.dir))

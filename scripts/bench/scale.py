@@ -186,8 +186,8 @@ def main() -> int:
     ap.add_argument("--server-dir", type=Path, default=None,
                     help="where SeaweedFS keeps its data (default: the work directory)")
     ap.add_argument("--leave-reclaim", action="store_true",
-                    help="leave DAMON's proactive pageout on (default: paused for the "
-                         "run: it evicts cached bytes the run warms and reads)")
+                    help="leave the VM's memory reclaim on (default: held off for the "
+                         "run: DAMON pageout, free page reporting; pagecache.py)")
     args = ap.parse_args()
     aws = aws_cli()
     work = Path(tempfile.mkdtemp(prefix="snapfs-bench-scale-", dir=args.dir))

@@ -206,8 +206,8 @@ def main() -> int:
                     help="also the default mode with this kernel read-ahead / FUSE queue "
                          "(A/B against the daemon's setting; readahead.py)")
     ap.add_argument("--leave-reclaim", action="store_true",
-                    help="leave DAMON's proactive pageout on (default: paused for the "
-                         "run: it evicts cached bytes the run warms and reads)")
+                    help="leave the VM's memory reclaim on (default: held off for the "
+                         "run: DAMON pageout, free page reporting; pagecache.py)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="snapfs-tools-", dir=args.dir))

@@ -430,12 +430,13 @@ def kernel_tuning(m: Mount) -> tuple[int, int | None, int | None]:
             int((conn / "congestion_threshold").read_text()))
 
 
-def test_a_page_cache_mount_reads_ahead_8_mib_in_parallel_requests(
+def test_a_page_cache_mount_sets_its_read_ahead_and_request_queue(
         mount_factory: Callable[..., Mount], store_with_volume: Path,
         ext4_volume: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
-    """The default mount lets the kernel read ahead 8 MiB and keep up to 64
-    requests queued (fs/daemon.py: the default 12, congested at 9, cut read-ahead
-    short); --direct-io has no page cache and keeps the kernel's defaults."""
+    """The default mount sets the kernel's read-ahead (READAHEAD_KB) and lets it
+    keep up to 64 requests queued (fs/daemon.py: the default 12, congested at 9,
+    cut read-ahead short); --direct-io has no page cache and keeps the kernel's
+    defaults."""
     m = mount_factory(store_with_volume)
     ra, background, congestion = kernel_tuning(m)
     assert ra == READAHEAD_KB
@@ -448,7 +449,7 @@ def test_a_page_cache_mount_reads_ahead_8_mib_in_parallel_requests(
     m = mount_factory(store_with_volume)  # nothing of the image cached yet
     copy = tmp_path / "copy.raw"
     run("dd", f"if={m.snapshots() / 's1' / 'image.raw'}", f"of={copy}", "bs=4k",
-        "status=none")  # a small reader through the deep read-ahead
+        "status=none")  # a small reader through the read-ahead
     assert copy.read_bytes() == ext4_volume[0].read_bytes()
     m.stop()
     m = mount_factory(store_with_volume, "--direct-io")

@@ -40,17 +40,17 @@ GRACE_SECONDS = 5.0
 READY_TIMEOUT = 120.0
 #: Kernel read-ahead on the mount (page-cache mode), and the FUSE connection's
 #: queue of background requests (read-ahead is one): the kernel's defaults (12,
-#: congested at 9) cut a read-ahead deeper than 9 requests short, so with 1 MiB
-#: of read-ahead a sequential reader had one 1 MiB request at the daemon at a
-#: time, and on a busy machine (load 3.6-8.9) the daemon slept 8-17% of a first
-#: read waiting for the next one (8 MiB with the default queue: 10-12%). 8 MiB in
-#: 8 requests with the queue at 64/48, paired A/B runs (scripts/bench/readahead.py;
-#: README, Performance): asleep 0-4%, as with 16 MiB, which wastes more for a
-#: reader that stops early; dd first reads 0.74 -> 0.92 GB/s at load 3.6-6.4,
-#: within noise (+9%) on a quiet machine, where the daemon is CPU-bound anyway.
+#: congested at 9) cut a deep read-ahead short and left a sequential reader with
+#: one request at the daemon at a time. The queue stays at 64/48. Read-ahead was
+#: 8 MiB from the eighth session (measured under load, with the VM returning
+#: page-cache memory to its host: README, Performance); re-measured in paired
+#: rounds with that reclaim held off (tools.py --kernel, twelfth session), 1 MiB
+#: matched or beat 8 MiB for every reader but one: a loop device over image.raw
+#: (scattered reads, each pulling 8 MiB) 0.87 against 0.68 of the ceiling,
+#: qemu-img 1.00 against 0.87, restic 1.00 / 0.95, `dd bs=1M` 0.94 / 1.01.
 #: Page cache is the kernel's: the daemon's memory does not grow (its reader
 #: caches 12 chunks; requests beyond wait for their chunk).
-READAHEAD_KB = 8192
+READAHEAD_KB = 1024
 MAX_BACKGROUND = 64
 CONGESTION_THRESHOLD = 48
 FUSECTL = "/sys/fs/fuse/connections"

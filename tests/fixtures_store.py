@@ -246,6 +246,19 @@ def snapfs_cli(*args: str, store: Path | None = None, check: bool = False,
                           timeout=120)
 
 
+@contextmanager
+def lssd_volume(store: Path) -> Iterator[tuple[str, str]]:
+    """A 1 MiB local SSD volume (the Instance API's, not Block's) made with the CLI
+    in ``store``, a served one too: (name, id); removed afterwards."""
+    name = f"lssd-{os.urandom(3).hex()}"
+    res = snapfs_cli("volume", "create", name, "--size", "1M", "--type", "l_ssd", store=store)
+    assert res.returncode == 0, res.stderr
+    try:
+        yield name, res.stdout.strip()
+    finally:
+        snapfs_cli("volume", "rm", name, store=store)
+
+
 def write_elsewhere(path: Path, offset: int, data: bytes) -> None:
     """Overwrite in place from another process (dd): this one may hold a read lease
     on the file, whose break its main thread must answer (leases.py)."""

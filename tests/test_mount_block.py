@@ -21,7 +21,7 @@ from scaleway_core.api import ScalewayException
 from fixtures_http import Served
 from fixtures_mount import Mount, run
 from fixtures_s3 import ADMIN, qemu_img_judges
-from fixtures_store import snapfs_cli
+from fixtures_store import lssd_volume
 from test_scaleway_mount import scw_env
 
 pytestmark = [pytest.mark.mount, pytest.mark.s3]
@@ -49,13 +49,9 @@ def missing_in(call: Callable[[], Any]) -> bool:
 
 @pytest.fixture
 def lssd(served_s3: Served) -> Iterator[tuple[str, str]]:
-    """A local SSD volume (the Instance API's) with data in it: (name, id)."""
-    name = f"lssd-{uuid.uuid4().hex[:6]}"
-    res = snapfs_cli("volume", "create", name, "--size", "1M", "--type", "l_ssd",
-                     store=served_s3.store)
-    assert res.returncode == 0, res.stderr
-    yield name, res.stdout.strip()
-    snapfs_cli("volume", "rm", name, store=served_s3.store)
+    """A local SSD volume (the Instance API's): (name, id)."""
+    with lssd_volume(served_s3.store) as made:
+        yield made
 
 
 def test_both_apis_in_one_tree(mount_factory: Callable[..., Mount], served_s3: Served,

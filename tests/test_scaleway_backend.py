@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from fixtures_http import ACCESS_KEY, SECRET, Served
-from fixtures_store import snapfs_cli
+from fixtures_store import lssd_volume
 from snapfs.errors import (InvalidArgument, NotFound, PermissionDenied, SnapfsError,
                            Transient, errno_for)
 from snapfs.local import open_local_service
@@ -199,12 +199,7 @@ async def test_bookkeeping_stays_bounded(scw_env: Served,
     forgotten at once. (A mount that runs for months lists and deletes without bound.)"""
     served = scw_env
     monkeypatch.setattr(scw_service, "OWNER_MAX", 3)
-    name = f"lssd-{uuid.uuid4().hex[:6]}"
-    res = snapfs_cli("volume", "create", name, "--size", "1M", "--type", "l_ssd",
-                     store=served.store)
-    assert res.returncode == 0, res.stderr
-    lssd = res.stdout.strip()
-    try:
+    with lssd_volume(served.store) as (_, lssd):
         async with open_scaleway_service(["fr-par-1"]) as svc:
             made = {}
             for i, (vol, api) in enumerate([(served.volumes["vol-a"]["id"], "block")] * 3
@@ -228,8 +223,6 @@ async def test_bookkeeping_stays_bounded(scw_env: Served,
             for sid in made:
                 err = await _refusal(lambda: svc.get_snapshot("fr-par-1", sid))
                 assert isinstance(err, NotFound)
-    finally:
-        snapfs_cli("volume", "rm", name, store=served.store)
 
 
 async def test_wrong_credentials(scw_env: Served, monkeypatch: pytest.MonkeyPatch) -> None:

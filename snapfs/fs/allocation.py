@@ -11,10 +11,10 @@ are kept for the mount's life (documents: a few, most recently used).
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from ..errors import InvalidArgument, NoMoreData
+from ..lru import LRUDict
 from ..model import Snapshot
 
 if TYPE_CHECKING:
@@ -27,19 +27,13 @@ DOCUMENTS = 8
 class AllocationCache:
     def __init__(self) -> None:
         self.stored: dict[str, int] = {}
-        self._docs: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self._docs: LRUDict[tuple[str, str], bytes] = LRUDict(DOCUMENTS)
 
     def document(self, snapshot_id: str, which: str) -> bytes | None:
-        doc = self._docs.get((snapshot_id, which))
-        if doc is not None:
-            self._docs.move_to_end((snapshot_id, which))
-        return doc
+        return self._docs.get((snapshot_id, which))
 
     def keep(self, snapshot_id: str, which: str, doc: bytes) -> None:
         self._docs[(snapshot_id, which)] = doc
-        self._docs.move_to_end((snapshot_id, which))
-        while len(self._docs) > DOCUMENTS:
-            self._docs.popitem(last=False)
 
     def forget(self, snapshot_id: str) -> None:
         self.stored.pop(snapshot_id, None)

@@ -53,7 +53,7 @@ from fixtures_s3 import ADMIN, SeaweedServer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # evict: image.raw's pages, so the next read reaches the daemon
-from pagecache import evict, reclaim_paused  # noqa: E402
+from pagecache import evict, add_reclaim_option, reclaim_paused  # noqa: E402
 from readahead import parse_variant, tune  # noqa: E402
 
 MiB = 1 << 20
@@ -248,9 +248,7 @@ def main() -> None:
     p.add_argument("--kernel", action="append", default=[], metavar="ra=KB,bg=N,cong=N",
                    help="paired A/B: each round reads once per setting of the mount's "
                         "kernel read-ahead / FUSE queue (readahead.py); '' = the daemon's")
-    p.add_argument("--leave-reclaim", action="store_true",
-                   help="leave the VM's memory reclaim on (default: held off for the "
-                        "run: DAMON pageout, free page reporting; pagecache.py)")
+    add_reclaim_option(p)
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="snapfs-cloud-bench-", dir=args.dir or "/var/tmp"))
     s3 = BenchSeaweed(work / "s3")

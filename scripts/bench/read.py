@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pagecache import reclaim_paused  # noqa: E402
+from pagecache import add_reclaim_option, reclaim_paused  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 #: ../shared/bench beside the checkout (a worktree's is further up).
@@ -89,9 +89,7 @@ def main() -> int:
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir)")
     ap.add_argument("--mount-args", default="", help="extra `snapfs mount` arguments")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
-    ap.add_argument("--leave-reclaim", action="store_true",
-                    help="leave the VM's memory reclaim on (default: held off for the "
-                         "run: DAMON pageout, free page reporting; pagecache.py)")
+    add_reclaim_option(ap)
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="snapfs-read-", dir=args.dir))

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pagecache import evict, reclaim_paused  # noqa: E402
+from pagecache import evict, add_reclaim_option, reclaim_paused  # noqa: E402
 from read import make_volume, mounted, peak_rss_mb, snapfs, timed  # noqa: E402
 
 MiB = 1 << 20
@@ -116,9 +116,7 @@ def main() -> int:
                     help="the store's packs out of the page cache before each read")
     ap.add_argument("--out-dir", type=Path, default=Path("/dev/shm"),
                     help="where restic's repository and qemu-img's output go")
-    ap.add_argument("--leave-reclaim", action="store_true",
-                    help="leave the VM's memory reclaim on (default: held off for the "
-                         "run: DAMON pageout, free page reporting; pagecache.py)")
+    add_reclaim_option(ap)
     args = ap.parse_args()
     variants = [parse_variant(v) if v else {} for v in (args.variant or ["", "ra=8192"])]
     names = [",".join(f"{k}={v}" for k, v in var.items()) or "daemon" for var in variants]

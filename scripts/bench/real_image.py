@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pagecache import reclaim_paused  # noqa: E402
+from pagecache import add_reclaim_option, reclaim_paused  # noqa: E402
 import snapshot as snapbench  # noqa: E402  (Snapfs: a capture process of its own)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -209,9 +209,7 @@ def main() -> None:
                          "one read and exported; 0: off)")
     ap.add_argument("--read-runs", type=int, default=2)
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--leave-reclaim", action="store_true",
-                    help="leave the VM's memory reclaim on (default: held off for the "
-                         "run: DAMON pageout, free page reporting; pagecache.py)")
+    add_reclaim_option(ap)
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     work = Path(tempfile.mkdtemp(prefix="snapfs-real-", dir=args.dir))

@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from fixtures_s3 import ADMIN, SeaweedServer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pagecache import evict, reclaim_paused  # noqa: E402
+from pagecache import evict, add_reclaim_option, reclaim_paused  # noqa: E402
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 RUN = 16 * MiB
@@ -185,9 +185,7 @@ def main() -> int:
                     help="rounds per case; each step's median is compared")
     ap.add_argument("--server-dir", type=Path, default=None,
                     help="where SeaweedFS keeps its data (default: the work directory)")
-    ap.add_argument("--leave-reclaim", action="store_true",
-                    help="leave the VM's memory reclaim on (default: held off for the "
-                         "run: DAMON pageout, free page reporting; pagecache.py)")
+    add_reclaim_option(ap)
     args = ap.parse_args()
     aws = aws_cli()
     work = Path(tempfile.mkdtemp(prefix="snapfs-bench-scale-", dir=args.dir))

@@ -40,7 +40,7 @@ CEILING = next((p / "shared" / "bench" / "passthrough_ceiling.py" for p in ROOT.
 MiB = 1 << 20
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pagecache import reclaim_paused  # noqa: E402
+from pagecache import add_reclaim_option, reclaim_paused  # noqa: E402
 from readahead import parse_variant, tune  # noqa: E402
 
 
@@ -205,9 +205,7 @@ def main() -> int:
     ap.add_argument("--kernel", action="append", default=[], metavar="ra=KB,bg=N,cong=N",
                     help="also the default mode with this kernel read-ahead / FUSE queue "
                          "(A/B against the daemon's setting; readahead.py)")
-    ap.add_argument("--leave-reclaim", action="store_true",
-                    help="leave the VM's memory reclaim on (default: held off for the "
-                         "run: DAMON pageout, free page reporting; pagecache.py)")
+    add_reclaim_option(ap)
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="snapfs-tools-", dir=args.dir))

@@ -26,3 +26,44 @@ def test_inode_numbers_persist_and_survive_a_read_only_map(tmp_path: Path) -> No
     assert fresh > max(numbers) and again.inode(Key(Kind.ZONE, "other")) == fresh
     assert again.inode(snap) == numbers[0]
     again.close()
+
+
+def test_memory_holds_what_the_kernel_holds(tmp_path: Path) -> None:
+    """An entry the kernel was given stays in memory until it forgets every one
+    of them; then only the map has it, and the number comes back unchanged."""
+    t = InodeTable.in_store(tmp_path)
+    snap = Key(Kind.SNAPSHOT, "z", "p", View(Kind.SNAPSHOTS), "s")
+    img = Key(Kind.FILE, "z", "p", View(Kind.TAG, "t"), "s", "image.raw")
+    ino = t.looked_up(snap)
+    assert t.looked_up(snap) == ino and t.known(snap) == ino
+    t.forget(ino, 1)
+    assert t.known(snap) == ino  # one of its two entries is still held
+    t.forget(ino, 1)
+    assert t.known(snap) is None and t.snapshot_keys("s") == []
+    assert t.key(ino) == snap  # a stale inode still resolves, from the map
+    assert t.inode(snap) == ino and t.known(snap) is None  # a number alone is not held
+    img_ino = t.looked_up(img)
+    assert t.known(canonical(img)) == img_ino and len(t) == 2  # the root and image.raw
+    t.forget(img_ino, 5)  # more than given (a count kept by another table): gone
+    assert len(t) == 1 and t.looked_up(img) == img_ino
+    t.close()
+
+
+def test_numbers_only_memory_has_are_never_forgotten(tmp_path: Path) -> None:
+    """Without a map (or once it stops taking rows) a number lives in memory only:
+    forgetting it would give the node another number on its next lookup."""
+    t = InodeTable()
+    a = Key(Kind.ZONE, "a")
+    ino = t.looked_up(a)
+    t.forget(ino, 1)
+    assert t.key(ino) == a and t.known(a) == ino and t.inode(a) == ino
+    stored = InodeTable.in_store(tmp_path)
+    kept = stored.looked_up(Key(Kind.ZONE, "kept"))
+    stored._map.conn.execute("PRAGMA query_only = ON")  # type: ignore[union-attr]
+    fresh = stored.looked_up(a)
+    assert fresh > kept
+    stored.forget(fresh, 1)
+    stored.forget(kept, 1)
+    assert stored.known(a) == fresh and stored.known(Key(Kind.ZONE, "kept")) is None
+    assert stored.looked_up(Key(Kind.ZONE, "kept")) == kept  # still read from the map
+    stored.close()

@@ -252,3 +252,23 @@ async def test_control_file_writes_beyond_64k_are_efbig_and_allocate_nothing(
     assert await fuse_errno(fs.flush(info.fh)) == errno.EINVAL  # 64 KiB of NULs: not JSON
     await fs.release(info.fh)
     assert await fs.getxattr(snap, b"user.name", CTX) == before
+
+
+async def test_forget_frees_what_the_kernel_dropped(fs: SnapfsOperations, tmp_path: Any) -> None:
+    """FORGET takes a node out of memory (statfs's f_files counts the ones held);
+    its number stays in the map: a stale inode still answers, a new lookup gets
+    the same number."""
+    from snapfs.fs.inodes import InodeTable
+    fs.ctx.inodes = InodeTable.in_store(tmp_path)
+    snap = await make_snapshot(fs, "s")
+    img = await child(fs, snap, "image.raw")
+    assert await child(fs, snap, "image.raw") == img  # given twice
+    held = (await fs.statfs(CTX)).f_files
+    await fs.forget([(img, 1)])
+    assert (await fs.statfs(CTX)).f_files == held
+    await fs.forget([(img, 1)])
+    assert (await fs.statfs(CTX)).f_files == held - 1
+    assert (await fs.getattr(img, CTX)).st_ino == img
+    assert await child(fs, snap, "image.raw") == img
+    assert (await fs.statfs(CTX)).f_files == held
+    fs.ctx.inodes.close()

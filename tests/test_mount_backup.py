@@ -89,6 +89,26 @@ def test_inodes_and_times_survive_a_remount(mount_factory: Callable[..., Mount],
     assert os.stat(m.path).st_mtime > 1e9
 
 
+def test_the_daemon_forgets_what_the_kernel_forgets(mount_factory: Callable[..., Mount],
+                                                   raw_store: tuple[Path, Path]) -> None:
+    """Nodes the kernel evicts (FORGET) leave the daemon's memory -- statfs's
+    f_files counts what it holds -- and come back with the same numbers."""
+    m = mount_factory(raw_store[0])
+    s = snap(m, "s1")
+    run("setfattr", "-n", "user.tags", "-v", "daily", s)
+    time.sleep(1.1)
+    before = [os.stat(p).st_ino for p in every_kind(m)]
+    held = os.statvfs(m.path).f_files
+    assert held >= len(set(before))
+    deadline = time.monotonic() + 20
+    while os.statvfs(m.path).f_files > 3:  # the root, maybe the zone and project
+        assert time.monotonic() < deadline, f"still {os.statvfs(m.path).f_files} nodes"
+        Path("/proc/sys/vm/drop_caches").write_text("2\n")  # evict unused inodes
+        time.sleep(0.2)
+    assert [os.stat(p).st_ino for p in every_kind(m)] == before
+    assert os.statvfs(m.path).f_files >= len(set(before))
+
+
 def test_image_mtime_never_moves_but_ctime_may(mounted: Mount) -> None:
     s = snap(mounted, "s1")
     img = s / "image.raw"

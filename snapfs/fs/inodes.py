@@ -15,9 +15,14 @@ and ``tags/<t>/``, so ``du`` and backup tools count it once (st_nlink says how
 many places list it). Snapshot directories keep one number per view, since
 their ``..`` differs.
 
-The map grows with the nodes ever shown (a few hundred bytes per key); the
-in-memory table in front of it saves a query per request. Without a writable
-store directory (a read-only one) numbers fall back to this mount's life only.
+The map grows with the nodes ever shown (a few hundred bytes per key). The
+in-memory table in front of it saves a query per request and holds only what
+the kernel holds: each entry the kernel is given (lookup, mkdir, create, a
+readdirplus entry) counts one, FORGET takes its count away, and at zero the
+entry leaves memory -- the map still has its number. So the daemon's memory
+follows the kernel's inode cache, not every node ever shown. Without a
+writable store directory (a read-only one) new numbers fall back to this
+mount's life only, and those stay in memory for good (nowhere else has them).
 """
 
 from __future__ import annotations
@@ -83,6 +88,11 @@ class InodeMap:
                                     (text,)).fetchone()
         return int(row[0])
 
+    def find(self, key: Key) -> int | None:
+        row = self.conn.execute("SELECT ino FROM inodes WHERE key = ?",
+                                (encode(key),)).fetchone()
+        return None if row is None else int(row[0])
+
     def highest(self) -> int:
         row = self.conn.execute("SELECT max(ino) FROM inodes").fetchone()
         return int(row[0] or pyfuse3.ROOT_INODE)
@@ -99,8 +109,13 @@ class InodeTable:
     def __init__(self, persisted: InodeMap | None = None) -> None:
         self._by_key: dict[Key, int] = {ROOT: pyfuse3.ROOT_INODE}
         self._by_inode: dict[int, Key] = {pyfuse3.ROOT_INODE: ROOT}
+        #: inode -> entries the kernel was given and has not forgotten
+        self._lookups: dict[int, int] = {}
+        #: numbers only this table has (no map, or it stopped taking rows): kept
+        self._unstored: set[int] = {pyfuse3.ROOT_INODE}
         self._next = pyfuse3.ROOT_INODE + 1
         self._map = persisted
+        self._writable = persisted is not None
 
     @classmethod
     def in_store(cls, store: Path) -> "InodeTable":
@@ -114,57 +129,102 @@ class InodeTable:
             return cls()
 
     def inode(self, key: Key) -> int:
+        """``key``'s number (given now if it has none). Only a key numbered in
+        memory alone is remembered here: a stored one enters the table when the
+        kernel is given it (``looked_up``)."""
         key = canonical(key)
         ino = self._by_key.get(key)
         if ino is None:
-            if self._map is not None:
-                try:
-                    ino = self._map.number(key)
-                except sqlite3.Error as exc:  # a read-only store, a full disk
-                    self._detach(exc)
+            ino = self._stored(key)
             if ino is None:
                 ino, self._next = self._next, self._next + 1
-            self._by_key[key] = ino
-            self._by_inode[ino] = key
+                self._unstored.add(ino)
+                self._remember(key, ino)
         return ino
+
+    def looked_up(self, key: Key) -> int:
+        """``key``'s number, for an entry the kernel is given: counted until the
+        kernel forgets it."""
+        ino = self.inode(key)
+        self.hold(key, ino)
+        return ino
+
+    def hold(self, key: Key, ino: int) -> None:
+        """The kernel was given an entry for ``key`` numbered ``ino`` (by inode())."""
+        self._lookups[ino] = self._lookups.get(ino, 0) + 1
+        self._remember(canonical(key), ino)
+
+    def forget(self, inode: int, count: int) -> None:
+        """The kernel dropped ``count`` of the entries it was given for ``inode``."""
+        left = self._lookups.get(inode, 0) - count
+        if left > 0:
+            self._lookups[inode] = left
+            return
+        self._lookups.pop(inode, None)
+        if inode not in self._unstored:
+            key = self._by_inode.pop(inode, None)
+            if key is not None and self._by_key.get(key) == inode:
+                del self._by_key[key]
+
+    def _remember(self, key: Key, ino: int) -> None:
+        self._by_key[key] = ino
+        self._by_inode[ino] = key
+
+    def _stored(self, key: Key) -> int | None:
+        """The map's number for ``key`` (added if new); None without a map, or
+        when it cannot take a new row."""
+        if self._map is None:
+            return None
+        try:
+            if self._writable:
+                return self._map.number(key)
+            return self._map.find(key)
+        except sqlite3.Error as exc:  # a read-only store, a full disk
+            self._detach(exc)
+            return None
 
     def _detach(self, exc: Exception) -> None:
         """Number the rest of this mount in memory, above every stored number (so
-        none is given twice), when the map file stops taking new numbers."""
+        none is given twice), when the map file stops taking new numbers; it is
+        still read for the numbers it has."""
         assert self._map is not None
-        log.warning("inode numbers given from now on last only for this mount: %s", exc)
+        if self._writable:
+            log.warning("inode numbers given from now on last only for this mount: %s", exc)
         try:
             highest = self._map.highest()
         except sqlite3.Error:
             highest = 1 << 40  # far above any map this store could have filled
-        self._next = max(highest, *self._by_inode) + 1
-        self._map.close()
-        self._map = None
+        self._next = max(self._next, highest + 1, max(self._by_inode) + 1)
+        if not self._writable:  # it cannot even be read: numbers from memory only
+            self._map.close()
+            self._map = None
+            self._unstored.update(self._by_inode)
+        self._writable = False
 
     def key(self, inode: int) -> Key:
         key = self._by_inode.get(inode)
         if key is None and self._map is not None:
-            # Shown by an earlier mount (the kernel may still hold it, e.g. NFS).
+            # Forgotten by the kernel, or shown by an earlier mount (the kernel
+            # may still hold it, e.g. NFS): read, not remembered (uncounted).
             try:
                 key = self._map.key(inode)
             except sqlite3.Error:
                 key = None
-            if key is not None:
-                self._by_key[key] = inode
-                self._by_inode[inode] = key
         if key is None:
             raise NotFound("inode", str(inode))
         return key
 
     def known(self, key: Key) -> int | None:
-        """The inode of ``key`` if the kernel was ever shown it."""
+        """The inode of ``key`` if the kernel holds it (or may: numbered in
+        memory only)."""
         return self._by_key.get(canonical(key))
 
     def __len__(self) -> int:
+        """Nodes in memory: about the ones the kernel holds."""
         return len(self._by_key)
 
     def snapshot_keys(self, snapshot_id: str) -> list[Key]:
-        """The directories of snapshot ``snapshot_id`` the kernel was shown, in every
+        """The directories of snapshot ``snapshot_id`` the kernel holds, in every
         view (to invalidate the names it may have cached for them)."""
         return [k for k in self._by_key
                 if k.kind is Kind.SNAPSHOT and k.snapshot == snapshot_id]

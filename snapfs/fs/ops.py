@@ -108,9 +108,12 @@ class SnapfsOperations(pyfuse3.Operations):
     def node(self, inode: int) -> Node:
         return node_for(self.ctx, self.ctx.inodes.key(inode))
 
-    def attrs(self, key: Key, st: Stat) -> pyfuse3.EntryAttributes:
+    def attrs(self, key: Key, st: Stat, entry: bool = False) -> pyfuse3.EntryAttributes:
+        """``entry``: the reply gives the kernel an entry, which it holds until
+        it sends FORGET (lookup, mkdir, create)."""
         a = pyfuse3.EntryAttributes()
-        a.st_ino = self.ctx.inodes.inode(key)
+        inodes = self.ctx.inodes
+        a.st_ino = inodes.looked_up(key) if entry else inodes.inode(key)
         a.generation = 0
         a.st_mode = st.mode
         a.st_nlink = st.nlink if st.nlink is not None else (2 if st.is_dir else 1)
@@ -161,9 +164,9 @@ class SnapfsOperations(pyfuse3.Operations):
         n = self.name(name, absent=True)
         if n in (".", ".."):
             key = parent if n == "." else parent.parent()
-            return self.attrs(key, await node_for(self.ctx, key).stat())
+            return self.attrs(key, await node_for(self.ctx, key).stat(), entry=True)
         _, key, st = await node_for(self.ctx, parent).lookup(n)
-        return self.attrs(key, st)
+        return self.attrs(key, st, entry=True)
 
     @refusals
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
@@ -187,7 +190,9 @@ class SnapfsOperations(pyfuse3.Operations):
         return self.attrs(key, await node.stat())
 
     async def forget(self, inode_list: Any) -> None:
-        pass  # inode numbers stay assigned for the life of the mount (see inodes.py)
+        # The numbers stay in the store's map (inodes.py); only memory is freed.
+        for inode, count in inode_list:
+            self.ctx.inodes.forget(inode, count)
 
     @refusals
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
@@ -217,8 +222,11 @@ class SnapfsOperations(pyfuse3.Operations):
         entries = self._dirs.get(fh, [])
         for i in range(start_id, len(entries)):
             name, key, st = entries[i]
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self.attrs(key, st), i + 1):
+            a = self.attrs(key, st)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), a, i + 1):
                 break
+            if name not in (".", ".."):  # readdirplus: the kernel holds the entry
+                self.ctx.inodes.hold(key, a.st_ino)
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
@@ -227,7 +235,7 @@ class SnapfsOperations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any
                     ) -> pyfuse3.EntryAttributes:
         _, key, st = await self.node(parent_inode).mkdir(self.name(name))
-        return self.attrs(key, st)
+        return self.attrs(key, st, entry=True)
 
     @refusals
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
@@ -279,7 +287,7 @@ class SnapfsOperations(pyfuse3.Operations):
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         _, key, st = await self.node(parent_inode).create(self.name(name))
         handle = await node_for(self.ctx, key).open(flags | os.O_WRONLY, ctx.pid)
-        return self._open_handle(handle), self.attrs(key, st)
+        return self._open_handle(handle), self.attrs(key, st, entry=True)
 
     @refusals
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:

@@ -362,6 +362,47 @@ def test_a_store_someone_else_owns_or_may_write_is_refused(shared_tmp: Path) -> 
         {k: v for k, v in before.items() if k != "."}
 
 
+def test_a_store_someone_else_could_swap_is_refused(shared_tmp: Path) -> None:
+    """Whoever may write a directory above the store could swap the store for a
+    directory of their choosing between snapfs's checks and its opens (by path):
+    refused, by every command, along the path as given (a symlink in their
+    directory) and as resolved; a sticky directory (/tmp) is fine."""
+    theirs = shared_tmp / "theirs"
+    theirs.mkdir()
+    store = theirs / "store"
+    make_store(store, shared_tmp)
+    before = tree(store)
+    os.chown(theirs, 65534, 65534)  # nobody's
+    mnt = shared_tmp / "mnt"
+    mnt.mkdir()
+    for cmd in (["volume", "list"], ["project", "create", "p"], ["fsck"]):
+        one_line_refusal(snapfs_cli(*cmd, store=store),
+                         f"{theirs} above it belongs to uid 65534")
+    one_line_refusal(snapfs_cli("mount", str(mnt), store=store), "belongs to uid 65534")
+    assert not is_mounted(mnt)
+    one_line_refusal(snapfs_cli("project", "create", "p", store=theirs / "new" / "store"),
+                     "belongs to uid 65534")
+    assert not (theirs / "new").exists()  # nothing made under their directory
+    # A link in their directory to a store whose own parents are trusted.
+    mine = shared_tmp / "mine"
+    mine.mkdir()
+    os.chown(theirs, 0, 0)
+    store.rename(mine / "store")
+    (theirs / "link").symlink_to(mine)
+    os.chown(theirs, 65534, 65534)
+    one_line_refusal(snapfs_cli("volume", "list", store=theirs / "link" / "store"),
+                     "belongs to uid 65534")
+    # Root's again, but writable by others: refused; sticky as /tmp: used.
+    os.chown(theirs, 0, 0)
+    theirs.chmod(0o777)
+    one_line_refusal(snapfs_cli("volume", "list", store=theirs / "link" / "store"),
+                     "writable by group or others", f"chmod go-w {theirs}")
+    theirs.chmod(0o1777)
+    res = snapfs_cli("volume", "list", store=theirs / "link" / "store")
+    assert res.returncode == 0 and "v" in res.stdout.split(), res.stderr
+    assert tree(mine / "store") == before
+
+
 def test_a_symlinked_mount_log_is_never_followed(shared_tmp: Path) -> None:
     store = shared_tmp / "store"
     make_store(store, shared_tmp)

@@ -60,7 +60,9 @@ class StoreFacts:
 
 def trusted_dir(path: Path, create: bool) -> None:
     """Check that ``path`` is a directory of ours that no one else may write,
-    making it (mode 0700) when missing and ``create``."""
+    and no one else may replace (trusted_parents), making it (mode 0700) when
+    missing and ``create``."""
+    trusted_parents(path)
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -82,6 +84,34 @@ def trusted_dir(path: Path, create: bool) -> None:
     if st.st_mode & 0o022:
         raise StoreUnusable(f"store {path} is writable by group or others (mode "
                             f"{stat.S_IMODE(st.st_mode):04o}): run 'chmod go-w {path}'")
+
+
+def trusted_parents(path: Path) -> None:
+    """Check that every existing directory above ``path``, along the path as given
+    and as resolved, is root's or ours and writable by no one else (sticky, as
+    /tmp, is fine: others cannot rename our entries there). Whoever may write one
+    could swap the store for a directory of their choosing between the checks and
+    the opens, which go by path: OpenSSH's StrictModes rule for ~/.ssh."""
+    me = os.geteuid()
+    given = Path(os.path.abspath(path))
+    seen: set[Path] = set()
+    for d in [*given.parents, *Path(os.path.realpath(given)).parents]:
+        if d in seen:
+            continue
+        seen.add(d)
+        try:
+            st = os.stat(d)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # made by a writing open, under one checked here
+        if st.st_uid not in (0, me):
+            raise StoreUnusable(f"store {path}: {d} above it belongs to uid {st.st_uid}, who "
+                                "could swap the store for another directory: keep the store "
+                                "where every directory above it is root's or this user's")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise StoreUnusable(f"store {path}: {d} above it is writable by group or others "
+                                f"(mode {stat.S_IMODE(st.st_mode):04o}), who could swap the "
+                                f"store for another directory: run 'chmod go-w {d}' or keep "
+                                "the store elsewhere")
 
 
 def open_store(path: Path, writing: bool) -> StoreFacts:

@@ -240,3 +240,25 @@ def test_a_mount_listens_beyond_loopback_only_with_a_secret_or_no_auth(
     status, body = Api(f"http://127.0.0.1:{port.group(1)}").call("GET", "/snapshots")
     assert status == 200 and body["snapshots"] == []
     assert "without authentication (--no-auth)" in m.log()
+
+
+async def test_a_refused_mount_closes_its_listener(tmp_path: Path) -> None:
+    """The port `--listen` bound is let go when the mount is then refused (here its
+    store: someone else's), not held until the process exits."""
+    import socket
+
+    from snapfs.errors import StoreUnusable
+    from snapfs.fs.daemon import MountConfig, serve
+    store = tmp_path / "store"
+    store.mkdir(mode=0o700)
+    os.chown(store, 65534, 65534)
+    (tmp_path / "mnt").mkdir()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(StoreUnusable) as refused:
+        await serve(MountConfig(tmp_path / "mnt", store, listen=f"127.0.0.1:{port}"))
+    assert "belongs to uid 65534" in str(refused.value)  # (its frame still referenced)
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))  # EADDRINUSE while the listener is open
+    assert not is_mounted(tmp_path / "mnt")

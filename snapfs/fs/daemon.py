@@ -119,11 +119,22 @@ async def serve(cfg: MountConfig, ready: Callable[[], None] | None = None) -> No
         api = await trio.to_thread.run_sync(listener, cfg.listen,
                                             os.environ.get("SCW_SECRET_KEY") or None,
                                             cfg.no_auth)
-    async with open_backend(cfg.backend_settings()) as svc:
-        ctx = FsContext.create(svc, ttl=cfg.ttl)
-        from ..local.store import private_database
-        private_database(cfg.store / MAP_NAME)  # never through a planted symlink
-        ctx.inodes = InodeTable.in_store(cfg.store)  # the same numbers across remounts
+    try:
+        async with open_backend(cfg.backend_settings()) as svc:
+            await _mount(cfg, svc, api, ready)
+    finally:
+        if api is not None:  # also when the backend or the mount was refused
+            api.close()
+
+
+async def _mount(cfg: MountConfig, svc: SnapshotService, api: socket.socket | None,
+                 ready: Callable[[], None] | None) -> None:
+    mnt = str(cfg.mountpoint)
+    ctx = FsContext.create(svc, ttl=cfg.ttl)
+    from ..local.store import private_database
+    private_database(cfg.store / MAP_NAME)  # never through a planted symlink
+    ctx.inodes = InodeTable.in_store(cfg.store)  # the same numbers across remounts
+    try:
         ctx.direct_io = cfg.direct_io
         ctx.image_mode, ctx.image_owner = cfg.image_mode, cfg.image_owner
         ops = SnapfsOperations(ctx)
@@ -145,8 +156,9 @@ async def serve(cfg: MountConfig, ready: Callable[[], None] | None = None) -> No
                 nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)
-            ctx.inodes.close()
             log.info("unmounted %s", mnt)
+    finally:
+        ctx.inodes.close()
 
 
 async def _serve_api(nursery: trio.Nursery, svc: SnapshotService, sock: socket.socket

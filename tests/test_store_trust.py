@@ -400,6 +400,14 @@ def test_a_store_someone_else_could_swap_is_refused(shared_tmp: Path) -> None:
     theirs.chmod(0o1777)
     res = snapfs_cli("volume", "list", store=theirs / "link" / "store")
     assert res.returncode == 0 and "v" in res.stdout.split(), res.stderr
+    # ...but a link there that is theirs, they may point anywhere (the sticky bit
+    # guards only our own entries), the store's own path as well as a parent.
+    os.lchown(theirs / "link", 65534, 65534)
+    (theirs / "store-link").symlink_to(mine / "store")
+    os.lchown(theirs / "store-link", 65534, 65534)
+    for given in (theirs / "link" / "store", theirs / "store-link"):
+        one_line_refusal(snapfs_cli("volume", "list", store=given),
+                         "symbolic link of uid 65534")
     assert tree(mine / "store") == before
 
 

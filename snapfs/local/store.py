@@ -89,11 +89,23 @@ def trusted_dir(path: Path, create: bool) -> None:
 def trusted_parents(path: Path) -> None:
     """Check that every existing directory above ``path``, along the path as given
     and as resolved, is root's or ours and writable by no one else (sticky, as
-    /tmp, is fine: others cannot rename our entries there). Whoever may write one
+    /tmp, is fine: others cannot rename our entries there), and that no symlink
+    on the path as given (``path`` itself included) is someone else's. Whoever may write one
     could swap the store for a directory of their choosing between the checks and
     the opens, which go by path: OpenSSH's StrictModes rule for ~/.ssh."""
     me = os.geteuid()
     given = Path(os.path.abspath(path))
+    for link in [given, *given.parents]:
+        # A link's owner may point it elsewhere at any time -- even in a sticky
+        # directory, where the link is theirs.
+        try:
+            st = os.lstat(link)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if stat.S_ISLNK(st.st_mode) and st.st_uid not in (0, me):
+            raise StoreUnusable(f"store {path}: {link} is a symbolic link of uid {st.st_uid}, "
+                                "who could point it at another directory: give the store's "
+                                "real path")
     seen: set[Path] = set()
     for d in [*given.parents, *Path(os.path.realpath(given)).parents]:
         if d in seen:

@@ -67,9 +67,10 @@ def back_free_memory() -> tuple[int, float]:
     Pausing reporting does not bring back what was reported before it: the first
     round of a run still paid for every page it allocated. cloud_read.py's first
     round took 4.4-5.5 s (daemon 4.0-5.2 CPU-s, most of it kernel time in the
-    FUSE reply filling fresh page-cache pages) against 1.6-2.0 s for the next
-    rounds; with 8 GiB backed first, 1.75 s and 1.77 s (daemon 1.16 and 1.11
-    CPU-s). Touching 8 GiB took 26 s the first time and 6.5 s the next."""
+    FUSE reply filling fresh page-cache pages) against 1.6-2.2 s for the next
+    rounds; with 8 GiB backed first by hand, 1.75 s and 1.77 s (daemon 1.16 and
+    1.11 CPU-s). Touching 8 GiB took 26 s the first time and 6.5 s the next (by
+    hand; each run prints its own time)."""
     with open("/proc/meminfo") as f:
         free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemFree:"))
     n = min(BACK_AT_MOST, free - HEADROOM) // mmap.PAGESIZE * mmap.PAGESIZE

@@ -41,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pagecache import add_reclaim_option, reclaim_paused  # noqa: E402
 import snapshot as snapbench  # noqa: E402  (Snapfs: a capture process of its own)
+from verdict import mark  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 #: ../shared/bench beside the checkout (a worktree's is further up).
@@ -285,21 +286,23 @@ def main() -> None:
         for lvl in levels:
             k = f"snapfs zstd {lvl}"
             s1, s2 = times[k]
-            print(f"{k}: store {sizes[k] / sizes['restic']:.2f}x restic's repo (<= 1.0); "
-                  f"1st {s1 / r1:.2f}x / 2nd {s2 / r2:.2f}x restic (<= 0.2); "
-                  f"1st {s1 / b1:.2f}x / 2nd {s2 / b2:.2f}x the faster borg (<= 0.3); "
-                  f"1st {s1 / c1:.2f}x cp+sync (<= 1.0)")
+            print(f"{k}: store {mark(sizes[k] / sizes['restic'], 1.0, False)}x restic's "
+                  f"repo (<= 1.0); 1st {mark(s1 / r1, 0.2, False)}x / 2nd "
+                  f"{mark(s2 / r2, 0.2, False)}x restic (<= 0.2); 1st "
+                  f"{mark(s1 / b1, 0.3, False)}x / 2nd {mark(s2 / b2, 0.3, False)}x the "
+                  f"faster borg (<= 0.3); 1st {mark(s1 / c1, 1.0, False)}x cp+sync (<= 1.0)")
         main_store = work / f"store_zstd{levels[0]}"
         qemu = work / "qemu.qcow2"
         sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", work / "copy1.raw", qemu)
         ours = export_size(main_store, "first")
         print(f"QCOW2 of the first snapshot: export {ours / 1e6:.0f} MB, qemu-img convert "
-              f"{qemu.stat().st_size / 1e6:.0f} MB: {ours / qemu.stat().st_size:.2f}x (<= 1.0)")
+              f"{qemu.stat().st_size / 1e6:.0f} MB: "
+              f"{mark(ours / qemu.stat().st_size, 1.0, False)}x (<= 1.0)")
         ours_gbps, ceil_gbps, mrss = first_read(main_store, work / "copy1.raw", work,
                                                 args.read_runs)
         print(f"first read, dd bs=1M through a fresh mount (zstd {levels[0]}): "
               f"{ours_gbps:.2f} GB/s, ceiling {ceil_gbps:.2f} GB/s: "
-              f"{ours_gbps / ceil_gbps:.2f}x (>= 0.7)")
+              f"{mark(ours_gbps / ceil_gbps, 0.7)}x (>= 0.7)")
         print(f"peak RSS: capture process {rss:.0f} MB, mount daemon {mrss:.0f} MB (<= 200)")
     finally:
         for m in (work / "mnt", work / "ceiling", work / "loop"):

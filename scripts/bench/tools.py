@@ -42,6 +42,7 @@ MiB = 1 << 20
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pagecache import add_reclaim_option, reclaim_paused  # noqa: E402
 from readahead import parse_variant, tune  # noqa: E402
+import verdict  # noqa: E402
 
 
 #: snapfs's default against the better ceiling mode, for every tool (issue 17).
@@ -49,8 +50,7 @@ TARGET = 0.8
 
 
 def mark(ratio: float) -> str:
-    """Three decimals, so that 0.794 does not print as a met 0.80."""
-    return f"{ratio:.3f}" + ("" if ratio >= TARGET else "!")
+    return verdict.mark(ratio, TARGET)
 
 
 def sh(*cmd: object, env: dict[str, str] | None = None) -> str:

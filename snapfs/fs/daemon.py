@@ -48,6 +48,10 @@ READY_TIMEOUT = 120.0
 #: matched or beat 8 MiB for every reader but one: a loop device over image.raw
 #: (scattered reads, each pulling 8 MiB) 0.87 against 0.68 of the ceiling,
 #: qemu-img 1.00 against 0.87, restic 1.00 / 0.95, `dd bs=1M` 0.94 / 1.01.
+#: Less does not suit every reader either (fourteenth session, the same way):
+#: 256 / 128 KiB lifted the loop device to 0.75 / 0.65 from 0.62 but dropped
+#: qemu-img to 0.63 / 0.46 from 1.03, `dd bs=1M` and cat too (and 0.75 still
+#: misses 0.8). An open takes the mount's (bdi) setting, so 1 MiB stays.
 #: Page cache is the kernel's: the daemon's memory does not grow (its reader
 #: caches 12 chunks; requests beyond wait for their chunk).
 READAHEAD_KB = 1024

@@ -43,6 +43,12 @@ from pagecache import add_reclaim_option, reclaim_paused  # noqa: E402
 import snapshot as snapbench  # noqa: E402  (Snapfs: a capture process of its own)
 from verdict import mark  # noqa: E402
 
+
+def at_most(ratio: float, target: float) -> str:
+    """A size or time against another tool's: met at or below ``target``."""
+    return mark(ratio, target, at_most=True)
+
+
 ROOT = Path(__file__).resolve().parents[2]
 #: ../shared/bench beside the checkout (a worktree's is further up).
 CEILING = next((p / "shared" / "bench" / "passthrough_ceiling.py" for p in ROOT.parents
@@ -286,18 +292,18 @@ def main() -> None:
         for lvl in levels:
             k = f"snapfs zstd {lvl}"
             s1, s2 = times[k]
-            print(f"{k}: store {mark(sizes[k] / sizes['restic'], 1.0, False)}x restic's "
-                  f"repo (<= 1.0); 1st {mark(s1 / r1, 0.2, False)}x / 2nd "
-                  f"{mark(s2 / r2, 0.2, False)}x restic (<= 0.2); 1st "
-                  f"{mark(s1 / b1, 0.3, False)}x / 2nd {mark(s2 / b2, 0.3, False)}x the "
-                  f"faster borg (<= 0.3); 1st {mark(s1 / c1, 1.0, False)}x cp+sync (<= 1.0)")
+            print(f"{k}: store {at_most(sizes[k] / sizes['restic'], 1.0)}x restic's repo "
+                  f"(<= 1.0); 1st {at_most(s1 / r1, 0.2)}x / 2nd {at_most(s2 / r2, 0.2)}x "
+                  f"restic (<= 0.2); 1st {at_most(s1 / b1, 0.3)}x / 2nd "
+                  f"{at_most(s2 / b2, 0.3)}x the faster borg (<= 0.3); 1st "
+                  f"{at_most(s1 / c1, 1.0)}x cp+sync (<= 1.0)")
         main_store = work / f"store_zstd{levels[0]}"
         qemu = work / "qemu.qcow2"
         sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", work / "copy1.raw", qemu)
         ours = export_size(main_store, "first")
         print(f"QCOW2 of the first snapshot: export {ours / 1e6:.0f} MB, qemu-img convert "
               f"{qemu.stat().st_size / 1e6:.0f} MB: "
-              f"{mark(ours / qemu.stat().st_size, 1.0, False)}x (<= 1.0)")
+              f"{at_most(ours / qemu.stat().st_size, 1.0)}x (<= 1.0)")
         ours_gbps, ceil_gbps, mrss = first_read(main_store, work / "copy1.raw", work,
                                                 args.read_runs)
         print(f"first read, dd bs=1M through a fresh mount (zstd {levels[0]}): "

@@ -4,7 +4,8 @@ as a met "0.80", and a ``!`` on every miss (shared by the benchmarks)."""
 from __future__ import annotations
 
 
-def mark(ratio: float, target: float, higher_is_better: bool = True) -> str:
-    """``ratio`` with three decimals, ``!`` appended when it misses ``target``."""
-    met = ratio >= target if higher_is_better else ratio <= target
+def mark(ratio: float, target: float, *, at_most: bool = False) -> str:
+    """``ratio`` with three decimals, ``!`` appended when it misses ``target``: a
+    floor, or with ``at_most`` a ceiling (sizes and times against another tool's)."""
+    met = ratio <= target if at_most else ratio >= target
     return f"{ratio:.3f}" + ("" if met else "!")

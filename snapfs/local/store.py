@@ -89,10 +89,10 @@ def trusted_dir(path: Path, create: bool) -> None:
 def trusted_parents(path: Path) -> None:
     """Check that every existing directory above ``path``, along the path as given
     and as resolved, is root's or ours and writable by no one else (sticky, as
-    /tmp, is fine: others cannot rename our entries there), and that no symlink
-    on the path as given (``path`` itself included) is someone else's. Whoever may write one
-    could swap the store for a directory of their choosing between the checks and
-    the opens, which go by path: OpenSSH's StrictModes rule for ~/.ssh."""
+    /tmp, is fine: others cannot rename our entries there), and that no symlink on
+    the path as given (``path`` itself included) is someone else's. Whoever may
+    write one could swap the store for a directory of their choosing between the
+    checks and the opens, which go by path: OpenSSH's StrictModes rule for ~/.ssh."""
     me = os.geteuid()
     given = Path(os.path.abspath(path))
     for link in [given, *given.parents]:

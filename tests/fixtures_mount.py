@@ -157,6 +157,21 @@ def interrupted_open(path: Path) -> tuple[float, list[str]]:
         reader.kill()
 
 
+#: The kernel drops a cached name when told (fs/forget.py), from pyfuse3's notifier
+#: thread, so just after the handler returned; without being told it would keep
+#: answering for its whole entry timeout (1 s).
+INVALIDATED_WITHIN = 0.3
+
+
+def gone_soon(path: Path) -> bool:
+    deadline = time.monotonic() + INVALIDATED_WITHIN
+    while path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def is_mounted(path: Path) -> bool:
     target = os.path.realpath(path)
     with open("/proc/self/mounts") as f:

@@ -22,6 +22,10 @@ def forget_names(ctx: FsContext, before: Snapshot, after: Snapshot | None) -> No
     renamed = after is None or after.name != before.name
     suffix = short_id(before.id)
     names = [before.name, f"{label_base(before.name, suffix)}{SEPARATOR}{suffix}"]
+    if after is not None and renamed:
+        # Another snapshot in these views may have answered to the new name: it is
+        # ambiguous now (both are listed as labels), so the kernel must ask again.
+        names.append(after.name)
     for key in ctx.inodes.snapshot_keys(before.id):
         view = key.view
         in_gone_tag = view is not None and view.kind is Kind.TAG and view.arg in gone_tags

@@ -262,6 +262,11 @@ class Catalog:
 
     async def snapshot(self, zone: str, snapshot_id: str, max_age: float | None = None) -> Snapshot:
         cached = self._snapshots.get(snapshot_id)
+        if cached is not None and cached.value.zone != zone:
+            # Kept by ID, and IDs are unique across zones: another zone's snapshot
+            # is not this zone's (asked by ID under fr-par-2/, say), nor forgotten
+            # because this zone does not have it.
+            return await self._get_snapshot(zone, snapshot_id, forget=False)
         age = self.ttl if max_age is None else max_age
         if cached is not None and time.monotonic() - cached.fetched < age:
             return cached.value
@@ -272,10 +277,14 @@ class Catalog:
             listing = self._usable(cached.listing)
             if listing is not None and cached.fetched >= listing.fetched:
                 return cached.value
+        return await self._get_snapshot(zone, snapshot_id)
+
+    async def _get_snapshot(self, zone: str, snapshot_id: str, forget: bool = True) -> Snapshot:
         try:
             return self.remember(await self.svc.get_snapshot(zone, snapshot_id))
         except NotFound:
-            self.forget(snapshot_id)
+            if forget:
+                self.forget(snapshot_id)
             raise
 
     async def tags(self, zone: str, project: str) -> list[str]:

@@ -38,6 +38,12 @@ def forget_names(ctx: FsContext, before: Snapshot, after: Snapshot | None) -> No
             # Queued to pyfuse3's notifier thread (a handler must not wait for the
             # kernel); a name the kernel does not hold is ENOENT there, ignored.
             pyfuse3.invalidate_entry_async(parent, name.encode(), ignore_enoent=True)
+    # tags/<t> itself: gone when this was its last snapshot. The kernel is made to
+    # ask again either way (a lookup that finds the tag still in use costs little).
+    tags = ctx.inodes.known(Key(Kind.TAGS, before.zone, before.project))
+    if tags is not None:
+        for tag in sorted(gone_tags):
+            pyfuse3.invalidate_entry_async(tags, tag.encode(), ignore_enoent=True)
 
 
 def forget_entry(ctx: FsContext, parent: Key, name: str) -> None:

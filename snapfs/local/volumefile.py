@@ -150,8 +150,15 @@ def open_volume(vf: VolumeFile) -> tuple[int, os.stat_result]:
 
 
 def inspected(vf: VolumeFile, fd: int, st: os.stat_result) -> Inspected:
-    """What the volume's file opened by open_volume is (for a new snapshot)."""
-    return Inspected(vf.path, _size(fd, st), identity_of(st), st.st_uid, st.st_gid,
+    """What the volume's file opened by open_volume is (for a new snapshot); a
+    size that is no volume's now (the file was truncated to 0 or to a size no
+    image format can hold) fails the snapshot, as at ``volume add``."""
+    size = _size(fd, st)
+    if size <= 0 or size % SECTOR:
+        raise VolumeChanged(f"volume {vf.name!r}: {vf.path} is {size} bytes now: a "
+                            f"volume's size must be a positive multiple of {SECTOR}; "
+                            "nothing was read")
+    return Inspected(vf.path, size, identity_of(st), st.st_uid, st.st_gid,
                      stat.S_IMODE(st.st_mode))
 
 

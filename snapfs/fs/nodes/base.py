@@ -133,6 +133,12 @@ class BufferHandle(Handle):
         self.writable = writable
         self.buffer = bytearray()
         self.dirty = False
+        #: The file offset the buffer starts at: where what was applied (a line
+        #: acted on, a close of a dup'd descriptor) ended. The next write on the
+        #: same open goes on from there, so it is a document of its own, not
+        #: one padded with the zeros of the part already applied.
+        self.base = 0
+        self._end = 0
 
     async def read(self, offset: int, size: int) -> bytes:
         return self.content[offset:offset + size]
@@ -150,6 +156,10 @@ class BufferHandle(Handle):
         if not self.writable:
             raise ReadOnly("not open for writing")
         self._check_size(offset + len(data))
+        if offset < self.base:  # written over what was applied: a new document
+            self.base, self.buffer[:] = offset, b""
+        self._end = max(self._end, offset + len(data))
+        offset -= self.base
         if offset > len(self.buffer):
             self.buffer.extend(bytes(offset - len(self.buffer)))
         self.buffer[offset:offset + len(data)] = data
@@ -161,7 +171,10 @@ class BufferHandle(Handle):
         if not self.writable:
             raise ReadOnly(f"{self.node.describe()} is not open for writing")
         self._check_size(size)
-        del self.buffer[size:]
+        if size < self.base:
+            self.base, self.buffer[:] = size, b""
+        del self.buffer[size - self.base:]
+        self._end = size
         self.dirty = True
 
     def _check_size(self, end: int) -> None:
@@ -174,9 +187,15 @@ class BufferHandle(Handle):
 
     async def flush(self) -> None:
         if self.dirty:
-            data, self.dirty = bytes(self.buffer), False
-            self.buffer.clear()
+            data = self.consume()
             await self.apply(data)
+
+    def consume(self) -> bytes:
+        """The buffer's bytes, taken to be applied; later writes start after them."""
+        data, self.dirty = bytes(self.buffer), False
+        self.buffer.clear()
+        self.base = self._end
+        return data
 
     async def apply(self, data: bytes) -> None:
         raise NotImplementedError

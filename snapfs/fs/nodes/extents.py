@@ -50,8 +50,7 @@ class ExtentsFile(FileNode):
             # Still being captured: listed, empty, and opening says why (EBUSY).
             st = file_stat(False, 0, ns(s.creation_date), ns(s.creation_date), timeout=0)
         else:
-            st = file_stat(False, size, ns(s.creation_date), ns(s.creation_date),
-                           timeout=10.0)
+            st = file_stat(False, size, ns(s.creation_date), ns(s.creation_date))
         st.nlink = places(s)
         # Where the data lies is the data's: readable by whom image.raw is.
         ctx = self.ctx

@@ -54,11 +54,12 @@ class ImageNode(FileNode):
         s = await self.snapshot()
         ctx = self.ctx
         uid, gid, mode = image_access(s, ctx.uid, ctx.gid, ctx.image_mode, ctx.image_owner)
-        # The size of a snapshot never changes: the kernel may keep it. mtime is
-        # when its bytes were taken, whatever happens to the snapshot since (a
-        # rename, tags, an export): backup tools key their caches on it.
+        # mtime is when its bytes were taken, whatever happens to the snapshot
+        # since (a rename, tags, an export): backup tools key their caches on it.
+        # The attributes are kept as long as its siblings' (1 s), not longer: tags
+        # move its ctime and st_nlink (the places it is listed), as theirs.
         return Stat(mode, s.size, ns(s.creation_date), ns(s.modification_date),
-                    IMAGE_BLKSIZE, timeout=10.0, uid=uid, gid=gid, nlink=places(s),
+                    IMAGE_BLKSIZE, uid=uid, gid=gid, nlink=places(s),
                     blocks=await image_blocks(ctx, s))
 
     async def open(self, flags: int, pid: int) -> Handle:
@@ -195,10 +196,7 @@ class TargetHandle(BufferHandle):
 
     async def written(self) -> None:
         if transfer.line_complete(bytes(self.buffer)):
-            data = bytes(self.buffer)
-            self.buffer.clear()
-            self.dirty = False
-            await self.apply(data)
+            await self.apply(self.consume())
 
     async def apply(self, data: bytes) -> None:
         await self.start(transfer.parse_target(data))

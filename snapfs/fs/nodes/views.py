@@ -78,8 +78,11 @@ class ViewNode(Node):
         return name, snapshot_dir(self.key, snap.id), snapshot_stat(snap)
 
     async def _check_free(self, name: str) -> None:
-        """Refuse a name this directory already lists (as a name, label or ID)."""
-        taken = await self.ctx.catalog.taken(self.key.zone, self.key.project, self.view, name)
+        """Refuse a name the project's snapshots/ already lists (as a name, label or
+        ID): a name is the project's, whichever view the mkdir came through, or
+        two of one name would both be listed there as labels."""
+        taken = await self.ctx.catalog.taken(self.key.zone, self.key.project,
+                                             View(Kind.SNAPSHOTS), name)
         if taken is not None:
             raise AlreadyExists(f"{self.describe()}{esc(name)} already exists "
                                 f"(snapshot {taken.id})")
@@ -133,8 +136,8 @@ class ViewNode(Node):
         check_name(new)
         catalog = self.ctx.catalog
         with self._claim(new):
-            taken = await catalog.taken(self.key.zone, self.key.project, self.view, new,
-                                        other_than=snap.id)
+            taken = await catalog.taken(self.key.zone, self.key.project,
+                                        View(Kind.SNAPSHOTS), new, other_than=snap.id)
             if taken is not None:
                 raise AlreadyExists(f"{self.describe()}{esc(new)} already exists (snapshot "
                                     f"{taken.id}); a rename never replaces a snapshot")

@@ -1,0 +1,138 @@
+"""The tree tried as careless users would, through the kernel with real tools: a
+name is the project's whichever view takes it, a volume truncated to no volume's
+size fails its snapshot, another zone's snapshot is not found by ID, tags/<t>
+goes with its last snapshot, image.raw's attributes follow tags as its siblings'
+do, and a second document written on one open file is a document of its own."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from fixtures_mount import MiB, Mount, gone_soon, run, snapfs
+from test_mount_firsthour import failing, snap, tree
+
+pytestmark = pytest.mark.mount
+
+
+@pytest.fixture
+def two_volumes(mount_factory: Callable[..., Mount], store_with_volume: Path,
+                tmp_path: Path) -> Mount:
+    vol2 = tmp_path / "vol2.raw"
+    vol2.write_bytes(os.urandom(MiB))
+    snapfs("volume", "add", "vol2", vol2, "--store", store_with_volume)
+    return mount_factory(store_with_volume)
+
+
+def test_a_name_is_the_projects_whichever_view_takes_it(two_volumes: Mount) -> None:
+    m = two_volumes
+    run("mkdir", m.volume("vol2") / "g1")
+    m.wait_state(m.snapshots() / "g1")
+    k9 = snap(m, "k9")
+    run("setfattr", "-n", "user.tags", "-v", "t", k9)
+    before = tree(m)
+    # mkdir in another volume's directory, a rename in a volume's and in a tag's:
+    # EEXIST (coreutils' mv words the rename's EEXIST oddly: errno asserted here).
+    assert "File exists" in failing("mkdir", m.volume("vol1") / "g1")
+    tag = m.project / "tags" / "t"
+    for view in (m.volume("vol1"), tag):
+        with pytest.raises(OSError) as info:
+            os.rename(view / "k9", view / "g1")
+        assert info.value.errno == errno.EEXIST, view
+    assert tree(m) == before
+    assert m.xattr(m.snapshots() / "g1", "id") != m.xattr(k9, "id")
+    assert "already exists" in m.log()
+
+
+def test_a_volume_truncated_to_no_volumes_size_fails_its_snapshot(
+        mount_factory: Callable[..., Mount], store_with_volume: Path, tmp_path: Path) -> None:
+    vol = tmp_path / "z.raw"
+    vol.write_bytes(os.urandom(MiB))
+    snapfs("volume", "add", "z", vol, "--store", store_with_volume)
+    m = mount_factory(store_with_volume)
+    ok = m.volume("z") / "ok"
+    run("mkdir", ok)
+    assert m.wait_state(m.snapshots() / "ok") == "available"
+    for size in (1000, 0):
+        while True:  # the store's read lease on the file may be being broken
+            try:
+                os.truncate(vol, size)
+                break
+            except BlockingIOError:
+                time.sleep(0.05)
+        name = f"z{size}"
+        run("mkdir", m.volume("z") / name)
+        path = m.snapshots() / name
+        assert m.wait_state(path) == "error"
+        reason = json.loads((path / "snapshot.json").read_text())["error_reason"]
+        assert f"is {size} bytes now" in reason and "multiple of 512" in reason
+    # The snapshot taken before is untouched.
+    assert m.wait_state(m.snapshots() / "ok") == "available"
+    assert os.stat(m.snapshots() / "ok" / "image.raw").st_size == MiB
+
+
+def test_another_zones_snapshot_is_not_found_by_id(mounted: Mount) -> None:
+    s = snap(mounted)
+    sid = mounted.xattr(s, "id")
+    os.listdir(mounted.snapshots())  # its entry is now cached (by ID)
+    other = mounted.path / "fr-par-2" / "default" / "snapshots" / sid
+    with pytest.raises(FileNotFoundError):
+        os.stat(other)
+    with pytest.raises(OSError) as info:
+        os.getxattr(other, "user.zone")
+    assert info.value.errno == errno.ENOENT
+    # ...nor does asking there make this zone forget it.
+    assert mounted.xattr(mounted.snapshots() / sid, "id") == sid
+
+
+def test_a_tag_directory_goes_with_its_last_snapshot(mounted: Mount) -> None:
+    s = snap(mounted)
+    tags = mounted.project / "tags"
+    run("setfattr", "-n", "user.tags", "-v", "tg", s)
+    assert (tags / "tg" / "s1").is_dir()  # the kernel now caches tags/tg
+    run("setfattr", "-n", "user.tags", "-v", "other", s)
+    assert gone_soon(tags / "tg")
+    assert (tags / "other" / "s1").is_dir()
+    run("rmdir", s)
+    assert gone_soon(tags / "other")
+    assert os.listdir(tags) == []
+
+
+def test_image_attributes_follow_tags_as_its_siblings_do(mounted: Mount) -> None:
+    s = snap(mounted)
+    run("setfattr", "-n", "user.tags", "-v", "p,q", s)
+    image, doc = s / "image.raw", s / "snapshot.json"
+    assert os.stat(image).st_nlink == 4  # snapshots/, volumes/vol1/, tags/p/, tags/q/
+    mtime = os.stat(image).st_mtime_ns
+    run("setfattr", "-n", "user.tags", "-v", "", s)
+    deadline = time.monotonic() + 1.5  # the attribute timeout is 1 s
+    while os.stat(image).st_nlink != 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    st, sibling = os.stat(image), os.stat(doc)
+    assert (st.st_nlink, st.st_ctime_ns) == (sibling.st_nlink, sibling.st_ctime_ns) \
+        and st.st_nlink == 2
+    assert st.st_mtime_ns == mtime  # the data's time never moves
+
+
+def test_a_second_document_on_one_open_file_is_its_own(mounted: Mount) -> None:
+    """bash's `exec 9>snapshot.json; echo ... >&9; echo ... >&9`: each echo's dup is
+    closed (a flush: the document is applied); the next write lands at the file
+    offset after it and is a whole document again, not one behind NUL padding."""
+    s = snap(mounted)
+    doc = json.loads((s / "snapshot.json").read_text())
+    fd = os.open(s / "snapshot.json", os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.write(fd, json.dumps({**doc, "name": "n1"}).encode())
+        os.close(os.dup(fd))
+        assert mounted.xattr(mounted.snapshots() / "n1", "name") == "n1"
+        os.write(fd, json.dumps({**doc, "name": "n2"}).encode())
+    finally:
+        os.close(fd)
+    assert mounted.xattr(mounted.snapshots() / "n2", "name") == "n2"
+    assert "not valid JSON" not in mounted.log()

@@ -298,8 +298,6 @@ class LocalService(SnapshotService):
                                      "(here or in another process on this store)")
         self._deleting.add(snapshot_id)
         try:
-            # A capture or import queued or in flight: stop it, it cleans up after itself.
-            await self.jobs.stop(snapshot_id)
             key = self.md.snap_key(snapshot_id)
             # Durably first: from here on the snapshot is gone to everyone, and a
             # crash while its map is half released leaves nothing that reads as holes.
@@ -309,6 +307,12 @@ class LocalService(SnapshotService):
                 now_ = self.md.snapshot(None, snapshot_id)  # NotFound: deleted meanwhile
                 raise PreconditionFailed(f"snapshot {snap.name!r} is {now_.state}; "
                                          "it can be deleted once that ends")
+            # Then a capture or import queued or in flight is stopped: marked first, it
+            # sees a deleted snapshot (as if another process deleted it) and leaves
+            # its map to the release below; stopped first, it would record the
+            # cancellation as the service stopping (state error, INTERRUPTED), which
+            # Get showed until the mark.
+            await self.jobs.stop(snapshot_id)
         finally:
             self._deleting.discard(snapshot_id)
             os.close(held)

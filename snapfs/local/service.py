@@ -18,7 +18,7 @@ from ..errors import (CorruptData, InvalidArgument, NotConfigured, PreconditionF
 from ..model import (DEFAULT_ZONE, ZONES, BaseVolume, FileAccess, Page,
                      Project, Snapshot, Task, Volume, check_name, check_paging, check_readable,
                      check_size, check_tags, check_uuid, check_volume_type, check_zone, new_id, now)
-from ..objects import ObjectStorage
+from ..objects import ObjectStorage, check_object_target
 from ..service import ImageReader, SnapshotService
 from . import extents, leases
 from .chunkindex import ChunkIndex
@@ -235,10 +235,7 @@ class LocalService(SnapshotService):
     def _create_import(self, zone: str, name: str, tags: list[str], project: str | None,
                        organization: str | None, volume_type: str | None,
                        bucket: str | None, key: str | None, size: int | None) -> Snapshot:
-        if not bucket or not isinstance(bucket, str):
-            raise InvalidArgument("bucket", "must be a non-empty string")
-        if not key or not isinstance(key, str):
-            raise InvalidArgument("key", "must be a non-empty string")
+        bucket, key = check_object_target(bucket, key)
         if size is not None:
             check_size(size)
         if self.objects is None:  # refused now, not as a snapshot in error later
@@ -331,10 +328,7 @@ class LocalService(SnapshotService):
     async def export_snapshot(self, zone: str, snapshot_id: str, *, bucket: str,
                               key: str) -> Task:
         snap = self.md.snapshot(check_zone(zone), snapshot_id)
-        if not bucket or not isinstance(bucket, str):
-            raise InvalidArgument("bucket", "must be a non-empty string")
-        if not key or not isinstance(key, str):
-            raise InvalidArgument("key", "must be a non-empty string")
+        bucket, key = check_object_target(bucket, key)
         if snap.state != "available":
             raise PreconditionFailed(f"snapshot {snap.name!r} is {snap.state}, not available")
         if self.objects is None:  # refused now, not as a failed task later

@@ -93,7 +93,7 @@ def test_numbers_out_of_range_are_400(served: Served, params: dict[str, str],
 @pytest.mark.parametrize("size", ["1e30", str(10 ** 30), str(1 << 63)])
 def test_import_sizes_out_of_range_are_400(served: Served, size: str) -> None:
     before = _listing(served)
-    body = '{"name": "imp", "bucket": "b", "key": "k", "size": %s}' % size
+    body = '{"name": "imp", "bucket": "bkt", "key": "k", "size": %s}' % size
     r = _raw(served, "POST", SNAPSHOTS, data=body,
              headers={"X-Auth-Token": SECRET, "Content-Type": "application/json"})
     _refused(r, "size")

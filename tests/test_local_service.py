@@ -140,10 +140,10 @@ async def test_create_refusals_change_nothing(service: LocalService,
         (InvalidArgument, dict(name="s", volume_id=vol.id, tags=["a,b"])),
         (InvalidArgument, dict(name="s", volume_id=vol.id, project=service.organization,
                                organization=service.organization)),
-        (InvalidArgument, dict(name="s", bucket="b", key="k", size=1000)),
-        (InvalidArgument, dict(name="s", bucket="b", key="k", size=0)),
+        (InvalidArgument, dict(name="s", bucket="bkt", key="k", size=1000)),
+        (InvalidArgument, dict(name="s", bucket="bkt", key="k", size=0)),
         (InvalidArgument, dict(name="s", bucket="", key="k")),
-        (InvalidArgument, dict(name="s", bucket="b", key="")),
+        (InvalidArgument, dict(name="s", bucket="bkt", key="")),
     ]
     for kind, kw in cases:
         with pytest.raises(kind):
@@ -157,7 +157,7 @@ async def test_import_without_object_storage_is_refused_at_once(
         service: LocalService) -> None:
     before = await state_of_store(service)
     with pytest.raises(NotConfigured) as exc:
-        await service.create_snapshot(ZONE, name="imp", bucket="b", key="k.qcow2",
+        await service.create_snapshot(ZONE, name="imp", bucket="bkt", key="k.qcow2",
                                       size=512 * 1024)
     assert NO_OBJECT_STORAGE in str(exc.value) and errno_for(exc.value) == errno.ENXIO
     assert await state_of_store(service) == before  # no snapshot left in error
@@ -285,7 +285,7 @@ async def test_export_without_object_storage_is_refused_at_once(
     await wait_state(service, snap.id)
     before = await state_of_store(service)
     with pytest.raises(NotConfigured) as exc:
-        await service.export_snapshot(ZONE, snap.id, bucket="b", key="k")
+        await service.export_snapshot(ZONE, snap.id, bucket="bkt", key="k")
     assert NO_OBJECT_STORAGE in str(exc.value) and errno_for(exc.value) == errno.ENXIO
     assert await service.latest_export(ZONE, snap.id) is None
     assert await state_of_store(service) == before

@@ -27,6 +27,9 @@ log = logging.getLogger("snapfs.http")
 #: Request bodies are small JSON objects; anything bigger is refused unread.
 MAX_BODY = 1 << 20
 
+_BOOLEANS = {**dict.fromkeys(("1", "t", "T", "TRUE", "true", "True"), True),
+             **dict.fromkeys(("0", "f", "F", "FALSE", "false", "False"), False)}
+
 
 @dataclass
 class Request:
@@ -65,11 +68,21 @@ class Request:
 
     def list_param(self, name: str) -> list[str] | None:
         """Repeated (``tags=a&tags=b``) and comma-separated (``tags=a,b``) forms,
-        both of which the SDKs send depending on the endpoint."""
+        both of which the SDKs send depending on the endpoint. None (no filter)
+        when no value is left: the SDK sends ``tags=`` for an empty list."""
         values = self.query.get(name)
-        if not values:
+        found = [v for value in values or () for v in value.split(",") if v]
+        return found or None
+
+    def bool_param(self, name: str) -> bool | None:
+        """A boolean in the spellings the API's own parser (Go's ParseBool) takes:
+        the Python SDK sends ``False``, the TypeScript one ``false``. None when absent."""
+        value = self.param(name)
+        if value is None or value == "":
             return None
-        return [v for value in values for v in value.split(",") if v]
+        if value not in _BOOLEANS:
+            raise InvalidArgument(name, f"{value!r} is not true or false")
+        return _BOOLEANS[value]
 
 
 @dataclass

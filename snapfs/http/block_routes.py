@@ -14,7 +14,8 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 from .. import block_model as bm
 from ..errors import InvalidArgument, NotFound
-from ..model import MAX_PAGE, MAX_PER_PAGE, Page, Snapshot, Volume, check_tags, new_id
+from ..model import (MAX_PAGE, MAX_PER_PAGE, Page, Snapshot, Volume, check_tags, check_uuid,
+                     check_zone, new_id)
 from ..service import SnapshotService
 from .asgi import Request, Response, Router, json_response
 from .paged import PagedLists
@@ -34,6 +35,12 @@ def _typed(body: dict[str, Any], name: str, kind: type) -> Any:
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise InvalidArgument(name, f"must be of type {kind.__name__}")
     return value
+
+
+def _uuid_param(req: Request, name: str) -> str | None:
+    """A filter naming a resource by ID: refused unless a UUID (as the API does)."""
+    value = req.param(name) or None
+    return None if value is None else check_uuid(name, value)
 
 
 def _only(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
@@ -137,6 +144,7 @@ class BlockRoutes:
     # --- volumes -----------------------------------------------------------------------
 
     async def list_volume_types(self, req: Request) -> Response:
+        check_zone(req.args["zone"])
         size, page = _paging(req)
         types = [{"type": t, "zone": req.args["zone"], "pricing": None,
                   "snapshot_pricing": None,
@@ -148,14 +156,18 @@ class BlockRoutes:
         zone = req.args["zone"]
         size, page = _paging(req)
         order = _order(req)
-        project = req.param("project_id") or None
+        project = _uuid_param(req, "project_id")
         org = req.param("organization_id") or None
         name = req.param("name") or None
         tags = req.list_param("tags")
         vtype = req.param("volume_type") or None
+        if vtype is not None and vtype not in bm.BLOCK_VOLUME_TYPE.values():
+            raise InvalidArgument("volume_type",
+                                  f"one of {', '.join(bm.BLOCK_VOLUME_TYPE.values())}")
         ids = req.list_param("volume_ids")
         if req.param("product_resource_id"):
             raise InvalidArgument("product_resource_id", "filter not supported by this server")
+        req.bool_param("include_deleted")  # deleted volumes are gone at once: none either way
 
         async def compute() -> list[Volume]:
             vols = await _all(lambda p: self.svc.list_volumes(
@@ -242,11 +254,13 @@ class BlockRoutes:
         zone = req.args["zone"]
         size, page = _paging(req)
         order = _order(req)
-        project = req.param("project_id") or None
+        project = _uuid_param(req, "project_id")
         org = req.param("organization_id") or None
         name = req.param("name") or None
-        volume_id = req.param("volume_id") or None
+        volume_id = _uuid_param(req, "volume_id")
         tags = req.list_param("tags")
+        # Deleted snapshots are gone at once here: none to include either way.
+        req.bool_param("include_deleted")
 
         async def compute() -> list[Snapshot]:
             snaps = await self.svc.list_all_snapshots(

@@ -168,6 +168,8 @@ class LocalService(SnapshotService):
             check_volume_type(volume_type)
         if volume_id is not None and (bucket is not None or key is not None):
             raise InvalidArgument("volume_id", "give a volume or a bucket/key, not both")
+        if volume_id is not None and size is not None:  # a capture's size is the volume's
+            raise InvalidArgument("size", "only with bucket and key (an import)")
         if volume_id is None:
             return self._create_import(zone, name, tags, project, organization, volume_type,
                                        bucket, key, size)

@@ -433,6 +433,11 @@ class Task:
         }
 
 
+def export_href(snapshot_id: str) -> str:
+    """An export task's ``href_from``: the one form Export and Get task both answer."""
+    return f"/snapshots/{snapshot_id}/export"
+
+
 def check_readable(snap: "Snapshot") -> None:
     """The state rule for reading a snapshot's data: refused for good when it
     failed (SnapshotUnusable), for now while it is produced (PreconditionFailed)."""

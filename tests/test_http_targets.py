@@ -87,3 +87,21 @@ def test_bad_targets_are_400_at_once_and_create_nothing(
     _refused(_raw(served_s3, "POST", f"{BLK}/snapshots/{available}/export-to-object-storage",
                   json=target), argument)
     assert _everything(served_s3) == before
+
+
+@pytest.mark.s3
+def test_an_export_task_reads_the_same_from_export_and_get_task(
+        served_s3: Served, available: str, bucket: str) -> None:
+    r = _raw(served_s3, "POST", f"{INST}/snapshots/{available}/export",
+             json={"bucket": bucket, "key": "same.qcow2"})
+    assert r.status_code == 200, r.text
+    task = r.json()["task"]
+    assert task["href_from"] == f"/snapshots/{available}/export"
+    got = _raw(served_s3, "GET", f"{INST}/tasks/{task['id']}").json()["task"]
+    stable = ("id", "description", "href_from", "href_result", "started_at", "zone")
+    assert {k: got[k] for k in stable} == {k: task[k] for k in stable}
+    deadline = time.monotonic() + 60
+    while _raw(served_s3, "GET", f"{INST}/tasks/{task['id']}").json()["task"]["status"] \
+            not in ("success", "failure"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)

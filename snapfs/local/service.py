@@ -17,7 +17,8 @@ from ..errors import (CorruptData, InvalidArgument, NotConfigured, PreconditionF
                       VolumeChanged)
 from ..model import (DEFAULT_ZONE, ZONES, BaseVolume, FileAccess, Page,
                      Project, Snapshot, Task, Volume, check_name, check_paging, check_readable,
-                     check_size, check_tags, check_uuid, check_volume_type, check_zone, new_id, now)
+                     check_size, check_tags, check_uuid, check_volume_type, check_zone,
+                     export_href, new_id, now)
 from ..objects import ObjectStorage, check_object_target
 from ..service import ImageReader, SnapshotService
 from . import extents, leases
@@ -339,7 +340,8 @@ class LocalService(SnapshotService):
         if snapshot_id in self._deleting:
             raise PreconditionFailed(f"snapshot {snap.name!r} is being deleted")
         task = Task(id=new_id(), description="export_snapshot", progress=0, status="pending",
-                    zone=zone, started_at=now(), bucket=bucket, key=key)
+                    zone=zone, started_at=now(), bucket=bucket, key=key,
+                    href_from=export_href(snapshot_id))
         with self.md.transaction():
             # Exporting keeps deletes away (in every process): set only if no delete
             # has begun, in one statement (Metadata.mark_deleting).

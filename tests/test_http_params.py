@@ -97,3 +97,15 @@ def test_booleans_as_the_sdks_send_them(served: Served, value: str) -> None:
     for path in (f"{BLK}/snapshots", f"{BLK}/volumes"):
         r = _raw(served, "GET", path, params={"include_deleted": value})
         assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("value", ["２", "٣", "1_0", "+5", " 5", "5 ", "0x10", "5\n"])
+@pytest.mark.parametrize("path, names", [
+    (f"{INST}/snapshots", ("per_page", "page")), (f"{INST}/volumes", ("per_page", "page")),
+    (f"{BLK}/snapshots", ("page_size", "page")), (f"{BLK}/volumes", ("page_size", "page")),
+    ("/account/v3/projects", ("page_size", "page"))])
+def test_paging_numbers_are_ascii_digits_only(served: Served, path: str,
+                                              names: tuple[str, str], value: str) -> None:
+    for name in names:
+        _refused(_raw(served, "GET", path, params={name: value}), name)
+    assert _raw(served, "GET", path, params={names[0]: "10", names[1]: "1"}).status_code == 200

@@ -27,6 +27,7 @@ log = logging.getLogger("snapfs.http")
 #: Request bodies are small JSON objects; anything bigger is refused unread.
 MAX_BODY = 1 << 20
 
+_INTEGER = re.compile(r"-?[0-9]+")
 _BOOLEANS = {**dict.fromkeys(("1", "t", "T", "TRUE", "true", "True"), True),
              **dict.fromkeys(("0", "f", "F", "FALSE", "false", "False"), False)}
 
@@ -61,10 +62,13 @@ class Request:
         value = self.param(name)
         if value is None or value == "":
             return None
-        try:
-            return int(value)
-        except ValueError:
-            raise InvalidArgument(name, f"{value!r} is not an integer") from None
+        # ASCII digits only: int() also takes other scripts' digits ("٣"), "1_0",
+        # "+5" and surrounding spaces, none of which the API accepts.
+        if not _INTEGER.fullmatch(value):
+            raise InvalidArgument(name, f"{value!r} is not an integer")
+        if len(value) > 20:  # past int64, and int() refuses over 4300 digits
+            raise InvalidArgument(name, "out of range")
+        return int(value)
 
     def list_param(self, name: str) -> list[str] | None:
         """Repeated (``tags=a&tags=b``) and comma-separated (``tags=a,b``) forms,

@@ -109,3 +109,23 @@ def test_paging_numbers_are_ascii_digits_only(served: Served, path: str,
     for name in names:
         _refused(_raw(served, "GET", path, params={name: value}), name)
     assert _raw(served, "GET", path, params={names[0]: "10", names[1]: "1"}).status_code == 200
+
+
+@pytest.mark.parametrize("path, body, argument", [
+    (f"{BLK}/volumes", {"name": "v", "from_empty": {"size": 1 << 30, "bogus": 1}},
+     "from_empty.bogus"),
+    (f"{BLK}/volumes", {"name": "v", "from_empty": {"size": 1 << 30}, "project_id": "bad"},
+     "project_id"),
+    (f"{BLK}/snapshots", {"name": "s", "volume_id": "<vol-a>", "project_id": "bad"},
+     "project_id"),
+    (f"{BLK}/snapshots/import-from-object-storage",
+     {"name": "s", "bucket": "bkt", "key": "k", "project_id": "bad"}, "project_id"),
+])
+def test_block_bodies_are_checked_under_block_names(served: Served, snapshot_id: str,
+                                                    path: str, body: dict[str, Any],
+                                                    argument: str) -> None:
+    if body.get("volume_id") == "<vol-a>":
+        body = {**body, "volume_id": served.volumes["vol-a"]["id"]}
+    before = _everything(served)
+    _refused(_raw(served, "POST", path, json=body), argument)
+    assert _everything(served) == before

@@ -43,10 +43,16 @@ def _uuid_param(req: Request, name: str) -> str | None:
     return None if value is None else check_uuid(name, value)
 
 
-def _only(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
+def _only(body: dict[str, Any], allowed: tuple[str, ...], within: str = "") -> None:
     for name in body:
         if name not in allowed:
-            raise InvalidArgument(name, "unknown field")
+            raise InvalidArgument(within + name, "unknown field")
+
+
+def _project_id(body: dict[str, Any]) -> str | None:
+    """Checked here, under Block's name for it (the service would say ``project``)."""
+    value = _typed(body, "project_id", str)
+    return None if value is None else check_uuid("project_id", value)
 
 
 def _block_not_found(exc: NotFound) -> NotFound:
@@ -211,6 +217,7 @@ class BlockRoutes:
         empty = _typed(body, "from_empty", dict)
         if empty is None:
             raise InvalidArgument("from_empty", "required (with its size)")
+        _only(empty, ("size",), within="from_empty.")
         size = _typed(empty, "size", int)
         if size is None:
             raise InvalidArgument("from_empty.size", "required")
@@ -220,7 +227,7 @@ class BlockRoutes:
         # The API names a volume left unnamed; the store needs a name.
         name = _typed(body, "name", str) or f"volume-{new_id()[:8]}"
         vol = await self.svc.create_volume(name, size, zone=zone,
-                                           project=_typed(body, "project_id", str),
+                                           project=_project_id(body),
                                            volume_type=bm.IMPORT_VOLUME_TYPE)
         if tags:
             vol = await self.svc.update_volume(zone, vol.id, tags=tags)
@@ -292,7 +299,7 @@ class BlockRoutes:
         vol = await self._volume(zone, volume_id)
         snap = await self.svc.create_snapshot(
             zone, name=_typed(body, "name", str) or "", volume_id=vol.id,
-            tags=_typed(body, "tags", list), project=_typed(body, "project_id", str))
+            tags=_typed(body, "tags", list), project=_project_id(body))
         return json_response(200, bm.snapshot_to_block(snap))
 
     async def import_snapshot(self, req: Request) -> Response:
@@ -300,7 +307,7 @@ class BlockRoutes:
         _only(body, ("bucket", "key", "name", "project_id", "tags", "size"))
         snap = await self.svc.create_snapshot(
             req.args["zone"], name=_typed(body, "name", str) or "",
-            tags=_typed(body, "tags", list), project=_typed(body, "project_id", str),
+            tags=_typed(body, "tags", list), project=_project_id(body),
             volume_type=bm.IMPORT_VOLUME_TYPE, bucket=_typed(body, "bucket", str) or "",
             key=_typed(body, "key", str) or "", size=_typed(body, "size", int))
         return json_response(200, bm.snapshot_to_block(snap))

@@ -109,17 +109,29 @@ class Router:
         regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern)
         self._routes.append((method, re.compile(f"^{regex}/?$"), handler))
 
-    def match(self, method: str, path: str) -> tuple[Handler, dict[str, str]] | int:
-        """The handler and its path arguments, else 404 (no such path) or 405."""
-        path_known = False
+    def match(self, method: str, path: str) -> tuple[Handler, dict[str, str]] | NoRoute:
+        """The handler and its path arguments, else 404 (no such path) or 405 with
+        the methods the path has (its Allow header). HEAD is answered by the GET
+        handler (App sends no body): RFC 9110 wants HEAD wherever GET is."""
+        allow: list[str] = []
         for route_method, regex, handler in self._routes:
             m = regex.match(path)
             if m is None:
                 continue
-            path_known = True
-            if route_method == method:
+            allow.append(route_method)
+            if route_method == method or (method == "HEAD" and route_method == "GET"):
                 return handler, m.groupdict()
-        return 405 if path_known else 404
+        if "GET" in allow:
+            allow.append("HEAD")
+        return NoRoute(405, tuple(allow)) if allow else NoRoute(404, ())
+
+
+@dataclass(frozen=True)
+class NoRoute:
+    """No handler: 404, or 405 and the methods the path answers (``allow``)."""
+
+    status: int
+    allow: tuple[str, ...]
 
 
 def json_response(status: int, body: Any, extra: list[tuple[bytes, bytes]] | None = None
@@ -148,7 +160,7 @@ class App:
         if scope["type"] != "http":
             return
         response = await self._handle(scope, receive)
-        await self._send(send, response)
+        await self._send(send, response, head=scope["method"] == "HEAD")
 
     async def _lifespan(self, receive: Callable[..., Awaitable[Any]],
                         send: Callable[..., Awaitable[None]]) -> None:
@@ -179,10 +191,13 @@ class App:
                                   "message": "insufficient permissions",
                                   "details": [{"resource": "instance", "action": "access"}]})
         found = self.router.match(method, path)
-        if isinstance(found, int):
-            log.info("%s -> %d: no such route", shown, found)
-            kind = "not_found" if found == 404 else "method_not_allowed"
-            return Response(found, {"type": kind, "message": f"{method} {path}: no such route"})
+        if isinstance(found, NoRoute):
+            log.info("%s -> %d: no such route", shown, found.status)
+            kind = "not_found" if found.status == 404 else "method_not_allowed"
+            allow = [(b"allow", ", ".join(found.allow).encode())] if found.allow else []
+            return Response(found.status, {"type": kind,
+                                           "message": f"{method} {path}: no such route"},
+                            allow)
         handler, args = found
         try:
             body = await _read_body(receive)
@@ -207,16 +222,20 @@ class App:
             return Response(500, {"type": "internal_error", "message": "internal error"})
 
     @staticmethod
-    async def _send(send: Callable[..., Awaitable[None]], response: Response) -> None:
+    async def _send(send: Callable[..., Awaitable[None]], response: Response,
+                    head: bool = False) -> None:
+        """``head``: the headers GET would send (its length too), no body."""
         headers = list(response.headers)
         payload = b""
         if response.body is not None:
             payload = json.dumps(response.body).encode()
             headers.append((b"content-type", b"application/json"))
-        headers.append((b"content-length", str(len(payload)).encode()))
+        # RFC 9110 8.6: a 204 (or 1xx) MUST NOT carry Content-Length.
+        if response.status >= 200 and response.status != 204:
+            headers.append((b"content-length", str(len(payload)).encode()))
         await send({"type": "http.response.start", "status": response.status,
                     "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+        await send({"type": "http.response.body", "body": b"" if head else payload})
 
 
 async def _read_body(receive: Callable[..., Awaitable[Any]]) -> bytes:

@@ -60,11 +60,19 @@ def check_zone(zone: str) -> str:
     return zone
 
 
-def check_uuid(field_name: str, value: str) -> str:
-    try:
-        return str(uuid.UUID(value))
-    except (ValueError, AttributeError, TypeError):
-        raise InvalidArgument(field_name, f"{value!r} is not a UUID") from None
+#: The one form of an ID the API reads and writes: Scaleway's IDs are lower-case and
+#: compared as strings, so "ABC..." or "{...}" would name nothing there either.
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def check_uuid(field_name: str, value: object) -> str:
+    """``value`` if it is a UUID in the canonical form (lower-case 8-4-4-4-12); any
+    other spelling (upper case, braces, urn:, no dashes) is refused, not rewritten:
+    a body accepting it while a path 404s on it was inconsistent."""
+    if not isinstance(value, str) or not _CANONICAL_UUID.fullmatch(value):
+        raise InvalidArgument(field_name, f"{value!r} is not a UUID (lower-case "
+                              "8-4-4-4-12 hexadecimal digits)")
+    return value
 
 
 #: The naming rule (README, "Names"): at most this many bytes of UTF-8.

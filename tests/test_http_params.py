@@ -129,3 +129,35 @@ def test_block_bodies_are_checked_under_block_names(served: Served, snapshot_id:
     before = _everything(served)
     _refused(_raw(served, "POST", path, json=body), argument)
     assert _everything(served) == before
+
+
+def _spellings(ident: str) -> list[str]:
+    """The forms of a UUID that are not the API's (lower-case 8-4-4-4-12)."""
+    return [ident.upper(), "{" + ident + "}", ident.replace("-", ""), "urn:uuid:" + ident,
+            ident[:-1], "not-a-uuid"]
+
+
+def test_ids_are_canonical_uuids_in_bodies_and_paths_alike(served: Served,
+                                                          snapshot_id: str) -> None:
+    """Scaleway's IDs are lower-case and compared as given: any other spelling is a
+    400 naming the argument, in a body as in a path (it was accepted in one and a
+    404 in the other)."""
+    vol = served.volumes["vol-a"]["id"]
+    before = _everything(served)
+    for bad in _spellings(vol):
+        _refused(_raw(served, "POST", f"{INST}/snapshots",
+                      json={"name": "s", "volume_id": bad}), "volume_id")
+        _refused(_raw(served, "POST", f"{BLK}/snapshots",
+                      json={"name": "s", "volume_id": bad}), "volume_id")
+        _refused(_raw(served, "GET", f"{INST}/volumes/{bad}"), "volume_id")
+        _refused(_raw(served, "GET", f"{BLK}/volumes/{bad}"), "volume_id")
+    for bad in _spellings(snapshot_id):
+        for method in ("GET", "PATCH", "DELETE"):
+            _refused(_raw(served, method, f"{INST}/snapshots/{bad}", json={}), "snapshot_id")
+            _refused(_raw(served, method, f"{BLK}/snapshots/{bad}", json={}), "snapshot_id")
+        _refused(_raw(served, "GET", f"{INST}/tasks/{bad}"), "task_id")
+    for bad in _spellings(served.default_project):
+        _refused(_raw(served, "POST", f"{INST}/snapshots",
+                      json={"name": "s", "volume_id": vol, "project": bad}), "project")
+    assert _everything(served) == before
+    assert _raw(served, "GET", f"{INST}/volumes/{vol}").status_code == 200

@@ -20,6 +20,7 @@ from urllib.parse import parse_qs
 from .. import jsontext
 from ..errors import InvalidArgument, SnapfsError
 from ..logtext import esc
+from ..model import check_uuid
 from .api_errors import error_body, unauthenticated_body
 
 log = logging.getLogger("snapfs.http")
@@ -200,6 +201,14 @@ class App:
                             allow)
         handler, args = found
         try:
+            # Path IDs are held to the rule bodies are (model.check_uuid): anything
+            # but a canonical lower-case UUID is a 400 naming the argument on every
+            # route, as Scaleway's newer APIs answer; a well-formed ID of nothing
+            # is the handler's 404. (Scaleway compares IDs case-sensitively: an
+            # upper-case one is not the same ID, so it is refused, not folded.)
+            for name, value in args.items():
+                if name.endswith("_id"):
+                    check_uuid(name, value)
             body = await _read_body(receive)
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"),
                              keep_blank_values=True)

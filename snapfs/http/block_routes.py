@@ -294,6 +294,7 @@ class BlockRoutes:
         volume_id = _typed(body, "volume_id", str)
         if not volume_id:
             raise InvalidArgument("volume_id", "required")
+        check_uuid("volume_id", volume_id)  # 400 for a malformed one, as Instance's
         if _typed(body, "public", bool):
             raise InvalidArgument("public", "public snapshots are not supported by this server")
         vol = await self._volume(zone, volume_id)

@@ -36,7 +36,9 @@ class NotFound(SnapfsError):
     api_type = "not_found"
 
     def __init__(self, resource: str, ident: str) -> None:
-        super().__init__(f"{resource} {ident!r} not found")
+        # Quoted, not repr'd: the log escapes the message (logtext.esc) and would
+        # escape repr's backslashes a second time ("\\n" for a newline).
+        super().__init__(f"{resource} '{ident}' not found")
         self.resource = resource
         self.ident = ident
 

@@ -13,10 +13,15 @@ from __future__ import annotations
 import logging
 import re
 
-#: Characters escaped in user-supplied text: C0 controls, DEL, C1 controls and
-#: lone surrogates (how undecodable bytes survive os.fsdecode).
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
-_UNSAFE_OR_BACKSLASH = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff\\]")
+#: Characters escaped in user-supplied text: C0 controls, DEL, C1 controls, lone
+#: surrogates (how undecodable bytes survive os.fsdecode), and the invisible ones
+#: that make a line read other than it is: zero-width characters and marks
+#: (U+200B-U+200F), line/paragraph separators (U+2028/2029, line breaks to some
+#: viewers), bidi embeddings, overrides and isolates (U+202A-U+202E,
+#: U+2066-U+2069) and the BOM (U+FEFF).
+_INVISIBLE = "\u200b-\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff"
+_UNSAFE = re.compile(f"[\\x00-\\x1f\\x7f-\\x9f\\ud800-\\udfff{_INVISIBLE}]")
+_UNSAFE_OR_BACKSLASH = re.compile(f"[\\x00-\\x1f\\x7f-\\x9f\\ud800-\\udfff{_INVISIBLE}\\\\]")
 
 #: Longest rendering of one value in a log line, in characters.
 LIMIT = 300

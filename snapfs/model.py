@@ -60,11 +60,19 @@ def check_zone(zone: str) -> str:
     return zone
 
 
-def check_uuid(field_name: str, value: str) -> str:
-    try:
-        return str(uuid.UUID(value))
-    except (ValueError, AttributeError, TypeError):
-        raise InvalidArgument(field_name, f"{value!r} is not a UUID") from None
+#: The one form of an ID the API reads and writes: Scaleway's IDs are lower-case and
+#: compared as strings, so "ABC..." or "{...}" would name nothing there either.
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def check_uuid(field_name: str, value: object) -> str:
+    """``value`` if it is a UUID in the canonical form (lower-case 8-4-4-4-12); any
+    other spelling (upper case, braces, urn:, no dashes) is refused, not rewritten:
+    a body accepting it while a path 404s on it was inconsistent."""
+    if not isinstance(value, str) or not _CANONICAL_UUID.fullmatch(value):
+        raise InvalidArgument(field_name, f"{value!r} is not a UUID (lower-case "
+                              "8-4-4-4-12 hexadecimal digits)")
+    return value
 
 
 #: The naming rule (README, "Names"): at most this many bytes of UTF-8.
@@ -335,13 +343,18 @@ class Snapshot:
     #: Fields Set may not change; a differing value is an invalid argument.
     IMMUTABLE = ("id", "organization", "project", "size", "volume_type", "zone",
                  "creation_date", "base_volume")
-    #: Fields the service alone sets: a Set that changes them is refused, not
-    #: silently ignored (modification_date moves with every change: ignored).
-    READ_ONLY = IMMUTABLE + ("state", "error_reason")
+    #: Fields a Set may not change: a differing value is refused, not ignored.
+    READ_ONLY = IMMUTABLE
+    #: Fields the service moves on its own (a capture ends, a change is made): a Set
+    #: sending other values than the current ones is not refused but they are
+    #: ignored, so that a get-then-set round trip still works once the snapshot
+    #: moved meanwhile (as the API's Set keeps only what it can set).
+    SERVER_DRIVEN = ("state", "error_reason", "modification_date")
 
     def check_set(self, current: "Snapshot") -> None:
-        """Refuse a Set of ``self`` over ``current`` that changes more than the
-        name and tags (the only fields a Set changes)."""
+        """Refuse a Set of ``self`` over ``current`` that changes an immutable
+        field; the name and tags are what a Set changes, SERVER_DRIVEN ones are
+        ignored."""
         for name in self.READ_ONLY:
             if not _same_value(name, getattr(self, name), getattr(current, name)):
                 raise InvalidArgument(name, "cannot be changed (only name and tags can be set)")
@@ -426,6 +439,11 @@ class Task:
             "href_result": self.href_result, "started_at": self.started_at,
             "terminated_at": self.terminated_at, "zone": self.zone,
         }
+
+
+def export_href(snapshot_id: str) -> str:
+    """An export task's ``href_from``: the one form Export and Get task both answer."""
+    return f"/snapshots/{snapshot_id}/export"
 
 
 def check_readable(snap: "Snapshot") -> None:

@@ -8,11 +8,13 @@ without Object Storage configured refuses export/import with a clear reason.
 from __future__ import annotations
 
 import abc
+import ipaddress
+import re
 from typing import Callable
 
 import trio
 
-from .errors import SnapfsError
+from .errors import InvalidArgument, SnapfsError
 from .service import ImageReader
 
 #: progress(done_bytes, total_bytes) -- called from the trio thread.
@@ -20,6 +22,42 @@ ProgressFn = Callable[[int, int], None]
 #: left(upload_id) -- an export's multipart upload that could not be aborted (the
 #: storage did not answer): the caller records it to abort later (trio thread).
 LeftFn = Callable[[str], None]
+
+# S3 bucket naming rules: 3-63 characters of lower-case letters, digits, dots and
+# hyphens, starting and ending with a letter or digit, no "..", not an IP address.
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+#: S3's limit on an object key, in UTF-8 bytes.
+MAX_KEY_BYTES = 1024
+
+
+def check_object_target(bucket: object, key: object) -> tuple[str, str]:
+    """``(bucket, key)`` if S3 would accept them, else InvalidArgument naming the
+    one that is not: checked when an export or import is asked for, so that a bad
+    name is refused then, not as a failure in the background later. Pure: used by
+    every place a target comes in (the API, the mount's export/imports files)."""
+    if not isinstance(bucket, str) or not _BUCKET.fullmatch(bucket) or ".." in bucket \
+            or _is_ip(bucket):
+        raise InvalidArgument("bucket", f"{bucket!r} is not a valid bucket name (3-63 "
+                              "characters: a-z, 0-9, '.', '-'; see the S3 naming rules)")
+    if not isinstance(key, str) or not key:
+        raise InvalidArgument("key", "must be a non-empty string")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate, as JSON's "\ud800" gives
+        raise InvalidArgument("key", "is not valid UTF-8 text") from None
+    if size > MAX_KEY_BYTES:
+        raise InvalidArgument("key", f"longer than {MAX_KEY_BYTES} bytes in UTF-8")
+    if "\0" in key:
+        raise InvalidArgument("key", "must not contain a NUL character")
+    return bucket, key
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        return False
+    return True
 
 
 class ObjectStorage(abc.ABC):

@@ -93,7 +93,7 @@ def test_numbers_out_of_range_are_400(served: Served, params: dict[str, str],
 @pytest.mark.parametrize("size", ["1e30", str(10 ** 30), str(1 << 63)])
 def test_import_sizes_out_of_range_are_400(served: Served, size: str) -> None:
     before = _listing(served)
-    body = '{"name": "imp", "bucket": "b", "key": "k", "size": %s}' % size
+    body = '{"name": "imp", "bucket": "bkt", "key": "k", "size": %s}' % size
     r = _raw(served, "POST", SNAPSHOTS, data=body,
              headers={"X-Auth-Token": SECRET, "Content-Type": "application/json"})
     _refused(r, "size")
@@ -111,12 +111,37 @@ def test_deep_and_large_bodies_are_400(served: Served, snapshot_id: str) -> None
     _refused(r, "body")
 
 
-@pytest.mark.parametrize("field, value", [("state", "error"), ("error_reason", "forged")])
+@pytest.mark.parametrize("field, value", [("size", 512), ("volume_type", "l_ssd"),
+                                          ("zone", "fr-par-2"), ("base_volume", None),
+                                          ("creation_date", "2020-01-01T00:00:00Z")])
 def test_set_changing_a_read_only_field_is_400(served: Served, snapshot_id: str,
                                                field: str, value: str) -> None:
     before = _raw(served, "GET", f"{SNAPSHOTS}/{snapshot_id}").json()["snapshot"]
     _refused(_raw(served, "PUT", f"{SNAPSHOTS}/{snapshot_id}", json={field: value}), field)
     assert _raw(served, "GET", f"{SNAPSHOTS}/{snapshot_id}").json()["snapshot"] == before
+
+
+@pytest.mark.parametrize("changes", [
+    {"state": "snapshotting"}, {"state": "error"}, {"error_reason": "forged"},
+    {"state": "snapshotting", "modification_date": "2020-01-01T00:00:00Z"}])
+def test_set_of_an_object_fetched_earlier_ignores_what_the_server_moved(
+        served: Served, snapshot_id: str, changes: dict[str, str]) -> None:
+    """A client's get-then-set still works after the capture ended meanwhile: the
+    server-driven fields it sends back are ignored, the name and tags applied."""
+    url = f"{SNAPSHOTS}/{snapshot_id}"
+    deadline = time.monotonic() + 60
+    while (before := _raw(served, "GET", url).json()["snapshot"])["state"] != "available":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    r = _raw(served, "PUT", url, json={**before, **changes})  # unchanged otherwise
+    assert r.status_code == 200, r.text
+    assert _raw(served, "GET", url).json()["snapshot"] == before  # nothing moved
+    r = _raw(served, "PUT", url, json={**before, **changes, "name": "renamed-by-set"})
+    assert r.status_code == 200, r.text
+    after = _raw(served, "GET", url).json()["snapshot"]
+    assert (after["name"], after["state"], after["error_reason"]) == (
+        "renamed-by-set", "available", None)
+    assert _raw(served, "PATCH", url, json={"name": before["name"]}).status_code == 200
 
 
 def test_the_log_escapes_what_clients_send(served: Served) -> None:

@@ -156,7 +156,7 @@ def test_validation_errors(served: Served) -> None:
 
     before = int(api.list_snapshots().total_count)
     with pytest.raises(ScalewayException) as exc:
-        api.create_snapshot(name="imp", bucket="b", key="k.qcow2", size=1000)
+        api.create_snapshot(name="imp", bucket="bkt", key="k.qcow2", size=1000)
     status, body = _error(exc)
     assert status == 400 and body["details"][0]["argument_name"] == "size"
     assert int(api.list_snapshots().total_count) == before  # nothing created

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 
 from pathlib import Path
 from typing import Callable
@@ -14,6 +15,7 @@ from fixtures_store import MiB, ZONE, deletes_done, random_bytes, read_all, snap
 from snapfs.errors import (InvalidArgument, NotConfigured, NotFound, PreconditionFailed,
                            errno_for)
 from snapfs.local import LocalService, open_local_service
+from snapfs.local.recovery import INTERRUPTED
 from snapfs.local.service import NO_OBJECT_STORAGE
 from snapfs.model import ZONES, Snapshot
 from snapfs.objects import LeftFn, ObjectStorage, ProgressFn
@@ -138,10 +140,10 @@ async def test_create_refusals_change_nothing(service: LocalService,
         (InvalidArgument, dict(name="s", volume_id=vol.id, tags=["a,b"])),
         (InvalidArgument, dict(name="s", volume_id=vol.id, project=service.organization,
                                organization=service.organization)),
-        (InvalidArgument, dict(name="s", bucket="b", key="k", size=1000)),
-        (InvalidArgument, dict(name="s", bucket="b", key="k", size=0)),
+        (InvalidArgument, dict(name="s", bucket="bkt", key="k", size=1000)),
+        (InvalidArgument, dict(name="s", bucket="bkt", key="k", size=0)),
         (InvalidArgument, dict(name="s", bucket="", key="k")),
-        (InvalidArgument, dict(name="s", bucket="b", key="")),
+        (InvalidArgument, dict(name="s", bucket="bkt", key="")),
     ]
     for kind, kw in cases:
         with pytest.raises(kind):
@@ -155,7 +157,7 @@ async def test_import_without_object_storage_is_refused_at_once(
         service: LocalService) -> None:
     before = await state_of_store(service)
     with pytest.raises(NotConfigured) as exc:
-        await service.create_snapshot(ZONE, name="imp", bucket="b", key="k.qcow2",
+        await service.create_snapshot(ZONE, name="imp", bucket="bkt", key="k.qcow2",
                                       size=512 * 1024)
     assert NO_OBJECT_STORAGE in str(exc.value) and errno_for(exc.value) == errno.ENXIO
     assert await state_of_store(service) == before  # no snapshot left in error
@@ -283,7 +285,7 @@ async def test_export_without_object_storage_is_refused_at_once(
     await wait_state(service, snap.id)
     before = await state_of_store(service)
     with pytest.raises(NotConfigured) as exc:
-        await service.export_snapshot(ZONE, snap.id, bucket="b", key="k")
+        await service.export_snapshot(ZONE, snap.id, bucket="bkt", key="k")
     assert NO_OBJECT_STORAGE in str(exc.value) and errno_for(exc.value) == errno.ENXIO
     assert await service.latest_export(ZONE, snap.id) is None
     assert await state_of_store(service) == before
@@ -364,3 +366,41 @@ async def test_a_delete_is_immediate_while_a_capture_holds_the_index(
         service.index_lock.release()
     await deletes_done(service)
     assert service.md.conn.execute("SELECT count(*) FROM snapshot_chunks").fetchone()[0] == 0
+
+
+async def test_deleting_an_import_in_flight_never_shows_it_in_error(
+        store_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A delete of a snapshot still being made goes from importing to gone: an SDK
+    wait loop must never see `error` (it is terminal), and the log must not say the
+    service stopped. A real stop of the service still records the interruption."""
+    caplog.set_level(logging.INFO, logger="snapfs.local")
+    gate = GatedStorage()
+    async with open_local_service(store_dir, objects=gate) as svc:
+        imp = await svc.create_snapshot(ZONE, name="imp", bucket="bkt", key="k")
+        with trio.fail_after(10):
+            await gate.started.wait()
+        seen: list[str] = []
+        done = trio.Event()
+
+        async def watch() -> None:  # Get as often as the loop lets it, until the 404
+            while not done.is_set():
+                try:
+                    seen.append((await svc.get_snapshot(ZONE, imp.id)).state)
+                except NotFound:
+                    seen.append("gone")
+                await trio.sleep(0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            with trio.fail_after(10):
+                await svc.delete_snapshot(ZONE, imp.id)
+            done.set()
+        assert set(seen) <= {"importing", "gone"} and seen[-1] == "gone", seen
+        await deletes_done(svc)
+        assert svc.md.conn.execute("SELECT count(*) FROM snapshot_chunks").fetchone()[0] == 0
+        assert INTERRUPTED not in caplog.text and "failed" not in caplog.text
+        # The service stopping mid-import: that one is recorded as interrupted.
+        other = await svc.create_snapshot(ZONE, name="cut", bucket="bkt", key="k")
+    async with open_local_service(store_dir, objects=GatedStorage()) as svc:
+        cut = await svc.get_snapshot(ZONE, other.id)
+        assert (cut.state, cut.error_reason) == ("error", INTERRUPTED)

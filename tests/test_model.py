@@ -144,14 +144,33 @@ def test_tags_drop_duplicates_and_allow_the_limits() -> None:
     assert check_tags(["x" * 128]) == ["x" * 128]
 
 
-@pytest.mark.parametrize("field, value", [("state", "error"), ("error_reason", "forged"),
-                                          ("size", 1024), ("zone", "fr-par-2")])
+@pytest.mark.parametrize("field, value", [
+    ("size", 1024), ("zone", "fr-par-2"), ("id", "00000000-0000-4000-8000-000000000001"),
+    ("project", "00000000-0000-4000-8000-000000000001"), ("volume_type", "l_ssd"),
+    ("base_volume", None), ("creation_date", "2020-01-01T00:00:00+00:00")])
 def test_a_set_changing_a_read_only_field_is_refused(field: str, value: object) -> None:
     cur = make_snapshot()
     with pytest.raises(InvalidArgument) as info:
         dataclasses.replace(cur, **{field: value}).check_set(cur)
     assert info.value.field == field
     dataclasses.replace(cur, name="renamed", tags=["x"]).check_set(cur)  # allowed
+
+
+@pytest.mark.parametrize("field, value", [
+    ("state", "snapshotting"), ("state", "error"), ("error_reason", "forged"),
+    ("modification_date", "2020-01-01T00:00:00+00:00")])
+def test_a_set_with_a_server_driven_field_of_another_time_is_not_refused(
+        field: str, value: object) -> None:
+    """What a client fetched while a capture ran is sent back after it ended."""
+    cur = make_snapshot()
+    dataclasses.replace(cur, **{field: value}).check_set(cur)
+
+
+def test_creation_dates_compare_as_instants() -> None:
+    cur = make_snapshot(creation_date="2026-01-02T03:04:05.123456+00:00")
+    dataclasses.replace(cur, creation_date="2026-01-02T03:04:05.123Z").check_set(cur)
+    with pytest.raises(InvalidArgument):
+        dataclasses.replace(cur, creation_date="2026-01-02T03:04:06+00:00").check_set(cur)
 
 
 def test_every_error_kind_has_one_errno_and_one_http_status() -> None:

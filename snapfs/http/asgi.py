@@ -20,12 +20,17 @@ from urllib.parse import parse_qs
 from .. import jsontext
 from ..errors import InvalidArgument, SnapfsError
 from ..logtext import esc
+from ..model import check_uuid
 from .api_errors import error_body, unauthenticated_body
 
 log = logging.getLogger("snapfs.http")
 
 #: Request bodies are small JSON objects; anything bigger is refused unread.
 MAX_BODY = 1 << 20
+
+_INTEGER = re.compile(r"-?[0-9]+")
+_BOOLEANS = {**dict.fromkeys(("1", "t", "T", "TRUE", "true", "True"), True),
+             **dict.fromkeys(("0", "f", "F", "FALSE", "false", "False"), False)}
 
 
 @dataclass
@@ -58,18 +63,31 @@ class Request:
         value = self.param(name)
         if value is None or value == "":
             return None
-        try:
-            return int(value)
-        except ValueError:
-            raise InvalidArgument(name, f"{value!r} is not an integer") from None
+        # ASCII digits only: int() also takes other scripts' digits ("٣"), "1_0",
+        # "+5" and surrounding spaces, none of which the API accepts.
+        if not _INTEGER.fullmatch(value):
+            raise InvalidArgument(name, f"{value!r} is not an integer")
+        if len(value) > 20:  # past int64, and int() refuses over 4300 digits
+            raise InvalidArgument(name, "out of range")
+        return int(value)
 
     def list_param(self, name: str) -> list[str] | None:
         """Repeated (``tags=a&tags=b``) and comma-separated (``tags=a,b``) forms,
-        both of which the SDKs send depending on the endpoint."""
+        both of which the SDKs send depending on the endpoint. None (no filter)
+        when no value is left: the SDK sends ``tags=`` for an empty list."""
         values = self.query.get(name)
-        if not values:
+        found = [v for value in values or () for v in value.split(",") if v]
+        return found or None
+
+    def bool_param(self, name: str) -> bool | None:
+        """A boolean in the spellings the API's own parser (Go's ParseBool) takes:
+        the Python SDK sends ``False``, the TypeScript one ``false``. None when absent."""
+        value = self.param(name)
+        if value is None or value == "":
             return None
-        return [v for value in values for v in value.split(",") if v]
+        if value not in _BOOLEANS:
+            raise InvalidArgument(name, f"{value!r} is not true or false")
+        return _BOOLEANS[value]
 
 
 @dataclass
@@ -92,17 +110,29 @@ class Router:
         regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern)
         self._routes.append((method, re.compile(f"^{regex}/?$"), handler))
 
-    def match(self, method: str, path: str) -> tuple[Handler, dict[str, str]] | int:
-        """The handler and its path arguments, else 404 (no such path) or 405."""
-        path_known = False
+    def match(self, method: str, path: str) -> tuple[Handler, dict[str, str]] | NoRoute:
+        """The handler and its path arguments, else 404 (no such path) or 405 with
+        the methods the path has (its Allow header). HEAD is answered by the GET
+        handler (App sends no body): RFC 9110 wants HEAD wherever GET is."""
+        allow: list[str] = []
         for route_method, regex, handler in self._routes:
             m = regex.match(path)
             if m is None:
                 continue
-            path_known = True
-            if route_method == method:
+            allow.append(route_method)
+            if route_method == method or (method == "HEAD" and route_method == "GET"):
                 return handler, m.groupdict()
-        return 405 if path_known else 404
+        if "GET" in allow:
+            allow.append("HEAD")
+        return NoRoute(405, tuple(allow)) if allow else NoRoute(404, ())
+
+
+@dataclass(frozen=True)
+class NoRoute:
+    """No handler: 404, or 405 and the methods the path answers (``allow``)."""
+
+    status: int
+    allow: tuple[str, ...]
 
 
 def json_response(status: int, body: Any, extra: list[tuple[bytes, bytes]] | None = None
@@ -131,7 +161,7 @@ class App:
         if scope["type"] != "http":
             return
         response = await self._handle(scope, receive)
-        await self._send(send, response)
+        await self._send(send, response, head=scope["method"] == "HEAD")
 
     async def _lifespan(self, receive: Callable[..., Awaitable[Any]],
                         send: Callable[..., Awaitable[None]]) -> None:
@@ -162,12 +192,23 @@ class App:
                                   "message": "insufficient permissions",
                                   "details": [{"resource": "instance", "action": "access"}]})
         found = self.router.match(method, path)
-        if isinstance(found, int):
-            log.info("%s -> %d: no such route", shown, found)
-            kind = "not_found" if found == 404 else "method_not_allowed"
-            return Response(found, {"type": kind, "message": f"{method} {path}: no such route"})
+        if isinstance(found, NoRoute):
+            log.info("%s -> %d: no such route", shown, found.status)
+            kind = "not_found" if found.status == 404 else "method_not_allowed"
+            allow = [(b"allow", ", ".join(found.allow).encode())] if found.allow else []
+            return Response(found.status, {"type": kind,
+                                           "message": f"{method} {path}: no such route"},
+                            allow)
         handler, args = found
         try:
+            # Path IDs are held to the rule bodies are (model.check_uuid): anything
+            # but a canonical lower-case UUID is a 400 naming the argument on every
+            # route, as Scaleway's newer APIs answer; a well-formed ID of nothing
+            # is the handler's 404. (Scaleway compares IDs case-sensitively: an
+            # upper-case one is not the same ID, so it is refused, not folded.)
+            for name, value in args.items():
+                if name.endswith("_id"):
+                    check_uuid(name, value)
             body = await _read_body(receive)
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"),
                              keep_blank_values=True)
@@ -190,16 +231,20 @@ class App:
             return Response(500, {"type": "internal_error", "message": "internal error"})
 
     @staticmethod
-    async def _send(send: Callable[..., Awaitable[None]], response: Response) -> None:
+    async def _send(send: Callable[..., Awaitable[None]], response: Response,
+                    head: bool = False) -> None:
+        """``head``: the headers GET would send (its length too), no body."""
         headers = list(response.headers)
         payload = b""
         if response.body is not None:
             payload = json.dumps(response.body).encode()
             headers.append((b"content-type", b"application/json"))
-        headers.append((b"content-length", str(len(payload)).encode()))
+        # RFC 9110 8.6: a 204 (or 1xx) MUST NOT carry Content-Length.
+        if response.status >= 200 and response.status != 204:
+            headers.append((b"content-length", str(len(payload)).encode()))
         await send({"type": "http.response.start", "status": response.status,
                     "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+        await send({"type": "http.response.body", "body": b"" if head else payload})
 
 
 async def _read_body(receive: Callable[..., Awaitable[Any]]) -> bytes:

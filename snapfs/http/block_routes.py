@@ -14,7 +14,8 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 from .. import block_model as bm
 from ..errors import InvalidArgument, NotFound
-from ..model import MAX_PAGE, MAX_PER_PAGE, Page, Snapshot, Volume, check_tags, new_id
+from ..model import (MAX_PAGE, MAX_PER_PAGE, Page, Snapshot, Volume, check_tags, check_uuid,
+                     check_zone, new_id)
 from ..service import SnapshotService
 from .asgi import Request, Response, Router, json_response
 from .paged import PagedLists
@@ -36,10 +37,22 @@ def _typed(body: dict[str, Any], name: str, kind: type) -> Any:
     return value
 
 
-def _only(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
+def _uuid_param(req: Request, name: str) -> str | None:
+    """A filter naming a resource by ID: refused unless a UUID (as the API does)."""
+    value = req.param(name) or None
+    return None if value is None else check_uuid(name, value)
+
+
+def _only(body: dict[str, Any], allowed: tuple[str, ...], within: str = "") -> None:
     for name in body:
         if name not in allowed:
-            raise InvalidArgument(name, "unknown field")
+            raise InvalidArgument(within + name, "unknown field")
+
+
+def _project_id(body: dict[str, Any]) -> str | None:
+    """Checked here, under Block's name for it (the service would say ``project``)."""
+    value = _typed(body, "project_id", str)
+    return None if value is None else check_uuid("project_id", value)
 
 
 def _block_not_found(exc: NotFound) -> NotFound:
@@ -137,6 +150,7 @@ class BlockRoutes:
     # --- volumes -----------------------------------------------------------------------
 
     async def list_volume_types(self, req: Request) -> Response:
+        check_zone(req.args["zone"])
         size, page = _paging(req)
         types = [{"type": t, "zone": req.args["zone"], "pricing": None,
                   "snapshot_pricing": None,
@@ -148,14 +162,18 @@ class BlockRoutes:
         zone = req.args["zone"]
         size, page = _paging(req)
         order = _order(req)
-        project = req.param("project_id") or None
+        project = _uuid_param(req, "project_id")
         org = req.param("organization_id") or None
         name = req.param("name") or None
         tags = req.list_param("tags")
         vtype = req.param("volume_type") or None
+        if vtype is not None and vtype not in bm.BLOCK_VOLUME_TYPE.values():
+            raise InvalidArgument("volume_type",
+                                  f"one of {', '.join(bm.BLOCK_VOLUME_TYPE.values())}")
         ids = req.list_param("volume_ids")
         if req.param("product_resource_id"):
             raise InvalidArgument("product_resource_id", "filter not supported by this server")
+        req.bool_param("include_deleted")  # deleted volumes are gone at once: none either way
 
         async def compute() -> list[Volume]:
             vols = await _all(lambda p: self.svc.list_volumes(
@@ -199,6 +217,7 @@ class BlockRoutes:
         empty = _typed(body, "from_empty", dict)
         if empty is None:
             raise InvalidArgument("from_empty", "required (with its size)")
+        _only(empty, ("size",), within="from_empty.")
         size = _typed(empty, "size", int)
         if size is None:
             raise InvalidArgument("from_empty.size", "required")
@@ -208,7 +227,7 @@ class BlockRoutes:
         # The API names a volume left unnamed; the store needs a name.
         name = _typed(body, "name", str) or f"volume-{new_id()[:8]}"
         vol = await self.svc.create_volume(name, size, zone=zone,
-                                           project=_typed(body, "project_id", str),
+                                           project=_project_id(body),
                                            volume_type=bm.IMPORT_VOLUME_TYPE)
         if tags:
             vol = await self.svc.update_volume(zone, vol.id, tags=tags)
@@ -242,11 +261,13 @@ class BlockRoutes:
         zone = req.args["zone"]
         size, page = _paging(req)
         order = _order(req)
-        project = req.param("project_id") or None
+        project = _uuid_param(req, "project_id")
         org = req.param("organization_id") or None
         name = req.param("name") or None
-        volume_id = req.param("volume_id") or None
+        volume_id = _uuid_param(req, "volume_id")
         tags = req.list_param("tags")
+        # Deleted snapshots are gone at once here: none to include either way.
+        req.bool_param("include_deleted")
 
         async def compute() -> list[Snapshot]:
             snaps = await self.svc.list_all_snapshots(
@@ -273,12 +294,13 @@ class BlockRoutes:
         volume_id = _typed(body, "volume_id", str)
         if not volume_id:
             raise InvalidArgument("volume_id", "required")
+        check_uuid("volume_id", volume_id)  # 400 for a malformed one, as Instance's
         if _typed(body, "public", bool):
             raise InvalidArgument("public", "public snapshots are not supported by this server")
         vol = await self._volume(zone, volume_id)
         snap = await self.svc.create_snapshot(
             zone, name=_typed(body, "name", str) or "", volume_id=vol.id,
-            tags=_typed(body, "tags", list), project=_typed(body, "project_id", str))
+            tags=_typed(body, "tags", list), project=_project_id(body))
         return json_response(200, bm.snapshot_to_block(snap))
 
     async def import_snapshot(self, req: Request) -> Response:
@@ -286,7 +308,7 @@ class BlockRoutes:
         _only(body, ("bucket", "key", "name", "project_id", "tags", "size"))
         snap = await self.svc.create_snapshot(
             req.args["zone"], name=_typed(body, "name", str) or "",
-            tags=_typed(body, "tags", list), project=_typed(body, "project_id", str),
+            tags=_typed(body, "tags", list), project=_project_id(body),
             volume_type=bm.IMPORT_VOLUME_TYPE, bucket=_typed(body, "bucket", str) or "",
             key=_typed(body, "key", str) or "", size=_typed(body, "size", int))
         return json_response(200, bm.snapshot_to_block(snap))

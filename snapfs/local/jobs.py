@@ -111,6 +111,8 @@ class SnapshotWork:
                         await ended.wait()
                     raise
             await self._reclaim()
+            # The packs a capture stopped by this delete cut (it left its map to us).
+            await self._drop_cut_packs()
         finally:
             self._freeing.discard(snapshot_id)
         log.info("snapshot %s: its space is freed", snapshot_id)

@@ -16,7 +16,8 @@ from typing import Any, Iterable
 import sqlite_utils
 
 from ..errors import InvalidArgument, NotFound
-from ..model import BaseVolume, FileAccess, Page, Project, Snapshot, Task, Volume, new_id, now
+from ..model import (BaseVolume, FileAccess, Page, Project, Snapshot, Task, Volume, export_href,
+                     new_id, now)
 from .owner import this_process
 from .connection import connect, transaction, worker_connection
 
@@ -73,7 +74,7 @@ def _task(row: sqlite3.Row) -> Task:
         id=row["id"], description=row["description"], progress=row["progress"],
         status=row["status"], zone=row["zone"], started_at=row["started_at"],
         terminated_at=row["terminated_at"],
-        href_from=f"/snapshots/{row['snapshot_id']}/export", href_result="",
+        href_from=export_href(row["snapshot_id"]), href_result="",
         error=row["error"], bucket=row["bucket"], key=row["key"], bytes=row["bytes"])
 
 

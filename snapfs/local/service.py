@@ -17,8 +17,9 @@ from ..errors import (CorruptData, InvalidArgument, NotConfigured, PreconditionF
                       VolumeChanged)
 from ..model import (DEFAULT_ZONE, ZONES, BaseVolume, FileAccess, Page,
                      Project, Snapshot, Task, Volume, check_name, check_paging, check_readable,
-                     check_size, check_tags, check_uuid, check_volume_type, check_zone, new_id, now)
-from ..objects import ObjectStorage
+                     check_size, check_tags, check_uuid, check_volume_type, check_zone,
+                     export_href, new_id, now)
+from ..objects import ObjectStorage, check_object_target
 from ..service import ImageReader, SnapshotService
 from . import extents, leases
 from .chunkindex import ChunkIndex
@@ -168,6 +169,8 @@ class LocalService(SnapshotService):
             check_volume_type(volume_type)
         if volume_id is not None and (bucket is not None or key is not None):
             raise InvalidArgument("volume_id", "give a volume or a bucket/key, not both")
+        if volume_id is not None and size is not None:  # a capture's size is the volume's
+            raise InvalidArgument("size", "only with bucket and key (an import)")
         if volume_id is None:
             return self._create_import(zone, name, tags, project, organization, volume_type,
                                        bucket, key, size)
@@ -235,10 +238,7 @@ class LocalService(SnapshotService):
     def _create_import(self, zone: str, name: str, tags: list[str], project: str | None,
                        organization: str | None, volume_type: str | None,
                        bucket: str | None, key: str | None, size: int | None) -> Snapshot:
-        if not bucket or not isinstance(bucket, str):
-            raise InvalidArgument("bucket", "must be a non-empty string")
-        if not key or not isinstance(key, str):
-            raise InvalidArgument("key", "must be a non-empty string")
+        bucket, key = check_object_target(bucket, key)
         if size is not None:
             check_size(size)
         if self.objects is None:  # refused now, not as a snapshot in error later
@@ -298,8 +298,6 @@ class LocalService(SnapshotService):
                                      "(here or in another process on this store)")
         self._deleting.add(snapshot_id)
         try:
-            # A capture or import queued or in flight: stop it, it cleans up after itself.
-            await self.jobs.stop(snapshot_id)
             key = self.md.snap_key(snapshot_id)
             # Durably first: from here on the snapshot is gone to everyone, and a
             # crash while its map is half released leaves nothing that reads as holes.
@@ -309,6 +307,12 @@ class LocalService(SnapshotService):
                 now_ = self.md.snapshot(None, snapshot_id)  # NotFound: deleted meanwhile
                 raise PreconditionFailed(f"snapshot {snap.name!r} is {now_.state}; "
                                          "it can be deleted once that ends")
+            # Then a capture or import queued or in flight is stopped: marked first, it
+            # sees a deleted snapshot (as if another process deleted it) and leaves
+            # its map to the release below; stopped first, it would record the
+            # cancellation as the service stopping (state error, INTERRUPTED), which
+            # Get showed until the mark.
+            await self.jobs.stop(snapshot_id)
         finally:
             self._deleting.discard(snapshot_id)
             os.close(held)
@@ -327,10 +331,7 @@ class LocalService(SnapshotService):
     async def export_snapshot(self, zone: str, snapshot_id: str, *, bucket: str,
                               key: str) -> Task:
         snap = self.md.snapshot(check_zone(zone), snapshot_id)
-        if not bucket or not isinstance(bucket, str):
-            raise InvalidArgument("bucket", "must be a non-empty string")
-        if not key or not isinstance(key, str):
-            raise InvalidArgument("key", "must be a non-empty string")
+        bucket, key = check_object_target(bucket, key)
         if snap.state != "available":
             raise PreconditionFailed(f"snapshot {snap.name!r} is {snap.state}, not available")
         if self.objects is None:  # refused now, not as a failed task later
@@ -339,7 +340,8 @@ class LocalService(SnapshotService):
         if snapshot_id in self._deleting:
             raise PreconditionFailed(f"snapshot {snap.name!r} is being deleted")
         task = Task(id=new_id(), description="export_snapshot", progress=0, status="pending",
-                    zone=zone, started_at=now(), bucket=bucket, key=key)
+                    zone=zone, started_at=now(), bucket=bucket, key=key,
+                    href_from=export_href(snapshot_id))
         with self.md.transaction():
             # Exporting keeps deletes away (in every process): set only if no delete
             # has begun, in one statement (Metadata.mark_deleting).

@@ -131,7 +131,8 @@ def test_targets(text: bytes, bucket: str, key: str) -> None:
 
 @pytest.mark.parametrize("text", [b"", b"\n", b"bucket", b"bucket/", b"Bad_Bucket/k",
                                   b"http://b/k", b"ab/k\nmore\n", b"b\xff/k", b"a/k",
-                                  b"a..b/k", b"x" * 5000])
+                                  b"a..b/k", b"x" * 5000, b"192.168.1.1/k",
+                                  b"bkt/" + b"k" * 1025])
 def test_bad_targets(text: bytes) -> None:
     with pytest.raises(InvalidArgument):
         transfer.parse_target(text)

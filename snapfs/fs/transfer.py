@@ -8,15 +8,12 @@ rules are tested without a mount.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 
 from ..errors import InvalidArgument
 from ..model import Snapshot, Task
+from ..objects import check_object_target
 
-# S3 bucket naming rules (lower case, digits, dots and hyphens, 3-63 long,
-# starting and ending with a letter or digit).
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 MAX_TEXT = 4096
 
 
@@ -48,11 +45,7 @@ def parse_target(data: bytes) -> Target:
     bucket, sep, key = text.partition("/")
     if not sep or not key:
         raise InvalidArgument("key", f"{text!r} has no object key; write BUCKET/KEY")
-    if not _BUCKET.match(bucket) or ".." in bucket:
-        raise InvalidArgument("bucket", f"{bucket!r} is not a valid bucket name")
-    if len(key.encode()) > 1024:
-        raise InvalidArgument("key", "longer than 1024 bytes")
-    return Target(bucket, key)
+    return Target(*check_object_target(bucket, key))  # S3's rules, as the API's
 
 
 def line_complete(data: bytes) -> bool:

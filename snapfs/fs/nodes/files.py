@@ -152,7 +152,8 @@ class JsonHandle(BufferHandle):
         snap = Snapshot.from_api(jsontext.loads(data, "snapshot.json", MAX_JSON))
         if snap.id != node.key.snapshot:
             raise InvalidArgument("id", "cannot be changed")
-        # Refused here, whichever backend: state, error_reason... are the service's.
+        # Judged here, whichever backend: immutable fields refused, the ones the
+        # service moves (state, error_reason, dates) ignored (Snapshot.check_set).
         before = await node.snapshot(max_age=0)
         snap.check_set(before)
         updated = await node.ctx.svc.set_snapshot(node.key.zone, snap)

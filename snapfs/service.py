@@ -139,10 +139,13 @@ class SnapshotService(abc.ABC):
                               tags: list[str] | None = None, project: str | None = None,
                               organization: str | None = None, volume_type: str | None = None,
                               bucket: str | None = None, key: str | None = None,
-                              size: int | None = None) -> Snapshot:
+                              size: int | None = None, unique_name: bool = False) -> Snapshot:
         """From a volume (``volume_id``; state ``snapshotting``) or from a QCOW2 object
         (``bucket``/``key``/``size``; state ``importing``). Returns at once; the data
-        is captured in the background."""
+        is captured in the background. ``unique_name``: AlreadyExists if the project
+        has a snapshot of that name in the zone (the API allows duplicates, the
+        tree does not); a backend that can checks it atomically with the create, so
+        that two processes on one store cannot both take a name."""
 
     @abc.abstractmethod
     async def get_snapshot(self, zone: str, snapshot_id: str) -> Snapshot:

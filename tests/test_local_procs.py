@@ -18,7 +18,7 @@ import trio
 
 from fixtures_store import (PACED_CAPTURE, MiB, ZONE, deletes_done, kill_mid_way,
                             random_bytes, read_all, shadow_files, snapshot_of, write_volume)
-from snapfs.errors import NotFound, PreconditionFailed
+from snapfs.errors import AlreadyExists, NotFound, PreconditionFailed
 from snapfs.local import open_local_service
 from snapfs.local import adoption as adoption_module
 from snapfs.local.fsck import fsck
@@ -55,6 +55,27 @@ async def test_a_reader_in_one_process_keeps_deletes_of_another_away(
             await a.open_image(ZONE, snap.id)
         await deletes_done(b)
         assert map_rows(a.md.conn) == 0
+
+
+async def test_a_unique_name_is_taken_by_one_process_only(
+        store_dir: Path, volume_file: Callable[..., Path]) -> None:
+    """The tree's names are unique in a project; two mounts of one store must not
+    both pass their own check and create (unique_name is checked under the write
+    lock of the insert). The API itself allows duplicates (unique_name False)."""
+    path = volume_file("v", 4 * MiB, [(0, random_bytes(MiB, 3))])
+    async with open_local_service(store_dir) as a, open_local_service(store_dir) as b:
+        first = await snapshot_of(a, path, "x", unique_name=True)
+        vol = first.base_volume
+        assert vol is not None
+        before = await b.list_snapshots(ZONE)
+        for svc in (a, b):
+            with pytest.raises(AlreadyExists, match="already exists"):
+                await svc.create_snapshot(ZONE, name="x", volume_id=vol.id, unique_name=True)
+        assert await b.list_snapshots(ZONE) == before
+        # Another name, or the API's create, is not held to it.
+        await snapshot_of(b, path, "y", unique_name=True)
+        await snapshot_of(b, path, "x")
+        assert sorted(s.name for s in (await a.list_snapshots(ZONE)).items) == ["x", "x", "y"]
 
 
 async def test_an_export_in_one_process_keeps_deletes_of_another_away(

@@ -2,13 +2,15 @@
 name is the project's whichever view takes it, a volume truncated to no volume's
 size fails its snapshot, another zone's snapshot is not found by ID, tags/<t>
 goes with its last snapshot, image.raw's attributes follow tags as its siblings'
-do, and a second document written on one open file is a document of its own."""
+do, a second document written on one open file is a document of its own, and
+two mounts of one store racing for a name make one snapshot."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -136,3 +138,18 @@ def test_a_second_document_on_one_open_file_is_its_own(mounted: Mount) -> None:
         os.close(fd)
     assert mounted.xattr(mounted.snapshots() / "n2", "name") == "n2"
     assert "not valid JSON" not in mounted.log()
+
+
+def test_two_mounts_racing_for_one_name_make_one_snapshot(
+        mount_factory: Callable[..., Mount], store_with_volume: Path) -> None:
+    a, b = mount_factory(store_with_volume), mount_factory(store_with_volume)
+    for i in range(8):
+        name = f"race{i}"
+        procs = [subprocess.Popen(["mkdir", str(m.volume("vol1") / name)],
+                                  stderr=subprocess.PIPE, text=True) for m in (a, b)]
+        results = [(p.wait(timeout=60), p.communicate()[1]) for p in procs]
+        codes = sorted(code for code, _ in results)
+        assert codes == [0, 1], results  # one made it, the other was told EEXIST
+        assert any("File exists" in err for _, err in results), results
+    names = os.listdir(a.snapshots())
+    assert sorted(names) == [f"race{i}" for i in range(8)], names

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import sqlite_utils
 
-from ..errors import InvalidArgument, NotFound
+from ..errors import AlreadyExists, InvalidArgument, NotFound
 from ..model import (BaseVolume, FileAccess, Page, Project, Snapshot, Task, Volume, export_href,
                      new_id, now)
 from .owner import this_process
@@ -226,14 +226,16 @@ class Metadata:
     # --- snapshots -------------------------------------------------------------------
 
     def insert_snapshot(self, s: Snapshot, source: dict[str, Any] | None,
-                        durable: bool = True) -> int:
+                        durable: bool = True, unique_name: bool = False) -> int:
         """The new snapshot's map key. ``durable=False``: its commit is not synced
         (WAL, synchronous NORMAL) -- for a row whose next commit comes before
-        Create returns (that one syncs both), or else after ``sync()``."""
+        Create returns (that one syncs both), or else after ``sync()``.
+        ``unique_name``: AlreadyExists if the project has a live snapshot of that
+        name in the zone, checked under the write lock the insert holds."""
         if not durable:
             self.conn.execute("PRAGMA synchronous = NORMAL")
         try:
-            return self._insert_snapshot(s, source)
+            return self._insert_snapshot(s, source, unique_name)
         finally:
             if not durable:
                 self.conn.execute("PRAGMA synchronous = FULL")
@@ -250,13 +252,21 @@ class Metadata:
         finally:
             os.close(fd)
 
-    def _insert_snapshot(self, s: Snapshot, source: dict[str, Any] | None) -> int:
+    def _insert_snapshot(self, s: Snapshot, source: dict[str, Any] | None,
+                         unique_name: bool) -> int:
         # The rowid is the map key, and work in flight (a capture in another
         # process, a lease's base map) holds keys: a key is never given twice,
         # though SQLite would hand out a deleted highest rowid again. The highest
         # one given is kept in meta (and map rows left by a snapshot an older
         # snapfs deleted under a capture count too).
         with self.transaction():
+            if unique_name:
+                other = self.conn.execute(
+                    "SELECT id FROM snapshots WHERE zone = ? AND project = ? AND name = ? "
+                    "AND deleting = 0 LIMIT 1", (s.zone, s.project, s.name)).fetchone()
+                if other is not None:
+                    raise AlreadyExists(f"snapshot {s.name!r} already exists in project "
+                                        f"{s.project} (snapshot {other[0]})")
             row = self.conn.execute(
                 "SELECT max(coalesce((SELECT CAST(value AS INTEGER) FROM meta "
                 "WHERE key = 'last_snapshot_key'), 0), "

@@ -159,7 +159,7 @@ class LocalService(SnapshotService):
                               tags: list[str] | None = None, project: str | None = None,
                               organization: str | None = None, volume_type: str | None = None,
                               bucket: str | None = None, key: str | None = None,
-                              size: int | None = None) -> Snapshot:
+                              size: int | None = None, unique_name: bool = False) -> Snapshot:
         check_zone(zone)
         check_name(name)
         tags = check_tags(tags if tags is not None else [])
@@ -173,7 +173,7 @@ class LocalService(SnapshotService):
             raise InvalidArgument("size", "only with bucket and key (an import)")
         if volume_id is None:
             return self._create_import(zone, name, tags, project, organization, volume_type,
-                                       bucket, key, size)
+                                       bucket, key, size, unique_name)
         vol = self.md.volume(zone, check_uuid("volume_id", volume_id))
         proj = self._owner(project, organization, default=vol.project)
         vf = VolumeFile(vol.name, str(vol.path), self.md.volume_identity(vol.id))
@@ -187,7 +187,7 @@ class LocalService(SnapshotService):
             found, cloneable = await trio.to_thread.run_sync(self._probe, vf)
         except VolumeChanged as exc:  # a snapshot in error says why, as a capture's would
             snap = replace(snap, state="error", error_reason=str(exc))
-            self.md.insert_snapshot(snap, None)
+            self.md.insert_snapshot(snap, None, unique_name=unique_name)
             log.warning("snapshot %s (%s) failed: %s", snap.id, name, exc)
             return snap
         if vf.identity is None:  # registered before identities were: trust on first use
@@ -205,7 +205,8 @@ class LocalService(SnapshotService):
         # Refused before any row when the queue is full.
         ticket = self.jobs.captures.ticket(vol.id)
         try:
-            key_ = self.md.insert_snapshot(snap, None, durable=not cloneable)
+            key_ = self.md.insert_snapshot(snap, None, durable=not cloneable,
+                                           unique_name=unique_name)
             log.info("snapshot %s (%s): capturing volume %s", snap.id, name, vol.name)
             if cloneable and await self.work.snapshot_by_clone(snap.id, key_, vol.id,
                                                            vf, nbytes):
@@ -237,7 +238,8 @@ class LocalService(SnapshotService):
 
     def _create_import(self, zone: str, name: str, tags: list[str], project: str | None,
                        organization: str | None, volume_type: str | None,
-                       bucket: str | None, key: str | None, size: int | None) -> Snapshot:
+                       bucket: str | None, key: str | None, size: int | None,
+                       unique_name: bool = False) -> Snapshot:
         bucket, key = check_object_target(bucket, key)
         if size is not None:
             check_size(size)
@@ -251,7 +253,8 @@ class LocalService(SnapshotService):
                         modification_date=t, error_reason=None, zone=zone, progress=0)
         ticket = self.jobs.imports.ticket(None)
         try:
-            key_ = self.md.insert_snapshot(snap, {"bucket": bucket, "key": key, "size": size})
+            key_ = self.md.insert_snapshot(snap, {"bucket": bucket, "key": key, "size": size},
+                                           unique_name=unique_name)
         except BaseException:
             self.jobs.imports.give_back(ticket)
             raise

@@ -268,7 +268,8 @@ class ScalewayService(SnapshotService):
                               tags: list[str] | None = None, project: str | None = None,
                               organization: str | None = None, volume_type: str | None = None,
                               bucket: str | None = None, key: str | None = None,
-                              size: int | None = None) -> Snapshot:
+                              size: int | None = None, unique_name: bool = False) -> Snapshot:
+        # unique_name: the cloud has no atomic check; the caller's listing is all.
         check_name(name)
         if tags is not None:
             tags = check_tags(tags)

@@ -179,7 +179,7 @@ class ImportHandle(TargetHandle):
             await check_free(node, node.key.name)  # a mkdir may have taken it since
             snap = await node.ctx.svc.create_snapshot(
                 node.key.zone, name=node.key.name, bucket=target.bucket, key=target.key,
-                project=node.key.project)
+                project=node.key.project, unique_name=True)
             rec.target, rec.snapshot_id = target, snap.id
             node.ctx.catalog.invalidate()
             node.ctx.catalog.remember(snap)

@@ -97,8 +97,10 @@ class ViewNode(Node):
         check_name(name)
         with self._claim(name):
             await self._check_free(name)
+            # unique_name: another process on the store may take it meanwhile.
             snap = await self.ctx.svc.create_snapshot(
-                self.key.zone, name=name, volume_id=self.view.arg, project=self.key.project)
+                self.key.zone, name=name, volume_id=self.view.arg, project=self.key.project,
+                unique_name=True)
             # create_snapshot returns once the snapshot exists (snapshotting or later).
             self.ctx.catalog.invalidate()
             self.ctx.catalog.remember(snap)

@@ -191,3 +191,56 @@ def test_rmdir_stops_a_running_and_a_queued_capture(busy_mount: tuple[Mount, Pat
     assert m.wait_state(m.snapshots() / "s3") == "available"
     run("cmp", m.snapshots() / "s3" / "image.raw", vol)
     assert "Traceback" not in m.log()
+
+
+def fill(directory: Path) -> Path:
+    """A file that takes every free byte of ``directory``'s filesystem."""
+    filler = directory / "filler"
+    block = bytes(MiB)
+    with open(filler, "wb", buffering=0) as f:
+        for size in (MiB, 64 << 10, 4096):
+            try:
+                while True:
+                    f.write(block[:size])
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+    return filler
+
+
+def test_metadata_writes_on_a_full_disk_are_enospc_and_change_nothing(
+        small_fs: Path, tmp_path: Path, mount_factory: Callable[..., Mount]) -> None:
+    """SQLite's "database or disk is full" was an unexpected error: EIO and a bug
+    line in the log for mkdir, mv, setfattr and rmdir alike."""
+    vol = tmp_path / "v.raw"
+    vol.write_bytes(os.urandom(4 * MiB))
+    store = small_fs / "store"
+    snapfs("volume", "add", "v", vol, "--store", store)
+    m = mount_factory(store)
+    s = m.snapshots() / "s1"
+    run("mkdir", m.volume("v") / "s1")
+    assert m.wait_state(s) == "available"
+    filler = fill(small_fs)
+    attempts = {
+        "mkdir": lambda: os.mkdir(m.volume("v") / "s2"),
+        "rename": lambda: os.rename(s, m.snapshots() / "s1-renamed"),
+        "setxattr": lambda: os.setxattr(s, "user.tags", b"t"),
+        "rmdir": lambda: os.rmdir(s),
+    }
+    for what, attempt in attempts.items():
+        before = (sorted(os.listdir(m.snapshots())), os.listxattr(s) and m.xattr(s, "tags"))
+        try:
+            attempt()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, (what, exc)
+            assert (sorted(os.listdir(m.snapshots())), m.xattr(s, "tags")) == before, what
+        else:
+            pytest.fail(f"{what} succeeded on a full filesystem")
+    assert "failed unexpectedly" not in m.log()
+    assert "is full" in m.log()
+    filler.unlink()
+    os.setxattr(s, "user.tags", b"t")
+    run("rmdir", s)
+    assert os.listdir(m.snapshots()) == []
+    m.stop()
+    res = snapfs("fsck", "--store", store, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr

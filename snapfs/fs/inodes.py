@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pyfuse3
 
+from .. import sqlfull
 from ..errors import NotFound
 from .keys import ROOT, Key, Kind, View
 
@@ -68,7 +69,7 @@ class InodeMap:
 
     def __init__(self, path: Path) -> None:
         self.conn = sqlite3.connect(str(path), isolation_level=None, timeout=10.0,
-                                    check_same_thread=False)
+                                    check_same_thread=False, factory=sqlfull.Connection)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         # Numbers from 2 up: 1 is the root (pyfuse3.ROOT_INODE), never stored.

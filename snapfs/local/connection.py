@@ -16,6 +16,7 @@ from typing import Iterator
 
 import sqlite_utils
 
+from .. import sqlfull
 from ..errors import CorruptData, SnapfsError
 from .schema import migrate
 from .store import readonly_uri
@@ -35,7 +36,7 @@ def connect(path: Path, readonly: bool) -> sqlite3.Connection:
                                check_same_thread=False, timeout=BUSY_TIMEOUT)
     else:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                               timeout=BUSY_TIMEOUT)
+                               timeout=BUSY_TIMEOUT, factory=sqlfull.Connection)
     conn.row_factory = sqlite3.Row
     try:
         if readonly:
@@ -53,7 +54,8 @@ def connect(path: Path, readonly: bool) -> sqlite3.Connection:
 
 def worker_connection(path: Path) -> sqlite3.Connection:
     """A connection for a worker thread's long job, on a prepared database."""
-    conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT)
+    conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT,
+                           factory=sqlfull.Connection)
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA foreign_keys = ON")
     return conn

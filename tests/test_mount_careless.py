@@ -153,3 +153,16 @@ def test_two_mounts_racing_for_one_name_make_one_snapshot(
         assert any("File exists" in err for _, err in results), results
     names = os.listdir(a.snapshots())
     assert sorted(names) == [f"race{i}" for i in range(8)], names
+
+
+def test_an_image_on_a_snapfs_mount_is_no_volume(mounted: Mount) -> None:
+    """Registered, a capture of it hung the mount for good (its close waited on a
+    FLUSH only the mount itself could answer); refused, with one line."""
+    s = snap(mounted)
+    store = str(mounted.store)
+    before = snapfs("volume", "list", "--store", store).stdout
+    res = snapfs("volume", "add", "self", s / "image.raw", "--store", store, check=False)
+    assert res.returncode != 0
+    assert "is on the snapfs mount" in res.stderr and len(res.stderr.splitlines()) == 1
+    assert snapfs("volume", "list", "--store", store).stdout == before
+    assert os.listdir(mounted.snapshots()) == ["s1"]  # the mount still answers

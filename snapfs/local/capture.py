@@ -184,6 +184,13 @@ class FileSource(CaptureSource):
                                              limiter=self.limiter)
 
     async def aclose(self) -> None:
+        # In a worker: a close may wait on the file's filesystem (a FLUSH over
+        # FUSE or NFS), and the trio thread must go on answering meanwhile.
+        # Shielded: a cancelled capture closes its file all the same.
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._close, limiter=self.limiter)
+
+    def _close(self) -> None:
         self._pool.shutdown()
         os.close(self.fd)
 

@@ -74,6 +74,30 @@ def _kind(mode: int) -> str | None:
     return "not a regular file"
 
 
+#: The filesystem type /proc/self/mountinfo shows for a snapfs mount.
+SNAPFS_FSTYPE = "fuse.snapfs"
+
+
+def snapfs_mount_of(st: os.stat_result) -> str | None:
+    """The snapfs mount a file lies on, if it does. A volume there is refused: a
+    mount capturing a file it serves itself waits on its own answers (a close is
+    a FLUSH only it can answer) and hangs for good; and an image there is a
+    snapshot already (``cp --sparse=always`` it out to make it a volume)."""
+    if stat.S_ISBLK(st.st_mode):
+        return None
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and fields[2] == dev and " - " in line:
+                    fstype = line.split(" - ", 1)[1].split()[0]
+                    return fields[4] if fstype == SNAPFS_FSTYPE else None
+    except OSError:
+        return None
+    return None
+
+
 def _size(fd: int, st: os.stat_result) -> int:
     return st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(fd, 0, os.SEEK_END)
 
@@ -101,6 +125,11 @@ def inspect_new(path: str | os.PathLike[str]) -> Inspected:
     if kind is not None:
         raise InvalidArgument("path", f"{shown} is {kind}: a volume is a raw image file "
                                       "or a block device")
+    mount = snapfs_mount_of(before)
+    if mount is not None:
+        raise InvalidArgument("path", f"{shown} is on the snapfs mount {mount}: an image "
+                                      "there is a snapshot already; copy it out (cp "
+                                      "--sparse=always) to make it a volume")
     try:
         fd = _open_nofollow(real)
     except OSError as exc:
@@ -124,6 +153,12 @@ def open_volume(vf: VolumeFile) -> tuple[int, os.stat_result]:
     to be the file registered (when an identity is recorded). Refuses with
     VolumeChanged whatever else is there now (a symlink, another file, a FIFO);
     a missing or unreadable file is InvalidArgument. Blocking: for a worker thread."""
+    try:
+        mount = snapfs_mount_of(os.lstat(vf.path))
+    except OSError:
+        mount = None  # the open below says what is wrong
+    if mount is not None:  # before any open: see snapfs_mount_of
+        raise _changed(vf, f"is on the snapfs mount {mount}")
     try:
         fd = _open_nofollow(vf.path)
     except FileNotFoundError:

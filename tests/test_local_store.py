@@ -193,6 +193,7 @@ async def test_a_version_1_store_is_migrated_and_reads_the_same(
             conn.execute(f"ALTER TABLE snapshots DROP COLUMN {col}")
         conn.execute("DROP TABLE left_uploads")
         conn.execute("DROP TABLE map_digests")
+        conn.execute("DROP TABLE damaged_chunks")
         undo_reference_counts(conn)
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     conn.close()
@@ -359,6 +360,7 @@ async def test_a_delete_cut_short_under_schema_3_is_finished_after_the_migration
                      "if this stays, the delete was interrupted: delete it again'")
         assert _release_step(conn, key, 2)
         conn.execute("DROP TABLE map_digests")  # after the step, which deletes its row
+        conn.execute("DROP TABLE damaged_chunks")
         undo_reference_counts(conn)
         conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
     conn.close()

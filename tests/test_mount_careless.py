@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Callable
 import pytest
 
 from fixtures_mount import MiB, Mount, gone_soon, run, snapfs
+from fixtures_store import flip_bits
 from test_mount_firsthour import failing, snap, tree
 
 pytestmark = pytest.mark.mount
@@ -166,3 +168,39 @@ def test_an_image_on_a_snapfs_mount_is_no_volume(mounted: Mount) -> None:
     assert "is on the snapfs mount" in res.stderr and len(res.stderr.splitlines()) == 1
     assert snapfs("volume", "list", "--store", store).stdout == before
     assert os.listdir(mounted.snapshots()) == ["s1"]  # the mount still answers
+
+
+def test_a_damaged_chunk_is_stored_anew_by_the_next_snapshot_which_heals_the_old(
+        mount_factory: Callable[..., Mount], tmp_path: Path) -> None:
+    """A capture deduplicated onto a chunk fsck had found bad: the new snapshot was
+    `available` and read EIO, and no snapshot ever replaced the chunk. Marked by
+    fsck --repair, it is skipped by deduplication; the next capture stores the
+    bytes anew and the chunk's row points at them, so the old snapshot reads right
+    again."""
+    data = os.urandom(4 * MiB)
+    vol = tmp_path / "vol.raw"
+    vol.write_bytes(data)
+    store = tmp_path / "store"
+    snapfs("volume", "add", "v", vol, "--store", store)
+    m = mount_factory(store, "--page-cache")
+    run("mkdir", m.volume("v") / "a")
+    assert m.wait_state(m.snapshots() / "a") == "available"
+    m.stop()
+    db = sqlite3.connect(store / "metadata.db")
+    place = db.execute("SELECT c.pack, c.offset FROM chunks c JOIN snapshot_chunks m "
+                       "ON m.chunk = c.id WHERE m.idx = 1").fetchone()
+    db.close()
+    flip_bits(store, (int(place[0]), int(place[1])), 777, 0x10)
+    res = snapfs("fsck", "--store", store, check=False)
+    assert res.returncode == 1 and "fsck --repair marks it damaged" in res.stdout, res
+    res = snapfs("fsck", "--repair", "--store", store, check=False)
+    assert "marked 1 chunk(s) damaged" in res.stdout, res.stdout + res.stderr
+    m = mount_factory(store, "--page-cache")
+    run("mkdir", m.volume("v") / "b")
+    assert m.wait_state(m.snapshots() / "b") == "available"
+    run("cmp", m.snapshots() / "b" / "image.raw", vol)
+    run("cmp", m.snapshots() / "a" / "image.raw", vol)  # healed
+    assert "damaged copy replaced" in m.log()
+    m.stop()
+    res = snapfs("fsck", "--store", store, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr

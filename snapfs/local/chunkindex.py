@@ -11,6 +11,7 @@ their extents queued in ``free_extents``) *before* space is punched.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from contextlib import contextmanager
@@ -18,7 +19,10 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from ..errors import CorruptData, NotFound
+from ..model import now
 from .metadata import Metadata
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -124,16 +128,31 @@ class ChunkIndex:
         finally:
             conn.close()
 
-    def known(self, hashes: list[bytes]) -> dict[bytes, int]:
-        """chunk id by hash, for the hashes already stored."""
+    def known(self, hashes: list[bytes], damaged_too: bool = False) -> dict[bytes, int]:
+        """chunk id by hash, for the hashes already stored -- but those whose
+        bytes are known bad (damaged_chunks, schema v12): a capture stores
+        their content anew instead of reusing them (commit_batch heals them)."""
         found: dict[bytes, int] = {}
+        skip = "" if damaged_too else \
+            " AND NOT EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.chunk = c.id)"
         for i in range(0, len(hashes), 500):
             part = hashes[i:i + 500]
             marks = ",".join("?" * len(part))
             for h, cid in self.conn.execute(
-                    f"SELECT hash, id FROM chunks WHERE hash IN ({marks})", part):
+                    f"SELECT hash, id FROM chunks c WHERE hash IN ({marks}){skip}", part):
                 found[bytes(h)] = int(cid)
         return found
+
+    def mark_damaged(self, chunk_ids: list[int]) -> None:
+        """fsck --repair: these chunks' bytes are bad (see known())."""
+        with self.md.transaction():
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO damaged_chunks (chunk, found) VALUES (?, ?)",
+                [(cid, now()) for cid in chunk_ids])
+
+    def damaged(self) -> list[int]:
+        return [int(r[0]) for r in self.conn.execute(
+            "SELECT chunk FROM damaged_chunks ORDER BY chunk")]
 
     def new_pack(self, floor: int = 0) -> int:
         """A new pack's id: above every row, above ``floor`` (PackFiles.floor) and
@@ -168,6 +187,7 @@ class ChunkIndex:
         with self.md.transaction():
             _check_live(self.conn, snap)
             if new:
+                new = self._heal(new, pack)
                 self.conn.executemany(
                     "INSERT INTO chunks (hash, pack, offset, length, xxh, raw_length) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
@@ -176,7 +196,7 @@ class ChunkIndex:
                 self.conn.execute("UPDATE packs SET committed = max(committed, ?) WHERE id = ?",
                                   (pack_end, pack))
             if refs:
-                ids = self.known(list({h for _, h in refs}))
+                ids = self.known(list({h for _, h in refs}), damaged_too=True)
                 if len(ids) != len({h for _, h in refs}):
                     # Only another process on the same store can do this (deletes here
                     # wait for the index lock): fail this capture, not the store.
@@ -191,6 +211,37 @@ class ChunkIndex:
             if progress is not None:
                 self.conn.execute("UPDATE snapshots SET progress = ? WHERE id = ?",
                                   (progress[1], progress[0]))
+
+    def _heal(self, new: list[tuple[bytes, int, int, bytes, int | None]], pack: int | None
+              ) -> list[tuple[bytes, int, int, bytes, int | None]]:
+        """In commit_batch's transaction: of the chunks about to be stored, those
+        whose hash a damaged chunk has (known() skipped it) become that chunk's
+        new copy -- its row, id kept, now points at them, so every map naming it
+        reads the good bytes -- and the bad copy's extent is queued to be punched.
+        Returns the rest, to be inserted."""
+        hashes = [h for h, *_ in new]
+        damaged: dict[bytes, int] = {}
+        for i in range(0, len(hashes), 500):
+            part = hashes[i:i + 500]
+            marks = ",".join("?" * len(part))
+            for h, cid in self.conn.execute(
+                    "SELECT c.hash, c.id FROM chunks c JOIN damaged_chunks d ON "
+                    f"d.chunk = c.id WHERE c.hash IN ({marks})", part):
+                damaged[bytes(h)] = int(cid)
+        if not damaged:
+            return new
+        for h, off, ln, x, raw in new:
+            cid = damaged.get(h)
+            if cid is None:
+                continue
+            self.conn.execute("INSERT INTO free_extents (pack, offset, length) "
+                              "SELECT pack, offset, length FROM chunks WHERE id = ?", (cid,))
+            self.conn.execute("UPDATE chunks SET pack = ?, offset = ?, length = ?, xxh = ?, "
+                              "raw_length = ? WHERE id = ?", (pack, off, ln, x, raw, cid))
+            self.conn.execute("DELETE FROM damaged_chunks WHERE chunk = ?", (cid,))
+            log.info("chunk %d: its damaged copy replaced by a new one in pack %s at %d",
+                     cid, pack, off)
+        return [row for row in new if row[0] not in damaged]
 
     def next_mapped(self, snap: int, first: int) -> int | None:
         """The first chunk index >= ``first`` the map has (None: only holes
@@ -278,8 +329,13 @@ class ChunkIndex:
         RELEASE_STEP entries per transaction on a connection of its own, with the
         progress (whole copies only). False, leaving a partial copy for the caller to
         release, if ``base`` stops being available meanwhile (deleted by another
-        process: in this one, deletes wait for the index lock the caller holds)."""
+        process: in this one, deletes wait for the index lock the caller holds) or
+        if it names a damaged chunk (the capture reads the volume, which heals it)."""
         with self._worker() as conn:
+            if conn.execute("SELECT 1 FROM damaged_chunks d JOIN snapshot_chunks m ON "
+                            "m.chunk = d.chunk AND m.snap = ? LIMIT 1", (base,)).fetchone():
+                log.info("snapshot #%d's map names a damaged chunk: not reused", base)
+                return False
             within = ""
             if ranges is not None:
                 # The ranges as a table: a capture of a big, scattered change has

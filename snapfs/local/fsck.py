@@ -39,6 +39,8 @@ class FsckReport:
     problems: list[str] = field(default_factory=list)
     #: Leftovers the next exclusive open (or --repair) tidies: not problems.
     tidy: list[str] = field(default_factory=list)
+    #: Chunks whose bytes read wrong or not at all (--repair marks them damaged).
+    damaged: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -114,10 +116,15 @@ async def fsck(svc: LocalService) -> FsckReport:
             problem = await _verify(svc, pack, offset, length, bytes(digest),
                                     xxh and bytes(xxh), raw_length)
             if problem and _still_there(conn, cid, pack, offset):
-                rep.problems.append(f"chunk {cid}: {problem}")
+                rep.problems.append(f"chunk {cid}: {problem}{_DAMAGED_HINT}")
+                rep.damaged.append(cid)
             rep.chunks += 1
             rep.bytes += length
     return rep
+
+
+_DAMAGED_HINT = (" (fsck --repair marks it damaged: the next snapshot or import holding "
+                 "these bytes stores them anew, which heals every snapshot sharing it)")
 
 
 def print_report(rep: FsckReport, say: Callable[[str], None]) -> int:
@@ -180,6 +187,13 @@ async def run_repair(store: Path, say: Callable[[str], None]) -> int:
         try:
             await repair(svc, say)
             rep = await fsck(svc)
+            marked = set(svc.index.damaged())
+            newly = [cid for cid in rep.damaged if cid not in marked]
+            if newly:
+                svc.index.mark_damaged(newly)
+                say(f"repair: marked {len(newly)} chunk(s) damaged (not reused from now "
+                    "on; a snapshot holding their bytes stores them anew): "
+                    + ", ".join(map(str, newly)))
         finally:
             svc.pool.close()
             svc.packs.close()

@@ -261,6 +261,19 @@ MIGRATIONS: list[str] = [
     END;
     DROP INDEX snapshot_chunks_chunk;
     """,
+    # --- version 12 ----------------------------------------------------------------
+    """
+    -- Chunks whose stored bytes are known bad: fsck --repair found them missing
+    -- (their pack gone) or not matching their hash. Deduplication skips them
+    -- (chunkindex.known): the next capture or import that meets their content
+    -- stores it anew and points the chunk's row at the new copy, which heals every
+    -- snapshot that names the chunk; the row here then goes. Until then they read
+    -- as EIO, never as wrong bytes.
+    CREATE TABLE damaged_chunks (
+        chunk  INTEGER PRIMARY KEY,             -- chunks.id
+        found  TEXT NOT NULL                    -- RFC 3339: when it was marked
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -188,3 +188,11 @@ def wait_state(api: Any, snapshot_id: str, state: str = "available",
         if time.monotonic() > deadline:
             raise AssertionError(f"snapshot {snapshot_id} still {snap.state} after {timeout}s")
         time.sleep(0.05)
+
+
+def refused_400(r: Any, argument: str) -> None:
+    """``r`` (a requests.Response) is the API's 400 naming ``argument``."""
+    assert r.status_code == 400, (r.status_code, r.text)
+    body = r.json()
+    assert body["type"] == "invalid_arguments"
+    assert body["details"][0]["argument_name"] == argument, body

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import requests
 
-from fixtures_http import SECRET, Served
+from fixtures_http import SECRET, Served, refused_400
 
 INST = "/instance/v1/zones/fr-par-1"
 BLK = "/block/v1/zones/fr-par-1"
@@ -19,13 +19,6 @@ BLK = "/block/v1/zones/fr-par-1"
 def _raw(served: Served, method: str, path: str, **kw: Any) -> requests.Response:
     headers = kw.pop("headers", {"X-Auth-Token": SECRET})
     return requests.request(method, served.url + path, headers=headers, timeout=30, **kw)
-
-
-def _refused(r: requests.Response, argument: str) -> None:
-    assert r.status_code == 400, (r.status_code, r.text)
-    body = r.json()
-    assert body["type"] == "invalid_arguments"
-    assert body["details"][0]["argument_name"] == argument, body
 
 
 def _everything(served: Served) -> list[Any]:
@@ -53,7 +46,7 @@ def snapshot_id(served: Served) -> str:
 @pytest.mark.parametrize("size", [1, 512, 8 << 20])
 def test_a_size_with_a_volume_is_400(served: Served, snapshot_id: str, size: int) -> None:
     before = _everything(served)
-    _refused(_raw(served, "POST", f"{INST}/snapshots",
+    refused_400(_raw(served, "POST", f"{INST}/snapshots",
                   json={"name": "t", "volume_id": served.volumes["vol-a"]["id"],
                         "size": size}), "size")
     assert _everything(served) == before
@@ -89,7 +82,7 @@ def test_an_empty_filter_is_no_filter(served: Served, snapshot_id: str, path: st
 ])
 def test_unchecked_parameters_are_400(served: Served, path: str, params: dict[str, str],
                                       argument: str) -> None:
-    _refused(_raw(served, "GET", path, params=params), argument)
+    refused_400(_raw(served, "GET", path, params=params), argument)
 
 
 @pytest.mark.parametrize("value", ["false", "False", "true", "0", "1"])
@@ -107,7 +100,7 @@ def test_booleans_as_the_sdks_send_them(served: Served, value: str) -> None:
 def test_paging_numbers_are_ascii_digits_only(served: Served, path: str,
                                               names: tuple[str, str], value: str) -> None:
     for name in names:
-        _refused(_raw(served, "GET", path, params={name: value}), name)
+        refused_400(_raw(served, "GET", path, params={name: value}), name)
     assert _raw(served, "GET", path, params={names[0]: "10", names[1]: "1"}).status_code == 200
 
 
@@ -127,7 +120,7 @@ def test_block_bodies_are_checked_under_block_names(served: Served, snapshot_id:
     if body.get("volume_id") == "<vol-a>":
         body = {**body, "volume_id": served.volumes["vol-a"]["id"]}
     before = _everything(served)
-    _refused(_raw(served, "POST", path, json=body), argument)
+    refused_400(_raw(served, "POST", path, json=body), argument)
     assert _everything(served) == before
 
 
@@ -145,19 +138,19 @@ def test_ids_are_canonical_uuids_in_bodies_and_paths_alike(served: Served,
     vol = served.volumes["vol-a"]["id"]
     before = _everything(served)
     for bad in _spellings(vol):
-        _refused(_raw(served, "POST", f"{INST}/snapshots",
+        refused_400(_raw(served, "POST", f"{INST}/snapshots",
                       json={"name": "s", "volume_id": bad}), "volume_id")
-        _refused(_raw(served, "POST", f"{BLK}/snapshots",
+        refused_400(_raw(served, "POST", f"{BLK}/snapshots",
                       json={"name": "s", "volume_id": bad}), "volume_id")
-        _refused(_raw(served, "GET", f"{INST}/volumes/{bad}"), "volume_id")
-        _refused(_raw(served, "GET", f"{BLK}/volumes/{bad}"), "volume_id")
+        refused_400(_raw(served, "GET", f"{INST}/volumes/{bad}"), "volume_id")
+        refused_400(_raw(served, "GET", f"{BLK}/volumes/{bad}"), "volume_id")
     for bad in _spellings(snapshot_id):
         for method in ("GET", "PATCH", "DELETE"):
-            _refused(_raw(served, method, f"{INST}/snapshots/{bad}", json={}), "snapshot_id")
-            _refused(_raw(served, method, f"{BLK}/snapshots/{bad}", json={}), "snapshot_id")
-        _refused(_raw(served, "GET", f"{INST}/tasks/{bad}"), "task_id")
+            refused_400(_raw(served, method, f"{INST}/snapshots/{bad}", json={}), "snapshot_id")
+            refused_400(_raw(served, method, f"{BLK}/snapshots/{bad}", json={}), "snapshot_id")
+        refused_400(_raw(served, "GET", f"{INST}/tasks/{bad}"), "task_id")
     for bad in _spellings(served.default_project):
-        _refused(_raw(served, "POST", f"{INST}/snapshots",
+        refused_400(_raw(served, "POST", f"{INST}/snapshots",
                       json={"name": "s", "volume_id": vol, "project": bad}), "project")
     assert _everything(served) == before
     assert _raw(served, "GET", f"{INST}/volumes/{vol}").status_code == 200

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import requests
 
-from fixtures_http import SECRET, Served
+from fixtures_http import SECRET, Served, refused_400
 from snapfs.errors import InvalidArgument
 from snapfs.objects import check_object_target
 
@@ -30,13 +30,6 @@ BAD_TARGETS = [
 def _raw(served: Served, method: str, path: str, **kw: Any) -> requests.Response:
     return requests.request(method, served.url + path, headers={"X-Auth-Token": SECRET},
                             timeout=30, **kw)
-
-
-def _refused(r: requests.Response, argument: str) -> None:
-    assert r.status_code == 400, (r.status_code, r.text)
-    body = r.json()
-    assert body["type"] == "invalid_arguments"
-    assert body["details"][0]["argument_name"] == argument, body
 
 
 def _everything(served: Served) -> list[Any]:
@@ -78,13 +71,13 @@ def test_bad_targets_are_400_at_once_and_create_nothing(
         served_s3: Served, available: str, bucket: str, key: str, argument: str) -> None:
     before = _everything(served_s3)
     target = {"bucket": bucket, "key": key}
-    _refused(_raw(served_s3, "POST", f"{INST}/snapshots", json={"name": "imp", **target}),
+    refused_400(_raw(served_s3, "POST", f"{INST}/snapshots", json={"name": "imp", **target}),
              argument)
-    _refused(_raw(served_s3, "POST", f"{BLK}/snapshots/import-from-object-storage",
+    refused_400(_raw(served_s3, "POST", f"{BLK}/snapshots/import-from-object-storage",
                   json={"name": "imp", **target}), argument)
-    _refused(_raw(served_s3, "POST", f"{INST}/snapshots/{available}/export", json=target),
+    refused_400(_raw(served_s3, "POST", f"{INST}/snapshots/{available}/export", json=target),
              argument)
-    _refused(_raw(served_s3, "POST", f"{BLK}/snapshots/{available}/export-to-object-storage",
+    refused_400(_raw(served_s3, "POST", f"{BLK}/snapshots/{available}/export-to-object-storage",
                   json=target), argument)
     assert _everything(served_s3) == before
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -219,6 +220,10 @@ def test_metadata_writes_on_a_full_disk_are_enospc_and_change_nothing(
     s = m.snapshots() / "s1"
     run("mkdir", m.volume("v") / "s1")
     assert m.wait_state(s) == "available"
+    for db in ("metadata.db", "inodes.sqlite"):  # no WAL space left to reuse either
+        conn = sqlite3.connect(store / db)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
     filler = fill(small_fs)
     attempts = {
         "mkdir": lambda: os.mkdir(m.volume("v") / "s2"),
@@ -235,8 +240,8 @@ def test_metadata_writes_on_a_full_disk_are_enospc_and_change_nothing(
             assert (sorted(os.listdir(m.snapshots())), m.xattr(s, "tags")) == before, what
         else:
             pytest.fail(f"{what} succeeded on a full filesystem")
+    # (The refusals' log lines may not fit: the log is on that filesystem too.)
     assert "failed unexpectedly" not in m.log()
-    assert "is full" in m.log()
     filler.unlink()
     os.setxattr(s, "user.tags", b"t")
     run("rmdir", s)

@@ -102,13 +102,16 @@ def _date(value: str) -> str | None:
     return value or None
 
 
-def snapshot_to_block(snap: Snapshot, parent_type: str | None = None) -> dict[str, Any]:
-    """A local snapshot as the Block API's Snapshot JSON."""
+def snapshot_to_block(snap: Snapshot, parent_type: str | None = None,
+                      parent_status: str = "available") -> dict[str, Any]:
+    """A local snapshot as the Block API's Snapshot JSON. ``parent_type`` and
+    ``parent_status``: its volume's as it is now (the routes look it up; a volume
+    deleted since is ``deleted``); without a type, the snapshot's says."""
     parent = None
     if snap.base_volume is not None:
         parent = {"id": snap.base_volume.id, "name": snap.base_volume.name,
                   "type": parent_type or BLOCK_VOLUME_TYPE.get(snap.volume_type, "sbs_5k"),
-                  "status": "available"}
+                  "status": parent_status}
     return {
         "id": snap.id, "name": snap.name, "size": snap.size, "project_id": snap.project,
         "references": [], "status": STATUS_OF_STATE.get(snap.state, "error"),

@@ -40,6 +40,8 @@ def test_create_update_delete_volume(served: Served) -> None:
     snap = api.wait_for_snapshot(snapshot_id=snap.id,
                                  options=WaitForOptions(timeout=60, min_delay=1))
     assert snap.status == "available" and snap.size == GiB
+    assert snap.parent_volume is not None
+    assert (snap.parent_volume.type_, snap.parent_volume.status) == ("sbs_5k", "available")
 
     updated = api.update_volume(volume_id=vol.id, name="renamed", tags=["c"])
     assert (updated.name, updated.tags) == ("renamed", ["c"])
@@ -67,7 +69,12 @@ def test_create_update_delete_volume(served: Served) -> None:
     assert _status(api.get_volume, volume_id=vol.id) == 404
     assert "renamed" not in _names(api)
     assert _status(api.delete_volume, volume_id=vol.id) == 404
-    # Its snapshot stays (as Block's do when their volume goes).
-    assert api.get_snapshot(snapshot_id=snap.id).status == "available"
+    # Its snapshot stays (as Block's do when their volume goes), and says its
+    # parent is gone, in Get and List alike (it said `available` before).
+    kept = api.get_snapshot(snapshot_id=snap.id)
+    assert kept.status == "available"
+    assert kept.parent_volume is not None and kept.parent_volume.status == "deleted"
+    listed = {s.id: s for s in api.list_snapshots_all(include_deleted=False)}
+    assert listed[snap.id].parent_volume.status == "deleted"  # type: ignore[union-attr]
     api.delete_snapshot(snapshot_id=snap.id)
 

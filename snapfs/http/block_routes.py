@@ -147,6 +147,28 @@ class BlockRoutes:
             raise NotFound("block_volume", volume_id)
         return vol
 
+    async def _render(self, zone: str, snaps: list[Snapshot]) -> list[dict[str, Any]]:
+        """Block's Snapshot JSON, each parent volume as it is now (looked up once
+        per answer): its Block type, and ``deleted`` once it is gone."""
+        parents: dict[str, tuple[str | None, str]] = {}
+        out = []
+        for s in snaps:
+            vid = s.base_volume.id if s.base_volume is not None else None
+            if vid is not None and vid not in parents:
+                try:
+                    vol = await self.svc.get_volume(zone, vid)
+                except NotFound:
+                    parents[vid] = (None, "deleted")
+                else:
+                    parents[vid] = (bm.BLOCK_VOLUME_TYPE.get(vol.volume_type),
+                                    "available" if vol.state == "available" else "in_use")
+            ptype, pstatus = parents[vid] if vid is not None else (None, "available")
+            out.append(bm.snapshot_to_block(s, ptype, pstatus))
+        return out
+
+    async def _one(self, zone: str, snap: Snapshot) -> Response:
+        return json_response(200, (await self._render(zone, [snap]))[0])
+
     # --- volumes -----------------------------------------------------------------------
 
     async def list_volume_types(self, req: Request) -> Response:
@@ -280,12 +302,12 @@ class BlockRoutes:
 
         chosen = await self.paged.get(("snapshots", zone, order, project, org, name, volume_id,
                                      tuple(tags or ())), page, compute)
-        return _list_response("snapshots", [bm.snapshot_to_block(s) for s in
-                                            _page(chosen, size, page)], len(chosen))
+        return _list_response("snapshots", await self._render(zone, _page(chosen, size, page)),
+                              len(chosen))
 
     async def get_snapshot(self, req: Request) -> Response:
-        snap = await self._snapshot(req.args["zone"], req.args["snapshot_id"])
-        return json_response(200, bm.snapshot_to_block(snap))
+        zone = req.args["zone"]
+        return await self._one(zone, await self._snapshot(zone, req.args["snapshot_id"]))
 
     async def create_snapshot(self, req: Request) -> Response:
         zone = req.args["zone"]
@@ -301,7 +323,7 @@ class BlockRoutes:
         snap = await self.svc.create_snapshot(
             zone, name=_typed(body, "name", str) or "", volume_id=vol.id,
             tags=_typed(body, "tags", list), project=_project_id(body))
-        return json_response(200, bm.snapshot_to_block(snap))
+        return await self._one(zone, snap)
 
     async def import_snapshot(self, req: Request) -> Response:
         body = req.json()
@@ -311,7 +333,7 @@ class BlockRoutes:
             tags=_typed(body, "tags", list), project=_project_id(body),
             volume_type=bm.IMPORT_VOLUME_TYPE, bucket=_typed(body, "bucket", str) or "",
             key=_typed(body, "key", str) or "", size=_typed(body, "size", int))
-        return json_response(200, bm.snapshot_to_block(snap))
+        return await self._one(req.args["zone"], snap)
 
     async def update_snapshot(self, req: Request) -> Response:
         zone, snapshot_id = req.args["zone"], req.args["snapshot_id"]
@@ -322,7 +344,7 @@ class BlockRoutes:
         await self._snapshot(zone, snapshot_id)
         snap = await self.svc.update_snapshot(zone, snapshot_id, name=_typed(body, "name", str),
                                               tags=_typed(body, "tags", list))
-        return json_response(200, bm.snapshot_to_block(snap))
+        return await self._one(zone, snap)
 
     async def delete_snapshot(self, req: Request) -> Response:
         zone, snapshot_id = req.args["zone"], req.args["snapshot_id"]
@@ -341,4 +363,4 @@ class BlockRoutes:
                                        bucket=_typed(body, "bucket", str) or "",
                                        key=_typed(body, "key", str) or "")
         snap = await self._snapshot(zone, snapshot_id)
-        return json_response(200, bm.snapshot_to_block(snap))
+        return await self._one(zone, snap)

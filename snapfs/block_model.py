@@ -122,6 +122,11 @@ def snapshot_to_block(snap: Snapshot, parent_type: str | None = None,
     }
 
 
+def volume_status(vol: Volume) -> str:
+    """A local volume's Block status."""
+    return "available" if vol.state == "available" else "in_use"
+
+
 def volume_to_block(vol: Volume) -> dict[str, Any]:
     """A local volume as the Block API's Volume JSON."""
     vtype = BLOCK_VOLUME_TYPE.get(vol.volume_type, "sbs_5k")
@@ -130,7 +135,7 @@ def volume_to_block(vol: Volume) -> dict[str, Any]:
         "project_id": vol.project, "references": [],
         "created_at": _date(vol.creation_date), "updated_at": _date(vol.modification_date),
         "parent_snapshot_id": None,
-        "status": "available" if vol.state == "available" else "in_use",
+        "status": volume_status(vol),
         "tags": list(vol.tags), "zone": vol.zone,
         "specs": {"class": BLOCK_CLASS.get(vol.volume_type, "sbs"),
                   "perf_iops": PERF_IOPS.get(vtype, 0)},

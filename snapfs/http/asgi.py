@@ -71,6 +71,11 @@ class Request:
             raise InvalidArgument(name, "out of range")
         return int(value)
 
+    def uuid_param(self, name: str) -> str | None:
+        """A filter naming a resource by ID: refused unless a UUID (as the API does)."""
+        value = self.param(name) or None
+        return None if value is None else check_uuid(name, value)
+
     def list_param(self, name: str) -> list[str] | None:
         """Repeated (``tags=a&tags=b``) and comma-separated (``tags=a,b``) forms,
         both of which the SDKs send depending on the endpoint. None (no filter)

@@ -37,12 +37,6 @@ def _typed(body: dict[str, Any], name: str, kind: type) -> Any:
     return value
 
 
-def _uuid_param(req: Request, name: str) -> str | None:
-    """A filter naming a resource by ID: refused unless a UUID (as the API does)."""
-    value = req.param(name) or None
-    return None if value is None else check_uuid(name, value)
-
-
 def _only(body: dict[str, Any], allowed: tuple[str, ...], within: str = "") -> None:
     for name in body:
         if name not in allowed:
@@ -161,7 +155,7 @@ class BlockRoutes:
                     parents[vid] = (None, "deleted")
                 else:
                     parents[vid] = (bm.BLOCK_VOLUME_TYPE.get(vol.volume_type),
-                                    "available" if vol.state == "available" else "in_use")
+                                    bm.volume_status(vol))
             ptype, pstatus = parents[vid] if vid is not None else (None, "available")
             out.append(bm.snapshot_to_block(s, ptype, pstatus))
         return out
@@ -184,7 +178,7 @@ class BlockRoutes:
         zone = req.args["zone"]
         size, page = _paging(req)
         order = _order(req)
-        project = _uuid_param(req, "project_id")
+        project = req.uuid_param("project_id")
         org = req.param("organization_id") or None
         name = req.param("name") or None
         tags = req.list_param("tags")
@@ -283,10 +277,10 @@ class BlockRoutes:
         zone = req.args["zone"]
         size, page = _paging(req)
         order = _order(req)
-        project = _uuid_param(req, "project_id")
+        project = req.uuid_param("project_id")
         org = req.param("organization_id") or None
         name = req.param("name") or None
-        volume_id = _uuid_param(req, "volume_id")
+        volume_id = req.uuid_param("volume_id")
         tags = req.list_param("tags")
         # Deleted snapshots are gone at once here: none to include either way.
         req.bool_param("include_deleted")

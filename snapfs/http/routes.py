@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import InvalidArgument
 from ..model import (MAX_PAGE, MAX_PER_PAGE, Page, Project, Snapshot, Volume, check_paging,
-                     check_uuid, check_zone)
+                     check_zone)
 from ..service import SnapshotService
 from .asgi import App, Request, Response, Router, json_response
 from .block_routes import BlockRoutes
@@ -44,12 +44,6 @@ def _typed(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> An
         kind_name = kind.__name__ if isinstance(kind, type) else kind[0].__name__
         raise InvalidArgument(name, f"must be of type {kind_name}")
     return value
-
-
-def _uuid_param(req: Request, name: str) -> str | None:
-    """A filter naming a resource by ID: refused unless a UUID (as the API does)."""
-    value = req.param(name) or None
-    return None if value is None else check_uuid(name, value)
 
 
 def _only(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
@@ -84,10 +78,10 @@ class Routes:
         zone = req.args["zone"]
         per_page, page = check_paging(req.int_param("per_page"), req.int_param("page"))
         organization = req.param("organization") or None
-        project = _uuid_param(req, "project")
+        project = req.uuid_param("project")
         name = req.param("name") or None
         tags = req.list_param("tags")
-        base_volume_id = _uuid_param(req, "base_volume_id")
+        base_volume_id = req.uuid_param("base_volume_id")
         # Scaleway's API takes a volume_type filter (the SDKs do not send it yet);
         # the cloud backend uses it to ask Instance only for what Instance owns.
         volume_type = req.param("volume_type") or None

@@ -343,19 +343,14 @@ class Snapshot:
     #: Fields Set may not change; a differing value is an invalid argument.
     IMMUTABLE = ("id", "organization", "project", "size", "volume_type", "zone",
                  "creation_date", "base_volume")
-    #: Fields a Set may not change: a differing value is refused, not ignored.
-    READ_ONLY = IMMUTABLE
-    #: Fields the service moves on its own (a capture ends, a change is made): a Set
-    #: sending other values than the current ones is not refused but they are
-    #: ignored, so that a get-then-set round trip still works once the snapshot
-    #: moved meanwhile (as the API's Set keeps only what it can set).
-    SERVER_DRIVEN = ("state", "error_reason", "modification_date")
 
     def check_set(self, current: "Snapshot") -> None:
         """Refuse a Set of ``self`` over ``current`` that changes an immutable
-        field; the name and tags are what a Set changes, SERVER_DRIVEN ones are
-        ignored."""
-        for name in self.READ_ONLY:
+        field. The name and tags are what a Set changes; the fields the service
+        moves on its own (state, error_reason, modification_date) are ignored when
+        they differ, so that a get-then-set round trip still works once the
+        snapshot moved meanwhile (as the API's Set keeps only what it can set)."""
+        for name in self.IMMUTABLE:
             if not _same_value(name, getattr(self, name), getattr(current, name)):
                 raise InvalidArgument(name, "cannot be changed (only name and tags can be set)")
 

@@ -132,14 +132,19 @@ class ChunkIndex:
         """chunk id by hash, for the hashes already stored -- but those whose
         bytes are known bad (damaged_chunks, schema v12): a capture stores
         their content anew instead of reusing them (commit_batch heals them)."""
-        found: dict[bytes, int] = {}
         skip = "" if damaged_too else \
             " AND NOT EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.chunk = c.id)"
+        return self._ids_by_hash(hashes, skip)
+
+    def _ids_by_hash(self, hashes: list[bytes], condition: str) -> dict[bytes, int]:
+        """chunk id by hash of the stored chunks (``c``) among ``hashes`` that meet
+        ``condition`` (SQL, "" or " AND ..."), 500 hashes a query."""
+        found: dict[bytes, int] = {}
         for i in range(0, len(hashes), 500):
             part = hashes[i:i + 500]
             marks = ",".join("?" * len(part))
             for h, cid in self.conn.execute(
-                    f"SELECT hash, id FROM chunks c WHERE hash IN ({marks}){skip}", part):
+                    f"SELECT hash, id FROM chunks c WHERE hash IN ({marks}){condition}", part):
                 found[bytes(h)] = int(cid)
         return found
 
@@ -219,15 +224,9 @@ class ChunkIndex:
         new copy -- its row, id kept, now points at them, so every map naming it
         reads the good bytes -- and the bad copy's extent is queued to be punched.
         Returns the rest, to be inserted."""
-        hashes = [h for h, *_ in new]
-        damaged: dict[bytes, int] = {}
-        for i in range(0, len(hashes), 500):
-            part = hashes[i:i + 500]
-            marks = ",".join("?" * len(part))
-            for h, cid in self.conn.execute(
-                    "SELECT c.hash, c.id FROM chunks c JOIN damaged_chunks d ON "
-                    f"d.chunk = c.id WHERE c.hash IN ({marks})", part):
-                damaged[bytes(h)] = int(cid)
+        damaged = self._ids_by_hash(
+            [h for h, *_ in new],
+            " AND EXISTS (SELECT 1 FROM damaged_chunks d WHERE d.chunk = c.id)")
         if not damaged:
             return new
         for h, off, ln, x, raw in new:

@@ -10,7 +10,8 @@ one errno table, with the way out in its message.
 from __future__ import annotations
 
 import sqlite3
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from .errors import StoreFull
 
@@ -18,10 +19,14 @@ FULL_MESSAGE = ("the filesystem holding the store is full: free space there (del
                 "snapshots needs a little room too)")
 
 
-def _translated(exc: sqlite3.OperationalError) -> BaseException:
-    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
-        return StoreFull(f"{FULL_MESSAGE} ({exc})")
-    return exc
+@contextmanager
+def _full_is_store_full() -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            raise StoreFull(f"{FULL_MESSAGE} ({exc})") from None
+        raise
 
 
 class Connection(sqlite3.Connection):
@@ -29,25 +34,17 @@ class Connection(sqlite3.Connection):
     through the connection (sqlite-utils' too) raise StoreFull when full."""
 
     def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
-        try:
+        with _full_is_store_full():
             return super().execute(*args, **kwargs)
-        except sqlite3.OperationalError as exc:
-            raise _translated(exc) from None
 
     def executemany(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
-        try:
+        with _full_is_store_full():
             return super().executemany(*args, **kwargs)
-        except sqlite3.OperationalError as exc:
-            raise _translated(exc) from None
 
     def executescript(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
-        try:
+        with _full_is_store_full():
             return super().executescript(*args, **kwargs)
-        except sqlite3.OperationalError as exc:
-            raise _translated(exc) from None
 
     def commit(self) -> None:
-        try:
+        with _full_is_store_full():
             super().commit()
-        except sqlite3.OperationalError as exc:
-            raise _translated(exc) from None

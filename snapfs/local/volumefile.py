@@ -98,6 +98,11 @@ def snapfs_mount_of(st: os.stat_result) -> str | None:
     return None
 
 
+def _on_snapfs(shown: str, mount: str) -> str:
+    return (f"{shown} is on the snapfs mount {mount}: an image there is a snapshot "
+            "already; copy it out (cp --sparse=always) to make it a volume")
+
+
 def _size(fd: int, st: os.stat_result) -> int:
     return st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(fd, 0, os.SEEK_END)
 
@@ -127,9 +132,7 @@ def inspect_new(path: str | os.PathLike[str]) -> Inspected:
                                       "or a block device")
     mount = snapfs_mount_of(before)
     if mount is not None:
-        raise InvalidArgument("path", f"{shown} is on the snapfs mount {mount}: an image "
-                                      "there is a snapshot already; copy it out (cp "
-                                      "--sparse=always) to make it a volume")
+        raise InvalidArgument("path", _on_snapfs(shown, mount))
     try:
         fd = _open_nofollow(real)
     except OSError as exc:
@@ -158,7 +161,9 @@ def open_volume(vf: VolumeFile) -> tuple[int, os.stat_result]:
     except OSError:
         mount = None  # the open below says what is wrong
     if mount is not None:  # before any open: see snapfs_mount_of
-        raise _changed(vf, f"is on the snapfs mount {mount}")
+        # Not _changed(): `volume repoint` would refuse this path as well.
+        raise VolumeChanged(f"volume {vf.name!r}: " + _on_snapfs(vf.path, mount)
+                            + "; nothing was read")
     try:
         fd = _open_nofollow(vf.path)
     except FileNotFoundError:

@@ -137,7 +137,7 @@ class BufferHandle(Handle):
         #: acted on, a close of a dup'd descriptor) ended. The next write on the
         #: same open goes on from there, so it is a document of its own, not
         #: one padded with the zeros of the part already applied.
-        self.base = 0
+        self._base = 0
         self._end = 0
 
     async def read(self, offset: int, size: int) -> bytes:
@@ -156,10 +156,10 @@ class BufferHandle(Handle):
         if not self.writable:
             raise ReadOnly("not open for writing")
         self._check_size(offset + len(data))
-        if offset < self.base:  # written over what was applied: a new document
-            self.base, self.buffer[:] = offset, b""
+        if offset < self._base:  # written over what was applied: a new document
+            self._base, self.buffer[:] = offset, b""
         self._end = max(self._end, offset + len(data))
-        offset -= self.base
+        offset -= self._base
         if offset > len(self.buffer):
             self.buffer.extend(bytes(offset - len(self.buffer)))
         self.buffer[offset:offset + len(data)] = data
@@ -171,9 +171,9 @@ class BufferHandle(Handle):
         if not self.writable:
             raise ReadOnly(f"{self.node.describe()} is not open for writing")
         self._check_size(size)
-        if size < self.base:
-            self.base, self.buffer[:] = size, b""
-        del self.buffer[size - self.base:]
+        if size < self._base:
+            self._base, self.buffer[:] = size, b""
+        del self.buffer[size - self._base:]
         self._end = size
         self.dirty = True
 
@@ -194,7 +194,7 @@ class BufferHandle(Handle):
         """The buffer's bytes, taken to be applied; later writes start after them."""
         data, self.dirty = bytes(self.buffer), False
         self.buffer.clear()
-        self.base = self._end
+        self._base = self._end
         return data
 
     async def apply(self, data: bytes) -> None:

@@ -35,6 +35,13 @@ def snapfs(*args: str | Path, check: bool = True, timeout: float = 120,
     return run(sys.executable, "-m", "snapfs", *args, check=check, timeout=timeout, env=env)
 
 
+def random_volume(store: Path, path: Path, size: int, name: str) -> Path:
+    """``path`` filled with ``size`` random bytes, added to ``store`` as volume ``name``."""
+    path.write_bytes(os.urandom(size))
+    snapfs("volume", "add", name, path, "--store", store)
+    return path
+
+
 def make_ext4(path: Path, size_mib: int, files: dict[str, bytes]) -> Path:
     """A real ext4 image populated without mounting it (mkfs.ext4 -d)."""
     src = path.with_suffix(".src")

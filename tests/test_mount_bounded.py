@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from fixtures_mount import MiB, Mount, run, snapfs
+from fixtures_mount import MiB, Mount, random_volume, run, snapfs
 
 pytestmark = pytest.mark.mount
 
@@ -212,10 +212,8 @@ def test_metadata_writes_on_a_full_disk_are_enospc_and_change_nothing(
         small_fs: Path, tmp_path: Path, mount_factory: Callable[..., Mount]) -> None:
     """SQLite's "database or disk is full" was an unexpected error: EIO and a bug
     line in the log for mkdir, mv, setfattr and rmdir alike."""
-    vol = tmp_path / "v.raw"
-    vol.write_bytes(os.urandom(4 * MiB))
     store = small_fs / "store"
-    snapfs("volume", "add", "v", vol, "--store", store)
+    random_volume(store, tmp_path / "v.raw", 4 * MiB, "v")
     m = mount_factory(store)
     s = m.snapshots() / "s1"
     run("mkdir", m.volume("v") / "s1")

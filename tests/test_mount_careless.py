@@ -18,7 +18,7 @@ from typing import Callable
 
 import pytest
 
-from fixtures_mount import MiB, Mount, gone_soon, run, snapfs
+from fixtures_mount import MiB, Mount, gone_soon, random_volume, run, snapfs
 from fixtures_store import flip_bits
 from test_mount_firsthour import failing, snap, tree
 
@@ -28,9 +28,7 @@ pytestmark = pytest.mark.mount
 @pytest.fixture
 def two_volumes(mount_factory: Callable[..., Mount], store_with_volume: Path,
                 tmp_path: Path) -> Mount:
-    vol2 = tmp_path / "vol2.raw"
-    vol2.write_bytes(os.urandom(MiB))
-    snapfs("volume", "add", "vol2", vol2, "--store", store_with_volume)
+    random_volume(store_with_volume, tmp_path / "vol2.raw", MiB, "vol2")
     return mount_factory(store_with_volume)
 
 
@@ -56,9 +54,7 @@ def test_a_name_is_the_projects_whichever_view_takes_it(two_volumes: Mount) -> N
 
 def test_a_volume_truncated_to_no_volumes_size_fails_its_snapshot(
         mount_factory: Callable[..., Mount], store_with_volume: Path, tmp_path: Path) -> None:
-    vol = tmp_path / "z.raw"
-    vol.write_bytes(os.urandom(MiB))
-    snapfs("volume", "add", "z", vol, "--store", store_with_volume)
+    vol = random_volume(store_with_volume, tmp_path / "z.raw", MiB, "z")
     m = mount_factory(store_with_volume)
     ok = m.volume("z") / "ok"
     run("mkdir", ok)
@@ -177,11 +173,8 @@ def test_a_damaged_chunk_is_stored_anew_by_the_next_snapshot_which_heals_the_old
     fsck --repair, it is skipped by deduplication; the next capture stores the
     bytes anew and the chunk's row points at them, so the old snapshot reads right
     again."""
-    data = os.urandom(4 * MiB)
-    vol = tmp_path / "vol.raw"
-    vol.write_bytes(data)
     store = tmp_path / "store"
-    snapfs("volume", "add", "v", vol, "--store", store)
+    vol = random_volume(store, tmp_path / "vol.raw", 4 * MiB, "v")
     m = mount_factory(store, "--page-cache")
     run("mkdir", m.volume("v") / "a")
     assert m.wait_state(m.snapshots() / "a") == "available"

@@ -19,7 +19,8 @@ from typing import Callable, Iterator
 import pytest
 import trio
 
-from fixtures_mount import MiB, ZONE, Mount, blocked_in_open, interrupted_open, run, snapfs
+from fixtures_mount import (MiB, ZONE, Mount, blocked_in_open, interrupted_open, random_volume,
+                            run, snapfs)
 from fixtures_s3 import SeaweedServer
 from snapfs.fs.daemon import CONGESTION_THRESHOLD, FUSECTL, MAX_BACKGROUND, READAHEAD_KB
 from snapfs.local import open_local_service
@@ -203,10 +204,8 @@ def test_open_of_a_snapshotting_image_waits(mount_factory: Callable[..., Mount],
     running while `cmp` opens image.raw: open() must wait, then the bytes match.
     Checked by breaking it: with the wait in fs/nodes/files.py removed, the open
     is answered at once and blocked_in_open fails."""
-    vol = tmp_path / "big.raw"
-    vol.write_bytes(os.urandom(8 * MiB))
     store = tmp_path / "store"
-    snapfs("volume", "add", "big", vol, "--store", store)
+    vol = random_volume(store, tmp_path / "big.raw", 8 * MiB, "big")
     m = mount_factory(store)
     s = m.snapshots() / "s"
     with index_lock_held(store):

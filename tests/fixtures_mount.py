@@ -179,10 +179,20 @@ def gone_soon(path: Path) -> bool:
     return True
 
 
+def mount_line(path: Path) -> str | None:
+    """``path``'s line of /proc/self/mounts, read as bytes: another mount's path on
+    the machine may be any bytes (paths with spaces are not used here)."""
+    target = os.fsencode(os.path.realpath(path))
+    with open("/proc/self/mounts", "rb") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 1 and fields[1] == target:
+                return os.fsdecode(line)
+    return None
+
+
 def is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == target for line in f if len(line.split()) > 1)
+    return mount_line(path) is not None
 
 
 def alive(pid: int) -> bool:

@@ -13,7 +13,8 @@ from typing import Callable
 
 import pytest
 
-from fixtures_mount import (MiB, Mount, alive, is_mounted, run, snapfs, stop_process)
+from fixtures_mount import (MiB, Mount, alive, is_mounted, mount_line, run, snapfs,
+                            stop_process)
 
 pytestmark = pytest.mark.mount
 
@@ -37,8 +38,8 @@ def big_store(tmp_path: Path, mib: int = 128) -> tuple[Path, Path]:
 def test_mount_returns_once_live_and_logs_in_the_store(mounted: Mount) -> None:
     assert is_mounted(mounted.path)
     assert mounted.pid is not None and alive(mounted.pid)
-    with open("/proc/self/mounts") as f:
-        line = next(x for x in f if x.split()[1] == str(mounted.path))
+    line = mount_line(mounted.path)
+    assert line is not None
     assert "fuse.snapfs" in line and "allow_other" not in line  # private by default
     assert "mounted " + str(mounted.path) in mounted.log()
 
@@ -147,8 +148,8 @@ def test_mount_failure_is_reported_by_the_parent(tmp_path: Path) -> None:
 def test_allow_other_brings_default_permissions(mount_factory: Callable[..., Mount],
                                                 store_with_volume: Path) -> None:
     m = mount_factory(store_with_volume, "-o", "allow_other")
-    with open("/proc/self/mounts") as f:
-        line = next(x for x in f if x.split()[1] == str(m.path))
+    line = mount_line(m.path)
+    assert line is not None
     assert "allow_other" in line and "default_permissions" in line
     assert ls(m.project) == ["imports", "snapshots", "tags", "volumes"]
 

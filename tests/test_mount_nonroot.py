@@ -18,7 +18,7 @@ from typing import Iterator
 
 import pytest
 
-from fixtures_mount import alive, is_mounted, run, stop_process
+from fixtures_mount import alive, is_mounted, mount_line, run, stop_process
 from fixtures_perms import NOBODY, NOBODY_UID
 
 pytestmark = pytest.mark.mount
@@ -107,8 +107,8 @@ def test_a_regular_user_mounts_snapshots_reads_and_unmounts(user_home: Path) -> 
         assert "user_allow_other" in res.stderr and "only root" in res.stderr
         assert "Traceback" not in res.stderr and not is_mounted(mnt)
     ok(as_user(home, "mount", mnt))
-    line = next(x for x in Path("/proc/self/mounts").read_text().splitlines()
-                if x.split()[1] == str(mnt))
+    line = mount_line(mnt)
+    assert line is not None
     assert f"user_id={NOBODY_UID}" in line  # mounted through fusermount3, as nobody
     project = mnt / "fr-par-1" / "default"
     ok(as_user(home, "mkdir", project / "volumes" / "disk" / "mine", tool=True))

@@ -16,6 +16,7 @@ from ..backends import add_backend_options
 from ..storeoptions import store_path
 from ..errors import InvalidArgument, PermissionDenied, SnapfsError
 from ..model import BUSY_STATES, FAILED_STATES
+from ..procfs import is_mounted
 
 FUSE_DEVICE = "/dev/fuse"
 FUSE_CONF = "/etc/fuse.conf"
@@ -136,21 +137,6 @@ def _user_allow_other() -> bool:
             return any(line.split("#", 1)[0].strip() == "user_allow_other" for line in f)
     except OSError:
         return False
-
-
-def is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 1 and _unescape(fields[1]) == target:
-                return True
-    return False
-
-
-def _unescape(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n") \
-        .replace("\\134", "\\")
 
 
 def daemon_pid(mountpoint: Path) -> int | None:

@@ -25,6 +25,7 @@ import trio
 from ..backends import BackendSettings, open_backend
 from ..errors import InvalidArgument, SnapfsError
 from ..logtext import EscapingFormatter
+from ..procfs import mount_device
 from ..service import SnapshotService
 from .context import FsContext
 from .mountopts import FUSE_OPTIONS
@@ -182,17 +183,6 @@ async def _when_live(cfg: MountConfig, ready: Callable[[], None] | None) -> None
         tune_kernel(str(cfg.mountpoint))
     if ready is not None:
         ready()
-
-
-def mount_device(mountpoint: str) -> str | None:
-    """The mount's device number ("0:45") in /proc/self/mountinfo."""
-    dev = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 4 and fields[4] == mountpoint:
-                dev = fields[2]
-    return dev
 
 
 def tune_kernel(mountpoint: str, readahead_kb: int = READAHEAD_KB,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
+from ..procfs import read_text
+
 
 def _boot_id() -> str:
     try:
@@ -25,8 +27,7 @@ def _start_time(pid: int, running: bool = False) -> str | None:
     ``running``: None also for a zombie (killed, not yet reaped by its parent),
     which holds no lock and does no more work."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
+        stat = read_text(f"/proc/{pid}/stat")  # its name, in (), is any bytes
     except OSError:
         return None
     fields = stat.rsplit(")", 1)[1].split()

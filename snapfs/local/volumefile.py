@@ -28,6 +28,7 @@ import stat
 from dataclasses import dataclass
 
 from ..errors import InvalidArgument, VolumeChanged
+from ..procfs import mounts
 
 #: The API's rule for volume and snapshot sizes.
 SECTOR = 512
@@ -87,12 +88,9 @@ def snapfs_mount_of(st: os.stat_result) -> str | None:
         return None
     dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and fields[2] == dev and " - " in line:
-                    fstype = line.split(" - ", 1)[1].split()[0]
-                    return fields[4] if fstype == SNAPFS_FSTYPE else None
+        for m in mounts():
+            if m.device == dev:
+                return m.mountpoint if m.fstype == SNAPFS_FSTYPE else None
     except OSError:
         return None
     return None

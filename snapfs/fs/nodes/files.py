@@ -13,6 +13,7 @@ from ... import jsontext
 from ...errors import InvalidArgument, Interrupted, NotFound, ReadOnly
 from ...logtext import esc
 from ...model import PRODUCING_STATES, Snapshot, check_readable
+from ...procfs import read_text
 from ...service import Buffer, ImageReader
 from .. import transfer
 from ..access import image_access
@@ -95,8 +96,8 @@ def signalled(pid: int) -> bool:
     SIGKILL. The caller's pending, unblocked signals in /proc tell us instead;
     answering EINTR then lets it handle the signal (or die of it)."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        text = read_text(f"/proc/{pid}/status")  # its Name: line is any bytes
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
     except (FileNotFoundError, ProcessLookupError):
         return True
     try:

@@ -166,6 +166,46 @@ def test_an_image_on_a_snapfs_mount_is_no_volume(mounted: Mount) -> None:
     assert os.listdir(mounted.snapshots()) == ["s1"]  # the mount still answers
 
 
+@pytest.mark.parametrize("kind", ["raw", "compressed"])
+def test_a_chunk_a_read_finds_bad_is_marked_and_healed_by_the_next_snapshot(
+        mount_factory: Callable[..., Mount], tmp_path: Path, kind: str) -> None:
+    """Before, only fsck --repair marked a bad chunk: a read got EIO, and the next
+    capture deduplicated onto the bad copy, so the new snapshot read EIO too. Now
+    the read marks it, and the next snapshot heals it for both."""
+    store = tmp_path / "store"
+    vol = tmp_path / "vol.raw"
+    random_volume(store, vol, 4 * MiB, "v")
+    if kind == "compressed":  # chunk 1 compresses; zstd's frame is checked first
+        with open(vol, "r+b") as f:
+            f.seek(MiB)
+            f.write(b"snapfs compressible line\n" * (MiB // 26) + b"\n" * (MiB % 26))
+    m = mount_factory(store, "--page-cache")
+    run("mkdir", m.volume("v") / "a")
+    assert m.wait_state(m.snapshots() / "a") == "available"
+    m.stop()
+    db = sqlite3.connect(store / "metadata.db")
+    place = db.execute("SELECT c.pack, c.offset, c.raw_length FROM chunks c JOIN "
+                       "snapshot_chunks m ON m.chunk = c.id WHERE m.idx = 1").fetchone()
+    db.close()
+    assert (place[2] is not None) == (kind == "compressed"), place
+    flip_bits(store, (int(place[0]), int(place[1])), 77, 0x10)
+    m = mount_factory(store, "--page-cache")
+    a = m.snapshots() / "a" / "image.raw"
+    res = subprocess.run(["dd", f"if={a}", "of=/dev/null", "bs=1M", "skip=1", "count=1"],
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "Input/output error" in res.stderr, res
+    assert "read bad: marked damaged" in m.log()
+    run("mkdir", m.volume("v") / "b")
+    assert m.wait_state(m.snapshots() / "b") == "available"
+    run("cmp", m.snapshots() / "b" / "image.raw", vol)
+    m.stop()  # a new mount: the kernel may cache nothing of a's failed read
+    m = mount_factory(store, "--page-cache")
+    run("cmp", m.snapshots() / "a" / "image.raw", vol)  # healed
+    m.stop()
+    res = snapfs("fsck", "--store", store, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 def test_a_damaged_chunk_is_stored_anew_by_the_next_snapshot_which_heals_the_old(
         mount_factory: Callable[..., Mount], tmp_path: Path) -> None:
     """A capture deduplicated onto a chunk fsck had found bad: the new snapshot was

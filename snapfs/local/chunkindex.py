@@ -155,6 +155,22 @@ class ChunkIndex:
                 "INSERT OR IGNORE INTO damaged_chunks (chunk, found) VALUES (?, ?)",
                 [(cid, now()) for cid in chunk_ids])
 
+    def mark_damaged_at(self, loc: Location) -> int | None:
+        """A read found this chunk's stored bytes bad: mark it damaged, if the
+        chunk's row still names that copy (a heal may have repointed it since the
+        reader looked it up: the new copy is not the bad one). Its id if newly
+        marked."""
+        with self.md.transaction():
+            row = self.conn.execute(
+                "SELECT id FROM chunks WHERE hash = ? AND pack = ? AND offset = ?",
+                (loc.hash, loc.pack, loc.offset)).fetchone()
+            if row is None:
+                return None
+            cur = self.conn.execute(
+                "INSERT OR IGNORE INTO damaged_chunks (chunk, found) VALUES (?, ?)",
+                (int(row[0]), now()))
+            return int(row[0]) if cur.rowcount else None
+
     def damaged(self) -> list[int]:
         return [int(r[0]) for r in self.conn.execute(
             "SELECT chunk FROM damaged_chunks ORDER BY chunk")]

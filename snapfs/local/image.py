@@ -20,8 +20,9 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import trio
 
@@ -59,13 +60,15 @@ class LocalImageReader(ImageReader):
 
     def __init__(self, snap: int, size: int, index: ChunkIndex, packs: PackFiles,
                  limiter: trio.CapacityLimiter, nursery: trio.Nursery | None,
-                 on_close: Callable[[], None] | None = None) -> None:
+                 on_close: Callable[[], None] | None = None,
+                 on_damaged: Callable[[Location], None] | None = None) -> None:
         self.snap = snap
         self.size = size
         self.index = index
         self.packs = packs
         self.limiter = limiter
         self._on_close = on_close
+        self._on_damaged = on_damaged
         self._chunks = (size + CHUNK_SIZE - 1) // CHUNK_SIZE
         self._free: list[mmap.mmap] = []  # chunk buffers to reuse
         self._locs: dict[int, Location] = {}
@@ -108,11 +111,13 @@ class LocalImageReader(ImageReader):
         n = len(into)
         loc = (self._location(offset // CHUNK_SIZE)
                if offset % CHUNK_SIZE == 0 and not self.ra.holds(offset) else None)
-        if (loc is not None and loc.raw_length is None and loc.length == n
-                and self.packs.read_if_cached(loc.pack, loc.offset, n, loc.hash, loc.xxh,
-                                              into)):
-            self.stats["inline"] += 1
-            return
+        if loc is not None and loc.raw_length is None and loc.length == n:
+            with self._noting(loc):
+                cached = self.packs.read_if_cached(loc.pack, loc.offset, n, loc.hash, loc.xxh,
+                                                   into)
+            if cached:
+                self.stats["inline"] += 1
+                return
         await super().read_into(offset, into)
 
     @staticmethod
@@ -134,11 +139,31 @@ class LocalImageReader(ImageReader):
                 return None  # the worker's read reports the missing pack
         buf = self._free.pop() if self._free else chunk_buffer()
         view = memoryview(buf)[:loc.length]
-        if self.packs.read_if_cached(loc.pack, loc.offset, loc.length, loc.hash, loc.xxh, view):
+        try:
+            with self._noting(loc):
+                cached = self.packs.read_if_cached(loc.pack, loc.offset, loc.length, loc.hash,
+                                                   loc.xxh, view)
+        except BaseException:
+            self._free.append(buf)
+            raise
+        if cached:
             self.stats["inline"] += 1
             return view.toreadonly()
         self._free.append(buf)
         return None
+
+    @contextmanager
+    def _noting(self, loc: Location) -> Iterator[None]:
+        """Bytes that read wrong (CorruptData) are reported to the store, which
+        marks the chunk damaged: deduplication then skips it and the next
+        snapshot holding those bytes heals it (chunkindex._heal), as
+        ``fsck --repair`` would have. The error stays the reader's."""
+        try:
+            yield
+        except CorruptData:
+            if self._on_damaged is not None:
+                self._on_damaged(loc)
+            raise
 
     async def _fetch(self, start: int, n: int) -> Buffer:
         """The chunk at ``start``, read and checked in a worker thread."""
@@ -146,13 +171,16 @@ class LocalImageReader(ImageReader):
         if loc is None:
             return self._zeros(n)
         if loc.raw_length is not None:
-            raw = await trio.to_thread.run_sync(self._read_compressed, loc,
-                                                limiter=self.limiter)
+            with self._noting(loc):
+                raw = await trio.to_thread.run_sync(self._read_compressed, loc,
+                                                    limiter=self.limiter)
             self.stats["zstd"] += 1
             return memoryview(raw).toreadonly()
         buf = self._free.pop() if self._free else None
         try:
-            got = await trio.to_thread.run_sync(self._read_chunk, loc, buf, limiter=self.limiter)
+            with self._noting(loc):
+                got = await trio.to_thread.run_sync(self._read_chunk, loc, buf,
+                                                    limiter=self.limiter)
         except BaseException:
             if buf is not None:
                 self._free.append(buf)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
 import trio
 
 from ..errors import (CorruptData, InvalidArgument, NotConfigured, PreconditionFailed,
-                      VolumeChanged)
+                      SnapfsError, VolumeChanged)
 from ..model import (DEFAULT_ZONE, ZONES, BaseVolume, FileAccess, Page,
                      Project, Snapshot, Task, Volume, check_name, check_paging, check_readable,
                      check_size, check_tags, check_uuid, check_volume_type, check_zone,
@@ -22,7 +23,7 @@ from ..model import (DEFAULT_ZONE, ZONES, BaseVolume, FileAccess, Page,
 from ..objects import ObjectStorage, check_object_target
 from ..service import ImageReader, SnapshotService
 from . import extents, leases
-from .chunkindex import ChunkIndex
+from .chunkindex import ChunkIndex, Location
 from .packpool import PackPool
 from .chunks import PackFiles
 from .image import LocalImageReader, ShadowReader
@@ -56,6 +57,7 @@ class LocalService(SnapshotService):
                  readonly: bool = False) -> None:
         self.store = store
         self.objects = objects
+        self.readonly = readonly
         self.md = Metadata(store / "metadata.db", readonly=readonly)
         self.index = ChunkIndex(self.md)
         self.packs = PackFiles(store / "packs", create=not readonly)
@@ -422,10 +424,26 @@ class LocalService(SnapshotService):
                                           f"gone: {exc.strerror}") from None
             return LocalImageReader(self.md.snap_key(snapshot_id), size, self.index,
                                     self.packs, self.io_limiter, self.jobs.nursery,
-                                    on_close=closed)
+                                    on_close=closed,
+                                    on_damaged=None if self.readonly else self._damaged)
         except BaseException:
             closed()
             raise
+
+    def _damaged(self, loc: Location) -> None:
+        """A reader found a chunk's bytes bad: marked damaged (see
+        LocalImageReader._noting), once, with one log line; a store that cannot
+        take the mark now (busy, full) leaves it to fsck --repair."""
+        try:
+            cid = self.index.mark_damaged_at(loc)
+        except (SnapfsError, sqlite3.Error) as exc:
+            log.warning("chunk in pack %d at %d read bad and could not be marked damaged: %s",
+                        loc.pack, loc.offset, exc)
+            return
+        if cid is not None:
+            log.warning("chunk %d (pack %d at %d) read bad: marked damaged; the next "
+                        "snapshot or import holding its bytes stores them anew",
+                        cid, loc.pack, loc.offset)
 
     def freeing(self) -> bool:
         """Whether some delete's background half (map, then space) is not done."""

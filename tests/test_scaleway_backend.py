@@ -166,16 +166,21 @@ async def test_same_refusals_as_local(scw_env: Served) -> None:
         ("unknown volume", lambda s: s.get_volume("fr-par-1", missing)),
         ("snapshot of unknown volume",
          lambda s: s.create_snapshot("fr-par-1", name="x", volume_id=missing)),
-        ("import size", lambda s: s.create_snapshot("fr-par-1", name="x", bucket="b",
+        ("import size", lambda s: s.create_snapshot("fr-par-1", name="x", bucket="bkt",
                                                     key="k", size=1000)),
         ("import without key", lambda s: s.create_snapshot("fr-par-1", name="x",
-                                                           bucket="b", key="")),
+                                                           bucket="bkt", key="")),
+        # S3's bucket rules, checked before any call (the cloud's were not checked):
+        ("import from an IP bucket", lambda s: s.create_snapshot(
+            "fr-par-1", name="x", bucket="10.0.0.1", key="k")),
+        ("export to an IP bucket", lambda s: s.export_snapshot(
+            "fr-par-1", missing, bucket="10.0.0.1", key="k")),
         ("per_page", lambda s: s.list_snapshots("fr-par-1", per_page=101)),
         ("bad name", lambda s: s.create_snapshot("fr-par-1", name="a/b", volume_id=a["id"])),
         ("volume of another zone",
          lambda s: s.create_snapshot("nl-ams-1", name="x", volume_id=a["id"])),
         ("delete unknown", lambda s: s.delete_snapshot("fr-par-1", missing)),
-        ("export unknown", lambda s: s.export_snapshot("fr-par-1", missing, bucket="b",
+        ("export unknown", lambda s: s.export_snapshot("fr-par-1", missing, bucket="bkt",
                                                        key="k")),
     ]
     async with open_local_service(served.store) as local, \

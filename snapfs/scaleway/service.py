@@ -41,7 +41,7 @@ from ..errors import NotFound, SnapfsError
 from ..lru import LRUDict
 from ..model import (MAX_PER_PAGE, Page, Project, Snapshot, Task, Volume, check_name,
                      check_paging, check_tag_filter, check_tags, check_zone, new_id, now)
-from ..objects import ObjectStorage
+from ..objects import ObjectStorage, check_object_target
 from ..service import ImageReader, SnapshotService
 from . import convert
 from .block import BlockSide
@@ -274,6 +274,8 @@ class ScalewayService(SnapshotService):
         if tags is not None:
             tags = check_tags(tags)
         zone = self._zone(zone)
+        if volume_id is None:  # an import: S3's rules checked here, as the local store's
+            bucket, key = check_object_target(bucket, key)
         snap: Snapshot | None = None
         if volume_id is not None:
             await self.get_volume(zone, volume_id)  # learns which API owns the volume
@@ -365,7 +367,9 @@ class ScalewayService(SnapshotService):
 
     async def export_snapshot(self, zone: str, snapshot_id: str, *, bucket: str,
                               key: str) -> Task:
-        if await self._is_block(zone, snapshot_id):
+        block = await self._is_block(zone, snapshot_id)  # an unknown snapshot: NotFound
+        bucket, key = check_object_target(bucket, key)
+        if block:
             snap = await self.block.export_snapshot(self._zone(zone), snapshot_id,
                                                     bucket=bucket, key=key)
             # Block answers the snapshot, no task: one is made up here, whose

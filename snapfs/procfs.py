@@ -39,9 +39,22 @@ def mounts() -> Iterator[MountEntry]:
                              os.fsdecode(unescape(fields[4])), os.fsdecode(tail[0]))
 
 
-def is_mounted(path: str | os.PathLike[str]) -> bool:
+#: The filesystem type mountinfo shows for a snapfs mount.
+SNAPFS_FSTYPE = "fuse.snapfs"
+
+
+def mount_at(path: str | os.PathLike[str]) -> MountEntry | None:
+    """The mount on ``path`` (the topmost, if several are stacked there)."""
     target = os.path.realpath(path)
-    return any(m.mountpoint == target for m in mounts())
+    found = None
+    for m in mounts():
+        if m.mountpoint == target:
+            found = m
+    return found
+
+
+def is_mounted(path: str | os.PathLike[str]) -> bool:
+    return mount_at(path) is not None
 
 
 def mount_device(mountpoint: str) -> str | None:

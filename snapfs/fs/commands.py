@@ -16,7 +16,7 @@ from ..backends import add_backend_options
 from ..storeoptions import store_path
 from ..errors import InvalidArgument, PermissionDenied, SnapfsError
 from ..model import BUSY_STATES, FAILED_STATES
-from ..procfs import is_mounted
+from ..procfs import SNAPFS_FSTYPE, is_mounted, mount_at
 
 FUSE_DEVICE = "/dev/fuse"
 FUSE_CONF = "/etc/fuse.conf"
@@ -109,6 +109,7 @@ def _mount(args: argparse.Namespace) -> int:
         raise InvalidArgument("mountpoint", f"{cfg.mountpoint} is not a directory")
     if is_mounted(cfg.mountpoint):
         raise InvalidArgument("mountpoint", f"{cfg.mountpoint} is already a mount point")
+    _check_apart(cfg.mountpoint, cfg.store)
     if not os.access(FUSE_DEVICE, os.R_OK | os.W_OK):
         # libfuse would only say "fuse_session_mount failed" after the fork.
         raise PermissionDenied(f"cannot mount: {FUSE_DEVICE} is not readable and writable "
@@ -128,6 +129,23 @@ def _mount(args: argparse.Namespace) -> int:
     if code == 0:  # (refused: its one line only)
         say_if_new(cfg.store, existed)
     return code
+
+
+def _check_apart(mountpoint: Path, store: Path) -> None:
+    """A mount over its own store (or over a directory holding it, or inside it)
+    sends the daemon's own file calls to itself: the first one hung for good, in
+    a state no signal ends. A mount point that is a store is the two arguments
+    swapped: it would hide that store under a new empty one."""
+    from ..admin import is_store
+    if mountpoint == store or store.is_relative_to(mountpoint):
+        raise InvalidArgument("mountpoint", f"{mountpoint} holds the store {store}: mount "
+                              "elsewhere (the daemon would wait on itself)")
+    if mountpoint.is_relative_to(store):
+        raise InvalidArgument("mountpoint", f"{mountpoint} is inside the store {store}: "
+                              "mount elsewhere")
+    if is_store(mountpoint):
+        raise InvalidArgument("mountpoint", f"{mountpoint} is a snapfs store; to mount it: "
+                              f"snapfs mount MOUNTPOINT --store {mountpoint}")
 
 
 def _user_allow_other() -> bool:
@@ -159,8 +177,13 @@ def _alive(pid: int) -> bool:
 
 def _umount(args: argparse.Namespace) -> int:
     mnt = args.mountpoint.absolute()
-    if not is_mounted(mnt):
+    entry = mount_at(mnt)
+    if entry is None:
         raise InvalidArgument("mountpoint", f"{mnt} is not mounted")
+    if entry.fstype != SNAPFS_FSTYPE:
+        # fusermount3, run by root, unmounts anything (and -z detached a busy /proc).
+        raise InvalidArgument("mountpoint", f"{mnt} is a {entry.fstype} mount, not a snapfs "
+                              "one: left alone")
     pid = daemon_pid(mnt)
     res = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, text=True)
     if res.returncode != 0:

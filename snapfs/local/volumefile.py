@@ -28,7 +28,7 @@ import stat
 from dataclasses import dataclass
 
 from ..errors import InvalidArgument, VolumeChanged
-from ..procfs import mounts
+from ..procfs import SNAPFS_FSTYPE, mounts
 
 #: The API's rule for volume and snapshot sizes.
 SECTOR = 512
@@ -75,8 +75,6 @@ def _kind(mode: int) -> str | None:
     return "not a regular file"
 
 
-#: The filesystem type /proc/self/mountinfo shows for a snapfs mount.
-SNAPFS_FSTYPE = "fuse.snapfs"
 
 
 def snapfs_mount_of(st: os.stat_result) -> str | None:

@@ -9,14 +9,41 @@ one errno table, with the way out in its message.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import StoreFull
+from .errors import SnapfsError, StoreFull, StoreUnusable
 
 FULL_MESSAGE = ("the filesystem holding the store is full: free space there (deleting "
                 "snapshots needs a little room too)")
+
+
+#: Below this much room SQLite's I/O errors at open are taken for a full disk.
+LOW_ROOM = 1 << 20
+
+
+def disk_trouble(exc: sqlite3.Error, db: Path) -> SnapfsError | None:
+    """What opening ``db`` failed of, when it was the disk and not the database:
+    a full filesystem (SQLite could not grow its -shm or -wal: "disk I/O error",
+    which was reported as a damaged database to restore from a backup -- a user
+    who did so lost the snapshots since) or another I/O error. None: the
+    database's own fault."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary code
+    if code not in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
+        return None
+    try:
+        st = os.statvfs(db.parent)
+        room = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+    except OSError:
+        room = LOW_ROOM
+    if code == sqlite3.SQLITE_FULL or room < LOW_ROOM:
+        return StoreFull(f"{FULL_MESSAGE}: {db} cannot be opened ({exc}; the database "
+                         "itself is not known to be damaged)")
+    return StoreUnusable(f"{db} cannot be read or written: {exc} (an I/O error, not a "
+                         "damaged database: check the disk, e.g. dmesg, and retry)")
 
 
 @contextmanager

@@ -77,6 +77,11 @@ def damage(store: Path, how: str, tmp: Path) -> str:
     if how == "empty":
         db.write_bytes(b"")
         return "empty"
+    if how == "page":  # a page whose header lies: SQLite's report of it spans lines
+        with open(db, "r+b") as f:
+            f.seek(3 * 4096)
+            f.write(b"\x05" + bytes(7))
+        return "damaged: *** in database main *** / Page 4"
     if how == "truncated":
         with open(db, "r+b") as f:
             f.truncate(os.path.getsize(db) // 2)
@@ -96,7 +101,7 @@ COMMANDS: list[list[str]] = [
 ]
 
 
-@pytest.mark.parametrize("how", ["removed", "empty", "truncated", "foreign"])
+@pytest.mark.parametrize("how", ["removed", "empty", "truncated", "foreign", "page"])
 def test_a_damaged_metadata_db_is_refused_by_every_command_and_nothing_changes(
         tmp_path: Path, how: str) -> None:
     store = tmp_path / "store"

@@ -45,6 +45,9 @@ def connect(path: Path, readonly: bool) -> sqlite3.Connection:
             _prepare_beside_others(conn)
     except sqlite3.DatabaseError as exc:
         conn.close()
+        trouble = sqlfull.disk_trouble(exc, path)
+        if trouble is not None:
+            raise trouble from None
         raise CorruptData(f"{path} is not a usable snapfs store database: {exc}") from None
     except SnapfsError:
         conn.close()

@@ -31,6 +31,7 @@ from typing import IO
 from urllib.parse import quote
 
 from ..errors import StoreUnusable
+from ..sqlfull import disk_trouble
 from .schema import SCHEMA_VERSION, migrate
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,11 @@ def open_store(path: Path, writing: bool) -> StoreFacts:
     """Check and recognise the store at ``path`` before anything opens a file in it;
     a writing open makes a new store in a missing or empty directory and migrates
     a store from before the marker. Raises StoreUnusable, the one line to show."""
+    try:
+        os.path.abspath(path).encode("utf-8")
+    except UnicodeEncodeError:  # its volume files' paths are SQLite text
+        raise StoreUnusable(f"the store's path {str(path)!r} is not valid UTF-8: use a "
+                            "UTF-8 name for it") from None
     try:
         return _open_store(path, writing)
     except OSError as exc:
@@ -340,6 +346,9 @@ def _db_facts(db: Path) -> tuple[int, str | None]:
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:
+        trouble = disk_trouble(exc, db)
+        if trouble is not None:
+            raise trouble from None
         raise StoreUnusable(f"{db} is not a usable snapfs store database ({exc}): "
                             f"{_RESTORE}") from None
     try:
@@ -353,7 +362,9 @@ def _db_facts(db: Path) -> tuple[int, str | None]:
 def _quick_check(conn: sqlite3.Connection) -> None:
     row = conn.execute("PRAGMA quick_check(1)").fetchone()
     if row is None or row[0] != "ok":
-        raise sqlite3.DatabaseError(f"damaged: {row[0] if row else 'no answer'}")
+        # One line: SQLite's report spans several ("*** in database main ***\nPage 6...").
+        found = " / ".join(str(row[0]).split("\n")) if row else "no answer"
+        raise sqlite3.DatabaseError(f"damaged: {found}")
 
 
 def readonly_uri(db: Path) -> str:
@@ -362,7 +373,7 @@ def readonly_uri(db: Path) -> str:
     it open), else as immutable (the read-only connection would otherwise leave a
     -wal and -shm behind)."""
     mode = "mode=ro" if os.path.exists(f"{db}-wal") else "immutable=1"
-    return f"file:{quote(str(db))}?{mode}"
+    return f"file:{quote(os.fsencode(db))}?{mode}"  # bytes: a path need not be UTF-8
 
 
 def _open_private(path: Path, flags: int, what: str) -> int:

@@ -117,6 +117,11 @@ def inspect_new(path: str | os.PathLike[str]) -> Inspected:
     real = os.path.realpath(given)
     shown = given if real == os.path.abspath(given) else f"{given} (= {real})"
     try:
+        real.encode("utf-8")
+    except UnicodeEncodeError:  # the store keeps paths as SQLite text
+        raise InvalidArgument("path", f"{real!r} is not valid UTF-8: rename the file, or "
+                              "link it under a UTF-8 name") from None
+    try:
         before = os.lstat(real)
     except FileNotFoundError:
         raise InvalidArgument("path", f"{shown} does not exist") from None

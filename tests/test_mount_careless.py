@@ -237,3 +237,19 @@ def test_a_damaged_chunk_is_stored_anew_by_the_next_snapshot_which_heals_the_old
     m.stop()
     res = snapfs("fsck", "--store", store, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_wait_refuses_a_volume_directory_and_a_timeout_that_is_no_number(
+        mount_factory: Callable[..., Mount], store_with_volume: Path) -> None:
+    """A volume's directory has a user.state too: `wait` printed the volume's
+    `available` and exited 0. `--timeout nan` waited for ever."""
+    m = mount_factory(store_with_volume)
+    res = snapfs("wait", m.volume("vol1"), check=False)
+    assert res.returncode == 1 and "is not a snapshot" in res.stderr, res
+    assert res.stdout == "" and len(res.stderr.splitlines()) == 1
+    s = snap(m, "w1")
+    for bad in ("nan", "-1", "inf"):
+        res = snapfs("wait", s, "--timeout", bad, check=False)
+        assert res.returncode != 0 and "--timeout" in res.stderr, (bad, res)
+        assert len(res.stderr.splitlines()) == 1 and "Traceback" not in res.stderr
+    assert snapfs("wait", s, "--timeout", "30").stdout.strip() == "available"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import os
 import subprocess
 import sys
@@ -233,9 +234,12 @@ def _probe_for(path: Path) -> tuple[Callable[[], Status], frozenset[str], frozen
     if not path.exists():
         raise InvalidArgument("path", f"{path}: no such snapshot (nothing at that path)")
     target = path if path.is_dir() else path.parent
+    error = ""
     try:
         os.getxattr(target, "user.state")
-        return _snapshot_probe(target), BUSY_STATES, FAILED_STATES
+        # (A volume's directory has a user.state too, which `wait` then printed.)
+        if (target / "snapshot.json").is_file():
+            return _snapshot_probe(target), BUSY_STATES, FAILED_STATES
     except OSError as exc:  # no such attribute: simply not a snapshot (no errno text)
         error = "" if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP) else exc.strerror
     if path.parent.name == "imports" and path.is_file():
@@ -250,6 +254,8 @@ def _probe_for(path: Path) -> tuple[Callable[[], Status], frozenset[str], frozen
 
 
 def _wait(args: argparse.Namespace) -> int:
+    if args.timeout is not None and not 0 <= args.timeout < math.inf:  # nan: for ever
+        raise InvalidArgument("--timeout", f"{args.timeout} is not a number of seconds >= 0")
     probe, busy, failed = _probe_for(args.path)
     state, progress, reason = probe()
     bar = ProgressBar(sys.stderr) if sys.stderr.isatty() else None

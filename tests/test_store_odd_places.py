@@ -13,6 +13,7 @@ from typing import Iterator
 
 import pytest
 
+from fixtures_http import start_server, stop_server
 from fixtures_store import MiB, snapfs_cli
 from test_store_trust import make_store, one_line_refusal, tree
 
@@ -74,3 +75,13 @@ def test_a_volume_file_whose_name_is_not_utf8_is_refused(tmp_path: Path) -> None
     # (The directory's own mtime moves: SQLite makes and removes its -wal beside.)
     assert {k: v for k, v in after.items() if k != "."} == \
         {k: v for k, v in before.items() if k != "."}
+
+
+def test_serve_says_when_it_made_a_new_store(tmp_path: Path) -> None:
+    """As `volume`, `project create` and `mount` do: a mistyped --store shows."""
+    for made in (True, False):
+        log = tmp_path / f"serve-{made}.log"
+        proc, _ = start_server(tmp_path / "new", log)
+        stop_server(proc)
+        said = f"snapfs: made a new store in {tmp_path / 'new'}" in log.read_text()
+        assert said == made, log.read_text()

@@ -241,7 +241,7 @@ def _probe_for(path: Path) -> tuple[Callable[[], Status], frozenset[str], frozen
         if (target / "snapshot.json").is_file():
             return _snapshot_probe(target), BUSY_STATES, FAILED_STATES
     except OSError as exc:  # no such attribute: simply not a snapshot (no errno text)
-        error = "" if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP) else exc.strerror
+        error = "" if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP) else exc.strerror or ""
     if path.parent.name == "imports" and path.is_file():
         try:
             _import_probe(path)()

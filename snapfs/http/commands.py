@@ -64,6 +64,8 @@ async def _serve(settings: BackendSettings, listen: str, no_auth: bool = False) 
 
     sock = await trio.to_thread.run_sync(listener, listen,
                                          os.environ.get("SCW_SECRET_KEY") or None, no_auth)
+    from ..admin import is_store, say_if_new
+    existed = is_store(settings.store)
     async with AsyncExitStack() as stack:
         stack.callback(sock.close)
         service = await stack.enter_async_context(open_backend(settings))
@@ -84,6 +86,8 @@ async def _serve(settings: BackendSettings, listen: str, no_auth: bool = False) 
 
                 nursery.start_soon(on_signal)
                 binds = await nursery.start(run_server)
+                if settings.backend == "local":
+                    say_if_new(settings.store, existed)
                 print(f"serving {binds[0]}", flush=True)
                 print(f"snapfs: serving {settings.describe()} on {binds[0]}", file=sys.stderr,
                       flush=True)

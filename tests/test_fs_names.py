@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from snapfs.fs.attributes import xattr_value
 from snapfs.errors import InvalidArgument, NotFound
 from snapfs.fs import names, transfer
 from snapfs.fs.inodes import InodeTable
@@ -218,3 +219,11 @@ def test_every_stored_tag_has_a_distinct_entry_of_at_most_255_bytes() -> None:
         assert "/" not in label and "\n" not in label and label not in (".", "..")
     assert names.tag_labels(["x" * 5000]) == {k: v for k, v in labels.items()
                                               if v == "x" * 5000}  # stable
+
+
+def test_an_attribute_value_utf8_cannot_hold_is_escaped_not_an_error() -> None:
+    """A cloud name with lone surrogates (JSON "\\udcff\\udcfeabc") made getfattr
+    fail with EIO and a "bug" log line (str.encode raised)."""
+    assert xattr_value("plain é") == "plain é".encode()
+    assert xattr_value("\udcff\udcfeabc") == b"\\udcff\\udcfeabc"
+    assert xattr_value("\ud800") == b"\\ud800"

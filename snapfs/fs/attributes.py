@@ -57,3 +57,10 @@ def ns(rfc3339: str | None, default: int = 0) -> int:
     except ValueError:
         return default
     return int(when.timestamp() * 1_000_000_000)
+
+
+def xattr_value(text: str) -> bytes:
+    """An attribute's value as UTF-8. A cloud API's JSON may hold lone surrogates
+    ("\\udcff" in a name) that UTF-8 cannot encode: getfattr failed with EIO and a
+    "bug" log line; they are given as backslash escapes instead."""
+    return text.encode("utf-8", "backslashreplace")

@@ -21,7 +21,7 @@ from ..service import Buffer
 from ..errors import (InvalidArgument, NotFound, NotPermitted, NotSupported, ReadOnly,
                       SnapfsError, errno_for)
 from ..logtext import esc
-from .attributes import Stat
+from .attributes import Stat, xattr_value
 from .context import FsContext
 from .keys import Key
 from .nodes import Entry, Handle, Node, node_for
@@ -328,7 +328,7 @@ class SnapfsOperations(pyfuse3.Operations):
 
     @refusals
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        return (await self.node(inode).getxattr(self._xattr_name(name))).encode()
+        return xattr_value(await self.node(inode).getxattr(self._xattr_name(name)))
 
     @refusals
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:

@@ -124,7 +124,8 @@ def test_inode_table_is_stable_and_never_reuses() -> None:
 @pytest.mark.parametrize("text,bucket,key", [
     (b"bucket/key\n", "bucket", "key"),
     (b"s3://my.bucket-1/dir/disk.qcow2", "my.bucket-1", "dir/disk.qcow2"),
-    (b"  abc/k  \n", "abc", "k"),
+    (b"  abc/k\n", "abc", "k"),
+    (b"abc/k  \n", "abc", "k  "),  # the key as written (it was stripped: another key)
 ])
 def test_targets(text: bytes, bucket: str, key: str) -> None:
     assert transfer.parse_target(text) == transfer.Target(bucket, key)

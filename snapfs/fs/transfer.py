@@ -33,8 +33,11 @@ def parse_target(data: bytes) -> Target:
         raise InvalidArgument("target", "not UTF-8 text") from None
     if text.endswith("\n"):
         text = text[:-1]
-    text = text.strip()
-    if not text:
+    # The key is taken as written: S3 keys may end in spaces, and stripping them
+    # exported to another key than the one written (and reported success). Spaces
+    # before the bucket go: no bucket name has any.
+    text = text.lstrip()
+    if not text.strip():
         raise InvalidArgument("target", "empty; write BUCKET/KEY or s3://BUCKET/KEY")
     if "\n" in text or "\0" in text:
         raise InvalidArgument("target", "must be one line: BUCKET/KEY or s3://BUCKET/KEY")

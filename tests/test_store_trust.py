@@ -270,6 +270,7 @@ def test_fsck_lists_and_repair_fixes_an_orphan_pack_and_a_queued_extent(
 
     res = snapfs_cli("fsck", "--repair", store=store)
     assert res.returncode == 0, res.stdout + res.stderr
+    assert "fsck --repair" not in res.stderr, res.stderr  # no advice to do what it does
     lines = res.stdout.splitlines()
     planned = [i for i, line in enumerate(lines) if line.startswith("repair: will ")]
     assert len(planned) == 2, res.stdout

@@ -39,10 +39,13 @@ ABORT_TIME = 30.0
 
 
 async def recover(md: Metadata, index: ChunkIndex, packs: PackFiles,
-                  objects: ObjectStorage | None = None, exclusive: bool = True) -> None:
+                  objects: ObjectStorage | None = None, exclusive: bool = True,
+                  repairing: bool = False) -> None:
     """``exclusive``: no other process has the store open, so every unfinished job
     is orphaned and the files may be repaired; otherwise only the jobs whose
-    owner process is gone are failed."""
+    owner process is gone are failed. ``repairing``: called by fsck --repair,
+    whose own steps deal with what is left in place (no advice to run it)."""
+    leftover = log.debug if repairing else log.warning
     def orphaned(owner: str | None) -> bool:
         return exclusive or (owner is not None and not alive(owner))
 
@@ -91,7 +94,7 @@ async def recover(md: Metadata, index: ChunkIndex, packs: PackFiles,
         for pack, length in committed.items():
             size = packs.size(pack)
             if size is not None and size - length > TAIL_LIMIT:
-                log.warning("pack %d: %d bytes past its committed length, more than an "
+                leftover("pack %d: %d bytes past its committed length, more than an "
                             "interrupted write leaves (is metadata.db older than the "
                             "packs?): left in place; 'snapfs fsck --repair' cuts them",
                             pack, size - length)
@@ -100,7 +103,7 @@ async def recover(md: Metadata, index: ChunkIndex, packs: PackFiles,
         packs.punch([(pack, offset, length) for _, pack, offset, length in index.free_extents()])
         unknown = sorted(packs.existing() - set(committed))
         if unknown:
-            log.warning("%d pack file(s) without metadata (%s...) left in place: "
+            leftover("%d pack file(s) without metadata (%s...) left in place: "
                         "'snapfs fsck --repair' moves them to lost+found", len(unknown),
                         packs.path(unknown[0]).name)
     await trio.to_thread.run_sync(fix_files)

@@ -234,12 +234,14 @@ async def repair(svc: "LocalService", say: Callable[[str], None]) -> int:
             await trio.to_thread.run_sync(step.do)
     # Interrupted jobs, pack tails, queued punches, empty packs: the recovery of an
     # exclusive open does exactly these.
-    await recover(svc.md, svc.index, svc.packs, None, exclusive=True)
+    await recover(svc.md, svc.index, svc.packs, None, exclusive=True,
+                  repairing=True)
     for step in steps:
         if not step.first and step.do is not None:
             await trio.to_thread.run_sync(step.do)
     # What the releases above freed: punched, and packs left empty dropped.
-    await recover(svc.md, svc.index, svc.packs, None, exclusive=True)
+    await recover(svc.md, svc.index, svc.packs, None, exclusive=True,
+                  repairing=True)
     say(f"repair: {len(steps)} step(s) done")
     return len(steps)
 

@@ -17,6 +17,7 @@ import trio
 from .backends import BackendSettings, open_backend
 from .storeoptions import add_store_option, store_path
 from .errors import InvalidArgument, SnapfsError
+from .logtext import esc, escape_controls
 from .model import DEFAULT_ZONE, VOLUME_TYPES, ZONES
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -118,9 +119,12 @@ def say_if_new(store: Path, existed: bool) -> None:
 
 
 def _print_table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    for r in [header] + rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    # Cells escaped whole: a name or path holding a newline would forge rows, and
+    # undecodable bytes (lone surrogates) could not be printed at all.
+    cells = [[esc(str(c), limit=None) for c in r] for r in [header] + rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 def _volume_add(args: argparse.Namespace) -> int:
@@ -185,7 +189,8 @@ def _fsck(args: argparse.Namespace) -> int:
     from .local.fsck import fsck, print_report
 
     def say(line: str) -> None:
-        print(line, flush=True)
+        # (names are escaped where the lines are made; this is the last defence)
+        print(escape_controls(line), flush=True)
     if args.repair:
         from .local.fsck import run_repair
         return int(trio.run(run_repair, store_path(args), say))

@@ -98,8 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # from the first import of a command module on
+        print("snapfs: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     limit_malloc_arenas()
-    parser = build_parser()
+    parser = build_parser()  # imports every command module: most of a start's time
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:  # a bare `snapfs`: what it can do, not just what is missing
         parser.print_help(sys.stderr)
@@ -119,9 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     except SnapfsError as exc:
         print(f"snapfs: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("snapfs: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # output piped into head & co.
         return 0
     except OSError as exc:

@@ -38,15 +38,15 @@ def _escape_char(m: re.Match[str]) -> str:
     return f"\\x{cp:02x}" if cp <= 0xff else f"\\u{cp:04x}"
 
 
-def esc(value: str | bytes, limit: int = LIMIT) -> str:
+def esc(value: str | bytes, limit: int | None = LIMIT) -> str:
     """``value`` on one line: control characters, backslashes and undecodable
-    bytes escaped, cut to ``limit`` characters (marked with ``...``)."""
+    bytes escaped, cut to ``limit`` characters (marked with ``...``; None: whole)."""
     if isinstance(value, bytes):
         text = value.decode("utf-8", "surrogateescape")
     else:
         text = value
     out = _UNSAFE_OR_BACKSLASH.sub(_escape_char, text)
-    if len(out) > limit:
+    if limit is not None and len(out) > limit:
         out = out[:limit] + "..."
     return out
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +108,61 @@ def test_a_store_that_is_not_a_database_is_one_line(store_dir: Path) -> None:
     res = snapfs_cli("volume", "list", store=store_dir)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert res.stderr.count("\n") == 1 and "not a usable snapfs store" in res.stderr
+
+
+def _cli(*args: str | bytes, store: Path) -> subprocess.CompletedProcess[bytes]:
+    """As snapfs_cli, in bytes: what the old code printed was not always UTF-8."""
+    return subprocess.run([sys.executable, "-m", "snapfs", *args], capture_output=True,
+                          timeout=120, env=dict(os.environ, SNAPFS_STORE=str(store)))
+
+
+def test_volume_list_table_escapes_what_names_and_paths_hold(tmp_path: Path,
+                                                            store_dir: Path) -> None:
+    # A volume file named with a newline forged a row of the table; escapes and
+    # invisible characters went out raw. --json stays exact.
+    names = [b"v\nforged  00000000-0000-0000-0000-000000000000  1  fr-par-1  b_ssd  x.raw",
+             "rtl\u202eexe.raw".encode(), b"esc\x1b[2J"]
+    paths = []
+    for i, name in enumerate(names):
+        paths.append(write_volume(tmp_path / os.fsdecode(name), 1 << 20, []))
+        assert _cli("volume", "add", f"v{i}", bytes(paths[-1]), store=store_dir).returncode == 0
+    before = _cli("volume", "list", "--json", store=store_dir)
+    table = _cli("volume", "list", store=store_dir)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.decode("ascii").splitlines()  # all of it escaped to ASCII
+    assert len(lines) == 1 + len(names) and lines[0].startswith("NAME")
+    assert lines[1].endswith("/v\\nforged  00000000-0000-0000-0000-000000000000  1  "
+                             "fr-par-1  b_ssd  x.raw")
+    assert lines[2].endswith("/rtl\\u202eexe.raw") and lines[3].endswith("/esc\\x1b[2J")
+    vols = json.loads(before.stdout)
+    assert sorted(v["path"] for v in vols) == sorted(str(p) for p in paths)
+    assert _cli("volume", "list", "--json", store=store_dir).stdout == before.stdout
+
+
+def test_fsck_escapes_the_names_of_stray_files(store_dir: Path) -> None:
+    # A stray file under shadows/ is reported by name: one holding a newline forged
+    # a report line, undecodable bytes went out raw.
+    assert _cli("volume", "create", "v", "--size", "1M", store=store_dir).returncode == 0
+    shadows = store_dir / "shadows"
+    shadows.mkdir(mode=0o700)
+    stray = [b"\xfe", b"x\nproblem: forged"]
+    for name in stray:
+        (shadows / os.fsdecode(name)).touch()
+    res = _cli("fsck", store=store_dir)
+    assert res.returncode == 1, res.stderr
+    lines = res.stdout.decode("ascii").splitlines()
+    assert lines[:2] == [
+        "problem: shadows/x\\nproblem: forged: no snapshot of the metadata is its "
+        "(fsck --repair moves it to lost+found)",
+        "problem: shadows/\\udcfe: no snapshot of the metadata is its "
+        "(fsck --repair moves it to lost+found)"]
+    assert len(lines) == 3 and lines[2].endswith("checked: 2 problem(s)")
+    assert sorted(os.listdir(bytes(shadows))) == sorted(stray)  # fsck changes nothing
+    res = _cli("fsck", "--repair", store=store_dir)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.decode("ascii").splitlines()
+    assert [line.split(" ", 1)[0] for line in lines] == ["repair:"] * 3 + ["0"]
+    assert "shadows/x\\nproblem: forged (" in lines[0] and "shadows/\\udcfe (" in lines[1]
+    # Moved under their own names: only what is printed is escaped.
+    assert sorted(os.listdir(bytes(store_dir / "lost+found"))) == \
+        sorted(b"shadow-" + name for name in stray)

@@ -6,7 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -220,3 +224,45 @@ def test_a_mount_refused_after_its_fork_leaves_no_new_store(tmp_path: Path) -> N
         assert "web" in snapfs("project", "list", "--store", old).stdout
     finally:
         taken.close()
+
+
+#: `python -m snapfs`, saying on stderr ('.') once the interpreter is up and the
+#: package found: Ctrl-C during Python's own start (its site module, the venv's
+#: .pth files, runpy looking for the package) comes before any code of ours can
+#: catch it. -S: no site, its directories given by PYTHONPATH instead.
+_MARKED_START = ("import os, runpy, sys, snapfs; os.write(2, b'.'); sys.argv[0] = 'snapfs'; "
+                 "runpy.run_module('snapfs', run_name='__main__', alter_sys=True)")
+
+
+def _files(store: Path) -> list[tuple[str, int, int]]:
+    return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in store.rglob("*") if p.is_file())
+
+
+def test_ctrl_c_while_the_cli_loads_is_one_line_and_130(tmp_path: Path) -> None:
+    # The command modules were imported (build_parser) outside main's `except
+    # KeyboardInterrupt`, the package's version lookup before main at all: an early
+    # Ctrl-C printed a traceback.
+    store = tmp_path / "store"
+    snapfs("volume", "create", "v", "--size", "1M", "--store", store)
+    before = _files(store)
+    path = os.pathsep.join([str(Path(__file__).parents[1]),
+                            *[p for p in sys.path if p.endswith("site-packages")]])
+    for delay in (0.005, 0.01, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5) * 2:
+        proc = subprocess.Popen([sys.executable, "-S", "-c", _MARKED_START, "fsck",
+                                 "--store", str(store)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=path))
+        assert proc.stderr is not None and proc.stderr.read(1) == b"."
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert b"Traceback" not in err, (delay, err.decode(errors="replace"))
+        if proc.returncode == 0:  # it finished first
+            assert out.endswith(b"checked: clean\n") and err == b"", (delay, out, err)
+        else:
+            # -SIGINT: the interpreter ended itself by the signal (what a shell shows
+            # as 130 too), after we caught it or once our work was done.
+            assert proc.returncode in (130, -signal.SIGINT), (delay, proc.returncode, err)
+            assert err in (b"snapfs: interrupted\n", b""), (delay, err)
+            assert err or proc.returncode == -signal.SIGINT
+        assert _files(store) == before  # fsck changes nothing, interrupted or not

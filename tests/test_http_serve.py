@@ -3,6 +3,7 @@ against a real local store (see fixtures_http)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from scaleway.instance.v1.types import SnapshotBaseVolume
 from scaleway_core.api import ScalewayException
 
 from fixtures_http import SECRET, Served, wait_state
+from fixtures_mount import is_mounted
 
 
 def _tag() -> str:
@@ -303,3 +305,22 @@ def test_serve_cli_refuses_bad_listen(tmp_path: Any) -> None:
             assert r.returncode == 1, r.stderr
             assert r.stderr.strip().count("\n") == 0 and why in r.stderr, r.stderr
             assert "Traceback" not in r.stderr
+
+
+def test_listen_host_idna_cannot_encode_is_refused_in_one_line(tmp_path: Any) -> None:
+    # getaddrinfo's IDNA encoding raises UnicodeError (a ValueError, not an
+    # OSError) for an empty or over-63-character label or undecodable bytes: serve
+    # printed a traceback, mount "snapfs: UnicodeError: ...".
+    store, mnt = tmp_path / "s", tmp_path / "mnt"
+    mnt.mkdir()
+    bad = os.fsdecode(b"\xff")
+    for host, shown in (("a..b", "a..b"), ("a" * 70, "a" * 70), (bad, "\\udcff"),
+                        ("a\nb", "a\\nb")):
+        for cmd in (["serve"], ["mount", str(mnt)]):
+            r = subprocess.run([sys.executable, "-m", "snapfs", *cmd, "--store", str(store),
+                                "--listen", f"{host}:0"],
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+            assert r.stderr.count("\n") == 1, r.stderr
+            assert r.stderr.startswith(f"snapfs: invalid listen: {shown}:0: "), r.stderr
+            assert not store.exists() and not is_mounted(mnt)

@@ -151,3 +151,23 @@ def test_image_access_rules() -> None:
     for bad in ("0200", "8", "-1"):
         with pytest.raises(InvalidArgument):
             parse_image_mode(bad)
+
+
+def test_image_owner_outside_uid_t_is_refused_before_mounting(tmp_path: Path) -> None:
+    # An id the kernel cannot take (over 32 bits, or (uid_t)-1, chown's "no
+    # change") used to mount, then fail every lookup with EIO.
+    assert parse_image_owner("4294967294:0") == (2**32 - 2, 0)
+    assert parse_image_owner("007:0") == (7, 0)
+    mnt, store = tmp_path / "mnt", tmp_path / "store"
+    mnt.mkdir()
+    try:
+        for value in ("99999999999:1", "4294967295:4294967295", "0:4294967295",
+                      "1:" + "9" * 5000, "²:0"):
+            for args in (("--image-owner", value), ("-o", f"image_owner={value}")):
+                res = snapfs("mount", mnt, "--store", store, *args, check=False)
+                assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+                assert res.stderr.startswith("snapfs: invalid --image-owner:"), res.stderr
+                assert not is_mounted(mnt) and not store.exists()
+    finally:
+        if is_mounted(mnt):  # (what the old code did)
+            run("fusermount", "-u", mnt)

@@ -30,6 +30,9 @@ from ..model import Snapshot
 DEFAULT_IMAGE_MODE = 0o400
 #: Only read bits: image.raw is never writable, and never executable.
 READ_BITS = 0o444
+#: uid_t/gid_t are 32 bits and (uid_t)-1 means "no change" to chown(2): an id the
+#: kernel cannot be given would make every stat of the mount fail (EIO).
+ID_LIMIT = 2**32 - 1
 
 
 def parse_image_mode(text: str) -> int:
@@ -54,11 +57,17 @@ def parse_image_owner(text: str) -> tuple[int, int]:
 
 
 def _ident(text: str, by_name: Callable[[str], Any], what: str) -> int:
-    if text.isdigit():
-        return int(text)
+    # ASCII digits only: str.isdigit() also takes '²', which int() refuses.
+    if text.isascii() and text.isdigit():
+        digits = text.lstrip("0") or "0"
+        # (length first: int() refuses strings of over 4300 digits with a ValueError)
+        if len(digits) > len(str(ID_LIMIT)) or int(digits) >= ID_LIMIT:
+            raise InvalidArgument("--image-owner", f"{what} id {text} is out of range "
+                                                   f"(0 to {ID_LIMIT - 1})")
+        return int(digits)
     try:
         return int(by_name(text)[2])  # pw_uid / gr_gid
-    except KeyError:
+    except (KeyError, ValueError):  # ValueError: a NUL in the name
         raise InvalidArgument("--image-owner", f"no {what} named {text!r}") from None
 
 

@@ -13,6 +13,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
 from ..errors import InvalidArgument
+from ..logtext import esc
 from ..service import SnapshotService
 from .routes import make_app
 
@@ -33,7 +34,7 @@ def is_loopback(host: str) -> bool:
     processes can connect)."""
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: see _refusal
         return False
     return bool(infos) and all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback
                                for info in infos)
@@ -55,6 +56,15 @@ def check_exposure(listen: str, secret: str | None, no_auth: bool) -> None:
                 "can read and delete every snapshot", listen)
 
 
+def _refusal(listen: str, exc: OSError | ValueError) -> InvalidArgument:
+    """getaddrinfo encodes a host name with IDNA first: a name it cannot encode (an
+    empty or 64+ character label, undecodable bytes) is a UnicodeError (a
+    ValueError), not the OSError of a name that does not resolve."""
+    why = "not a valid host name" if isinstance(exc, ValueError) else exc.strerror or exc
+    # Escaped: the host is the user's, and the refusal is printed as one line.
+    return InvalidArgument("listen", f"{esc(listen)}: {why}")
+
+
 def bind(listen: str) -> socket.socket:
     """The listening socket, bound here so that a taken port or an unknown host is
     one clear refusal rather than an error deep inside the server's task group."""
@@ -63,14 +73,14 @@ def bind(listen: str) -> socket.socket:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         family, _, _, _, addr = infos[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
-    except OSError as exc:
-        raise InvalidArgument("listen", f"{listen}: {exc.strerror or exc}") from None
+    except (OSError, ValueError) as exc:
+        raise _refusal(listen, exc) from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
     except OSError as exc:
         sock.close()
-        raise InvalidArgument("listen", f"{listen}: {exc.strerror or exc}") from None
+        raise _refusal(listen, exc) from None
     return sock
 
 

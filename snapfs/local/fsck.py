@@ -20,6 +20,7 @@ from typing import Callable
 import trio
 
 from ..errors import CorruptData
+from ..logtext import esc
 from . import mapdigest
 from .chunkindex import wrong_refs
 from .chunks import CHUNK_SIZE, PackFiles
@@ -73,7 +74,8 @@ async def fsck(svc: LocalService) -> FsckReport:
             "SELECT s.id, s.name, s.size, max(m.idx) FROM snapshots s "
             "JOIN snapshot_chunks m ON m.snap = s.rowid GROUP BY s.rowid"):
         if n * CHUNK_SIZE >= size:
-            rep.problems.append(f"snapshot {sid} ({name}) maps chunk {n} beyond its size {size}")
+            rep.problems.append(f"snapshot {sid} ({esc(name)}) maps chunk {n} beyond its "
+                                f"size {size}")
     for cid, refs, n in wrong_refs(conn):
         if n == 0:
             rep.problems.append(f"chunk {cid} is not referenced by any snapshot (leaked)")
@@ -91,8 +93,10 @@ async def fsck(svc: LocalService) -> FsckReport:
     for path in shadows:
         if not path.exists():  # dropped meanwhile, after its snapshot's row
             continue
-        rep.problems.append(f"{path.relative_to(svc.store)}: no snapshot of the metadata "
-                            "is its (fsck --repair moves it to lost+found)")
+        # Whatever name a stray file has: escaped, or a newline forges report lines.
+        stray = esc(str(path.relative_to(svc.store)), limit=None)
+        rep.problems.append(f"{stray}: no snapshot of the metadata is its (fsck --repair "
+                            "moves it to lost+found)")
     for sid, _, shadow, _, _, size in svc.md.shadow_backed_snapshots():
         # Its data until its chunks are stored (shadows.py).
         path = svc.shadows.root / shadow

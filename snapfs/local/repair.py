@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable
 import trio
 
 from ..errors import PreconditionFailed
+from ..logtext import esc
 from . import mapdigest
 from .chunkindex import set_refs, wrong_refs
 from .recovery import TAIL_LIMIT, recover
@@ -139,8 +140,9 @@ def plan(svc: "LocalService") -> list[Step]:
     md = svc.md
     steps: list[Step] = []
     for snap, _ in md.snapshots_in_states(("snapshotting", "importing")):
-        steps.append(Step(f"mark snapshot {snap.id} ({snap.name}) error: it was {snap.state} "
-                          "when its process stopped (its partial map is released)"))
+        steps.append(Step(f"mark snapshot {snap.id} ({esc(snap.name)}) error: it was "
+                          f"{snap.state} when its process stopped (its partial map is "
+                          "released)"))
     for task, _ in md.unfinished_tasks():
         steps.append(Step(f"mark export task {task.id} failed: it was interrupted"))
     steps += [Step(_tail_line(svc, *t), _truncate(svc, t[0], t[1])) for t in pack_tails(svc)]
@@ -160,12 +162,16 @@ def plan(svc: "LocalService") -> list[Step]:
                           "computed again when needed", _drop_digests(svc, key)))
     lost = svc.store / LOST_FOUND
     for path in unaccounted_packs(svc):
-        steps.append(Step(f"move pack file {path.name} (no metadata knows it) into {lost}/",
+        steps.append(Step(f"move pack file {path.name} (no metadata knows it) into "
+                          f"{esc(str(lost), limit=None)}/",
                           _to_lost_found(lost, path, path.name)))
     for path in unaccounted_shadows(svc):
         name = "-".join(["shadow", *path.relative_to(svc.shadows.root).parts])
-        steps.append(Step(f"move {path.relative_to(svc.store)} (no snapshot of the metadata "
-                          f"is its) into {lost}/{name}", _to_lost_found(lost, path, name)))
+        # Whatever name a stray file has: escaped, or a newline forges report lines.
+        stray = esc(str(path.relative_to(svc.store)), limit=None)
+        steps.append(Step(f"move {stray} (no snapshot of the metadata is its) into "
+                          f"{esc(str(lost / name), limit=None)}",
+                          _to_lost_found(lost, path, name)))
     return steps
 
 

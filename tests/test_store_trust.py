@@ -228,6 +228,32 @@ def test_a_store_is_made_only_in_a_missing_or_empty_directory(tmp_path: Path) ->
     assert fresh.stat().st_mode & 0o777 == 0o700
 
 
+def test_a_file_in_packs_of_no_packs_name_is_reported_and_moved_not_a_crash(
+        tmp_path: Path) -> None:
+    """"²².pack" passed str.isdigit() and crashed every command in int(); "12.pack"
+    was taken for pack 12, whose file is 00000012.pack."""
+    store = tmp_path / "store"
+    snap, data = make_store(store, tmp_path)
+    for name in ("²².pack", "12.pack", "notes.txt"):
+        (store / "packs" / name).write_text(name)
+    res = snapfs_cli("volume", "list", store=store)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    before = tree(store)
+    res = snapfs_cli("fsck", store=store)
+    assert res.returncode == 1 and tree(store) == before
+    for name in ("²².pack", "12.pack", "notes.txt"):
+        assert f"pack file {name} has no metadata" in res.stdout, res.stdout
+    res = snapfs_cli("fsck", "--repair", store=store)
+    assert res.returncode == 0 and res.stdout.splitlines()[-1].endswith("clean"), res.stdout
+    assert sorted(os.listdir(store / "lost+found")) == ["12.pack", "notes.txt", "²².pack"]
+    assert (store / "lost+found" / "12.pack").read_text() == "12.pack"
+
+    async def reread() -> None:
+        async with open_local_service(store) as svc:
+            assert await read_all(svc, snap) == data
+    trio.run(reread)
+
+
 def test_open_never_removes_a_pack_file_no_row_knows(tmp_path: Path) -> None:
     store = tmp_path / "store"
     snap, data = make_store(store, tmp_path)

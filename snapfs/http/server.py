@@ -24,7 +24,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
     """``HOST:PORT`` (IPv6 as ``[::1]:PORT``) -> (host, port)."""
     host, sep, port = listen.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise InvalidArgument("listen", f"{listen!r} is not HOST:PORT")
     return host, int(port)
 

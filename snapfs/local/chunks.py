@@ -222,10 +222,26 @@ class PackFiles:
         except FileNotFoundError:
             return None
 
+    def _number(self, p: Path) -> int | None:
+        """The pack a file in packs/ is, by its name: only our own names count
+        ("²².pack" passed isdigit() and crashed int(); "12.pack" was taken for
+        pack 12, whose file is 00000012.pack)."""
+        if p.suffix == ".pack" and p.stem.isascii() and p.stem.isdigit():
+            n = int(p.stem)
+            if p.name == self.path(n).name:
+                return n
+        return None
+
     def existing(self) -> set[int]:
         if not self.dir.is_dir():  # a read-only open of a store without a pack yet
             return set()
-        return {int(p.stem) for p in self.dir.glob("*.pack") if p.stem.isdigit()}
+        return {n for n in map(self._number, self.dir.iterdir()) if n is not None}
+
+    def strays(self) -> list[Path]:
+        """Entries of packs/ that are no pack's file (fsck reports them)."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.iterdir() if self._number(p) is None)
 
     def close(self) -> None:
         with self._lock:

@@ -88,8 +88,8 @@ async def fsck(svc: LocalService) -> FsckReport:
                                     "(SELECT 1 FROM packs p WHERE p.id = c.pack)"):
         rep.problems.append(f"chunk {cid} lies in unknown pack {pack}")
     for path in orphans:
-        rep.problems.append(f"pack file {path.name} has no metadata (left in place; "
-                            "fsck --repair moves it to lost+found)")
+        rep.problems.append(f"pack file {esc(path.name, limit=None)} has no metadata "
+                            "(left in place; fsck --repair moves it to lost+found)")
     for path in shadows:
         if not path.exists():  # dropped meanwhile, after its snapshot's row
             continue

@@ -101,7 +101,8 @@ def unaccounted_packs(svc: "LocalService") -> list[Path]:
     """Pack files no pack row knows (listed before the rows: a row is committed
     before its file is made)."""
     files = svc.packs.existing()
-    return [svc.packs.path(p) for p in sorted(files - set(svc.index.packs()))]
+    return [svc.packs.path(p) for p in sorted(files - set(svc.index.packs()))] + \
+        svc.packs.strays()
 
 
 def unaccounted_shadows(svc: "LocalService") -> list[Path]:
@@ -115,7 +116,8 @@ def unaccounted_shadows(svc: "LocalService") -> list[Path]:
     out = []
     for p in files:
         parts = p.name.split(".")
-        if not (len(parts) == 3 and parts[0].isdigit() and (int(parts[0]), parts[1]) in known):
+        if not (len(parts) == 3 and parts[0].isascii() and parts[0].isdigit()
+                and (int(parts[0]), parts[1]) in known):
             out.append(p)
     return out
 
@@ -162,7 +164,8 @@ def plan(svc: "LocalService") -> list[Step]:
                           "computed again when needed", _drop_digests(svc, key)))
     lost = svc.store / LOST_FOUND
     for path in unaccounted_packs(svc):
-        steps.append(Step(f"move pack file {path.name} (no metadata knows it) into "
+        steps.append(Step(f"move pack file {esc(path.name, limit=None)} (no metadata knows it) "
+                          "into "
                           f"{esc(str(lost), limit=None)}/",
                           _to_lost_found(lost, path, path.name)))
     for path in unaccounted_shadows(svc):

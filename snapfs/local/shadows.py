@@ -238,7 +238,7 @@ class Shadows:
             found = []
             for p in vdir.iterdir():
                 parts = p.name.split(".")
-                if len(parts) == 3 and parts[0].isdigit():
+                if len(parts) == 3 and parts[0].isascii() and parts[0].isdigit():
                     found.append((Shadow(p, int(parts[0]), parts[1]), parts[2]))
                 # else: not a shadow's name; never deleted (fsck reports it)
             out[vdir.name] = sorted(found, key=lambda s: s[0].key)

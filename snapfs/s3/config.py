@@ -111,7 +111,7 @@ def scaleway_endpoint(region: str) -> str:
 def region_of_zone(zone: str) -> str:
     """fr-par-1 -> fr-par (Scaleway zones are region + '-N')."""
     head, _, tail = zone.rpartition("-")
-    return head if tail.isdigit() and head else zone
+    return head if tail.isascii() and tail.isdigit() and head else zone
 
 
 def _configured_endpoint(profile: str | None) -> str | None:

@@ -115,7 +115,7 @@ def say_if_new(store: Path, existed: bool) -> None:
     `git init` does): a mistyped --store shows at once, not as an empty list later.
     (A refusal stays its one line: this is not reached.)"""
     if not existed and is_store(store):
-        print(f"snapfs: made a new store in {store}", file=sys.stderr)
+        print(f"snapfs: made a new store in {esc(str(store), limit=None)}", file=sys.stderr)
 
 
 def _print_table(rows: list[list[str]], header: list[str]) -> None:
@@ -138,7 +138,7 @@ def _volume_add(args: argparse.Namespace) -> int:
 def _volume_repoint(args: argparse.Namespace) -> int:
     async def go(svc: Any) -> None:
         v = await svc.repoint_volume(args.name, args.path, zone=args.zone)
-        print(v.path)
+        print(esc(v.path, limit=None))  # one line, whatever the file's name holds
     return _run(args, go)
 
 

@@ -137,6 +137,9 @@ def test_volume_list_table_escapes_what_names_and_paths_hold(tmp_path: Path,
     vols = json.loads(before.stdout)
     assert sorted(v["path"] for v in vols) == sorted(str(p) for p in paths)
     assert _cli("volume", "list", "--json", store=store_dir).stdout == before.stdout
+    # volume repoint prints the new path: one line too.
+    res = _cli("volume", "repoint", "v1", bytes(paths[0]), store=store_dir)
+    assert res.returncode == 0 and res.stdout.decode("ascii").count("\n") == 1, res
 
 
 def test_fsck_escapes_the_names_of_stray_files(store_dir: Path) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
-from snapfs.fs.inodes import InodeTable, canonical
+import pytest
+
+from snapfs.errors import NotFound
+from snapfs.fs.inodes import MAP_NAME, InodeMap, InodeTable, canonical
 from snapfs.fs.keys import Key, Kind, View
 
 
@@ -67,3 +71,35 @@ def test_numbers_only_memory_has_are_never_forgotten(tmp_path: Path) -> None:
     assert stored.known(a) == fresh and stored.known(Key(Kind.ZONE, "kept")) is None
     assert stored.looked_up(Key(Kind.ZONE, "kept")) == kept  # still read from the map
     stored.close()
+
+
+def test_a_detached_table_never_takes_another_mounts_new_numbers(tmp_path: Path) -> None:
+    """Two mounts of one store share the map. When one cannot write to it (here:
+    the other holds its lock) it numbers in memory above the map's highest --
+    the very numbers the other mount goes on taking from the map for other
+    keys. Found by a hunt: the detached mount then took those rows' numbers too,
+    and two of its nodes had one inode (reads of one gave the other's bytes)."""
+    a = InodeTable(InodeMap(tmp_path / MAP_NAME, timeout=0.05))
+    b = InodeTable.in_store(tmp_path)
+    old = Key(Kind.ZONE, "old")
+    kept = a.looked_up(old)
+    holder = sqlite3.connect(tmp_path / MAP_NAME, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    mine = a.looked_up(Key(Kind.ZONE, "mine"))  # the map is locked: in memory
+    holder.execute("ROLLBACK")
+    holder.close()
+    theirs = b.looked_up(Key(Kind.ZONE, "theirs"))
+    assert theirs == mine  # the map gave b the number a holds in memory
+    theirs_in_a = a.looked_up(Key(Kind.ZONE, "theirs"))
+    assert theirs_in_a not in (mine, kept)
+    assert a.key(mine) == Key(Kind.ZONE, "mine")
+    assert a.key(theirs_in_a) == Key(Kind.ZONE, "theirs")
+    assert a.inode(old) == kept  # numbers the map had before stay the same
+    a.forget(kept, 1)
+    assert a.inode(old) == kept and a.key(kept) == old
+    later = max(b.looked_up(Key(Kind.ZONE, f"later{i}")) for i in range(3))
+    assert later > theirs_in_a
+    with pytest.raises(NotFound):  # a number only b gave: not a's node
+        a.key(later)
+    a.close()
+    b.close()

@@ -23,6 +23,12 @@ entry leaves memory -- the map still has its number. So the daemon's memory
 follows the kernel's inode cache, not every node ever shown. Without a
 writable store directory (a read-only one) new numbers fall back to this
 mount's life only, and those stay in memory for good (nowhere else has them).
+
+Once a mount numbers in memory, another mount of the store may go on giving
+numbers from the map -- the same numbers, to other keys. So a detached mount
+takes from the map only the numbers it held when it detached (``_trusted``):
+a row added after that is another mount's, and may carry a number this mount
+has already given away in memory.
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ from .keys import ROOT, Key, Kind, View
 log = logging.getLogger(__name__)
 
 MAP_NAME = "inodes.sqlite"
+#: How long a lookup waits for another mount's write to the map (seconds). It
+#: waits on the trio thread, so it is short: a row takes microseconds to write,
+#: and a map held longer than this detaches the mount (numbers in memory).
+BUSY_TIMEOUT = 1.0
 _SEP = "\x00"
 
 
@@ -67,8 +77,8 @@ class InodeMap:
     """The persisted key <-> number map (one SQLite file; several mounts of one
     store share it: INSERT OR IGNORE then SELECT gives them the same numbers)."""
 
-    def __init__(self, path: Path) -> None:
-        self.conn = sqlite3.connect(str(path), isolation_level=None, timeout=10.0,
+    def __init__(self, path: Path, timeout: float = BUSY_TIMEOUT) -> None:
+        self.conn = sqlite3.connect(str(path), isolation_level=None, timeout=timeout,
                                     check_same_thread=False, factory=sqlfull.Connection)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
@@ -117,6 +127,9 @@ class InodeTable:
         self._next = pyfuse3.ROOT_INODE + 1
         self._map = persisted
         self._writable = persisted is not None
+        #: once detached: the highest number the map held then; a higher one
+        #: found later is another mount's and may be one given here in memory
+        self._trusted: int | None = None
 
     @classmethod
     def in_store(cls, store: Path) -> "InodeTable":
@@ -179,10 +192,14 @@ class InodeTable:
         try:
             if self._writable:
                 return self._map.number(key)
-            return self._map.find(key)
-        except sqlite3.Error as exc:  # a read-only store, a full disk
+            ino = self._map.find(key)
+        except sqlite3.Error as exc:  # a read-only store, a full disk, a held lock
             self._detach(exc)
             return None
+        return ino if self._is_trusted(ino) else None
+
+    def _is_trusted(self, ino: int | None) -> bool:
+        return ino is not None and (self._trusted is None or ino <= self._trusted)
 
     def _detach(self, exc: Exception) -> None:
         """Number the rest of this mount in memory, above every stored number (so
@@ -195,6 +212,8 @@ class InodeTable:
             highest = self._map.highest()
         except sqlite3.Error:
             highest = 1 << 40  # far above any map this store could have filled
+        if self._trusted is None:
+            self._trusted = highest
         self._next = max(self._next, highest + 1, max(self._by_inode) + 1)
         if not self._writable:  # it cannot even be read: numbers from memory only
             self._map.close()
@@ -208,7 +227,7 @@ class InodeTable:
             # Forgotten by the kernel, or shown by an earlier mount (the kernel
             # may still hold it, e.g. NFS): read, not remembered (uncounted).
             try:
-                key = self._map.key(inode)
+                key = self._map.key(inode) if self._is_trusted(inode) else None
             except sqlite3.Error:
                 key = None
         if key is None:

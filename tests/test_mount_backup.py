@@ -91,22 +91,30 @@ def test_inodes_and_times_survive_a_remount(mount_factory: Callable[..., Mount],
 
 def test_the_daemon_forgets_what_the_kernel_forgets(mount_factory: Callable[..., Mount],
                                                    raw_store: tuple[Path, Path]) -> None:
-    """Nodes the kernel evicts (FORGET) leave the daemon's memory -- statfs's
-    f_files counts what it holds -- and come back with the same numbers."""
+    """Nodes the kernel evicts (FORGET) leave the daemon's memory -- df -i's
+    IUsed (f_files - f_ffree) counts what it holds -- and come back with the
+    same numbers."""
     m = mount_factory(raw_store[0])
     s = snap(m, "s1")
     run("setfattr", "-n", "user.tags", "-v", "daily", s)
     time.sleep(1.1)
     before = [os.stat(p).st_ino for p in every_kind(m)]
-    held = os.statvfs(m.path).f_files
+    held = used_inodes(m.path)
     assert held >= len(set(before))
+    df = run("df", "--output=iused,ipcent", m.path).stdout.split()
+    assert df[2:] == [str(held), "1%"]  # it said 100%: f_ffree was 0
     deadline = time.monotonic() + 20
-    while os.statvfs(m.path).f_files > 3:  # the root, maybe the zone and project
-        assert time.monotonic() < deadline, f"still {os.statvfs(m.path).f_files} nodes"
+    while used_inodes(m.path) > 3:  # the root, maybe the zone and project
+        assert time.monotonic() < deadline, f"still {used_inodes(m.path)} nodes"
         Path("/proc/sys/vm/drop_caches").write_text("2\n")  # evict unused inodes
         time.sleep(0.2)
     assert [os.stat(p).st_ino for p in every_kind(m)] == before
-    assert os.statvfs(m.path).f_files >= len(set(before))
+    assert used_inodes(m.path) >= len(set(before))
+
+
+def used_inodes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_files - st.f_ffree
 
 
 def test_image_mtime_never_moves_but_ctime_may(mounted: Mount) -> None:

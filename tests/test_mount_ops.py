@@ -3,6 +3,7 @@ changed (listings, attributes and snapshot.json compared before and after)."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import json
@@ -145,6 +146,17 @@ def test_mv_renames(mounted: Mount) -> None:
     assert mounted.xattr(mounted.snapshots() / "new", "id") == sid
     run("mv", mounted.volume("vol1") / "new", mounted.volume("vol1") / "newer")
     assert mounted.xattr(mounted.snapshots() / sid, "name") == "newer"
+    # renameat2's RENAME_WHITEOUT (overlayfs) was done as a plain rename.
+    snaps = os.fsencode(mounted.snapshots())
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(snaps, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert libc.renameat2(fd, b"newer", fd, b"other", 4) == -1  # RENAME_WHITEOUT
+        assert ctypes.get_errno() == errno.EINVAL
+        assert libc.renameat2(fd, b"newer", fd, b"other", 1) == 0  # RENAME_NOREPLACE
+    finally:
+        os.close(fd)
+    assert ls(mounted.snapshots()) == ["other"]
 
 
 def test_setfattr_name_and_tags(mounted: Mount) -> None:

@@ -31,6 +31,8 @@ log = logging.getLogger("snapfs.fs")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 XATTR_PREFIX = "user."
+#: statfs: free inodes reported (nodes are numbered on demand, without limit).
+FREE_INODES = 1 << 32
 #: Lookups of absent names and attributes are questions, not refusals: they are
 #: logged at debug level only (ls, shells and editors ask for many of them).
 QUIET = frozenset({errno.ENOENT, errno.ENODATA, errno.EOPNOTSUPP})
@@ -199,7 +201,11 @@ class SnapfsOperations(pyfuse3.Operations):
         st = pyfuse3.StatvfsData()
         st.f_bsize = st.f_frsize = 4096
         st.f_namemax = 255
-        st.f_files = len(self.ctx.inodes)
+        # df -i reads f_files - f_ffree as used: the nodes held in memory. A free
+        # count of 0 read as "100% of inodes used" and set off disk monitors;
+        # nodes are not a resource that runs out here, so plenty are free.
+        st.f_ffree = st.f_favail = FREE_INODES
+        st.f_files = len(self.ctx.inodes) + FREE_INODES
         return st
 
     # --- directories -----------------------------------------------------------------
@@ -246,6 +252,9 @@ class SnapfsOperations(pyfuse3.Operations):
                      name_new: bytes, flags: int, ctx: Any) -> None:
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise NotPermitted("snapshots cannot be exchanged")
+        if flags & ~pyfuse3.RENAME_NOREPLACE:  # RENAME_WHITEOUT (overlayfs), or newer
+            # NOREPLACE is what every rename here does (a taken name is refused).
+            raise InvalidArgument("rename flags", f"{flags:#x} not supported")
         await self.node(parent_inode_old).rename(
             self.name(name_old, absent=True), self.ctx.inodes.key(parent_inode_new),
             self.name(name_new))

@@ -12,12 +12,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 import trio
 
-from fixtures_mount import is_mounted, stop_process
+from fixtures_mount import ZONE, Mount, is_mounted, run, stop_process
 from fixtures_store import (MiB, random_bytes, read_all, snapfs_cli, snapshot_of,
                             write_volume)
 from snapfs.errors import StoreUnusable
@@ -713,3 +713,27 @@ def test_repair_finishes_a_delete_cut_short(tmp_path: Path) -> None:
         async with open_local_service(store) as svc:
             assert await read_all(svc, kept) == kept_data
     trio.run(reread)
+
+
+def test_an_immutable_inode_map_mounts_with_numbers_for_this_mount(
+        tmp_path: Path, mount_factory: Callable[..., Mount]) -> None:
+    """`chattr +i inodes.sqlite` (or a map that cannot be written for another
+    reason) refused the mount with 'Operation not permitted (a symlink is
+    refused)'. It mounts: the map's numbers are read, new ones last for this
+    mount (logged), and the map is left as it was."""
+    store = tmp_path / "store"
+    make_store(store, tmp_path)
+    m = mount_factory(store)
+    zone = os.stat(m.path / ZONE).st_ino
+    m.stop()
+    run("chattr", "+i", store / "inodes.sqlite")
+    try:
+        before = (store / "inodes.sqlite").read_bytes()
+        m = mount_factory(store)
+        assert os.stat(m.path / ZONE).st_ino == zone
+        fresh = os.stat(m.project / "snapshots").st_ino
+        assert fresh > zone and "last only for this mount" in m.log()
+        m.stop()
+        assert (store / "inodes.sqlite").read_bytes() == before
+    finally:
+        run("chattr", "-i", store / "inodes.sqlite")

@@ -19,6 +19,7 @@ lstat-checked before SQLite opens it), and metadata.db and the logs are 0600.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sqlite3
@@ -382,8 +383,7 @@ def _open_private(path: Path, flags: int, what: str) -> int:
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise StoreUnusable(f"cannot open {what}{path}: {exc.strerror} (a symlink is "
-                            "refused)") from None
+        raise StoreUnusable(f"cannot open {what}{path}: {_why(exc)}") from None
     try:
         st = _own_regular_file(fd, path)
         if stat.S_IMODE(st.st_mode) & 0o077:
@@ -392,6 +392,12 @@ def _open_private(path: Path, flags: int, what: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _why(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "it is a symlink, which is refused (check who put it there)"
+    return str(exc.strerror)
 
 
 def open_log(path: Path) -> IO[str]:
@@ -408,8 +414,7 @@ def open_lock(path: Path) -> int:
         fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
     except OSError as exc:
-        raise StoreUnusable(f"cannot open the lock {path / 'lock'}: {exc.strerror} (a "
-                            "symlink is refused)") from None
+        raise StoreUnusable(f"cannot open the lock {path / 'lock'}: {_why(exc)}") from None
     try:
         _own_regular_file(fd, path / "lock")
     except BaseException:
@@ -422,16 +427,28 @@ def private_database(path: Path) -> None:
     """Make sure an SQLite file of the store other than metadata.db (the mount's
     ``inodes.sqlite``) is a regular file of ours, 0600, before SQLite opens it:
     SQLite follows symlinks, and would create the file, its -wal and its -shm
-    wherever a planted one points."""
-    os.close(_open_private(path, os.O_RDWR | os.O_CREAT, ""))
+    wherever a planted one points. A file of ours that cannot be written
+    (immutable, a read-only filesystem) is left to SQLite to read: the mount
+    then numbers new nodes for its own life (InodeTable)."""
+    try:
+        os.close(_open_private(path, os.O_RDWR | os.O_CREAT, ""))
+    except StoreUnusable:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StoreUnusable(f"cannot open {path}: {_why(exc)}") from None
+        try:
+            _own_regular_file(fd, path)
+        finally:
+            os.close(fd)
     for side in (Path(f"{path}-wal"), Path(f"{path}-shm")):
         try:
             st = os.lstat(side)
         except FileNotFoundError:
             continue
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-            raise StoreUnusable(f"{side} is not a regular file of this user (a symlink is "
-                                "refused): remove it (check who put it there)")
+            raise StoreUnusable(f"{side} is not a regular file of this user (a symlink "
+                                "is refused): remove it (check who put it there)")
 
 
 def managed_volume_file(store: Path, path: str) -> Path | None:

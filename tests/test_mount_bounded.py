@@ -211,13 +211,21 @@ def fill(directory: Path) -> Path:
 def test_metadata_writes_on_a_full_disk_are_enospc_and_change_nothing(
         small_fs: Path, tmp_path: Path, mount_factory: Callable[..., Mount]) -> None:
     """SQLite's "database or disk is full" was an unexpected error: EIO and a bug
-    line in the log for mkdir, mv, setfattr and rmdir alike."""
+    line in the log for mkdir, mv, setfattr and rmdir alike. They are ENOSPC and
+    change nothing -- except rmdir, which frees space: it was refused too, and
+    a disk filled to the last block kept its snapshots until files were deleted
+    by hand. A delete takes the store's space reserve (reserve.py), which comes
+    back once the delete has freed its space."""
     store = small_fs / "store"
     random_volume(store, tmp_path / "v.raw", 4 * MiB, "v")
+    random_volume(store, tmp_path / "w.raw", 4 * MiB, "w")  # s1's bytes are s1's own
     m = mount_factory(store)
+    reserve = store / "reserve"
+    assert reserve.stat().st_blocks * 512 >= 8 * MiB
+    for volume, name in (("v", "s0"), ("w", "s1")):
+        run("mkdir", m.volume(volume) / name)
+        assert m.wait_state(m.snapshots() / name) == "available"
     s = m.snapshots() / "s1"
-    run("mkdir", m.volume("v") / "s1")
-    assert m.wait_state(s) == "available"
     for db in ("metadata.db", "inodes.sqlite"):  # no WAL space left to reuse either
         conn = sqlite3.connect(store / db)
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -227,7 +235,6 @@ def test_metadata_writes_on_a_full_disk_are_enospc_and_change_nothing(
         "mkdir": lambda: os.mkdir(m.volume("v") / "s2"),
         "rename": lambda: os.rename(s, m.snapshots() / "s1-renamed"),
         "setxattr": lambda: os.setxattr(s, "user.tags", b"t"),
-        "rmdir": lambda: os.rmdir(s),
     }
     for what, attempt in attempts.items():
         before = (sorted(os.listdir(m.snapshots())), os.listxattr(s) and m.xattr(s, "tags"))
@@ -240,9 +247,18 @@ def test_metadata_writes_on_a_full_disk_are_enospc_and_change_nothing(
             pytest.fail(f"{what} succeeded on a full filesystem")
     # (The refusals' log lines may not fit: the log is on that filesystem too.)
     assert "failed unexpectedly" not in m.log()
-    filler.unlink()
-    os.setxattr(s, "user.tags", b"t")
+    assert reserve.stat().st_blocks * 512 >= 8 * MiB  # kept for a delete
     run("rmdir", s)
+    assert os.listdir(m.snapshots()) == ["s0"]
+    deadline = time.monotonic() + 20  # the reserve again, from the space s1 freed
+    while not (reserve.exists() and reserve.stat().st_blocks * 512 >= 8 * MiB):
+        assert time.monotonic() < deadline, "the reserve never came back"
+        time.sleep(0.1)
+    assert "given to a delete" in m.log()
+    run("cmp", m.snapshots() / "s0" / "image.raw", tmp_path / "v.raw")
+    filler.unlink()
+    os.setxattr(m.snapshots() / "s0", "user.tags", b"t")
+    run("rmdir", m.snapshots() / "s0")
     assert os.listdir(m.snapshots()) == []
     m.stop()
     res = snapfs("fsck", "--store", store, check=False)

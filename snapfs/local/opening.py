@@ -71,6 +71,8 @@ async def open_local_service(store: Path | str, objects: ObjectStorage | None = 
                     fcntl.flock(lock_fd, fcntl.LOCK_SH)  # others may open it beside us now
             finally:
                 opening.close()
+            if resume:  # a mount or serve: the room a delete needs on a full disk
+                await trio.to_thread.run_sync(svc.reserve.ensure)
             async with svc.jobs.open():  # an error of the body is raised as it is
                 svc.adoption.resume(work)
                 if resume:

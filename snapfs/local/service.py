@@ -12,10 +12,12 @@ import os
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
+from typing import Awaitable, Callable, TypeVar
+
 import trio
 
 from ..errors import (CorruptData, InvalidArgument, NotConfigured, PreconditionFailed,
-                      SnapfsError, VolumeChanged)
+                      SnapfsError, StoreFull, VolumeChanged)
 from ..model import (DEFAULT_ZONE, ZONES, BaseVolume, FileAccess, Page,
                      Project, Snapshot, Task, Volume, check_name, check_paging, check_readable,
                      check_size, check_tags, check_uuid, check_volume_type, check_zone,
@@ -32,6 +34,7 @@ from .jobs import NO_OBJECT_STORAGE, SnapshotWork
 from .metadata import Metadata
 from .adoption import Adoption
 from .recovery import DELETING
+from .reserve import SpaceReserve
 from .shadows import Shadows
 from .volumefile import Inspected, VolumeFile, inspected, open_volume
 from .volumes import LocalVolumes
@@ -39,6 +42,7 @@ from .uploads import LeftUploads
 from .storelocks import ReaderLocks, StoreLock
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 __all__ = ["LocalService", "NO_OBJECT_STORAGE"]
 
@@ -74,6 +78,7 @@ class LocalService(SnapshotService):
         self._deleting: set[str] = set()
         self._leases = leases.VolumeLeases()  # read leases on volume files
         self.shadows = Shadows(store / "shadows")  # volume clones on XFS/btrfs
+        self.reserve = SpaceReserve(store)  # so that deletes work on a full disk
         self.volumes = LocalVolumes(store, self.md, self._leases, self.shadows)
         self.work = SnapshotWork(self.md, self.index, self.packs, self.pool, objects,
                                  self.index_lock, self.io_limiter, self.hash_limiter, self.jobs,
@@ -308,7 +313,9 @@ class LocalService(SnapshotService):
             # crash while its map is half released leaves nothing that reads as holes.
             # In one transaction with the check of its state: an export another
             # process starts meanwhile either wins or finds it gone.
-            if not self.md.mark_deleting(snapshot_id, DELETING):
+            async def mark() -> bool:
+                return self.md.mark_deleting(snapshot_id, DELETING)
+            if not await self._on_full_disk(mark):
                 now_ = self.md.snapshot(None, snapshot_id)  # NotFound: deleted meanwhile
                 raise PreconditionFailed(f"snapshot {snap.name!r} is {now_.state}; "
                                          "it can be deleted once that ends")
@@ -323,9 +330,23 @@ class LocalService(SnapshotService):
             os.close(held)
         log.info("snapshot %s (%s) deleted; its space is freed in the background",
                  snapshot_id, snap.name)
-        self.jobs.start(snapshot_id, self.work.release, snapshot_id, key)
+        self.jobs.start(snapshot_id, self._release, snapshot_id, key)
         # Its shadow pins the blocks the volume rewrote since (shadows.py).
         await trio.to_thread.run_sync(self.shadows.drop_snapshot, snapshot_id)
+
+    async def _release(self, snapshot_id: str, key: int) -> None:
+        await self._on_full_disk(lambda: self.work.release(snapshot_id, key))
+        await trio.to_thread.run_sync(self.reserve.ensure)  # given up? made again
+
+    async def _on_full_disk(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``, once more with the space reserve given up if it finds the
+        disk full: a delete is how space is freed (reserve.py)."""
+        try:
+            return await call()
+        except StoreFull:
+            if not await trio.to_thread.run_sync(self.reserve.give_up):
+                raise
+        return await call()
 
     def storing(self) -> bool:
         """Whether some snapshot is still read from its shadow (chunks being stored)."""

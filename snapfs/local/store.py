@@ -377,7 +377,7 @@ def readonly_uri(db: Path) -> str:
     return f"file:{quote(os.fsencode(db))}?{mode}"  # bytes: a path need not be UTF-8
 
 
-def _open_private(path: Path, flags: int, what: str) -> int:
+def open_private(path: Path, flags: int, what: str) -> int:
     """A descriptor of ``path`` opened without following a symlink, checked to be
     a regular file of ours and made 0600 if it was not."""
     try:
@@ -403,7 +403,7 @@ def _why(exc: OSError) -> str:
 def open_log(path: Path) -> IO[str]:
     """Open (appending, creating 0600) a log in the store without following a
     symlink, refusing one that is not a regular file of ours."""
-    fd = _open_private(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "the log ")
+    fd = open_private(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "the log ")
     os.set_blocking(fd, True)
     return os.fdopen(fd, "a", buffering=1)
 
@@ -431,7 +431,7 @@ def private_database(path: Path) -> None:
     (immutable, a read-only filesystem) is left to SQLite to read: the mount
     then numbers new nodes for its own life (InodeTable)."""
     try:
-        os.close(_open_private(path, os.O_RDWR | os.O_CREAT, ""))
+        os.close(open_private(path, os.O_RDWR | os.O_CREAT, ""))
     except StoreUnusable:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)

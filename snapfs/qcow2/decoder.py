@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import InvalidData
+from . import zstdframes
 from .format import (COMPRESSION_DEFLATE, COMPRESSION_ZSTD, HEADER_V2, HEADER_V2_LEN,
                      HEADER_V3_EXTRA, HEADER_V3_MIN_LEN, INCOMPAT_COMPRESSION,
                      INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, INCOMPAT_KNOWN,
@@ -328,23 +329,22 @@ def _push(out: list[Extent], ext: Extent) -> None:
 
 def decompress_cluster(data: bytes | memoryview, header: Header,
                        guest_offset: int) -> bytes:
-    """One compressed cluster's guest bytes (exactly one cluster)."""
+    """One compressed cluster's guest bytes (exactly one cluster); never more
+    than a cluster of output is produced, whatever the compressed bytes claim."""
     cs = header.cluster_size
+    where = f"QCOW2 compressed cluster for guest offset {guest_offset}"
+    if header.compression_type == COMPRESSION_ZSTD:
+        return zstdframes.decompress(data, cs, where)
     try:
-        if header.compression_type == COMPRESSION_ZSTD:
-            import zstandard  # only images that use it pay for the import
-            out = zstandard.ZstdDecompressor().decompressobj().decompress(data)
-        else:
-            # Raw deflate, no zlib header (qcow2.rst: "do not have zlib headers").
-            d = zlib.decompressobj(-12)
-            out = d.decompress(data, cs)
-    except Exception as exc:  # zlib.error, zstandard.ZstdError
-        raise InvalidData(f"QCOW2 compressed cluster for guest offset {guest_offset} "
-                          f"does not decompress: {exc}") from None
+        # Raw deflate, no zlib header (qcow2.rst: "do not have zlib headers").
+        # QEMU takes the cluster once the output is full, stream end or not.
+        out = zlib.decompressobj(-12).decompress(data, cs)
+    except zlib.error as exc:
+        raise InvalidData(f"{where} does not decompress: {exc}") from None
     if len(out) < cs:
-        raise InvalidData(f"QCOW2 compressed cluster for guest offset {guest_offset} "
-                          f"decompresses to {len(out)} bytes, not {cs} (truncated?)")
-    return out[:cs]
+        raise InvalidData(f"{where} decompresses to {len(out)} bytes, not {cs} "
+                          "(truncated?)")
+    return out
 
 
 def assemble(extents: list[Extent], header: Header,

@@ -1,0 +1,200 @@
+"""Hostile QCOW2 objects: the decoder's work and memory stay in proportion to
+the bytes of the image, whatever a crafted header or table claims. zstd bombs,
+multi-frame and truncated zstd clusters (judged against qemu-img, the reference
+reader), L1 entries beyond the virtual size, one L2 table behind many L1
+entries, merged GETs that would fetch mostly gaps, and header fields QEMU
+itself refuses."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import tracemalloc
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import zstandard
+
+from snapfs.errors import InvalidData
+from snapfs.qcow2.decoder import decompress_cluster, parse_header, read_file
+from snapfs.qcow2.format import (COMPRESSION_ZSTD, INCOMPAT_COMPRESSION, OFLAG_COMPRESSED,
+                                 Header)
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+
+
+def header(cluster_bits: int, size: int, l1_size: int, *, zstd: bool = False,
+           **kw: Any) -> Header:
+    """A v3 header: L1 table in cluster 1, refcount table in cluster 2."""
+    cs = 1 << cluster_bits
+    fields: dict[str, Any] = dict(
+        version=3, backing_file_offset=0, backing_file_size=0, cluster_bits=cluster_bits,
+        size=size, crypt_method=0, l1_size=l1_size, l1_table_offset=cs,
+        refcount_table_offset=2 * cs, refcount_table_clusters=1, nb_snapshots=0,
+        snapshots_offset=0, header_length=112)
+    if zstd:
+        fields.update(incompatible_features=INCOMPAT_COMPRESSION,
+                      compression_type=COMPRESSION_ZSTD)
+    fields.update(kw)
+    return Header(**fields)
+
+
+def image(h: Header, l1: list[int], tables: dict[int, list[int]],
+          blobs: dict[int, bytes] | None = None) -> bytes:
+    """The bytes of an image: header, L1 entries, L2 tables at their host
+    offsets, other bytes (data, compressed clusters) where ``blobs`` says."""
+    cs = h.cluster_size
+    pieces = [(0, h.pack()), (h.l1_table_offset, struct.pack(f">{len(l1)}Q", *l1))]
+    pieces += [(off, struct.pack(f">{len(t)}Q", *t)) for off, t in tables.items()]
+    pieces += list((blobs or {}).items())
+    end = max(3 * cs, max(off + len(b) for off, b in pieces))
+    buf = bytearray(end)
+    for off, b in pieces:
+        buf[off:off + len(b)] = b
+    return bytes(buf)
+
+
+def compressed_entry(cluster_bits: int, host: int, length: int) -> int:
+    """An L2 entry for a compressed cluster of ``length`` bytes at ``host``."""
+    x = 62 - (cluster_bits - 8)
+    sectors = (host + length - 1) // 512 - host // 512
+    return OFLAG_COMPRESSED | sectors << x | host
+
+
+def zstd_image(tmp_path: Path, cluster: bytes, *, tail: bytes = b"") -> Path:
+    """A 64 KiB-cluster zstd image of one cluster holding ``cluster`` (the
+    compressed bytes), placed at the very end of the object unless ``tail``
+    follows it."""
+    h = header(16, 64 * KiB, 1, zstd=True)
+    host = 4 * 65536
+    entry = compressed_entry(16, host, len(cluster))
+    data = image(h, [3 * 65536], {3 * 65536: [entry]}, {host: cluster + tail})
+    p = tmp_path / "z.qcow2"
+    p.write_bytes(data)
+    return p
+
+
+def qemu_reads(path: Path, tmp_path: Path) -> bytes | None:
+    """What qemu-img reads of the image (None: it fails, EIO)."""
+    out = tmp_path / "qemu.raw"
+    r = subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(path),
+                        str(out)], capture_output=True, text=True)
+    return out.read_bytes() if r.returncode == 0 else None
+
+
+def snapfs_reads(path: Path) -> bytes:
+    img = read_file(str(path))
+    try:
+        return img.read(0, img.size)
+    finally:
+        img.close()
+
+
+def peak_bytes(fn: Callable[[], Any]) -> int:
+    tracemalloc.start()
+    try:
+        try:
+            fn()
+        except InvalidData:
+            pass
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+# -- 1. zstd clusters ---------------------------------------------------------
+
+@pytest.mark.parametrize("sized", [True, False], ids=["content-size", "no-content-size"])
+def test_zstd_bomb_is_refused_without_allocating_its_output(tmp_path: Path,
+                                                            sized: bool) -> None:
+    """A 64 KiB cluster whose frame inflates to 64 MiB: refused (QEMU: EIO, the
+    frame does not end where the cluster does), and decoding it never holds
+    more than a few clusters of memory."""
+    c = zstandard.ZstdCompressor(write_content_size=sized)
+    if sized:
+        bomb = c.compress(bytes(64 * MiB))
+    else:
+        obj = c.compressobj()
+        bomb = b"".join(obj.compress(bytes(MiB)) for _ in range(64)) + obj.flush()
+    assert len(bomb) < 60 * KiB
+    p = zstd_image(tmp_path, bomb)
+    assert qemu_reads(p, tmp_path) is None
+    with pytest.raises(InvalidData, match="compressed cluster for guest offset 0"):
+        snapfs_reads(p)
+    h = parse_header(p.read_bytes()[:4096], p.stat().st_size)
+    assert peak_bytes(lambda: decompress_cluster(bomb, h, 0)) < 8 * 65536
+
+
+def test_zstd_cluster_of_several_frames_reads_as_qemu_reads_it(tmp_path: Path) -> None:
+    """QEMU decompresses frame after frame until the cluster is full; what
+    follows it (the next cluster's bytes, a stray frame) is not read."""
+    data = bytes(range(256)) * 256
+    sized, unsized = zstandard.ZstdCompressor(), \
+        zstandard.ZstdCompressor(write_content_size=False, write_checksum=True)
+    cases = {
+        "two": sized.compress(data[:20000]) + sized.compress(data[20000:]),
+        "three-mixed": (unsized.compress(data[:1000]) + sized.compress(data[1000:50000])
+                        + unsized.compress(data[50000:])),
+        "trailing-frame": sized.compress(data) + sized.compress(b"x" * 5000),
+        "trailing-garbage": sized.compress(data) + b"\xff" * 300,
+        "skippable-first": struct.pack("<II", 0x184D2A50, 5) + b"12345" + sized.compress(data),
+    }
+    for name, cluster in cases.items():
+        p = zstd_image(tmp_path, cluster)
+        assert qemu_reads(p, tmp_path) == data, name
+        assert snapfs_reads(p) == data, name
+
+
+def test_zstd_truncated_frame_is_refused_even_when_the_cluster_is_full(
+        tmp_path: Path) -> None:
+    """Frames cut at the end of the object: each one QEMU fails with EIO is
+    refused, including the cut that still yields exactly one cluster."""
+    data = bytes(range(256)) * 256
+    whole = zstandard.ZstdCompressor(write_checksum=True).compress(data)
+    raw_frame = zstandard.ZstdCompressor(level=-1000, write_checksum=False).compress(
+        b"\x00\x01" * 32768)
+    cases = {
+        "no-checksum": whole[:-4],  # every block there: exactly one cluster
+        "half-checksum": whole[:-2],
+        "mid-block": whole[:len(whole) // 2],
+        "header-only": whole[:6],
+        "short-of-a-frame": sized_half(data) + whole[:5],
+        "second-frame-cut": sized_half(data) + raw_frame[:40],
+    }
+    for name, cluster in cases.items():
+        p = zstd_image(tmp_path, cluster)
+        assert qemu_reads(p, tmp_path) is None, name
+        with pytest.raises(InvalidData, match="compressed cluster for guest offset 0"):
+            snapfs_reads(p)
+
+
+def sized_half(data: bytes) -> bytes:
+    return zstandard.ZstdCompressor().compress(data[:len(data) // 2])
+
+
+def test_zstd_frame_with_a_huge_window_is_refused(tmp_path: Path) -> None:
+    """A frame that asks for a 128 MiB window (what zstd would allocate to
+    decode it, whatever its output) for a 64 KiB cluster."""
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=27,
+                                                            write_content_size=False)
+    obj = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    frame = obj.compress(bytes(range(256)) * 256) + obj.flush()
+    assert zstandard.get_frame_parameters(frame).window_size == 128 * MiB
+    with pytest.raises(InvalidData, match="compressed cluster for guest offset 0"):
+        snapfs_reads(zstd_image(tmp_path, frame))
+
+
+@pytest.mark.parametrize("cluster", ["512", "64k", "2M"])
+def test_qemu_zstd_images_still_read(tmp_path: Path, cluster: str) -> None:
+    raw = tmp_path / "r.raw"
+    with open(raw, "wb") as f:
+        f.truncate(5 * MiB)
+        f.write(b"zstd clusters of every size\n" * 50000)
+        f.seek(3 * MiB)
+        f.write(bytes(range(256)) * 4000)
+    img = tmp_path / "r.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-c", "-o",
+                    f"compression_type=zstd,cluster_size={cluster}", str(raw), str(img)],
+                   check=True, capture_output=True)
+    assert snapfs_reads(img) == raw.read_bytes()

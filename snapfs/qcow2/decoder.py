@@ -111,7 +111,7 @@ def _check_header(h: Header, file_size: int) -> None:
     if h.size > MAX_VIRTUAL_SIZE:
         raise InvalidData(f"QCOW2 virtual size {h.size} bytes is beyond the {MAX_VIRTUAL_SIZE}"
                           f"-byte limit (64 TiB)")
-    needed = div_round_up(div_round_up(h.size, h.cluster_size), h.l2_entries)
+    needed = h.l1_used
     if h.l1_size < needed:
         raise InvalidData(f"QCOW2 L1 table has {h.l1_size} entries; the virtual size "
                           f"{h.size} needs {needed}")
@@ -123,7 +123,7 @@ def _check_header(h: Header, file_size: int) -> None:
                           "cluster-aligned")
     if h.l1_table_offset < h.cluster_size:
         raise InvalidData(f"QCOW2 L1 table offset {h.l1_table_offset} overlaps the header")
-    end = h.l1_table_offset + h.l1_size * 8
+    end = h.l1_table_offset + h.l1_used * 8  # all that is read of it
     if end > file_size:
         raise InvalidData(f"truncated QCOW2 image: L1 table ends at byte {end}, the "
                           f"object has {file_size} bytes")
@@ -161,10 +161,11 @@ class Qcow2Map:
         self.file_size = file_size
         self.size = header.size
         cs = header.cluster_size
-        if len(l1_bytes) < header.l1_size * 8:
+        used = header.l1_used * 8  # only these entries map guest bytes
+        if len(l1_bytes) < used:
             raise InvalidData(f"truncated QCOW2 image: L1 table has "
-                              f"{len(l1_bytes)} of {header.l1_size * 8} bytes")
-        self.l1 = _be64_array(l1_bytes[:header.l1_size * 8])
+                              f"{len(l1_bytes)} of {used} bytes")
+        self.l1 = _be64_array(l1_bytes[:used])
         for i, entry in enumerate(self.l1):
             if not entry:  # most of a sparse image's L1: nothing to check
                 continue
@@ -383,7 +384,7 @@ class FileImage:
             size = os.fstat(self._f.fileno()).st_size
             self.header = parse_header(self._pread(0, HEADER_PROBE), size)
             h = self.header
-            self.map = Qcow2Map(h, self._pread(h.l1_table_offset, h.l1_size * 8), size)
+            self.map = Qcow2Map(h, self._pread(h.l1_table_offset, h.l1_used * 8), size)
         except BaseException:
             self._f.close()
             raise

@@ -307,3 +307,36 @@ async def test_one_l2_table_behind_many_l1_entries_is_fetched_once(
             await reader.aclose()
     finally:
         await objects.aclose()
+
+
+# -- 3. merged GETs stay within twice the bytes needed ---------------------------
+
+async def test_scattered_clusters_are_not_fetched_with_their_gaps(
+        s3_server: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """512-byte clusters, each 60 KiB after the last on the host: a 64 KiB read
+    needs 64 KiB; merging across every gap would GET 7.5 MiB."""
+    cb, cs = 9, 512
+    n = 128
+    h = header(cb, n * cs, 2, l1_table_offset=8 * cs, refcount_table_offset=16 * cs)
+    gap = 60 * KiB
+    first = 64 * KiB
+    tables = {24 * cs: [first + i * gap for i in range(64)],
+              25 * cs: [first + (64 + i) * gap for i in range(64)]}
+    blobs = {first + i * gap: bytes([i]) * cs for i in range(n)}
+    body = image(h, [24 * cs, 25 * cs], tables, blobs)
+    p = tmp_path / "scattered.qcow2"
+    p.write_bytes(body)
+    want = b"".join(bytes([i]) * cs for i in range(n))
+    assert qemu_reads(p, tmp_path) == want
+    s3_server.client().put_object(Bucket=bucket, Key="scattered", Body=body)
+    objects, seen = await counted_objects(s3_server)
+    try:
+        reader: Any = await objects.open_qcow2(bucket, "scattered")
+        try:
+            seen.clear()
+            assert bytes(await reader.fetch(0, n * cs)) == want
+            assert sum(length for _, length in seen) <= 2 * n * cs, seen
+        finally:
+            await reader.aclose()
+    finally:
+        await objects.aclose()

@@ -340,3 +340,20 @@ async def test_scattered_clusters_are_not_fetched_with_their_gaps(
             await reader.aclose()
     finally:
         await objects.aclose()
+
+
+# -- 4. header fields QEMU refuses -------------------------------------------------
+
+def test_refcount_table_beyond_qemus_limits_is_refused(tmp_path: Path) -> None:
+    """QEMU refuses a refcount table over 8 MiB, missing, or off a cluster
+    boundary; so does the decoder (it never reads the table)."""
+    cs = 65536
+    for kw, match in (({"refcount_table_clusters": 129}, "refcount table of 129 clusters"),
+                      ({"refcount_table_clusters": 0}, "no refcount table"),
+                      ({"refcount_table_offset": 2 * cs + 8}, "refcount table offset")):
+        h = header(16, MiB, 1, **kw)
+        p = tmp_path / "rt.qcow2"
+        p.write_bytes(image(h, [0], {}))
+        assert qemu_reads(p, tmp_path) is None
+        with pytest.raises(InvalidData, match=match):
+            snapfs_reads(p)

@@ -23,8 +23,9 @@ from .format import (COMPRESSION_DEFLATE, COMPRESSION_ZSTD, HEADER_V2, HEADER_V2
                      HEADER_V3_EXTRA, HEADER_V3_MIN_LEN, INCOMPAT_COMPRESSION,
                      INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, INCOMPAT_KNOWN,
                      L1_RESERVED_MASK, L2_STD_RESERVED_MASK, MAGIC, MAX_CLUSTER_BITS,
-                     MAX_L1_BYTES, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS, OFFSET_MASK,
-                     OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, Header, div_round_up)
+                     MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS,
+                     OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, Header,
+                     div_round_up)
 
 #: How many bytes of the object to fetch to parse the header (the header and its
 #: extensions live in the first cluster; 4 KiB holds every field we read).
@@ -123,6 +124,17 @@ def _check_header(h: Header, file_size: int) -> None:
                           "cluster-aligned")
     if h.l1_table_offset < h.cluster_size:
         raise InvalidData(f"QCOW2 L1 table offset {h.l1_table_offset} overlaps the header")
+    # The refcount table is never read here (an import needs only the mapping),
+    # but an image whose table QEMU refuses is not one QEMU made or would read.
+    rt_bytes = h.refcount_table_clusters * h.cluster_size
+    if not h.refcount_table_clusters:
+        raise InvalidData("QCOW2 image has no refcount table (refcount_table_clusters 0)")
+    if rt_bytes > MAX_REFTABLE_BYTES:
+        raise InvalidData(f"QCOW2 refcount table of {h.refcount_table_clusters} clusters "
+                          f"is larger than {MAX_REFTABLE_BYTES} bytes")
+    if h.refcount_table_offset % h.cluster_size:
+        raise InvalidData(f"QCOW2 refcount table offset {h.refcount_table_offset} is not "
+                          "cluster-aligned")
     end = h.l1_table_offset + h.l1_used * 8  # all that is read of it
     if end > file_size:
         raise InvalidData(f"truncated QCOW2 image: L1 table ends at byte {end}, the "

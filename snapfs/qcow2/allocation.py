@@ -42,16 +42,51 @@ class Allocation:
                 self.bits[g >> 3] |= bit
                 self.marked += 1
 
-    def mark_l2(self, qmap: Qcow2Map, l1_index: int, table: array) -> None:
+    def mark_l2(self, qmap: Qcow2Map, l1_indices: list[int], table: array) -> None:
         """The clusters one (validated) L2 table maps to data or compressed
-        data; entries that read as zeros (unallocated, the zero flag) are not."""
-        cs = qmap.header.cluster_size
-        base = l1_index * qmap.l2_span()
+        data, for each L1 entry of ``l1_indices`` that names it; entries that
+        read as zeros (unallocated, the zero flag) are not.
+
+        A crafted image may name one table from every L1 entry (131072 of them
+        at 64 TiB): the table is walked once, and each entry's span gets its
+        pattern of grains, a few bytes OR-ed into the bitmap, not a walk."""
+        cs, span = qmap.header.cluster_size, qmap.l2_span()
+        runs: list[list[int]] = []  # [first, end) entries holding data
         for i, entry in enumerate(table):
             if entry & OFLAG_COMPRESSED or (entry & OFFSET_MASK and not entry & OFLAG_ZERO):
-                guest = base + i * cs
-                if guest < self.size:
-                    self.mark(guest, min(cs, self.size - guest))
+                if runs and runs[-1][1] == i:
+                    runs[-1][1] = i + 1
+                else:
+                    runs.append([i, i + 1])
+        if not runs:
+            return
+        whole = [i for i in l1_indices if (i + 1) * span <= self.size]
+        for i in l1_indices:
+            if (i + 1) * span > self.size:  # the last table: clipped to the size
+                base = i * span
+                for a, b in runs:
+                    if base + a * cs < self.size:
+                        self.mark(base + a * cs, min(b * cs, self.size - base) - a * cs)
+        if span % self.grain == 0 and span // self.grain % 8 == 0:
+            # Spans start on bitmap bytes: OR in the table's pattern of bytes.
+            pattern = Allocation(span, self.grain)
+            for a, b in runs:
+                pattern.mark(a * cs, (b - a) * cs)
+            width, mask = len(pattern.bits), int.from_bytes(pattern.bits, "little")
+            for i in whole:
+                at = i * width
+                old = int.from_bytes(self.bits[at:at + width], "little")
+                new = old | mask
+                if new != old:
+                    self.bits[at:at + width] = new.to_bytes(width, "little")
+                    self.marked += new.bit_count() - old.bit_count()
+        elif self.grain % span == 0:
+            for i in whole:  # the whole table lies in one grain
+                self.mark(i * span, 1)
+        else:  # grains of a size that does not divide (not used by snapfs)
+            for i in whole:
+                for a, b in runs:
+                    self.mark(i * span + a * cs, (b - a) * cs)
 
     def __contains__(self, grain: int) -> bool:
         return 0 <= grain < self.grains and bool(self.bits[grain >> 3] >> (grain & 7) & 1)

@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import InvalidData
+from . import zstdframes
 from .format import (COMPRESSION_DEFLATE, COMPRESSION_ZSTD, HEADER_V2, HEADER_V2_LEN,
                      HEADER_V3_EXTRA, HEADER_V3_MIN_LEN, INCOMPAT_COMPRESSION,
                      INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, INCOMPAT_KNOWN,
                      L1_RESERVED_MASK, L2_STD_RESERVED_MASK, MAGIC, MAX_CLUSTER_BITS,
-                     MAX_L1_BYTES, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS, OFFSET_MASK,
-                     OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, Header, div_round_up)
+                     MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS,
+                     OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, Header,
+                     div_round_up)
 
 #: How many bytes of the object to fetch to parse the header (the header and its
 #: extensions live in the first cluster; 4 KiB holds every field we read).
@@ -110,7 +112,7 @@ def _check_header(h: Header, file_size: int) -> None:
     if h.size > MAX_VIRTUAL_SIZE:
         raise InvalidData(f"QCOW2 virtual size {h.size} bytes is beyond the {MAX_VIRTUAL_SIZE}"
                           f"-byte limit (64 TiB)")
-    needed = div_round_up(div_round_up(h.size, h.cluster_size), h.l2_entries)
+    needed = h.l1_used
     if h.l1_size < needed:
         raise InvalidData(f"QCOW2 L1 table has {h.l1_size} entries; the virtual size "
                           f"{h.size} needs {needed}")
@@ -122,7 +124,18 @@ def _check_header(h: Header, file_size: int) -> None:
                           "cluster-aligned")
     if h.l1_table_offset < h.cluster_size:
         raise InvalidData(f"QCOW2 L1 table offset {h.l1_table_offset} overlaps the header")
-    end = h.l1_table_offset + h.l1_size * 8
+    # The refcount table is never read here (an import needs only the mapping),
+    # but an image whose table QEMU refuses is not one QEMU made or would read.
+    rt_bytes = h.refcount_table_clusters * h.cluster_size
+    if not h.refcount_table_clusters:
+        raise InvalidData("QCOW2 image has no refcount table (refcount_table_clusters 0)")
+    if rt_bytes > MAX_REFTABLE_BYTES:
+        raise InvalidData(f"QCOW2 refcount table of {h.refcount_table_clusters} clusters "
+                          f"is larger than {MAX_REFTABLE_BYTES} bytes")
+    if h.refcount_table_offset % h.cluster_size:
+        raise InvalidData(f"QCOW2 refcount table offset {h.refcount_table_offset} is not "
+                          "cluster-aligned")
+    end = h.l1_table_offset + h.l1_used * 8  # all that is read of it
     if end > file_size:
         raise InvalidData(f"truncated QCOW2 image: L1 table ends at byte {end}, the "
                           f"object has {file_size} bytes")
@@ -160,10 +173,11 @@ class Qcow2Map:
         self.file_size = file_size
         self.size = header.size
         cs = header.cluster_size
-        if len(l1_bytes) < header.l1_size * 8:
+        used = header.l1_used * 8  # only these entries map guest bytes
+        if len(l1_bytes) < used:
             raise InvalidData(f"truncated QCOW2 image: L1 table has "
-                              f"{len(l1_bytes)} of {header.l1_size * 8} bytes")
-        self.l1 = _be64_array(l1_bytes[:header.l1_size * 8])
+                              f"{len(l1_bytes)} of {used} bytes")
+        self.l1 = _be64_array(l1_bytes[:used])
         for i, entry in enumerate(self.l1):
             if not entry:  # most of a sparse image's L1: nothing to check
                 continue
@@ -328,23 +342,22 @@ def _push(out: list[Extent], ext: Extent) -> None:
 
 def decompress_cluster(data: bytes | memoryview, header: Header,
                        guest_offset: int) -> bytes:
-    """One compressed cluster's guest bytes (exactly one cluster)."""
+    """One compressed cluster's guest bytes (exactly one cluster); never more
+    than a cluster of output is produced, whatever the compressed bytes claim."""
     cs = header.cluster_size
+    where = f"QCOW2 compressed cluster for guest offset {guest_offset}"
+    if header.compression_type == COMPRESSION_ZSTD:
+        return zstdframes.decompress(data, cs, where)
     try:
-        if header.compression_type == COMPRESSION_ZSTD:
-            import zstandard  # only images that use it pay for the import
-            out = zstandard.ZstdDecompressor().decompressobj().decompress(data)
-        else:
-            # Raw deflate, no zlib header (qcow2.rst: "do not have zlib headers").
-            d = zlib.decompressobj(-12)
-            out = d.decompress(data, cs)
-    except Exception as exc:  # zlib.error, zstandard.ZstdError
-        raise InvalidData(f"QCOW2 compressed cluster for guest offset {guest_offset} "
-                          f"does not decompress: {exc}") from None
+        # Raw deflate, no zlib header (qcow2.rst: "do not have zlib headers").
+        # QEMU takes the cluster once the output is full, stream end or not.
+        out = zlib.decompressobj(-12).decompress(data, cs)
+    except zlib.error as exc:
+        raise InvalidData(f"{where} does not decompress: {exc}") from None
     if len(out) < cs:
-        raise InvalidData(f"QCOW2 compressed cluster for guest offset {guest_offset} "
-                          f"decompresses to {len(out)} bytes, not {cs} (truncated?)")
-    return out[:cs]
+        raise InvalidData(f"{where} decompresses to {len(out)} bytes, not {cs} "
+                          "(truncated?)")
+    return out
 
 
 def assemble(extents: list[Extent], header: Header,
@@ -383,7 +396,7 @@ class FileImage:
             size = os.fstat(self._f.fileno()).st_size
             self.header = parse_header(self._pread(0, HEADER_PROBE), size)
             h = self.header
-            self.map = Qcow2Map(h, self._pread(h.l1_table_offset, h.l1_size * 8), size)
+            self.map = Qcow2Map(h, self._pread(h.l1_table_offset, h.l1_used * 8), size)
         except BaseException:
             self._f.close()
             raise

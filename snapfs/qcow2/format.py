@@ -90,6 +90,13 @@ class Header:
     def l2_entries(self) -> int:
         return self.cluster_size // 8
 
+    @property
+    def l1_used(self) -> int:
+        """L1 entries the virtual size needs. QEMU reads no other: ``l1_size``
+        may be larger (a shrunk image keeps its table), and what lies beyond is
+        neither validated nor fetched here either."""
+        return div_round_up(div_round_up(self.size, self.cluster_size), self.l2_entries)
+
     def pack(self) -> bytes:
         """The header bytes (v3 only: the only version we write)."""
         assert self.version == 3

@@ -13,8 +13,9 @@ pages of one listing are consistent and a listing costs one pass over each API.
 The SDK is synchronous (``requests``): every call runs in a worker thread under
 one CapacityLimiter, so the trio thread never waits on the network; 429 and 5xx
 answers (and connection failures) are retried with exponential backoff and
-jitter, honouring Retry-After; what still fails becomes a domain error
-(``snapfs.scaleway.errors``) and so one errno from the one table.
+jitter, honouring Retry-After up to RETRY_AFTER_CAP, each attempt bounded by
+CALL_TIMEOUT and the whole call by CALL_DEADLINE; what still fails becomes a
+domain error (``snapfs.scaleway.errors``) and so one errno from the one table.
 """
 
 from __future__ import annotations
@@ -45,11 +46,19 @@ from ..objects import ObjectStorage, check_object_target
 from ..service import ImageReader, SnapshotService
 from . import convert
 from .block import BlockSide
-from .errors import is_retryable, retry_after, to_domain
+from .errors import GuardedAPI, is_retryable, retry_after, to_domain
 from .images import CloudImages
 from .merged import MergedLists
 
 log = logging.getLogger("snapfs.scaleway")
+
+
+class _InstanceAPI(GuardedAPI, InstanceV1API):
+    """Instance's SDK API; error answers that are not JSON judged by status."""
+
+
+class _AccountAPI(GuardedAPI, AccountV3ProjectAPI):
+    """Account's SDK API; error answers that are not JSON judged by status."""
 
 T = TypeVar("T")
 
@@ -58,8 +67,14 @@ MAX_THREADS = 8
 RETRIES = 5
 BACKOFF = 0.25  # seconds, doubled per attempt, capped at BACKOFF_CAP
 BACKOFF_CAP = 8.0
+#: Longest wait a server's Retry-After gets: one asking an hour would hold a `ls`
+#: (and a worker thread's caller) for an hour; the call's deadline bounds the rest.
+RETRY_AFTER_CAP = 8.0
 #: One attempt of one call (the SDK's requests carry no timeout of their own).
-CALL_TIMEOUT = 120.0
+CALL_TIMEOUT = 20.0
+#: One call, every attempt and wait included: a filesystem request is answered
+#: (EAGAIN: try again) by then, whatever the API does.
+CALL_DEADLINE = 30.0
 #: The Instance API's own snapshot types since 2025 (block snapshots are the Block
 #: API's): its List is asked for these only (its ``volume_type`` filter), one list
 #: each, so its pages do not repeat the Block snapshots. An API that ignored the
@@ -87,18 +102,20 @@ class ScalewayService(SnapshotService):
         self.zones = zones
         self.staging_bucket = staging_bucket
         self.objects = objects
-        self.instance = InstanceV1API(client)
+        self.instance = _InstanceAPI(client)
         # Lists must span every project the key sees: the SDK would otherwise add
         # the profile's default project/organization as filters to every List.
         unscoped = copy.copy(client)
         unscoped.default_project_id = None
         unscoped.default_organization_id = None
-        self._lists = InstanceV1API(unscoped)
-        self.account = AccountV3ProjectAPI(client)
+        self._lists = _InstanceAPI(unscoped)
+        self.account = _AccountAPI(client)
         self._limiter = trio.CapacityLimiter(MAX_THREADS)
         self.retries = RETRIES
         self.backoff = BACKOFF
         self.call_timeout = CALL_TIMEOUT
+        self.call_deadline = CALL_DEADLINE
+        self.retry_after_cap = RETRY_AFTER_CAP
         self.calls = 0  # SDK calls made (retries included); tests and benchmarks read it
         # export task id -> (bucket, key)
         self._targets: LRUDict[str, tuple[str, str]] = LRUDict(TASKS_MAX)
@@ -115,19 +132,24 @@ class ScalewayService(SnapshotService):
         self._block_verdicts: LRUDict[str, Task] = LRUDict(TASKS_MAX)  # task id -> final
 
     async def call(self, what: str, fn: Callable[..., T], **kwargs: Any) -> T:
-        """Run one SDK call in a worker thread with retries; domain errors out."""
+        """Run one SDK call in a worker thread with retries; domain errors out.
+        The whole call, retries and waits included, ends by ``call_deadline``:
+        a retry that would not fit is not made, and what failed last decides
+        the error (EAGAIN for a timeout, a 429 or a 5xx)."""
+        deadline = trio.current_time() + self.call_deadline
         attempt = 0
         while True:
             self.calls += 1
             failure: BaseException
+            timeout = max(0.0, min(self.call_timeout, deadline - trio.current_time()))
             try:
                 # The SDK sets no timeout on its requests: give up on (abandon) an
                 # attempt that hangs, so a stuck connection costs a retry, not a mount.
-                with trio.move_on_after(self.call_timeout):
+                with trio.move_on_after(timeout):
                     return await trio.to_thread.run_sync(
                         functools.partial(fn, **kwargs), limiter=self._limiter,
                         abandon_on_cancel=True)
-                failure = requests.Timeout(f"no answer within {self.call_timeout:g}s")
+                failure = requests.Timeout(f"no answer within {timeout:g}s")
             except _SDK_ERRORS as exc:
                 failure = exc
             if attempt < self.retries and is_retryable(failure):
@@ -135,13 +157,17 @@ class ScalewayService(SnapshotService):
                 if delay is None:
                     delay = min(self.backoff * 2 ** attempt, BACKOFF_CAP)
                     delay *= 0.5 + random.random() / 2
-                log.info("%s: %s; retry %d/%d in %.2fs", what, _short(failure), attempt + 1,
-                         self.retries, delay)
-                attempt += 1
-                await trio.sleep(delay)
-                continue
+                delay = min(delay, self.retry_after_cap)
+                if trio.current_time() + delay < deadline:
+                    log.info("%s: %s; retry %d/%d in %.2fs", what, _short(failure),
+                             attempt + 1, self.retries, delay)
+                    attempt += 1
+                    await trio.sleep(delay)
+                    continue
             err = to_domain(failure, what)
-            log.info("%s refused: %s", what, err)
+            # DEBUG: the filesystem's errno line (fs/ops.py) or the HTTP front end
+            # reports the refusal; one line per refusal, not one per layer.
+            log.debug("%s refused: %s", what, err)
             raise err from None
 
     def _zone(self, zone: str) -> str:

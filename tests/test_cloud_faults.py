@@ -8,6 +8,8 @@ snapshot state with its reason; none in a hang, a crash or a false ``success``."
 from __future__ import annotations
 
 import errno
+import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -16,7 +18,9 @@ import pytest
 import trio
 
 from fixtures_http import ACCESS_KEY, SECRET, Served, wait_state
-from fixtures_proxy import Fault, FaultProxy
+from fixtures_mount import Mount, run
+from fixtures_proxy import Fault, FaultProxy, sizes_of
+from fixtures_store import lssd_volume
 from snapfs.errors import PermissionDenied, SnapfsError, Transient, errno_for
 from snapfs.scaleway import open_scaleway_service
 from snapfs.scaleway import service as scw_service
@@ -144,3 +148,80 @@ async def test_error_bodies_that_are_not_json(via_proxy: FaultProxy) -> None:
             err = await _refusal(svc.list_projects)
             assert (type(err), errno_for(err)) == (kind, code), (status, err)
             assert len(proxy.requests("/projects")) == seen + 1  # not retried
+
+
+# --- impossible values -----------------------------------------------------------------
+
+
+IMPOSSIBLE = (-4096, "8388608", 1 << 62, 1.5, True, [1])
+
+
+async def test_impossible_sizes_make_the_snapshot_an_error(via_proxy: FaultProxy,
+                                                           served: Served) -> None:
+    """A size that is negative, absurd or not an integer shows that snapshot in
+    state error with size 0 (and says why); the listing and the others are fine."""
+    proxy = via_proxy
+    a = served.volumes["vol-a"]
+    block_id = _snapshot_of(served, a["id"])
+    with lssd_volume(served.store) as (_, lssd):
+        instance_id = _snapshot_of(served, lssd)
+        async with open_scaleway_service() as svc:
+            for sid in (block_id, instance_id):
+                for value in IMPOSSIBLE:
+                    proxy.rewrite = sizes_of(sid, value)
+                    listed = {s.id: s for s in await svc.list_all_snapshots("fr-par-1")}
+                    got = await svc.get_snapshot("fr-par-1", sid)
+                    for snap in (listed[sid], got):
+                        assert (snap.state, snap.size) == ("error", 0), (value, snap)
+                        assert snap.error_reason and "size" in snap.error_reason, snap
+                    others = [s for s in listed.values() if s.id != sid]
+                    assert others and all(s.size > 0 for s in others)
+                proxy.rewrite = None
+                assert (await svc.get_snapshot("fr-par-1", sid)).state == "available"
+            for value in (-1, 1 << 62, "4096"):
+                proxy.rewrite = sizes_of(a["id"], value)
+                vols = {v.id: v for v in (await svc.list_volumes("fr-par-1")).items}
+                for vol in (vols[a["id"]], await svc.get_volume("fr-par-1", a["id"])):
+                    assert (vol.state, vol.size) == ("error", 0), (value, vol)
+            proxy.rewrite = None
+            for sid in (block_id, instance_id):
+                await svc.delete_snapshot("fr-par-1", sid)
+
+
+# --- the mount: one log line per refusal; a listing with an impossible size ----------
+
+
+@pytest.mark.mount
+def test_mount_refusal_logged_once_and_odd_sizes_listed(
+        mount_factory: Callable[..., Mount], proxy: FaultProxy, served: Served,
+        tmp_path: Path) -> None:
+    sid = _snapshot_of(served, served.volumes["vol-a"]["id"])
+    env = {"SCW_ACCESS_KEY": ACCESS_KEY, "SCW_SECRET_KEY": SECRET, "SCW_API_URL": proxy.url,
+           "SCW_DEFAULT_ORGANIZATION_ID": served.organization,
+           "SCW_DEFAULT_PROJECT_ID": served.default_project, "SCW_DEFAULT_ZONE": "fr-par-1",
+           "SCW_CONFIG_PATH": str(tmp_path / "absent.yaml")}
+    proxy.rewrite = sizes_of(sid, -1)
+    m = mount_factory(tmp_path / "store", "--backend", "scaleway", env=env)
+    names = {}
+    for name in os.listdir(m.snapshots()):
+        names[m.xattr(m.snapshots() / name, "id")] = name
+    snap = m.snapshots() / names[sid]
+    run("ls", "-l", m.snapshots())
+    assert m.xattr(snap, "state") == "error" and m.xattr(snap, "size") == "0"
+    assert (snap / "image.raw").stat().st_size == 0
+    with pytest.raises(OSError) as exc:
+        open(snap / "image.raw", "rb").close()
+    assert exc.value.errno == errno.EIO
+    proxy.rewrite = None
+    # A proxy's HTML 502 on every try (Retry-After: 0, so no waiting): EAGAIN, and
+    # the daemon's log says so once -- the errno line, not the backend's as well.
+    proxy.add(*[Fault(502, HTML, {"content-type": "text/html", "retry-after": "0"},
+                      match=f"/snapshots/{sid}")] * (scw_service.RETRIES + 1))
+    time.sleep(0.5)  # past the mount's XATTR_MAX_AGE: user.state asks the API
+    with pytest.raises(OSError) as exc:
+        os.getxattr(snap, "user.state")
+    assert exc.value.errno == errno.EAGAIN
+    lines = [ln for ln in m.log().splitlines() if "HTTP 502" in ln and "retry" not in ln]
+    assert len(lines) == 1 and "EAGAIN" in lines[0], lines
+    api = served.instance()
+    api.delete_snapshot(snapshot_id=sid, zone="fr-par-1")

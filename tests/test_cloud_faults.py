@@ -12,17 +12,18 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 import trio
 
-from fixtures_http import ACCESS_KEY, SECRET, Served, wait_state
+from fixtures_http import ACCESS_KEY, SECRET, Served, serve_store, wait_state, write_volume
 from fixtures_mount import Mount, run
 from fixtures_proxy import Fault, FaultProxy, sizes_of
+from fixtures_s3 import READER, qcow2_of
 from fixtures_store import lssd_volume
 from snapfs.errors import PermissionDenied, SnapfsError, Transient, errno_for
-from snapfs.scaleway import open_scaleway_service
+from snapfs.scaleway import ScalewayService, open_scaleway_service
 from snapfs.scaleway import service as scw_service
 
 MiB = 1 << 20
@@ -225,3 +226,160 @@ def test_mount_refusal_logged_once_and_odd_sizes_listed(
     assert len(lines) == 1 and "EAGAIN" in lines[0], lines
     api = served.instance()
     api.delete_snapshot(snapshot_id=sid, zone="fr-par-1")
+
+
+# --- Object Storage: exports and imports that did not do what the status says --------
+
+
+@pytest.fixture(scope="module")
+def served_reader(tmp_path_factory: pytest.TempPathFactory, s3_server: Any
+                  ) -> Iterator[Served]:
+    """`snapfs serve` whose Object Storage credentials may only read: every export
+    it runs fails (its snapshot goes back to available, as Scaleway's does)."""
+    with serve_store(tmp_path_factory.mktemp("served-reader"), s3_server, READER) as s:
+        yield s
+
+
+@pytest.fixture
+async def reader_cloud(served_reader: Served, s3_server: Any, monkeypatch: pytest.MonkeyPatch,
+                       tmp_path: Path) -> AsyncIterator[ScalewayService]:
+    point_at(served_reader.url, served_reader, monkeypatch, tmp_path)
+    objects = s3_server.objects()
+    try:
+        async with open_scaleway_service(objects=objects) as svc:
+            yield svc
+    finally:
+        await objects.aclose()
+
+
+async def _finished(svc: ScalewayService, task_id: str) -> Any:
+    with trio.fail_after(60):
+        while (task := await svc.get_task("fr-par-1", task_id)).status in ("pending",
+                                                                           "started"):
+            await trio.sleep(0.05)
+    return task
+
+
+def _small_qcow2(tmp: Path, size: int = 4 * MiB) -> bytes:
+    raw = tmp / f"q-{uuid.uuid4().hex[:6]}.raw"
+    write_volume(raw, size, [(0, MiB), (size - MiB, MiB)], seed=7)
+    return qcow2_of(raw).read_bytes()
+
+
+@pytest.mark.s3
+async def test_failed_block_export_is_not_success(reader_cloud: ScalewayService,
+                                                  served_reader: Served, s3_server: Any,
+                                                  bucket: str, tmp_path: Path) -> None:
+    """A Block export has no task: back to available, the object must have landed
+    -- there, QCOW2-sized, and written since the export began."""
+    svc = reader_cloud
+    s3 = s3_server.client()
+    sid = _snapshot_of(served_reader, served_reader.volumes["vol-a"]["id"])
+
+    # A valid QCOW2 left at the key by an earlier export: not this export's work.
+    s3.put_object(Bucket=bucket, Key="stale.qcow2", Body=_small_qcow2(tmp_path))
+    await trio.sleep(3.2)  # Last-Modified has whole seconds; WRITTEN_SLACK is 2 s
+    task = await svc.export_snapshot("fr-par-1", sid, bucket=bucket, key="stale.qcow2")
+    task = await _finished(svc, task.id)
+    assert task.status == "failure", task
+    assert task.error and "before this export began" in task.error, task.error
+    assert task.progress != 100
+
+    # Nothing written at all.
+    task = await svc.export_snapshot("fr-par-1", sid, bucket=bucket, key="none.qcow2")
+    task = await _finished(svc, task.id)
+    assert task.status == "failure" and "none.qcow2" in (task.error or ""), task
+
+    # Something written meanwhile, but far too small to be a QCOW2 image.
+    task = await svc.export_snapshot("fr-par-1", sid, bucket=bucket, key="tiny.qcow2")
+    s3.put_object(Bucket=bucket, Key="tiny.qcow2", Body=b"QFI\xfb" + b"\0" * 60)
+    task = await _finished(svc, task.id)
+    assert task.status == "failure" and "too small" in (task.error or ""), task
+    await svc.delete_snapshot("fr-par-1", sid)
+
+
+@pytest.mark.s3
+async def test_staged_export_of_the_wrong_size(served_s3: Served, s3_server: Any,
+                                               bucket: str, monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    """image.raw's staging export holds an image of another size than the API gives
+    the snapshot: the open fails saying both sizes, after one export -- however
+    many opens wait for it."""
+    sid = _snapshot_of(served_s3, served_s3.volumes["vol-a"]["id"])
+    real = served_s3.volumes["vol-a"]["size"]
+    proxy = FaultProxy(served_s3.url)
+    proxy.rewrite = sizes_of(sid, real + MiB)
+    objects = s3_server.objects()
+    try:
+        point_at(proxy.url, served_s3, monkeypatch, tmp_path)
+        async with open_scaleway_service(staging_bucket=bucket, objects=objects) as svc:
+            errors: list[SnapfsError] = []
+
+            async def open_once() -> None:
+                errors.append(await _refusal(lambda: svc.open_image("fr-par-1", sid)))
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(3):
+                        nursery.start_soon(open_once)
+            assert svc._cloud_images().exports_started == 1
+            assert len(errors) == 3
+            for err in errors:
+                text = str(err)
+                assert str(real) in text and str(real + MiB) in text, text
+                assert "missing" not in text, text
+            proxy.rewrite = None
+            await svc.delete_snapshot("fr-par-1", sid)
+    finally:
+        proxy.close()
+        await objects.aclose()
+
+
+@pytest.mark.s3
+async def test_failed_import_says_why(served_s3: Served, s3_server: Any, bucket: str,
+                                      monkeypatch: pytest.MonkeyPatch,
+                                      tmp_path: Path) -> None:
+    """A failed Block import (Block snapshots carry no reason) is in state error
+    with the reason found in Object Storage, and its progress is not 100."""
+    point_at(served_s3.url, served_s3, monkeypatch, tmp_path)
+    s3 = s3_server.client()
+    s3.put_object(Bucket=bucket, Key="junk.qcow2", Body=os.urandom(64 * 1024))
+    s3.put_object(Bucket=bucket, Key="good.qcow2", Body=_small_qcow2(tmp_path))
+    cases = [("missing.qcow2", None, "does not exist"),
+             ("junk.qcow2", None, "not a QCOW2"),
+             ("good.qcow2", 8 * MiB, "4194304")]
+    objects = s3_server.objects()
+    try:
+        async with open_scaleway_service(objects=objects) as svc:
+            made = []
+            for key, size, why in cases:
+                snap = await svc.create_snapshot("fr-par-1", name=f"imp-{key[:4]}",
+                                                 bucket=bucket, key=key, size=size)
+                assert snap.api == "block"
+                with trio.fail_after(60):
+                    while (snap := await svc.get_snapshot("fr-par-1", snap.id)).state \
+                            not in ("error", "available"):
+                        await trio.sleep(0.05)
+                assert snap.state == "error", snap
+                assert snap.error_reason and why in snap.error_reason, (key, snap)
+                assert key in snap.error_reason
+                assert snap.progress != 100
+                listed = {s.id: s for s in await svc.list_all_snapshots("fr-par-1")}
+                assert listed[snap.id].error_reason == snap.error_reason
+                assert listed[snap.id].progress != 100
+                made.append(snap.id)
+            # An Instance (l_ssd) import that fails keeps the store's reason; its
+            # progress is not 100 either.
+            snap = await svc.create_snapshot("fr-par-1", name="imp-lssd", bucket=bucket,
+                                             key="missing.qcow2", volume_type="l_ssd")
+            assert snap.api == "instance"
+            with trio.fail_after(60):
+                while (snap := await svc.get_snapshot("fr-par-1", snap.id)).state \
+                        == "importing":
+                    await trio.sleep(0.05)
+            assert snap.state == "error" and snap.error_reason and snap.progress != 100
+            for sid in made + [snap.id]:
+                await svc.delete_snapshot("fr-par-1", sid)
+    finally:
+        await objects.aclose()
+

@@ -74,7 +74,7 @@ def mark(snap: Snapshot, extra: bm.BlockExtra) -> Snapshot:
         ("public", "true" if extra.public else "false"),
         ("references", str(extra.references)), ("class", extra.storage_class),
         ("status", extra.status)),
-        progress=0 if snap.state == "snapshotting" else 100)
+        progress=convert.progress_of(snap.state))
 
 
 class BlockSide:

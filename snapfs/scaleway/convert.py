@@ -10,7 +10,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from ..model import PRODUCING_STATES, BaseVolume, Project, Snapshot, Task, Volume, api_size
+from ..model import (FAILED_STATES, PRODUCING_STATES, BaseVolume, Project, Snapshot, Task,
+                     Volume, api_size)
 
 
 def _date(value: dt.datetime | str | None) -> str:
@@ -27,6 +28,13 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def progress_of(state: str) -> int:
+    """The API has no progress: 0 while the data is produced, 100 once it is --
+    and 0 for a snapshot that failed (error, invalid_data): it did not complete,
+    and does not claim to."""
+    return 0 if state in PRODUCING_STATES or state in FAILED_STATES else 100
+
+
 def snapshot(s: Any) -> Snapshot:
     bv = s.base_volume
     size, bad_size = api_size(s.size)
@@ -38,7 +46,7 @@ def snapshot(s: Any) -> Snapshot:
         base_volume=None if bv is None else BaseVolume(id=_text(bv.id), name=_text(bv.name)),
         creation_date=_date(s.creation_date), modification_date=_date(s.modification_date),
         error_reason=bad_size or s.error_reason, zone=_text(s.zone),
-        progress=0 if state in PRODUCING_STATES else 100)
+        progress=progress_of(state))
 
 
 def json_date(value: Any) -> str:
@@ -68,7 +76,7 @@ def snapshot_json(d: dict[str, Any]) -> Snapshot:
         creation_date=json_date(d.get("creation_date")),
         modification_date=json_date(d.get("modification_date")),
         error_reason=bad_size or d.get("error_reason"), zone=_text(d.get("zone")),
-        progress=0 if state in PRODUCING_STATES else 100)
+        progress=progress_of(state))
 
 
 def volume(v: Any) -> Volume:

@@ -37,11 +37,10 @@ from scaleway.instance.v1.marshalling import unmarshal_Task
 from scaleway.instance.v1.types import SnapshotBaseVolume
 from scaleway_core.api import ScalewayException
 
-from .. import block_model
-from ..errors import NotFound, SnapfsError
+from ..errors import NotFound
 from ..lru import LRUDict
 from ..model import (MAX_PER_PAGE, Page, Project, Snapshot, Task, Volume, check_name,
-                     check_paging, check_tag_filter, check_tags, check_zone, new_id, now)
+                     check_paging, check_tag_filter, check_tags, check_zone, new_id)
 from ..objects import ObjectStorage, check_object_target
 from ..service import ImageReader, SnapshotService
 from . import convert
@@ -49,6 +48,7 @@ from .block import BlockSide
 from .errors import GuardedAPI, is_retryable, retry_after, to_domain
 from .images import CloudImages
 from .merged import MergedLists
+from .outcomes import BlockOutcomes
 
 log = logging.getLogger("snapfs.scaleway")
 
@@ -83,8 +83,8 @@ INSTANCE_SNAPSHOT_TYPES = ("l_ssd", "unified")
 #: Resources whose owning API is remembered (most recent first): one forgotten is
 #: asked of Block, then Instance, again -- a call more, never a wrong route.
 OWNER_MAX = 100_000
-#: Exports remembered (their target, a Block export's made-up task): a mount that
-#: runs for months exports without bound; a task this old answers 404.
+#: Instance exports' targets remembered: a mount that runs for months exports
+#: without bound; a task this old shows no bucket and key.
 TASKS_MAX = 4096
 
 #: Exceptions an SDK call raises for API, transport or client-side validation
@@ -125,11 +125,8 @@ class ScalewayService(SnapshotService):
         self._owner: LRUDict[str, str] = LRUDict(OWNER_MAX)
         #: query -> (fetched at, merged items) for paging through a merged list.
         self._merged = MergedLists(self._owner)  # merged.py
-        #: Block exports have no task: task id -> (zone, snapshot id, bucket, key).
-        self._block_exports: LRUDict[str, tuple[str, str, str, str]] = LRUDict(TASKS_MAX)
-        #: snapshot id -> its latest task id
-        self._last_block_export: LRUDict[str, str] = LRUDict(TASKS_MAX)
-        self._block_verdicts: LRUDict[str, Task] = LRUDict(TASKS_MAX)  # task id -> final
+        #: Block exports (no task: made up) and imports (no reason when they fail).
+        self.outcomes = BlockOutcomes(objects)
 
     async def call(self, what: str, fn: Callable[..., T], **kwargs: Any) -> T:
         """Run one SDK call in a worker thread with retries; domain errors out.
@@ -281,13 +278,17 @@ class ScalewayService(SnapshotService):
                     "snapshots", lambda d: _instance(convert.snapshot_json(d)))
             return instance_page
 
-        return await self._merged.page(
+        res = await self._merged.page(
             ("snapshots", zone, organization, project, name, tuple(tags or ()), base_volume_id),
             per_page, page, [instance_pages(t) for t in INSTANCE_SNAPSHOT_TYPES],
             lambda p: self.block.list_snapshots(
                 zone, organization=organization, project=project, name=name, tags=tags,
                 base_volume_id=base_volume_id, page=p),
             lambda s: (s.creation_date, s.id))
+        if self.outcomes.imports:  # failed imports of ours: say why (looked up once)
+            res = Page([await self.outcomes.explained(s) for s in res.items],
+                       res.total_count)
+        return res
 
 
     async def create_snapshot(self, zone: str, *, name: str, volume_id: str | None = None,
@@ -313,6 +314,7 @@ class ScalewayService(SnapshotService):
             # (an l_ssd import still goes to Instance, should the API accept it).
             snap = await self.block.import_snapshot(zone, name=name, bucket=bucket, key=key,
                                                     tags=tags, project=project, size=size)
+            self.outcomes.imports[snap.id] = (bucket, key, size)
         if snap is not None:
             self._owner[snap.id] = "block"
             self._merged.clear()
@@ -333,8 +335,8 @@ class ScalewayService(SnapshotService):
                                   snapshot_id=snapshot_id)
             return _instance(convert.snapshot(res.snapshot))
 
-        return await self._routed(snapshot_id,
-                                  lambda: self.block.get_snapshot(zone, snapshot_id), instance)
+        return await self.outcomes.explained(await self._routed(
+            snapshot_id, lambda: self.block.get_snapshot(zone, snapshot_id), instance))
 
     async def set_snapshot(self, zone: str, snapshot: Snapshot) -> Snapshot:
         check_name(snapshot.name)
@@ -386,24 +388,22 @@ class ScalewayService(SnapshotService):
     def _forget(self, snapshot_id: str) -> None:
         """A deleted snapshot's bookkeeping goes with it."""
         self._owner.pop(snapshot_id, None)
-        task = self._last_block_export.pop(snapshot_id, None)
-        if task is not None:
-            self._block_exports.pop(task, None)
-            self._block_verdicts.pop(task, None)
+        self.outcomes.forget(snapshot_id)
 
     async def export_snapshot(self, zone: str, snapshot_id: str, *, bucket: str,
                               key: str) -> Task:
         block = await self._is_block(zone, snapshot_id)  # an unknown snapshot: NotFound
         bucket, key = check_object_target(bucket, key)
         if block:
+            # Before the request: an object written by this export is dated after it.
+            started = dt.datetime.now(dt.timezone.utc)
             snap = await self.block.export_snapshot(self._zone(zone), snapshot_id,
                                                     bucket=bucket, key=key)
             # Block answers the snapshot, no task: one is made up here, whose
             # status get_task derives from the snapshot's.
             task_id = new_id()
-            self._block_exports[task_id] = (zone, snapshot_id, bucket, key)
-            self._last_block_export[snapshot_id] = task_id
-            return await self._block_task(task_id, zone, snap, bucket, key, started=now())
+            self.outcomes.export_started(task_id, zone, snapshot_id, bucket, key, started)
+            return await self.outcomes.task(task_id, zone, snap, bucket, key)
         res = await self.call("export snapshot", self.instance.export_snapshot,
                               zone=self._zone(zone), snapshot_id=snapshot_id, bucket=bucket,
                               key=key)
@@ -412,50 +412,25 @@ class ScalewayService(SnapshotService):
         self._targets[task.id] = (bucket, key)
         return dataclasses.replace(task, bucket=bucket, key=key)
 
-    async def _block_task(self, task_id: str, zone: str, snap: Snapshot, bucket: str,
-                          key: str, started: str | None = None) -> Task:
-        """A Block export's status, derived from the snapshot's: exporting ->
-        started; back to available -> success, checked with Object Storage when
-        there is one to ask (the API says nothing of a failed export); anything
-        else -> failure."""
-        done = self._block_verdicts.get(task_id)
-        if done is not None:
-            return done
-        status = block_model.export_status(dict(snap.api_xattrs).get("status", ""), True)
-        error = f"the snapshot is in state {snap.state}" if status == "failure" else None
-        if status == "success" and self.objects is not None and bucket:
-            try:
-                reader = await self.objects.open_qcow2(bucket, key, zone=zone)
-                await reader.aclose()
-            except SnapfsError as exc:
-                status, error = "failure", f"s3://{bucket}/{key} after the export: {exc}"
-        task = Task(id=task_id, description="export_snapshot_to_object_storage",
-                    progress=100 if status == "success" else 0, status=status, zone=zone,
-                    started_at=started, bucket=bucket, key=key, error=error,
-                    terminated_at=snap.modification_date if status != "started" else None)
-        if status in ("success", "failure") and task_id in self._block_exports:
-            self._block_verdicts[task_id] = task
-        return task
-
     async def latest_export(self, zone: str, snapshot_id: str) -> Task | None:
         """A Block snapshot's export: the one asked for in this process, else one
         under way (its status says ``exporting``), derived from the snapshot."""
         if not await self._is_block(zone, snapshot_id):
             return None
-        known = self._last_block_export.get(snapshot_id)
+        known = self.outcomes.last_export.get(snapshot_id)
         if known is not None:
             return await self.get_task(zone, known)
         snap = await self.get_snapshot(zone, snapshot_id)
         if snap.state != "exporting":
             return None
-        return await self._block_task(snapshot_id, zone, snap, "", "")
+        return await self.outcomes.task(snapshot_id, zone, snap, "", "")
 
     async def get_task(self, zone: str, task_id: str) -> Task:
-        block_export = self._block_exports.get(task_id)
+        block_export = self.outcomes.exports.get(task_id)
         if block_export is not None:
-            _, snapshot_id, bucket, key = block_export
+            _, snapshot_id, bucket, key, _ = block_export
             snap = await self.get_snapshot(zone, snapshot_id)
-            return await self._block_task(task_id, zone, snap, bucket, key)
+            return await self.outcomes.task(task_id, zone, snap, bucket, key)
         # The generated SDK has no Get Task; the Instance API serves it at /tasks/{id}.
         # The SDK's own transport is used so auth, URL and errors stay the SDK's.
         path = f"/instance/v1/zones/{self._zone(zone)}/tasks/{task_id}"

@@ -44,7 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .model import BaseVolume, Snapshot, Volume
+from .model import BaseVolume, Snapshot, Volume, api_size
 
 #: Local volume types the Block API shows, and the Block class and volume type of each.
 BLOCK_CLASS = {"b_ssd": "bssd", "unified": "sbs"}
@@ -156,11 +156,14 @@ def snapshot_from_block(data: dict[str, Any], organization: str) -> tuple[Snapsh
     base = (BaseVolume(id=str(parent["id"]), name=str(parent.get("name") or ""))
             if isinstance(parent, dict) and parent.get("id") else None)
     storage_class = str(data.get("class") or "sbs")
+    size, bad_size = api_size(data.get("size"))
+    if bad_size is not None:
+        state, reason = "error", bad_size
     snap = Snapshot(
         id=str(data["id"]), name=str(data.get("name") or ""), organization=organization,
         project=str(data.get("project_id") or ""), tags=[str(t) for t in data.get("tags") or []],
         volume_type=MODEL_VOLUME_TYPE.get(storage_class, IMPORT_VOLUME_TYPE),
-        size=int(data.get("size") or 0), state=state, base_volume=base,
+        size=size, state=state, base_volume=base,
         creation_date=str(data.get("created_at") or ""),
         modification_date=str(data.get("updated_at") or data.get("created_at") or ""),
         error_reason=reason, zone=str(data.get("zone") or ""))
@@ -174,11 +177,13 @@ def volume_from_block(data: dict[str, Any], organization: str) -> Volume:
     """A Block Volume JSON as the model's volume (volume_type from its class)."""
     specs = data.get("specs") or {}
     storage_class = str(specs.get("class") or "sbs") if isinstance(specs, dict) else "sbs"
+    size, bad_size = api_size(data.get("size"))
     return Volume(
-        id=str(data["id"]), name=str(data.get("name") or ""), size=int(data.get("size") or 0),
+        id=str(data["id"]), name=str(data.get("name") or ""), size=size,
         volume_type=MODEL_VOLUME_TYPE.get(storage_class, IMPORT_VOLUME_TYPE),
         zone=str(data.get("zone") or ""), project=str(data.get("project_id") or ""),
-        organization=organization, state=str(data.get("status") or "available"),
+        organization=organization,
+        state="error" if bad_size else str(data.get("status") or "available"),
         creation_date=str(data.get("created_at") or ""),
         modification_date=str(data.get("updated_at") or ""),
         tags=[str(t) for t in data.get("tags") or []])

@@ -198,6 +198,27 @@ def check_size(value: object, field_name: str = "size") -> int:
     return value
 
 
+#: Largest size believed from a cloud API: far above any volume Scaleway offers
+#: (10 TB), far below a size that would make image.raw an absurd sparse file.
+MAX_API_SIZE = 1 << 50
+
+
+def api_size(value: object) -> tuple[int, str | None]:
+    """A size as a cloud API sent it: ``(size, None)``, absent being 0 (a snapshot
+    still being made); or ``(0, why)`` for one no volume has -- negative, absurdly
+    large, not an integer --, for the caller to show that resource in ``error``
+    rather than fail a whole listing or offer a huge image."""
+    if value is None:
+        return 0, None
+    if isinstance(value, int) and not isinstance(value, bool) \
+            and 0 <= value <= MAX_API_SIZE:
+        return value, None
+    shown = repr(value)
+    if len(shown) > 40:
+        shown = shown[:37] + "..."
+    return 0, f"the API gave an impossible size: {shown}"
+
+
 #: Highest page number a List accepts: offsets stay far inside SQLite's int64.
 MAX_PAGE = 1 << 31
 

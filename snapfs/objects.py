@@ -8,8 +8,10 @@ without Object Storage configured refuses export/import with a clear reason.
 from __future__ import annotations
 
 import abc
+import datetime as dt
 import ipaddress
 import re
+from dataclasses import dataclass
 from typing import Callable
 
 import trio
@@ -60,6 +62,15 @@ def _is_ip(name: str) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a HEAD of an object says: its size in bytes and when it was written
+    (timezone-aware; S3 gives whole seconds)."""
+
+    size: int
+    last_modified: dt.datetime
+
+
 class ObjectStorage(abc.ABC):
     @abc.abstractmethod
     async def export_qcow2(self, image: ImageReader, bucket: str, key: str,
@@ -81,6 +92,11 @@ class ObjectStorage(abc.ABC):
         supported QCOW2 image, NotFound for a missing bucket or key. ``zone`` as
         for export_qcow2. ``nursery``: the caller's long-lived nursery, where the
         reader's read-ahead runs (None: no read-ahead)."""
+
+    async def head_object(self, bucket: str, key: str, zone: str | None = None) -> ObjectInfo:
+        """Size and date of bucket/key; NotFound when it is absent. Raises a
+        SnapfsError when the storage cannot be asked."""
+        raise SnapfsError(f"this Object Storage cannot look at {bucket}/{key}")
 
     async def delete_object(self, bucket: str, key: str, zone: str | None = None) -> None:
         """Remove bucket/key (absent already: fine). Raises a SnapfsError when the

@@ -3,7 +3,7 @@
 import signal
 
 pytest_plugins = ["fixtures_store", "fixtures_mount", "fixtures_s3", "fixtures_http",
-                  "fixtures_perms"]
+                  "fixtures_perms", "fixtures_proxy"]
 
 
 def pytest_configure() -> None:

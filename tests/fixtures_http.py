@@ -141,9 +141,11 @@ def stop_server(proc: subprocess.Popen[bytes]) -> int:
 
 
 @contextlib.contextmanager
-def serve_store(base: Path, s3: Any = None) -> Iterator[Served]:
+def serve_store(base: Path, s3: Any = None,
+                creds: tuple[str, str] | None = None) -> Iterator[Served]:
     """A populated store under ``base`` served by `snapfs serve` (SCW_SECRET_KEY=SECRET);
-    ``s3``: a fixtures_s3.SeaweedServer to give the server as Object Storage."""
+    ``s3``: a fixtures_s3.SeaweedServer to give the server as Object Storage, with
+    ``creds`` (default: the admin's; READER's make every export of the server fail)."""
     store, data = base / "store", base / "volumes"
     data.mkdir()
     info = trio.run(_populate, store, data)
@@ -152,7 +154,8 @@ def serve_store(base: Path, s3: Any = None) -> Iterator[Served]:
     args: list[str] = []
     if s3 is not None:
         from fixtures_s3 import ADMIN
-        env.update(AWS_ACCESS_KEY_ID=ADMIN[0], AWS_SECRET_ACCESS_KEY=ADMIN[1],
+        key, secret = creds or ADMIN
+        env.update(AWS_ACCESS_KEY_ID=key, AWS_SECRET_ACCESS_KEY=secret,
                    AWS_DEFAULT_REGION="us-east-1")
         args = ["--s3-endpoint", s3.endpoint]
     proc, url = start_server(store, log, env, args)

@@ -3,14 +3,15 @@ Storage in production, SeaweedFS in tests)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import logging
 from typing import Any
 
 import trio
 
-from ..errors import InvalidArgument, NotFound
-from ..objects import LeftFn, ObjectStorage, ProgressFn
+from ..errors import InvalidArgument, NotFound, SnapfsError
+from ..objects import LeftFn, ObjectInfo, ObjectStorage, ProgressFn
 from ..service import ImageReader
 from .calls import S3Calls
 from .config import S3Settings, make_client, region_of_zone, resolve_settings
@@ -85,6 +86,20 @@ class S3ObjectStorage(ObjectStorage):
         _check(bucket, key)
         calls = await self.calls_for(zone)
         return await open_reader(calls, self.settings, bucket, key, self.cpu_limiter, nursery)
+
+    async def head_object(self, bucket: str, key: str, zone: str | None = None) -> ObjectInfo:
+        _check(bucket, key)
+        calls = await self.calls_for(zone)
+        res = await calls.call("head_object", bucket, key,
+                               functools.partial(calls.client.head_object, Bucket=bucket,
+                                                 Key=key))
+        size, modified = res.get("ContentLength"), res.get("LastModified")
+        if not isinstance(size, int) or not isinstance(modified, dt.datetime):
+            raise SnapfsError(f"S3 head_object on {bucket}/{key}: no size or date in the "
+                              "answer")
+        if modified.tzinfo is None:  # botocore parses the HTTP date as UTC
+            modified = modified.replace(tzinfo=dt.timezone.utc)
+        return ObjectInfo(size=size, last_modified=modified)
 
     async def delete_object(self, bucket: str, key: str, zone: str | None = None) -> None:
         _check(bucket, key)

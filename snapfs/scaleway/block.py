@@ -19,10 +19,15 @@ from scaleway.block.v1 import BlockV1API
 
 from .. import block_model as bm
 from . import convert
+from .errors import GuardedAPI
 from ..model import MAX_PER_PAGE, Page, Snapshot, Volume
 
 if TYPE_CHECKING:
     from .service import ScalewayService
+
+
+class _BlockAPI(GuardedAPI, BlockV1API):
+    """Block's SDK API; error answers that are not JSON judged by status."""
 
 
 def _date(value: dt.datetime | str | None) -> str | None:
@@ -69,18 +74,18 @@ def mark(snap: Snapshot, extra: bm.BlockExtra) -> Snapshot:
         ("public", "true" if extra.public else "false"),
         ("references", str(extra.references)), ("class", extra.storage_class),
         ("status", extra.status)),
-        progress=0 if snap.state == "snapshotting" else 100)
+        progress=convert.progress_of(snap.state))
 
 
 class BlockSide:
     def __init__(self, service: "ScalewayService", client: Client) -> None:
         self.svc = service
-        self.api = BlockV1API(client)
+        self.api = _BlockAPI(client)
         # Lists span every project the key sees (as the Instance side's do).
         unscoped = copy.copy(client)
         unscoped.default_project_id = None
         unscoped.default_organization_id = None
-        self._lists = BlockV1API(unscoped)
+        self._lists = _BlockAPI(unscoped)
         self._default_org = client.default_organization_id or ""
         self._orgs: dict[str, str] = {}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import requests
-from scaleway_core.api import ScalewayException, ValidationError
+from scaleway_core.api import API, ScalewayException, ValidationError
 
 from ..errors import (AlreadyExists, InvalidArgument, NotFound, NotPermitted, PermissionDenied,
                       PreconditionFailed, SnapfsError, SnapshotUnusable, Transient)
@@ -32,32 +32,68 @@ def is_retryable(exc: BaseException) -> bool:
 
 
 def retry_after(exc: BaseException) -> float | None:
-    """The server's Retry-After in seconds, when it sent one."""
+    """The server's Retry-After in seconds, when it sent one as delta-seconds: ASCII
+    digits only (str.isdigit() also takes '²', which int() and float() refuse); an
+    HTTP-date or anything else is no number of seconds, and the backoff is used.
+    Not capped here: the caller caps it (float() of 400 digits is inf, still capped)."""
     if isinstance(exc, ScalewayException):
-        value = exc.response.headers.get("retry-after")
-        if value and value.strip().isdigit():
+        value = (exc.response.headers.get("retry-after") or "").strip()
+        if value and value.isascii() and value.isdigit():
             return float(value)
     return None
 
 
-def _body(exc: ScalewayException) -> dict[str, Any]:
+def _json_object(res: requests.Response) -> dict[str, Any] | None:
+    """The answer's body as a JSON object, or None when it is anything else (a
+    proxy's HTML page, an empty body, a bare string)."""
     try:
-        data = exc.response.json()
+        data = res.json()
     except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _body(exc: ScalewayException) -> dict[str, Any]:
+    return _json_object(exc.response) or {}
+
+
+class GuardedAPI(API):
+    """The SDK's APIs with one check in front of theirs: an error answer whose body
+    is not the API's JSON object (a load balancer's HTML 502, an empty 503) raised
+    ``requests.JSONDecodeError`` from inside the SDK, which kept no status -- it
+    is a ScalewayException here, so the status decides (``to_domain``)."""
+
+    def _throw_on_error(self, res: requests.Response) -> None:
+        if res.status_code is not None and res.status_code >= 400:
+            data = _json_object(res)
+            if data is None or (data.get("message") == "Validation Error"
+                                and not isinstance(data.get("fields"), dict)):
+                raise ScalewayException(res)
+        super()._throw_on_error(res)
 
 
 def to_domain(exc: BaseException, what: str) -> SnapfsError:
     """The domain error for a failed SDK call; ``what`` names the call for messages."""
     if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
         return Transient(f"{what}: cannot reach the Scaleway API: {exc}")
+    if isinstance(exc, requests.JSONDecodeError):
+        # A success status with a body that is not JSON: not the API answering.
+        return SnapfsError(f"{what}: the answer is not the API's JSON")
     if isinstance(exc, ValueError) and not isinstance(exc, ScalewayException):
         # The SDK validates path parameters and client settings with ValueError.
         return InvalidArgument("request", f"{what}: {exc}")
     if not isinstance(exc, ScalewayException):
         return SnapfsError(f"{what}: {exc}")
     status = exc.status_code or 0
+    if _json_object(exc.response) is None:
+        # Not the API's own answer (its errors are JSON): only the status says
+        # anything, and the body (an HTML page) is not shown.
+        reason = f"{what}: HTTP {status}: {exc.response.reason or 'no reason'}"
+        if status == 429 or status >= 500:
+            return Transient(reason)
+        if status in (401, 403):
+            return PermissionDenied(reason)
+        return SnapfsError(reason)
     body = _body(exc)
     kind = body.get("type")
     message = str(body.get("message") or exc.response.reason or f"HTTP {status}")

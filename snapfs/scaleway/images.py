@@ -10,13 +10,16 @@ Snapshot data is immutable, so an export is named by the snapshot's id and
 creation date: any later open -- from this process or another one -- that finds
 the object reuses it. An export only appears once complete (multipart upload),
 so an object that opens is a whole image; one of the wrong size is stale and
-replaced. Concurrent opens of one snapshot share one export.
+replaced. An open exports at most once: concurrent opens of one snapshot share
+one export and its outcome, and an export whose object is missing or of another
+size than the snapshot's fails the open (and those sharing it), saying which.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass, field
 
 import trio
 
@@ -42,6 +45,15 @@ def staging_key(snap: Snapshot) -> str:
     return f"{STAGING_PREFIX}{snap.zone}/{snap.id}-{token}.qcow2"
 
 
+@dataclass
+class _Export:
+    """One export under way, shared by the opens that wait for it."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    exported: bool = False  # the export finished (its open was not interrupted)
+    error: SnapfsError | None = None
+
+
 class CloudImages:
     def __init__(self, service: SnapshotService, bucket: str | None,
                  objects: ObjectStorage | None, nursery: trio.Nursery | None = None) -> None:
@@ -49,7 +61,7 @@ class CloudImages:
         self.nursery = nursery  # the service's: readers' read-ahead runs there
         self.bucket = bucket
         self.objects = objects
-        self._exports: dict[str, trio.Event] = {}
+        self._exports: dict[str, _Export] = {}
         self.exports_started = 0  # tests and the benchmark read it
 
     async def open(self, zone: str, snapshot_id: str) -> ImageReader:
@@ -64,21 +76,43 @@ class CloudImages:
                 reader = await self._open_existing(snap, key)
                 if reader is not None:
                     return reader
-                pending = self._exports.get(key)
-                if pending is not None:  # another open is exporting it: share that one
-                    await pending.wait()
-                    continue
-                done = self._exports[key] = trio.Event()
-                try:
-                    await self._export(snap, key)
-                finally:
-                    del self._exports[key]
-                    done.set()
-                reader = await self._open_existing(snap, key)
-                if reader is None:
-                    raise SnapfsError(f"export of snapshot {snap.name!r} reported success "
-                                      f"but s3://{self.bucket}/{key} is missing")
-                return reader
+                shared = self._exports.get(key)
+                if shared is None:
+                    break
+                await shared.done.wait()  # another open is exporting it: share that
+                if shared.error is not None:
+                    raise shared.error.with_traceback(None)
+                if shared.exported:
+                    return await self._open_exported(snap, key)
+                # The open that exported was cancelled midway: look again.
+            shared = self._exports[key] = _Export()
+            try:
+                await self._export(snap, key)
+                shared.exported = True
+                return await self._open_exported(snap, key)
+            except SnapfsError as exc:
+                shared.error = exc
+                raise
+            finally:
+                del self._exports[key]
+                shared.done.set()
+
+    async def _open_exported(self, snap: Snapshot, key: str) -> ImageReader:
+        """The object the export just wrote, or why it is not the snapshot's image
+        (no second export: one that wrote the wrong thing would do it again)."""
+        assert self.objects is not None and self.bucket is not None
+        where = f"s3://{self.bucket}/{key}"
+        try:
+            reader = await self.objects.open_qcow2(self.bucket, key, zone=snap.zone,
+                                                   nursery=self.nursery)
+        except NotFound:
+            raise SnapfsError(f"export of snapshot {snap.name!r} reported success but "
+                              f"{where} is missing") from None
+        if reader.size != snap.size:
+            await reader.aclose()
+            raise SnapfsError(f"export of snapshot {snap.name!r}: {where} holds an image of "
+                              f"{reader.size} bytes, the snapshot has {snap.size}")
+        return reader
 
     async def _open_existing(self, snap: Snapshot, key: str) -> ImageReader | None:
         assert self.objects is not None and self.bucket is not None
@@ -141,7 +175,8 @@ class CloudImages:
                         return
                     if task.status == "failure":
                         raise SnapfsError(f"export of snapshot {snap.name!r} to "
-                                          f"s3://{self.bucket}/{key} failed")
+                                          f"s3://{self.bucket}/{key} failed: "
+                                          f"{task.error or 'the API does not say why'}")
                     continue
             current = await svc.get_snapshot(snap.zone, snap.id)
             if current.state != "exporting":

@@ -13,8 +13,9 @@ pages of one listing are consistent and a listing costs one pass over each API.
 The SDK is synchronous (``requests``): every call runs in a worker thread under
 one CapacityLimiter, so the trio thread never waits on the network; 429 and 5xx
 answers (and connection failures) are retried with exponential backoff and
-jitter, honouring Retry-After; what still fails becomes a domain error
-(``snapfs.scaleway.errors``) and so one errno from the one table.
+jitter, honouring Retry-After up to RETRY_AFTER_CAP, each attempt bounded by
+CALL_TIMEOUT and the whole call by CALL_DEADLINE; what still fails becomes a
+domain error (``snapfs.scaleway.errors``) and so one errno from the one table.
 """
 
 from __future__ import annotations
@@ -36,20 +37,28 @@ from scaleway.instance.v1.marshalling import unmarshal_Task
 from scaleway.instance.v1.types import SnapshotBaseVolume
 from scaleway_core.api import ScalewayException
 
-from .. import block_model
-from ..errors import NotFound, SnapfsError
+from ..errors import NotFound
 from ..lru import LRUDict
 from ..model import (MAX_PER_PAGE, Page, Project, Snapshot, Task, Volume, check_name,
-                     check_paging, check_tag_filter, check_tags, check_zone, new_id, now)
+                     check_paging, check_tag_filter, check_tags, check_zone, new_id)
 from ..objects import ObjectStorage, check_object_target
 from ..service import ImageReader, SnapshotService
 from . import convert
 from .block import BlockSide
-from .errors import is_retryable, retry_after, to_domain
+from .errors import GuardedAPI, is_retryable, retry_after, to_domain
 from .images import CloudImages
 from .merged import MergedLists
+from .outcomes import BlockOutcomes
 
 log = logging.getLogger("snapfs.scaleway")
+
+
+class _InstanceAPI(GuardedAPI, InstanceV1API):
+    """Instance's SDK API; error answers that are not JSON judged by status."""
+
+
+class _AccountAPI(GuardedAPI, AccountV3ProjectAPI):
+    """Account's SDK API; error answers that are not JSON judged by status."""
 
 T = TypeVar("T")
 
@@ -58,8 +67,14 @@ MAX_THREADS = 8
 RETRIES = 5
 BACKOFF = 0.25  # seconds, doubled per attempt, capped at BACKOFF_CAP
 BACKOFF_CAP = 8.0
+#: Longest wait a server's Retry-After gets: one asking an hour would hold a `ls`
+#: (and a worker thread's caller) for an hour; the call's deadline bounds the rest.
+RETRY_AFTER_CAP = 8.0
 #: One attempt of one call (the SDK's requests carry no timeout of their own).
-CALL_TIMEOUT = 120.0
+CALL_TIMEOUT = 20.0
+#: One call, every attempt and wait included: a filesystem request is answered
+#: (EAGAIN: try again) by then, whatever the API does.
+CALL_DEADLINE = 30.0
 #: The Instance API's own snapshot types since 2025 (block snapshots are the Block
 #: API's): its List is asked for these only (its ``volume_type`` filter), one list
 #: each, so its pages do not repeat the Block snapshots. An API that ignored the
@@ -68,8 +83,8 @@ INSTANCE_SNAPSHOT_TYPES = ("l_ssd", "unified")
 #: Resources whose owning API is remembered (most recent first): one forgotten is
 #: asked of Block, then Instance, again -- a call more, never a wrong route.
 OWNER_MAX = 100_000
-#: Exports remembered (their target, a Block export's made-up task): a mount that
-#: runs for months exports without bound; a task this old answers 404.
+#: Instance exports' targets remembered: a mount that runs for months exports
+#: without bound; a task this old shows no bucket and key.
 TASKS_MAX = 4096
 
 #: Exceptions an SDK call raises for API, transport or client-side validation
@@ -87,18 +102,20 @@ class ScalewayService(SnapshotService):
         self.zones = zones
         self.staging_bucket = staging_bucket
         self.objects = objects
-        self.instance = InstanceV1API(client)
+        self.instance = _InstanceAPI(client)
         # Lists must span every project the key sees: the SDK would otherwise add
         # the profile's default project/organization as filters to every List.
         unscoped = copy.copy(client)
         unscoped.default_project_id = None
         unscoped.default_organization_id = None
-        self._lists = InstanceV1API(unscoped)
-        self.account = AccountV3ProjectAPI(client)
+        self._lists = _InstanceAPI(unscoped)
+        self.account = _AccountAPI(client)
         self._limiter = trio.CapacityLimiter(MAX_THREADS)
         self.retries = RETRIES
         self.backoff = BACKOFF
         self.call_timeout = CALL_TIMEOUT
+        self.call_deadline = CALL_DEADLINE
+        self.retry_after_cap = RETRY_AFTER_CAP
         self.calls = 0  # SDK calls made (retries included); tests and benchmarks read it
         # export task id -> (bucket, key)
         self._targets: LRUDict[str, tuple[str, str]] = LRUDict(TASKS_MAX)
@@ -108,26 +125,28 @@ class ScalewayService(SnapshotService):
         self._owner: LRUDict[str, str] = LRUDict(OWNER_MAX)
         #: query -> (fetched at, merged items) for paging through a merged list.
         self._merged = MergedLists(self._owner)  # merged.py
-        #: Block exports have no task: task id -> (zone, snapshot id, bucket, key).
-        self._block_exports: LRUDict[str, tuple[str, str, str, str]] = LRUDict(TASKS_MAX)
-        #: snapshot id -> its latest task id
-        self._last_block_export: LRUDict[str, str] = LRUDict(TASKS_MAX)
-        self._block_verdicts: LRUDict[str, Task] = LRUDict(TASKS_MAX)  # task id -> final
+        #: Block exports (no task: made up) and imports (no reason when they fail).
+        self.outcomes = BlockOutcomes(objects)
 
     async def call(self, what: str, fn: Callable[..., T], **kwargs: Any) -> T:
-        """Run one SDK call in a worker thread with retries; domain errors out."""
+        """Run one SDK call in a worker thread with retries; domain errors out.
+        The whole call, retries and waits included, ends by ``call_deadline``:
+        a retry that would not fit is not made, and what failed last decides
+        the error (EAGAIN for a timeout, a 429 or a 5xx)."""
+        deadline = trio.current_time() + self.call_deadline
         attempt = 0
         while True:
             self.calls += 1
             failure: BaseException
+            timeout = max(0.0, min(self.call_timeout, deadline - trio.current_time()))
             try:
                 # The SDK sets no timeout on its requests: give up on (abandon) an
                 # attempt that hangs, so a stuck connection costs a retry, not a mount.
-                with trio.move_on_after(self.call_timeout):
+                with trio.move_on_after(timeout):
                     return await trio.to_thread.run_sync(
                         functools.partial(fn, **kwargs), limiter=self._limiter,
                         abandon_on_cancel=True)
-                failure = requests.Timeout(f"no answer within {self.call_timeout:g}s")
+                failure = requests.Timeout(f"no answer within {timeout:g}s")
             except _SDK_ERRORS as exc:
                 failure = exc
             if attempt < self.retries and is_retryable(failure):
@@ -135,13 +154,17 @@ class ScalewayService(SnapshotService):
                 if delay is None:
                     delay = min(self.backoff * 2 ** attempt, BACKOFF_CAP)
                     delay *= 0.5 + random.random() / 2
-                log.info("%s: %s; retry %d/%d in %.2fs", what, _short(failure), attempt + 1,
-                         self.retries, delay)
-                attempt += 1
-                await trio.sleep(delay)
-                continue
+                delay = min(delay, self.retry_after_cap)
+                if trio.current_time() + delay < deadline:
+                    log.info("%s: %s; retry %d/%d in %.2fs", what, _short(failure),
+                             attempt + 1, self.retries, delay)
+                    attempt += 1
+                    await trio.sleep(delay)
+                    continue
             err = to_domain(failure, what)
-            log.info("%s refused: %s", what, err)
+            # DEBUG: the filesystem's errno line (fs/ops.py) or the HTTP front end
+            # reports the refusal; one line per refusal, not one per layer.
+            log.debug("%s refused: %s", what, err)
             raise err from None
 
     def _zone(self, zone: str) -> str:
@@ -255,13 +278,17 @@ class ScalewayService(SnapshotService):
                     "snapshots", lambda d: _instance(convert.snapshot_json(d)))
             return instance_page
 
-        return await self._merged.page(
+        res = await self._merged.page(
             ("snapshots", zone, organization, project, name, tuple(tags or ()), base_volume_id),
             per_page, page, [instance_pages(t) for t in INSTANCE_SNAPSHOT_TYPES],
             lambda p: self.block.list_snapshots(
                 zone, organization=organization, project=project, name=name, tags=tags,
                 base_volume_id=base_volume_id, page=p),
             lambda s: (s.creation_date, s.id))
+        if self.outcomes.imports:  # failed imports of ours: say why (looked up once)
+            res = Page([await self.outcomes.explained(s) for s in res.items],
+                       res.total_count)
+        return res
 
 
     async def create_snapshot(self, zone: str, *, name: str, volume_id: str | None = None,
@@ -287,6 +314,7 @@ class ScalewayService(SnapshotService):
             # (an l_ssd import still goes to Instance, should the API accept it).
             snap = await self.block.import_snapshot(zone, name=name, bucket=bucket, key=key,
                                                     tags=tags, project=project, size=size)
+            self.outcomes.imports[snap.id] = (bucket, key, size)
         if snap is not None:
             self._owner[snap.id] = "block"
             self._merged.clear()
@@ -307,8 +335,8 @@ class ScalewayService(SnapshotService):
                                   snapshot_id=snapshot_id)
             return _instance(convert.snapshot(res.snapshot))
 
-        return await self._routed(snapshot_id,
-                                  lambda: self.block.get_snapshot(zone, snapshot_id), instance)
+        return await self.outcomes.explained(await self._routed(
+            snapshot_id, lambda: self.block.get_snapshot(zone, snapshot_id), instance))
 
     async def set_snapshot(self, zone: str, snapshot: Snapshot) -> Snapshot:
         check_name(snapshot.name)
@@ -360,24 +388,22 @@ class ScalewayService(SnapshotService):
     def _forget(self, snapshot_id: str) -> None:
         """A deleted snapshot's bookkeeping goes with it."""
         self._owner.pop(snapshot_id, None)
-        task = self._last_block_export.pop(snapshot_id, None)
-        if task is not None:
-            self._block_exports.pop(task, None)
-            self._block_verdicts.pop(task, None)
+        self.outcomes.forget(snapshot_id)
 
     async def export_snapshot(self, zone: str, snapshot_id: str, *, bucket: str,
                               key: str) -> Task:
         block = await self._is_block(zone, snapshot_id)  # an unknown snapshot: NotFound
         bucket, key = check_object_target(bucket, key)
         if block:
+            # Before the request: an object written by this export is dated after it.
+            started = dt.datetime.now(dt.timezone.utc)
             snap = await self.block.export_snapshot(self._zone(zone), snapshot_id,
                                                     bucket=bucket, key=key)
             # Block answers the snapshot, no task: one is made up here, whose
             # status get_task derives from the snapshot's.
             task_id = new_id()
-            self._block_exports[task_id] = (zone, snapshot_id, bucket, key)
-            self._last_block_export[snapshot_id] = task_id
-            return await self._block_task(task_id, zone, snap, bucket, key, started=now())
+            self.outcomes.export_started(task_id, zone, snapshot_id, bucket, key, started)
+            return await self.outcomes.task(task_id, zone, snap, bucket, key)
         res = await self.call("export snapshot", self.instance.export_snapshot,
                               zone=self._zone(zone), snapshot_id=snapshot_id, bucket=bucket,
                               key=key)
@@ -386,50 +412,25 @@ class ScalewayService(SnapshotService):
         self._targets[task.id] = (bucket, key)
         return dataclasses.replace(task, bucket=bucket, key=key)
 
-    async def _block_task(self, task_id: str, zone: str, snap: Snapshot, bucket: str,
-                          key: str, started: str | None = None) -> Task:
-        """A Block export's status, derived from the snapshot's: exporting ->
-        started; back to available -> success, checked with Object Storage when
-        there is one to ask (the API says nothing of a failed export); anything
-        else -> failure."""
-        done = self._block_verdicts.get(task_id)
-        if done is not None:
-            return done
-        status = block_model.export_status(dict(snap.api_xattrs).get("status", ""), True)
-        error = f"the snapshot is in state {snap.state}" if status == "failure" else None
-        if status == "success" and self.objects is not None and bucket:
-            try:
-                reader = await self.objects.open_qcow2(bucket, key, zone=zone)
-                await reader.aclose()
-            except SnapfsError as exc:
-                status, error = "failure", f"s3://{bucket}/{key} after the export: {exc}"
-        task = Task(id=task_id, description="export_snapshot_to_object_storage",
-                    progress=100 if status == "success" else 0, status=status, zone=zone,
-                    started_at=started, bucket=bucket, key=key, error=error,
-                    terminated_at=snap.modification_date if status != "started" else None)
-        if status in ("success", "failure") and task_id in self._block_exports:
-            self._block_verdicts[task_id] = task
-        return task
-
     async def latest_export(self, zone: str, snapshot_id: str) -> Task | None:
         """A Block snapshot's export: the one asked for in this process, else one
         under way (its status says ``exporting``), derived from the snapshot."""
         if not await self._is_block(zone, snapshot_id):
             return None
-        known = self._last_block_export.get(snapshot_id)
+        known = self.outcomes.last_export.get(snapshot_id)
         if known is not None:
             return await self.get_task(zone, known)
         snap = await self.get_snapshot(zone, snapshot_id)
         if snap.state != "exporting":
             return None
-        return await self._block_task(snapshot_id, zone, snap, "", "")
+        return await self.outcomes.task(snapshot_id, zone, snap, "", "")
 
     async def get_task(self, zone: str, task_id: str) -> Task:
-        block_export = self._block_exports.get(task_id)
+        block_export = self.outcomes.exports.get(task_id)
         if block_export is not None:
-            _, snapshot_id, bucket, key = block_export
+            _, snapshot_id, bucket, key, _ = block_export
             snap = await self.get_snapshot(zone, snapshot_id)
-            return await self._block_task(task_id, zone, snap, bucket, key)
+            return await self.outcomes.task(task_id, zone, snap, bucket, key)
         # The generated SDK has no Get Task; the Instance API serves it at /tasks/{id}.
         # The SDK's own transport is used so auth, URL and errors stay the SDK's.
         path = f"/instance/v1/zones/{self._zone(zone)}/tasks/{task_id}"

@@ -113,6 +113,30 @@ async def test_a_call_has_a_deadline(via_proxy: FaultProxy) -> None:
     assert scw_service.CALL_TIMEOUT <= 20.0 and scw_service.CALL_DEADLINE <= 30.0
 
 
+async def test_hung_answers_give_their_worker_threads_back(via_proxy: FaultProxy) -> None:
+    """The SDK's requests had no socket timeout: an abandoned attempt kept its
+    worker thread and limiter slot until the server answered. Eight hung
+    answers (every slot) then made each later call wait for a slot until its
+    deadline (EAGAIN), for as long as the server held them (here 60 s). Now a
+    hung socket ends with its attempt, and the retries get their slots."""
+    proxy = via_proxy
+    async with open_scaleway_service() as svc:
+        svc.call_timeout, svc.call_deadline, svc.backoff = 1.0, 8.0, 0.01
+        proxy.add(*(Fault(503, BUSY, delay=60, match="/projects")
+                    for _ in range(scw_service.MAX_THREADS)))
+        names: list[set[str]] = []
+
+        async def one() -> None:
+            names.append({p.name for p in await svc.list_projects()})
+        start = trio.current_time()
+        with trio.fail_after(20):
+            async with trio.open_nursery() as n:
+                for _ in range(scw_service.MAX_THREADS):
+                    n.start_soon(one)
+        assert names == [{"default", "other"}] * scw_service.MAX_THREADS
+        assert trio.current_time() - start < 6.0
+
+
 # --- answers that are not the API's JSON ---------------------------------------------
 
 

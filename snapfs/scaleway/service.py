@@ -49,8 +49,10 @@ from .errors import GuardedAPI, is_retryable, retry_after, to_domain
 from .images import CloudImages
 from .merged import MergedLists
 from .outcomes import BlockOutcomes
+from .timeouts import attempt_timeout, install as install_timeouts
 
 log = logging.getLogger("snapfs.scaleway")
+install_timeouts()  # the SDK's requests carry none of their own
 
 
 class _InstanceAPI(GuardedAPI, InstanceV1API):
@@ -142,6 +144,7 @@ class ScalewayService(SnapshotService):
             try:
                 # The SDK sets no timeout on its requests: give up on (abandon) an
                 # attempt that hangs, so a stuck connection costs a retry, not a mount.
+                attempt_timeout.set(max(timeout, 0.1))  # the worker's sockets too
                 with trio.move_on_after(timeout):
                     return await trio.to_thread.run_sync(
                         functools.partial(fn, **kwargs), limiter=self._limiter,

@@ -64,7 +64,8 @@ class Cache(Protocol):
 
     def shed(self) -> bool:
         """Drop the window it needs least (none a read waits for), which gives
-        its bytes back to the budget; False when it has none to drop."""
+        its bytes back to the budget (``release``, maybe ``give_spare``, nothing
+        else of it); False when it has none to drop."""
 
 
 class BufferBudget:
@@ -123,7 +124,8 @@ class BufferBudget:
             self.stats["refused"] += 1
             return False
         idle_before = time.monotonic() - self.idle
-        for victim, last in list(self._caches.items()):  # least recently used first
+        # (Iterated as it is: shed() never joins, leaves or touches a cache.)
+        for victim, last in self._caches.items():  # least recently used first
             if victim is cache:
                 continue
             if not urgent and last > idle_before:

@@ -331,7 +331,9 @@ class ReadAhead:
             cost = self._cost(data)
             if charged > cost:
                 budget.release(charged - cost)
-            elif charged < cost and not budget.reserve(cost - charged, self, True):
+            # Urgent (may evict any reader's windows) only if a read waits for it.
+            elif charged < cost and not budget.reserve(cost - charged, self,
+                                                       start in self._pins):
                 budget.release(charged)
                 if start in self._pins and start not in self._held:
                     self._held[start] = data  # served to those reads, then dropped

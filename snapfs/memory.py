@@ -94,6 +94,7 @@ class BufferBudget:
         self.idle = idle
         self.used = 0  # bytes charged to windows (cached or being fetched)
         self._caches: OrderedDict[Cache, float] = OrderedDict()  # -> last use; LRU first
+        self.last: Cache | None = None  # the one touched last
         self._spares: list[mmap.mmap] = []
         self.spare_used = 0
         #: windows evicted for another reader, reservations refused: a tuning aid
@@ -106,11 +107,14 @@ class BufferBudget:
 
     def leave(self, cache: Cache) -> None:
         self._caches.pop(cache, None)
+        if self.last is cache:
+            self.last = None
 
     def touch(self, cache: Cache) -> None:
         """``cache`` was just read: the last one to be evicted from."""
         self._caches[cache] = time.monotonic()
         self._caches.move_to_end(cache)
+        self.last = cache
 
     # --- charges -------------------------------------------------------------------
 

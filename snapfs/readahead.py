@@ -77,6 +77,7 @@ class ReadAhead:
         #: Bytes charged to the budget for each window of _windows (only those:
         #: a window in _held is outside the budget, held by the reads waiting).
         self._charge: dict[int, int] = {}
+        self._touched = -1  # the window whose read last told the budget
         self._windows: OrderedDict[int, Buffer] = OrderedDict()  # start -> bytes
         self._inflight: dict[int, trio.Event] = {}  # start -> its fetch ends
         self._failed: OrderedDict[int, Exception] = OrderedDict()  # start -> error
@@ -127,13 +128,17 @@ class ReadAhead:
             return b""
         if self._closed:
             raise Interrupted(f"read of {self.name} after it was closed")
-        if self._budget is not None:
-            self._budget.touch(self)
         if length > self.span:
             return await self.read(offset, length)
         end = min(offset + length, self.size)
         w = self.window
         first, last = offset - offset % w, (end - 1) - (end - 1) % w
+        budget = self._budget
+        if budget is not None and (first != self._touched or budget.last is not self):
+            # Not per read of a lone stream (the hit path's cost): per window it
+            # moves to, or when another reader was used since.
+            self._touched = first
+            budget.touch(self)
         forward = self._pos - self.slack <= offset <= self._pos + self.slack
         self._pos = max(self._pos, end) if forward else end
         if not forward:

@@ -1,5 +1,7 @@
 """Memory: process-wide settings for the long-running commands (mount, serve),
-and the buffers bulk bytes are read into.
+the buffers bulk bytes are read into, and the one budget of the image readers
+(BufferBudget, READERS): what a process caches for its open images is bounded
+however many are open.
 
 Chunk buffers (1 MiB) are allocated in many worker threads; glibc gives each
 thread its own malloc arena, and freed chunk buffers stay spread over all of
@@ -13,6 +15,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
+import time
+from collections import OrderedDict
+from typing import Protocol
 
 _M_ARENA_MAX = -8
 
@@ -36,3 +41,134 @@ def aligned_buffer(size: int) -> mmap.mmap:
     copy at half speed or worse on this class of machine (4K aliasing;
     scripts/bench/alignment.py: 120-350 vs 50-70 us per MiB)."""
     return mmap.mmap(-1, size)
+
+
+# --- the image readers' budget ------------------------------------------------------
+
+#: Default bytes all image readers of a process may hold (cached windows, windows
+#: in flight, spare buffers): a daemon's peak RSS must not grow with the number of
+#: open files, and must stay inside its 200 MB budget. The daemon itself is ~60
+#: MiB; with 128 MiB here 300 open images peaked at 187 MiB (196 MB), too close.
+#: A streaming reader needs ~8 MiB of it.
+READER_BYTES = 96 << 20
+#: Of those, the spare (released, reusable) buffers at most: a streaming reader
+#: reuses one or two, warm in the CPU cache; the rest are unmapped.
+SPARE_BYTES = 8 << 20
+#: A cache unused this long gives its windows to another's read-ahead (a read
+#: that waits takes them from any cache, least recently used first).
+IDLE_SECONDS = 1.0
+
+
+class Cache(Protocol):
+    """A holder of budgeted windows (a reader's read-ahead engine)."""
+
+    def shed(self) -> bool:
+        """Drop the window it needs least (none a read waits for), which gives
+        its bytes back to the budget (``release``, maybe ``give_spare``, nothing
+        else of it); False when it has none to drop."""
+
+
+class BufferBudget:
+    """One process-wide bound on the bytes image readers hold, however many are
+    open: every window a reader caches or fetches ahead is charged here first.
+
+    A read that waits for its bytes gets them charged by evicting windows of
+    other readers (the least recently used reader first), then its own; when
+    nothing can be evicted (every window is wanted by a read in progress), its
+    bytes are read uncharged, served to that read and not cached. Read-ahead is
+    charged only from free room or from readers idle for IDLE_SECONDS: it is a
+    bet, and must not evict what active readers are about to read. So memory is
+    bounded by the budget plus what the reads in progress hold (bounded by the
+    kernel's outstanding requests); with many readers only speed degrades.
+
+    Everything runs on the trio thread (no lock): reserve/shed/release are plain
+    calls, with no await in between."""
+
+    def __init__(self, capacity: int = READER_BYTES, spare_bytes: int | None = None,
+                 idle: float = IDLE_SECONDS) -> None:
+        self.capacity = capacity
+        self.spare_limit = min(SPARE_BYTES, capacity // 8) if spare_bytes is None \
+            else spare_bytes
+        #: The windows' share (the spares' is kept apart: no churn between them).
+        self.limit = capacity - self.spare_limit
+        self.idle = idle
+        self.used = 0  # bytes charged to windows (cached or being fetched)
+        self._caches: OrderedDict[Cache, float] = OrderedDict()  # -> last use; LRU first
+        self.last: Cache | None = None  # the one touched last
+        self._spares: list[mmap.mmap] = []
+        self.spare_used = 0
+        #: windows evicted for another reader, reservations refused: a tuning aid
+        self.stats = {"evicted": 0, "refused": 0}
+
+    # --- caches --------------------------------------------------------------------
+
+    def join(self, cache: Cache) -> None:
+        self._caches[cache] = time.monotonic()
+
+    def leave(self, cache: Cache) -> None:
+        self._caches.pop(cache, None)
+        if self.last is cache:
+            self.last = None
+
+    def touch(self, cache: Cache) -> None:
+        """``cache`` was just read: the last one to be evicted from."""
+        self._caches[cache] = time.monotonic()
+        self._caches.move_to_end(cache)
+        self.last = cache
+
+    # --- charges -------------------------------------------------------------------
+
+    def reserve(self, n: int, cache: Cache, urgent: bool) -> bool:
+        """Charge ``n`` bytes for a window of ``cache``, evicting to make room
+        (see the class); False: not charged, nothing of ``cache``'s evicted."""
+        if self.used + n <= self.limit:
+            self.used += n
+            return True
+        if n > self.limit:
+            self.stats["refused"] += 1
+            return False
+        idle_before = time.monotonic() - self.idle
+        # (Iterated as it is: shed() never joins, leaves or touches a cache.)
+        for victim, last in self._caches.items():  # least recently used first
+            if victim is cache:
+                continue
+            if not urgent and last > idle_before:
+                break  # the rest were used more recently still
+            while self.used + n > self.limit and victim.shed():
+                self.stats["evicted"] += 1
+            if self.used + n <= self.limit:
+                break
+        if urgent:
+            while self.used + n > self.limit and cache.shed():
+                pass
+        if self.used + n > self.limit:
+            self.stats["refused"] += 1
+            return False
+        self.used += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        assert self.used >= 0, "released more than was charged"
+
+    # --- spare buffers -------------------------------------------------------------
+
+    def take_spare(self, size: int) -> mmap.mmap | None:
+        """A released buffer of ``size`` bytes, the last one released first (the
+        warmest in the CPU cache); None if there is none."""
+        for i in range(len(self._spares) - 1, -1, -1):
+            if len(self._spares[i]) == size:
+                self.spare_used -= size
+                return self._spares.pop(i)
+        return None
+
+    def give_spare(self, buf: mmap.mmap) -> None:
+        """Keep ``buf`` for reuse if the spares' share has room; else it is let go
+        (unmapped once nothing refers to it)."""
+        if self.spare_used + len(buf) <= self.spare_limit:
+            self._spares.append(buf)
+            self.spare_used += len(buf)
+
+
+#: The one budget of the process's image readers.
+READERS = BufferBudget()

@@ -18,6 +18,13 @@ a background task costs more than a read that never waits.
 A background fetch that fails keeps its error for the read that wants those
 bytes; an error no read received is raised by ``aclose()``, which first
 waits for every fetch still in flight (the source may be closed after it).
+
+With a ``budget`` (snapfs.memory.BufferBudget, shared by every reader of the
+process) each cached window is charged there: read-ahead starts only for the
+windows the budget grants, a window a read fetched is cached only if charged
+(else it serves the reads waiting for it and goes), and the budget may ask the
+engine to ``shed`` a window for another reader. So the cache bound per engine
+(``cached``) is a ceiling, and the process's total is the budget's.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from typing import Awaitable, Callable
 import trio
 
 from .errors import Interrupted
+from .memory import BufferBudget
 from .service import Buffer
 
 log = logging.getLogger(__name__)
@@ -48,20 +56,28 @@ class ReadAhead:
     def __init__(self, fetch: Fetch, size: int, nursery: trio.Nursery | None, *,
                  window: int, ahead: int, cached: int, slack: int = 0, behind: int | None = None,
                  exact_random: bool = False, fast: Fast | None = None,
-                 on_drop: Callable[[Buffer], None] | None = None, name: str = "image") -> None:
+                 on_drop: Callable[[Buffer], None] | None = None, name: str = "image",
+                 budget: BufferBudget | None = None,
+                 cost: Callable[[Buffer], int] = len) -> None:
         """``behind``: a forward reader drops windows that end this far behind
         its last read (None: kept until evicted); ``exact_random``: a random read
         not in the cache fetches just its bytes, not its windows (for a source
         where a request costs per byte: S3); ``on_drop``: a window's buffer left
         the cache (the reader may reuse it: views lent by read_transient are done
         with before their caller awaits, and a buffer is only refilled by a fetch,
-        which starts at an await)."""
+        which starts at an await); ``budget``: where cached windows are charged,
+        ``cost`` bytes each (a shared buffer of zeros costs nothing)."""
         assert window > 0 and cached >= ahead + 2, "the reader's window and the ones ahead"
         self.fetch, self.fast, self.on_drop = fetch, fast, on_drop
         self.size, self.window, self.ahead, self.cached = size, window, ahead, cached
         self.slack, self.behind, self.exact_random = slack, behind, exact_random
         self.name = name
         self._nursery = nursery
+        self._budget, self._cost = budget, cost
+        #: Bytes charged to the budget for each window of _windows (only those:
+        #: a window in _held is outside the budget, held by the reads waiting).
+        self._charge: dict[int, int] = {}
+        self._touched = -1  # the window whose read last told the budget
         self._windows: OrderedDict[int, Buffer] = OrderedDict()  # start -> bytes
         self._inflight: dict[int, trio.Event] = {}  # start -> its fetch ends
         self._failed: OrderedDict[int, Exception] = OrderedDict()  # start -> error
@@ -78,6 +94,8 @@ class ReadAhead:
         self._closed = False
         #: windows fetched ahead / on demand, reads fetched exactly: logged at close
         self.stats = {"ahead": 0, "on_demand": 0, "exact": 0}
+        if budget is not None:
+            budget.join(self)
 
     def in_flight(self) -> list[int]:
         """Starts of the windows being fetched."""
@@ -115,6 +133,12 @@ class ReadAhead:
         end = min(offset + length, self.size)
         w = self.window
         first, last = offset - offset % w, (end - 1) - (end - 1) % w
+        budget = self._budget
+        if budget is not None and (first != self._touched or budget.last is not self):
+            # Not per read of a lone stream (the hit path's cost): per window it
+            # moves to, or when another reader was used since.
+            self._touched = first
+            budget.touch(self)
         forward = self._pos - self.slack <= offset <= self._pos + self.slack
         self._pos = max(self._pos, end) if forward else end
         if not forward:
@@ -205,8 +229,9 @@ class ReadAhead:
         start = offset - offset % self.window
         return self._has(start) or start in self._inflight or start in self._failed
 
-    async def _try_fast(self, start: int, fetching: bool = False) -> bool:
-        """The cheap path for one window; ``fetching``: called by its own fetch."""
+    async def _try_fast(self, start: int, fetching: bool = False, charged: int = 0) -> bool:
+        """The cheap path for one window; ``fetching``: called by its own fetch,
+        which charged ``charged`` bytes for it (kept for that fetch on a miss)."""
         if self.fast is None:
             return False
         data = await self.fast(start, self._length(start))
@@ -216,7 +241,10 @@ class ReadAhead:
                     not fetching and start in self._inflight):
                 self._dropped(data)  # fetched meanwhile: keep that one
             else:
-                self._remember(start, data)
+                self._remember(start, data, charged)
+                charged = 0
+        if charged and (data is not None or not fetching):
+            self._budget_release(charged)
         return data is not None
 
     async def _fetch_window(self, start: int) -> None:
@@ -230,7 +258,7 @@ class ReadAhead:
             if self._closed:
                 self._dropped(data)
             else:
-                self._remember(start, data)
+                self._remember(start, data, 0)  # charged now, if the budget can
         finally:
             del self._inflight[start]
             done.set()
@@ -248,28 +276,41 @@ class ReadAhead:
         for start in range(max(self._ahead, nxt), stop, self.window):
             if self._has(start) or start in self._inflight or start in self._failed:
                 continue
+            charged = self._length(start)
+            if self._budget is not None and not self._budget.reserve(charged, self, False):
+                stop = start  # no room: the stream reads on demand; a later read retries
+                break
             done = trio.Event()
             try:
-                self._nursery.start_soon(self._fill, start, done)
+                self._nursery.start_soon(self._fill, start, done, charged)
             except RuntimeError:  # the owner's nursery is closing: no more read-ahead
+                self._budget_release(charged)
                 self._nursery = None
                 return
             # In flight from now on: a read arriving before the task runs waits for it.
             self._inflight[start] = done
         self._ahead = max(self._ahead, stop)
 
-    async def _fill(self, start: int, done: trio.Event) -> None:
+    async def _fill(self, start: int, done: trio.Event, charged: int) -> None:
+        """``charged``: what _read_ahead reserved for it, passed on with the
+        window or given back."""
         try:
-            if not self._closed and not await self._try_fast(start, fetching=True):
+            if self._closed:
+                pass
+            elif await self._try_fast(start, fetching=True, charged=charged):
+                charged = 0  # passed on with the window
+            else:
                 data = await self.fetch(start, self._length(start))
                 self.stats["ahead"] += 1
                 if self._closed:
                     self._dropped(data)
                 else:
-                    self._remember(start, data)
+                    self._remember(start, data, charged)
+                    charged = 0
         except Exception as exc:  # kept for the read of these bytes, or close
             self._fail(start, exc)
         finally:  # (cancelled with the owner's nursery: a read fetches it itself)
+            self._budget_release(charged)
             del self._inflight[start]
             done.set()
 
@@ -282,10 +323,29 @@ class ReadAhead:
 
     # --- the cache -----------------------------------------------------------------
 
-    def _remember(self, start: int, data: Buffer) -> None:
+    def _remember(self, start: int, data: Buffer, charged: int) -> None:
+        """Cache a window for which ``charged`` bytes were reserved: charged
+        what it costs (the difference reserved now, or given back), or, if the
+        budget has no room, handed to the reads waiting for it only."""
         old = self._windows.pop(start, None)
         if old is not None:
+            self._budget_release(self._charge.pop(start, 0))
             self._dropped(old)
+        budget = self._budget
+        if budget is not None:
+            cost = self._cost(data)
+            if charged > cost:
+                budget.release(charged - cost)
+            # Urgent (may evict any reader's windows) only if a read waits for it.
+            elif charged < cost and not budget.reserve(cost - charged, self,
+                                                       start in self._pins):
+                budget.release(charged)
+                if start in self._pins and start not in self._held:
+                    self._held[start] = data  # served to those reads, then dropped
+                else:
+                    self._dropped(data)
+                return
+            self._charge[start] = cost
         self._windows[start] = data
         while len(self._windows) > self.cached:
             # Windows the stream has passed go first: plain LRU would drop a
@@ -301,6 +361,7 @@ class ReadAhead:
 
     def _evict(self, start: int) -> None:
         data = self._windows.pop(start)
+        self._budget_release(self._charge.pop(start, 0))
         if start in self._pins:
             self._held[start] = data  # a read waits for it (see _get)
         else:
@@ -309,6 +370,27 @@ class ReadAhead:
     def _dropped(self, data: Buffer) -> None:
         if self.on_drop is not None:
             self.on_drop(data)
+
+    def _budget_release(self, n: int) -> None:
+        if n and self._budget is not None:
+            self._budget.release(n)
+
+    def shed(self) -> bool:
+        """For the budget: evict the window needed least -- one the stream has
+        passed, else the least recently used -- but none a read waits for."""
+        victim = None
+        for start in self._windows:  # least recently used first
+            if start in self._pins:
+                continue
+            if start + self.window <= self._pos:
+                victim = start
+                break
+            if victim is None:
+                victim = start
+        if victim is None:
+            return False
+        self._evict(victim)
+        return True
 
     # --- close ---------------------------------------------------------------------
 
@@ -323,9 +405,10 @@ class ReadAhead:
         with trio.CancelScope(shield=True):
             while self._inflight:
                 await next(iter(self._inflight.values())).wait()
-        for data in self._windows.values():
-            self._dropped(data)
-        self._windows.clear()
+        if self._budget is not None:
+            self._budget.leave(self)
+        for start in list(self._windows):
+            self._evict(start)
         failed, self._failed = list(self._failed.items()), OrderedDict()
         for start, exc in failed[1:]:
             log.warning("%s: read-ahead at %d failed, no read wanted it: %s",

@@ -13,6 +13,7 @@ import functools
 import inspect
 import logging
 import os
+import weakref
 from typing import Any, Awaitable, Callable, TypeVar
 
 import pyfuse3
@@ -92,6 +93,15 @@ def refusals(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class DirListing(list[Entry]):
+    """A directory's entries as an opendir took them, shared by every handle
+    opened on the same contents: 1,000 open handles of a 10,000-entry directory
+    hold one copy, not 1,000 (memory grows with the data, never with clients).
+    A list that can be referred to weakly: it goes with its last handle."""
+
+    __slots__ = ("__weakref__",)
+
+
 class SnapfsOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -100,7 +110,11 @@ class SnapfsOperations(pyfuse3.Operations):
         super().__init__()
         self.ctx = ctx
         self._handles: dict[int, Handle] = {}
-        self._dirs: dict[int, list[Entry]] = {}
+        self._dirs: dict[int, DirListing] = {}
+        #: The latest listing of each directory while a handle holds it: an
+        #: opendir that finds the same entries shares it.
+        self._listings: weakref.WeakValueDictionary[Key, DirListing] = \
+            weakref.WeakValueDictionary()
         self._next_fh = 1
         #: Requests that failed with an unexpected exception (a bug each).
         self.unexpected = 0
@@ -219,13 +233,18 @@ class SnapfsOperations(pyfuse3.Operations):
         up = key.parent()
         entries[:0] = [(".", key, here),
                        ("..", up, here if up == key else await node_for(self.ctx, up).stat())]
+        # The handle's own copy is built, then dropped if the last one is the same
+        # (comparing costs what building did; a changed directory gets a new one).
+        listing = self._listings.get(key)
+        if listing is None or listing != entries:
+            listing = self._listings[key] = DirListing(entries)
         fh = self._fh()
-        self._dirs[fh] = entries
+        self._dirs[fh] = listing
         return fh
 
     @refusals
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries = self._dirs.get(fh, [])
+        entries: list[Entry] = self._dirs.get(fh) or []
         for i in range(start_id, len(entries)):
             name, key, st = entries[i]
             a = self.attrs(key, st)

@@ -13,6 +13,11 @@ being served from the disk, the next chunks are fetched in the background, and a
 request for a chunk already being fetched waits for that fetch instead of
 reading it again. On two cores the per-request cost on the trio thread bounds
 throughput, so these are the costs cut.
+
+Every window either reader caches or reads ahead is charged to the process's
+one budget (snapfs.memory.READERS), and the chunk buffers released are kept in
+its spare pool, shared by all readers: memory does not grow with the number of
+open images (a reader past the budget reads without caching, more slowly).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Callable, Iterator
 import trio
 
 from ..errors import CorruptData
+from ..memory import READERS, BufferBudget
 from ..readahead import ReadAhead
 from ..service import Buffer, ImageReader
 from .allocation import data_bytes, seek_data, seek_hole
@@ -38,19 +44,26 @@ ZERO_VIEW = memoryview(ZERO_CHUNK)
 
 log = logging.getLogger(__name__)
 
-#: Verified chunks kept per reader (a sequential reader's read-ahead lands here).
+#: Verified chunks kept per reader at most (a sequential reader's read-ahead lands
+#: here), while the process's budget has room for them.
 CACHED_CHUNKS = 12
 #: Chunks a sequential reader served from the disk has fetched ahead of it.
 READ_AHEAD = 6
-#: Released chunk buffers kept for reuse (a streaming reader needs one or two;
-#: the rest are unmapped, so many open images do not pin their peak memory).
-SPARE_BUFFERS = 4
 #: Chunk-map entries looked up per query.
 LOC_WINDOW = 256
 #: ShadowReader reads this much at a time, and this many windows ahead of a
 #: sequential reader.
 WINDOW = 4 << 20
 AHEAD = 2
+
+
+def chunk_cost(data: Buffer) -> int:
+    """What a cached chunk costs the budget: its whole buffer (a short chunk's
+    too); the shared chunk of zeros (a hole) nothing."""
+    if data is ZERO_VIEW:
+        return 0
+    obj = data.obj if isinstance(data, memoryview) else None
+    return len(obj) if isinstance(obj, mmap.mmap) else len(data)
 
 
 class LocalImageReader(ImageReader):
@@ -61,7 +74,8 @@ class LocalImageReader(ImageReader):
     def __init__(self, snap: int, size: int, index: ChunkIndex, packs: PackFiles,
                  limiter: trio.CapacityLimiter, nursery: trio.Nursery | None,
                  on_close: Callable[[], None] | None = None,
-                 on_damaged: Callable[[Location], None] | None = None) -> None:
+                 on_damaged: Callable[[Location], None] | None = None,
+                 budget: BufferBudget = READERS) -> None:
         self.snap = snap
         self.size = size
         self.index = index
@@ -70,7 +84,7 @@ class LocalImageReader(ImageReader):
         self._on_close = on_close
         self._on_damaged = on_damaged
         self._chunks = (size + CHUNK_SIZE - 1) // CHUNK_SIZE
-        self._free: list[mmap.mmap] = []  # chunk buffers to reuse
+        self.budget = budget  # its spare pool: chunk buffers to reuse, of every reader
         self._locs: dict[int, Location] = {}
         self._loc_window = (-1, -1)  # [start, end) of chunk indices in _locs
         #: [start, end) chunk indices the last SEEK_HOLE found mapped, end not: the
@@ -85,7 +99,7 @@ class LocalImageReader(ImageReader):
         self.ra = ReadAhead(self._fetch, size, nursery, window=CHUNK_SIZE, ahead=READ_AHEAD,
                             cached=CACHED_CHUNKS, slack=CHUNK_SIZE, behind=0,
                             fast=self._read_if_cached, on_drop=self._release,
-                            name=f"snapshot {snap}")
+                            name=f"snapshot {snap}", budget=budget, cost=chunk_cost)
 
     def _location(self, idx: int) -> Location | None:
         start, end = self._loc_window
@@ -137,19 +151,19 @@ class LocalImageReader(ImageReader):
                 await trio.to_thread.run_sync(self.packs.open, loc.pack, limiter=self.limiter)
             except FileNotFoundError:
                 return None  # the worker's read reports the missing pack
-        buf = self._free.pop() if self._free else chunk_buffer()
+        buf = self.budget.take_spare(CHUNK_SIZE) or chunk_buffer()
         view = memoryview(buf)[:loc.length]
         try:
             with self._noting(loc):
                 cached = self.packs.read_if_cached(loc.pack, loc.offset, loc.length, loc.hash,
                                                    loc.xxh, view)
         except BaseException:
-            self._free.append(buf)
+            self.budget.give_spare(buf)
             raise
         if cached:
             self.stats["inline"] += 1
             return view.toreadonly()
-        self._free.append(buf)
+        self.budget.give_spare(buf)
         return None
 
     @contextmanager
@@ -176,14 +190,14 @@ class LocalImageReader(ImageReader):
                                                     limiter=self.limiter)
             self.stats["zstd"] += 1
             return memoryview(raw).toreadonly()
-        buf = self._free.pop() if self._free else None
+        buf = self.budget.take_spare(CHUNK_SIZE)
         try:
             with self._noting(loc):
                 got = await trio.to_thread.run_sync(self._read_chunk, loc, buf,
                                                     limiter=self.limiter)
         except BaseException:
             if buf is not None:
-                self._free.append(buf)
+                self.budget.give_spare(buf)
             raise
         self.stats["worker"] += 1
         return memoryview(got)[:loc.length].toreadonly()
@@ -211,8 +225,8 @@ class LocalImageReader(ImageReader):
         """A chunk left the cache: a pooled buffer goes back to the pool (last in,
         first out)."""
         if (isinstance(data, memoryview) and isinstance(data.obj, mmap.mmap)
-                and len(self._free) < SPARE_BUFFERS):
-            self._free.append(data.obj)
+                and len(data.obj) == CHUNK_SIZE):
+            self.budget.give_spare(data.obj)
 
     async def next_allocated(self, offset: int) -> int:
         idx = self.index.next_mapped(self.snap, offset // CHUNK_SIZE)
@@ -238,7 +252,6 @@ class LocalImageReader(ImageReader):
         try:
             await self.ra.aclose()
         finally:
-            self._free.clear()
             if self._on_close is not None:
                 self._on_close()
                 self._on_close = None
@@ -251,14 +264,15 @@ class ShadowReader(ImageReader):
     smaller), and for a sequential reader the next AHEAD windows read ahead."""
 
     def __init__(self, path: Path, size: int, limiter: trio.CapacityLimiter,
-                 nursery: trio.Nursery | None, on_close: Callable[[], None]) -> None:
+                 nursery: trio.Nursery | None, on_close: Callable[[], None],
+                 budget: BufferBudget = READERS) -> None:
         self.fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         self.path = path
         self.size = size
         self.limiter = limiter
         self._on_close: Callable[[], None] | None = on_close
         self.ra = ReadAhead(self._pread, size, nursery, window=WINDOW, ahead=AHEAD,
-                            cached=AHEAD + 2, name=str(path))
+                            cached=AHEAD + 2, name=str(path), budget=budget)
 
     async def read(self, offset: int, length: int) -> bytes:
         return await self.ra.read(offset, length)

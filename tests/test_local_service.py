@@ -13,11 +13,12 @@ import trio
 
 from fixtures_store import MiB, ZONE, deletes_done, random_bytes, read_all, snapshot_of, wait_state
 from snapfs.errors import (InvalidArgument, NotConfigured, NotFound, PreconditionFailed,
-                           errno_for)
+                           TooLarge, errno_for)
 from snapfs.local import LocalService, open_local_service
 from snapfs.local.recovery import INTERRUPTED
 from snapfs.local.service import NO_OBJECT_STORAGE
 from snapfs.model import ZONES, Snapshot
+from snapfs.qcow2.format import MAX_VIRTUAL_SIZE
 from snapfs.objects import LeftFn, ObjectStorage, ProgressFn
 from snapfs.service import ImageReader
 
@@ -404,3 +405,24 @@ async def test_deleting_an_import_in_flight_never_shows_it_in_error(
     async with open_local_service(store_dir, objects=GatedStorage()) as svc:
         cut = await svc.get_snapshot(ZONE, other.id)
         assert (cut.state, cut.error_reason) == ("error", INTERRUPTED)
+
+
+async def test_an_export_no_import_could_take_back_is_refused(
+        store_dir: Path, reflink_dir: Path) -> None:
+    """A snapshot over 64 TiB (a sparse file on XFS or btrfs) was exported, and
+    the object was then refused by every import (the decoder's virtual size
+    bound). The export is refused at once (EFBIG), before any upload or task."""
+    path = reflink_dir / "vast.raw"
+    with open(path, "wb") as f:
+        f.truncate(MAX_VIRTUAL_SIZE + MiB)
+        f.write(b"data at the start")
+    async with open_local_service(store_dir) as svc:
+        snap = await snapshot_of(svc, path)
+        assert snap.size == MAX_VIRTUAL_SIZE + MiB
+        before = await state_of_store(svc)
+        with pytest.raises(TooLarge, match="64 TiB") as exc:
+            await svc.export_snapshot(ZONE, snap.id, bucket="bkt", key="k")
+        assert errno_for(exc.value) == errno.EFBIG
+        assert await svc.latest_export(ZONE, snap.id) is None
+        assert await state_of_store(svc) == before
+        assert (await svc.get_snapshot(ZONE, snap.id)).state == "available"

@@ -17,12 +17,13 @@ from typing import Awaitable, Callable, TypeVar
 import trio
 
 from ..errors import (CorruptData, InvalidArgument, NotConfigured, PreconditionFailed,
-                      SnapfsError, StoreFull, VolumeChanged)
+                      SnapfsError, StoreFull, TooLarge, VolumeChanged)
 from ..model import (DEFAULT_ZONE, ZONES, BaseVolume, FileAccess, Page,
                      Project, Snapshot, Task, Volume, check_name, check_paging, check_readable,
                      check_size, check_tags, check_uuid, check_volume_type, check_zone,
                      export_href, new_id, now)
 from ..objects import ObjectStorage, check_object_target
+from ..qcow2.format import MAX_VIRTUAL_SIZE
 from ..service import ImageReader, SnapshotService
 from . import extents, leases
 from .chunkindex import ChunkIndex, Location
@@ -360,6 +361,10 @@ class LocalService(SnapshotService):
         bucket, key = check_object_target(bucket, key)
         if snap.state != "available":
             raise PreconditionFailed(f"snapshot {snap.name!r} is {snap.state}, not available")
+        if snap.size > MAX_VIRTUAL_SIZE:  # an object no import (ours) would take back
+            raise TooLarge(f"snapshot {snap.name!r} is {snap.size} bytes: an export holds "
+                           f"at most {MAX_VIRTUAL_SIZE} ({MAX_VIRTUAL_SIZE >> 40} TiB), "
+                           "what an import takes back")
         if self.objects is None:  # refused now, not as a failed task later
             raise NotConfigured(f"cannot export snapshot {snapshot_id} to s3://{bucket}/{key}"
                                 f": {NO_OBJECT_STORAGE}")

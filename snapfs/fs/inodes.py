@@ -40,12 +40,17 @@ from pathlib import Path
 import pyfuse3
 
 from .. import sqlfull
-from ..errors import NotFound
+from ..errors import NotFound, StoreFull
 from .keys import ROOT, Key, Kind, View
 
 log = logging.getLogger(__name__)
 
 MAP_NAME = "inodes.sqlite"
+#: What the map's statements raise when it cannot be used: SQLite's errors, and
+#: StoreFull (sqlfull.Connection's name for "database or disk is full"), which
+#: were missed -- on a full disk every lookup of a node not yet numbered was
+#: ENOSPC, so no snapshot could even be reached to be deleted.
+_MAP_ERRORS = (sqlite3.Error, StoreFull)
 #: How long a lookup waits for another mount's write to the map (seconds). It
 #: waits on the trio thread, so it is short: a row takes microseconds to write,
 #: and a map held longer than this detaches the mount (numbers in memory).
@@ -137,7 +142,7 @@ class InodeTable:
         cannot be opened (the reason is logged once)."""
         try:
             return cls(InodeMap(store / MAP_NAME))
-        except (sqlite3.Error, OSError) as exc:
+        except (*_MAP_ERRORS, OSError) as exc:
             log.warning("inode numbers last only for this mount: cannot open %s: %s",
                         store / MAP_NAME, exc)
             return cls()
@@ -193,7 +198,7 @@ class InodeTable:
             if self._writable:
                 return self._map.number(key)
             ino = self._map.find(key)
-        except sqlite3.Error as exc:  # a read-only store, a full disk, a held lock
+        except _MAP_ERRORS as exc:  # a read-only store, a full disk, a held lock
             self._detach(exc)
             return None
         return ino if self._is_trusted(ino) else None
@@ -210,7 +215,7 @@ class InodeTable:
             log.warning("inode numbers given from now on last only for this mount: %s", exc)
         try:
             highest = self._map.highest()
-        except sqlite3.Error:
+        except _MAP_ERRORS:
             highest = 1 << 40  # far above any map this store could have filled
         if self._trusted is None:
             self._trusted = highest
@@ -228,7 +233,7 @@ class InodeTable:
             # may still hold it, e.g. NFS): read, not remembered (uncounted).
             try:
                 key = self._map.key(inode) if self._is_trusted(inode) else None
-            except sqlite3.Error:
+            except _MAP_ERRORS:
                 key = None
         if key is None:
             raise NotFound("inode", str(inode))

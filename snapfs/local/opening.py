@@ -77,6 +77,7 @@ async def open_local_service(store: Path | str, objects: ObjectStorage | None = 
                 svc.adoption.resume(work)
                 if resume:
                     svc.jobs.daemon(svc.adoption.sweep)
+                    svc.jobs.daemon(svc.reserve.keep)
                     svc.jobs.daemon(svc.left_uploads.run)
                 try:
                     yield svc

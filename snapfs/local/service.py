@@ -336,18 +336,32 @@ class LocalService(SnapshotService):
         await trio.to_thread.run_sync(self.shadows.drop_snapshot, snapshot_id)
 
     async def _release(self, snapshot_id: str, key: int) -> None:
-        await self._on_full_disk(lambda: self.work.release(snapshot_id, key))
-        await trio.to_thread.run_sync(self.reserve.ensure)  # given up? made again
+        """The background half of a delete, which a full disk only delays: it is
+        tried again (with the reserve's next step, else after a wait) until done."""
+        wait = 1.0
+        try:
+            while True:
+                try:
+                    await self._on_full_disk(lambda: self.work.release(snapshot_id, key))
+                    return
+                except StoreFull as exc:
+                    log.warning("snapshot %s: its space cannot be freed yet (%s); trying "
+                                "again in %.0f s", snapshot_id, exc, wait)
+                await trio.sleep(wait)
+                wait = min(wait * 2, 60.0)
+        finally:
+            with trio.CancelScope(shield=True):  # given up? topped up again
+                await trio.to_thread.run_sync(self.reserve.ensure)
 
     async def _on_full_disk(self, call: Callable[[], Awaitable[T]]) -> T:
-        """``call()``, once more with the space reserve given up if it finds the
-        disk full: a delete is how space is freed (reserve.py)."""
-        try:
-            return await call()
-        except StoreFull:
-            if not await trio.to_thread.run_sync(self.reserve.give_up):
-                raise
-        return await call()
+        """``call()``, again with a step of the space reserve given up each time
+        it finds the disk full: a delete is how space is freed (reserve.py)."""
+        while True:
+            try:
+                return await call()
+            except StoreFull:
+                if not await trio.to_thread.run_sync(self.reserve.give_up):
+                    raise
 
     def storing(self) -> bool:
         """Whether some snapshot is still read from its shadow (chunks being stored)."""

@@ -192,9 +192,15 @@ class ReadAhead:
                 if len(missing) == 1:
                     await self._fetch_window(missing[0])
                 elif missing:  # one request's windows fetched in parallel
-                    async with trio.open_nursery() as nursery:
-                        for start in missing:
-                            nursery.start_soon(self._fetch_window, start)
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            for start in missing:
+                                nursery.start_soon(self._fetch_window, start)
+                    except BaseExceptionGroup as group:
+                        # A window's error (CorruptData, say) is this read's error,
+                        # as it is with one window: not a group the errno table
+                        # cannot name (it was logged as a bug).
+                        raise _first_error(group) from None
                 for start in starts:
                     while start in self._inflight:  # another read or a read-ahead fetches it
                         await self._inflight[start].wait()
@@ -415,3 +421,16 @@ class ReadAhead:
                         self.name, start, exc)
         if failed:
             raise failed[0][1]
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first exception of ``group`` that is not a cancellation (the group
+    itself when all are: trio's own to unwind)."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            inner = _first_error(exc)
+            if inner is not exc:
+                return inner
+        elif not isinstance(exc, trio.Cancelled):
+            return exc
+    return group

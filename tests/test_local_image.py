@@ -141,6 +141,26 @@ async def test_a_corrupt_chunk_is_an_error_on_both_read_paths(
         assert reader.stats["inline" if not cold else "worker"] >= 1
 
 
+async def test_a_read_spanning_a_corrupt_chunk_is_corrupt_data_not_a_group(
+        store_dir: Path, volume_file: Callable[..., Path]) -> None:
+    """A read over two cold chunks fetches them in parallel (a nursery): the bad
+    one's CorruptData came out as an ExceptionGroup, which the errno table
+    cannot name (EIO still, but logged as a bug). Found by a review."""
+    data = random_bytes(4 * MiB, seed=6)
+    path = volume_file("v", len(data), [(0, data)])
+    async with open_local_service(store_dir) as svc:
+        sid = await snapshot_id(svc, path)
+        place = chunk_place(svc, 2)
+    flip_bits(store_dir, place, at=100, mask=0x01)
+    evict_packs(store_dir)
+    async with open_local_service(store_dir) as svc:
+        reader = await open_reader(svc, sid)
+        with pytest.raises(CorruptData, match="does not match its hash"):
+            await reader.read_transient(MiB + MiB // 2, MiB)  # chunks 1 and 2
+        assert await reader.read(0, MiB) == data[:MiB]
+        await reader.aclose()
+
+
 @pytest.mark.parametrize("cold", [False, True], ids=["page-cache", "disk"])
 async def test_read_into_reads_checked_chunks_into_the_callers_buffer(
         store_dir: Path, volume_file: Callable[..., Path], cold: bool) -> None:

@@ -36,6 +36,7 @@ class Fault:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds before answering (longer than a timeout: a hang)
     match: str = ""
+    trickle: float = 0.0  # seconds between the body's bytes (each wait short, the whole long)
 
 
 class FaultProxy:
@@ -91,7 +92,7 @@ class FaultProxy:
         if fault is not None:
             if fault.delay:
                 self._closing.wait(fault.delay)
-            self._answer(h, fault.status, fault.headers, fault.body)
+            self._answer(h, fault.status, fault.headers, fault.body, fault.trickle)
             return
         conn = http.client.HTTPConnection(*self.upstream, timeout=60)
         try:
@@ -107,15 +108,25 @@ class FaultProxy:
         finally:
             conn.close()
 
-    @staticmethod
-    def _answer(h: BaseHTTPRequestHandler, status: int, headers: dict[str, str],
-                body: bytes) -> None:
+    def _answer(self, h: BaseHTTPRequestHandler, status: int, headers: dict[str, str],
+                body: bytes, trickle: float = 0.0) -> None:
         h.send_response(status)
         for k, v in headers.items():
             h.send_header(k, v)  # latin-1 on the wire, as HTTP/1.1 allows (obs-text)
         h.send_header("content-length", str(len(body)))
         h.end_headers()
-        h.wfile.write(body)
+        if not trickle:
+            h.wfile.write(body)
+            return
+        h.wfile.flush()
+        for i in range(len(body)):
+            if self._closing.wait(trickle):
+                return
+            try:
+                h.wfile.write(body[i:i + 1])
+                h.wfile.flush()
+            except OSError:  # the client gave up
+                return
 
     def close(self) -> None:
         self._closing.set()  # answers held back by a delay go now

@@ -137,6 +137,29 @@ async def test_hung_answers_give_their_worker_threads_back(via_proxy: FaultProxy
         assert trio.current_time() - start < 6.0
 
 
+async def test_trickling_answers_end_with_their_attempt(via_proxy: FaultProxy) -> None:
+    """Each wait on the socket short, the whole answer long (a byte every 0.25 s,
+    here 10 s for the body): the socket timeout alone let every worker thread
+    sit in it past the call's deadline (found by a review). The body is read
+    against the attempt's timeout, and the retries get their slots."""
+    proxy = via_proxy
+    async with open_scaleway_service() as svc:
+        svc.call_timeout, svc.call_deadline, svc.backoff = 1.0, 8.0, 0.01
+        proxy.add(*(Fault(200, b" " * 40 + b"{}", trickle=0.25, match="/projects")
+                    for _ in range(scw_service.MAX_THREADS)))
+        names: list[set[str]] = []
+
+        async def one() -> None:
+            names.append({p.name for p in await svc.list_projects()})
+        start = trio.current_time()
+        with trio.fail_after(20):
+            async with trio.open_nursery() as n:
+                for _ in range(scw_service.MAX_THREADS):
+                    n.start_soon(one)
+        assert names == [{"default", "other"}] * scw_service.MAX_THREADS
+        assert trio.current_time() - start < 6.0
+
+
 # --- answers that are not the API's JSON ---------------------------------------------
 
 

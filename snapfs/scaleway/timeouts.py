@@ -7,12 +7,14 @@ thread, and the CapacityLimiter slot it holds, stayed: eight hung connections
 and every later call of the mount waited for a slot until its deadline. The
 SDK module's ``requests`` is therefore replaced by this thin proxy, which adds
 the current attempt's timeout (a context variable, which trio.to_thread copies
-into the worker thread) to each request: a hung socket ends with the attempt.
+into the worker thread) to each request, and reads the body against it: a hung
+or trickling answer ends with the attempt (within one socket wait of it).
 """
 
 from __future__ import annotations
 
 import contextvars
+import time
 from typing import Any
 
 import requests
@@ -32,8 +34,25 @@ class _TimedRequests:
 
     @staticmethod
     def request(method: str, url: str, **kwargs: Any) -> requests.Response:
-        kwargs.setdefault("timeout", attempt_timeout.get())
-        return requests.request(method, url, **kwargs)
+        timeout = attempt_timeout.get()
+        deadline = time.monotonic() + timeout
+        kwargs.setdefault("timeout", timeout)
+        # The body is read here, against the attempt's deadline: a socket timeout
+        # alone bounds each wait, so an answer trickling a byte at a time (a
+        # misbehaving proxy) kept the thread for as long as it trickled.
+        kwargs["stream"] = True
+        response = requests.request(method, url, **kwargs)
+        try:
+            parts = []
+            while piece := response.raw.read1(1 << 16, decode_content=True):
+                parts.append(piece)
+                if time.monotonic() > deadline:
+                    raise requests.Timeout(f"the answer took over {timeout:g}s to arrive")
+            response._content = b"".join(parts)
+            response._content_consumed = True
+        finally:
+            response.close()
+        return response
 
 
 def install() -> None:

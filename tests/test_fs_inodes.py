@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
-import pytest
 
-from snapfs.errors import NotFound
 from snapfs.fs.inodes import MAP_NAME, InodeMap, InodeTable, canonical
 from snapfs.fs.keys import Key, Kind, View
 
@@ -97,9 +96,44 @@ def test_a_detached_table_never_takes_another_mounts_new_numbers(tmp_path: Path)
     assert a.inode(old) == kept  # numbers the map had before stay the same
     a.forget(kept, 1)
     assert a.inode(old) == kept and a.key(kept) == old
-    later = max(b.looked_up(Key(Kind.ZONE, f"later{i}")) for i in range(3))
-    assert later > theirs_in_a
-    with pytest.raises(NotFound):  # a number only b gave: not a's node
-        a.key(later)
+    # b goes on: its numbers pass a's memory numbers. a takes those that are
+    # not its own, and numbers in memory above them from then on.
+    later = [b.looked_up(Key(Kind.ZONE, f"later{i}")) for i in range(3)]
+    assert later[0] == theirs_in_a and later[2] > theirs_in_a
+    assert a.looked_up(Key(Kind.ZONE, "later2")) == later[2]
+    assert a.looked_up(Key(Kind.ZONE, "later0")) not in (later[0], theirs_in_a)
+    assert a.looked_up(Key(Kind.ZONE, "fresh")) > later[2]
+    numbers = [a.inode(Key(Kind.ZONE, n)) for n in
+               ("old", "mine", "theirs", "later0", "later2", "fresh")]
+    assert len(set(numbers)) == len(numbers)
     a.close()
     b.close()
+
+
+def test_a_detached_table_keeps_numbers_in_the_map_again_once_it_can(
+        tmp_path: Path) -> None:
+    """A lock held for a while detached a mount for good: every node shown after
+    it got a number for this mount only, and another after a remount. It tries
+    the map again after retry_after, and new keys are kept there again."""
+    a = InodeTable(InodeMap(tmp_path / MAP_NAME, timeout=0.05))
+    a.retry_after = 0.2
+    holder = sqlite3.connect(tmp_path / MAP_NAME, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    early = a.looked_up(Key(Kind.ZONE, "early"))  # in memory only
+    holder.execute("ROLLBACK")
+    holder.close()
+    b = InodeTable.in_store(tmp_path)
+    taken = b.looked_up(Key(Kind.ZONE, "b-first"))  # the map gives b a's number
+    assert taken == early
+    time.sleep(0.3)
+    late = a.looked_up(Key(Kind.ZONE, "late"))
+    reader = InodeMap(tmp_path / MAP_NAME)
+    assert reader.find(Key(Kind.ZONE, "late")) == late  # kept in the map
+    reader.close()
+    assert a.looked_up(Key(Kind.ZONE, "b-first")) not in (early, late)
+    assert a.inode(Key(Kind.ZONE, "early")) == early
+    a.close()
+    b.close()
+    again = InodeTable.in_store(tmp_path)  # a remount: the kept number comes back
+    assert again.inode(Key(Kind.ZONE, "late")) == late
+    again.close()

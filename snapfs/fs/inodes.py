@@ -25,16 +25,18 @@ writable store directory (a read-only one) new numbers fall back to this
 mount's life only, and those stay in memory for good (nowhere else has them).
 
 Once a mount numbers in memory, another mount of the store may go on giving
-numbers from the map -- the same numbers, to other keys. So a detached mount
-takes from the map only the numbers it held when it detached (``_trusted``):
-a row added after that is another mount's, and may carry a number this mount
-has already given away in memory.
+numbers from the map -- the same numbers, to other keys. So a number the map
+gives is taken only if this mount has not given it from memory, and memory
+numbers go on above every number taken from the map. A detached mount tries
+the map again after RETRY_AFTER seconds (a lock held for a while, a disk full
+for a while): new keys are numbered for good again from then on.
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from pathlib import Path
 
 import pyfuse3
@@ -55,6 +57,8 @@ _MAP_ERRORS = (sqlite3.Error, StoreFull)
 #: waits on the trio thread, so it is short: a row takes microseconds to write,
 #: and a map held longer than this detaches the mount (numbers in memory).
 BUSY_TIMEOUT = 1.0
+#: Seconds before a detached table tries to write the map again.
+RETRY_AFTER = 10.0
 _SEP = "\x00"
 
 
@@ -132,9 +136,8 @@ class InodeTable:
         self._next = pyfuse3.ROOT_INODE + 1
         self._map = persisted
         self._writable = persisted is not None
-        #: once detached: the highest number the map held then; a higher one
-        #: found later is another mount's and may be one given here in memory
-        self._trusted: int | None = None
+        self.retry_after = RETRY_AFTER
+        self._retry_at = 0.0  # time.monotonic() when a detached table tries again
 
     @classmethod
     def in_store(cls, store: Path) -> "InodeTable":
@@ -190,41 +193,42 @@ class InodeTable:
         self._by_inode[ino] = key
 
     def _stored(self, key: Key) -> int | None:
-        """The map's number for ``key`` (added if new); None without a map, or
-        when it cannot take a new row."""
+        """The map's number for ``key`` (added if new); None without a map, when
+        it cannot take a new row, or when the number is one this table gave
+        from memory (another mount, attached, gave it to ``key`` meanwhile)."""
         if self._map is None:
             return None
+        retrying = not self._writable and time.monotonic() >= self._retry_at
         try:
-            if self._writable:
-                return self._map.number(key)
-            ino = self._map.find(key)
+            if self._writable or retrying:
+                ino: int | None = self._map.number(key)
+                if retrying:
+                    self._writable = True
+                    log.warning("inode numbers are kept in %s again", MAP_NAME)
+            else:
+                ino = self._map.find(key)
         except _MAP_ERRORS as exc:  # a read-only store, a full disk, a held lock
             self._detach(exc)
             return None
-        return ino if self._is_trusted(ino) else None
-
-    def _is_trusted(self, ino: int | None) -> bool:
-        return ino is not None and (self._trusted is None or ino <= self._trusted)
+        if ino is None or ino in self._unstored:
+            return None
+        self._next = max(self._next, ino + 1)  # memory numbers stay above it
+        return ino
 
     def _detach(self, exc: Exception) -> None:
-        """Number the rest of this mount in memory, above every stored number (so
-        none is given twice), when the map file stops taking new numbers; it is
-        still read for the numbers it has."""
+        """Number new keys in memory, above every number the map has (so none
+        is given twice), when the map stops taking rows; it is still read for
+        the numbers it has, and written again after ``retry_after``."""
         assert self._map is not None
         if self._writable:
             log.warning("inode numbers given from now on last only for this mount: %s", exc)
+        self._writable = False
+        self._retry_at = time.monotonic() + self.retry_after
         try:
             highest = self._map.highest()
         except _MAP_ERRORS:
             highest = 1 << 40  # far above any map this store could have filled
-        if self._trusted is None:
-            self._trusted = highest
         self._next = max(self._next, highest + 1, max(self._by_inode) + 1)
-        if not self._writable:  # it cannot even be read: numbers from memory only
-            self._map.close()
-            self._map = None
-            self._unstored.update(self._by_inode)
-        self._writable = False
 
     def key(self, inode: int) -> Key:
         key = self._by_inode.get(inode)
@@ -232,7 +236,7 @@ class InodeTable:
             # Forgotten by the kernel, or shown by an earlier mount (the kernel
             # may still hold it, e.g. NFS): read, not remembered (uncounted).
             try:
-                key = self._map.key(inode) if self._is_trusted(inode) else None
+                key = self._map.key(inode)
             except _MAP_ERRORS:
                 key = None
         if key is None:

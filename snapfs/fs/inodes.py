@@ -57,8 +57,10 @@ _MAP_ERRORS = (sqlite3.Error, StoreFull)
 #: waits on the trio thread, so it is short: a row takes microseconds to write,
 #: and a map held longer than this detaches the mount (numbers in memory).
 BUSY_TIMEOUT = 1.0
-#: Seconds before a detached table tries to write the map again.
+#: Seconds before a detached table tries to write the map again, doubled after
+#: each try that fails (a try may wait BUSY_TIMEOUT on the trio thread).
 RETRY_AFTER = 10.0
+RETRY_MAX = 600.0
 _SEP = "\x00"
 
 
@@ -138,6 +140,7 @@ class InodeTable:
         self._writable = persisted is not None
         self.retry_after = RETRY_AFTER
         self._retry_at = 0.0  # time.monotonic() when a detached table tries again
+        self._wait = 0.0  # the wait before that try (doubled by each failed try)
 
     @classmethod
     def in_store(cls, store: Path) -> "InodeTable":
@@ -203,7 +206,7 @@ class InodeTable:
             if self._writable or retrying:
                 ino: int | None = self._map.number(key)
                 if retrying:
-                    self._writable = True
+                    self._writable, self._wait = True, 0.0
                     log.warning("inode numbers are kept in %s again", MAP_NAME)
             else:
                 ino = self._map.find(key)
@@ -223,7 +226,8 @@ class InodeTable:
         if self._writable:
             log.warning("inode numbers given from now on last only for this mount: %s", exc)
         self._writable = False
-        self._retry_at = time.monotonic() + self.retry_after
+        self._wait = min(self._wait * 2, RETRY_MAX) if self._wait else self.retry_after
+        self._retry_at = time.monotonic() + self._wait
         try:
             highest = self._map.highest()
         except _MAP_ERRORS:

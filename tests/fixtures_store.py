@@ -53,12 +53,19 @@ def reflink_root(request: pytest.FixtureRequest,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A real XFS or btrfs filesystem (each test using it runs on both) on a loop
     device, for the reflink shadows (snapfs/local/shadows.py); always unmounted."""
-    base = tmp_path_factory.mktemp(request.param)
+    with loop_mounted(tmp_path_factory.mktemp(request.param), 4 << 30,
+                      REFLINK_FILESYSTEMS[request.param]) as mnt:
+        yield mnt
+
+
+@contextmanager
+def loop_mounted(base: Path, size: int, mkfs: list[str]) -> Iterator[Path]:
+    """A fresh filesystem (``mkfs`` + the image) of ``size`` bytes on a loop device,
+    mounted at ``base``/mnt; always unmounted and its image removed after."""
     image, mnt = base / "fs.img", base / "mnt"
     with open(image, "wb") as f:
-        f.truncate(4 << 30)
-    subprocess.run([*REFLINK_FILESYSTEMS[request.param], str(image)], check=True,
-                   stdout=subprocess.DEVNULL)
+        f.truncate(size)
+    subprocess.run([*mkfs, str(image)], check=True, stdout=subprocess.DEVNULL)
     mnt.mkdir()
     subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
     try:

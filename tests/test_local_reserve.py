@@ -12,7 +12,8 @@ from typing import Iterator
 import pytest
 import trio
 
-from fixtures_store import ZONE, deletes_done, random_bytes, snapshot_of, write_volume
+from fixtures_store import (ZONE, deletes_done, loop_mounted, random_bytes, snapshot_of,
+                            write_volume)
 from snapfs.errors import NotFound
 from snapfs.local import open_local_service
 from snapfs.local.reserve import RESERVE_BYTES, STEP, SpaceReserve
@@ -100,17 +101,8 @@ def test_what_is_not_the_reserves_own_is_never_touched(tmp_path: Path, planted: 
 @pytest.fixture
 def small_ext4(tmp_path: Path) -> Iterator[Path]:
     """A 64 MiB ext4 filesystem on a loop device (no reserved blocks)."""
-    image, mnt = tmp_path / "small.img", tmp_path / "small"
-    with open(image, "wb") as f:
-        f.truncate(64 * MiB)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True)
-    mnt.mkdir()
-    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
-    try:
+    with loop_mounted(tmp_path, 64 * MiB, ["mkfs.ext4", "-q", "-F", "-m", "0"]) as mnt:
         yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)]).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)])
 
 
 def fill_up(directory: Path, name: str) -> Path:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
 import time
 from pathlib import Path
 from typing import Iterator
@@ -15,7 +14,8 @@ from typing import Iterator
 import pytest
 
 from fixtures_s3 import SeaweedServer, qcow2_of, qemu_img_judges
-from fixtures_store import MiB, ZONE, random_bytes, snapshot_of, wait_state, write_volume
+from fixtures_store import (MiB, ZONE, loop_mounted, random_bytes, snapshot_of, wait_state,
+                            write_volume)
 from snapfs.local import LocalService, open_local_service
 from snapfs.qcow2.encoder import StreamingEncoder
 from snapfs.qcow2.format import CLUSTER_SIZE, MAX_VIRTUAL_SIZE
@@ -67,18 +67,8 @@ def big_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """An XFS filesystem (loop device): sparse files up to 64 TiB (ext4 stops at
     16 TiB). Always unmounted."""
     base = tmp_path_factory.mktemp("bigfs")
-    image, mnt = base / "fs.img", base / "mnt"
-    with open(image, "wb") as f:
-        f.truncate(2 << 30)
-    subprocess.run(["mkfs.xfs", "-q", str(image)], check=True, stdout=subprocess.DEVNULL)
-    mnt.mkdir()
-    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
-    try:
+    with loop_mounted(base, 2 << 30, ["mkfs.xfs", "-q"]) as mnt:
         yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)]).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)])
-        image.unlink(missing_ok=True)
 
 
 def scattered(size: int, seed: int) -> list[tuple[int, bytes]]:

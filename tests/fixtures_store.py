@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import textwrap
 import re
@@ -56,6 +57,21 @@ def reflink_root(request: pytest.FixtureRequest,
     with loop_mounted(tmp_path_factory.mktemp(request.param), 4 << 30,
                       REFLINK_FILESYSTEMS[request.param]) as mnt:
         yield mnt
+
+
+def fill_up(directory: Path, name: str = "filler") -> Path:
+    """A file (appended to if it exists) taking every free byte of ``directory``'s
+    filesystem."""
+    filler = directory / name
+    block = bytes(MiB)
+    with open(filler, "ab", buffering=0) as f:
+        for size in (MiB, 64 << 10, 4096, 512):
+            try:
+                while True:
+                    f.write(block[:size])
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+    return filler
 
 
 @contextmanager

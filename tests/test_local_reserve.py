@@ -3,7 +3,6 @@ short of room, how it is given up, and the files it never touches."""
 
 from __future__ import annotations
 
-import errno
 import os
 import subprocess
 from pathlib import Path
@@ -12,8 +11,8 @@ from typing import Iterator
 import pytest
 import trio
 
-from fixtures_store import (ZONE, deletes_done, loop_mounted, random_bytes, snapshot_of,
-                            write_volume)
+from fixtures_store import (ZONE, deletes_done, fill_up, loop_mounted, random_bytes,
+                            snapshot_of, write_volume)
 from snapfs.errors import NotFound
 from snapfs.local import open_local_service
 from snapfs.local.reserve import RESERVE_BYTES, STEP, SpaceReserve
@@ -103,19 +102,6 @@ def small_ext4(tmp_path: Path) -> Iterator[Path]:
     """A 64 MiB ext4 filesystem on a loop device (no reserved blocks)."""
     with loop_mounted(tmp_path, 64 * MiB, ["mkfs.ext4", "-q", "-F", "-m", "0"]) as mnt:
         yield mnt
-
-
-def fill_up(directory: Path, name: str) -> Path:
-    """A file taking every free byte of ``directory``'s filesystem."""
-    filler = directory / name
-    with open(filler, "ab", buffering=0) as f:
-        for size in (MiB, 64 << 10, 4096, 512):
-            try:
-                while True:
-                    f.write(bytes(size))
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
-    return filler
 
 
 async def test_a_delete_whose_space_cannot_be_freed_yet_is_tried_again(

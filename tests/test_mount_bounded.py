@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import pytest
 
 from fixtures_mount import MiB, Mount, random_volume, run, snapfs
+from fixtures_store import fill_up
 
 pytestmark = pytest.mark.mount
 
@@ -194,20 +195,6 @@ def test_rmdir_stops_a_running_and_a_queued_capture(busy_mount: tuple[Mount, Pat
     assert "Traceback" not in m.log()
 
 
-def fill(directory: Path) -> Path:
-    """A file that takes every free byte of ``directory``'s filesystem."""
-    filler = directory / "filler"
-    block = bytes(MiB)
-    with open(filler, "wb", buffering=0) as f:
-        for size in (MiB, 64 << 10, 4096):
-            try:
-                while True:
-                    f.write(block[:size])
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
-    return filler
-
-
 def test_metadata_writes_on_a_full_disk_are_enospc_and_change_nothing(
         small_fs: Path, tmp_path: Path, mount_factory: Callable[..., Mount]) -> None:
     """SQLite's "database or disk is full" was an unexpected error: EIO and a bug
@@ -230,7 +217,7 @@ def test_metadata_writes_on_a_full_disk_are_enospc_and_change_nothing(
         conn = sqlite3.connect(store / db)
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         conn.close()
-    filler = fill(small_fs)
+    filler = fill_up(small_fs)
     # Nodes never shown before still get numbers (in memory: the inode map is on
     # the full disk too). Every such lookup was ENOSPC: nothing could be reached.
     assert sorted(os.listdir(m.volume("w"))) == ["s1"]

@@ -26,6 +26,7 @@ from fixtures_store import lssd_volume
 from snapfs.errors import PermissionDenied, SnapfsError, Transient, errno_for
 from snapfs.scaleway import ScalewayService, open_scaleway_service
 from snapfs.scaleway import service as scw_service
+from snapfs.scaleway import timeouts
 
 MiB = 1 << 20
 HTML = b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
@@ -150,6 +151,19 @@ async def every_slot_comes_back(proxy: FaultProxy, fault: Fault) -> None:
                     n.start_soon(one)
         assert names == [{"default", "other"}] * scw_service.MAX_THREADS
         assert trio.current_time() - start < 6.0
+
+
+async def test_an_answer_larger_than_any_api_answer_is_refused(via_proxy: FaultProxy) -> None:
+    """The SDK read any answer whole into memory: a proxy sending gigabytes took
+    the daemon's memory with it. Past MAX_BODY the answer is refused (EIO), once,
+    not retried."""
+    via_proxy.add(Fault(200, b" " * (timeouts.MAX_BODY + (1 << 20)) + b"{}",
+                        match="/projects"))
+    async with open_scaleway_service() as svc:
+        err = await _refusal(svc.list_projects)
+        assert errno_for(err) == errno.EIO and "MiB" in str(err), err
+        assert len(via_proxy.requests("/projects")) == 1
+        assert {p.name for p in await svc.list_projects()} == {"default", "other"}
 
 
 # --- answers that are not the API's JSON ---------------------------------------------

@@ -26,6 +26,11 @@ attempt_timeout: contextvars.ContextVar[float] = contextvars.ContextVar(
     "attempt_timeout", default=20.0)
 
 
+#: The largest answer read: a List page of 100 resources is ~100 KB; a server
+#: (or proxy) sending more is not the API.
+MAX_BODY = 16 << 20
+
+
 class _TimedRequests:
     """``requests`` as the SDK sees it: the same, with a timeout on each request."""
 
@@ -43,11 +48,15 @@ class _TimedRequests:
         kwargs["stream"] = True
         response = requests.request(method, url, **kwargs)
         try:
-            parts = []
+            parts, size = [], 0
             while piece := response.raw.read1(1 << 16, decode_content=True):
                 parts.append(piece)
+                size += len(piece)
                 if time.monotonic() > deadline:
                     raise requests.Timeout(f"the answer took over {timeout:g}s to arrive")
+                if size > MAX_BODY:  # memory follows the data asked for, not the server
+                    raise requests.RequestException(
+                        f"the answer is over {MAX_BODY >> 20} MiB (no API answer is)")
             response._content = b"".join(parts)
             response._content_consumed = True
         finally:

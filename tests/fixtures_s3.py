@@ -258,3 +258,20 @@ def logged(logger: str, text: str) -> Iterator[trio.Event]:
     finally:
         watched.removeHandler(handler)
         watched.setLevel(level)
+
+
+async def counted_objects(s3_server: SeaweedServer) -> tuple[Any, list[tuple[int, int]]]:
+    """The S3 storage, with every ranged GET its client sends recorded as
+    (offset, length): boto3's client is wrapped, snapfs runs unchanged."""
+    objects = s3_server.objects()
+    calls = await objects.calls_for()
+    client = calls.client
+    seen: list[tuple[int, int]] = []
+    real = client.get_object
+
+    def get_object(**kw: Any) -> Any:
+        lo, hi = kw["Range"].removeprefix("bytes=").split("-")
+        seen.append((int(lo), int(hi) - int(lo) + 1))
+        return real(**kw)
+    client.get_object = get_object
+    return objects, seen

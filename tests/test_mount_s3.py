@@ -197,3 +197,34 @@ def test_an_import_claiming_a_petabyte_fails_at_once_and_blocks_no_other(
     # The failed one goes with rmdir.
     run("rmdir", m.snapshots() / "huge")
     assert "huge" not in os.listdir(m.snapshots())
+
+
+def test_an_import_naming_one_cluster_a_million_times_fails_and_stores_nothing(
+        mount_factory: Callable[..., Mount], store_with_volume: Path,
+        s3_server: SeaweedServer) -> None:
+    """~300 KiB of object whose one L2 table, named by all 2048 L1 entries,
+    names one data cluster 8192 times: a terabyte of import work (hours of
+    fetching and hashing), now refused at once, with nothing stored."""
+    from fixtures_qcow2 import header, image
+    cs = 64 << 10
+    h = header(16, 1 << 40, 2048, l1_table_offset=cs, refcount_table_offset=2 * cs)
+    body = image(h, [4 * cs] * 2048, {4 * cs: [5 * cs] * 8192},
+                 {5 * cs: bytes(range(256)) * 256})
+    bucket = s3_server.new_bucket()
+    s3_server.client().put_object(Bucket=bucket, Key="bomb.qcow2", Body=body)
+    m = mount_with_s3(mount_factory, store_with_volume, s3_server)
+    packs = store_with_volume / "packs"
+
+    def pack_bytes() -> int:
+        return sum(p.stat().st_size for p in packs.rglob("*") if p.is_file())
+    before = pack_bytes()
+    t0 = time.monotonic()
+    (m.project / "imports" / "bomb").write_text(f"{bucket}/bomb.qcow2\n")
+    st = wait_done(m.project / "imports" / "bomb", timeout=30)
+    assert time.monotonic() - t0 < 15
+    assert st["state"] == "failure", st
+    assert "from more guest clusters than they can hold" in st["error"], st
+    assert m.xattr(m.snapshots() / "bomb", "state") == "invalid_data"
+    assert pack_bytes() == before
+    run("rmdir", m.snapshots() / "bomb")
+    assert "bomb" not in os.listdir(m.snapshots())

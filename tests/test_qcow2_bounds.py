@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 import subprocess
 import time
+import zlib
 import tracemalloc
 from pathlib import Path
 from typing import Any, Callable
@@ -17,52 +18,13 @@ from typing import Any, Callable
 import pytest
 import zstandard
 
-from fixtures_s3 import SeaweedServer
+from fixtures_qcow2 import compressed_entry, header, image
+from fixtures_s3 import SeaweedServer, counted_objects
 from snapfs.errors import InvalidData
 from snapfs.qcow2.allocation import Allocation
 from snapfs.qcow2.decoder import Qcow2Map, decompress_cluster, parse_header, read_file
-from snapfs.qcow2.format import (COMPRESSION_ZSTD, INCOMPAT_COMPRESSION, OFLAG_COMPRESSED,
-                                 Header)
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
-
-
-def header(cluster_bits: int, size: int, l1_size: int, *, zstd: bool = False,
-           **kw: Any) -> Header:
-    """A v3 header: L1 table in cluster 1, refcount table in cluster 2."""
-    cs = 1 << cluster_bits
-    fields: dict[str, Any] = dict(
-        version=3, backing_file_offset=0, backing_file_size=0, cluster_bits=cluster_bits,
-        size=size, crypt_method=0, l1_size=l1_size, l1_table_offset=cs,
-        refcount_table_offset=2 * cs, refcount_table_clusters=1, nb_snapshots=0,
-        snapshots_offset=0, header_length=112)
-    if zstd:
-        fields.update(incompatible_features=INCOMPAT_COMPRESSION,
-                      compression_type=COMPRESSION_ZSTD)
-    fields.update(kw)
-    return Header(**fields)
-
-
-def image(h: Header, l1: list[int], tables: dict[int, list[int]],
-          blobs: dict[int, bytes] | None = None) -> bytes:
-    """The bytes of an image: header, L1 entries, L2 tables at their host
-    offsets, other bytes (data, compressed clusters) where ``blobs`` says."""
-    cs = h.cluster_size
-    pieces = [(0, h.pack()), (h.l1_table_offset, struct.pack(f">{len(l1)}Q", *l1))]
-    pieces += [(off, struct.pack(f">{len(t)}Q", *t)) for off, t in tables.items()]
-    pieces += list((blobs or {}).items())
-    end = max(3 * cs, max(off + len(b) for off, b in pieces))
-    buf = bytearray(end)
-    for off, b in pieces:
-        buf[off:off + len(b)] = b
-    return bytes(buf)
-
-
-def compressed_entry(cluster_bits: int, host: int, length: int) -> int:
-    """An L2 entry for a compressed cluster of ``length`` bytes at ``host``."""
-    x = 62 - (cluster_bits - 8)
-    sectors = (host + length - 1) // 512 - host // 512
-    return OFLAG_COMPRESSED | sectors << x | host
 
 
 def zstd_image(tmp_path: Path, cluster: bytes, *, tail: bytes = b"") -> Path:
@@ -262,35 +224,22 @@ def _array(entries: list[int]) -> Any:
     return array("Q", entries)
 
 
-async def counted_objects(s3_server: SeaweedServer) -> tuple[Any, list[tuple[int, int]]]:
-    """The S3 storage, with every ranged GET its client sends recorded as
-    (offset, length): boto3's client is wrapped, snapfs runs unchanged."""
-    objects = s3_server.objects()
-    calls = await objects.calls_for()
-    client = calls.client
-    seen: list[tuple[int, int]] = []
-    real = client.get_object
-
-    def get_object(**kw: Any) -> Any:
-        lo, hi = kw["Range"].removeprefix("bytes=").split("-")
-        seen.append((int(lo), int(hi) - int(lo) + 1))
-        return real(**kw)
-    client.get_object = get_object
-    return objects, seen
-
-
 async def test_one_l2_table_behind_many_l1_entries_is_fetched_once(
         s3_server: SeaweedServer, bucket: str, tmp_path: Path) -> None:
     """512 L1 entries (256 GiB at 64 KiB clusters) name the same L2 table:
     opening fetches the header, the used part of the L1 table and that table
-    once; the entries past the virtual size (a garbage table) are not read."""
+    once; the entries past the virtual size (a garbage table) are not read.
+    (The table names a small compressed cluster: a data cluster named 512
+    times is refused, test_qcow2_claims.py.)"""
     cs = 65536
     h = header(16, 256 * GiB, 2000)
     table = [0] * 8192
-    table[3] = 4 * cs
-    data = bytes(range(256)) * 256
+    data = b"\x07" * cs  # 79 bytes of deflate: it claims 63 of them 512 times
+    packer = zlib.compressobj(9, zlib.DEFLATED, -12)
+    packed = packer.compress(data) + packer.flush()
+    table[3] = compressed_entry(16, 4 * cs, len(packed))
     body = image(h, [3 * cs] * 512 + [5 * cs] * 1488,
-                 {3 * cs: table, 5 * cs: [(1 << 62) | 7] * 8192}, {4 * cs: data})
+                 {3 * cs: table, 5 * cs: [(1 << 62) | 7] * 8192}, {4 * cs: packed})
     s3_server.client().put_object(Bucket=bucket, Key="shared", Body=body)
     objects, seen = await counted_objects(s3_server)
     try:

@@ -32,6 +32,7 @@ from ..qcow2.allocation import Allocation
 from ..qcow2.decoder import (COMPRESSED, DATA, HEADER_PROBE, ZERO, Extent, Qcow2Map,
                              decompress_cluster, parse_header)
 from ..qcow2.format import OFFSET_MASK
+from ..qcow2.hostclaims import HostClaims
 from ..readahead import ReadAhead
 from ..service import Buffer, ImageReader
 from ..taskgroups import first_error
@@ -196,7 +197,11 @@ class S3Qcow2Reader(ImageReader):
         stores anything. The last ones stay in the (32 MiB) L2 cache.
 
         A table several L1 entries name (QEMU never writes one; a crafted
-        image may name one table from all of them) is fetched and checked once."""
+        image may name one table from all of them) is fetched and checked once.
+        The host bytes the tables name are claimed in a ledger (hostclaims.py):
+        a cluster mapped twice, which would let a small object expand into
+        terabytes of import work, is refused here."""
+        claims = HostClaims(self.map)
         users: dict[int, list[int]] = {}  # table offset -> L1 indices, ascending
         for i, e in enumerate(self.map.l1):
             if e & OFFSET_MASK:
@@ -209,13 +214,15 @@ class S3Qcow2Reader(ImageReader):
             for off, indices in batch:
                 table = self.map.parse_l2(got[off])
                 await trio.to_thread.run_sync(self._check_and_mark, indices, table,
-                                              limiter=self.cpu_limiter)
+                                              claims, limiter=self.cpu_limiter)
                 self._remember_l2(off, table)
 
-    def _check_and_mark(self, l1_indices: list[int], table: array) -> None:
+    def _check_and_mark(self, l1_indices: list[int], table: array,
+                        claims: HostClaims) -> None:
         # The first index checks the most entries: only the last table of the
         # virtual size has entries past it, which are not checked.
         self.map.check_l2(l1_indices[0], table)
+        claims.claim_l2(l1_indices, table)
         self.allocation.mark_l2(self.map, l1_indices, table)
 
     async def fetch(self, offset: int, length: int) -> mmap.mmap:

@@ -351,6 +351,58 @@ async def test_failed_block_export_is_not_success(reader_cloud: ScalewayService,
     await svc.delete_snapshot("fr-par-1", sid)
 
 
+def _tasks_succeed(path: str, data: Any) -> Any:
+    """A rewrite for a lying API: every failed task says it succeeded."""
+    task = data.get("task") if isinstance(data, dict) else None
+    if isinstance(task, dict) and task.get("status") == "failure":
+        task.update(status="success", progress=100)
+    return data
+
+
+@pytest.mark.s3
+async def test_instance_export_success_is_checked_against_the_object(
+        served_reader: Served, s3_server: Any, bucket: str,
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An Instance export's task says success when its job ended, not that the
+    object landed: with the server's failed exports turned into successes by a
+    proxy, the export is failure saying what was found (nothing, or the object
+    an earlier export left); with the truth told, failure stays failure."""
+    s3 = s3_server.client()
+    s3.put_object(Bucket=bucket, Key="src.qcow2", Body=_small_qcow2(tmp_path))
+    s3.put_object(Bucket=bucket, Key="stale.qcow2", Body=_small_qcow2(tmp_path))
+    proxy = FaultProxy(served_reader.url)
+    objects = s3_server.objects()
+    try:
+        point_at(proxy.url, served_reader, monkeypatch, tmp_path)
+        async with open_scaleway_service(objects=objects) as svc:
+            snap = await svc.create_snapshot("fr-par-1", name="inst-src", bucket=bucket,
+                                             key="src.qcow2", volume_type="l_ssd")
+            assert snap.api == "instance"
+            with trio.fail_after(60):
+                while (snap := await svc.get_snapshot("fr-par-1", snap.id)).state \
+                        != "available":
+                    await trio.sleep(0.05)
+            await trio.sleep(3.2)  # stale.qcow2 is older than WRITTEN_SLACK (2 s)
+            proxy.rewrite = _tasks_succeed
+            for key, why in (("none.qcow2", "is missing after the export"),
+                             ("stale.qcow2", "before this export began")):
+                task = await svc.export_snapshot("fr-par-1", snap.id, bucket=bucket, key=key)
+                task = await _finished(svc, task.id)
+                assert task.status == "failure", (key, task)
+                assert task.error and why in task.error and key in task.error, task.error
+                assert task.progress != 100 and (task.bucket, task.key) == (bucket, key)
+                again = await svc.get_task("fr-par-1", task.id)
+                assert again == task  # decided once
+            proxy.rewrite = None
+            task = await svc.export_snapshot("fr-par-1", snap.id, bucket=bucket, key="n2")
+            task = await _finished(svc, task.id)
+            assert task.status == "failure" and "does not say why" in (task.error or "")
+            await svc.delete_snapshot("fr-par-1", snap.id)
+    finally:
+        proxy.close()
+        await objects.aclose()
+
+
 @pytest.mark.s3
 async def test_staged_export_of_the_wrong_size(served_s3: Served, s3_server: Any,
                                                bucket: str, monkeypatch: pytest.MonkeyPatch,

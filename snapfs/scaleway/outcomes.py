@@ -9,6 +9,10 @@ QCOW2 image of the snapshot can have, it was written since this export began
 (not left by an earlier one at the same key) and it is an image of the
 snapshot's size. Anything else is ``failure`` with what was found.
 
+An Instance export has a task, whose ``success`` says the job ended, not that
+the object is there: it is checked the same way before it is shown as
+``success`` (InstanceExports).
+
 A failed Block import is a snapshot in ``error`` with no reason (Block
 snapshots carry none): for an import made through this process, the reason is
 looked up in Object Storage (the object missing, not a QCOW2 image, of another
@@ -170,3 +174,42 @@ class BlockOutcomes:
             reason = await import_failure(self.objects, bucket, key, snap.zone, size)
             self.import_reasons[snap.id] = reason
         return dataclasses.replace(snap, error_reason=reason)
+
+
+class InstanceExports:
+    """Instance export tasks of this process: where each writes, and its final
+    status once checked against Object Storage (as a Block export's is). A
+    task older than the REMEMBERED last shows no bucket and key."""
+
+    def __init__(self, objects: ObjectStorage | None) -> None:
+        self.objects = objects
+        #: task id -> (bucket, key, snapshot size, started)
+        self.targets: LRUDict[str, tuple[str, str, int, dt.datetime]] = LRUDict(REMEMBERED)
+        self.verdicts: LRUDict[str, Task] = LRUDict(REMEMBERED)
+
+    def started(self, task_id: str, bucket: str, key: str, size: int,
+                started: dt.datetime) -> None:
+        self.targets[task_id] = (bucket, key, size, started)
+
+    async def checked(self, task: Task) -> Task:
+        """``task`` with where it writes and why it failed; a ``success`` whose
+        object has not landed (missing, not an image of the snapshot's size,
+        older than the export) is a ``failure`` saying what was found."""
+        done = self.verdicts.get(task.id)
+        if done is not None:
+            return done
+        target = self.targets.get(task.id)
+        bucket, key = (target[0], target[1]) if target is not None else ("", "")
+        status, progress, error = task.status, task.progress, None
+        if status == "failure":
+            error = "the export failed (the API does not say why)"
+        elif status == "success" and target is not None and self.objects is not None:
+            error = await export_landed(self.objects, bucket, key, task.zone, target[2],
+                                        target[3])
+            if error is not None:
+                status, progress = "failure", 0
+        out = dataclasses.replace(task, bucket=bucket, key=key, error=error,
+                                  status=status, progress=progress)
+        if status in ("success", "failure") and target is not None:
+            self.verdicts[task.id] = out
+        return out

@@ -48,7 +48,7 @@ from .block import BlockSide
 from .errors import GuardedAPI, is_retryable, retry_after, to_domain
 from .images import CloudImages
 from .merged import MergedLists
-from .outcomes import BlockOutcomes
+from .outcomes import BlockOutcomes, InstanceExports
 from .timeouts import attempt_timeout, install as install_timeouts
 
 log = logging.getLogger("snapfs.scaleway")
@@ -85,10 +85,6 @@ INSTANCE_SNAPSHOT_TYPES = ("l_ssd", "unified")
 #: Resources whose owning API is remembered (most recent first): one forgotten is
 #: asked of Block, then Instance, again -- a call more, never a wrong route.
 OWNER_MAX = 100_000
-#: Instance exports' targets remembered: a mount that runs for months exports
-#: without bound; a task this old shows no bucket and key.
-TASKS_MAX = 4096
-
 #: Exceptions an SDK call raises for API, transport or client-side validation
 #: failures; anything else is a bug and propagates as is.
 _SDK_ERRORS = (ScalewayException, requests.RequestException, ValueError)
@@ -119,8 +115,8 @@ class ScalewayService(SnapshotService):
         self.call_deadline = CALL_DEADLINE
         self.retry_after_cap = RETRY_AFTER_CAP
         self.calls = 0  # SDK calls made (retries included); tests and benchmarks read it
-        # export task id -> (bucket, key)
-        self._targets: LRUDict[str, tuple[str, str]] = LRUDict(TASKS_MAX)
+        #: Instance exports: where each task writes, its status checked (outcomes.py).
+        self._exports = InstanceExports(objects)
         self._images: CloudImages | None = None  # made on first use
         self.block = BlockSide(self, client)
         #: snapshot or volume id -> "block" | "instance": the API that owns it.
@@ -407,13 +403,15 @@ class ScalewayService(SnapshotService):
             task_id = new_id()
             self.outcomes.export_started(task_id, zone, snapshot_id, bucket, key, started)
             return await self.outcomes.task(task_id, zone, snap, bucket, key)
+        size = (await self.get_snapshot(zone, snapshot_id)).size if self.objects else 0
+        started = dt.datetime.now(dt.timezone.utc)
         res = await self.call("export snapshot", self.instance.export_snapshot,
                               zone=self._zone(zone), snapshot_id=snapshot_id, bucket=bucket,
                               key=key)
         task = convert.task(res.task, zone)
-        # The API's Task does not say where it writes; remember it for get_task.
-        self._targets[task.id] = (bucket, key)
-        return dataclasses.replace(task, bucket=bucket, key=key)
+        # The API's Task does not say where it writes; remembered for get_task.
+        self._exports.started(task.id, bucket, key, size, started)
+        return await self._exports.checked(task)
 
     async def latest_export(self, zone: str, snapshot_id: str) -> Task | None:
         """A Block snapshot's export: the one asked for in this process, else one
@@ -443,12 +441,8 @@ class ScalewayService(SnapshotService):
             self.instance._throw_on_error(res)
             return unmarshal_Task(res.json()["task"])
 
-        task = convert.task(await self.call("get task", get), zone)
-        bucket, key = self._targets.get(task.id, ("", ""))
-        error = None
-        if task.status == "failure":
-            error = "the export failed (the API does not say why)"
-        return dataclasses.replace(task, bucket=bucket, key=key, error=error)
+        return await self._exports.checked(convert.task(await self.call("get task", get),
+                                                        zone))
 
     # --- data ----------------------------------------------------------------------
 

@@ -187,12 +187,14 @@ def test_errors(served: Served) -> None:
         assert status == 400 and body["details"][0]["argument_name"] == field
     # Refusals changed nothing.
     assert api.list_snapshots(include_deleted=False, page_size=100).total_count == before
-    # 401 without a token, 403 with a wrong one.
+    # 401 without a token and with a key that does not exist (as the API answers).
     with pytest.raises(ScalewayException) as exc:
         _block(served, secret_key=str(uuid.uuid4())).list_snapshots(include_deleted=False)
-    assert _error(exc)[0] == 403 and _error(exc)[1]["type"] == "permissions_denied"
+    assert _error(exc)[0] == 401 and _error(exc)[1]["type"] == "denied_authentication"
+    assert _error(exc)[1]["reason"] == "not_found"
     res = requests.get(f"{served.url}/block/v1/zones/fr-par-1/snapshots", timeout=30)
     assert res.status_code == 401 and res.json()["type"] == "denied_authentication"
+    assert res.json()["reason"] == "invalid_argument"
 
 
 @pytest.mark.s3

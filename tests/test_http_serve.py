@@ -258,18 +258,22 @@ def test_export_and_import_without_object_storage_are_refused(served: Served) ->
 
 def test_auth(served: Served) -> None:
     path = "/instance/v1/zones/fr-par-1/snapshots"
+    # The API's answers to a token that is no key: 401 denied_authentication, the
+    # reason the SDKs explain ("empty value or invalid format" / "does not exist").
     r = _raw(served, "GET", path, headers={})
     assert r.status_code == 401 and r.json()["type"] == "denied_authentication"
+    assert r.json()["reason"] == "invalid_argument"
     r = _raw(served, "GET", path, headers={"X-Auth-Token": str(uuid.uuid4())})
-    assert r.status_code == 403 and r.json()["type"] == "permissions_denied"
+    assert r.status_code == 401 and r.json()["type"] == "denied_authentication"
+    assert (r.json()["method"], r.json()["reason"]) == ("api_key", "not_found")
     with pytest.raises(ScalewayException) as exc:
         served.instance(secret_key=str(uuid.uuid4())).list_snapshots()
-    assert _error(exc)[0] == 403
+    assert _error(exc)[0] == 401
     # A refused write changes nothing.
     before = _raw(served, "GET", path).json()["total_count"]
     r = _raw(served, "POST", path, headers={"X-Auth-Token": "wrong"},
              json={"name": "x", "volume_id": served.volumes["vol-a"]["id"]})
-    assert r.status_code == 403
+    assert r.status_code == 401 and r.json()["reason"] == "invalid_argument"
     assert _raw(served, "GET", path).json()["total_count"] == before
 
 

@@ -8,6 +8,7 @@ they would see from api.scaleway.com.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from ..errors import (InvalidArgument, NotFound, PermissionDenied, PreconditionFailed,
@@ -45,7 +46,17 @@ def error_body(exc: SnapfsError) -> tuple[int, dict[str, Any]]:
     return status, body
 
 
-def unauthenticated_body() -> dict[str, Any]:
-    """401: the API's answer to a request without X-Auth-Token."""
+def unauthenticated_body(token: str) -> dict[str, Any]:
+    """401: the API's answer to a request whose X-Auth-Token is no key it knows.
+    The reasons are the ones the official SDKs explain (DeniedAuthenticationError):
+    ``invalid_argument`` ("invalid api_key format or empty value": none, or not a
+    key's UUID form) and ``not_found`` ("api_key does not exist"). A key that
+    exists but may not do something is 403 ``permissions_denied``; serve has no
+    such keys (one secret, every right)."""
+    try:
+        uuid.UUID(token)
+        reason = "not_found"
+    except ValueError:
+        reason = "invalid_argument"
     return {"type": "denied_authentication", "message": "authentication is denied",
-            "method": "api_key", "reason": "not_found"}
+            "method": "api_key", "reason": reason}

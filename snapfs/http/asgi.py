@@ -189,13 +189,12 @@ class App:
         token = headers.get("x-auth-token")
         if not token:
             log.info("%s -> 401: no X-Auth-Token", shown)
-            return Response(401, unauthenticated_body())
+            return Response(401, unauthenticated_body(""))
         if self.secret is not None and not hmac.compare_digest(token.encode(),
                                                                self.secret.encode()):
-            log.info("%s -> 403: X-Auth-Token does not match SCW_SECRET_KEY", shown)
-            return Response(403, {"type": "permissions_denied",
-                                  "message": "insufficient permissions",
-                                  "details": [{"resource": "instance", "action": "access"}]})
+            # As the API answers a key that does not exist: 401, not 403.
+            log.info("%s -> 401: X-Auth-Token does not match SCW_SECRET_KEY", shown)
+            return Response(401, unauthenticated_body(token))
         found = self.router.match(method, path)
         if isinstance(found, NoRoute):
             log.info("%s -> %d: no such route", shown, found.status)

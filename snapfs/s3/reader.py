@@ -20,14 +20,13 @@ import bisect
 import logging
 import mmap
 from array import array
-from collections import OrderedDict
 from typing import Any
 
 import trio
 from urllib3.exceptions import ProtocolError
 
 from ..errors import InvalidData, NotFound, SnapfsError
-from ..memory import aligned_buffer
+from ..memory import READERS, aligned_buffer
 from ..qcow2.allocation import Allocation
 from ..qcow2.decoder import (COMPRESSED, DATA, HEADER_PROBE, ZERO, Extent, Qcow2Map,
                              decompress_cluster, parse_header)
@@ -38,17 +37,14 @@ from ..service import Buffer, ImageReader
 from ..taskgroups import first_error
 from .calls import S3Calls
 from .config import S3Settings
+from .shared import L2_TABLES, SPARES, reader_token
 
 log = logging.getLogger(__name__)
 
-L2_CACHE_BYTES = 32 << 20
 MERGE_GAP = 64 << 10  # fetch small gaps rather than issue another request
 SEQ_SLACK = 1 << 20  # a read this close to the last one continues the stream
 #: Read-ahead windows kept in flight ahead of a sequential reader.
 AHEAD_WINDOWS = 2
-#: Buffers of dropped windows kept for the next ones (each readahead bytes):
-#: enough for a stream's steady state, few enough for the RSS budget.
-SPARE_WINDOWS = 2
 _ZEROS = memoryview(bytes(1 << 20))  # holes written into reused window buffers
 
 
@@ -172,18 +168,17 @@ class S3Qcow2Reader(ImageReader):
         self.header = qmap.header
         self.size = qmap.size
         self.cpu_limiter = cpu_limiter
-        self._l2: OrderedDict[int, array] = OrderedDict()
-        self._l2_max = max(4, L2_CACHE_BYTES // self.header.cluster_size)
+        #: Its L2 tables are filed under this in the process's one LRU (shared.py).
+        self._token = reader_token(bucket, key, etag)
         #: Guest grains holding data, marked as validate_tables reads the L2 tables.
         self.allocation = Allocation(self.size)
-        self._spare: list[mmap.mmap] = []  # buffers of dropped windows, for reuse
         # The stream holds the window it reads, the one it just left (kept while
         # shuffled parallel reads may still want it) and AHEAD_WINDOWS ahead.
         window = settings.readahead
         self.ra = ReadAhead(self._fetch_view, self.size, nursery, window=window,
                             ahead=AHEAD_WINDOWS, cached=AHEAD_WINDOWS + 2, slack=window,
                             behind=window + SEQ_SLACK, exact_random=True, on_drop=self._drop,
-                            name=f"s3://{bucket}/{key}")
+                            name=f"s3://{bucket}/{key}", budget=READERS)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -194,7 +189,7 @@ class S3Qcow2Reader(ImageReader):
         """Fetch and check every allocated L2 table once (8 bytes per guest
         cluster: 1/8192 of the virtual size with 64 KiB clusters; in parallel
         batches), so truncated or corrupt mappings are refused before the import
-        stores anything. The last ones stay in the (32 MiB) L2 cache.
+        stores anything. The last ones stay in the process's (32 MiB) L2 cache.
 
         A table several L1 entries name (QEMU never writes one; a crafted
         image may name one table from all of them) is fetched and checked once.
@@ -262,21 +257,17 @@ class S3Qcow2Reader(ImageReader):
         return memoryview(await self._fetch(offset, length)).toreadonly()
 
     def _drop(self, window: Buffer) -> None:
-        """A window leaves the cache: its buffer is kept for the next window (a
-        fresh multi-MiB buffer per window costs page faults -- measured as the
-        largest item left after direct GETs). Only full-size windows (a
-        sequential stream's), a few: bounded memory."""
+        """A window leaves the cache: its buffer is kept for the next window of
+        any reader (a fresh multi-MiB buffer per window costs page faults --
+        measured as the largest item left after direct GETs). Only full-size
+        windows (a sequential stream's), a few for the process: bounded memory."""
         buf = window.obj if isinstance(window, memoryview) else None
-        if (isinstance(buf, mmap.mmap) and len(buf) == self.settings.readahead
-                and len(self._spare) < SPARE_WINDOWS):
-            self._spare.append(buf)
+        if isinstance(buf, mmap.mmap) and len(buf) == self.settings.readahead:
+            SPARES.give(buf)
 
     def _buffer(self, length: int) -> mmap.mmap:
         """A spare window buffer, else a new page-aligned one (see aligned_buffer)."""
-        for i, buf in enumerate(self._spare):
-            if len(buf) == length:
-                return self._spare.pop(i)
-        return aligned_buffer(length)
+        return SPARES.take(length) or aligned_buffer(length)
 
     async def _fetch(self, offset: int, length: int) -> mmap.mmap:
         """Guest bytes offset..+length, from one round of parallel GETs. Data
@@ -288,11 +279,10 @@ class S3Qcow2Reader(ImageReader):
         tables: dict[int, array] = {}
         missing = []
         for o in dict.fromkeys(self.map.l2_offsets(offset, length)):
-            cached = self._l2.get(o)
+            cached = L2_TABLES.get(self._token, o)
             if cached is None:
                 missing.append(o)
             else:
-                self._l2.move_to_end(o)
                 tables[o] = cached
         if missing:
             got_tables = await self._parallel([(o, self.header.cluster_size)
@@ -374,9 +364,7 @@ class S3Qcow2Reader(ImageReader):
                 view[pos:pos + e.length] = memoryview(cluster)[e.skip:e.skip + e.length]
 
     def _remember_l2(self, off: int, table: array) -> None:
-        self._l2[off] = table
-        while len(self._l2) > self._l2_max:
-            self._l2.popitem(last=False)
+        L2_TABLES.put(self._token, off, table)
 
     def _plan(self, extents: list[Extent]) -> list[tuple[int, int, list[Extent]]]:
         """The host ranges to GET for ``extents`` (DATA and COMPRESSED), each with
@@ -417,8 +405,6 @@ class S3Qcow2Reader(ImageReader):
         return got
 
     async def aclose(self) -> None:
-        try:
-            await self.ra.aclose()
-        finally:
-            self._spare.clear()
-            self._l2.clear()
+        # Its L2 tables stay in the shared LRU for the next reader of the object
+        # (or age out of it).
+        await self.ra.aclose()

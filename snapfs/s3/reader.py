@@ -37,7 +37,7 @@ from ..service import Buffer, ImageReader
 from ..taskgroups import first_error
 from .calls import S3Calls
 from .config import S3Settings
-from .shared import L2_TABLES, SPARES, reader_token
+from .shared import L2_TABLES, SPARES, VALIDATED, reader_token
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,11 @@ async def open_reader(calls: S3Calls, settings: S3Settings, bucket: str, key: st
     if size == 0:
         raise InvalidData(f"object {bucket}/{key} is empty, not a QCOW2 image")
     etag = head.get("ETag")  # every later GET asks for this very version
+    known = VALIDATED.get(bucket, key, etag, size)
+    if known is not None:  # this version's tables were validated by an earlier open
+        qmap, allocation = known
+        return S3Qcow2Reader(calls, settings, bucket, key, qmap, cpu_limiter, etag,
+                             nursery, allocation)
     probe = await _get_range(calls, bucket, key, 0, min(HEADER_PROBE, size), etag)
     header = parse_header(probe, size)
     l1_len = header.l1_used * 8  # entries past the virtual size: neither fetched nor used
@@ -149,6 +154,7 @@ async def open_reader(calls: S3Calls, settings: S3Settings, bucket: str, key: st
     qmap = Qcow2Map(header, l1, size)
     reader = S3Qcow2Reader(calls, settings, bucket, key, qmap, cpu_limiter, etag, nursery)
     await reader.validate_tables()
+    VALIDATED.put(bucket, key, etag, size, qmap, reader.allocation)
     log.info("import from %s/%s: QCOW2 v%d, %d bytes virtual, %d-byte clusters%s",
              bucket, key, header.version, header.size, header.cluster_size,
              ", zstd" if header.compression_type else "")
@@ -158,7 +164,10 @@ async def open_reader(calls: S3Calls, settings: S3Settings, bucket: str, key: st
 class S3Qcow2Reader(ImageReader):
     def __init__(self, calls: S3Calls, settings: S3Settings, bucket: str, key: str,
                  qmap: Qcow2Map, cpu_limiter: trio.CapacityLimiter,
-                 etag: str | None = None, nursery: trio.Nursery | None = None) -> None:
+                 etag: str | None = None, nursery: trio.Nursery | None = None,
+                 allocation: Allocation | None = None) -> None:
+        """``allocation``: the one an earlier open's validate_tables marked for
+        this very version (then validate_tables is not called again)."""
         self.calls = calls
         self.etag = etag
         self.settings = settings
@@ -171,7 +180,7 @@ class S3Qcow2Reader(ImageReader):
         #: Its L2 tables are filed under this in the process's one LRU (shared.py).
         self._token = reader_token(bucket, key, etag)
         #: Guest grains holding data, marked as validate_tables reads the L2 tables.
-        self.allocation = Allocation(self.size)
+        self.allocation = allocation if allocation is not None else Allocation(self.size)
         # The stream holds the window it reads, the one it just left (kept while
         # shuffled parallel reads may still want it) and AHEAD_WINDOWS ahead.
         window = settings.readahead

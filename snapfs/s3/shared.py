@@ -4,6 +4,11 @@ memory does not grow with the number of open cloud ``image.raw`` descriptors
 in bytes) and the spare read-ahead window buffers (a few, process-wide). The
 windows themselves are charged to the readers' one budget (snapfs.memory).
 
+And what opening one costs: an object version (its ETag) validated once --
+every L2 table fetched and checked, 128 MiB of GETs and ~20 s of checks for a
+1 TB image -- is not validated again by the next open of that version (its
+mapping and allocation are kept, bounded in bytes: VALIDATED).
+
 Everything here runs on the trio thread: no locks.
 """
 
@@ -13,7 +18,11 @@ import itertools
 import mmap
 from array import array
 from collections import OrderedDict
-from typing import Hashable
+from typing import TYPE_CHECKING, Hashable
+
+if TYPE_CHECKING:
+    from ..qcow2.allocation import Allocation
+    from ..qcow2.decoder import Qcow2Map
 
 #: Parsed L2 tables kept for all readers together (64 KiB each at 64 KiB clusters).
 L2_CACHE_BYTES = 32 << 20
@@ -74,5 +83,48 @@ class WindowSpares:
             self._buffers.append(buf)
 
 
+#: Validated object versions kept (their L1 tables and allocation bitmaps).
+VALIDATED_BYTES = 32 << 20
+VALIDATED_MAX = 64
+
+
+class Validated:
+    """Object versions (bucket, key, ETag, size) whose tables an open validated:
+    their mapping and allocation, read-only from then on, for the next open."""
+
+    def __init__(self, capacity: int = VALIDATED_BYTES, most: int = VALIDATED_MAX) -> None:
+        self.capacity, self.most = capacity, most
+        self.used = 0
+        self._images: OrderedDict[tuple[str, str, str, int],
+                                  tuple["Qcow2Map", "Allocation", int]] = OrderedDict()
+
+    def get(self, bucket: str, key: str, etag: str | None,
+            size: int) -> tuple["Qcow2Map", "Allocation"] | None:
+        if not etag:
+            return None
+        found = self._images.get((bucket, key, etag, size))
+        if found is None:
+            return None
+        self._images.move_to_end((bucket, key, etag, size))
+        return found[0], found[1]
+
+    def put(self, bucket: str, key: str, etag: str | None, size: int, qmap: "Qcow2Map",
+            allocation: "Allocation") -> None:
+        if not etag:  # without an ETag a GET cannot be pinned: nothing to know it by
+            return
+        cost = len(qmap.l1) * 8 + len(allocation.bits)
+        if cost > self.capacity:
+            return
+        old = self._images.pop((bucket, key, etag, size), None)
+        if old is not None:
+            self.used -= old[2]
+        self._images[(bucket, key, etag, size)] = (qmap, allocation, cost)
+        self.used += cost
+        while self.used > self.capacity or len(self._images) > self.most:
+            _, (_, _, gone) = self._images.popitem(last=False)
+            self.used -= gone
+
+
 L2_TABLES = L2Tables()
+VALIDATED = Validated()
 SPARES = WindowSpares()

@@ -5,8 +5,8 @@ in bytes) and the spare read-ahead window buffers (a few, process-wide). The
 windows themselves are charged to the readers' one budget (snapfs.memory).
 
 And what opening one costs: an object version (its ETag) validated once --
-every L2 table fetched and checked, 128 MiB of GETs and ~20 s of checks for a
-1 TB image -- is not validated again by the next open of that version (its
+every L2 table fetched and checked: for a fully allocated 1 TB image, 128 MiB
+of GETs and ~20 s of checks -- is not validated again by the next open of that version (its
 mapping and allocation are kept, bounded in bytes: VALIDATED).
 
 Everything here runs on the trio thread: no locks.

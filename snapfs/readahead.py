@@ -151,6 +151,9 @@ class ReadAhead:
             self._windows.move_to_end(first)
             got = [hit]
         else:
+            if self._would_thrash(first, last):
+                self.stats["exact"] += 1
+                return await self.fetch(offset, end - offset)
             got = await self._get(first, last)
         # No await from here on: the views must reach the caller intact.
         if forward:
@@ -225,6 +228,24 @@ class ReadAhead:
                     self._pins[start] = n
                 elif start in self._held:
                     self._dropped(self._held.pop(start))
+
+    def _would_thrash(self, first: int, last: int) -> bool:
+        """Whether the windows first..last of a per-byte source (exact_random)
+        would be fetched whole only to be evicted again: the budget has no room
+        for them but by evicting windows readers in use hold. Many streams at
+        once then each GET their bytes, not a window per read (forty streams of
+        1 MiB reads over 16 MiB windows fetched 16x the bytes they read)."""
+        budget = self._budget
+        if not self.exact_random or budget is None:
+            return False
+        need = sum(self._length(s) for s in range(first, last + 1, self.window)
+                   if not self._has(s) and s not in self._inflight)
+        if not need:
+            return False
+        if budget.reserve(need, self, False):  # free room, or idle readers' windows
+            budget.release(need)  # (a probe: the fetch charges it when it lands)
+            return False
+        return True
 
     def _has(self, start: int) -> bool:
         return start in self._windows or start in self._held

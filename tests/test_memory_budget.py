@@ -148,3 +148,32 @@ def test_the_spare_pool_is_bounded_and_reuses_the_last_buffer_first() -> None:
     assert budget.take_spare(4096) is bufs[2]
     assert budget.spare_used == 2 * 4096
     assert budget.limit == 61 * 4096  # the spares' share is kept apart
+
+
+async def test_per_byte_sources_read_exactly_when_windows_would_thrash(
+        nursery: trio.Nursery) -> None:
+    """Twenty streams at once, each reading its windows a tenth at a time, over a
+    budget of four windows: with a per-byte source (S3: exact_random) a stream
+    whose window would only evict another's reads its bytes instead, so no more
+    is fetched than is read (before: each read fetched its whole window again,
+    ten times the bytes); every byte right, the budget kept."""
+    budget = budget_of(4)
+    src = Source()
+    fetched: list[int] = []
+    real = src.fetch
+
+    async def counted(offset: int, length: int) -> Buffer:
+        fetched.append(length)
+        return await real(offset, length)
+    readers = [ReadAhead(counted, SIZE, nursery, window=W, ahead=2, cached=4,  # type: ignore[arg-type]
+                         exact_random=True, budget=budget) for _ in range(20)]
+    step = W // 10
+    for off in range(0, 4 * W, step):
+        for ra in readers:
+            assert bytes(await ra.read_transient(off, step)) == DATA[off:off + step]
+            assert budget.used <= budget.limit
+    read = 20 * 4 * W
+    assert sum(fetched) <= 2 * read, (sum(fetched), read)
+    for ra in readers:
+        await ra.aclose()
+    assert budget.used == 0

@@ -117,6 +117,11 @@ async def _get_range(calls: S3Calls, bucket: str, key: str, offset: int,
     return buf
 
 
+def _endpoint(calls: S3Calls) -> str:
+    """The server a client talks to: one version of an object is known by it too."""
+    return str(getattr(getattr(calls.client, "meta", None), "endpoint_url", "") or "")
+
+
 async def open_reader(calls: S3Calls, settings: S3Settings, bucket: str, key: str,
                       cpu_limiter: trio.CapacityLimiter, nursery: trio.Nursery | None = None
                       ) -> "S3Qcow2Reader":
@@ -141,7 +146,8 @@ async def open_reader(calls: S3Calls, settings: S3Settings, bucket: str, key: st
     if size == 0:
         raise InvalidData(f"object {bucket}/{key} is empty, not a QCOW2 image")
     etag = head.get("ETag")  # every later GET asks for this very version
-    known = VALIDATED.get(bucket, key, etag, size)
+    endpoint = _endpoint(calls)
+    known = VALIDATED.get(endpoint, bucket, key, etag, size)
     if known is not None:  # this version's tables were validated by an earlier open
         qmap, allocation = known
         return S3Qcow2Reader(calls, settings, bucket, key, qmap, cpu_limiter, etag,
@@ -154,7 +160,7 @@ async def open_reader(calls: S3Calls, settings: S3Settings, bucket: str, key: st
     qmap = Qcow2Map(header, l1, size)
     reader = S3Qcow2Reader(calls, settings, bucket, key, qmap, cpu_limiter, etag, nursery)
     await reader.validate_tables()
-    VALIDATED.put(bucket, key, etag, size, qmap, reader.allocation)
+    VALIDATED.put(endpoint, bucket, key, etag, size, qmap, reader.allocation)
     log.info("import from %s/%s: QCOW2 v%d, %d bytes virtual, %d-byte clusters%s",
              bucket, key, header.version, header.size, header.cluster_size,
              ", zstd" if header.compression_type else "")
@@ -178,7 +184,7 @@ class S3Qcow2Reader(ImageReader):
         self.size = qmap.size
         self.cpu_limiter = cpu_limiter
         #: Its L2 tables are filed under this in the process's one LRU (shared.py).
-        self._token = reader_token(bucket, key, etag)
+        self._token = reader_token(_endpoint(calls), bucket, key, etag)
         #: Guest grains holding data, marked as validate_tables reads the L2 tables.
         self.allocation = allocation if allocation is not None else Allocation(self.size)
         # The stream holds the window it reads, the one it just left (kept while

@@ -34,10 +34,11 @@ SPARE_WINDOWS = 2
 _tokens = itertools.count()
 
 
-def reader_token(bucket: str, key: str, etag: str | None) -> Hashable:
+def reader_token(endpoint: str, bucket: str, key: str, etag: str | None) -> Hashable:
     """What a reader's L2 tables are filed under: readers of one version of an
-    object (same ETag) share them; without an ETag, a reader has its own."""
-    return (bucket, key, etag) if etag else ("reader", next(_tokens))
+    object (same server, same ETag) share them; without an ETag, a reader has
+    its own."""
+    return (endpoint, bucket, key, etag) if etag else ("reader", next(_tokens))
 
 
 class L2Tables:
@@ -89,36 +90,38 @@ VALIDATED_MAX = 64
 
 
 class Validated:
-    """Object versions (bucket, key, ETag, size) whose tables an open validated:
-    their mapping and allocation, read-only from then on, for the next open."""
+    """Object versions (server, bucket, key, ETag, size) whose tables an open
+    validated: their mapping and allocation, read-only from then on, for the
+    next open."""
 
     def __init__(self, capacity: int = VALIDATED_BYTES, most: int = VALIDATED_MAX) -> None:
         self.capacity, self.most = capacity, most
         self.used = 0
-        self._images: OrderedDict[tuple[str, str, str, int],
+        self._images: OrderedDict[tuple[str, str, str, str, int],
                                   tuple["Qcow2Map", "Allocation", int]] = OrderedDict()
 
-    def get(self, bucket: str, key: str, etag: str | None,
+    def get(self, endpoint: str, bucket: str, key: str, etag: str | None,
             size: int) -> tuple["Qcow2Map", "Allocation"] | None:
         if not etag:
             return None
-        found = self._images.get((bucket, key, etag, size))
+        found = self._images.get((endpoint, bucket, key, etag, size))
         if found is None:
             return None
-        self._images.move_to_end((bucket, key, etag, size))
+        self._images.move_to_end((endpoint, bucket, key, etag, size))
         return found[0], found[1]
 
-    def put(self, bucket: str, key: str, etag: str | None, size: int, qmap: "Qcow2Map",
-            allocation: "Allocation") -> None:
+    def put(self, endpoint: str, bucket: str, key: str, etag: str | None, size: int,
+            qmap: "Qcow2Map", allocation: "Allocation") -> None:
         if not etag:  # without an ETag a GET cannot be pinned: nothing to know it by
             return
         cost = len(qmap.l1) * 8 + len(allocation.bits)
         if cost > self.capacity:
             return
-        old = self._images.pop((bucket, key, etag, size), None)
+        where = (endpoint, bucket, key, etag, size)
+        old = self._images.pop(where, None)
         if old is not None:
             self.used -= old[2]
-        self._images[(bucket, key, etag, size)] = (qmap, allocation, cost)
+        self._images[where] = (qmap, allocation, cost)
         self.used += cost
         while self.used > self.capacity or len(self._images) > self.most:
             _, (_, _, gone) = self._images.popitem(last=False)

@@ -233,8 +233,9 @@ class ReadAhead:
         """Whether the windows first..last of a per-byte source (exact_random)
         would be fetched whole only to be evicted again: the budget has no room
         for them but by evicting windows readers in use hold. Many streams at
-        once then each GET their bytes, not a window per read (forty streams of
-        1 MiB reads over 16 MiB windows fetched 16x the bytes they read)."""
+        once then each GET their bytes, not a window per read (twenty streams
+        reading a tenth of a window at a time fetched 10x the bytes they read:
+        tests/test_memory_budget.py)."""
         budget = self._budget
         if not self.exact_random or budget is None:
             return False

@@ -287,13 +287,18 @@ class Qcow2Map:
                 l2i = last
         return out
 
+    def compressed_span(self, entry: int) -> tuple[int, int]:
+        """A compressed L2 entry's host offset and its descriptor's length: to
+        the end of its last 512-byte sector (the data ends somewhere in it)."""
+        host = entry & self._comp_offset_mask
+        sectors = (entry >> self._comp_shift) & self._comp_sectors_mask
+        return host, (sectors + 1) * 512 - host % 512
+
     def _entry_extent(self, entry: int, pos: int, within: int, n: int) -> Extent:
         h = self.header
         cs = h.cluster_size
         if entry & OFLAG_COMPRESSED:
-            host = entry & self._comp_offset_mask
-            sectors = (entry >> self._comp_shift) & self._comp_sectors_mask
-            clen = (sectors + 1) * 512 - (host % 512)
+            host, clen = self.compressed_span(entry)
             if host >= self.file_size:
                 raise InvalidData(f"truncated QCOW2 image: compressed cluster for guest "
                                   f"offset {pos - within} at byte {host} lies beyond "

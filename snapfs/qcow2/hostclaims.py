@@ -81,15 +81,13 @@ class HostClaims:
     def _claim(self, table: array, used: int, times: int) -> None:
         qmap, granule, claimed = self.map, self.granule, self.claimed
         cs, end_of_object = qmap.header.cluster_size, qmap.file_size
-        shift, offset_mask = qmap._comp_shift, qmap._comp_offset_mask
-        sectors_mask, least = qmap._comp_sectors_mask, self.min_compressed
+        least = self.min_compressed
         for k in range(used):
             entry = table[k]
             if not entry:
                 continue
             if entry & OFLAG_COMPRESSED:
-                host = entry & offset_mask
-                length = ((entry >> shift) & sectors_mask) * 512 + 512 - host % 512
+                host, length = qmap.compressed_span(entry)
                 amount = max(length - 511, least)
             elif entry & OFLAG_ZERO or not entry & OFFSET_MASK:
                 continue

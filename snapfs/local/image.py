@@ -8,8 +8,9 @@ LOC_WINDOW chunks, not per read). A chunk whose bytes are all in the page cache
 is read and checked right on the trio thread (RWF_NOWAIT: it never waits for
 the disk), which costs less than a round trip through a worker thread. Any
 other chunk is read and checked in a worker thread, as is every compressed
-chunk (checked, then decompressed: compression.py); while a sequential reader is
-being served from the disk, the next chunks are fetched in the background, and a
+chunk (checked, then decompressed into a pooled chunk buffer: compression.py);
+while a sequential reader is being served from the disk or decompressed, the
+next chunks are fetched in the background, and a
 request for a chunk already being fetched waits for that fetch instead of
 reading it again. On two cores the per-request cost on the trio thread bounds
 throughput, so these are the costs cut.
@@ -38,7 +39,7 @@ from ..service import Buffer, ImageReader
 from .allocation import data_bytes, seek_data, seek_hole
 from .chunkindex import ChunkIndex, Location
 from .chunks import CHUNK_SIZE, ZERO_CHUNK, PackFiles, chunk_buffer
-from .compression import decompress
+from .compression import decompress_into
 
 ZERO_VIEW = memoryview(ZERO_CHUNK)
 
@@ -184,23 +185,19 @@ class LocalImageReader(ImageReader):
         loc = self._location(start // CHUNK_SIZE)
         if loc is None:
             return self._zeros(n)
-        if loc.raw_length is not None:
-            with self._noting(loc):
-                raw = await trio.to_thread.run_sync(self._read_compressed, loc,
-                                                    limiter=self.limiter)
-            self.stats["zstd"] += 1
-            return memoryview(raw).toreadonly()
+        compressed = loc.raw_length is not None
         buf = self.budget.take_spare(CHUNK_SIZE)
         try:
             with self._noting(loc):
-                got = await trio.to_thread.run_sync(self._read_chunk, loc, buf,
-                                                    limiter=self.limiter)
+                got = await trio.to_thread.run_sync(
+                    self._read_compressed if compressed else self._read_chunk, loc, buf,
+                    limiter=self.limiter)
         except BaseException:
             if buf is not None:
                 self.budget.give_spare(buf)
             raise
-        self.stats["worker"] += 1
-        return memoryview(got)[:loc.length].toreadonly()
+        self.stats["zstd" if compressed else "worker"] += 1
+        return memoryview(got)[:loc.raw_length if compressed else loc.length].toreadonly()
 
     def _read_chunk(self, loc: Location, buf: mmap.mmap | None) -> mmap.mmap:
         """In a worker: the chunk into ``buf`` (a new one if None), checked."""
@@ -212,14 +209,17 @@ class LocalImageReader(ImageReader):
             self.packs.read_into(loc.pack, loc.offset, loc.length, loc.hash, loc.xxh, view)
         return buf
 
-    def _read_compressed(self, loc: Location) -> bytes:
+    def _read_compressed(self, loc: Location, buf: mmap.mmap | None) -> mmap.mmap:
         """In a worker: a zstd chunk's stored bytes, checked (xxh3 of the stored
         bytes: corruption is CorruptData, never fed to the decompressor), then
-        decompressed and its length checked."""
+        decompressed into ``buf`` (a new one if None) and its length checked."""
         assert loc.raw_length is not None
+        if buf is None:
+            buf = chunk_buffer()
         stored = self.packs.read(loc.pack, loc.offset, loc.length, loc.hash, loc.xxh)
-        return decompress(stored, loc.raw_length,
-                          f"chunk {loc.hash.hex()[:16]} in pack {loc.pack} at {loc.offset}")
+        decompress_into(stored, memoryview(buf)[:loc.raw_length],
+                        f"chunk {loc.hash.hex()[:16]} in pack {loc.pack} at {loc.offset}")
+        return buf
 
     def _release(self, data: Buffer) -> None:
         """A chunk left the cache: a pooled buffer goes back to the pool (last in,

@@ -105,6 +105,11 @@ class BufferBudget:
     def join(self, cache: Cache) -> None:
         self._caches[cache] = time.monotonic()
 
+    @property
+    def members(self) -> int:
+        """Caches joined and not yet left (each open reader's one)."""
+        return len(self._caches)
+
     def leave(self, cache: Cache) -> None:
         self._caches.pop(cache, None)
         if self.last is cache:

@@ -19,6 +19,7 @@ import pytest
 from fixtures_qcow2 import compressed_entry, header, image
 from fixtures_s3 import SeaweedServer, counted_objects
 from snapfs.errors import InvalidData
+from snapfs.memory import READERS
 from snapfs.qcow2.decoder import Qcow2Map, parse_header
 from snapfs.qcow2.format import OFFSET_MASK, OFLAG_ZERO
 from snapfs.qcow2.hostclaims import MAX_GRANULES, HostClaims, min_compressed
@@ -186,3 +187,37 @@ async def test_an_import_refuses_it_after_fetching_its_tables_once(
     finally:
         await objects.aclose()
 
+
+
+async def test_a_refused_version_is_refused_again_without_its_tables_fetched(
+        s3_server: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """The next open of a version already refused answers its reason after the
+    HEAD (a crafted image is not fetched and checked again per `cat`); a new
+    version under that key is judged afresh. The refused reader does not stay
+    in the readers' budget (each refusal kept one, its map included)."""
+    client = s3_server.client()
+    client.put_object(Bucket=bucket, Key="bomb", Body=_terabyte_from_one_cluster())
+    objects, seen = await counted_objects(s3_server)
+    members = READERS.members
+    try:
+        with pytest.raises(InvalidData, match=REFUSED) as first:
+            await objects.open_qcow2(bucket, "bomb")
+        assert seen
+        assert READERS.members == members  # the refused reader left the budget
+        seen.clear()
+        with pytest.raises(InvalidData, match=REFUSED) as again:
+            await objects.open_qcow2(bucket, "bomb")
+        assert str(again.value) == str(first.value)
+        assert seen == []
+        raw = tmp_path / "v.raw"
+        raw.write_bytes(os.urandom(2 * CS))
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw),
+                        str(tmp_path / "v.qcow2")], check=True)
+        client.put_object(Bucket=bucket, Key="bomb", Body=(tmp_path / "v.qcow2").read_bytes())
+        reader = await objects.open_qcow2(bucket, "bomb")
+        try:
+            assert bytes(await reader.fetch(0, 2 * CS)) == raw.read_bytes()
+        finally:
+            await reader.aclose()
+    finally:
+        await objects.aclose()

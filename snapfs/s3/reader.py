@@ -37,7 +37,7 @@ from ..service import Buffer, ImageReader
 from ..taskgroups import first_error
 from .calls import S3Calls
 from .config import S3Settings
-from .shared import L2_TABLES, SPARES, VALIDATED, reader_token
+from .shared import L2_TABLES, REFUSED, SPARES, VALIDATED, reader_token
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +152,28 @@ async def open_reader(calls: S3Calls, settings: S3Settings, bucket: str, key: st
         qmap, allocation = known
         return S3Qcow2Reader(calls, settings, bucket, key, qmap, cpu_limiter, etag,
                              nursery, allocation)
-    probe = await _get_range(calls, bucket, key, 0, min(HEADER_PROBE, size), etag)
-    header = parse_header(probe, size)
-    l1_len = header.l1_used * 8  # entries past the virtual size: neither fetched nor used
-    l1 = await _get_range(calls, bucket, key, header.l1_table_offset, l1_len, etag) \
-        if l1_len else b""
-    qmap = Qcow2Map(header, l1, size)
+    refused = REFUSED.get(endpoint, bucket, key, etag, size)
+    if refused is not None:  # ... or refused by one: the same bytes, the same answer
+        raise InvalidData(refused)
+    try:
+        probe = await _get_range(calls, bucket, key, 0, min(HEADER_PROBE, size), etag)
+        header = parse_header(probe, size)
+        l1_len = header.l1_used * 8  # entries past the virtual size: neither fetched nor used
+        l1 = await _get_range(calls, bucket, key, header.l1_table_offset, l1_len, etag) \
+            if l1_len else b""
+        qmap = Qcow2Map(header, l1, size)
+    except InvalidData as exc:
+        REFUSED.put(endpoint, bucket, key, etag, size, str(exc))
+        raise
     reader = S3Qcow2Reader(calls, settings, bucket, key, qmap, cpu_limiter, etag, nursery)
-    await reader.validate_tables()
+    try:
+        await reader.validate_tables()
+    except BaseException as exc:
+        if isinstance(exc, InvalidData):
+            REFUSED.put(endpoint, bucket, key, etag, size, str(exc))
+        with trio.CancelScope(shield=True):
+            await reader.aclose()  # it joined the readers' budget: a refused open leaves it
+        raise
     VALIDATED.put(endpoint, bucket, key, etag, size, qmap, reader.allocation)
     log.info("import from %s/%s: QCOW2 v%d, %d bytes virtual, %d-byte clusters%s",
              bucket, key, header.version, header.size, header.cluster_size,

@@ -7,7 +7,8 @@ windows themselves are charged to the readers' one budget (snapfs.memory).
 And what opening one costs: an object version (its ETag) validated once --
 every L2 table fetched and checked: for a fully allocated 1 TB image, 128 MiB
 of GETs and ~20 s of checks -- is not validated again by the next open of that version (its
-mapping and allocation are kept, bounded in bytes: VALIDATED).
+mapping and allocation are kept, bounded in bytes: VALIDATED); nor is one
+refused as not valid QCOW2 (its reason is kept: REFUSED).
 
 Everything here runs on the trio thread: no locks.
 """
@@ -128,6 +129,37 @@ class Validated:
             self.used -= gone
 
 
+#: Object versions refused as not valid QCOW2 kept, with the reason.
+REFUSED_MAX = 256
+
+
+class Refused:
+    """Object versions whose validation refused them (InvalidData): a version's
+    bytes never change, so the next open of it is refused with the same reason
+    after its HEAD, not after fetching and checking its tables again (a crafted
+    image may cost seconds of GETs and checks per open)."""
+
+    def __init__(self, most: int = REFUSED_MAX) -> None:
+        self.most = most
+        self._reasons: OrderedDict[tuple[str, str, str, str, int], str] = OrderedDict()
+
+    def get(self, endpoint: str, bucket: str, key: str, etag: str | None,
+            size: int) -> str | None:
+        if not etag:
+            return None
+        return self._reasons.get((endpoint, bucket, key, etag, size))
+
+    def put(self, endpoint: str, bucket: str, key: str, etag: str | None, size: int,
+            reason: str) -> None:
+        if not etag:
+            return
+        self._reasons[(endpoint, bucket, key, etag, size)] = reason
+        self._reasons.move_to_end((endpoint, bucket, key, etag, size))
+        while len(self._reasons) > self.most:
+            self._reasons.popitem(last=False)
+
+
 L2_TABLES = L2Tables()
+REFUSED = Refused()
 VALIDATED = Validated()
 SPARES = WindowSpares()

@@ -335,8 +335,8 @@ async def test_compressed_chunks_are_read_into_the_pooled_chunk_buffers(
         store_dir: Path, tmp_path: Path) -> None:
     """A stream through 24 compressed chunks reuses the readers' spare chunk
     buffers as raw chunks do: a new 1 MiB object (mapped and faulted in afresh)
-    for each decompressed chunk cost a streaming daemon more kernel time than
-    the decompression itself."""
+    for each decompressed chunk cost a streaming daemon half again its kernel
+    time."""
     n = 24
     vol = write_volume(tmp_path / "v.raw", n * MiB,
                        [(i * MiB, text_bytes(MiB, 100 + i)) for i in range(n)])
@@ -356,3 +356,14 @@ async def test_compressed_chunks_are_read_into_the_pooled_chunk_buffers(
             await reader.aclose()
     assert b"".join(parts) == vol.read_bytes()
     assert len(buffers) <= 16, f"{len(buffers)} chunk buffers for {n} chunks"
+
+
+def test_a_raw_length_no_chunk_has_is_refused_before_it_is_allocated() -> None:
+    """fsck reads the raw length from the chunk's row: a damaged row claiming a
+    terabyte is CorruptData, not a terabyte allocated."""
+    from snapfs.local.compression import compress, decompress
+    z = compress(text_bytes(MiB, 24), 3)
+    assert z is not None
+    for claimed in (0, MiB + 1, 1 << 40):
+        with pytest.raises(CorruptData, match="claims"):
+            decompress(z, claimed, "chunk")

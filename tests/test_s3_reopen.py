@@ -62,20 +62,20 @@ def test_a_version_is_known_by_its_server_and_etag_and_the_store_is_bounded() ->
     from fixtures_qcow2 import header
     from snapfs.qcow2.allocation import Allocation
     from snapfs.qcow2.decoder import Qcow2Map
-    from snapfs.s3.shared import Validated
+    from snapfs.s3.shared import Validated, version
 
     h = header(16, 512 * MiB, 1)
     qmap = Qcow2Map(h, struct.pack(">Q", 3 * 65536), 600 * MiB)
     alloc = Allocation(h.size)
     store = Validated(capacity=3 * (8 + len(alloc.bits)))
-    store.put("http://a", "b", "k", '"e1"', 600 * MiB, qmap, alloc)
-    assert store.get("http://a", "b", "k", '"e1"', 600 * MiB) == (qmap, alloc)
-    assert store.get("http://other", "b", "k", '"e1"', 600 * MiB) is None
-    assert store.get("http://a", "b", "k", '"e2"', 600 * MiB) is None
-    store.put("http://a", "b", "n", None, 600 * MiB, qmap, alloc)
-    assert store.get("http://a", "b", "n", None, 600 * MiB) is None
+    store.put(version("http://a", "b", "k", '"e1"', 600 * MiB), qmap, alloc)
+    assert store.get(version("http://a", "b", "k", '"e1"', 600 * MiB)) == (qmap, alloc)
+    assert store.get(version("http://other", "b", "k", '"e1"', 600 * MiB)) is None
+    assert store.get(version("http://a", "b", "k", '"e2"', 600 * MiB)) is None
+    store.put(version("http://a", "b", "n", None, 600 * MiB), qmap, alloc)
+    assert store.get(version("http://a", "b", "n", None, 600 * MiB)) is None
     for i in range(5):
-        store.put("http://a", "b", f"k{i}", '"e"', 600 * MiB, qmap, alloc)
+        store.put(version("http://a", "b", f"k{i}", '"e"', 600 * MiB), qmap, alloc)
     assert store.used <= store.capacity
-    assert store.get("http://a", "b", "k4", '"e"', 600 * MiB) is not None
-    assert store.get("http://a", "b", "k", '"e1"', 600 * MiB) is None  # the oldest went
+    assert store.get(version("http://a", "b", "k4", '"e"', 600 * MiB)) is not None
+    assert store.get(version("http://a", "b", "k", '"e1"', 600 * MiB)) is None  # the oldest went

@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 import zstandard
 
 from ..errors import CorruptData
+from .chunks import CHUNK_SIZE
 from .metadata import Metadata
 
 LEVEL_KEY = "zstd_level"
@@ -115,23 +116,23 @@ def compress_all(chunks: list[bytes | memoryview], level: int) -> list[bytes | N
     return list(pool.map(compress, chunks, [level] * len(chunks)))
 
 
-def decompress(stored: bytes | memoryview, raw_length: int, what: str) -> bytes:
+def decompress(stored: bytes | memoryview, raw_length: int, what: str) -> bytearray:
     """The raw bytes of a zstd chunk whose stored bytes passed their check;
-    CorruptData if they do not decompress to exactly ``raw_length`` bytes."""
-    try:
-        out = _dctx().decompress(stored, max_output_size=raw_length)
-    except zstandard.ZstdError as exc:
-        raise CorruptData(f"{what} does not decompress: {exc}") from None
-    if len(out) != raw_length:
-        raise CorruptData(f"{what} decompresses to {len(out)} bytes, not {raw_length}")
+    CorruptData if they do not decompress to exactly ``raw_length`` bytes (a
+    length no chunk has, from a damaged row, is refused before it is allocated)."""
+    if not 0 < raw_length <= CHUNK_SIZE:
+        raise CorruptData(f"{what} claims {raw_length} raw bytes; a chunk holds "
+                          f"1 to {CHUNK_SIZE}")
+    out = bytearray(raw_length)
+    decompress_into(stored, memoryview(out), what)
     return out
 
 
 def decompress_into(stored: bytes | memoryview, into: memoryview, what: str) -> None:
-    """decompress() into ``into`` (exactly the raw length): a reader's pooled
-    chunk buffer, so that no 1 MiB is allocated, faulted in and unmapped per
-    chunk (a daemon streaming a compressed image took ~125 page faults per MiB
-    that way, and more kernel time than decompressing)."""
+    """decompress() into ``into``, whose length is the chunk's raw length: a
+    reader's pooled chunk buffer, so that no 1 MiB is allocated, faulted in and
+    unmapped per chunk (a daemon streaming a compressed image took ~125 page
+    faults per MiB that way, and half again the kernel time)."""
     want = len(into)
     got = 0
     try:

@@ -37,7 +37,7 @@ from ..service import Buffer, ImageReader
 from ..taskgroups import first_error
 from .calls import S3Calls
 from .config import S3Settings
-from .shared import L2_TABLES, REFUSED, SPARES, VALIDATED, reader_token
+from .shared import L2_TABLES, REFUSED, SPARES, VALIDATED, reader_token, version
 
 log = logging.getLogger(__name__)
 
@@ -146,15 +146,16 @@ async def open_reader(calls: S3Calls, settings: S3Settings, bucket: str, key: st
     if size == 0:
         raise InvalidData(f"object {bucket}/{key} is empty, not a QCOW2 image")
     etag = head.get("ETag")  # every later GET asks for this very version
-    endpoint = _endpoint(calls)
-    known = VALIDATED.get(endpoint, bucket, key, etag, size)
+    this = version(_endpoint(calls), bucket, key, etag, size)
+    known = VALIDATED.get(this)
     if known is not None:  # this version's tables were validated by an earlier open
         qmap, allocation = known
         return S3Qcow2Reader(calls, settings, bucket, key, qmap, cpu_limiter, etag,
                              nursery, allocation)
-    refused = REFUSED.get(endpoint, bucket, key, etag, size)
+    refused = REFUSED.get(this)
     if refused is not None:  # ... or refused by one: the same bytes, the same answer
         raise InvalidData(refused)
+    reader = None
     try:
         probe = await _get_range(calls, bucket, key, 0, min(HEADER_PROBE, size), etag)
         header = parse_header(probe, size)
@@ -162,19 +163,16 @@ async def open_reader(calls: S3Calls, settings: S3Settings, bucket: str, key: st
         l1 = await _get_range(calls, bucket, key, header.l1_table_offset, l1_len, etag) \
             if l1_len else b""
         qmap = Qcow2Map(header, l1, size)
-    except InvalidData as exc:
-        REFUSED.put(endpoint, bucket, key, etag, size, str(exc))
-        raise
-    reader = S3Qcow2Reader(calls, settings, bucket, key, qmap, cpu_limiter, etag, nursery)
-    try:
+        reader = S3Qcow2Reader(calls, settings, bucket, key, qmap, cpu_limiter, etag, nursery)
         await reader.validate_tables()
     except BaseException as exc:
         if isinstance(exc, InvalidData):
-            REFUSED.put(endpoint, bucket, key, etag, size, str(exc))
-        with trio.CancelScope(shield=True):
-            await reader.aclose()  # it joined the readers' budget: a refused open leaves it
+            REFUSED.put(this, str(exc))
+        if reader is not None:  # it joined the readers' budget: a refused open leaves it
+            with trio.CancelScope(shield=True):
+                await reader.aclose()
         raise
-    VALIDATED.put(endpoint, bucket, key, etag, size, qmap, reader.allocation)
+    VALIDATED.put(this, qmap, reader.allocation)
     log.info("import from %s/%s: QCOW2 v%d, %d bytes virtual, %d-byte clusters%s",
              bucket, key, header.version, header.size, header.cluster_size,
              ", zstd" if header.compression_type else "")

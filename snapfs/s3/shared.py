@@ -85,40 +85,42 @@ class WindowSpares:
             self._buffers.append(buf)
 
 
+#: One version of an object: (server, bucket, key, ETag, size).
+Version = tuple[str, str, str, str, int]
+
+
+def version(endpoint: str, bucket: str, key: str, etag: str | None,
+            size: int) -> Version | None:
+    """What an object version is known by; None without an ETag (a GET cannot be
+    pinned to it then: nothing is kept of it)."""
+    return (endpoint, bucket, key, etag, size) if etag else None
+
+
 #: Validated object versions kept (their L1 tables and allocation bitmaps).
 VALIDATED_BYTES = 32 << 20
 VALIDATED_MAX = 64
 
 
 class Validated:
-    """Object versions (server, bucket, key, ETag, size) whose tables an open
-    validated: their mapping and allocation, read-only from then on, for the
-    next open."""
+    """Object versions whose tables an open validated: their mapping and
+    allocation, read-only from then on, for the next open."""
 
     def __init__(self, capacity: int = VALIDATED_BYTES, most: int = VALIDATED_MAX) -> None:
         self.capacity, self.most = capacity, most
         self.used = 0
-        self._images: OrderedDict[tuple[str, str, str, str, int],
-                                  tuple["Qcow2Map", "Allocation", int]] = OrderedDict()
+        self._images: OrderedDict[Version, tuple["Qcow2Map", "Allocation", int]] = OrderedDict()
 
-    def get(self, endpoint: str, bucket: str, key: str, etag: str | None,
-            size: int) -> tuple["Qcow2Map", "Allocation"] | None:
-        if not etag:
+    def get(self, where: Version | None) -> tuple["Qcow2Map", "Allocation"] | None:
+        found = self._images.get(where) if where else None
+        if where is None or found is None:
             return None
-        found = self._images.get((endpoint, bucket, key, etag, size))
-        if found is None:
-            return None
-        self._images.move_to_end((endpoint, bucket, key, etag, size))
+        self._images.move_to_end(where)
         return found[0], found[1]
 
-    def put(self, endpoint: str, bucket: str, key: str, etag: str | None, size: int,
-            qmap: "Qcow2Map", allocation: "Allocation") -> None:
-        if not etag:  # without an ETag a GET cannot be pinned: nothing to know it by
-            return
+    def put(self, where: Version | None, qmap: "Qcow2Map", allocation: "Allocation") -> None:
         cost = len(qmap.l1) * 8 + len(allocation.bits)
-        if cost > self.capacity:
+        if where is None or cost > self.capacity:
             return
-        where = (endpoint, bucket, key, etag, size)
         old = self._images.pop(where, None)
         if old is not None:
             self.used -= old[2]
@@ -141,20 +143,16 @@ class Refused:
 
     def __init__(self, most: int = REFUSED_MAX) -> None:
         self.most = most
-        self._reasons: OrderedDict[tuple[str, str, str, str, int], str] = OrderedDict()
+        self._reasons: OrderedDict[Version, str] = OrderedDict()
 
-    def get(self, endpoint: str, bucket: str, key: str, etag: str | None,
-            size: int) -> str | None:
-        if not etag:
-            return None
-        return self._reasons.get((endpoint, bucket, key, etag, size))
+    def get(self, where: Version | None) -> str | None:
+        return self._reasons.get(where) if where else None
 
-    def put(self, endpoint: str, bucket: str, key: str, etag: str | None, size: int,
-            reason: str) -> None:
-        if not etag:
+    def put(self, where: Version | None, reason: str) -> None:
+        if where is None:
             return
-        self._reasons[(endpoint, bucket, key, etag, size)] = reason
-        self._reasons.move_to_end((endpoint, bucket, key, etag, size))
+        self._reasons[where] = reason
+        self._reasons.move_to_end(where)
         while len(self._reasons) > self.most:
             self._reasons.popitem(last=False)
 

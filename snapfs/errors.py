@@ -102,6 +102,13 @@ class InvalidData(SnapfsError):
     api_type = "invalid_arguments"
 
 
+class InvalidAnswer(InvalidData):
+    """InvalidData said of one answer of the server, not of the object's bytes (a
+    range GET with more or fewer bytes than asked, a pinned GET refused because
+    the version changed): the same to the user, but not remembered as the
+    version's verdict (s3/shared.py's Refused), since the next answer may differ."""
+
+
 class TooLarge(SnapfsError):
     """A write past what the file can hold (a control file's 64 KiB): refused
     before anything is allocated."""
@@ -175,6 +182,7 @@ ERRNO: dict[type[SnapfsError], int] = {
     VolumeChanged: errno.ESTALE,
     CorruptData: errno.EIO,
     InvalidData: errno.EINVAL,
+    InvalidAnswer: errno.EINVAL,
     TooLarge: errno.EFBIG,
     StoreFull: errno.ENOSPC,
     StoreUnusable: errno.EIO,
@@ -199,6 +207,7 @@ HTTP_STATUS: dict[type[SnapfsError], int] = {
     VolumeChanged: 412,
     CorruptData: 500,
     InvalidData: 400,
+    InvalidAnswer: 400,
     TooLarge: 413,
     StoreFull: 507,
     StoreUnusable: 500,

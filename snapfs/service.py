@@ -157,8 +157,11 @@ class SnapshotService(abc.ABC):
 
     @abc.abstractmethod
     async def update_snapshot(self, zone: str, snapshot_id: str, *, name: str | None = None,
-                              tags: list[str] | None = None) -> Snapshot:
-        ...
+                              tags: list[str] | None = None,
+                              unique_name: bool = False) -> Snapshot:
+        """``unique_name``: AlreadyExists if another snapshot of the project in the
+        zone has the new name (a rename, which never replaces one); checked
+        atomically with the update where the backend can, as for create."""
 
     @abc.abstractmethod
     async def delete_snapshot(self, zone: str, snapshot_id: str) -> None:

@@ -78,6 +78,27 @@ async def test_a_unique_name_is_taken_by_one_process_only(
         assert sorted(s.name for s in (await a.list_snapshots(ZONE)).items) == ["x", "x", "y"]
 
 
+async def test_a_rename_takes_a_name_in_one_process_only(
+        store_dir: Path, volume_file: Callable[..., Path]) -> None:
+    """mv checks the name in its own mount first; between that check and the update
+    another mount may rename (or mkdir) to the same name. The update itself checks
+    under the write lock: the second rename is refused and changes nothing."""
+    path = volume_file("v", 4 * MiB, [(0, random_bytes(MiB, 4))])
+    async with open_local_service(store_dir) as a, open_local_service(store_dir) as b:
+        s1 = await snapshot_of(a, path, "one", unique_name=True)
+        s2 = await snapshot_of(b, path, "two", unique_name=True)
+        await a.update_snapshot(ZONE, s1.id, name="z", unique_name=True)
+        before = await b.get_snapshot(ZONE, s2.id)
+        with pytest.raises(AlreadyExists, match="'z' already exists"):
+            await b.update_snapshot(ZONE, s2.id, name="z", unique_name=True)
+        assert await a.get_snapshot(ZONE, s2.id) == before
+        # Its own name again, tags alongside, and the API's update are not held to it.
+        again = await b.update_snapshot(ZONE, s1.id, name="z", tags=["t"], unique_name=True)
+        assert (again.name, again.tags) == ("z", ["t"])
+        await b.update_snapshot(ZONE, s2.id, name="z")
+        assert sorted(s.name for s in (await a.list_snapshots(ZONE)).items) == ["z", "z"]
+
+
 async def test_an_export_in_one_process_keeps_deletes_of_another_away(
         store_dir: Path, volume_file: Callable[..., Path]) -> None:
     path = volume_file("v", 2 * MiB, [(0, random_bytes(MiB, 2))])

@@ -18,7 +18,7 @@ import pytest
 
 from fixtures_qcow2 import compressed_entry, header, image
 from fixtures_s3 import SeaweedServer, counted_objects
-from snapfs.errors import InvalidData
+from snapfs.errors import InvalidAnswer, InvalidData
 from snapfs.memory import READERS
 from snapfs.qcow2.decoder import Qcow2Map, parse_header
 from snapfs.qcow2.format import OFFSET_MASK, OFLAG_ZERO
@@ -216,6 +216,42 @@ async def test_a_refused_version_is_refused_again_without_its_tables_fetched(
         client.put_object(Bucket=bucket, Key="bomb", Body=(tmp_path / "v.qcow2").read_bytes())
         reader = await objects.open_qcow2(bucket, "bomb")
         try:
+            assert bytes(await reader.fetch(0, 2 * CS)) == raw.read_bytes()
+        finally:
+            await reader.aclose()
+    finally:
+        await objects.aclose()
+
+
+async def test_a_refusal_of_one_answer_is_not_kept_as_the_versions_verdict(
+        s3_server: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """A GET refused for its version (412, as a proxy gone wrong may answer) says
+    nothing of the object's bytes: that open fails, the next open of the same
+    version is judged afresh and reads right."""
+    raw = tmp_path / "v.raw"
+    raw.write_bytes(os.urandom(2 * CS))
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw),
+                    str(tmp_path / "v.qcow2")], check=True)
+    s3_server.client().put_object(Bucket=bucket, Key="flaky",
+                                  Body=(tmp_path / "v.qcow2").read_bytes())
+    objects, seen = await counted_objects(s3_server)
+    client = (await objects.calls_for()).client
+    counted = client.get_object
+    once = [True]
+
+    def get_object(**kw: object) -> object:
+        if once and kw.get("IfMatch"):  # the real server refuses a wrong version
+            once.clear()
+            kw["IfMatch"] = '"0123456789abcdef0123456789abcdef"'
+        return counted(**kw)
+    client.get_object = get_object
+    try:
+        with pytest.raises(InvalidAnswer, match="changed while being read"):
+            await objects.open_qcow2(bucket, "flaky")
+        seen.clear()
+        reader = await objects.open_qcow2(bucket, "flaky")
+        try:
+            assert seen  # fetched and checked again, not answered from the refusal
             assert bytes(await reader.fetch(0, 2 * CS)) == raw.read_bytes()
         finally:
             await reader.aclose()

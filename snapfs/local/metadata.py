@@ -439,9 +439,28 @@ class Metadata:
                                 (snapshot_id,)).fetchone()
         return json.loads(row[0]) if row and row[0] else None
 
-    def update_snapshot(self, snapshot_id: str, **fields: Any) -> None:
+    def update_snapshot(self, snapshot_id: str, unique_name: bool = False,
+                        **fields: Any) -> None:
         """Set columns; ``tags`` is given as a list. Touches modification_date unless
-        the change is only progress."""
+        the change is only progress. ``unique_name``: AlreadyExists if another live
+        snapshot of the project in the zone has the new ``name``, checked under the
+        write lock the update holds (as insert_snapshot does): two processes
+        renaming two snapshots to one name cannot both succeed."""
+        if unique_name and "name" in fields:
+            with self.transaction():
+                other = self.conn.execute(
+                    "SELECT o.id FROM snapshots o JOIN snapshots s ON s.id = ? "
+                    "WHERE o.zone = s.zone AND o.project = s.project AND o.name = ? "
+                    "AND o.id != s.id AND o.deleting = 0 LIMIT 1",
+                    (snapshot_id, fields["name"])).fetchone()
+                if other is not None:
+                    raise AlreadyExists(f"snapshot {fields['name']!r} already exists in "
+                                        f"its project (snapshot {other[0]})")
+                self._update_snapshot(snapshot_id, fields)
+            return
+        self._update_snapshot(snapshot_id, fields)
+
+    def _update_snapshot(self, snapshot_id: str, fields: dict[str, Any]) -> None:
         if "tags" in fields:
             fields["tags"] = json.dumps(fields["tags"])
         if set(fields) - {"progress"}:

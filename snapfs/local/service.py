@@ -280,7 +280,8 @@ class LocalService(SnapshotService):
             tags=None if snapshot.tags == cur.tags else snapshot.tags)
 
     async def update_snapshot(self, zone: str, snapshot_id: str, *, name: str | None = None,
-                              tags: list[str] | None = None) -> Snapshot:
+                              tags: list[str] | None = None,
+                              unique_name: bool = False) -> Snapshot:
         self.md.snapshot(check_zone(zone), snapshot_id)
         fields: dict[str, object] = {}
         if name is not None:
@@ -288,7 +289,7 @@ class LocalService(SnapshotService):
         if tags is not None:
             fields["tags"] = check_tags(tags)
         if fields:
-            self.md.update_snapshot(snapshot_id, **fields)
+            self.md.update_snapshot(snapshot_id, unique_name=unique_name, **fields)
         return self.md.snapshot(zone, snapshot_id)
 
     async def delete_snapshot(self, zone: str, snapshot_id: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import botocore.exceptions as bex
 import trio
 
-from ..errors import InvalidData, NotFound, PermissionDenied, SnapfsError, Transient
+from ..errors import InvalidAnswer, NotFound, PermissionDenied, SnapfsError, Transient
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def map_error(exc: BaseException, op: str, bucket: str, key: str | None,
     if status == 404:
         return NotFound("bucket", bucket)
     if code == "PreconditionFailed" or status == 412:  # a GET pinned to an ETag
-        return InvalidData(f"object {where} changed while being read (another version "
+        return InvalidAnswer(f"object {where} changed while being read (another version "
                            "replaced it); import it again")
     if code in DENIED_CODES or status == 403:
         return PermissionDenied(f"S3 {op} on {where} denied: {describe(exc)}")

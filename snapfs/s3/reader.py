@@ -25,7 +25,7 @@ from typing import Any
 import trio
 from urllib3.exceptions import ProtocolError
 
-from ..errors import InvalidData, NotFound, SnapfsError
+from ..errors import InvalidAnswer, InvalidData, NotFound, SnapfsError
 from ..memory import READERS, aligned_buffer
 from ..qcow2.allocation import Allocation
 from ..qcow2.decoder import (COMPRESSED, DATA, HEADER_PROBE, ZERO, Extent, Qcow2Map,
@@ -103,7 +103,7 @@ async def _get_into(calls: S3Calls, bucket: str, key: str, offset: int,
             return _read_body(resp, view)
     got = await calls.call("get_object", bucket, key, fetch)
     if got != length:
-        raise InvalidData(f"object {bucket}/{key} returned {got} bytes at offset "
+        raise InvalidAnswer(f"object {bucket}/{key} returned {got} bytes at offset "
                           f"{offset}, expected {length} (changed during import?)")
 
 
@@ -166,7 +166,7 @@ async def open_reader(calls: S3Calls, settings: S3Settings, bucket: str, key: st
         reader = S3Qcow2Reader(calls, settings, bucket, key, qmap, cpu_limiter, etag, nursery)
         await reader.validate_tables()
     except BaseException as exc:
-        if isinstance(exc, InvalidData):
+        if isinstance(exc, InvalidData) and not isinstance(exc, InvalidAnswer):
             REFUSED.put(this, str(exc))
         if reader is not None:  # it joined the readers' budget: a refused open leaves it
             with trio.CancelScope(shield=True):

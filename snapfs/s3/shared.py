@@ -139,7 +139,8 @@ class Refused:
     """Object versions whose validation refused them (InvalidData): a version's
     bytes never change, so the next open of it is refused with the same reason
     after its HEAD, not after fetching and checking its tables again (a crafted
-    image may cost seconds of GETs and checks per open)."""
+    image may cost seconds of GETs and checks per open). Only verdicts on the
+    bytes are kept: an InvalidAnswer is about one answer of the server."""
 
     def __init__(self, most: int = REFUSED_MAX) -> None:
         self.most = most

@@ -357,7 +357,9 @@ class ScalewayService(SnapshotService):
         return _instance(convert.snapshot(res.snapshot))
 
     async def update_snapshot(self, zone: str, snapshot_id: str, *, name: str | None = None,
-                              tags: list[str] | None = None) -> Snapshot:
+                              tags: list[str] | None = None,
+                              unique_name: bool = False) -> Snapshot:
+        # unique_name: the cloud has no atomic check; the caller's listing is all.
         if name is not None:
             check_name(name)
         if tags is not None:

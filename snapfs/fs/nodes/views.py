@@ -143,7 +143,9 @@ class ViewNode(Node):
             if taken is not None:
                 raise AlreadyExists(f"{self.describe()}{esc(new)} already exists (snapshot "
                                     f"{taken.id}); a rename never replaces a snapshot")
-            updated = await self.ctx.svc.update_snapshot(self.key.zone, snap.id, name=new)
+            # unique_name: another process on the store may take it meanwhile.
+            updated = await self.ctx.svc.update_snapshot(self.key.zone, snap.id, name=new,
+                                                         unique_name=True)
             catalog.invalidate()
             catalog.remember(updated)
         forget_names(self.ctx, snap, updated)

@@ -20,6 +20,7 @@ from fixtures_s3 import ADMIN, SeaweedServer, logged, qcow2_of, qemu_img_judges
 from fixtures_store import (MiB, ZONE, chunk_place, flip_bits, random_bytes, read_all,
                             snapshot_of, wait_state)
 from snapfs.local import LocalService, open_local_service
+from snapfs.local.fsck import fsck
 from snapfs.model import Snapshot, Task
 from snapfs.s3.calls import RetryPolicy
 from snapfs.s3.storage import S3ObjectStorage
@@ -181,6 +182,55 @@ async def test_server_stopped_mid_export(private_s3_server: SeaweedServer, tmp_p
     c = server.client()
     assert c.list_multipart_uploads(Bucket=bucket).get("Uploads") is None
     assert c.list_objects_v2(Bucket=bucket).get("Contents") is None
+
+
+@pytest.mark.parametrize("gone", ["server", "object"])
+async def test_server_stopped_mid_import(private_s3_server: SeaweedServer, tmp_path: Path,
+                                         volume_file: Callable[..., Path], gone: str) -> None:
+    """The S3 server is killed, or the object deleted, while an import reads it
+    (after the tables and the first data GETs): the snapshot ends in error naming
+    the cause, every chunk it stored is given back (the store as before, fsck
+    clean), and the same import made once it is back reads right."""
+    server = private_s3_server
+    bucket = server.new_bucket()
+    raw = volume_file("big", 96 * MiB, [(0, random_bytes(96 * MiB, 14))])
+    server.client().upload_file(str(qcow2_of(raw)), bucket, "big.qcow2")
+    objects = server.objects(retry=RetryPolicy(attempts=3, first_delay=0.1, budget=2.0))
+    client = (await objects.calls_for()).client
+    real = client.get_object
+    gets: list[int] = []
+
+    def get_object(**kw: Any) -> Any:
+        gets.append(1)
+        if len(gets) == 6:  # the header, L1, L2 tables and a few data windows read
+            if gone == "server":
+                server.stop()
+            else:
+                server.client().delete_object(Bucket=bucket, Key="big.qcow2")
+        return real(**kw)
+    client.get_object = get_object
+    try:
+        async with open_local_service(tmp_path / "store", objects=objects) as svc:
+            before = store_state(svc)
+            snap = await svc.create_snapshot(ZONE, name="big", bucket=bucket, key="big.qcow2")
+            done = await wait_state(svc, snap.id)
+            assert done.state == "error", done
+            assert ("attempts" if gone == "server" else "not found") in \
+                (done.error_reason or ""), done.error_reason
+            await svc.jobs.idle()
+            assert store_state(svc, exclude=snap.id) == before
+            report = await fsck(svc)
+            assert report.ok, report.problems
+            if gone == "server":
+                await trio.to_thread.run_sync(server.start)
+            else:
+                server.client().upload_file(str(qcow2_of(raw)), bucket, "big.qcow2")
+            again = await svc.create_snapshot(ZONE, name="again", bucket=bucket,
+                                              key="big.qcow2")
+            assert (await wait_state(svc, again.id)).state == "available"
+            assert await read_all(svc, again.id) == raw.read_bytes()
+    finally:
+        await objects.aclose()
 
 
 async def test_service_stopping_mid_export_aborts_the_upload(

@@ -444,8 +444,8 @@ class Metadata:
         """Set columns; ``tags`` is given as a list. Touches modification_date unless
         the change is only progress. ``unique_name``: AlreadyExists if another live
         snapshot of the project in the zone has the new ``name``, checked under the
-        write lock the update holds (as insert_snapshot does): two processes
-        renaming two snapshots to one name cannot both succeed."""
+        write lock of the update (as insert_snapshot does): two processes renaming
+        two snapshots to one name cannot both succeed."""
         if unique_name and "name" in fields:
             with self.transaction():
                 other = self.conn.execute(
@@ -456,11 +456,7 @@ class Metadata:
                 if other is not None:
                     raise AlreadyExists(f"snapshot {fields['name']!r} already exists in "
                                         f"its project (snapshot {other[0]})")
-                self._update_snapshot(snapshot_id, fields)
-            return
-        self._update_snapshot(snapshot_id, fields)
-
-    def _update_snapshot(self, snapshot_id: str, fields: dict[str, Any]) -> None:
+                return self.update_snapshot(snapshot_id, **fields)
         if "tags" in fields:
             fields["tags"] = json.dumps(fields["tags"])
         if set(fields) - {"progress"}:

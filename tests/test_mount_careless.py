@@ -153,6 +153,30 @@ def test_two_mounts_racing_for_one_name_make_one_snapshot(
     assert sorted(names) == [f"race{i}" for i in range(8)], names
 
 
+def test_two_mounts_racing_to_rename_onto_one_name_rename_one(
+        mount_factory: Callable[..., Mount], store_with_volume: Path) -> None:
+    """Each mount checks the name in its own listing first; the store checks it
+    again under the write lock of the rename, so only one of two renames racing
+    from two mounts gets it."""
+    a, b = mount_factory(store_with_volume), mount_factory(store_with_volume)
+    run("mkdir", a.volume("vol1") / "x0")
+    run("mkdir", b.volume("vol1") / "y0")
+    for i in range(8):
+        name = f"race{i}"
+        procs = [subprocess.Popen(["mv", "-T", str(m.snapshots() / old), str(m.snapshots() / name)],
+                                  stderr=subprocess.PIPE, text=True)
+                 for m, old in ((a, f"x{i}"), (b, f"y{i}"))]
+        results = [(p.wait(timeout=60), p.communicate()[1]) for p in procs]
+        assert sorted(code for code, _ in results) == [0, 1], results
+        assert all("File exists" in err or "cannot overwrite" in err
+                   for code, err in results if code), results
+        # The one that lost keeps its name; both take the next round's names.
+        for m, old, new in ((a, f"x{i}", f"x{i + 1}"), (b, f"y{i}", f"y{i + 1}")):
+            src = m.snapshots() / (old if old in os.listdir(m.snapshots()) else name)
+            run("mv", "-T", src, m.snapshots() / new)
+    assert sorted(os.listdir(a.snapshots())) == ["x8", "y8"]
+
+
 def test_an_image_on_a_snapfs_mount_is_no_volume(mounted: Mount) -> None:
     """Registered, a capture of it hung the mount for good (its close waited on a
     FLUSH only the mount itself could answer); refused, with one line."""

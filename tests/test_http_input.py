@@ -5,6 +5,7 @@ bounded JSON, read-only fields, and no unauthenticated non-loopback listening.""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -142,6 +143,53 @@ def test_set_of_an_object_fetched_earlier_ignores_what_the_server_moved(
     assert (after["name"], after["state"], after["error_reason"]) == (
         "renamed-by-set", "available", None)
     assert _raw(served, "PATCH", url, json={"name": before["name"]}).status_code == 200
+
+
+def _send_raw(served: Served, request: bytes, hang_up: bool) -> bytes:
+    """One request on a socket of its own; ``hang_up``: the client half-closes
+    after sending (a request cut short), then reads whatever comes back."""
+    host, port = served.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        if hang_up:
+            time.sleep(0.2)
+            sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
+def test_a_request_whose_body_was_cut_short_is_not_carried_out(
+        served: Served, snapshot_id: str, method: str) -> None:
+    """A body shorter than its Content-Length (the client gone mid-request) is an
+    incomplete request: it was carried out all the same, the client told 400."""
+    before = _listing(served)
+    body = json.dumps({"name": "cut-short", "volume_id": served.volumes["vol-a"]["id"]}
+                      if method == "POST" else {"name": "cut-short"}).encode()
+    path = SNAPSHOTS if method == "POST" else f"{SNAPSHOTS}/{snapshot_id}"
+    head = (f"{method} {path} HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {SECRET}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body) + 50}\r\n\r\n")
+    _send_raw(served, head.encode() + body, hang_up=True)
+    time.sleep(0.5)  # what the server would do with it, it has done by now
+    assert _listing(served) == before
+    assert served.log is not None
+    assert b"went away before its body ended" in served.log.read_bytes()
+
+
+def test_two_auth_tokens_are_401_whichever_comes_first(served: Served) -> None:
+    for first, second in ((SECRET, "wrong"), ("wrong", SECRET), ("", SECRET)):
+        answer = _send_raw(served, (f"GET {SNAPSHOTS} HTTP/1.1\r\nHost: x\r\n"
+                                    f"X-Auth-Token: {first}\r\nX-Auth-Token: {second}\r\n"
+                                    "Connection: close\r\n\r\n").encode(), hang_up=False)
+        assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+        assert b"denied_authentication" in answer
+
+
+def test_a_volume_filter_naming_no_project_id_is_400(served: Served) -> None:
+    _refused(_raw(served, "GET", "/instance/v1/zones/fr-par-1/volumes",
+                  params={"project": "notauuid"}), "project")
 
 
 def test_the_log_escapes_what_clients_send(served: Served) -> None:

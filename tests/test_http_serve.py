@@ -245,6 +245,9 @@ def test_export_and_import_without_object_storage_are_refused(served: Served) ->
         api.export_snapshot(snapshot_id=snap.id, bucket="bkt", key="exp.qcow2")
     status, body = _error(exc)
     assert status == 501 and "Object Storage is not configured" in body["message"]
+    # precondition_failed's fields, as every other (a client maps it back to ENXIO).
+    assert (body["type"], body["precondition"]) == ("precondition_failed", "not_configured")
+    assert "Object Storage is not configured" in body["help_message"]
     assert str(api.get_snapshot(snapshot_id=snap.id).snapshot.state) == "available"
     with pytest.raises(ScalewayException) as exc:
         api.create_snapshot(name="imp", bucket="bkt", key="k.qcow2")

@@ -14,7 +14,7 @@ import trio
 
 from fixtures_http import ACCESS_KEY, SECRET, Served
 from fixtures_store import lssd_volume
-from snapfs.errors import (InvalidArgument, NotFound, PermissionDenied, SnapfsError,
+from snapfs.errors import (InvalidArgument, NotConfigured, NotFound, PermissionDenied, SnapfsError,
                            Transient, errno_for)
 from snapfs.local import open_local_service
 from snapfs.scaleway import ScalewayService, open_scaleway_service
@@ -195,6 +195,29 @@ async def test_same_refusals_as_local(scw_env: Served) -> None:
         assert (await local.list_snapshots("fr-par-1", per_page=100)).total_count == before
         err = await _refusal(lambda: cloud.list_snapshots("pl-waw-3"))  # zone not shown
         assert isinstance(err, NotFound) and errno_for(err) == errno.ENOENT
+
+
+async def test_a_server_without_object_storage_is_not_asked_again(scw_env: Served) -> None:
+    """`snapfs serve` without Object Storage refuses an export with 501 (NotConfigured):
+    the backend took that for a server fault and asked six times over ~5 s, then
+    answered EBUSY; it is NotConfigured (ENXIO) at once, as the local backend's."""
+    served = scw_env
+    async with open_local_service(served.store) as local, \
+            open_scaleway_service(["fr-par-1"]) as cloud:
+        snap = await local.create_snapshot("fr-par-1", name="no-s3",
+                                           volume_id=served.volumes["vol-a"]["id"])
+        await _wait_available(local, "fr-par-1", snap.id)
+        mine = await _refusal(lambda: local.export_snapshot("fr-par-1", snap.id,
+                                                            bucket="bkt", key="k"))
+        calls = cloud.calls
+        with trio.fail_after(2):
+            theirs = await _refusal(lambda: cloud.export_snapshot("fr-par-1", snap.id,
+                                                                  bucket="bkt", key="k"))
+        assert cloud.calls - calls <= 3  # which API owns it, its Get, the export: once each
+        assert type(theirs) is type(mine) is NotConfigured
+        assert errno_for(theirs) == errno.ENXIO
+        assert (await local.get_snapshot("fr-par-1", snap.id)).state == "available"
+        await local.delete_snapshot("fr-par-1", snap.id)
 
 
 async def test_bookkeeping_stays_bounded(scw_env: Served,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from ..errors import (InvalidArgument, NotFound, PermissionDenied, PreconditionFailed,
-                      SnapfsError, SnapshotUnusable, http_status_for)
+from ..errors import (InvalidArgument, NotConfigured, NotFound, PermissionDenied,
+                      PreconditionFailed, SnapfsError, SnapshotUnusable, http_status_for)
 
 #: Our resource names -> the API's resource names in ``not_found`` bodies.
 API_RESOURCE = {"snapshot": "instance_snapshot", "volume": "instance_volume",
@@ -22,6 +22,8 @@ API_RESOURCE = {"snapshot": "instance_snapshot", "volume": "instance_volume",
 #: ``precondition`` value marking a SnapshotUnusable (so a client maps it back to
 #: EIO rather than the EBUSY of an ordinary precondition failure).
 UNUSABLE_PRECONDITION = "snapshot_unusable"
+#: ... and a NotConfigured (ENXIO: this server was not given what the request needs).
+NOT_CONFIGURED_PRECONDITION = "not_configured"
 
 
 def error_body(exc: SnapfsError) -> tuple[int, dict[str, Any]]:
@@ -40,6 +42,9 @@ def error_body(exc: SnapfsError) -> tuple[int, dict[str, Any]]:
         body["help_message"] = str(exc)
     elif isinstance(exc, PreconditionFailed):
         body["precondition"] = "resource_state"
+        body["help_message"] = str(exc)
+    elif isinstance(exc, NotConfigured):
+        body["precondition"] = NOT_CONFIGURED_PRECONDITION
         body["help_message"] = str(exc)
     elif isinstance(exc, PermissionDenied):
         body["details"] = [{"resource": "instance", "action": "access"}]

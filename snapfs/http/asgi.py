@@ -166,7 +166,8 @@ class App:
         if scope["type"] != "http":
             return
         response = await self._handle(scope, receive)
-        await self._send(send, response, head=scope["method"] == "HEAD")
+        if response is not None:
+            await self._send(send, response, head=scope["method"] == "HEAD")
 
     async def _lifespan(self, receive: Callable[..., Awaitable[Any]],
                         send: Callable[..., Awaitable[None]]) -> None:
@@ -179,13 +180,19 @@ class App:
                 return
 
     async def _handle(self, scope: dict[str, Any],
-                      receive: Callable[..., Awaitable[Any]]) -> Response:
+                      receive: Callable[..., Awaitable[Any]]) -> Response | None:
         method, path = scope["method"], scope["path"]
         # What a client sends reaches the log escaped (a NUL or newline in a URL
         # must not forge or break lines).
         shown = f"{esc(method, 20)} {esc(path)}"
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
+        tokens = sum(k.lower() == b"x-auth-token" for k, _ in scope.get("headers", []))
+        if tokens > 1:
+            # Which one counts would be this server's guess; a proxy in front that
+            # checked another would disagree with it.
+            log.info("%s -> 401: %d X-Auth-Token headers", shown, tokens)
+            return Response(401, unauthenticated_body(""))
         token = headers.get("x-auth-token")
         if not token:
             log.info("%s -> 401: no X-Auth-Token", shown)
@@ -224,6 +231,9 @@ class App:
                 return await handler(request)
             finally:
                 self.on_change()
+        except ClientGone:
+            log.info("%s: the client went away before its body ended: not done", shown)
+            return None
         except SnapfsError as exc:
             status, err = error_body(exc)
             log.info("%s -> %d: %s", shown, status, esc(str(exc)))
@@ -251,13 +261,19 @@ class App:
         await send({"type": "http.response.body", "body": b"" if head else payload})
 
 
+class ClientGone(Exception):
+    """The client went away before its request's body ended (fewer bytes than its
+    Content-Length, a cut chunked body): the request is incomplete (RFC 9112 8)
+    and is not carried out; nobody is left to answer."""
+
+
 async def _read_body(receive: Callable[..., Awaitable[Any]]) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            break
+            raise ClientGone
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY:

@@ -175,7 +175,7 @@ class Routes:
             page = Page([], 0)
         else:
             page = await self.svc.list_volumes(
-                req.args["zone"], project=req.param("project") or None,
+                req.args["zone"], project=req.uuid_param("project"),
                 name=req.param("name") or None, per_page=per_page, page=page_no)
         return json_response(200, {"volumes": [v.to_api() for v in page.items],
                                    "total_count": page.total_count},

@@ -14,20 +14,22 @@ from typing import Any
 import requests
 from scaleway_core.api import API, ScalewayException, ValidationError
 
-from ..errors import (AlreadyExists, InvalidArgument, NotFound, NotPermitted, PermissionDenied,
-                      PreconditionFailed, SnapfsError, SnapshotUnusable, Transient)
+from ..errors import (AlreadyExists, InvalidArgument, NotConfigured, NotFound, NotPermitted,
+                      PermissionDenied, PreconditionFailed, SnapfsError, SnapshotUnusable,
+                      Transient)
 from ..block_model import BLOCK_RESOURCE
-from ..http.api_errors import API_RESOURCE, UNUSABLE_PRECONDITION
+from ..http.api_errors import API_RESOURCE, NOT_CONFIGURED_PRECONDITION, UNUSABLE_PRECONDITION
 
 _OUR_RESOURCE = {api: ours for table in (API_RESOURCE, BLOCK_RESOURCE)
                  for ours, api in table.items()}
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """429, 5xx and connection-level failures are worth another try."""
+    """429, 5xx and connection-level failures are worth another try; not 501 (the
+    server does not do that at all: RFC 9110 15.6.2) nor 505."""
     if isinstance(exc, ScalewayException):
         status = exc.status_code or 0
-        return status == 429 or status >= 500
+        return status == 429 or (status >= 500 and status not in (501, 505))
     return isinstance(exc, (requests.ConnectionError, requests.Timeout))
 
 
@@ -117,6 +119,8 @@ def to_domain(exc: BaseException, what: str) -> SnapfsError:
         reason = str(body.get("help_message") or message)
         if body.get("precondition") == UNUSABLE_PRECONDITION:
             return SnapshotUnusable(reason)
+        if body.get("precondition") == NOT_CONFIGURED_PRECONDITION:
+            return NotConfigured(f"{what}: {reason}")
         return PreconditionFailed(f"{what}: {reason}")
     if kind == "transient_state":
         return PreconditionFailed(f"{what}: {body.get('resource', 'resource')} "

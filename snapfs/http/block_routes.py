@@ -154,7 +154,10 @@ class BlockRoutes:
                 except NotFound:
                     parents[vid] = (None, "deleted")
                 else:
-                    parents[vid] = (bm.BLOCK_VOLUME_TYPE.get(vol.volume_type),
+                    # A volume Block does not show (an l_ssd whose snapshot was
+                    # made unified through Instance) is named by its own type.
+                    parents[vid] = (bm.BLOCK_VOLUME_TYPE.get(vol.volume_type,
+                                                             vol.volume_type),
                                     bm.volume_status(vol))
             ptype, pstatus = parents[vid] if vid is not None else (None, "available")
             out.append(bm.snapshot_to_block(s, ptype, pstatus))

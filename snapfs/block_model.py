@@ -124,7 +124,7 @@ def snapshot_to_block(snap: Snapshot, parent_type: str | None = None,
 
 def volume_status(vol: Volume) -> str:
     """A local volume's Block status."""
-    return "available" if vol.state == "available" else "in_use"
+    return vol.state if vol.state in ("available", "snapshotting") else "in_use"
 
 
 def volume_to_block(vol: Volume) -> dict[str, Any]:

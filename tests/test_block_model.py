@@ -53,6 +53,9 @@ def test_volume_mapping() -> None:
     assert (str(sdk.type_), sdk.specs.class_, sdk.updated_at) == ("sbs_5k", "sbs", None)
     back = bm.volume_from_block(body, ORG)
     assert (back.id, back.volume_type, back.size) == ("v", "unified", 1 << 30)
+    # A volume whose snapshot is being captured is in the SDK's transient status.
+    busy = unmarshal_Volume(bm.volume_to_block(dataclasses.replace(vol, state="snapshotting")))
+    assert str(busy.status) == "snapshotting"
 
 
 def test_export_status_from_snapshot_status() -> None:

@@ -14,7 +14,7 @@ import trio
 from fixtures_store import MiB, ZONE, deletes_done, random_bytes, read_all, snapshot_of, wait_state
 from snapfs.errors import (InvalidArgument, NotConfigured, NotFound, PreconditionFailed,
                            TooLarge, errno_for)
-from snapfs.local import LocalService, open_local_service
+from snapfs.local import LocalService, capture, open_local_service
 from snapfs.local.recovery import INTERRUPTED
 from snapfs.local.service import NO_OBJECT_STORAGE
 from snapfs.model import ZONES, Snapshot
@@ -426,3 +426,46 @@ async def test_an_export_no_import_could_take_back_is_refused(
         assert await svc.latest_export(ZONE, snap.id) is None
         assert await state_of_store(svc) == before
         assert (await svc.get_snapshot(ZONE, snap.id)).state == "available"
+
+
+async def test_a_volume_is_not_removed_while_a_snapshot_of_it_is_captured(
+        store_dir: Path, volume_file: Callable[..., Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Removed under its capture, the accepted snapshot ended in error ("reading the
+    source failed"); the volume showed ``available`` all along. Now it shows
+    ``snapshotting`` and is refused (EBUSY / 412), changing nothing, until then."""
+    gate = trio.Event()
+    read_batch = capture.FileSource.read_batch
+
+    async def held(self: capture.FileSource, first: int, count: int) -> object:
+        await gate.wait()
+        return await read_batch(self, first, count)
+    monkeypatch.setattr(capture.FileSource, "read_batch", held)
+    data = random_bytes(2 * MiB, 21)
+    async with open_local_service(store_dir) as svc:
+        added = await svc.add_volume("added", volume_file("v", 2 * MiB, [(0, data)]))
+        made = await svc.create_volume("made", 2 * MiB, zone=ZONE)
+        snaps = [await svc.create_snapshot(ZONE, name=f"s-{v.name}", volume_id=v.id)
+                 for v in (added, made)]
+        for vol, remove in ((added, lambda: svc.remove_volume(added.id)),
+                            (made, lambda: svc.delete_volume(ZONE, made.id))):
+            assert (await svc.get_volume(ZONE, vol.id)).state == "snapshotting"
+            with pytest.raises(PreconditionFailed, match="being snapshotted") as exc:
+                await remove()
+            assert errno_for(exc.value) == errno.EBUSY
+            assert (await svc.get_volume(ZONE, vol.id)).path == vol.path
+        gate.set()
+        for s in snaps:
+            assert (await wait_state(svc, s.id)).state == "available"
+        assert await read_all(svc, snaps[0].id) == data
+        assert [v.state for v in await svc.list_all_volumes()] == ["available"] * 2
+        await svc.remove_volume(added.id)
+        await svc.delete_volume(ZONE, made.id)
+        assert await svc.list_all_volumes() == []
+        # A snapshot of a volume removed since it was looked up is not made.
+        vol = await svc.create_volume("late", MiB, zone=ZONE)
+        svc.md.remove_volume(vol.id)
+        monkeypatch.setattr(svc.md, "volume", lambda zone, ref: vol)
+        with pytest.raises(NotFound):
+            await svc.create_snapshot(ZONE, name="late", volume_id=vol.id)
+        assert (await svc.list_snapshots(ZONE)).total_count == 2

@@ -16,9 +16,10 @@ from typing import Any, Iterable
 import sqlite_utils
 
 from ..errors import AlreadyExists, InvalidArgument, NotFound
-from ..model import (BaseVolume, FileAccess, Page, Project, Snapshot, Task, Volume, export_href,
+from ..model import (BaseVolume, FileAccess, Page, Project, Snapshot, Task, export_href,
                      new_id, now)
 from .owner import this_process
+from .volumerows import VolumeRows
 from .connection import connect, transaction, worker_connection
 
 _SNAPSHOT_COLS = ("rowid, id, name, zone, project, organization, tags, volume_type, size, state, "
@@ -60,15 +61,6 @@ def _snapshot_filter(zone: str, organization: str | None, project: str | None,
     return " AND ".join(where), args
 
 
-def _volume(row: sqlite3.Row) -> Volume:
-    return Volume(
-        id=row["id"], name=row["name"], size=row["size"], volume_type=row["volume_type"],
-        zone=row["zone"], project=row["project"], organization=row["organization"],
-        state=row["state"], creation_date=row["creation_date"],
-        modification_date=row["modification_date"], tags=json.loads(row["tags"]),
-        path=row["path"])
-
-
 def _task(row: sqlite3.Row) -> Task:
     return Task(
         id=row["id"], description=row["description"], progress=row["progress"],
@@ -78,7 +70,7 @@ def _task(row: sqlite3.Row) -> Task:
         error=row["error"], bucket=row["bucket"], key=row["key"], bytes=row["bytes"])
 
 
-class Metadata:
+class Metadata(VolumeRows):
     """The store's database: projects, volumes, snapshots, chunk map, tasks."""
 
     def __init__(self, path: Path, readonly: bool = False) -> None:
@@ -148,81 +140,6 @@ class Metadata:
                 return p
         raise NotFound("project", ref)
 
-    # --- volumes ---------------------------------------------------------------------
-
-    def add_volume(self, v: Volume, managed: bool, identity: str | None = None) -> None:
-        if self.conn.execute("SELECT 1 FROM volumes WHERE zone = ? AND name = ?",
-                             (v.zone, v.name)).fetchone():
-            raise InvalidArgument("name", f"a volume named {v.name!r} already exists in {v.zone}")
-        row = v.to_api()
-        for k in ("export_uri", "server"):
-            row.pop(k)
-        row.update(tags=json.dumps(v.tags), managed=int(managed), identity=identity)
-        self.db.table("volumes").insert(row)
-
-    def volume(self, zone: str | None, ref: str) -> Volume:
-        """A volume by ID, or by name within ``zone`` (any zone when None)."""
-        rows = self.conn.execute(
-            "SELECT * FROM volumes WHERE (id = ? OR name = ?) AND (? IS NULL OR zone = ?) "
-            "ORDER BY id = ? DESC", (ref, ref, zone, zone, ref)).fetchall()
-        if not rows:
-            raise NotFound("volume", ref)
-        if len(rows) > 1 and rows[0]["id"] != ref:
-            raise InvalidArgument("volume", f"{ref!r} names volumes in several zones; "
-                                            "give --zone or the ID")
-        return _volume(rows[0])
-
-    def volume_managed(self, volume_id: str) -> bool:
-        row = self.conn.execute("SELECT managed FROM volumes WHERE id = ?",
-                                (volume_id,)).fetchone()
-        return bool(row and row[0])
-
-    def list_volumes(self, zone: str, project: str | None, name: str | None,
-                     per_page: int, page: int) -> Page[Volume]:
-        where = "zone = ? AND (? IS NULL OR project = ?) AND (? IS NULL OR instr(name, ?) > 0)"
-        args = (zone, project, project, name, name)
-        total = self.conn.execute(f"SELECT count(*) FROM volumes WHERE {where}", args).fetchone()[0]
-        rows = self.conn.execute(f"SELECT * FROM volumes WHERE {where} ORDER BY rowid "
-                                 "LIMIT ? OFFSET ?", args + (per_page, (page - 1) * per_page))
-        return Page([_volume(r) for r in rows], total)
-
-    def all_volumes(self) -> list[Volume]:
-        return [_volume(r) for r in self.conn.execute("SELECT * FROM volumes ORDER BY rowid")]
-
-    def remove_volume(self, volume_id: str) -> None:
-        self.conn.execute("DELETE FROM volumes WHERE id = ?", (volume_id,))
-
-    def update_volume(self, volume_id: str, zone: str, name: str | None,
-                      tags: list[str] | None) -> None:
-        """A new name (unique in the zone, as add_volume keeps it) and/or tags."""
-        with self.transaction():
-            if name is not None and self.conn.execute(
-                    "SELECT 1 FROM volumes WHERE zone = ? AND name = ? AND id != ?",
-                    (zone, name, volume_id)).fetchone():
-                raise InvalidArgument("name", f"a volume named {name!r} already exists in "
-                                              f"{zone}")
-            self.conn.execute(
-                "UPDATE volumes SET name = coalesce(?, name), tags = coalesce(?, tags), "
-                "modification_date = ? WHERE id = ?",
-                (name, None if tags is None else json.dumps(tags), now(), volume_id))
-
-    def set_volume_size(self, volume_id: str, size: int) -> None:
-        self.conn.execute("UPDATE volumes SET size = ? WHERE id = ?", (size, volume_id))
-
-    def volume_identity(self, volume_id: str) -> str | None:
-        """The identity of the volume's file (schema v7), None if not recorded yet."""
-        row = self.conn.execute("SELECT identity FROM volumes WHERE id = ?",
-                                (volume_id,)).fetchone()
-        return row[0] if row else None
-
-    def set_volume_file(self, volume_id: str, identity: str, path: str | None = None,
-                        size: int | None = None) -> None:
-        """Record the file a volume is (its identity; a re-pointed path and size)."""
-        self.conn.execute(
-            "UPDATE volumes SET identity = ?, path = coalesce(?, path), "
-            "size = coalesce(?, size), modification_date = ? WHERE id = ?",
-            (identity, path, size, now(), volume_id))
-
     # --- snapshots -------------------------------------------------------------------
 
     def insert_snapshot(self, s: Snapshot, source: dict[str, Any] | None,
@@ -260,6 +177,10 @@ class Metadata:
         # one given is kept in meta (and map rows left by a snapshot an older
         # snapfs deleted under a capture count too).
         with self.transaction():
+            if s.base_volume is not None and s.state == "snapshotting" and not \
+                    self.conn.execute("SELECT 1 FROM volumes WHERE id = ?",
+                                      (s.base_volume.id,)).fetchone():
+                raise NotFound("volume", s.base_volume.id)  # removed since it was looked up
             if unique_name:
                 other = self.conn.execute(
                     "SELECT id FROM snapshots WHERE zone = ? AND project = ? AND name = ? "

@@ -182,6 +182,14 @@ class SnapshotService(abc.ABC):
         show a status across restarts. None when unknown."""
         return None
 
+    def store_version(self) -> object:
+        """A value that moves whenever this process changes what the lists show,
+        through any path (a capture ending in the background, a mount's mkdir
+        beside `--listen`): what `snapfs serve` keeps between a listing's pages is
+        stale once it moves. None where the backend cannot tell (kept lists then
+        last their TTL)."""
+        return None
+
     # --- allocation (backup tools; see snapfs/local/extents.py) ----------------------
 
     #: Whether allocated_extents/changed_extents can answer (the tree then shows

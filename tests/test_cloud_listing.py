@@ -5,6 +5,7 @@ refreshes it in the background."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -264,3 +265,71 @@ async def test_ls_l_of_a_cloud_zone_asks_only_its_lists(
         # (its 3 pages may or may not have been asked yet).
         assert await ls_l() <= 3
         nursery.cancel_scope.cancel()
+
+
+async def _asgi_get(app: Any, path: str, **query: object) -> tuple[dict[str, str], Any]:
+    """One GET straight into the ASGI app (no server): (headers, JSON body)."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+    from urllib.parse import urlencode
+    await app({"type": "http", "method": "GET", "path": path,
+               "query_string": urlencode(query).encode(),
+               "headers": [(b"x-auth-token", SECRET.encode())]}, receive, send)
+    assert sent[0]["status"] == 200, sent
+    headers = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
+    return headers, json.loads(sent[1]["body"])
+
+
+async def test_a_later_page_is_not_older_than_this_process_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A capture ending in the background (or a mount's mkdir beside --listen)
+    changes what a list shows without a request through the server: a later page,
+    cut from page 1's kept list, showed the old state for up to 30 s."""
+    from snapfs.http.routes import make_app
+    from snapfs.local import capture
+
+    gate = trio.Event()
+    read_batch = capture.FileSource.read_batch
+
+    async def held(self: Any, first: int, count: int) -> Any:
+        await gate.wait()
+        return await read_batch(self, first, count)
+    vol = tmp_path / "v.raw"
+    vol.write_bytes(b"x" * (1 << 20))
+    path = "/instance/v1/zones/fr-par-1/snapshots"
+    async with open_local_service(tmp_path / "store") as svc:
+        app = make_app(svc, SECRET)
+        v = await svc.add_volume("v", vol)
+        first = await svc.create_snapshot(ZONE, name="first", volume_id=v.id)
+        await wait_state(svc, first.id)
+        monkeypatch.setattr(capture.FileSource, "read_batch", held)
+        slow = await svc.create_snapshot(ZONE, name="slow", volume_id=v.id)
+        headers, _ = await _asgi_get(app, path, per_page=1, page=1)
+        assert headers["x-total-count"] == "2"
+        _, page2 = await _asgi_get(app, path, per_page=1, page=2)
+        assert [(s["id"], s["state"]) for s in page2["snapshots"]] == [(slow.id, "snapshotting")]
+        gate.set()
+        await wait_state(svc, slow.id)
+        _, page2 = await _asgi_get(app, path, per_page=1, page=2)
+        assert [(s["id"], s["state"]) for s in page2["snapshots"]] == [(slow.id, "available")]
+        third = await svc.create_snapshot(ZONE, name="third", volume_id=v.id)
+        headers, page3 = await _asgi_get(app, path, per_page=1, page=3)
+        assert headers["x-total-count"] == "3"
+        assert [s["id"] for s in page3["snapshots"]] == [third.id]
+        await wait_state(svc, third.id)
+        # Nothing shown changed since: later pages are still cut from the kept list.
+        computed: list[int] = []
+        list_all = svc.list_all_snapshots
+
+        async def counted(*args: Any, **kw: Any) -> Any:
+            computed.append(1)
+            return await list_all(*args, **kw)
+        monkeypatch.setattr(svc, "list_all_snapshots", counted)
+        for page in (1, 2, 3):
+            await _asgi_get(app, path, per_page=1, page=page)
+        assert len(computed) == 1

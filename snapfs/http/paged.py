@@ -6,8 +6,10 @@ the store on its own would rescan the table per page; instead the whole
 filtered, ordered list of a query is computed at its page 1 and later pages of
 the same query are cut from it for ``TTL`` seconds, so a listing costs one scan
 and its pages are consistent with each other. Any change made through the
-server (every request but GET/HEAD) drops what is kept; changes made to the
-store by another process show on the next page 1.
+server (every request but GET/HEAD) drops what is kept, and so does any other
+change of this process the service reports through its ``store_version`` (a
+capture ending in the background, a mount's mkdir beside `--listen`); changes
+made to the store by another process show on the next page 1.
 """
 
 from __future__ import annotations
@@ -28,11 +30,15 @@ MAX_ITEMS = 100_000
 
 class PagedLists:
     def __init__(self, ttl: float = TTL, max_kept: int = MAX_KEPT,
-                 max_items: int = MAX_ITEMS) -> None:
+                 max_items: int = MAX_ITEMS,
+                 version: Callable[[], object] = lambda: None) -> None:
+        """``version``: a value that moves whenever the service's answers may have
+        (SnapshotService.store_version); a kept list of another version is stale."""
         self.ttl = ttl
         self.max_kept = max_kept
         self.max_items = max_items
-        self._kept: dict[tuple[Any, ...], tuple[float, int, list[Any]]] = {}
+        self.version = version
+        self._kept: dict[tuple[Any, ...], tuple[float, int, object, list[Any]]] = {}
         self._generation = 0
 
     async def get(self, query: tuple[Any, ...], page: int,
@@ -40,20 +46,22 @@ class PagedLists:
         """The list of ``query``: computed at page 1 (and when not kept or too old),
         else the one kept from its page 1."""
         kept = self._kept.get(query)
-        if page == 1 or kept is None or time.monotonic() - kept[0] > self.ttl:
+        version = self.version()
+        if page == 1 or kept is None or time.monotonic() - kept[0] > self.ttl \
+                or kept[2] != version:
             generation = self._generation
             items = await compute()
             # A change made while computing: answer it, but do not keep it.
             if generation == self._generation:
                 self._kept.pop(query, None)
                 if len(items) <= self.max_items:
-                    held = sum(len(k[2]) for k in self._kept.values())
+                    held = sum(len(k[3]) for k in self._kept.values())
                     while self._kept and (len(self._kept) >= self.max_kept
                                           or held + len(items) > self.max_items):
-                        held -= len(self._kept.pop(next(iter(self._kept)))[2])
-                    self._kept[query] = (time.monotonic(), generation, items)
+                        held -= len(self._kept.pop(next(iter(self._kept)))[3])
+                    self._kept[query] = (time.monotonic(), generation, version, items)
             return items
-        return kept[2]
+        return kept[3]
 
     def clear(self) -> None:
         """Something changed: every list is computed again at its next page."""

@@ -240,7 +240,7 @@ def _project_api(project: Project) -> dict[str, Any]:
 
 def make_app(service: SnapshotService, secret: str | None) -> App:
     """The ASGI app serving ``service``; ``secret`` is SCW_SECRET_KEY when set."""
-    paged = PagedLists()
+    paged = PagedLists(version=service.store_version)
     router = Routes(service, paged).router()
     BlockRoutes(service, paged).add_to(router)
     return App(router, secret, on_change=paged.clear)

@@ -81,6 +81,29 @@ class Metadata(VolumeRows):
         self.conn = conn
         self.db = sqlite_utils.Database(conn)
         self.organization = self._ensure_defaults() if not readonly else self._org()
+        #: Changes this connection made to what lists show (see _count_changes).
+        self.changes = 0
+        if not readonly:
+            self._count_changes()
+
+    def _count_changes(self) -> None:
+        """Count every change this process makes to the snapshots and volumes lists
+        show, whichever code path makes it (TEMP triggers fire for this connection
+        only; progress alone is not shown): `snapfs serve` drops the lists it keeps
+        between pages when the count moves (LocalService.store_version)."""
+        def bump() -> None:
+            self.changes += 1
+        self.conn.create_function("snapfs_listed_change", 0, bump)
+        shown = " OR ".join(f"OLD.{c} IS NOT NEW.{c}" for c in (
+            "state", "name", "tags", "deleting", "size", "modification_date"))
+        for name, event in (("snapshots_in", "INSERT ON main.snapshots"),
+                            ("snapshots_out", "DELETE ON main.snapshots"),
+                            ("snapshots_up", f"UPDATE ON main.snapshots WHEN {shown}"),
+                            ("volumes_in", "INSERT ON main.volumes"),
+                            ("volumes_out", "DELETE ON main.volumes"),
+                            ("volumes_up", "UPDATE ON main.volumes")):
+            self.conn.execute(f"CREATE TEMP TRIGGER IF NOT EXISTS listed_{name} AFTER {event} "
+                              "BEGIN SELECT snapfs_listed_change(); END")
 
     def close(self) -> None:
         self.conn.close()

@@ -140,6 +140,10 @@ class LocalService(SnapshotService):
     async def list_all_volumes(self) -> list[Volume]:
         return self.md.all_volumes()
 
+    def store_version(self) -> object:
+        # This process's changes (another process's show at the next page 1).
+        return self.md.changes
+
     # --- snapshots -------------------------------------------------------------------
 
     async def list_snapshots(self, zone: str, *, organization: str | None = None,

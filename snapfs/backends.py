@@ -88,6 +88,12 @@ async def open_backend(settings: BackendSettings) -> AsyncIterator[SnapshotServi
     if settings.backend not in BACKENDS:
         raise InvalidArgument("backend", f"unknown backend {settings.backend!r} "
                                          f"({', '.join(BACKENDS)})")
+    if settings.backend == "local":
+        # The cloud's options do nothing here: said, not silently ignored.
+        for option, value in (("zones", settings.zones), ("profile", settings.profile),
+                              ("staging-bucket", settings.staging_bucket)):
+            if value:
+                raise InvalidArgument(option, "applies to --backend scaleway only")
     objects = object_storage(settings.s3_endpoint) if settings.objects else None
     try:
         async with _open_service(settings, objects) as svc:

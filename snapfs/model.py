@@ -92,7 +92,7 @@ _NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f/~]")
 _TAG_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f/~,]")
 
 
-def _utf8_len(value: str) -> int | None:
+def utf8_len(value: str) -> int | None:
     """Bytes of ``value`` in UTF-8; None when it holds lone surrogates (the
     form undecodable bytes take in Python), which have no UTF-8."""
     try:
@@ -122,7 +122,7 @@ def _text_problem(value: str, kind: str, max_bytes: int, forbidden: "re.Pattern[
         return "must not be empty"
     if value in (".", ".."):
         return f"{value!r} is not a usable {kind}"
-    size = _utf8_len(value)
+    size = utf8_len(value)
     if size is None:
         return "must be valid UTF-8 text"
     if size > max_bytes:

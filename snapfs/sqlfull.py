@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import SnapfsError, StoreFull, StoreUnusable
+from .errors import InvalidArgument, SnapfsError, StoreFull, StoreUnusable
 
 FULL_MESSAGE = ("the filesystem holding the store is full: free space there (deleting "
                 "snapshots needs a little room too)")
@@ -54,6 +54,10 @@ def _full_is_store_full() -> Iterator[None]:
         if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
             raise StoreFull(f"{FULL_MESSAGE} ({exc})") from None
         raise
+    except UnicodeEncodeError:
+        # A parameter holding undecodable bytes (lone surrogates): no row holds
+        # one (names are UTF-8 by rule), and SQLite cannot be asked about it.
+        raise InvalidArgument("argument", "must be valid UTF-8 text") from None
 
 
 class Connection(sqlite3.Connection):

@@ -43,3 +43,37 @@ def test_bad_names_are_one_line_and_change_nothing(tmp_path: Path, store_dir: Pa
         assert "Traceback" not in err and res.stdout == b""
     assert _state(store_dir) == before
     assert not (store_dir / "volumes").exists() or not any((store_dir / "volumes").iterdir())
+
+
+@pytest.mark.parametrize("ref", [b"\xff", b"disk\xff"], ids=repr)
+def test_a_volume_named_by_undecodable_bytes_is_not_found_in_one_line(
+        tmp_path: Path, store_dir: Path, ref: bytes) -> None:
+    """`volume rm` and `volume repoint` printed a traceback (the name reached SQLite,
+    which cannot take undecodable bytes): no volume has such a name."""
+    img = write_volume(tmp_path / "disk.raw", 1 << 20, [(0, b"hello")])
+    snapfs_cli("volume", "add", "disk", str(img), store=store_dir, check=True)
+    before = _state(store_dir)
+    for args in ([b"volume", b"rm", ref], [b"volume", b"repoint", ref, str(img)]):
+        res = _run(*args, store=store_dir)
+        err = res.stderr.decode("utf-8", "replace")
+        assert res.returncode == 1, (args, err)
+        assert "not found" in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert _state(store_dir) == before
+
+
+def test_undecodable_text_asked_of_the_database_is_an_invalid_argument(tmp_path: Path) -> None:
+    """The store's connections answer a parameter SQLite cannot take (lone
+    surrogates: undecodable bytes) with the one table's InvalidArgument, not an
+    unexpected UnicodeEncodeError, whichever query it reaches."""
+    import sqlite3
+
+    from snapfs import sqlfull
+    from snapfs.errors import InvalidArgument
+
+    conn = sqlite3.connect(tmp_path / "t.db", factory=sqlfull.Connection)
+    conn.execute("CREATE TABLE t (name TEXT)")
+    with pytest.raises(InvalidArgument, match="valid UTF-8"):
+        conn.execute("SELECT 1 FROM t WHERE name = ?", ("bad\udcff",))
+    with pytest.raises(InvalidArgument, match="valid UTF-8"):
+        conn.executemany("INSERT INTO t VALUES (?)", [("ok",), ("bad\udcff",)])
+    conn.close()

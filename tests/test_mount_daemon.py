@@ -138,11 +138,21 @@ def test_mount_failure_is_reported_by_the_parent(tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     store = tmp_path / "store"
-    res = snapfs("mount", mnt, "--store", store, "--backend", "local", "--s3-endpoint",
-                 "ftp://nowhere", check=False)
-    assert res.returncode == 1 and "s3-endpoint" in res.stderr
-    assert res.stderr.count("\n") == 1
-    assert not is_mounted(mnt)
+    # Each a URL botocore refuses: accepted, every export failed later as an
+    # "internal error" with a traceback in the log.
+    for endpoint in ("ftp://nowhere", "http://exa mple", "https://a_b.example:80/x",
+                     "http://[::1", "http://\udcff"):
+        res = snapfs("mount", mnt, "--store", store, "--backend", "local", "--s3-endpoint",
+                     endpoint, check=False)
+        assert res.returncode == 1 and "s3-endpoint" in res.stderr, (endpoint, res.stderr)
+        assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+        assert not is_mounted(mnt)
+    # The Scaleway backend's options on the local one were accepted and ignored.
+    for option in ("zones=nl-ams-1", "profile=p", "staging_bucket=b"):
+        res = snapfs("mount", mnt, "--store", store, "-o", option, check=False)
+        assert res.returncode == 1 and "scaleway only" in res.stderr, (option, res.stderr)
+        assert res.stderr.count("\n") == 1
+        assert not is_mounted(mnt)
 
 
 def test_allow_other_brings_default_permissions(mount_factory: Callable[..., Mount],

@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager
 import sqlite_utils
 
 from ..errors import InvalidArgument, NotFound, PreconditionFailed
-from ..model import Page, Volume, now
+from ..model import Page, Volume, utf8_len, now
 
 #: Volumes with whether a snapshot of theirs is being captured (or queued): shown as
 #: the API's ``snapshotting`` state, in which a volume is not deleted.
@@ -49,6 +49,8 @@ class VolumeRows:
 
     def volume(self, zone: str | None, ref: str) -> Volume:
         """A volume by ID, or by name within ``zone`` (any zone when None)."""
+        if utf8_len(ref) is None:  # undecodable bytes: no volume is named so
+            raise NotFound("volume", ref)
         rows = self.conn.execute(
             f"{_VOLUMES} WHERE (id = ? OR name = ?) AND (? IS NULL OR zone = ?) "
             "ORDER BY id = ? DESC", (ref, ref, zone, zone, ref)).fetchall()

@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
+
 from ..errors import InvalidArgument
+from ..logtext import esc
 from .calls import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -178,9 +181,18 @@ def resolve_settings(endpoint: str | None = None, region: str | None = None
 
 
 def check_endpoint(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise InvalidArgument("s3-endpoint", f"{url!r} is not an http(s) URL")
+    """An http(s) URL botocore will take, checked when given: refused later, at
+    each export's first call, it was an "internal error" with a traceback."""
+    try:
+        parts = urlsplit(url)
+        host_ok = bool(is_valid_endpoint_url(url) or is_valid_ipv6_endpoint_url(url))
+    except ValueError:  # an IPv6 address without its closing bracket
+        parts, host_ok = None, False
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InvalidArgument("s3-endpoint", f"{esc(url)} is not an http(s) URL")
+    if not host_ok:
+        raise InvalidArgument("s3-endpoint", f"{esc(url)}: not a host name, IPv4 or "
+                                             "[IPv6] address (and port) S3 clients take")
     return url
 
 

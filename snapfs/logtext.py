@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
+from typing import Any
 
 #: Characters escaped in user-supplied text: C0 controls, DEL, C1 controls, lone
 #: surrogates (how undecodable bytes survive os.fsdecode), and the invisible ones
@@ -62,3 +64,38 @@ class EscapingFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         return escape_controls(super().formatMessage(record))
+
+
+class LossCountingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A log line that cannot be written (the disk holding the log full, say) is
+    dropped and counted, and the next line that can be written is preceded by
+    one saying how many were lost and why. Python's own handling printed "---
+    Logging error ---" and a traceback to stderr, which for the daemon is that
+    same log: fragments that read like a bug, on a disk already in trouble. Any
+    other failure (a bad format string: a bug) is still reported as Python does."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self.lost = 0
+        self.why = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.lost:
+            lost, self.lost = self.lost, 0
+            note = logging.LogRecord("snapfs", logging.WARNING, __file__, 0,
+                                     "%d log line(s) lost: %s", (lost, self.why), None)
+            try:
+                self.stream.write(self.format(note) + self.terminator)
+                self.flush()
+            except OSError:
+                self.lost = lost + 1
+                return
+        super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            self.lost += 1
+            self.why = escape_controls(exc.strerror or str(exc))
+            return
+        super().handleError(record)

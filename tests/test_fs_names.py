@@ -126,6 +126,8 @@ def test_inode_table_is_stable_and_never_reuses() -> None:
     (b"s3://my.bucket-1/dir/disk.qcow2", "my.bucket-1", "dir/disk.qcow2"),
     (b"  abc/k\n", "abc", "k"),
     (b"abc/k  \n", "abc", "k  "),  # the key as written (it was stripped: another key)
+    (b"abc/k\r\n", "abc", "k"),  # a line as Windows ends it (the key ended in "\r")
+    (b"abc/k\r", "abc", "k"),
 ])
 def test_targets(text: bytes, bucket: str, key: str) -> None:
     assert transfer.parse_target(text) == transfer.Target(bucket, key)
@@ -134,7 +136,7 @@ def test_targets(text: bytes, bucket: str, key: str) -> None:
 @pytest.mark.parametrize("text", [b"", b"\n", b"bucket", b"bucket/", b"Bad_Bucket/k",
                                   b"http://b/k", b"ab/k\nmore\n", b"b\xff/k", b"a/k",
                                   b"a..b/k", b"x" * 5000, b"192.168.1.1/k",
-                                  b"bkt/" + b"k" * 1025])
+                                  b"bkt/" + b"k" * 1025, b"ab/k\rmore\n", b"ab/k\r\r\n"])
 def test_bad_targets(text: bytes) -> None:
     with pytest.raises(InvalidArgument):
         transfer.parse_target(text)

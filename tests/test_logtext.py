@@ -4,11 +4,15 @@ control, invisible and direction-changing character escaped, once."""
 from __future__ import annotations
 
 import logging
+import os
+import re
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from snapfs.errors import NotFound
-from snapfs.logtext import EscapingFormatter, esc, escape_controls
+from snapfs.logtext import EscapingFormatter, LossCountingHandler, esc, escape_controls
 
 INVISIBLE = ["\u200b", "\u200c", "\u200d", "\u200e", "\u200f", "\u2028", "\u2029",
              "\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2067",
@@ -32,3 +36,47 @@ def test_a_not_found_is_escaped_once() -> None:
     exc = NotFound("snapshot", "a\nb\\c")
     assert esc(str(exc)) == "snapshot 'a\\nb\\\\c' not found"
     assert exc.ident == "a\nb\\c"
+
+
+def test_log_lines_a_full_disk_drops_are_counted_not_tracebacks(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A log on a full filesystem (a 64 KiB tmpfs here): Python's handler printed
+    "--- Logging error ---" and a traceback per line (into that same log, for the
+    daemon). The lines that cannot be written are counted, and the first line
+    written once there is room again says how many were lost and why."""
+    fs = tmp_path / "small"
+    fs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(fs)], check=True)
+    try:
+        stream = open(fs / "mount.log", "a", buffering=1)
+        handler = LossCountingHandler(stream)
+        handler.setFormatter(EscapingFormatter("%(levelname)s %(name)s: %(message)s"))
+        logger = logging.getLogger("test.full")
+        logger.propagate = False
+        logger.addHandler(handler)
+        try:
+            filler = fs / "filler"
+            fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+            try:
+                while os.write(fd, b"\0" * 4096):
+                    pass
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+            for i in range(50):
+                logger.warning("line %d %s", i, "x" * 200)
+            assert handler.lost > 0
+            filler.unlink()
+            logger.warning("back")
+        finally:
+            logger.removeHandler(handler)
+            stream.close()
+        text = (fs / "mount.log").read_text()
+        lines = text.splitlines()
+        assert lines[-1] == "WARNING test.full: back", lines[-3:]
+        assert re.fullmatch(r"WARNING snapfs: \d+ log line\(s\) lost: No space left on device",
+                            lines[-2]), lines[-2]
+        assert "Traceback" not in text and "Logging error" not in capsys.readouterr().err
+    finally:
+        subprocess.run(["umount", "-l", str(fs)], check=False)

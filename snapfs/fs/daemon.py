@@ -24,7 +24,7 @@ import trio
 
 from ..backends import BackendSettings, open_backend
 from ..errors import InvalidArgument, SnapfsError
-from ..logtext import EscapingFormatter
+from ..logtext import EscapingFormatter, LossCountingHandler
 from ..procfs import mount_device
 from ..service import SnapshotService
 from .context import FsContext
@@ -240,9 +240,9 @@ def setup_logging(cfg: MountConfig, stream: TextIO | None = None) -> None:
         root.removeHandler(h)
     if stream is None:  # never through a symlink, 0600 (local/store.py)
         from ..local.store import open_log
-        handler: logging.Handler = logging.StreamHandler(open_log(cfg.store / LOG_NAME))
+        handler: logging.Handler = LossCountingHandler(open_log(cfg.store / LOG_NAME))
     else:
-        handler = logging.StreamHandler(stream)
+        handler = LossCountingHandler(stream)
     handler.setFormatter(EscapingFormatter(
         "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)

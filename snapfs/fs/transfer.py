@@ -31,15 +31,16 @@ def parse_target(data: bytes) -> Target:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidArgument("target", "not UTF-8 text") from None
-    if text.endswith("\n"):
-        text = text[:-1]
+    # A line's end, as written on Linux or (a file made elsewhere) on Windows: a
+    # key ending in "\r" was exported to, and reported as a success.
+    text = text.removesuffix("\n").removesuffix("\r")
     # The key is taken as written: S3 keys may end in spaces, and stripping them
     # exported to another key than the one written (and reported success). Spaces
     # before the bucket go: no bucket name has any.
     text = text.lstrip()
     if not text.strip():
         raise InvalidArgument("target", "empty; write BUCKET/KEY or s3://BUCKET/KEY")
-    if "\n" in text or "\0" in text:
+    if "\n" in text or "\r" in text or "\0" in text:
         raise InvalidArgument("target", "must be one line: BUCKET/KEY or s3://BUCKET/KEY")
     if text.startswith("s3://"):
         text = text[len("s3://"):]

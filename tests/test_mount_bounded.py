@@ -9,6 +9,7 @@ import json
 import os
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -193,6 +194,47 @@ def test_rmdir_stops_a_running_and_a_queued_capture(busy_mount: tuple[Mount, Pat
     assert m.wait_state(m.snapshots() / "s3") == "available"
     run("cmp", m.snapshots() / "s3" / "image.raw", vol)
     assert "Traceback" not in m.log()
+
+
+#: Holds the store's index lock (argv[1]) until its stdin closes: a mount's capture
+#: waits at its first commit meanwhile, so its snapshot stays `snapshotting`.
+HOLD_INDEX_LOCK = """
+import sys, trio
+from snapfs.local import open_local_service
+async def main():
+    async with open_local_service(sys.argv[1]) as svc:
+        await svc.index_lock.acquire()
+        print("held", flush=True)
+        await trio.to_thread.run_sync(sys.stdin.read)
+        svc.index_lock.release()
+trio.run(main)
+"""
+
+
+def test_wait_on_a_snapshot_deleted_meanwhile_says_so(busy_mount: tuple[Mount, Path]) -> None:
+    """`snapfs wait` printed a bare "No such file or directory: PATH"."""
+    m, _ = busy_mount
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_INDEX_LOCK, str(m.store)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        run("mkdir", m.volume("disk") / "q")
+        waiting = subprocess.Popen([sys.executable, "-m", "snapfs", "wait",
+                                    str(m.snapshots() / "q")], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        assert waiting.poll() is None  # still waiting: the capture waits for the lock
+        rmdir = subprocess.Popen(["rmdir", str(m.snapshots() / "q")])
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=60)
+        assert holder.stdout is not None
+        holder.stdout.close()
+    assert rmdir.wait(timeout=60) == 0
+    out, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 1 and out == ""
+    assert err == f"snapfs: {m.snapshots() / 'q'}: the snapshot was deleted while waiting\n"
 
 
 def test_metadata_writes_on_a_full_disk_are_enospc_and_change_nothing(

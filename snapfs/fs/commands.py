@@ -268,7 +268,12 @@ def _wait(args: argparse.Namespace) -> int:
                 bar.done()
             raise SnapfsError(f"{args.path}: still {state} after {args.timeout:g}s")
         time.sleep(0.2)
-        state, progress, reason = probe()
+        try:
+            state, progress, reason = probe()
+        except FileNotFoundError:
+            if bar is not None:
+                bar.done()
+            raise SnapfsError(f"{args.path}: the snapshot was deleted while waiting") from None
     if bar is not None:
         bar.show(state, 100)
         bar.done()

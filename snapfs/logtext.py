@@ -11,8 +11,8 @@ last line of defence (tracebacks, which it leaves alone, are ours).
 from __future__ import annotations
 
 import logging
+import os
 import re
-import sys
 from typing import Any
 
 #: Characters escaped in user-supplied text: C0 controls, DEL, C1 controls, lone
@@ -71,31 +71,42 @@ class LossCountingHandler(logging.StreamHandler):  # type: ignore[type-arg]
     dropped and counted, and the next line that can be written is preceded by
     one saying how many were lost and why. Python's own handling printed "---
     Logging error ---" and a traceback to stderr, which for the daemon is that
-    same log: fragments that read like a bug, on a disk already in trouble. Any
-    other failure (a bad format string: a bug) is still reported as Python does."""
+    same log: fragments that read like a bug, on a disk already in trouble. Lines
+    go to the stream's descriptor with one write(2) each, not through its buffer:
+    a failed buffered write stayed buffered and came out later, so lines counted
+    as lost were not, and each note about them came out too. Any other failure
+    (a bad format string: a bug) is still reported as Python does."""
 
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
         self.lost = 0
         self.why = ""
+        try:
+            stream.flush()
+            self.fd: int | None = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # no descriptor: buffered, as Python
+            self.fd = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.lost:
-            lost, self.lost = self.lost, 0
-            note = logging.LogRecord("snapfs", logging.WARNING, __file__, 0,
-                                     "%d log line(s) lost: %s", (lost, self.why), None)
-            try:
-                self.stream.write(self.format(note) + self.terminator)
-                self.flush()
-            except OSError:
-                self.lost = lost + 1
-                return
-        super().emit(record)
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        exc = sys.exc_info()[1]
-        if isinstance(exc, OSError):
+        if self.fd is None:
+            super().emit(record)
+            return
+        try:
+            text = self.format(record) + self.terminator
+            if self.lost:
+                note = logging.LogRecord("snapfs", logging.WARNING, __file__, 0,
+                                         "%d log line(s) lost: %s", (self.lost, self.why),
+                                         None)
+                text = self.format(note) + self.terminator + text
+            data = text.encode("utf-8", "backslashreplace")
+        except Exception:
+            self.handleError(record)
+            return
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError as exc:
             self.lost += 1
             self.why = escape_controls(exc.strerror or str(exc))
             return
-        super().handleError(record)
+        self.lost = 0

@@ -234,7 +234,7 @@ def test_wait_on_a_snapshot_deleted_meanwhile_says_so(busy_mount: tuple[Mount, P
     assert rmdir.wait(timeout=60) == 0
     out, err = waiting.communicate(timeout=60)
     assert waiting.returncode == 1 and out == ""
-    assert err == f"snapfs: {m.snapshots() / 'q'}: the snapshot was deleted while waiting\n"
+    assert err == f"snapfs: {m.snapshots() / 'q'}: gone: deleted while waiting\n"
 
 
 def test_metadata_writes_on_a_full_disk_are_enospc_and_change_nothing(

@@ -141,12 +141,17 @@ def test_mount_failure_is_reported_by_the_parent(tmp_path: Path) -> None:
     # Each a URL botocore refuses: accepted, every export failed later as an
     # "internal error" with a traceback in the log.
     for endpoint in ("ftp://nowhere", "http://exa mple", "https://a_b.example:80/x",
-                     "http://[::1", "http://\udcff"):
+                     "http://[::1", "http://\udcff", "http://host:abc", "http://h:99999"):
         res = snapfs("mount", mnt, "--store", store, "--backend", "local", "--s3-endpoint",
                      endpoint, check=False)
         assert res.returncode == 1 and "s3-endpoint" in res.stderr, (endpoint, res.stderr)
         assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
         assert not is_mounted(mnt)
+    # boto3's own setting is held to the same rule.
+    res = snapfs("mount", mnt, "--store", store, check=False,
+                 env={"AWS_ENDPOINT_URL": "http://minio_1:9000"})
+    assert res.returncode == 1 and "AWS_ENDPOINT_URL" in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1 and not is_mounted(mnt)
     # The Scaleway backend's options on the local one were accepted and ignored.
     for option in ("zones=nl-ams-1", "profile=p", "staging_bucket=b"):
         res = snapfs("mount", mnt, "--store", store, "-o", option, check=False)

@@ -284,11 +284,12 @@ async def test_corrupt_compressed_cluster_found_mid_import(
     await objects.aclose()
 
 
-async def test_an_object_replaced_mid_import_ends_invalid_data(
+async def test_an_object_replaced_mid_import_ends_in_error(
         s3_server: SeaweedServer, bucket: str, tmp_path: Path,
         volume_file: Callable[..., Path]) -> None:
     """The import reads the version it validated (If-Match on every GET): replaced
-    once the tables are checked, the object fails the import; nothing is kept."""
+    once the tables are checked, the object fails the import; nothing is kept. An
+    error to retry, not invalid_data: the image was not found bad, only replaced."""
     images = [qcow2_of(volume_file(name, 48 * MiB, [(0, random_bytes(48 * MiB, seed))]))
               for name, seed in (("a", 12), ("b", 13))]
     client = s3_server.client()
@@ -303,7 +304,7 @@ async def test_an_object_replaced_mid_import_ends_invalid_data(
             # Synchronous, holding the trio loop: no data GET starts before it is done.
             client.upload_file(str(images[1]), bucket, "disk.qcow2")
         done = await wait_state(svc, snap.id)
-        assert done.state == "invalid_data", done.error_reason
+        assert done.state == "error", done.error_reason
         assert "changed while being read" in (done.error_reason or "")
         assert store_state(svc, exclude=snap.id) == before
     await objects.aclose()

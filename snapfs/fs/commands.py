@@ -256,9 +256,17 @@ def _probe_for(path: Path) -> tuple[Callable[[], Status], frozenset[str], frozen
 def _wait(args: argparse.Namespace) -> int:
     if args.timeout is not None and not 0 <= args.timeout < math.inf:  # nan: for ever
         raise InvalidArgument("--timeout", f"{args.timeout} is not a number of seconds >= 0")
-    probe, busy, failed = _probe_for(args.path)
-    state, progress, reason = probe()
+    found, busy, failed = _probe_for(args.path)
+
+    def probe() -> Status:
+        try:
+            return found()
+        except FileNotFoundError:  # deleted since (rmdir, or the import's snapshot)
+            if bar is not None:
+                bar.done()
+            raise SnapfsError(f"{args.path}: gone: deleted while waiting") from None
     bar = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
+    state, progress, reason = probe()
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     while state in busy:
         if bar is not None:
@@ -268,12 +276,7 @@ def _wait(args: argparse.Namespace) -> int:
                 bar.done()
             raise SnapfsError(f"{args.path}: still {state} after {args.timeout:g}s")
         time.sleep(0.2)
-        try:
-            state, progress, reason = probe()
-        except FileNotFoundError:
-            if bar is not None:
-                bar.done()
-            raise SnapfsError(f"{args.path}: the snapshot was deleted while waiting") from None
+        state, progress, reason = probe()
     if bar is not None:
         bar.show(state, 100)
         bar.done()

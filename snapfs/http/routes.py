@@ -166,6 +166,7 @@ class Routes:
             if req.param(unsupported):
                 raise InvalidArgument(unsupported, "filter not supported by this server")
         organization = req.param("organization") or None
+        project = req.uuid_param("project")  # checked whichever branch answers
         per_page, page_no = req.int_param("per_page"), req.int_param("page")
         page: Page[Volume]
         if organization is not None and not await self._has_organization(organization):
@@ -175,7 +176,7 @@ class Routes:
             page = Page([], 0)
         else:
             page = await self.svc.list_volumes(
-                req.args["zone"], project=req.uuid_param("project"),
+                req.args["zone"], project=project,
                 name=req.param("name") or None, per_page=per_page, page=page_no)
         return json_response(200, {"volumes": [v.to_api() for v in page.items],
                                    "total_count": page.total_count},

@@ -18,7 +18,7 @@ from typing import Awaitable, Callable
 
 import trio
 
-from ..errors import InvalidData, PreconditionFailed, SnapfsError
+from ..errors import InvalidAnswer, InvalidData, PreconditionFailed, SnapfsError
 from ..model import PRODUCING_STATES, now
 from ..objects import ObjectStorage
 from ..service import ImageReader
@@ -137,7 +137,10 @@ class SnapshotWork:
         except trio.Cancelled:
             raise
         except SnapfsError as exc:
-            failed_state = "invalid_data" if isinstance(exc, InvalidData) else "error"
+            # invalid_data says the image is bad; an InvalidAnswer only that one answer
+            # of the server was (the object replaced mid-read): an error, to retry.
+            failed_state = "invalid_data" if isinstance(exc, InvalidData) \
+                and not isinstance(exc, InvalidAnswer) else "error"
             reason = str(exc)
         except OSError as exc:
             reason = f"reading the source failed: {exc.strerror or exc}"

@@ -154,6 +154,8 @@ def resolve_settings(endpoint: str | None = None, region: str | None = None
         check_endpoint(endpoint)
     profile = os.environ.get("AWS_PROFILE") or None
     configured = endpoint or _configured_endpoint(profile)
+    if configured and not endpoint:  # boto3's own settings: held to the same rule
+        check_endpoint(configured, "AWS_ENDPOINT_URL (or the profile's endpoint_url)")
     scw_key, scw_secret = os.environ.get("SCW_ACCESS_KEY"), os.environ.get("SCW_SECRET_KEY")
     if not configured and scw_key and scw_secret:
         reg = (region or os.environ.get("SCW_DEFAULT_REGION")
@@ -180,19 +182,20 @@ def resolve_settings(endpoint: str | None = None, region: str | None = None
                       secret_key=scw_secret if use_scw else None, max_parts=SCW_MAX_PARTS)
 
 
-def check_endpoint(url: str) -> str:
+def check_endpoint(url: str, what: str = "s3-endpoint") -> str:
     """An http(s) URL botocore will take, checked when given: refused later, at
     each export's first call, it was an "internal error" with a traceback."""
     try:
         parts = urlsplit(url)
         host_ok = bool(is_valid_endpoint_url(url) or is_valid_ipv6_endpoint_url(url))
-    except ValueError:  # an IPv6 address without its closing bracket
+        parts.port  # noqa: B018  (ValueError: not a port number, or past 65535)
+    except ValueError:  # also an IPv6 address without its closing bracket
         parts, host_ok = None, False
     if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-        raise InvalidArgument("s3-endpoint", f"{esc(url)} is not an http(s) URL")
+        raise InvalidArgument(what, f"{esc(url)} is not an http(s) URL")
     if not host_ok:
-        raise InvalidArgument("s3-endpoint", f"{esc(url)}: not a host name, IPv4 or "
-                                             "[IPv6] address (and port) S3 clients take")
+        raise InvalidArgument(what, f"{esc(url)}: not a host name, IPv4 or [IPv6] "
+                                    "address (and port) S3 clients take")
     return url
 
 

@@ -91,7 +91,7 @@ def to_domain(exc: BaseException, what: str) -> SnapfsError:
         # Not the API's own answer (its errors are JSON): only the status says
         # anything, and the body (an HTML page) is not shown.
         reason = f"{what}: HTTP {status}: {exc.response.reason or 'no reason'}"
-        if status == 429 or status >= 500:
+        if is_retryable(exc):  # 429, 5xx but 501 and 505: as the retries judged it
             return Transient(reason)
         if status in (401, 403):
             return PermissionDenied(reason)

@@ -28,7 +28,7 @@ import dataclasses
 import datetime as dt
 
 from .. import block_model
-from ..errors import InvalidData, NotFound, SnapfsError
+from ..errors import InvalidAnswer, InvalidData, NotFound, SnapfsError
 from ..lru import LRUDict
 from ..model import FAILED_STATES, Snapshot, Task
 from ..objects import ObjectStorage
@@ -94,6 +94,8 @@ async def import_failure(objects: ObjectStorage | None, bucket: str, key: str, z
         if getattr(exc, "resource", "") == "bucket":
             return f"the import of {where} failed: bucket {bucket} does not exist"
         return f"the import of {where} failed: the object does not exist"
+    except InvalidAnswer as exc:  # one answer of the server, not the object's bytes
+        return f"the import of {where} failed: the object could not be read: {exc}"
     except InvalidData as exc:
         return f"the import of {where} failed: the object is not a QCOW2 image: {exc}"
     except SnapfsError as exc:

@@ -106,7 +106,7 @@ class InvalidAnswer(InvalidData):
     """InvalidData said of one answer of the server, not of the object's bytes (a
     range GET with more or fewer bytes than asked, a pinned GET refused because
     the version changed): the same to the user, but not remembered as the
-    version's verdict (s3/shared.py's Refused), since the next answer may differ."""
+    version's verdict (s3/shared.py's REFUSED), since the next answer may differ."""
 
 
 class TooLarge(SnapfsError):

@@ -47,7 +47,8 @@ def disk_trouble(exc: sqlite3.Error, db: Path) -> SnapfsError | None:
 
 
 @contextmanager
-def _full_is_store_full() -> Iterator[None]:
+def _domain_errors() -> Iterator[None]:
+    """What SQLite raises for the disk or for text it cannot take, as domain errors."""
     try:
         yield
     except sqlite3.OperationalError as exc:
@@ -62,20 +63,21 @@ def _full_is_store_full() -> Iterator[None]:
 
 class Connection(sqlite3.Connection):
     """``sqlite3.connect(..., factory=Connection)``: the statements a store runs
-    through the connection (sqlite-utils' too) raise StoreFull when full."""
+    through the connection (sqlite-utils' too) raise StoreFull when full, and
+    InvalidArgument for text with undecodable bytes."""
 
     def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
-        with _full_is_store_full():
+        with _domain_errors():
             return super().execute(*args, **kwargs)
 
     def executemany(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
-        with _full_is_store_full():
+        with _domain_errors():
             return super().executemany(*args, **kwargs)
 
     def executescript(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
-        with _full_is_store_full():
+        with _domain_errors():
             return super().executescript(*args, **kwargs)
 
     def commit(self) -> None:
-        with _full_is_store_full():
+        with _domain_errors():
             super().commit()

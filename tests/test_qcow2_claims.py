@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fixtures_qcow2 import compressed_entry, header, image
-from fixtures_s3 import SeaweedServer, counted_objects
+from fixtures_s3 import SeaweedServer, counted_objects, qcow2_of
 from snapfs.errors import InvalidAnswer, InvalidData
 from snapfs.memory import READERS
 from snapfs.qcow2.decoder import Qcow2Map, parse_header
@@ -211,9 +211,7 @@ async def test_a_refused_version_is_refused_again_without_its_tables_fetched(
         assert seen == []
         raw = tmp_path / "v.raw"
         raw.write_bytes(os.urandom(2 * CS))
-        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw),
-                        str(tmp_path / "v.qcow2")], check=True)
-        client.put_object(Bucket=bucket, Key="bomb", Body=(tmp_path / "v.qcow2").read_bytes())
+        client.put_object(Bucket=bucket, Key="bomb", Body=qcow2_of(raw).read_bytes())
         reader = await objects.open_qcow2(bucket, "bomb")
         try:
             assert bytes(await reader.fetch(0, 2 * CS)) == raw.read_bytes()
@@ -230,10 +228,7 @@ async def test_a_refusal_of_one_answer_is_not_kept_as_the_versions_verdict(
     version is judged afresh and reads right."""
     raw = tmp_path / "v.raw"
     raw.write_bytes(os.urandom(2 * CS))
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw),
-                    str(tmp_path / "v.qcow2")], check=True)
-    s3_server.client().put_object(Bucket=bucket, Key="flaky",
-                                  Body=(tmp_path / "v.qcow2").read_bytes())
+    s3_server.client().put_object(Bucket=bucket, Key="flaky", Body=qcow2_of(raw).read_bytes())
     objects, seen = await counted_objects(s3_server)
     client = (await objects.calls_for()).client
     counted = client.get_object

@@ -257,6 +257,7 @@ def _wait(args: argparse.Namespace) -> int:
     if args.timeout is not None and not 0 <= args.timeout < math.inf:  # nan: for ever
         raise InvalidArgument("--timeout", f"{args.timeout} is not a number of seconds >= 0")
     found, busy, failed = _probe_for(args.path)
+    bar = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
 
     def probe() -> Status:
         try:
@@ -265,7 +266,6 @@ def _wait(args: argparse.Namespace) -> int:
             if bar is not None:
                 bar.done()
             raise SnapfsError(f"{args.path}: gone: deleted while waiting") from None
-    bar = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
     state, progress, reason = probe()
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     while state in busy:

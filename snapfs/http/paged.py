@@ -15,7 +15,7 @@ made to the store by another process show on the next page 1.
 from __future__ import annotations
 
 import time
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
@@ -28,6 +28,12 @@ MAX_KEPT = 64
 MAX_ITEMS = 100_000
 
 
+class _Kept(NamedTuple):
+    fetched: float  # time.monotonic() of its page 1
+    version: object  # the service's store_version() then
+    items: list[Any]
+
+
 class PagedLists:
     def __init__(self, ttl: float = TTL, max_kept: int = MAX_KEPT,
                  max_items: int = MAX_ITEMS,
@@ -38,7 +44,7 @@ class PagedLists:
         self.max_kept = max_kept
         self.max_items = max_items
         self.version = version
-        self._kept: dict[tuple[Any, ...], tuple[float, int, object, list[Any]]] = {}
+        self._kept: dict[tuple[Any, ...], _Kept] = {}
         self._generation = 0
 
     async def get(self, query: tuple[Any, ...], page: int,
@@ -47,21 +53,21 @@ class PagedLists:
         else the one kept from its page 1."""
         kept = self._kept.get(query)
         version = self.version()
-        if page == 1 or kept is None or time.monotonic() - kept[0] > self.ttl \
-                or kept[2] != version:
+        if page == 1 or kept is None or time.monotonic() - kept.fetched > self.ttl \
+                or kept.version != version:
             generation = self._generation
             items = await compute()
             # A change made while computing: answer it, but do not keep it.
             if generation == self._generation:
                 self._kept.pop(query, None)
                 if len(items) <= self.max_items:
-                    held = sum(len(k[3]) for k in self._kept.values())
+                    held = sum(len(k.items) for k in self._kept.values())
                     while self._kept and (len(self._kept) >= self.max_kept
                                           or held + len(items) > self.max_items):
-                        held -= len(self._kept.pop(next(iter(self._kept)))[3])
-                    self._kept[query] = (time.monotonic(), generation, version, items)
+                        held -= len(self._kept.pop(next(iter(self._kept))).items)
+                    self._kept[query] = _Kept(time.monotonic(), version, items)
             return items
-        return kept[3]
+        return kept.items
 
     def clear(self) -> None:
         """Something changed: every list is computed again at its next page."""

@@ -18,9 +18,9 @@ import sqlite_utils
 from ..errors import AlreadyExists, InvalidArgument, NotFound
 from ..model import (BaseVolume, FileAccess, Page, Project, Snapshot, Task, export_href,
                      new_id, now)
+from .connection import connect, transaction, worker_connection
 from .owner import this_process
 from .volumerows import VolumeRows
-from .connection import connect, transaction, worker_connection
 
 _SNAPSHOT_COLS = ("rowid, id, name, zone, project, organization, tags, volume_type, size, state, "
                   "base_volume_id, base_volume_name, creation_date, modification_date, "

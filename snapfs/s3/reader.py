@@ -104,7 +104,7 @@ async def _get_into(calls: S3Calls, bucket: str, key: str, offset: int,
     got = await calls.call("get_object", bucket, key, fetch)
     if got != length:
         raise InvalidAnswer(f"object {bucket}/{key} returned {got} bytes at offset "
-                          f"{offset}, expected {length} (changed during import?)")
+                            f"{offset}, expected {length} (changed during import?)")
 
 
 async def _get_range(calls: S3Calls, bucket: str, key: str, offset: int,
@@ -152,7 +152,7 @@ async def open_reader(calls: S3Calls, settings: S3Settings, bucket: str, key: st
         qmap, allocation = known
         return S3Qcow2Reader(calls, settings, bucket, key, qmap, cpu_limiter, etag,
                              nursery, allocation)
-    refused = REFUSED.get(this)
+    refused = REFUSED.get(this) if this else None
     if refused is not None:  # ... or refused by one: the same bytes, the same answer
         raise InvalidData(refused)
     reader = None
@@ -166,8 +166,8 @@ async def open_reader(calls: S3Calls, settings: S3Settings, bucket: str, key: st
         reader = S3Qcow2Reader(calls, settings, bucket, key, qmap, cpu_limiter, etag, nursery)
         await reader.validate_tables()
     except BaseException as exc:
-        if isinstance(exc, InvalidData) and not isinstance(exc, InvalidAnswer):
-            REFUSED.put(this, str(exc))
+        if this and isinstance(exc, InvalidData) and not isinstance(exc, InvalidAnswer):
+            REFUSED[this] = str(exc)
         if reader is not None:  # it joined the readers' budget: a refused open leaves it
             with trio.CancelScope(shield=True):
                 await reader.aclose()

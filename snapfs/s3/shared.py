@@ -21,6 +21,8 @@ from array import array
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Hashable
 
+from ..lru import LRUDict
+
 if TYPE_CHECKING:
     from ..qcow2.allocation import Allocation
     from ..qcow2.decoder import Qcow2Map
@@ -111,8 +113,7 @@ class Validated:
         self._images: OrderedDict[Version, tuple["Qcow2Map", "Allocation", int]] = OrderedDict()
 
     def get(self, where: Version | None) -> tuple["Qcow2Map", "Allocation"] | None:
-        found = self._images.get(where) if where else None
-        if where is None or found is None:
+        if where is None or (found := self._images.get(where)) is None:
             return None
         self._images.move_to_end(where)
         return found[0], found[1]
@@ -135,30 +136,12 @@ class Validated:
 REFUSED_MAX = 256
 
 
-class Refused:
-    """Object versions whose validation refused them (InvalidData): a version's
-    bytes never change, so the next open of it is refused with the same reason
-    after its HEAD, not after fetching and checking its tables again (a crafted
-    image may cost seconds of GETs and checks per open). Only verdicts on the
-    bytes are kept: an InvalidAnswer is about one answer of the server."""
-
-    def __init__(self, most: int = REFUSED_MAX) -> None:
-        self.most = most
-        self._reasons: OrderedDict[Version, str] = OrderedDict()
-
-    def get(self, where: Version | None) -> str | None:
-        return self._reasons.get(where) if where else None
-
-    def put(self, where: Version | None, reason: str) -> None:
-        if where is None:
-            return
-        self._reasons[where] = reason
-        self._reasons.move_to_end(where)
-        while len(self._reasons) > self.most:
-            self._reasons.popitem(last=False)
-
-
 L2_TABLES = L2Tables()
-REFUSED = Refused()
+#: Object versions whose validation refused them (InvalidData), with the reason: a
+#: version's bytes never change, so the next open of it is refused with the same
+#: reason after its HEAD, not after fetching and checking its tables again (a
+#: crafted image may cost seconds of GETs and checks per open). Only verdicts on
+#: the bytes are kept: an InvalidAnswer is about one answer of the server.
+REFUSED: LRUDict[Version, str] = LRUDict(REFUSED_MAX)
 VALIDATED = Validated()
 SPARES = WindowSpares()

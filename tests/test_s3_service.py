@@ -3,6 +3,7 @@ ObjectStorage on a real SeaweedFS, judged by qemu-img."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -223,6 +224,18 @@ async def test_server_stopped_mid_import(private_s3_server: SeaweedServer, tmp_p
             assert report.ok, report.problems
             if gone == "server":
                 await trio.to_thread.run_sync(server.start)
+                # Its S3 port answers before its volume server does (500 meanwhile):
+                # the import made again must not race that.
+                with trio.fail_after(60):
+                    while True:
+                        try:
+                            got = await trio.to_thread.run_sync(functools.partial(
+                                server.client().get_object, Bucket=bucket, Key="big.qcow2",
+                                Range="bytes=0-0"))
+                            got["Body"].close()
+                            break
+                        except Exception:  # botocore's ClientError, a refused connection
+                            await trio.sleep(0.2)
             else:
                 server.client().upload_file(str(qcow2_of(raw)), bucket, "big.qcow2")
             again = await svc.create_snapshot(ZONE, name="again", bucket=bucket,

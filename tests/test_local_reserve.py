@@ -11,9 +11,9 @@ from typing import Iterator
 import pytest
 import trio
 
-from fixtures_store import (ZONE, deletes_done, fill_up, loop_mounted, random_bytes,
-                            snapshot_of, write_volume)
-from snapfs.errors import NotFound
+from fixtures_store import (ZONE, all_tokens_held, deletes_done, fill_up, loop_mounted,
+                            random_bytes, snapshot_of, tasks_waiting, wait_state, write_volume)
+from snapfs.errors import NotFound, PreconditionFailed
 from snapfs.local import open_local_service
 from snapfs.local.reserve import RESERVE_BYTES, STEP, SpaceReserve
 
@@ -132,3 +132,40 @@ async def test_a_delete_whose_space_cannot_be_freed_yet_is_tried_again(
         assert held(store / "reserve") >= RESERVE_BYTES
         with pytest.raises(NotFound):
             await svc.get_snapshot(ZONE, snap.id)
+
+
+async def test_a_capture_that_fills_the_disk_records_its_failure_once_there_is_room(
+        small_ext4: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The capture failed on a disk full to the last block (its reserve taken by
+    a writer beside it), and so did the record of that failure: the job ended
+    with a traceback and the snapshot stayed ``snapshotting`` for the process's
+    life, its volume not removable. The record is tried again until there is room."""
+    store = small_ext4 / "store"
+    vol = write_volume(tmp_path / "v.raw", 48 * MiB, [(0, random_bytes(48 * MiB, seed=4))])
+    async with open_local_service(store) as svc:
+        v = await svc.add_volume("v", vol)
+        with all_tokens_held(svc.hash_limiter):  # the capture waits before its first chunk
+            snap = await svc.create_snapshot(ZONE, name="s", volume_id=v.id)
+            await tasks_waiting(svc.hash_limiter)
+            fillers = [fill_up(small_ext4, "filler0")]
+            while svc.reserve.give_up():
+                fillers.append(fill_up(small_ext4, f"filler{len(fillers)}"))
+        with trio.fail_after(30):
+            while "its failure cannot be recorded yet" not in caplog.text:
+                await trio.sleep(0.05)
+        assert svc.md.live_state(snap.id) == "snapshotting"
+        with pytest.raises(PreconditionFailed):  # and nothing changed
+            await svc.remove_volume(v.id)
+        assert [x.id for x in await svc.list_all_volumes()] == [v.id]
+        for f in fillers:
+            f.unlink()
+        failed = await wait_state(svc, snap.id)
+        assert failed.state == "error" and "full" in (failed.error_reason or "")
+        await deletes_done(svc, timeout=30)
+        assert "Traceback" not in caplog.text and \
+            not [r for r in caplog.records if r.exc_info], caplog.text
+        await svc.remove_volume(v.id)
+        assert held(store / "reserve") >= RESERVE_BYTES
+    # What the failed capture wrote was given back: only the store's own files.
+    packs = sum(held(p) for p in (store / "packs").iterdir())
+    assert packs < 4 * MiB, packs

@@ -18,7 +18,7 @@ from typing import Awaitable, Callable
 
 import trio
 
-from ..errors import InvalidAnswer, InvalidData, PreconditionFailed, SnapfsError
+from ..errors import InvalidAnswer, InvalidData, PreconditionFailed, SnapfsError, StoreFull
 from ..model import PRODUCING_STATES, now
 from ..objects import ObjectStorage
 from ..service import ImageReader
@@ -32,6 +32,7 @@ from .mapdigest import write_completed
 from .importsource import import_source
 from .metadata import Metadata
 from .packpool import PackPool
+from .reserve import SpaceReserve, on_full_disk
 from .recovery import EXPORT_INTERRUPTED, INTERRUPTED
 from .shadows import Ranges, Shadow, Shadows, complement
 from .volumefile import VolumeFile
@@ -74,6 +75,7 @@ class SnapshotWork:
     leases: VolumeLeases
     shadows: Shadows
     reader: Callable[[str, int], ImageReader]
+    reserve: SpaceReserve
 
     def __post_init__(self) -> None:
         self._freeing: set[str] = set()  # snapshots whose delete's background half runs
@@ -152,16 +154,48 @@ class SnapshotWork:
             if state is None:  # deleted by another process: its delete frees the map
                 log.info("snapshot %s was deleted while it was made", snapshot_id)
             elif state in PRODUCING_STATES:
-                with trio.CancelScope(shield=True):
-                    log.warning("snapshot %s failed: %s", snapshot_id, reason)
-                    self.md.update_snapshot(snapshot_id, state=failed_state,
-                                            error_reason=reason)
+                log.warning("snapshot %s failed: %s", snapshot_id, reason)
+                await self._record_failure(snapshot_id, key, failed_state, reason)
+        return False
+
+    async def _record_failure(self, snapshot_id: str, key: int, state: str,
+                              reason: str) -> None:
+        """The failed snapshot's state, then its partial map given back. Both write
+        to the store, which the failure may have filled: with the space reserve
+        (this frees space, like a delete), else tried again after a wait. Left in
+        ``snapshotting`` by this live process, it kept its volume from removal
+        until a restart. Shielded once: the next open records what a stopping
+        service could not (recovery.py)."""
+        async def mark() -> None:
+            self.md.update_snapshot(snapshot_id, state=state, error_reason=reason)
+        wait, shield = 1.0, True
+        while True:
+            try:
+                with trio.CancelScope(shield=shield):
+                    if self.md.live_state(snapshot_id) not in PRODUCING_STATES:
+                        return  # deleted meanwhile: its delete frees the map
+                    await on_full_disk(self.reserve, mark)
+                    break
+            except StoreFull as exc:
+                log.warning("snapshot %s: its failure cannot be recorded yet (%s); trying "
+                            "again in %.0f s", snapshot_id, exc, wait)
+            shield = False
+            await trio.sleep(wait)
+            wait = min(wait * 2, 60.0)
+        with trio.CancelScope(shield=True):
+            try:
+                async def release() -> None:
                     async with self.index_lock:
                         await trio.to_thread.run_sync(self.index.release_in_steps, key,
                                                       limiter=self.io_limiter)
-                    await self._reclaim()
-                    await self._drop_cut_packs()
-        return False
+                await on_full_disk(self.reserve, release)
+                await self._reclaim()
+                await self._drop_cut_packs()
+            except StoreFull as exc:  # its rows stay the failed snapshot's: its delete
+                log.warning("snapshot %s: its partial map is kept until it is deleted "
+                            "(%s)", snapshot_id, exc)
+            finally:
+                await trio.to_thread.run_sync(self.reserve.ensure)
 
     async def _drop_cut_packs(self) -> None:
         """The packs that failed captures retired, once no chunk lives in them

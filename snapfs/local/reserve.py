@@ -26,8 +26,11 @@ import logging
 import os
 import stat
 from pathlib import Path
+from typing import Awaitable, Callable, TypeVar
 
 import trio
+
+from ..errors import StoreFull
 
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,8 @@ STEP = 2 << 20
 #: Seconds between top-ups (space freed by hand, or by another process).
 KEEP_EVERY = 30.0
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+
+T = TypeVar("T")
 
 
 class SpaceReserve:
@@ -139,3 +144,15 @@ def _allocate(fd: int, length: int) -> bool:
         return False
     os.fsync(fd)
     return True
+
+
+async def on_full_disk(reserve: SpaceReserve, call: Callable[[], Awaitable[T]]) -> T:
+    """``call()``, again with a step of the reserve given up each time it finds
+    the disk full. Only for what frees space: a delete, or a failed capture's
+    record (which gives its partial map back)."""
+    while True:
+        try:
+            return await call()
+        except StoreFull:
+            if not await trio.to_thread.run_sync(reserve.give_up):
+                raise

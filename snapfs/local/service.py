@@ -12,7 +12,6 @@ import os
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
-from typing import Awaitable, Callable, TypeVar
 
 import trio
 
@@ -35,7 +34,7 @@ from .jobs import NO_OBJECT_STORAGE, SnapshotWork
 from .metadata import Metadata
 from .adoption import Adoption
 from .recovery import DELETING
-from .reserve import SpaceReserve
+from .reserve import SpaceReserve, on_full_disk
 from .shadows import Shadows
 from .volumefile import Inspected, VolumeFile, inspected, open_volume
 from .volumes import LocalVolumes
@@ -43,7 +42,6 @@ from .uploads import LeftUploads
 from .storelocks import ReaderLocks, StoreLock
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 __all__ = ["LocalService", "NO_OBJECT_STORAGE"]
 
@@ -83,7 +81,8 @@ class LocalService(SnapshotService):
         self.volumes = LocalVolumes(store, self.md, self._leases, self.shadows)
         self.work = SnapshotWork(self.md, self.index, self.packs, self.pool, objects,
                                  self.index_lock, self.io_limiter, self.hash_limiter, self.jobs,
-                                 self.left_uploads, self._leases, self.shadows, self._reader)
+                                 self.left_uploads, self._leases, self.shadows, self._reader,
+                                 self.reserve)
         #: What stopped processes left half done: found, claimed and resumed here.
         self.adoption = Adoption(self.md, self.index, self.packs, objects, self.index_lock,
                                  self.jobs, self.work, self.shadows)
@@ -321,7 +320,7 @@ class LocalService(SnapshotService):
             # process starts meanwhile either wins or finds it gone.
             async def mark() -> bool:
                 return self.md.mark_deleting(snapshot_id, DELETING)
-            if not await self._on_full_disk(mark):
+            if not await on_full_disk(self.reserve, mark):
                 now_ = self.md.snapshot(None, snapshot_id)  # NotFound: deleted meanwhile
                 raise PreconditionFailed(f"snapshot {snap.name!r} is {now_.state}; "
                                          "it can be deleted once that ends")
@@ -347,7 +346,7 @@ class LocalService(SnapshotService):
         try:
             while True:
                 try:
-                    await self._on_full_disk(lambda: self.work.release(snapshot_id, key))
+                    await on_full_disk(self.reserve, lambda: self.work.release(snapshot_id, key))
                     return
                 except StoreFull as exc:
                     log.warning("snapshot %s: its space cannot be freed yet (%s); trying "
@@ -357,16 +356,6 @@ class LocalService(SnapshotService):
         finally:
             with trio.CancelScope(shield=True):  # given up? topped up again
                 await trio.to_thread.run_sync(self.reserve.ensure)
-
-    async def _on_full_disk(self, call: Callable[[], Awaitable[T]]) -> T:
-        """``call()``, again with a step of the space reserve given up each time
-        it finds the disk full: a delete is how space is freed (reserve.py)."""
-        while True:
-            try:
-                return await call()
-            except StoreFull:
-                if not await trio.to_thread.run_sync(self.reserve.give_up):
-                    raise
 
     def storing(self) -> bool:
         """Whether some snapshot is still read from its shadow (chunks being stored)."""

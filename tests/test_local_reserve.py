@@ -13,6 +13,7 @@ import trio
 
 from fixtures_store import (ZONE, all_tokens_held, deletes_done, fill_up, loop_mounted,
                             random_bytes, snapshot_of, tasks_waiting, wait_state, write_volume)
+from fixtures_s3 import SeaweedServer
 from snapfs.errors import NotFound, PreconditionFailed
 from snapfs.local import open_local_service
 from snapfs.local.reserve import RESERVE_BYTES, STEP, SpaceReserve
@@ -169,3 +170,41 @@ async def test_a_capture_that_fills_the_disk_records_its_failure_once_there_is_r
     # What the failed capture wrote was given back: only the store's own files.
     packs = sum(held(p) for p in (store / "packs").iterdir())
     assert packs < 4 * MiB, packs
+
+
+async def test_an_export_whose_end_finds_the_disk_full_records_it_once_there_is_room(
+        small_ext4: Path, tmp_path: Path, s3_server: SeaweedServer, bucket: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The store's disk filled (its reserve taken) during an export: the upload
+    succeeded, but its progress commits failed the export as "the store is
+    full", and its end could not be recorded: a traceback, the task left
+    ``started`` and the snapshot ``exporting`` -- not deletable -- for the
+    process's life. Progress waits for room; the end is recorded once there is."""
+    store = small_ext4 / "store"
+    vol = write_volume(tmp_path / "v.raw", 24 * MiB, [(0, random_bytes(24 * MiB, seed=5))])
+    async with open_local_service(store, objects=s3_server.objects()) as svc:
+        snap = await snapshot_of(svc, vol, "s")
+        with all_tokens_held(svc.io_limiter):  # the export waits before its first read
+            task = await svc.export_snapshot(ZONE, snap.id, bucket=bucket, key="s.qcow2")
+            await tasks_waiting(svc.io_limiter)
+            fillers = [fill_up(small_ext4, "filler0")]
+            while svc.reserve.give_up():
+                fillers.append(fill_up(small_ext4, f"filler{len(fillers)}"))
+        with trio.fail_after(60):
+            while "its end cannot be recorded yet" not in caplog.text:
+                await trio.sleep(0.05)
+        assert (await svc.get_snapshot(ZONE, snap.id)).state == "exporting"
+        with pytest.raises(PreconditionFailed):
+            await svc.delete_snapshot(ZONE, snap.id)
+        for f in fillers:
+            f.unlink()
+        with trio.fail_after(60):
+            while (await svc.get_snapshot(ZONE, snap.id)).state == "exporting":
+                await trio.sleep(0.05)
+        done = await svc.get_task(ZONE, task.id)
+        assert (done.status, done.progress, done.error) == ("success", 100, None), done
+        assert not [r for r in caplog.records if r.exc_info], caplog.text
+        head = s3_server.client().head_object(Bucket=bucket, Key="s.qcow2")
+        assert head["ContentLength"] > 24 * MiB
+        await svc.delete_snapshot(ZONE, snap.id)
+        await deletes_done(svc, timeout=30)

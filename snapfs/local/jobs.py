@@ -160,28 +160,14 @@ class SnapshotWork:
 
     async def _record_failure(self, snapshot_id: str, key: int, state: str,
                               reason: str) -> None:
-        """The failed snapshot's state, then its partial map given back. Both write
-        to the store, which the failure may have filled: with the space reserve
-        (this frees space, like a delete), else tried again after a wait. Left in
-        ``snapshotting`` by this live process, it kept its volume from removal
-        until a restart. Shielded once: the next open records what a stopping
-        service could not (recovery.py)."""
-        async def mark() -> None:
-            self.md.update_snapshot(snapshot_id, state=state, error_reason=reason)
-        wait, shield = 1.0, True
-        while True:
-            try:
-                with trio.CancelScope(shield=shield):
-                    if self.md.live_state(snapshot_id) not in PRODUCING_STATES:
-                        return  # deleted meanwhile: its delete frees the map
-                    await on_full_disk(self.reserve, mark)
-                    break
-            except StoreFull as exc:
-                log.warning("snapshot %s: its failure cannot be recorded yet (%s); trying "
-                            "again in %.0f s", snapshot_id, exc, wait)
-            shield = False
-            await trio.sleep(wait)
-            wait = min(wait * 2, 60.0)
+        """The failed snapshot's state, then its partial map given back (both with
+        the space reserve: this frees space, like a delete)."""
+        if not await self._recorded(
+                f"snapshot {snapshot_id}: its failure",
+                partial(self.md.update_snapshot, snapshot_id, state=state,
+                        error_reason=reason),
+                lambda: self.md.live_state(snapshot_id) in PRODUCING_STATES):
+            return  # deleted meanwhile: its delete frees the map
         with trio.CancelScope(shield=True):
             try:
                 async def release() -> None:
@@ -196,6 +182,31 @@ class SnapshotWork:
                             "(%s)", snapshot_id, exc)
             finally:
                 await trio.to_thread.run_sync(self.reserve.ensure)
+
+    async def _recorded(self, what: str, write: Callable[[], None],
+                        wanted: Callable[[], bool] = lambda: True) -> bool:
+        """``write()``, which ends a job's state, on a disk the job may have filled:
+        with the space reserve, else tried again after a wait. Left unwritten, the
+        state (``snapshotting``, ``exporting``) held for the process's life and kept
+        the snapshot from deletion or its volume from removal. Shielded on the first
+        try only: the next open records what a stopping service could not
+        (recovery.py). True once written, False if no longer ``wanted()``."""
+        async def call() -> None:
+            write()
+        wait, shield = 1.0, True
+        while True:
+            try:
+                with trio.CancelScope(shield=shield):
+                    if not wanted():
+                        return False
+                    await on_full_disk(self.reserve, call)
+                    return True
+            except StoreFull as exc:
+                log.warning("%s cannot be recorded yet (%s); trying again in %.0f s",
+                            what, exc, wait)
+            shield = False
+            await trio.sleep(wait)
+            wait = min(wait * 2, 60.0)
 
     async def _drop_cut_packs(self) -> None:
         """The packs that failed captures retired, once no chunk lives in them
@@ -395,7 +406,6 @@ class SnapshotWork:
         await self._produce_map(snapshot_id, key, work)
 
     async def run_export(self, snapshot_id: str, task_id: str, bucket: str, obj: str) -> None:
-        self.md.update_task(task_id, status="started")
         status, nbytes = "failure", 0
         error: str | None = EXPORT_INTERRUPTED
         shown = -1
@@ -406,8 +416,12 @@ class SnapshotWork:
             pct = min(99, done * 100 // max(total, 1))
             if pct != shown:
                 shown = pct
-                self.md.update_task(task_id, progress=pct, bytes=done)
+                try:
+                    self.md.update_task(task_id, progress=pct, bytes=done)
+                except StoreFull:  # the store's disk, not the upload: progress can wait
+                    shown = -1
         try:
+            self.md.update_task(task_id, status="started")
             if self.objects is None:
                 raise PreconditionFailed(NO_OBJECT_STORAGE)
             snap = self.md.snapshot(None, snapshot_id)
@@ -425,18 +439,19 @@ class SnapshotWork:
             log.exception("export of %s failed", snapshot_id)
             error = f"internal error: {exc!r}"
         finally:
-            with trio.CancelScope(shield=True):
-                fields: dict[str, object] = dict(status=status, error=error,
-                                                 terminated_at=now())
-                if status == "success":
-                    fields.update(progress=100, bytes=nbytes)
+            fields: dict[str, object] = dict(status=status, error=error, terminated_at=now())
+            if status == "success":
+                fields.update(progress=100, bytes=nbytes)
+            if error:
+                log.warning("export of %s failed: %s", snapshot_id, error)
+            else:
+                log.info("export of %s done: %d bytes", snapshot_id, nbytes)
+
+            def end() -> None:
                 with self.md.transaction():
                     self.md.update_task(task_id, **fields)
                     self.md.update_snapshot(snapshot_id, state="available")
-                if error:
-                    log.warning("export of %s failed: %s", snapshot_id, error)
-                else:
-                    log.info("export of %s done: %d bytes", snapshot_id, nbytes)
+            await self._recorded(f"export of {snapshot_id}: its end", end)
 
 
 def _written_stamp(path: str) -> tuple[int, int, int, int]:

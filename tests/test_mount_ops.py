@@ -23,6 +23,7 @@ import trio
 from fixtures_mount import (MiB, ZONE, Mount, blocked_in_open, interrupted_open, random_volume,
                             run, snapfs)
 from fixtures_s3 import SeaweedServer
+from snapfs.fs.context import MAX_WAITING_OPENS
 from snapfs.fs.daemon import CONGESTION_THRESHOLD, FUSECTL, MAX_BACKGROUND, READAHEAD_KB
 from snapfs.local import open_local_service
 from test_mount_s3 import mount_with_s3
@@ -233,6 +234,57 @@ def test_open_of_a_snapshotting_image_waits(mount_factory: Callable[..., Mount],
             raise
     assert reader.wait(timeout=60) == 0  # the gate is gone: the wait ends, bytes equal
     assert m.xattr(s, "state") == "available"
+
+
+
+def test_opens_waiting_for_a_capture_are_bounded_and_the_mount_keeps_answering(
+        mount_factory: Callable[..., Mount], tmp_path: Path) -> None:
+    """Each open waiting for a snapshot being made holds one of pyfuse3's 99
+    request tasks: 105 `head`s of one such image.raw stalled every request of
+    the mount (an `ls` of anything) until the capture ended -- any user of an
+    allow_other mount could freeze it. Past MAX_WAITING_OPENS an open is refused
+    with EAGAIN, the waiting ones read right once the capture is done, and the
+    mount answers meanwhile."""
+    store = tmp_path / "store"
+    vol = random_volume(store, tmp_path / "big.raw", 8 * MiB, "big")
+    m = mount_factory(store)
+    s = m.snapshots() / "s"
+    count = 105
+    with index_lock_held(store):
+        run("mkdir", m.volume("big") / "s")
+        readers = [subprocess.Popen(["head", "-c", "1M", str(s / "image.raw")],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                   for _ in range(count)]
+        try:
+            refused: list[str] = []
+            deadline = time.monotonic() + 60
+            while len(refused) < count - MAX_WAITING_OPENS:
+                assert time.monotonic() < deadline, f"{len(refused)} refused"
+                for r in readers:
+                    if r.returncode is None and r.poll() is not None:
+                        _, err = r.communicate()  # (closes its pipes)
+                        assert r.returncode == 1, err
+                        refused.append(err.decode())
+                time.sleep(0.05)
+            assert all("Resource temporarily unavailable" in e for e in refused), refused[:3]
+            waiting = [r for r in readers if r.returncode is None]
+            assert len(waiting) == MAX_WAITING_OPENS
+            for r in waiting:
+                blocked_in_open(r.pid)
+            started = time.monotonic()
+            assert sorted(os.listdir(m.project / "volumes")) == ["big"]
+            assert m.xattr(s, "state") == "snapshotting"
+            assert time.monotonic() - started < 2
+        except BaseException:
+            for r in readers:
+                r.kill()
+                r.communicate()
+            raise
+    first = vol.read_bytes()[:MiB]
+    for r in waiting:
+        out, _ = r.communicate(timeout=60)
+        assert r.returncode == 0 and out == first
+    assert "opens already wait for snapshots being made" in m.log()
 
 
 # --- refusals ----------------------------------------------------------------------------

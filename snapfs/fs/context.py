@@ -32,6 +32,13 @@ class ImportRecord:
     writers: int = 0
 
 
+#: pyfuse3's request tasks at most (its default): a request beyond waits for one.
+MAX_TASKS = 99
+#: Of those, opens waiting for their snapshot to be made at most (the rest keep
+#: answering everything else).
+MAX_WAITING_OPENS = 48
+
+
 @dataclass
 class FsContext:
     svc: SnapshotService
@@ -55,6 +62,8 @@ class FsContext:
     direct_io: bool = False
     #: How often a wait (open of a snapshotting image, mkdir) polls the state.
     poll_interval: float = 0.2
+    #: Opens of image.raw waiting for their snapshot to be made, now.
+    waiting_opens: int = 0
     #: Mode and (uid, gid) of every image.raw, instead of its volume file's (access.py).
     image_mode: int | None = None
     image_owner: tuple[int, int] | None = None

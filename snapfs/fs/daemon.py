@@ -27,7 +27,7 @@ from ..errors import InvalidArgument, SnapfsError
 from ..logtext import EscapingFormatter, LossCountingHandler
 from ..procfs import mount_device
 from ..service import SnapshotService
-from .context import FsContext
+from .context import MAX_TASKS, FsContext
 from .mountopts import FUSE_OPTIONS
 from .inodes import MAP_NAME, InodeTable
 from .ops import SnapfsOperations
@@ -157,7 +157,7 @@ async def _mount(cfg: MountConfig, svc: SnapshotService, api: socket.socket | No
                 if api is not None:
                     await _serve_api(nursery, svc, api)
                 nursery.start_soon(_when_live, cfg, ready)
-                await pyfuse3.main()
+                await pyfuse3.main(max_tasks=MAX_TASKS)
                 nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)

@@ -10,7 +10,7 @@ import os
 import trio
 
 from ... import jsontext
-from ...errors import InvalidArgument, Interrupted, NotFound, ReadOnly
+from ...errors import InvalidArgument, Interrupted, NotFound, ReadOnly, Transient
 from ...logtext import esc
 from ...model import PRODUCING_STATES, Snapshot, check_readable
 from ...procfs import read_text
@@ -19,7 +19,7 @@ from .. import transfer
 from ..access import image_access
 from ..allocation import image_blocks, places, seek
 from ..attributes import IMAGE_BLKSIZE, Stat, file_stat, ns
-from ..context import FsContext
+from ..context import MAX_WAITING_OPENS, FsContext
 from ..forget import forget_names
 from ..keys import EXPORT, IMAGE, JSON, Key
 from .base import BufferHandle, Handle, Node
@@ -76,16 +76,31 @@ class ImageNode(FileNode):
 async def wait_until_readable(ctx: FsContext, key: Key, pid: int) -> Snapshot:
     """The snapshot once its bytes can be read: waits while it is being captured
     or imported, and stops waiting when the caller gets a signal (see
-    ``signalled``)."""
-    while True:
-        snap = await snapshot_at(ctx, key.parent(), max_age=0)
-        if snap.state not in PRODUCING_STATES:
-            check_readable(snap)  # a failed one: SnapshotUnusable
-            return snap
-        if pid and signalled(pid):
-            raise Interrupted(f"process {pid} was signalled while waiting for snapshot "
-                              f"{snap.id} to be {snap.state.replace('ing', 'ed')}")
-        await trio.sleep(ctx.poll_interval)
+    ``signalled``). Each waiting open holds one of pyfuse3's request tasks
+    (``MAX_TASKS``): past MAX_WAITING_OPENS an open is refused (EAGAIN), not
+    queued, or a hundred ``cat``s of a snapshot being made stalled every request
+    of the mount until its capture ended."""
+    waiting = False
+    try:
+        while True:
+            snap = await snapshot_at(ctx, key.parent(), max_age=0)
+            if snap.state not in PRODUCING_STATES:
+                check_readable(snap)  # a failed one: SnapshotUnusable
+                return snap
+            if pid and signalled(pid):
+                raise Interrupted(f"process {pid} was signalled while waiting for snapshot "
+                                  f"{snap.id} to be {snap.state.replace('ing', 'ed')}")
+            if not waiting:
+                if ctx.waiting_opens >= MAX_WAITING_OPENS:
+                    raise Transient(f"{ctx.waiting_opens} opens already wait for snapshots "
+                                    f"being made; snapshot {snap.id} is {snap.state}: "
+                                    "open it once it is ready (snapfs wait)")
+                ctx.waiting_opens += 1
+                waiting = True
+            await trio.sleep(ctx.poll_interval)
+    finally:
+        if waiting:
+            ctx.waiting_opens -= 1
 
 
 def signalled(pid: int) -> bool:

@@ -17,6 +17,7 @@ import trio
 
 from .errors import InvalidArgument
 from .objects import ObjectStorage
+from .rlimits import raise_open_files_limit
 from .service import SnapshotService
 from .storeoptions import add_store_option, store_path
 
@@ -94,6 +95,7 @@ async def open_backend(settings: BackendSettings) -> AsyncIterator[SnapshotServi
                               ("staging-bucket", settings.staging_bucket)):
             if value:
                 raise InvalidArgument(option, "applies to --backend scaleway only")
+    raise_open_files_limit()  # open images hold descriptors (rlimits.py)
     objects = object_storage(settings.s3_endpoint) if settings.objects else None
     try:
         async with _open_service(settings, objects) as svc:

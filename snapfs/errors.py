@@ -135,6 +135,12 @@ class Transient(SnapfsError):
     api_type = "transient_error"
 
 
+class TooManyOpen(Transient):
+    """An open that would leave the process too few descriptors for the files it
+    already serves (rlimits.py): refused at open, so that no read of a file
+    already open fails for want of one."""
+
+
 class Interrupted(SnapfsError):
     """A wait (for a snapshot to become available) was interrupted by the caller."""
 
@@ -187,6 +193,7 @@ ERRNO: dict[type[SnapfsError], int] = {
     StoreFull: errno.ENOSPC,
     StoreUnusable: errno.EIO,
     Transient: errno.EAGAIN,
+    TooManyOpen: errno.EMFILE,
     Interrupted: errno.EINTR,
     NoSuchAttribute: errno.ENODATA,
     NoMoreData: errno.ENXIO,  # lseek(2): "no data (or hole) from this offset on"
@@ -212,6 +219,7 @@ HTTP_STATUS: dict[type[SnapfsError], int] = {
     StoreFull: 507,
     StoreUnusable: 500,
     Transient: 503,
+    TooManyOpen: 503,
     Interrupted: 500,
     NoSuchAttribute: 404,
     NoMoreData: 416,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import resource
 import sqlite3
 import subprocess
 import sys
@@ -296,3 +297,58 @@ def test_metadata_writes_on_a_full_disk_are_enospc_and_change_nothing(
     m.stop()
     res = snapfs("fsck", "--store", store, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def daemon_open_files_limit(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError(f"no open files limit in /proc/{pid}/limits")
+
+
+def test_open_images_are_bounded_by_the_daemons_descriptors(
+        mount_factory: Callable[..., Mount], tmp_path: Path) -> None:
+    """Each open image.raw holds a daemon descriptor (its reader lock). Started
+    from a shell with the usual soft limit of 1024, ~1000 open images made the
+    next pack open fail: reads of files already open answered EIO (with a
+    traceback each) and a mkdir failed as "not readable". The daemon raises its
+    soft limit to the hard one, and an open that would leave too few descriptors
+    for its own files is refused with EMFILE; every file already open reads right."""
+    vol = tmp_path / "v.raw"
+    vol.write_bytes(os.urandom(4 * MiB))
+    store = tmp_path / "store"
+    snapfs("volume", "add", "v", vol, "--store", store)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+    try:
+        m = mount_factory(store)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert m.pid is not None
+    assert daemon_open_files_limit(m.pid) == (hard, hard)
+    # A hard limit this low is the case the refusal is for.
+    subprocess.run(["prlimit", "--pid", str(m.pid), "--nofile=600:600"], check=True)
+    s = m.snapshots() / "s"
+    run("mkdir", m.volume("v") / "s")
+    assert m.wait_state(s) == "available"
+    fds: list[int] = []
+    try:
+        with pytest.raises(OSError) as refused:
+            for _ in range(400):
+                fds.append(os.open(s / "image.raw", os.O_RDONLY))
+        assert refused.value.errno == errno.EMFILE
+        assert 100 < len(fds) < 200, len(fds)
+        data = vol.read_bytes()
+        for i, fd in enumerate(fds):  # each reads a chunk of its own: packs opened meanwhile
+            at = (i % 4) * MiB
+            assert os.pread(fd, 4096, at) == data[at:at + 4096]
+        run("mkdir", m.volume("v") / "t")
+        assert m.wait_state(m.snapshots() / "t") == "available"
+    finally:
+        for fd in fds:
+            os.close(fd)
+    run("cmp", s / "image.raw", vol)
+    log = m.log()
+    assert "snapshot images are open in this process" in log and "EMFILE" in log
+    assert "Traceback" not in log

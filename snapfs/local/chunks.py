@@ -28,7 +28,7 @@ from pathlib import Path
 import blake3
 import xxhash
 
-from ..errors import CorruptData
+from ..errors import CorruptData, TooManyOpen
 from ..memory import aligned_buffer
 
 CHUNK_SIZE = 1 << 20
@@ -117,6 +117,10 @@ class PackFiles:
     def is_open(self, pack: int) -> bool:
         return pack in self._fds
 
+    def open_count(self) -> int:
+        """Pack descriptors held (each kept until the packs are closed)."""
+        return len(self._fds)
+
     def open(self, pack: int) -> None:
         """Open the pack's descriptor now (a file-system call: from a worker thread)."""
         self._fd(pack)
@@ -125,7 +129,13 @@ class PackFiles:
         with self._lock:
             fd = self._fds.get(pack)
             if fd is None:
-                fd = os.open(self.path(pack), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    fd = os.open(self.path(pack), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except OSError as exc:  # out of descriptors: no fault of the store's
+                    if exc.errno in (errno.EMFILE, errno.ENFILE):
+                        raise TooManyOpen(f"cannot open pack {pack}: {exc.strerror}") \
+                            from None
+                    raise
                 self._fds[pack] = fd
             return fd
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import trio
 
 from ..errors import (CorruptData, InvalidArgument, NotConfigured, PreconditionFailed,
-                      SnapfsError, StoreFull, TooLarge, VolumeChanged)
+                      SnapfsError, StoreFull, TooLarge, TooManyOpen, VolumeChanged)
 from ..model import (DEFAULT_ZONE, ZONES, BaseVolume, FileAccess, Page,
                      Project, Snapshot, Task, Volume, check_name, check_paging, check_readable,
                      check_size, check_tags, check_uuid, check_volume_type, check_zone,
@@ -34,6 +34,7 @@ from .jobs import NO_OBJECT_STORAGE, SnapshotWork
 from .metadata import Metadata
 from .adoption import Adoption
 from .recovery import DELETING
+from ..rlimits import images_allowed
 from .reserve import SpaceReserve, on_full_disk
 from .shadows import Shadows
 from .volumefile import Inspected, VolumeFile, inspected, open_volume
@@ -75,6 +76,7 @@ class LocalService(SnapshotService):
         #: Snapshots whose delete has begun (in this process): no new reader or
         #: export may start on them while it stops their capture.
         self._deleting: set[str] = set()
+        self._open_images = 0  # readers open_image gave, not closed yet (rlimits.py)
         self._leases = leases.VolumeLeases()  # read leases on volume files
         self.shadows = Shadows(store / "shadows")  # volume clones on XFS/btrfs
         self.reserve = SpaceReserve(store)  # so that deletes work on a full disk
@@ -421,6 +423,11 @@ class LocalService(SnapshotService):
         self._check_readable(snap)
         # The reader lock first, then the state again: a delete (of any process)
         # either finished marking it before, or cannot begin until the reader closes.
+        allowed = images_allowed(self.packs.open_count())
+        if self._open_images >= allowed:
+            raise TooManyOpen(f"{self._open_images} snapshot images are open in this "
+                              f"process, all its limit on open files allows ({allowed}, "
+                              "with room kept for the store's own files): close some")
         held = await self.reader_locks.share(snapshot_id)
         try:
             snap = self.md.snapshot(zone, snapshot_id)
@@ -444,6 +451,9 @@ class LocalService(SnapshotService):
         def closed() -> None:
             if held is not None:
                 os.close(held)
+                self._open_images -= 1
+        if held is not None:
+            self._open_images += 1
         try:
             shadow = self.md.shadow_of(snapshot_id)
             if shadow is not None:

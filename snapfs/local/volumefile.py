@@ -27,7 +27,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from ..errors import InvalidArgument, VolumeChanged
+from ..errors import InvalidArgument, TooManyOpen, VolumeChanged
 from ..procfs import SNAPFS_FSTYPE, mounts
 
 #: The API's rule for volume and snapshot sizes.
@@ -137,6 +137,7 @@ def inspect_new(path: str | os.PathLike[str]) -> Inspected:
     try:
         fd = _open_nofollow(real)
     except OSError as exc:
+        _no_descriptor(exc)
         raise InvalidArgument("path", f"{shown} is not readable: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
@@ -150,6 +151,12 @@ def inspect_new(path: str | os.PathLike[str]) -> Inspected:
                                       f"a positive multiple of {SECTOR}")
     return Inspected(real, size, identity_of(st), st.st_uid, st.st_gid,
                      stat.S_IMODE(st.st_mode))
+
+
+def _no_descriptor(exc: OSError) -> None:
+    """This process (or the system) out of descriptors is no fault of the path."""
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        raise TooManyOpen(f"cannot open a volume file: {exc.strerror}") from None
 
 
 def open_volume(vf: VolumeFile) -> tuple[int, os.stat_result]:
@@ -173,6 +180,7 @@ def open_volume(vf: VolumeFile) -> tuple[int, os.stat_result]:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise _changed(vf, "is a symbolic link now") from None
+        _no_descriptor(exc)
         raise InvalidArgument("path", f"volume {vf.name!r}: {vf.path} is not readable: "
                                       f"{exc.strerror}") from None
     try:

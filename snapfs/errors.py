@@ -30,6 +30,11 @@ class InvalidArgument(SnapfsError):
         self.reason = reason
 
 
+class NameTooLong(InvalidArgument):
+    """A name of more bytes than any entry of the tree may have (255, NAME_MAX):
+    ENAMETOOLONG, as a local filesystem answers, for lookups too."""
+
+
 class NotFound(SnapfsError):
     """The named resource does not exist (in that zone)."""
 
@@ -178,6 +183,7 @@ class NotConfigured(SnapfsError):
 # the class hierarchy (most specific class first in ``errno_for``'s MRO walk).
 ERRNO: dict[type[SnapfsError], int] = {
     InvalidArgument: errno.EINVAL,
+    NameTooLong: errno.ENAMETOOLONG,
     NotFound: errno.ENOENT,
     AlreadyExists: errno.EEXIST,
     PreconditionFailed: errno.EBUSY,
@@ -204,6 +210,7 @@ ERRNO: dict[type[SnapfsError], int] = {
 
 HTTP_STATUS: dict[type[SnapfsError], int] = {
     InvalidArgument: 400,
+    NameTooLong: 400,
     NotFound: 404,
     AlreadyExists: 409,
     PreconditionFailed: 412,

@@ -19,8 +19,9 @@ from typing import Any, Awaitable, Callable, TypeVar
 import pyfuse3
 
 from ..service import Buffer
-from ..errors import (InvalidArgument, NotFound, NotPermitted, NotSupported, ReadOnly,
-                      SnapfsError, errno_for)
+from ..errors import (InvalidArgument, NameTooLong, NotFound, NotPermitted, NotSupported,
+                      ReadOnly, SnapfsError, errno_for)
+from ..model import NAME_MAX_BYTES
 from ..logtext import esc
 from .attributes import Stat, xattr_value
 from .context import FsContext
@@ -163,7 +164,11 @@ class SnapfsOperations(pyfuse3.Operations):
     @staticmethod
     def name(raw: bytes, absent: bool = False) -> str:
         """A name the kernel passed, as text. Names are UTF-8: anything else is
-        refused (EINVAL), or, where a name is looked for (``absent``), not there."""
+        refused (EINVAL), or, where a name is looked for (``absent``), not there.
+        No entry has more than 255 bytes (the kernel checks only PATH_MAX)."""
+        if len(raw) > NAME_MAX_BYTES:
+            raise NameTooLong("name", f"{esc(raw[:32])}... is {len(raw)} bytes: a name has "
+                                      f"{NAME_MAX_BYTES} at most")
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:

@@ -228,3 +228,25 @@ def test_an_import_naming_one_cluster_a_million_times_fails_and_stores_nothing(
     assert pack_bytes() == before
     run("rmdir", m.snapshots() / "bomb")
     assert "bomb" not in os.listdir(m.snapshots())
+
+
+def test_export_by_appending_the_target(mount_factory: Callable[..., Mount],
+                                        store_with_volume: Path, s3_server: SeaweedServer,
+                                        ext4_volume: tuple[Path, dict]) -> None:
+    """`echo b/k >> export` wrote past the status shown: the target arrived behind
+    120 zero bytes and was refused as "must be one line". It is taken as a
+    sysfs control file takes it: from where the appending write starts."""
+    image, _ = ext4_volume
+    bucket = s3_server.new_bucket()
+    m = mount_with_s3(mount_factory, store_with_volume, s3_server)
+    s = snap(m)
+    assert (s / "export").stat().st_size > 0  # the status shown: appended to
+    run("bash", "-c", f'echo "{bucket}/appended.qcow2" >> "{s}/export"')
+    st = wait_done(s / "export")
+    assert st["state"] == "success" and st["key"] == "appended.qcow2", st
+    head = s3_server.client().head_object(Bucket=bucket, Key="appended.qcow2")
+    assert head["ContentLength"] > 0
+    # A bad target appended is refused as one written is, naming what is wrong.
+    res = run("bash", "-c", f'echo "no-key-here" >> "{s}/export"', check=False)
+    assert res.returncode != 0 and "Invalid argument" in res.stderr
+    assert "must be one line" not in m.log()

@@ -139,6 +139,8 @@ class BufferHandle(Handle):
         #: one padded with the zeros of the part already applied.
         self._base = 0
         self._end = 0
+        #: Opened O_APPEND: the first write's offset is where the document starts.
+        self.append = False
 
     async def read(self, offset: int, size: int) -> bytes:
         return self.content[offset:offset + size]
@@ -155,7 +157,9 @@ class BufferHandle(Handle):
     async def write(self, offset: int, data: bytes) -> int:
         if not self.writable:
             raise ReadOnly("not open for writing")
-        self._check_size(offset + len(data))
+        if self.append and not self.dirty and not self.buffer:
+            self._base = self._end = offset
+        self._check_size(offset + len(data) - (self._base if self.append else 0))
         if offset < self._base:  # written over what was applied: a new document
             self._base, self.buffer[:] = offset, b""
         self._end = max(self._end, offset + len(data))

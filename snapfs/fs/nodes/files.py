@@ -204,7 +204,13 @@ class ExportNode(FileNode):
         return st
 
     async def open(self, flags: int, pid: int) -> Handle:
-        return ExportHandle(self, await self.status(), wants_write(flags))
+        handle = ExportHandle(self, await self.status(), wants_write(flags))
+        if flags & os.O_APPEND:
+            # `echo b/k >> export`: the kernel writes past the status shown (its
+            # size as last stat'ed); the target starts where the first write does,
+            # as a sysfs or /proc control file takes it.
+            handle.append = True
+        return handle
 
 
 class TargetHandle(BufferHandle):

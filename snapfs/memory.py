@@ -17,17 +17,32 @@ import ctypes.util
 import mmap
 import time
 from collections import OrderedDict
-from typing import Protocol
+from contextlib import contextmanager
+from typing import Iterator, Protocol
 
 _M_ARENA_MAX = -8
+_M_MMAP_THRESHOLD = -3
+#: Allocations of at least this many bytes are mapped of their own, and unmapped
+#: when freed (see limit_malloc_arenas).
+MMAP_THRESHOLD = 2 << 20
 
 
-def limit_malloc_arenas(arenas: int = 2) -> bool:
-    """Cap glibc's malloc arenas; call before worker threads start. False where
-    the C library is not glibc (the setting is then simply not applied)."""
+def limit_malloc_arenas(arenas: int = 2, mmap_threshold: int = MMAP_THRESHOLD) -> bool:
+    """Cap glibc's malloc arenas and fix its mmap threshold; call before worker
+    threads start. False where the C library is not glibc (the settings are then
+    simply not applied).
+
+    glibc raises its mmap threshold to the size of each mapped block freed (up to
+    32 MiB), so after the first 4 MiB shadow window was freed every later one came
+    from the heap, where freed windows fragment and stay: a daemon reading images
+    whose chunks were being stored peaked at 234 MB and idled at 112 MB after
+    every file was closed. Fixed at 2 MiB (which also turns the dynamic raise
+    off), the same run peaks at ~150 MB and idles at ~55 MB; chunk buffers (1 MiB)
+    stay on the heap, as they were once the threshold had risen."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_ARENA_MAX, arenas))
+        return bool(libc.mallopt(_M_ARENA_MAX, arenas)) and \
+            bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold))
     except (OSError, AttributeError):
         return False
 
@@ -57,6 +72,14 @@ SPARE_BYTES = 8 << 20
 #: A cache unused this long gives its windows to another's read-ahead (a read
 #: that waits takes them from any cache, least recently used first).
 IDLE_SECONDS = 1.0
+#: What a capture (or import) holds while it runs: its three stages' batches of
+#: 1 MiB chunks and their compressed frames (capture.py; ~38 MB of a daemon's
+#: RSS for a capture of incompressible data), set aside from the readers' share
+#: for its duration: most of it, so that two captures fit above READERS_FLOOR.
+CAPTURE_BYTES = 32 << 20
+#: The readers' share never goes below this (two streams' read-ahead): two
+#: captures at once (capturequeue.RUNNING) are set aside whole.
+READERS_FLOOR = 16 << 20
 
 
 class Cache(Protocol):
@@ -91,6 +114,7 @@ class BufferBudget:
             else spare_bytes
         #: The windows' share (the spares' is kept apart: no churn between them).
         self.limit = capacity - self.spare_limit
+        self.aside = 0  # of it, set aside for other work now (set_aside)
         self.idle = idle
         self.used = 0  # bytes charged to windows (cached or being fetched)
         self._caches: OrderedDict[Cache, float] = OrderedDict()  # -> last use; LRU first
@@ -155,6 +179,31 @@ class BufferBudget:
     def release(self, n: int) -> None:
         self.used -= n
         assert self.used >= 0, "released more than was charged"
+
+    # --- room set aside for other work ------------------------------------------------
+
+    @contextmanager
+    def set_aside(self, n: int) -> Iterator[int]:
+        """``n`` bytes of the budget for other work of the process (a capture's
+        buffers) while the block runs: the readers' share shrinks by as much,
+        their windows shed at once (least recently used reader first; none a
+        read waits for), and grows back after. Never below READERS_FLOOR: past
+        it, less is set aside (yielded), rather than a capture waiting behind an
+        import that may take hours; the process then holds the budget plus the
+        pipelines beyond the first two."""
+        n = max(0, min(n, self.capacity - self.spare_limit - READERS_FLOOR - self.aside))
+        self.aside += n
+        self.limit -= n
+        try:
+            for victim in list(self._caches):
+                while self.used > self.limit and victim.shed():
+                    self.stats["evicted"] += 1
+                if self.used <= self.limit:
+                    break
+            yield n
+        finally:
+            self.aside -= n
+            self.limit += n
 
     # --- spare buffers -------------------------------------------------------------
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import mmap
 import random
 
+import pytest
 import trio
 
+from snapfs import memory
 from snapfs.memory import BufferBudget
 from snapfs.readahead import ReadAhead
 from snapfs.service import Buffer
@@ -177,3 +179,29 @@ async def test_per_byte_sources_read_exactly_when_windows_would_thrash(
     for ra in readers:
         await ra.aclose()
     assert budget.used == 0
+
+
+async def test_room_set_aside_for_a_capture_sheds_windows_and_is_given_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A capture's buffers come out of the readers' share while it runs (a capture
+    beside busy readers took a daemon past its 200 MB); never below the floor,
+    and a second or third capture gets what is left above it rather than waiting."""
+    monkeypatch.setattr(memory, "READERS_FLOOR", 4 * W)
+    budget = budget_of(20)
+    readers = [engine(budget) for _ in range(5)]
+    for i, ra in enumerate(readers):  # 4 windows each: the whole budget
+        for w in range(4):
+            await ra.read_transient((i * 4 + w) * W, 10)
+    assert budget.used == 20 * W
+    with budget.set_aside(10 * W) as first:
+        assert first == 10 * W and budget.used <= budget.limit == 10 * W
+        with budget.set_aside(10 * W) as second:
+            assert second == 6 * W and budget.limit == 4 * W  # the floor kept
+            with budget.set_aside(10 * W) as third:
+                assert third == 0
+            assert budget.used <= 4 * W
+            for _ in range(20):  # readers go on inside what is left, bytes right
+                off = random.randrange(SIZE - 50)
+                assert bytes(await readers[0].read_transient(off, 50)) == DATA[off:off + 50]
+                assert budget.used <= budget.limit
+    assert budget.limit == 20 * W and budget.aside == 0

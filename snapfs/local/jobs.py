@@ -19,6 +19,7 @@ from typing import Awaitable, Callable
 import trio
 
 from ..errors import InvalidAnswer, InvalidData, PreconditionFailed, SnapfsError, StoreFull
+from ..memory import CAPTURE_BYTES, READERS
 from ..model import PRODUCING_STATES, now
 from ..objects import ObjectStorage
 from ..service import ImageReader
@@ -225,8 +226,11 @@ class SnapshotWork:
 
     async def _store(self, source: CaptureSource, snapshot_id: str, key: int) -> None:
         try:
-            await capture(source, snapshot_id, key, self.index, self.pool, self.index_lock,
-                          self.hash_limiter)
+            # Its buffers come out of the readers' share: the process's total stays
+            # the budget's however captures and reads overlap (memory.py).
+            with READERS.set_aside(CAPTURE_BYTES):
+                await capture(source, snapshot_id, key, self.index, self.pool,
+                              self.index_lock, self.hash_limiter)
         finally:
             await source.aclose()
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
-from fixtures_mount import MiB, Mount, run
+from fixtures_mount import MiB, Mount, run, snapfs
 
 
 def snap(m: Mount, name: str) -> Path:
@@ -52,3 +53,39 @@ def test_idle_volumes_reuse_the_map_and_every_writer_is_seen(
     s5 = snap(mounted, "s5")  # idle again: reused again
     assert mounted.log().count("map reused") == 2
     run("cmp", s5, vol)
+
+
+def test_a_volume_on_overlayfs_is_read_again_every_snapshot(
+        mount_factory: Callable[..., Mount], tmp_path: Path) -> None:
+    """overlayfs granted a lease on its own inode, which a write to the layer's
+    file underneath (as container hosts do) never broke: the merged file showed
+    the write, the next snapshot reused the old map and was `available` with the
+    old bytes. No lease is taken there: each snapshot reads the volume."""
+    lower, upper, work, merged = (tmp_path / d for d in ("lower", "upper", "work", "merged"))
+    for d in (lower, upper, work, merged):
+        d.mkdir()
+    (lower / "vol.raw").write_bytes(os.urandom(4 * MiB))
+    run("mount", "-t", "overlay", "overlay", "-o",
+        f"lowerdir={lower},upperdir={upper},workdir={work}", merged)
+    m = None
+    try:
+        vol = merged / "vol.raw"
+        with open(vol, "r+b") as f:  # copied up: the upper layer holds it now
+            f.write(os.urandom(MiB))
+        store = tmp_path / "store"
+        snapfs("volume", "add", "ov", vol, "--store", store)
+        m = mount_factory(store)
+        for i in range(3):
+            run("mkdir", m.volume("ov") / f"s{i}")
+            s = m.snapshots() / f"s{i}"
+            assert m.wait_state(s) == "available"
+            run("cmp", s / "image.raw", vol)
+            with open(upper / "vol.raw", "r+b") as f:  # under the overlay's inode
+                f.seek(100 * 4096)
+                f.write(os.urandom(4096))
+            assert (upper / "vol.raw").read_bytes() == vol.read_bytes()
+        assert "map reused" not in m.log()
+    finally:
+        if m is not None:
+            m.stop()
+        run("umount", merged)

@@ -14,7 +14,11 @@ and reads nothing (ZFS users expect a snapshot of an idle volume to cost nothing
 Exact where it exists, and simply absent elsewhere: a block device, a file on
 NFS or FUSE, a file someone already has open for writing, a service not running
 in the main thread (no signal handler) -- all mean an ordinary full capture,
-never a wrong one.
+never a wrong one. A lease is only taken on a filesystem that holds the file's
+bytes itself (LEASED_FILESYSTEMS): overlayfs grants one on its own inode, which
+a write to the layer's file underneath never breaks (the merged file shows the
+write, and the next snapshot reused the old map: stale bytes, ``available``);
+a network or FUSE filesystem may be written by another machine or daemon.
 
 What it costs others: a process opening a leased volume for writing waits until
 this process's main thread has run the handler (0.16 ms median with an idle
@@ -25,8 +29,11 @@ the next write open, so this happens at most once per snapshot.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -43,6 +50,11 @@ from ..errors import SnapfsError
 from .volumefile import VolumeFile, open_volume
 
 log = logging.getLogger(__name__)
+
+#: statfs f_type of the filesystems on which every write to a file's bytes goes
+#: through its inode here (and so breaks a lease): ext2/3/4, XFS, btrfs, tmpfs,
+#: ramfs, f2fs. Elsewhere (overlayfs, NFS, CIFS, FUSE, 9p, ...) no lease is taken.
+LEASED_FILESYSTEMS = {0xEF53, 0x58465342, 0x9123683E, 0x01021994, 0x858458F6, 0xF2F52010}
 
 F_SETLEASE = 1024
 F_GETLEASE = 1025
@@ -105,9 +117,33 @@ def _install() -> bool:
 
 def _open(volume: VolumeFile) -> tuple[int, os.stat_result] | None:
     try:
-        return open_volume(volume)
+        fd, st = open_volume(volume)
     except (OSError, SnapfsError):  # the capture that follows says why
         return None
+    kind = filesystem_type(fd)
+    if kind not in LEASED_FILESYSTEMS:
+        log.debug("volume %s: no lease on this filesystem (statfs type %#x): every "
+                  "snapshot reads it", volume.path, kind or 0)
+        os.close(fd)
+        return None
+    return fd, st
+
+
+def filesystem_type(fd: int) -> int | None:
+    """statfs(2)'s f_type of the filesystem holding ``fd`` (the first field of
+    struct statfs on Linux), None if it cannot be told."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit
+    try:
+        if _libc().fstatfs(fd, buf) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return int(ctypes.c_long.from_buffer(buf).value) & 0xFFFFFFFF
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 async def take(volume: VolumeFile, size: int) -> Lease | None:

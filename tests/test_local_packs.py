@@ -9,7 +9,8 @@ from typing import Callable
 
 import pytest
 
-from fixtures_store import MiB, ZONE, deletes_done, random_bytes, read_all, snapshot_of
+from fixtures_store import (MiB, ZONE, deletes_done, random_bytes, read_all, snapfs_cli,
+                            snapshot_of, wait_state)
 from snapfs.local import LocalService, open_local_service
 from snapfs.local.capture import BATCH_CHUNKS
 from snapfs.local.chunks import (ALIGN, CHUNK_SIZE, STAGE_BYTES, PackFiles, PackWriter, check,
@@ -187,3 +188,33 @@ async def test_a_pack_number_is_never_given_twice(service: LocalService) -> None
     first = service.index.new_pack()
     service.index.drop_pack(first)
     assert service.index.new_pack() > first
+
+
+async def test_a_pack_that_cannot_be_written_fails_the_capture_as_a_store_write(
+        tmp_path: Path) -> None:
+    """Packs made immutable (chattr +i) under a running service: the capture's
+    append failed, then cutting the pack's tail failed too, and that second
+    OSError replaced the first: "reading the source failed: Operation not
+    permitted", though the volume was readable. The capture's own error stays."""
+    store = tmp_path / "store"
+    vol = tmp_path / "v.raw"
+    vol.write_bytes(random_bytes(4 * MiB, seed=1))
+    async with open_local_service(store) as svc:
+        first = await snapshot_of(svc, vol, "s1")
+        packs = sorted((store / "packs").glob("*.pack"))
+        vol.write_bytes(random_bytes(4 * MiB, seed=2))
+        subprocess.run(["chattr", "+i", *map(str, packs)], check=True)
+        try:
+            vols = await svc.list_all_volumes()
+            snap = await svc.create_snapshot(ZONE, name="s2", volume_id=vols[0].id)
+            failed = await wait_state(svc, snap.id)
+        finally:
+            subprocess.run(["chattr", "-i", *map(str, packs)], check=True)
+        assert failed.state == "error"
+        assert "writing to the store failed" in (failed.error_reason or ""), failed
+        assert "Operation not permitted" in (failed.error_reason or "")
+        assert await read_all(svc, first.id) == random_bytes(4 * MiB, seed=1)
+        again = await snapshot_of(svc, vol, "s3")
+        assert await read_all(svc, again.id) == vol.read_bytes()
+    res = snapfs_cli("fsck", store=store)
+    assert res.returncode == 0, res.stdout + res.stderr

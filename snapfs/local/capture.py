@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import errno
+import logging
 import os
 import sqlite3
 import threading
@@ -42,6 +43,8 @@ from .packpool import PackPool
 from .shadows import Ranges, in_ranges
 from .volumefile import VolumeFile, open_volume
 from .storelocks import StoreLock
+
+log = logging.getLogger(__name__)
 
 BATCH_CHUNKS = 16
 #: Fresh bytes (and map entries) per fdatasync + commit.
@@ -399,8 +402,16 @@ async def capture(source: CaptureSource, snapshot_id: str, snap: int, index: Chu
                 pool.give_back(cap.writer)
             else:  # its uncommitted tail is cut off now (committed: the caller releases)
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(pool.retire, cap.writer,
-                                                  limiter=io_limiter)
+                    try:
+                        await trio.to_thread.run_sync(pool.retire, cap.writer,
+                                                      limiter=io_limiter)
+                    except OSError as exc:
+                        # Not the capture's error (raised here, it replaced it: a
+                        # pack made immutable read as "reading the source failed").
+                        log.warning("snapshot %s: the uncommitted tail of pack %d "
+                                    "could not be cut (%s); the next exclusive open "
+                                    "cuts it", snapshot_id, cap.writer.pack,
+                                    exc.strerror or exc)
 
 
 async def _compress_stage(recv: trio.MemoryReceiveChannel[list[Hashed]],

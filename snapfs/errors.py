@@ -131,7 +131,9 @@ class StoreFull(SnapfsError):
 class StoreUnusable(SnapfsError):
     """The store directory cannot be trusted or recognised (not ours, writable by
     others, not a store, its metadata.db missing, damaged or another store's):
-    every command refuses, changing nothing; the message names the way out."""
+    every command refuses, changing nothing; the message names the way out. Also
+    the store's files failing under a running service (an I/O error, a file made
+    immutable): the request fails, and says it was the disk."""
 
 
 class Transient(SnapfsError):

@@ -46,14 +46,27 @@ def disk_trouble(exc: sqlite3.Error, db: Path) -> SnapfsError | None:
                          "damaged database: check the disk, e.g. dmesg, and retry)")
 
 
+#: SQLite's answers that are the files' doing (made immutable or read-only, no
+#: descriptor left to open one): they were counted as bugs, with a traceback per
+#: request. (An I/O error: disk_trouble.)
+_DISK_CODES = (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM)
+
+
 @contextmanager
-def _domain_errors() -> Iterator[None]:
+def _domain_errors(db: Path) -> Iterator[None]:
     """What SQLite raises for the disk or for text it cannot take, as domain errors."""
     try:
         yield
     except sqlite3.OperationalError as exc:
-        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary code
+        if code == sqlite3.SQLITE_FULL:
             raise StoreFull(f"{FULL_MESSAGE} ({exc})") from None
+        if code == sqlite3.SQLITE_IOERR:  # maybe a -wal or -shm that could not grow
+            raise disk_trouble(exc, db) or exc from None
+        if code in _DISK_CODES:  # the files, not a bug: said so (EIO)
+            raise StoreUnusable(f"{db} cannot be written: {exc} (check the files' "
+                                "attributes and permissions, and the limit on open "
+                                "files)") from None
         raise
     except UnicodeEncodeError:
         # A parameter holding undecodable bytes (lone surrogates): no row holds
@@ -66,18 +79,22 @@ class Connection(sqlite3.Connection):
     through the connection (sqlite-utils' too) raise StoreFull when full, and
     InvalidArgument for text with undecodable bytes."""
 
+    def __init__(self, database: str | os.PathLike[str], *args: Any, **kwargs: Any) -> None:
+        super().__init__(database, *args, **kwargs)
+        self.path = Path(os.fsdecode(database))
+
     def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
-        with _domain_errors():
+        with _domain_errors(self.path):
             return super().execute(*args, **kwargs)
 
     def executemany(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
-        with _domain_errors():
+        with _domain_errors(self.path):
             return super().executemany(*args, **kwargs)
 
     def executescript(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
-        with _domain_errors():
+        with _domain_errors(self.path):
             return super().executescript(*args, **kwargs)
 
     def commit(self) -> None:
-        with _domain_errors():
+        with _domain_errors(self.path):
             super().commit()

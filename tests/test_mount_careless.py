@@ -277,3 +277,32 @@ def test_wait_refuses_a_volume_directory_and_a_timeout_that_is_no_number(
         assert res.returncode != 0 and "--timeout" in res.stderr, (bad, res)
         assert len(res.stderr.splitlines()) == 1 and "Traceback" not in res.stderr
     assert snapfs("wait", s, "--timeout", "30").stdout.strip() == "available"
+
+
+def test_metadata_files_made_immutable_are_eio_said_as_the_disks_not_a_bug(
+        mount_factory: Callable[..., Mount], store_with_volume: Path) -> None:
+    """chattr +i on metadata.db and its -wal/-shm under a live mount: every write
+    (mkdir, mv, setfattr) was EIO logged as "failed unexpectedly (bug #N)" with a
+    traceback. Still EIO, changing nothing, and the log says it was the files;
+    once they are writable again everything works and fsck is clean."""
+    m = mount_factory(store_with_volume)
+    s = snap(m, "keep")
+    files = [p for p in store_with_volume.glob("metadata.db*") if p.is_file()]
+    assert len(files) == 3, files
+    before = tree(m)
+    subprocess.run(["chattr", "+i", *map(str, files)], check=True)
+    try:
+        assert "Input/output error" in failing("mv", s, m.snapshots() / "renamed")
+        assert "Input/output error" in failing("setfattr", "-n", "user.tags", "-v", "x", s)
+        assert "Input/output error" in failing("mkdir", m.volume("vol1") / "new")
+    finally:
+        subprocess.run(["chattr", "-i", *map(str, files)], check=True)
+    assert tree(m) == before
+    log = m.log()
+    assert "metadata.db cannot be" in log
+    assert "bug" not in log and "Traceback" not in log, log[-3000:]
+    run("mv", s, m.snapshots() / "renamed")
+    snap(m, "after")
+    m.stop()
+    res = snapfs("fsck", "--store", store_with_volume)
+    assert "clean" in res.stdout or res.returncode == 0, res

@@ -42,7 +42,7 @@ from pathlib import Path
 import pyfuse3
 
 from .. import sqlfull
-from ..errors import NotFound, StoreFull
+from ..errors import NotFound, StoreFull, StoreUnusable
 from .keys import ROOT, Key, Kind, View
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ MAP_NAME = "inodes.sqlite"
 #: StoreFull (sqlfull.Connection's name for "database or disk is full"), which
 #: were missed -- on a full disk every lookup of a node not yet numbered was
 #: ENOSPC, so no snapshot could even be reached to be deleted.
-_MAP_ERRORS = (sqlite3.Error, StoreFull)
+_MAP_ERRORS = (sqlite3.Error, StoreFull, StoreUnusable)
 #: How long a lookup waits for another mount's write to the map (seconds). It
 #: waits on the trio thread, so it is short: a row takes microseconds to write,
 #: and a map held longer than this detaches the mount (numbers in memory).

@@ -25,6 +25,7 @@ import logging
 import sqlite3
 from dataclasses import dataclass
 
+from ..errors import SnapfsError
 from .chunks import CHUNK_SIZE
 from .metadata import Metadata
 
@@ -130,7 +131,7 @@ def write_completed(md: Metadata, snap: int, same_as: int | None = None) -> None
     conn = md.worker_connection()
     try:
         write(conn, snap, same_as)
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, SnapfsError) as exc:  # a full or failing disk too
         log.warning("map #%d: its window digests were not stored (%s); computed when "
                     "first needed", snap, exc)
     finally:
@@ -144,7 +145,7 @@ def ensure(conn: sqlite3.Connection, snap: int, size: int) -> MapDigest:
         log.info("map #%d has no window digests yet: computing them", snap)
         try:
             digest = write(conn, snap)
-        except sqlite3.Error as exc:  # a read-only store, say: used, not kept
+        except (sqlite3.Error, SnapfsError) as exc:  # a read-only store: used, not kept
             log.info("map #%d: its window digests are not stored (%s)", snap, exc)
         digest = digest or compute(conn, snap, size)
     return digest

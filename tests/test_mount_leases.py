@@ -89,3 +89,40 @@ def test_a_volume_on_overlayfs_is_read_again_every_snapshot(
         if m is not None:
             m.stop()
         run("umount", merged)
+
+
+def test_a_broken_lease_released_twice_closes_no_other_volumes_lease(
+        mount_factory: Callable[..., Mount], tmp_path: Path) -> None:
+    """A lease broken by a write was released by its signal, then again by the
+    next capture of its volume -- by descriptor number, which a lease on another
+    volume had taken meanwhile: that one was closed (its kernel lease gone), and
+    once a third lease took the number back, the other volume's next snapshot
+    copied its old map. `available`, the volume's old bytes, fsck clean."""
+    store = tmp_path / "store"
+    vols = {}
+    for name in ("v1", "v2"):
+        vols[name] = tmp_path / f"{name}.raw"
+        vols[name].write_bytes(os.urandom(4 * MiB))
+        snapfs("volume", "add", name, vols[name], "--store", store)
+    m = mount_factory(store)
+
+    def take(volume: str, name: str) -> Path:
+        run("mkdir", m.volume(volume) / name)
+        assert m.wait_state(m.snapshots() / name) == "available"
+        return m.snapshots() / name / "image.raw"
+
+    def write(volume: str, block: int) -> None:
+        with open(vols[volume], "r+b") as f:
+            f.seek(block * 65536)
+            f.write(os.urandom(65536))
+
+    take("v1", "a1")        # lease L1 on v1
+    write("v1", 1)          # breaks L1: released, its descriptor closed
+    take("v2", "b1")        # L2 on v2 takes L1's descriptor number
+    take("v1", "a2")        # L1 forgotten: released again
+    write("v2", 3)          # must break L2
+    b2 = take("v2", "b2")
+    run("cmp", b2, vols["v2"])
+    run("cmp", take("v1", "a3"), vols["v1"])
+    m.stop()
+    assert snapfs("fsck", "--store", store).returncode == 0

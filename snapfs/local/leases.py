@@ -83,8 +83,14 @@ _installed = False
 
 
 def _release(lease: Lease) -> None:
+    """Idempotent, and only ever this lease's descriptor: once a broken lease's
+    descriptor is closed its number is reused by the next open, and a second
+    release by number (a broken lease is forgotten by the next capture of its
+    volume) closed another volume's lease -- whose kernel lease went with it,
+    unnoticed, and a later lease reusing that number again made that volume's
+    next snapshot copy an old map (wrong bytes, fsck clean)."""
     lease.broken = True
-    if _held.pop(lease.fd, None) is not None:
+    if _held.get(lease.fd) is lease and _held.pop(lease.fd, None) is lease:
         os.close(lease.fd)  # closing the descriptor lets the waiting open() go on
 
 

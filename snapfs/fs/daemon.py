@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,6 +28,7 @@ from ..errors import InvalidArgument, SnapfsError
 from ..logtext import EscapingFormatter, LossCountingHandler
 from ..procfs import mount_device
 from ..service import SnapshotService
+from . import guard
 from .context import MAX_TASKS, FsContext
 from .mountopts import FUSE_OPTIONS
 from .inodes import MAP_NAME, InodeTable
@@ -139,6 +141,7 @@ async def _mount(cfg: MountConfig, svc: SnapshotService, api: socket.socket | No
     from ..local.store import private_database
     private_database(cfg.store / MAP_NAME)  # never through a planted symlink
     ctx.inodes = InodeTable.in_store(cfg.store)  # the same numbers across remounts
+    guards: list[subprocess.Popen[bytes]] = []  # (fs/guard.py)
     try:
         ctx.direct_io = cfg.direct_io
         ctx.image_mode, ctx.image_owner = cfg.image_mode, cfg.image_owner
@@ -156,12 +159,14 @@ async def _mount(cfg: MountConfig, svc: SnapshotService, api: socket.socket | No
                 nursery.start_soon(_on_signals, nursery)
                 if api is not None:
                     await _serve_api(nursery, svc, api)
-                nursery.start_soon(_when_live, cfg, ready)
+                nursery.start_soon(_when_live, cfg, ready, guards)
                 await pyfuse3.main(max_tasks=MAX_TASKS)
                 nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", mnt)
+            for g in guards:
+                guard.stop(g)
     finally:
         ctx.inodes.close()
 
@@ -175,14 +180,35 @@ async def _serve_api(nursery: trio.Nursery, svc: SnapshotService, sock: socket.s
     log.info("serving the Instance API on %s", urls[0])
 
 
-async def _when_live(cfg: MountConfig, ready: Callable[[], None] | None) -> None:
+async def _when_live(cfg: MountConfig, ready: Callable[[], None] | None,
+                     guards: list[subprocess.Popen[bytes]]) -> None:
     """Once the kernel has finished the FUSE handshake (a stat of the mount point,
-    answered by our own loop, proves it), tune it and report ready."""
+    answered by our own loop, proves it), tune it, guard it (from this, the main
+    thread) and report ready."""
     await trio.to_thread.run_sync(os.stat, cfg.mountpoint)
     if not cfg.direct_io:
         tune_kernel(str(cfg.mountpoint))
+    conn = connection_dir(str(cfg.mountpoint))
+    g = guard.start(conn) if conn is not None else None
+    if g is not None:
+        guards.append(g)
     if ready is not None:
         ready()
+
+
+def connection_dir(mountpoint: str) -> Path | None:
+    """The mount's FUSE connection in fusectl (mounted here if it is not and this
+    is root), None if there is none to be had."""
+    dev = mount_device(mountpoint)
+    if dev is None:
+        return None
+    conn = Path(FUSECTL) / dev.split(":")[1]
+    if not conn.is_dir() and os.geteuid() == 0:
+        try:
+            _mount_fusectl()
+        except OSError:
+            pass  # (or mounted meanwhile by another mount's daemon)
+    return conn if conn.is_dir() else None
 
 
 def tune_kernel(mountpoint: str, readahead_kb: int = READAHEAD_KB,

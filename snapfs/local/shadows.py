@@ -258,6 +258,10 @@ class Shadows:
             if any(os.fstat(fd).st_size != size for fd in fds):
                 return None
             return changed_chunks(fiemap(fds[0], size), fiemap(fds[1], size), size, chunk)
+        except FileNotFoundError as exc:  # its snapshot deleted meanwhile (any process)
+            log.info("shadow %s is gone (its snapshot was deleted): %s read whole",
+                     exc.filename, new.path)
+            return None
         except OSError as exc:
             log.warning("cannot compare shadows %s and %s: %s", old.path, new.path, exc)
             return None

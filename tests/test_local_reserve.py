@@ -15,7 +15,7 @@ from fixtures_store import (ZONE, all_tokens_held, deletes_done, fill_up, loop_m
                             random_bytes, snapshot_of, tasks_waiting, wait_state, write_volume)
 from fixtures_s3 import SeaweedServer
 from snapfs.errors import NotFound, PreconditionFailed
-from snapfs.local import open_local_service
+from snapfs.local import LocalService, open_local_service
 from snapfs.local.reserve import RESERVE_BYTES, STEP, SpaceReserve
 
 MiB = 1 << 20
@@ -135,6 +135,21 @@ async def test_a_delete_whose_space_cannot_be_freed_yet_is_tried_again(
             await svc.get_snapshot(ZONE, snap.id)
 
 
+def full_to_the_last_block(svc: LocalService, fs: Path) -> list[Path]:
+    """``fs`` filled, the service's reserve given up and taken too (by a writer
+    beside it): the files taking the room."""
+    fillers = [fill_up(fs, "filler0")]
+    while svc.reserve.give_up():
+        fillers.append(fill_up(fs, f"filler{len(fillers)}"))
+    return fillers
+
+
+async def said(caplog: pytest.LogCaptureFixture, text: str, timeout: float = 60) -> None:
+    with trio.fail_after(timeout):
+        while text not in caplog.text:
+            await trio.sleep(0.05)
+
+
 async def test_a_capture_that_fills_the_disk_records_its_failure_once_there_is_room(
         small_ext4: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The capture failed on a disk full to the last block (its reserve taken by
@@ -148,12 +163,8 @@ async def test_a_capture_that_fills_the_disk_records_its_failure_once_there_is_r
         with all_tokens_held(svc.hash_limiter):  # the capture waits before its first chunk
             snap = await svc.create_snapshot(ZONE, name="s", volume_id=v.id)
             await tasks_waiting(svc.hash_limiter)
-            fillers = [fill_up(small_ext4, "filler0")]
-            while svc.reserve.give_up():
-                fillers.append(fill_up(small_ext4, f"filler{len(fillers)}"))
-        with trio.fail_after(30):
-            while "its failure cannot be recorded yet" not in caplog.text:
-                await trio.sleep(0.05)
+            fillers = full_to_the_last_block(svc, small_ext4)
+        await said(caplog, "its failure cannot be recorded yet")
         assert svc.md.live_state(snap.id) == "snapshotting"
         with pytest.raises(PreconditionFailed):  # and nothing changed
             await svc.remove_volume(v.id)
@@ -187,12 +198,8 @@ async def test_an_export_whose_end_finds_the_disk_full_records_it_once_there_is_
         with all_tokens_held(svc.io_limiter):  # the export waits before its first read
             task = await svc.export_snapshot(ZONE, snap.id, bucket=bucket, key="s.qcow2")
             await tasks_waiting(svc.io_limiter)
-            fillers = [fill_up(small_ext4, "filler0")]
-            while svc.reserve.give_up():
-                fillers.append(fill_up(small_ext4, f"filler{len(fillers)}"))
-        with trio.fail_after(60):
-            while "its end cannot be recorded yet" not in caplog.text:
-                await trio.sleep(0.05)
+            fillers = full_to_the_last_block(svc, small_ext4)
+        await said(caplog, "its end cannot be recorded yet")
         assert (await svc.get_snapshot(ZONE, snap.id)).state == "exporting"
         with pytest.raises(PreconditionFailed):
             await svc.delete_snapshot(ZONE, snap.id)

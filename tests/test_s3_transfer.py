@@ -8,14 +8,19 @@ The export source here is a plain file read through the ImageReader interface
 from __future__ import annotations
 
 import os
+import threading
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import trio
+import urllib3
 
-from fixtures_s3 import READER, SeaweedServer, logged, qcow2_of, qemu_img_judges
+from fixtures_s3 import ADMIN, READER, SeaweedServer, logged, qcow2_of, qemu_img_judges
 from snapfs.errors import InvalidData, NotFound, PermissionDenied, Transient
 from snapfs.s3.calls import RetryPolicy
+from snapfs.s3.storage import S3ObjectStorage
 from snapfs.service import ImageReader
 
 pytestmark = pytest.mark.s3
@@ -336,3 +341,78 @@ async def test_a_qcow2_objects_holes_come_from_its_tables(s3_server: SeaweedServ
         await reader.aclose()
     finally:
         await objects.aclose()
+
+
+class IfMatchIgnoringProxy:
+    """A real S3 server as one that ignores If-Match (as some S3-compatible
+    servers do): requests are forwarded to SeaweedFS without it, signed again
+    with the same credentials."""
+
+    def __init__(self, server: SeaweedServer) -> None:
+        from botocore.auth import S3SigV4Auth
+        from botocore.awsrequest import AWSRequest
+        from botocore.credentials import Credentials
+        creds = Credentials(*ADMIN)
+        upstream = server.endpoint
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self._forward()
+
+            do_HEAD = do_GET
+
+            def _forward(self) -> None:
+                keep = {k: v for k, v in self.headers.items() if k.lower() in
+                        ("range", "x-amz-content-sha256")}
+                req = AWSRequest(method=self.command, url=upstream + self.path, headers=keep)
+                S3SigV4Auth(creds, "s3", "us-east-1").add_auth(req)
+                res = urllib3.request(self.command, upstream + self.path,
+                                      headers=dict(req.headers.items()), timeout=60)
+                self.send_response(res.status)
+                for k, v in res.headers.items():
+                    if k.lower() not in ("connection", "transfer-encoding"):
+                        self.send_header(k, v)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(res.data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+async def test_a_server_ignoring_if_match_still_cannot_mix_versions(
+        s3_server: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """The pin was If-Match alone: a server that ignores it answered the new
+    version's bytes with a 200, and an import of an object replaced midway was
+    `available` with the first part of one image and the rest of the other. The
+    answer's ETag is checked too."""
+    raw = make_raw(tmp_path / "a.raw", 64 * MiB, [(0, 64 * MiB)])
+    other = make_raw(tmp_path / "b.raw", 64 * MiB, [(0, 64 * MiB)])
+    s3_server.client().upload_file(str(qcow2_of(raw)), bucket, "disk.qcow2")
+    proxy = IfMatchIgnoringProxy(s3_server)
+    objects = S3ObjectStorage(replace(s3_server.settings(), endpoint=proxy.url))
+    try:
+        reader = await objects.open_qcow2(bucket, "disk.qcow2")
+        assert await reader.read(0, MiB) == raw.read_bytes()[:MiB]
+        s3_server.client().upload_file(str(qcow2_of(other)), bucket, "disk.qcow2")
+        expected = raw.read_bytes()
+        with pytest.raises(InvalidData, match="changed while being read"):
+            for off in range(MiB, len(expected), MiB):
+                assert await reader.read(off, MiB) == expected[off:off + MiB]
+        await reader.aclose()
+    finally:
+        await objects.aclose()
+        proxy.close()

@@ -96,15 +96,22 @@ async def _get_into(calls: S3Calls, bucket: str, key: str, offset: int,
     length = len(buf)
     pinned = {"IfMatch": etag} if etag else {}
 
-    def fetch() -> int:
+    def fetch() -> tuple[int, str | None]:
         resp = client.get_object(Bucket=bucket, Key=key,
                                  Range=f"bytes={offset}-{offset + length - 1}", **pinned)
         with memoryview(buf) as view:
-            return _read_body(resp, view)
-    got = await calls.call("get_object", bucket, key, fetch)
+            return _read_body(resp, view), resp.get("ETag")
+    got, answered = await calls.call("get_object", bucket, key, fetch)
+    if etag and answered and answered != etag:
+        # A server that ignores If-Match sends the new version's bytes: checked
+        # here too, or an object replaced mid-import made a snapshot of both.
+        raise InvalidAnswer(f"object {bucket}/{key} changed while being read (its ETag "
+                            f"is {answered} now, {etag} when it was opened)")
     if got != length:
+        why = "more than the range asked for: the server may ignore Range" \
+            if got > length else "cut short, or the object changed"
         raise InvalidAnswer(f"object {bucket}/{key} returned {got} bytes at offset "
-                            f"{offset}, expected {length} (changed during import?)")
+                            f"{offset}, expected {length} ({why})")
 
 
 async def _get_range(calls: S3Calls, bucket: str, key: str, offset: int,

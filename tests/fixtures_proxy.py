@@ -37,6 +37,10 @@ class Fault:
     delay: float = 0.0  # seconds before answering (longer than a timeout: a hang)
     match: str = ""
     trickle: float = 0.0  # seconds between the body's bytes (each wait short, the whole long)
+    #: Pass the request on (the server does the work), and hold its answer back
+    #: ``delay`` seconds: an answer lost or late after the fact. Status/body unused.
+    forward: bool = False
+    method: str = ""  # only requests of this method match, when set
 
 
 class FaultProxy:
@@ -77,19 +81,19 @@ class FaultProxy:
         with self._lock:
             return [t for t, p in self.arrivals if match in p]
 
-    def _take(self, path: str) -> Fault | None:
+    def _take(self, path: str, method: str) -> Fault | None:
         with self._lock:
             self.arrivals.append((time.monotonic(), path))
             for i, f in enumerate(self.faults):
-                if f.match in path:
+                if f.match in path and f.method in ("", method):
                     return self.faults.pop(i)
         return None
 
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         length = int(h.headers.get("content-length") or 0)
         body = h.rfile.read(length) if length else b""
-        fault = self._take(h.path)
-        if fault is not None:
+        fault = self._take(h.path, h.command)
+        if fault is not None and not fault.forward:
             if fault.delay:
                 self._closing.wait(fault.delay)
             self._answer(h, fault.status, fault.headers, fault.body, fault.trickle)
@@ -104,6 +108,8 @@ class FaultProxy:
                    if k.lower() not in HOP and k.lower() != "content-length"}
             if self.rewrite is not None and 200 <= res.status < 300 and data:
                 data = json.dumps(self.rewrite(h.path, json.loads(data))).encode()
+            if fault is not None and fault.delay:  # (forward: done, answered late)
+                self._closing.wait(fault.delay)
             self._answer(h, res.status, out, data)
         finally:
             conn.close()

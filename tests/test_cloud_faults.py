@@ -488,3 +488,37 @@ async def test_failed_import_says_why(served_s3: Served, s3_server: Any, bucket:
     finally:
         await objects.aclose()
 
+
+
+# --- answers lost after the work was done ----------------------------------------------
+
+async def test_a_create_or_delete_whose_answer_is_late_is_not_done_twice(
+        via_proxy: FaultProxy, served: Served) -> None:
+    """The server made the snapshot (or deleted it), but its answer came after the
+    attempt's timeout: the create was sent again -- two snapshots of one mkdir,
+    whose name the tree then showed only as name~id labels -- and the delete's
+    retry, answered 404, made rmdir say ENOENT after deleting. A create is not
+    sent again unless the first surely did nothing; a retried delete's 404 is
+    the earlier attempt's success."""
+    proxy = via_proxy
+    with lssd_volume(served.store) as (_, lssd):
+        async with open_scaleway_service() as svc:
+            svc.call_timeout = 1.0
+            for vid, api_name in ((lssd, "instance"),
+                                  (served.volumes["vol-a"]["id"], "block")):
+                name = f"late-{api_name}"
+                proxy.add(Fault(0, forward=True, delay=3, method="POST", match="/snapshots"))
+                err = await _refusal(lambda: svc.create_snapshot(
+                    "fr-par-1", name=name, volume_id=vid))
+                assert isinstance(err, Transient), err
+                await trio.sleep(3)  # the late answer is in; the work was done once
+                made = [s for s in await svc.list_all_snapshots("fr-par-1") if s.name == name]
+                assert len(made) == 1, made
+                with trio.fail_after(60):
+                    while (await svc.get_snapshot("fr-par-1", made[0].id)).state \
+                            == "snapshotting":
+                        await trio.sleep(0.1)
+                proxy.add(Fault(0, forward=True, delay=3, method="DELETE",
+                                match=f"/snapshots/{made[0].id}"))
+                await svc.delete_snapshot("fr-par-1", made[0].id)  # no ENOENT
+                assert name not in {s.name for s in await svc.list_all_snapshots("fr-par-1")}

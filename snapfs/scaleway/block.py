@@ -155,14 +155,16 @@ class BlockSide:
     async def create_snapshot(self, zone: str, *, name: str, volume_id: str,
                               tags: list[str] | None, project: str | None) -> Snapshot:
         return await self._snapshot(await self.svc.call(
-            "create block snapshot", self.api.create_snapshot, zone=zone, volume_id=volume_id,
+            "create block snapshot", self.api.create_snapshot, creates=True, zone=zone,
+            volume_id=volume_id,
             public=False, name=name, project_id=project, tags=tags))
 
     async def import_snapshot(self, zone: str, *, name: str, bucket: str, key: str,
                               tags: list[str] | None, project: str | None,
                               size: int | None) -> Snapshot:
         return await self._snapshot(await self.svc.call(
-            "import block snapshot", self.api.import_snapshot_from_object_storage, zone=zone,
+            "import block snapshot", self.api.import_snapshot_from_object_storage,
+            creates=True, zone=zone,
             bucket=bucket, key=key, name=name, project_id=project, tags=tags, size=size))
 
     async def update_snapshot(self, zone: str, snapshot_id: str, *, name: str | None,
@@ -172,11 +174,12 @@ class BlockSide:
             snapshot_id=snapshot_id, name=name, tags=tags))
 
     async def delete_snapshot(self, zone: str, snapshot_id: str) -> None:
-        await self.svc.call("delete block snapshot", self.api.delete_snapshot, zone=zone,
-                            snapshot_id=snapshot_id)
+        await self.svc.call("delete block snapshot", self.api.delete_snapshot, deletes=True,
+                            zone=zone, snapshot_id=snapshot_id)
 
     async def export_snapshot(self, zone: str, snapshot_id: str, *, bucket: str,
                               key: str) -> Snapshot:
         return await self._snapshot(await self.svc.call(
-            "export block snapshot", self.api.export_snapshot_to_object_storage, zone=zone,
+            "export block snapshot", self.api.export_snapshot_to_object_storage,
+            creates=True, zone=zone,
             snapshot_id=snapshot_id, bucket=bucket, key=key))

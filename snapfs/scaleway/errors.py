@@ -33,6 +33,28 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, (requests.ConnectionError, requests.Timeout))
 
 
+def unanswered_safely(exc: BaseException) -> bool:
+    """Whether a failed attempt surely did nothing on the server: refused before
+    its work (429, 503), or never sent (no connection made). A timeout or another
+    5xx may come after the work was done: a POST is not sent again then."""
+    if isinstance(exc, ScalewayException):
+        return (exc.status_code or 0) in (429, 503)
+    return isinstance(exc, requests.ConnectionError) and not isinstance(
+        exc, requests.ReadTimeout) and _before_sending(exc)
+
+
+def _before_sending(exc: requests.ConnectionError) -> bool:
+    """A connection refused or not made in time: the request never left."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    text = repr(exc)
+    return "NewConnectionError" in text or "Connection refused" in text
+
+
+def is_not_found(exc: BaseException) -> bool:
+    return isinstance(exc, ScalewayException) and exc.status_code == 404
+
+
 def retry_after(exc: BaseException) -> float | None:
     """The server's Retry-After in seconds, when it sent one as delta-seconds: ASCII
     digits only (str.isdigit() also takes '²', which int() and float() refuse); an

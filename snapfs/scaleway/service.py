@@ -45,7 +45,8 @@ from ..objects import ObjectStorage, check_object_target
 from ..service import ImageReader, SnapshotService
 from . import convert
 from .block import BlockSide
-from .errors import GuardedAPI, is_retryable, retry_after, to_domain
+from .errors import (GuardedAPI, is_not_found, is_retryable, retry_after, to_domain,
+                     unanswered_safely)
 from .images import CloudImages
 from .merged import MergedLists
 from .outcomes import BlockOutcomes, InstanceExports
@@ -126,11 +127,18 @@ class ScalewayService(SnapshotService):
         #: Block exports (no task: made up) and imports (no reason when they fail).
         self.outcomes = BlockOutcomes(objects)
 
-    async def call(self, what: str, fn: Callable[..., T], **kwargs: Any) -> T:
+    async def call(self, what: str, fn: Callable[..., T], *, creates: bool = False,
+                   deletes: bool = False, **kwargs: Any) -> T:
         """Run one SDK call in a worker thread with retries; domain errors out.
         The whole call, retries and waits included, ends by ``call_deadline``:
         a retry that would not fit is not made, and what failed last decides
-        the error (EAGAIN for a timeout, a 429 or a 5xx)."""
+        the error (EAGAIN for a timeout, a 429 or a 5xx).
+
+        ``creates``: a POST that makes something (a snapshot, an export) is
+        tried again only when the failed attempt surely did nothing (errors.
+        unanswered_safely): a late answer retried made two snapshots of one
+        mkdir. ``deletes``: a retried DELETE answered 404 was done by an earlier
+        attempt whose answer was lost (rmdir said ENOENT after deleting)."""
         deadline = trio.current_time() + self.call_deadline
         attempt = 0
         while True:
@@ -148,7 +156,11 @@ class ScalewayService(SnapshotService):
                 failure = requests.Timeout(f"no answer within {timeout:g}s")
             except _SDK_ERRORS as exc:
                 failure = exc
-            if attempt < self.retries and is_retryable(failure):
+            if deletes and attempt > 0 and is_not_found(failure):
+                log.info("%s: gone on retry %d: an earlier attempt did it", what, attempt)
+                return None  # type: ignore[return-value]
+            if attempt < self.retries and is_retryable(failure) and \
+                    (not creates or unanswered_safely(failure)):
                 delay = retry_after(failure)
                 if delay is None:
                     delay = min(self.backoff * 2 ** attempt, BACKOFF_CAP)
@@ -319,7 +331,7 @@ class ScalewayService(SnapshotService):
             self._merged.clear()
             return snap
         res = await self.call(
-            "create snapshot", self.instance.create_snapshot, zone=zone, name=name,
+            "create snapshot", self.instance.create_snapshot, creates=True, zone=zone, name=name,
             volume_id=volume_id, tags=tags, project=project, organization=organization,
             volume_type=volume_type, bucket=bucket, key=key, size=size)
         self._owner[res.snapshot.id] = "instance"
@@ -380,7 +392,7 @@ class ScalewayService(SnapshotService):
         if await self._is_block(zone, snapshot_id):
             await self.block.delete_snapshot(self._zone(zone), snapshot_id)
         else:
-            await self.call("delete snapshot", self.instance.delete_snapshot,
+            await self.call("delete snapshot", self.instance.delete_snapshot, deletes=True,
                             zone=self._zone(zone), snapshot_id=snapshot_id)
         self._forget(snapshot_id)
         if snap is not None:
@@ -407,7 +419,7 @@ class ScalewayService(SnapshotService):
             return await self.outcomes.task(task_id, zone, snap, bucket, key)
         size = (await self.get_snapshot(zone, snapshot_id)).size if self.objects else 0
         started = dt.datetime.now(dt.timezone.utc)
-        res = await self.call("export snapshot", self.instance.export_snapshot,
+        res = await self.call("export snapshot", self.instance.export_snapshot, creates=True,
                               zone=self._zone(zone), snapshot_id=snapshot_id, bucket=bucket,
                               key=key)
         task = convert.task(res.task, zone)

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from fixtures_http import ACCESS_KEY, SECRET, Served
-from snapfs.errors import NotFound, NotPermitted, SnapfsError, errno_for
+from snapfs.errors import NotFound, NotPermitted, PermissionDenied, SnapfsError, errno_for
 from snapfs.scaleway import ScalewayService, open_scaleway_service
 from snapfs.scaleway.images import STAGING_PREFIX
 
@@ -162,3 +162,18 @@ async def test_image_refusals(cloud: tuple[ScalewayService, str], scw_env: Serve
     with pytest.raises(SnapfsError) as exc3:
         await svc.open_image("fr-par-1", str(uuid.uuid4()))
     assert isinstance(exc3.value, NotFound) and exc3.value.resource == "snapshot"
+
+
+async def test_an_export_into_the_staging_prefix_is_refused(
+        cloud: tuple[ScalewayService, str], scw_env: Served, s3_server: Any) -> None:
+    """An export written to another snapshot's staging key (`echo stage/snapfs-
+    staging/... > export`) made that snapshot's image.raw read these bytes: the
+    staged image is taken by its key and size. The prefix is the mount's own."""
+    svc, bucket = cloud
+    snap = await _snapshot(svc, scw_env.volumes["vol-a"]["id"])
+    for key in (f"{STAGING_PREFIX}fr-par-1/{snap.id}-0.qcow2", f"{STAGING_PREFIX}x"):
+        with pytest.raises(PermissionDenied, match="staged images"):
+            await svc.export_snapshot("fr-par-1", snap.id, bucket=bucket, key=key)
+    assert s3_server.client().list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+    task = await svc.export_snapshot("fr-par-1", snap.id, bucket=bucket, key="mine.qcow2")
+    assert task.id

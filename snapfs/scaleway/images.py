@@ -20,11 +20,12 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 import trio
 
 from ..errors import NotFound, NotPermitted, PreconditionFailed, SnapfsError
-from ..model import Snapshot, check_readable
+from ..model import Snapshot, Task, check_readable
 from ..objects import ObjectStorage
 from ..service import ImageReader, SnapshotService
 
@@ -56,8 +57,12 @@ class _Export:
 
 class CloudImages:
     def __init__(self, service: SnapshotService, bucket: str | None,
-                 objects: ObjectStorage | None, nursery: trio.Nursery | None = None) -> None:
+                 objects: ObjectStorage | None, nursery: trio.Nursery | None = None,
+                 export: Callable[..., Awaitable[Task]] | None = None) -> None:
         self.service = service
+        #: How a staging export is made: the service's own, which may write under
+        #: STAGING_PREFIX (its users' exports may not).
+        self.export = export or service.export_snapshot
         self.nursery = nursery  # the service's: readers' read-ahead runs there
         self.bucket = bucket
         self.objects = objects
@@ -148,8 +153,8 @@ class CloudImages:
         delay = POLL_FIRST
         while True:
             try:
-                task = await svc.export_snapshot(snap.zone, snap.id, bucket=self.bucket or "",
-                                                 key=key)
+                task = await self.export(snap.zone, snap.id, bucket=self.bucket or "",
+                                         key=key)
                 break
             except PreconditionFailed:
                 # Busy (someone else's export): wait for it to become available again.

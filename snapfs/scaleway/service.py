@@ -37,7 +37,7 @@ from scaleway.instance.v1.marshalling import unmarshal_Task
 from scaleway.instance.v1.types import SnapshotBaseVolume
 from scaleway_core.api import ScalewayException
 
-from ..errors import NotFound
+from ..errors import NotFound, PermissionDenied
 from ..lru import LRUDict
 from ..model import (MAX_PER_PAGE, Page, Project, Snapshot, Task, Volume, check_name,
                      check_paging, check_tag_filter, check_tags, check_zone, new_id)
@@ -47,7 +47,7 @@ from . import convert
 from .block import BlockSide
 from .errors import (GuardedAPI, is_not_found, is_retryable, retry_after, to_domain,
                      unanswered_safely)
-from .images import CloudImages
+from .images import STAGING_PREFIX, CloudImages
 from .merged import MergedLists
 from .outcomes import BlockOutcomes, InstanceExports
 from .timeouts import attempt_timeout, install as install_timeouts
@@ -405,6 +405,18 @@ class ScalewayService(SnapshotService):
 
     async def export_snapshot(self, zone: str, snapshot_id: str, *, bucket: str,
                               key: str) -> Task:
+        bucket, key = check_object_target(bucket, key)
+        if bucket == self.staging_bucket and key.startswith(STAGING_PREFIX):
+            # The staged images reads are served from: an export written there
+            # under another snapshot's key made that snapshot read these bytes.
+            await self._is_block(zone, snapshot_id)  # an unknown snapshot: NotFound
+            raise PermissionDenied(f"s3://{bucket}/{STAGING_PREFIX} holds this mount's "
+                                   "staged images: export somewhere else")
+        return await self._export_snapshot(zone, snapshot_id, bucket=bucket, key=key)
+
+    async def _export_snapshot(self, zone: str, snapshot_id: str, *, bucket: str,
+                               key: str) -> Task:
+        """Any export, the staging ones (images.py) included."""
         block = await self._is_block(zone, snapshot_id)  # an unknown snapshot: NotFound
         bucket, key = check_object_target(bucket, key)
         if block:
@@ -465,7 +477,8 @@ class ScalewayService(SnapshotService):
 
     def _cloud_images(self) -> CloudImages:
         if self._images is None:
-            self._images = CloudImages(self, self.staging_bucket, self.objects, self.nursery)
+            self._images = CloudImages(self, self.staging_bucket, self.objects, self.nursery,
+                                       self._export_snapshot)
         return self._images
 
     async def aclose(self) -> None:

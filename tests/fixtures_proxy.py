@@ -64,7 +64,7 @@ class FaultProxy:
             def _any(self) -> None:
                 proxy._handle(self)
 
-            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _any
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = do_HEAD = _any
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -104,8 +104,9 @@ class FaultProxy:
             conn.request(h.command, h.path, body=body, headers=headers)
             res = conn.getresponse()
             data = res.read()
+            head = h.command == "HEAD"  # (its content-length is the object's)
             out = {k: v for k, v in res.getheaders()
-                   if k.lower() not in HOP and k.lower() != "content-length"}
+                   if k.lower() not in HOP and (head or k.lower() != "content-length")}
             if self.rewrite is not None and 200 <= res.status < 300 and data:
                 data = json.dumps(self.rewrite(h.path, json.loads(data))).encode()
             if fault is not None and fault.delay:  # (forward: done, answered late)
@@ -119,6 +120,9 @@ class FaultProxy:
         h.send_response(status)
         for k, v in headers.items():
             h.send_header(k, v)  # latin-1 on the wire, as HTTP/1.1 allows (obs-text)
+        if h.command == "HEAD" and "content-length" in {k.lower() for k in headers}:
+            h.end_headers()
+            return
         h.send_header("content-length", str(len(body)))
         h.end_headers()
         if not trickle:

@@ -7,6 +7,7 @@ The export source here is a plain file read through the ImageReader interface
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import replace
@@ -17,8 +18,10 @@ import pytest
 import trio
 import urllib3
 
+from fixtures_proxy import Fault, FaultProxy
 from fixtures_s3 import ADMIN, READER, SeaweedServer, logged, qcow2_of, qemu_img_judges
 from snapfs.errors import InvalidData, NotFound, PermissionDenied, Transient
+from snapfs.s3 import deadline
 from snapfs.s3.calls import RetryPolicy
 from snapfs.s3.storage import S3ObjectStorage
 from snapfs.service import ImageReader
@@ -416,3 +419,28 @@ async def test_a_server_ignoring_if_match_still_cannot_mix_versions(
     finally:
         await objects.aclose()
         proxy.close()
+
+
+async def test_a_trickling_answer_is_cut_at_its_deadline_and_read_again(
+        s3_server: SeaweedServer, bucket: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A server sending a byte at a time never trips botocore's per-read timeout:
+    an import sat at 0% for hours (its first L2 table would have taken 36), and an
+    rmdir of it waited as long. A GET past its deadline is cut and tried again."""
+    monkeypatch.setattr(deadline, "MIN_SECONDS", 1.0)
+    monkeypatch.setattr(deadline, "POLL", 0.2)
+    caplog.set_level(logging.INFO, "snapfs.s3")
+    raw = make_raw(tmp_path / "a.raw", 8 * MiB, [(0, 8 * MiB)])
+    s3_server.client().upload_file(str(qcow2_of(raw)), bucket, "disk.qcow2")
+    proxy = FaultProxy(s3_server.endpoint)
+    proxy.add(Fault(206, b"\0" * 65536, trickle=0.5, method="GET", match="disk.qcow2"))
+    objects = S3ObjectStorage(replace(s3_server.settings(), endpoint=proxy.url))
+    try:
+        with trio.fail_after(30):
+            reader = await objects.open_qcow2(bucket, "disk.qcow2")
+            assert await reader.read(0, 8 * MiB) == raw.read_bytes()
+            await reader.aclose()
+    finally:
+        await objects.aclose()
+        proxy.close()
+    assert "slower than" in caplog.text

@@ -36,6 +36,7 @@ from ..readahead import ReadAhead
 from ..service import Buffer, ImageReader
 from ..taskgroups import first_error
 from .calls import S3Calls
+from .deadline import GetGuard
 from .config import S3Settings
 from .shared import L2_TABLES, REFUSED, SPARES, VALIDATED, reader_token, version
 
@@ -48,7 +49,7 @@ AHEAD_WINDOWS = 2
 _ZEROS = memoryview(bytes(1 << 20))  # holes written into reused window buffers
 
 
-def _read_body(resp: dict[str, Any], view: memoryview) -> int:
+def _read_body(resp: dict[str, Any], view: memoryview, guard: GetGuard | None = None) -> int:
     """Read a GET's body into ``view``; the byte count (one more than
     ``len(view)`` when the server sent more). A plain (not chunked, not encoded)
     body is read straight from http.client into ``view``: urllib3's readinto
@@ -71,19 +72,32 @@ def _read_body(resp: dict[str, Any], view: memoryview) -> int:
                     break
                 got += n
             if got < length:  # cut mid-body: transient, as urllib3 would report it
-                raise ProtocolError(f"body ended after {got} of {length} bytes")
+                why = f" ({guard.cut})" if guard is not None and guard.cut else ""
+                raise ProtocolError(f"body ended after {got} of {length} bytes{why}")
             if fp.isclosed():
+                if guard is not None:
+                    guard.detach()  # before another request may get the connection
                 raw.release_conn()  # fully read: the connection goes back to the pool
             return got
         while got < length:
-            n = body.readinto(view[got:])
+            try:
+                n = body.readinto(view[got:])
+            except Exception as exc:  # (urllib3's IncompleteRead...): say why it was cut
+                if guard is not None and guard.cut:
+                    raise ProtocolError(f"body ended after {got} of {length} bytes "
+                                        f"({guard.cut})") from exc
+                raise
             if not n:
                 break
             got += n
+        if got < length and guard is not None and guard.cut:  # transient: tried again
+            raise ProtocolError(f"body ended after {got} of {length} bytes ({guard.cut})")
         if got == length and body.read(1):
             got += 1  # more than asked for: reported by the caller
         return got
     finally:
+        if guard is not None:
+            guard.detach()
         body.close()
 
 
@@ -96,11 +110,14 @@ async def _get_into(calls: S3Calls, bucket: str, key: str, offset: int,
     length = len(buf)
     pinned = {"IfMatch": etag} if etag else {}
 
+    guard = GetGuard(length)
+
     def fetch() -> tuple[int, str | None]:
         resp = client.get_object(Bucket=bucket, Key=key,
                                  Range=f"bytes={offset}-{offset + length - 1}", **pinned)
+        guard.attach(resp)
         with memoryview(buf) as view:
-            return _read_body(resp, view), resp.get("ETag")
+            return _read_body(resp, view, guard), resp.get("ETag")
     got, answered = await calls.call("get_object", bucket, key, fetch)
     if etag and answered and answered != etag:
         # A server that ignores If-Match sends the new version's bytes: checked

@@ -25,8 +25,9 @@ from typing import Any
 
 #: Every GET may take this long whatever its size...
 MIN_SECONDS = 30.0
-#: ... plus its bytes at this rate (a 16 MiB window: ~94 s in all).
-MIN_RATE = 256 << 10
+#: ... plus its bytes at this rate: a link this slow still imports (a 16 MiB GET
+#: may take 9 minutes), a trickle does not.
+MIN_RATE = 32 << 10
 #: How often the watch looks (seconds).
 POLL = 1.0
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import pytest
 
 from fixtures_mount import Mount, interrupted_open, run, snapfs
-from fixtures_s3 import ADMIN, SeaweedServer
+from fixtures_s3 import ADMIN, READER, SeaweedServer
 
 pytestmark = [pytest.mark.mount, pytest.mark.s3]
 
@@ -250,3 +250,28 @@ def test_export_by_appending_the_target(mount_factory: Callable[..., Mount],
     res = run("bash", "-c", f'echo "no-key-here" >> "{s}/export"', check=False)
     assert res.returncode != 0 and "Invalid argument" in res.stderr
     assert "must be one line" not in m.log()
+
+
+def test_wait_on_an_export_file_follows_the_export(mount_factory: Callable[..., Mount],
+                                                   store_with_volume: Path,
+                                                   s3_server: SeaweedServer) -> None:
+    """`snapfs wait SNAP` says the snapshot is `available` again after a failed
+    export too, exit 0, and a script took that for a done export. `snapfs wait
+    SNAP/export` follows the export itself: success, or exit 1 with its reason."""
+    bucket = s3_server.new_bucket()
+    m = mount_with_s3(mount_factory, store_with_volume, s3_server)
+    s = snap(m)
+    res = snapfs("wait", s / "export", check=False)
+    assert res.returncode == 1 and "none: no export was started" in res.stderr, res
+    (s / "export").write_text(f"{bucket}/ok.qcow2\n")
+    assert snapfs("wait", s / "export").stdout == "success\n"
+    # A user who may only read the bucket: the export fails, the snapshot is fine.
+    reader = mount_factory(store_with_volume, "--s3-endpoint", s3_server.endpoint,
+                           env={"AWS_ACCESS_KEY_ID": READER[0],
+                                "AWS_SECRET_ACCESS_KEY": READER[1],
+                                "AWS_DEFAULT_REGION": "us-east-1"})
+    rs = reader.snapshots() / "s1"
+    (rs / "export").write_text(f"{bucket}/denied.qcow2\n")
+    res = snapfs("wait", rs / "export", check=False)
+    assert res.returncode == 1 and "failure" in res.stderr, res
+    assert snapfs("wait", rs).stdout == "available\n"

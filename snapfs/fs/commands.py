@@ -75,9 +75,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
     p = sub.add_parser("wait", help="wait for a snapshot to be ready",
                        description="Wait until the snapshot at PATH (its directory or a file "
-                       "in it) leaves snapshotting/importing/exporting, or until the import "
-                       "imports/<name> ends. Exits 1 if it ends in error, invalid_data or "
-                       "failure.")
+                       "in it) leaves snapshotting/importing/exporting, until its export "
+                       "(PATH is its export file) or the import imports/<name> ends. Exits 1 "
+                       "if it ends in error, invalid_data or failure.")
     p.add_argument("path", type=Path, metavar="PATH",
                    help="a snapshot directory, a file in it, or imports/<name>")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
@@ -228,6 +228,15 @@ def _import_probe(path: Path) -> Callable[[], Status]:
     return probe
 
 
+def _export_probe(path: Path) -> Callable[[], Status]:
+    """A snapshot's export file: its latest export's status ("none": never one)."""
+    def probe() -> Status:
+        st = json.loads(path.read_text())
+        return str(st["state"] or "none"), int(st.get("progress") or 0), \
+            str(st.get("error") or ("no export was started" if st["state"] is None else ""))
+    return probe
+
+
 def _probe_for(path: Path) -> tuple[Callable[[], Status], frozenset[str], frozenset[str]]:
     """What to poll for PATH: a snapshot directory (or a file in it) by its
     user.state, or an imports/<name> file by its status."""
@@ -239,6 +248,11 @@ def _probe_for(path: Path) -> tuple[Callable[[], Status], frozenset[str], frozen
         os.getxattr(target, "user.state")
         # (A volume's directory has a user.state too, which `wait` then printed.)
         if (target / "snapshot.json").is_file():
+            if path.name == "export" and path.is_file():
+                # The export's own outcome: the snapshot is `available` again
+                # after a failed export too (wait said so, and exit 0).
+                return _export_probe(path), frozenset({"pending", "started"}), \
+                    frozenset({"failure", "none"})
             return _snapshot_probe(target), BUSY_STATES, FAILED_STATES
     except OSError as exc:  # no such attribute: simply not a snapshot (no errno text)
         error = "" if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP) else exc.strerror or ""

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import pytest
 
 from fixtures_http import ACCESS_KEY, SECRET, Served
-from fixtures_mount import Mount, run, seek_landings
+from fixtures_mount import Mount, is_mounted, run, seek_landings, snapfs
 from fixtures_s3 import ADMIN
 
 pytestmark = pytest.mark.mount
@@ -229,3 +229,22 @@ def test_many_open_cloud_images_share_the_readers_budget(
             os.close(fd)
     assert peak <= CLOUD_PEAK_KIB, f"daemon peak RSS {peak // 1024} MiB, {CLOUD_FDS} open"
     assert "Traceback" not in m.log()
+
+
+def test_a_cloud_mount_refused_at_its_first_request_says_so_in_one_line(
+        served: Served, tmp_path: Path) -> None:
+    """Wrong credentials (401) or an API that cannot be reached: the mount's first
+    request fails, and `snapfs mount` printed "ExceptionGroup: Exceptions from
+    Trio nursery (1 sub-exception)". Now one line saying what failed, and where
+    the reason is; nothing stays mounted."""
+    for name, env in (("denied", {**scw_env(served), "SCW_SECRET_KEY": str(uuid.uuid4())}),
+                      ("unreachable", {**scw_env(served), "SCW_API_URL": "http://127.0.0.1:9"})):
+        mnt = tmp_path / name
+        mnt.mkdir()
+        res = snapfs("mount", mnt, "--store", tmp_path / f"store-{name}", "--backend",
+                     "scaleway", check=False, env=env)
+        assert res.returncode != 0, res
+        assert "ExceptionGroup" not in res.stderr and "Traceback" not in res.stderr
+        assert "the mount's first request failed" in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert not is_mounted(mnt)

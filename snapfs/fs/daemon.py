@@ -25,6 +25,7 @@ import trio
 
 from ..backends import BackendSettings, open_backend
 from ..errors import InvalidArgument, SnapfsError
+from ..taskgroups import first_error
 from ..logtext import EscapingFormatter, LossCountingHandler
 from ..procfs import mount_device
 from ..service import SnapshotService
@@ -185,7 +186,11 @@ async def _when_live(cfg: MountConfig, ready: Callable[[], None] | None,
     """Once the kernel has finished the FUSE handshake (a stat of the mount point,
     answered by our own loop, proves it), tune it, guard it (from this, the main
     thread) and report ready."""
-    await trio.to_thread.run_sync(os.stat, cfg.mountpoint)
+    try:
+        await trio.to_thread.run_sync(os.stat, cfg.mountpoint)
+    except OSError as exc:  # the backend refused the root (a cloud's 401, unreachable)
+        raise SnapfsError(f"the mount's first request failed: {exc.strerror} (the "
+                          f"reason is in {cfg.store / LOG_NAME})") from None
     if not cfg.direct_io:
         tune_kernel(str(cfg.mountpoint))
     conn = connection_dir(str(cfg.mountpoint))
@@ -318,6 +323,12 @@ def run_daemon(cfg: MountConfig, on_refused: Callable[[], None] | None = None) -
         code = 0
     except SnapfsError as exc:
         _report(wfd, str(exc))
+    except BaseExceptionGroup as group:  # a task of the mount's nursery failed
+        first = first_error(group)
+        if not isinstance(first, SnapfsError):
+            log.exception("mount failed")
+        _report(wfd, str(first) if isinstance(first, SnapfsError)
+                else f"{type(first).__name__}: {first}")
     except BaseException as exc:  # the parent must hear about any failure
         log.exception("mount failed")
         _report(wfd, f"{type(exc).__name__}: {exc}")

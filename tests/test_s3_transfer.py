@@ -307,22 +307,28 @@ async def test_an_object_replaced_mid_read_fails_instead_of_mixing_versions(
     """Every GET asks for the version the reader opened (If-Match: its ETag): an
     image replaced meanwhile -- same layout, other bytes, which no table check can
     tell -- fails clearly instead of reading half of each."""
+    objects = s3_server.objects()
+    try:
+        await replaced_mid_read(s3_server, bucket, tmp_path, objects)
+    finally:
+        await objects.aclose()
+
+
+async def replaced_mid_read(s3_server: SeaweedServer, bucket: str, tmp_path: Path,
+                            objects: S3ObjectStorage) -> None:
+    """An image opened, then replaced by one of the same layout: the reads after
+    fail as "changed while being read" (whatever was fetched before is right)."""
     raw = make_raw(tmp_path / "a.raw", 64 * MiB, [(0, 64 * MiB)])
     other = make_raw(tmp_path / "b.raw", 64 * MiB, [(0, 64 * MiB)])
     s3_server.client().upload_file(str(qcow2_of(raw)), bucket, "disk.qcow2")
-    objects = s3_server.objects()
-    try:
-        reader = await objects.open_qcow2(bucket, "disk.qcow2")
-        assert await reader.read(0, MiB) == raw.read_bytes()[:MiB]
-        s3_server.client().upload_file(str(qcow2_of(other)), bucket, "disk.qcow2")
-        expected = raw.read_bytes()
-        with pytest.raises(InvalidData, match="changed while being read"):
-            for off in range(MiB, len(expected), MiB):
-                # Whatever was fetched before the replacement is the old version.
-                assert await reader.read(off, MiB) == expected[off:off + MiB]
-        await reader.aclose()
-    finally:
-        await objects.aclose()
+    reader = await objects.open_qcow2(bucket, "disk.qcow2")
+    assert await reader.read(0, MiB) == raw.read_bytes()[:MiB]
+    s3_server.client().upload_file(str(qcow2_of(other)), bucket, "disk.qcow2")
+    expected = raw.read_bytes()
+    with pytest.raises(InvalidData, match="changed while being read"):
+        for off in range(MiB, len(expected), MiB):
+            assert await reader.read(off, MiB) == expected[off:off + MiB]
+    await reader.aclose()
 
 
 async def test_a_qcow2_objects_holes_come_from_its_tables(s3_server: SeaweedServer, bucket: str,
@@ -402,20 +408,10 @@ async def test_a_server_ignoring_if_match_still_cannot_mix_versions(
     version's bytes with a 200, and an import of an object replaced midway was
     `available` with the first part of one image and the rest of the other. The
     answer's ETag is checked too."""
-    raw = make_raw(tmp_path / "a.raw", 64 * MiB, [(0, 64 * MiB)])
-    other = make_raw(tmp_path / "b.raw", 64 * MiB, [(0, 64 * MiB)])
-    s3_server.client().upload_file(str(qcow2_of(raw)), bucket, "disk.qcow2")
     proxy = IfMatchIgnoringProxy(s3_server)
     objects = S3ObjectStorage(replace(s3_server.settings(), endpoint=proxy.url))
     try:
-        reader = await objects.open_qcow2(bucket, "disk.qcow2")
-        assert await reader.read(0, MiB) == raw.read_bytes()[:MiB]
-        s3_server.client().upload_file(str(qcow2_of(other)), bucket, "disk.qcow2")
-        expected = raw.read_bytes()
-        with pytest.raises(InvalidData, match="changed while being read"):
-            for off in range(MiB, len(expected), MiB):
-                assert await reader.read(off, MiB) == expected[off:off + MiB]
-        await reader.aclose()
+        await replaced_mid_read(s3_server, bucket, tmp_path, objects)
     finally:
         await objects.aclose()
         proxy.close()

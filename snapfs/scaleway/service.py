@@ -405,11 +405,11 @@ class ScalewayService(SnapshotService):
 
     async def export_snapshot(self, zone: str, snapshot_id: str, *, bucket: str,
                               key: str) -> Task:
+        await self._is_block(zone, snapshot_id)  # an unknown snapshot: NotFound first
         bucket, key = check_object_target(bucket, key)
         if bucket == self.staging_bucket and key.startswith(STAGING_PREFIX):
             # The staged images reads are served from: an export written there
             # under another snapshot's key made that snapshot read these bytes.
-            await self._is_block(zone, snapshot_id)  # an unknown snapshot: NotFound
             raise PermissionDenied(f"s3://{bucket}/{STAGING_PREFIX} holds this mount's "
                                    "staged images: export somewhere else")
         return await self._export_snapshot(zone, snapshot_id, bucket=bucket, key=key)

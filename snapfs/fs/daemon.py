@@ -226,18 +226,17 @@ def tune_kernel(mountpoint: str, readahead_kb: int = READAHEAD_KB,
     dev = mount_device(mountpoint)
     if dev is None:
         return
-    try:  # the queue first: a deeper read-ahead is cut short by the default one
-        conn = Path(FUSECTL) / dev.split(":")[1]
-        if not conn.is_dir():
-            try:
-                _mount_fusectl()
-            except OSError:
-                if not conn.is_dir():  # (not mounted meanwhile by another mount's daemon)
-                    raise
-        (conn / "max_background").write_text(str(max_background))
-        (conn / "congestion_threshold").write_text(str(congestion_threshold))
-    except OSError as exc:
-        log.info("FUSE background queue stays at its default: %s", exc)
+    # The queue first: a deeper read-ahead is cut short by the default one.
+    conn = connection_dir(mountpoint)
+    if conn is None:
+        log.info("FUSE background queue stays at its default: no connection in %s",
+                 FUSECTL)
+    else:
+        try:
+            (conn / "max_background").write_text(str(max_background))
+            (conn / "congestion_threshold").write_text(str(congestion_threshold))
+        except OSError as exc:
+            log.info("FUSE background queue stays at its default: %s", exc)
     try:
         Path(f"/sys/class/bdi/{dev}/read_ahead_kb").write_text(str(readahead_kb))
     except OSError as exc:

@@ -127,7 +127,8 @@ class BufferHandle(Handle):
     """Reads of a document rendered at open (one consistent version per open),
     writes gathered in a buffer and applied by ``apply`` on close (flush)."""
 
-    def __init__(self, node: Node, content: bytes, writable: bool) -> None:
+    def __init__(self, node: Node, content: bytes, writable: bool,
+                 append: bool = False) -> None:
         super().__init__(node)
         self.content = content
         self.writable = writable
@@ -140,7 +141,7 @@ class BufferHandle(Handle):
         self._base = 0
         self._end = 0
         #: Opened O_APPEND: the first write's offset is where the document starts.
-        self.append = False
+        self.append = append
 
     async def read(self, offset: int, size: int) -> bytes:
         return self.content[offset:offset + size]
@@ -157,7 +158,7 @@ class BufferHandle(Handle):
     async def write(self, offset: int, data: bytes) -> int:
         if not self.writable:
             raise ReadOnly("not open for writing")
-        if self.append and not self.dirty and not self.buffer:
+        if self.append and not self.dirty:
             self._base = self._end = offset
         self._check_size(offset + len(data) - (self._base if self.append else 0))
         if offset < self._base:  # written over what was applied: a new document

@@ -204,13 +204,11 @@ class ExportNode(FileNode):
         return st
 
     async def open(self, flags: int, pid: int) -> Handle:
-        handle = ExportHandle(self, await self.status(), wants_write(flags))
-        if flags & os.O_APPEND:
-            # `echo b/k >> export`: the kernel writes past the status shown (its
-            # size as last stat'ed); the target starts where the first write does,
-            # as a sysfs or /proc control file takes it.
-            handle.append = True
-        return handle
+        # `echo b/k >> export`: the kernel writes past the status shown (its size
+        # as last stat'ed); the target starts where the first write does, as a
+        # sysfs or /proc control file takes it.
+        return ExportHandle(self, await self.status(), wants_write(flags),
+                            append=bool(flags & os.O_APPEND))
 
 
 class TargetHandle(BufferHandle):

@@ -220,20 +220,14 @@ def _snapshot_probe(target: Path) -> Callable[[], Status]:
     return probe
 
 
-def _import_probe(path: Path) -> Callable[[], Status]:
-    """imports/<name>: the import's status JSON (pending/started/success/failure)."""
+def _status_probe(path: Path) -> Callable[[], Status]:
+    """imports/<name> or a snapshot's export file: the transfer's status JSON
+    (pending/started/success/failure; an export file's "none": never one)."""
     def probe() -> Status:
         st = json.loads(path.read_text())
+        if st["state"] is None:
+            return "none", 0, "no export was started"
         return str(st["state"]), int(st.get("progress") or 0), str(st.get("error") or "")
-    return probe
-
-
-def _export_probe(path: Path) -> Callable[[], Status]:
-    """A snapshot's export file: its latest export's status ("none": never one)."""
-    def probe() -> Status:
-        st = json.loads(path.read_text())
-        return str(st["state"] or "none"), int(st.get("progress") or 0), \
-            str(st.get("error") or ("no export was started" if st["state"] is None else ""))
     return probe
 
 
@@ -251,15 +245,15 @@ def _probe_for(path: Path) -> tuple[Callable[[], Status], frozenset[str], frozen
             if path.name == "export" and path.is_file():
                 # The export's own outcome: the snapshot is `available` again
                 # after a failed export too (wait said so, and exit 0).
-                return _export_probe(path), frozenset({"pending", "started"}), \
+                return _status_probe(path), frozenset({"pending", "started"}), \
                     frozenset({"failure", "none"})
             return _snapshot_probe(target), BUSY_STATES, FAILED_STATES
     except OSError as exc:  # no such attribute: simply not a snapshot (no errno text)
         error = "" if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP) else exc.strerror or ""
     if path.parent.name == "imports" and path.is_file():
         try:
-            _import_probe(path)()
-            return _import_probe(path), frozenset({"pending", "started"}), \
+            _status_probe(path)()
+            return _status_probe(path), frozenset({"pending", "started"}), \
                 frozenset({"failure"})
         except (OSError, ValueError, KeyError) as exc:
             error = str(exc)

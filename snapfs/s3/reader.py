@@ -72,8 +72,7 @@ def _read_body(resp: dict[str, Any], view: memoryview, guard: GetGuard | None = 
                     break
                 got += n
             if got < length:  # cut mid-body: transient, as urllib3 would report it
-                why = f" ({guard.cut})" if guard is not None and guard.cut else ""
-                raise ProtocolError(f"body ended after {got} of {length} bytes{why}")
+                raise _cut_short(got, length, guard)
             if fp.isclosed():
                 if guard is not None:
                     guard.detach()  # before another request may get the connection
@@ -84,14 +83,13 @@ def _read_body(resp: dict[str, Any], view: memoryview, guard: GetGuard | None = 
                 n = body.readinto(view[got:])
             except Exception as exc:  # (urllib3's IncompleteRead...): say why it was cut
                 if guard is not None and guard.cut:
-                    raise ProtocolError(f"body ended after {got} of {length} bytes "
-                                        f"({guard.cut})") from exc
+                    raise _cut_short(got, length, guard) from exc
                 raise
             if not n:
                 break
             got += n
         if got < length and guard is not None and guard.cut:  # transient: tried again
-            raise ProtocolError(f"body ended after {got} of {length} bytes ({guard.cut})")
+            raise _cut_short(got, length, guard)
         if got == length and body.read(1):
             got += 1  # more than asked for: reported by the caller
         return got
@@ -99,6 +97,13 @@ def _read_body(resp: dict[str, Any], view: memoryview, guard: GetGuard | None = 
         if guard is not None:
             guard.detach()
         body.close()
+
+
+def _cut_short(got: int, length: int, guard: GetGuard | None) -> ProtocolError:
+    """A body that ended early: transient (retried), saying why when the GET's
+    deadline cut it."""
+    why = f" ({guard.cut})" if guard is not None and guard.cut else ""
+    return ProtocolError(f"body ended after {got} of {length} bytes{why}")
 
 
 async def _get_into(calls: S3Calls, bucket: str, key: str, offset: int,

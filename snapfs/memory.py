@@ -41,8 +41,9 @@ def limit_malloc_arenas(arenas: int = 2, mmap_threshold: int = MMAP_THRESHOLD) -
     stay on the heap, as they were once the threshold had risen."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_ARENA_MAX, arenas)) and \
-            bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold))
+        done = [bool(libc.mallopt(_M_ARENA_MAX, arenas)),  # each, whatever the other did
+                bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold))]
+        return all(done)
     except (OSError, AttributeError):
         return False
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import requests
+from urllib3.exceptions import NewConnectionError
 from scaleway_core.api import API, ScalewayException, ValidationError
 
 from ..errors import (AlreadyExists, InvalidArgument, NotConfigured, NotFound, NotPermitted,
@@ -44,11 +45,12 @@ def unanswered_safely(exc: BaseException) -> bool:
 
 
 def _before_sending(exc: requests.ConnectionError) -> bool:
-    """A connection refused or not made in time: the request never left."""
+    """A connection refused or not made in time: the request never left (urllib3's
+    NewConnectionError, ConnectTimeoutError being one, under requests' error)."""
     if isinstance(exc, requests.ConnectTimeout):
         return True
-    text = repr(exc)
-    return "NewConnectionError" in text or "Connection refused" in text
+    reason = getattr(exc.args[0] if exc.args else None, "reason", None)
+    return isinstance(reason, NewConnectionError)
 
 
 def is_not_found(exc: BaseException) -> bool:

@@ -263,3 +263,75 @@ async def test_a_refused_mount_closes_its_listener(tmp_path: Path) -> None:
         again.bind(("127.0.0.1", port))  # EADDRINUSE while the listener is open
     assert not is_mounted(tmp_path / "mnt")
 
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie still counts: its threads may not have ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z" and \
+            not any(Path(f"/proc/{pid}/task/{t}/stat").read_text().split(") ")[1][0] != "Z"
+                    for t in os.listdir(f"/proc/{pid}/task"))
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def test_a_daemon_killed_while_an_invalidation_waits_dies_and_lets_go(
+        mount_factory: Callable[..., Mount], tmp_path: Path) -> None:
+    """SIGKILL of a mount daemon while an rmdir there waits (the image is open in
+    another mount) and renames queue name invalidations: the invalidating thread
+    slept for good on the directory's lock, the process never finished dying,
+    every process touching the mount hung and the dead daemon kept the store's
+    locks. Its guard aborts the connection: the process ends, the mount answers
+    ENOTCONN, and the store's lock is free for the next mount. (The guard's
+    signal alone, on the main thread's death, failed once under load: the guard
+    also looks for a daemon dying and not done.)"""
+    vol = tmp_path / "vol.raw"
+    vol.write_bytes(os.urandom(8 * MiB))
+    store = tmp_path / "store"
+    snapfs("volume", "add", "vol", vol, "--store", store)
+    a = mount_factory(store)
+    for name in ("a", "c"):
+        run("mkdir", a.volume("vol") / name)
+        assert a.wait_state(a.snapshots() / name) == "available"
+    held = os.open(a.snapshots() / "c" / "image.raw", os.O_RDONLY)  # rmdir in B: waits
+    try:
+        for _ in range(2):
+            b = mount_factory(store)
+            assert b.pid is not None
+            pid = b.pid
+            run("ls", "-R", b.path)  # the kernel holds the names in every view
+            loops = [subprocess.Popen(["bash", "-c", script], cwd=b.volume("vol"),
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     for script in (f'while :; do rmdir "{b.snapshots()}/c"; done',
+                                    "while :; do if [ -d a ]; then mv -T a b; "
+                                    "else mv -T b a; fi; done")]
+            try:
+                time.sleep(1.3)
+                os.kill(pid, 9)
+                deadline = time.monotonic() + 30  # the guard looks every second
+                while not gone(pid) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert gone(pid), "the killed daemon did not end"
+                with pytest.raises(OSError) as dead:
+                    os.listdir(b.snapshots())  # (a stat may be the kernel's cache)
+                assert dead.value.errno == errno.ENOTCONN
+            finally:
+                if not gone(pid):  # (without the guard) let everything go
+                    conn = [line.split()[2] for line in
+                            Path("/proc/self/mountinfo").read_text().splitlines()
+                            if line.split()[4] == str(b.path)]
+                    if conn:
+                        Path(f"/sys/fs/fuse/connections/{conn[0].split(':')[1]}/abort"
+                             ).write_text("1")
+                for p in loops:
+                    p.kill()
+                    p.wait()
+                b.pid = None
+                b.stop()
+        # Mount A and the store go on: the kill's lock and its rename are let go.
+        assert a.xattr(a.snapshots() / "c", "state") == "available"
+    finally:
+        os.close(held)
+    run("rmdir", a.snapshots() / "c")
+    b = mount_factory(store)
+    run("mkdir", b.volume("vol") / "after")
+    assert b.wait_state(b.snapshots() / "after") == "available"

@@ -150,6 +150,36 @@ def test_refuses_backing_file(raw: Path, tmp_path: Path) -> None:
     refuse(over, "has a backing file")
 
 
+def qemu_reads(path: Path) -> bool:
+    return subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(path),
+                           str(path) + ".raw"], capture_output=True).returncode == 0
+
+
+def test_an_empty_backing_file_name_is_no_backing_file(raw: Path, good: Path,
+                                                       tmp_path: Path) -> None:
+    """backing_file_offset set with backing_file_size 0 was refused as "has a
+    backing file"; QEMU reads such an image as standalone (an empty name)."""
+    p = patch(good, tmp_path / "b.qcow2", 8, struct.pack(">QI", 512, 0))
+    assert qemu_reads(p)
+    assert decode(p) == raw.read_bytes()
+
+
+@pytest.mark.parametrize("offset,data,match", [
+    (88, struct.pack(">Q", 2), "data-file-raw"),  # autoclear bit 1, no data file
+    (60, struct.pack(">IQ", 70000, 65536), "snapshot table of 70000 snapshots"),
+    (60, struct.pack(">IQ", 1, 12345), "snapshot table offset 12345 is not"),
+    (60, struct.pack(">IQ", 0, 12345), "snapshot table offset 12345 is not"),
+], ids=["data-file-raw", "snapshots", "snapshot-offset", "no-snapshots-offset"])
+def test_refuses_what_qemu_refuses_in_the_header(good: Path, tmp_path: Path, offset: int,
+                                                 data: bytes, match: str) -> None:
+    """Header fields snapfs ignored (it imports no internal snapshots, reads no
+    data file) on which QEMU refuses the image: accepted, so an import made a
+    snapshot of an image no QEMU would read."""
+    p = patch(good, tmp_path / "h.qcow2", offset, data)
+    assert not qemu_reads(p)
+    refuse(p, match)
+
+
 def test_refuses_encryption(tmp_path: Path) -> None:
     p = tmp_path / "enc.qcow2"
     r = subprocess.run(["qemu-img", "create", "-f", "qcow2", "--object",

@@ -19,13 +19,13 @@ from typing import Callable
 
 from ..errors import InvalidData
 from . import zstdframes
-from .format import (COMPRESSION_DEFLATE, COMPRESSION_ZSTD, HEADER_V2, HEADER_V2_LEN,
-                     HEADER_V3_EXTRA, HEADER_V3_MIN_LEN, INCOMPAT_COMPRESSION,
-                     INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, INCOMPAT_KNOWN,
-                     L1_RESERVED_MASK, L2_STD_RESERVED_MASK, MAGIC, MAX_CLUSTER_BITS,
-                     MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS,
-                     OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, Header,
-                     div_round_up)
+from .format import (AUTOCLEAR_DATA_FILE_RAW, COMPRESSION_DEFLATE, COMPRESSION_ZSTD,
+                     HEADER_V2, HEADER_V2_LEN, HEADER_V3_EXTRA, HEADER_V3_MIN_LEN,
+                     INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE,
+                     INCOMPAT_EXTL2, INCOMPAT_KNOWN, L1_RESERVED_MASK, L2_STD_RESERVED_MASK,
+                     MAGIC, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_SNAPSHOTS,
+                     MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS, OFFSET_MASK, OFLAG_COMPRESSED,
+                     OFLAG_COPIED, OFLAG_ZERO, Header, div_round_up)
 
 #: How many bytes of the object to fetch to parse the header (the header and its
 #: extensions live in the first cluster; 4 KiB holds every field we read).
@@ -73,7 +73,7 @@ def _check_header(h: Header, file_size: int) -> None:
     if not MIN_CLUSTER_BITS <= h.cluster_bits <= MAX_CLUSTER_BITS:
         raise InvalidData(f"invalid QCOW2 cluster_bits {h.cluster_bits} "
                           f"(supported: {MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS})")
-    if h.backing_file_offset != 0:
+    if h.backing_file_offset != 0 and h.backing_file_size != 0:  # (an empty name: none)
         raise InvalidData("QCOW2 image has a backing file; only standalone images "
                           "can be imported")
     if h.crypt_method != 0:
@@ -88,6 +88,9 @@ def _check_header(h: Header, file_size: int) -> None:
         raise InvalidData("QCOW2 image is marked corrupt (incompatible feature bit 1)")
     if h.incompatible_features & INCOMPAT_DATA_FILE:
         raise InvalidData("QCOW2 image uses an external data file; not supported")
+    if h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW:  # (QEMU refuses it so too)
+        raise InvalidData("QCOW2 image says its data file is raw (data-file-raw) but "
+                          "has no data file")
     if h.incompatible_features & INCOMPAT_EXTL2:
         raise InvalidData("QCOW2 image uses extended L2 entries (subclusters); "
                           "not supported")
@@ -134,6 +137,14 @@ def _check_header(h: Header, file_size: int) -> None:
                           f"is larger than {MAX_REFTABLE_BYTES} bytes")
     if h.refcount_table_offset % h.cluster_size:
         raise InvalidData(f"QCOW2 refcount table offset {h.refcount_table_offset} is not "
+                          "cluster-aligned")
+    # Internal snapshots are not imported (only the active image is), but a
+    # table QEMU refuses marks an image QEMU did not make.
+    if h.nb_snapshots > MAX_SNAPSHOTS:
+        raise InvalidData(f"QCOW2 snapshot table of {h.nb_snapshots} snapshots is too "
+                          f"large (at most {MAX_SNAPSHOTS})")
+    if h.snapshots_offset % h.cluster_size:
+        raise InvalidData(f"QCOW2 snapshot table offset {h.snapshots_offset} is not "
                           "cluster-aligned")
     end = h.l1_table_offset + h.l1_used * 8  # all that is read of it
     if end > file_size:
